@@ -1,0 +1,188 @@
+"""Checkpoints: safetensors weights + JSON config, written atomically, checked when loaded.
+
+A model directory (e.g. runs/speedrun/base/) holds
+
+    model.safetensors   weights under Hugging Face Llama names (a tied lm_head is not stored twice)
+    config.json         model config, the weights' SHA-256, the tokenizer's fingerprint, stage metadata
+    tokenizer.json      the tokenizer, so the directory is self-contained
+    checkpoints/step_000500/   resumable training state: weights, optimizer, data position, RNG
+
+Every file is written to a temporary name and renamed, and a training checkpoint directory is
+built under a temporary name and renamed when whole, so a crash can never leave something that
+loads as if it were complete. Nothing is unpickled: weights are safetensors, the optimizer state is
+loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .common import PocketError, atomic_write_bytes, atomic_write_json
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+FORMAT = "pocketgpt-model-v1"
+# Where `load_model(run_dir)` looks, most post-trained first.
+STAGES = ("grpo", "ppo", "sft", "base")
+
+
+def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
+    return sd
+
+
+def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None,
+               meta: dict | None = None) -> Path:
+    """Write weights first, then config.json (which names the weights' hash): config last means complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = st_save(state_dict_for_saving(model))
+    atomic_write_bytes(directory / "model.safetensors", raw)
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+    atomic_write_json(directory / "config.json", {
+        "format": FORMAT,
+        "model": model.cfg.to_dict(),
+        "weights_sha256": hashlib.sha256(raw).hexdigest(),
+        "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer else None,
+        "meta": meta or {},
+    })
+    return directory
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise PocketError(f"{directory} holds no model (no config.json)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PocketError(f"{path}: corrupt config ({e.msg} at line {e.lineno})") from None
+    if cfg.get("format") != FORMAT:
+        raise PocketError(f"{path}: unknown checkpoint format {cfg.get('format')!r}, expected {FORMAT!r}")
+    return cfg
+
+
+def load_weights(model: GPT, path: Path, expected_sha: str | None = None) -> None:
+    """Load safetensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
+    raw = path.read_bytes()
+    if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
+        raise PocketError(f"{path}: weights do not match the hash in config.json (corrupt or half-written)")
+    try:
+        sd = st_load(raw)
+    except SafetensorError as e:
+        raise PocketError(f"{path}: not a valid safetensors file ({e})") from None
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=False)
+
+
+def check_state_dict(model: GPT, sd: dict[str, torch.Tensor], where: str) -> None:
+    expected = state_dict_for_saving(model)
+    problems = []
+    for name in sorted(set(expected) - set(sd)):
+        problems.append(f"missing {name}")
+    for name in sorted(set(sd) - set(expected)):
+        problems.append(f"unexpected {name}")
+    for name in sorted(set(sd) & set(expected)):
+        if sd[name].shape != expected[name].shape:
+            problems.append(f"{name}: checkpoint has {tuple(sd[name].shape)}, "
+                            f"config expects {tuple(expected[name].shape)}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PocketError(f"{where} does not match the model config: {shown}")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model dir, or a run dir (the most post-trained stage in it wins)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    for stage in STAGES:
+        if (path / stage / "config.json").exists():
+            return path / stage
+    if not path.exists():
+        raise PocketError(f"{path} does not exist")
+    raise PocketError(f"{path} holds no model: expected config.json or one of the stages {STAGES}")
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[GPT, Tokenizer, dict]:
+    """Load a model directory (or the best stage of a run directory): model, tokenizer, config."""
+    directory = resolve_model_dir(path)
+    cfg = read_config(directory)
+    tokenizer = Tokenizer.load(directory / "tokenizer.json")
+    check_tokenizer(tokenizer, cfg, directory)
+    model = GPT(GPTConfig.from_dict(cfg["model"]))
+    load_weights(model, directory / "model.safetensors", cfg.get("weights_sha256"))
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg: dict, where) -> None:
+    fp = cfg.get("tokenizer_fingerprint")
+    if fp and fp != tokenizer.fingerprint():
+        raise PocketError(f"{where}: the tokenizer differs from the one the model was trained with "
+                          f"(fingerprint {tokenizer.fingerprint()} != {fp})")
+    if cfg["model"]["vocab_size"] < tokenizer.vocab_size:
+        raise PocketError(f"{where}: model vocab_size {cfg['model']['vocab_size']} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size}")
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+
+def save_training_state(directory: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+                        state: dict, keep: int = 2) -> Path:
+    """checkpoints/step_N/ with weights, optimizer and JSON state; built in a temp dir, renamed when whole."""
+    root = Path(directory) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+    try:
+        (tmp / "model.safetensors").write_bytes(st_save(state_dict_for_saving(model)))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_training_state(directory: Path) -> Path | None:
+    steps = sorted((Path(directory) / "checkpoints").glob("step_*"))
+    return steps[-1] if steps else None
+
+
+def load_training_state(path: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict:
+    load_weights(model, path / "model.safetensors")
+    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    set_rng_state(blob["rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,274 @@
+"""The `pocketgpt` command: one subcommand per stage, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import config as configlib
+from .common import PocketError, human
+
+console = Console()
+
+EPILOG = """\
+Typical run (each step writes into the run directory):
+  pocketgpt speedrun                        # everything, on the built-in data, into runs/speedrun
+  pocketgpt tokenizer train --run runs/me   # or stage by stage
+  pocketgpt pretrain --run runs/me
+  pocketgpt sample runs/me --prompt "The "
+  pocketgpt info runs/me
+
+Configuration: --config FILE.toml with [tokenizer] and [pretrain] tables (see `pocketgpt config`),
+and --set key=value overrides, e.g. --set pretrain.train.lr=1e-3 --set pretrain.model.n_layer=4.
+"""
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with [tokenizer] / [pretrain] tables")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. pretrain.train.steps=200 (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads (fewer can be faster when the machine is busy)")
+
+
+def load_run_config(args) -> "RunConfig":  # noqa: F821
+    from .speedrun import RunConfig, quick
+
+    cfg = RunConfig()
+    if getattr(args, "quick", False):
+        quick(cfg)
+    configlib.load(cfg, args.config, args.overrides)
+    if args.threads:
+        cfg.pretrain.train.threads = args.threads
+    return cfg
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_speedrun(args) -> None:
+    from .speedrun import speedrun
+
+    speedrun(load_run_config(args), args.out)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from .speedrun import run_tokenizer
+
+    cfg = load_run_config(args)
+    if args.vocab_size:
+        cfg.tokenizer.vocab_size = args.vocab_size
+    report = run_tokenizer(cfg, Path(args.run))
+    console.print(f"tokenizer: vocab {report['vocab_size']}, {human(report['train_chars'])} chars in "
+                  f"{report['train_seconds']:.1f}s -> {Path(args.run) / 'tokenizer' / 'tokenizer.json'}")
+    for name, bpt in report["bytes_per_token"].items():
+        console.print(f"  {name:>10}: {bpt:.2f} bytes/token")
+
+
+def cmd_tokenizer_encode(args) -> None:
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(args.run) / "tokenizer")
+    ids = tok.encode(args.text)
+    console.print(ids)
+    console.print(" | ".join(repr(tok.decode([i])) for i in ids))
+
+
+def cmd_pretrain(args) -> None:
+    from .train.pretrain import pretrain
+
+    cfg = load_run_config(args)
+    if args.preset:
+        cfg.pretrain.preset = args.preset
+    if args.steps:
+        cfg.pretrain.train.steps = args.steps
+    if args.device:
+        cfg.pretrain.train.device = args.device
+    summary = pretrain(cfg.pretrain, args.run, resume=args.resume)
+    if summary.get("stage") and _is_main():
+        table = Table(title="pretrain summary", show_header=False)
+        rows = [("parameters", human(summary["params"])), ("steps", str(summary["steps"])),
+                ("tokens", human(summary["tokens"])), ("time", f"{summary['time_s']:.0f}s"),
+                ("tokens/s", human(summary["tokens_per_s"])),
+                ("train loss", f"{summary.get('loss', float('nan')):.4f}"),
+                ("val loss", f"{summary.get('val_loss', float('nan')):.4f}"),
+                ("val bits/byte", f"{summary.get('val_bpb', float('nan')):.4f}"),
+                ("written to", summary["output"])]
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+        mix = Table(title="realised mixture")
+        for col in ("source", "weight", "share of rows", "tokens", "epochs"):
+            mix.add_column(col)
+        for name, m in summary["realised_mixture"].items():
+            mix.add_row(name, f"{m['weight']:.2f}", f"{m['share']:.2f}", human(m["tokens"]), f"{m['epochs']:.2f}")
+        console.print(mix)
+        if summary.get("interrupted"):
+            console.print("[yellow]interrupted: checkpoint saved; continue with --resume[/]")
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .checkpoint import load_model
+    from .common import pick_device, set_threads
+    from .engine import Engine, SamplingParams
+
+    set_threads(args.threads)
+    model, tok, _ = load_model(args.model, pick_device(args.device))
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    engine = Engine(model, tok)
+    if args.chat:
+        prompt = tok.render_for_completion([{"role": "user", "content": args.prompt}])
+        stops = (tok.special("<|assistant_end|>"), tok.bos_id)
+    else:
+        prompt = [tok.bos_id] + tok.encode(args.prompt)
+        stops = (tok.bos_id,)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, n=args.n, seed=args.seed, stop_tokens=stops)
+    if args.n == 1:
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        for piece in engine.stream(prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        for i, c in enumerate(engine.generate([prompt], params)):
+            console.rule(f"sample {i + 1}")
+            console.print((args.prompt if not args.chat else "") + c.text, markup=False)
+
+
+def cmd_info(args) -> None:
+    run = Path(args.run)
+    if not run.exists():
+        raise PocketError(f"{run} does not exist")
+    table = Table(title=f"run {run}")
+    for col in ("part", "what"):
+        table.add_column(col)
+    tok_report = run / "tokenizer" / "report.json"
+    if tok_report.exists():
+        r = json.loads(tok_report.read_text())
+        table.add_row("tokenizer", f"vocab {r['vocab_size']}, trained on {human(r['train_chars'])} chars")
+    for stage in ("base", "sft", "rm", "ppo", "grpo"):
+        cfg_path = run / stage / "config.json"
+        ckpts = sorted((run / stage / "checkpoints").glob("step_*"))
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            m, s = cfg["model"], cfg.get("meta", {}).get("summary", {})
+            what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(s.get('params', 0))} params; "
+                    f"{s.get('steps', '?')} steps, {human(s.get('tokens', 0))} tokens")
+            if "val_loss" in s:
+                what += f", val loss {s['val_loss']:.3f} ({s.get('val_bpb', 0):.3f} bpb)"
+            table.add_row(stage, what)
+        if ckpts:
+            table.add_row(f"{stage} checkpoints", ", ".join(p.name for p in ckpts))
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        n = sum(1 for _ in metrics.open())
+        table.add_row("metrics", f"{metrics} ({n} records)")
+    size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    table.add_row("disk", human(size) + "B")
+    console.print(table)
+
+
+def cmd_config(args) -> None:
+    """Print the default (or loaded) configuration as JSON, to copy into a TOML file."""
+    from dataclasses import asdict
+
+    console.print_json(json.dumps(asdict(load_run_config(args))))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocketgpt", description="Build a ChatGPT-style assistant end to end.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("speedrun", help="run every stage on the built-in data (resumable)",
+                       description="tokenizer -> pretrain -> ... -> report, in one run directory. "
+                                   "Finished stages are skipped, an interrupted one resumes.")
+    p.add_argument("--out", default="runs/speedrun", help="run directory (default: runs/speedrun)")
+    p.add_argument("--quick", action="store_true", help="a smoke-test run: tiny model, a minute or two")
+    add_config_args(p)
+    p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("tokenizer", help="train or try the BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="learn a BPE vocabulary from the data mixture",
+                        description="Trains byte-level BPE (rustbpe) on a sample of the mixture's sources and "
+                                    "writes RUN/tokenizer/tokenizer.json.")
+    t.add_argument("--run", required=True, help="run directory")
+    t.add_argument("--vocab-size", type=int, help="vocabulary size including special tokens (default 4096)")
+    t.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
+    add_config_args(t)
+    t.set_defaults(func=cmd_tokenizer_train)
+    t = tsub.add_parser("encode", help="show how a text is split into tokens")
+    t.add_argument("--run", required=True, help="run directory")
+    t.add_argument("text")
+    t.set_defaults(func=cmd_tokenizer_encode)
+
+    p = sub.add_parser("pretrain", help="pretrain a GPT on the data mixture",
+                       description="Next-token prediction on the weighted mixture; writes RUN/base/. "
+                                   "Launch with torchrun for several processes (DDP).")
+    p.add_argument("--run", required=True, help="run directory (must hold a trained tokenizer)")
+    p.add_argument("--preset", help="model size: tiny, small (CPU speedrun), medium, gpt2, d20, d26")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN/base")
+    p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
+    add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate text from a model",
+                       description="Continue a prompt (base models) or answer it (--chat, for assistants).")
+    p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
+    p.add_argument("--prompt", default="The ", help="text to continue, or the user's message with --chat")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user turn of a conversation")
+    p.add_argument("--n", type=int, default=1, help="number of samples (share one prefill)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, help="for reproducible samples")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--bf16", action="store_true", help="bf16 weights: about 2x faster decoding on a modern CPU")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="what a run directory holds")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="print the configuration (defaults, or with --config/--set applied)")
+    p.add_argument("--quick", action="store_true")
+    add_config_args(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PocketError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

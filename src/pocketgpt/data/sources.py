@@ -1,0 +1,162 @@
+"""Named text sources: each yields documents (strings). A mixture draws from several by weight.
+
+Built-in sources are real text present on every machine that has Python: the standard library's
+documentation (`docs`, from pydoc_data) and its source code (`code`). Users add their own: a
+folder of text files, JSONL with a text field, or Parquet with a text column.
+
+A source is described by a small dict (from TOML), e.g.
+
+    {"kind": "jsonl", "path": "data/chats.jsonl", "field": "text", "weight": 0.3}
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Iterator
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common import PocketError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    kind: str  # docs | code | text | jsonl | parquet | world | math
+    weight: float = 1.0
+    path: str = ""
+    field: str = "text"
+    max_docs: int = 0  # 0 = all
+    max_bytes: int = 0  # 0 = all; caps large sources (the stdlib's code is ~30 MB)
+    options: dict = dataclasses.field(default_factory=dict)  # kind-specific settings (e.g. the world's size)
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> SourceSpec:
+        d = dict(d)
+        known = {"kind", "weight", "path", "field", "max_docs", "max_bytes"}
+        options = {k: d.pop(k) for k in list(d) if k not in known}
+        if "kind" not in d:
+            raise PocketError(f"data source {name!r} has no 'kind' (one of {', '.join(KINDS)})")
+        if d["kind"] not in KINDS:
+            raise PocketError(f"data source {name!r}: unknown kind {d['kind']!r}; known: {', '.join(KINDS)}")
+        if float(d.get("weight", 1.0)) < 0:
+            raise PocketError(f"data source {name!r}: weight must be >= 0 (0 leaves the source out)")
+        return cls(name=name, options=options, **d)
+
+
+def read_documents(spec: SourceSpec) -> list[str]:
+    """All documents of a source, in a stable order, after the size caps; empty sources are an error."""
+    docs, size = [], 0
+    for doc in KINDS[spec.kind](spec):
+        if not doc.strip():
+            continue
+        if spec.max_bytes and size >= spec.max_bytes:
+            break
+        if spec.max_docs and len(docs) >= spec.max_docs:
+            break
+        docs.append(doc)
+        size += len(doc.encode("utf-8"))
+    if not docs:
+        where = f" at {spec.path}" if spec.path else ""
+        raise PocketError(f"data source {spec.name!r} ({spec.kind}{where}) has no documents")
+    return docs
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+def _python_docs(spec: SourceSpec) -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def _python_code(spec: SourceSpec) -> Iterator[str]:
+    """The standard library's own .py files (tests and vendored packages left out), sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            yield path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
+def _text_files(spec: SourceSpec) -> Iterator[str]:
+    path = _existing(spec)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    for p in files:
+        try:
+            yield p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PocketError(f"{p}: not UTF-8 text (byte {e.start})") from None
+
+
+def _jsonl(spec: SourceSpec) -> Iterator[str]:
+    path = _existing(spec)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
+                raise PocketError(f"{path}:{lineno}: expected an object with a string field {spec.field!r}")
+            yield record[spec.field]
+
+
+def _parquet(spec: SourceSpec) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PocketError("Parquet sources need pyarrow: pip install 'pocketgpt[parquet]'") from None
+    path = _existing(spec)
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    for p in files:
+        table = pq.read_table(p)
+        if spec.field not in table.column_names:
+            raise PocketError(f"{p}: no column {spec.field!r} (columns: {table.column_names})")
+        for value in table.column(spec.field).to_pylist():
+            if isinstance(value, str):
+                yield value
+
+
+def _world(spec: SourceSpec) -> Iterator[str]:
+    from .world import WorldConfig, generate_world
+
+    yield from generate_world(WorldConfig(**spec.options)).pretraining_documents()
+
+
+def _math(spec: SourceSpec) -> Iterator[str]:
+    from .mathtext import math_documents
+
+    yield from math_documents(**{"n": 2000, "seed": 0, **spec.options})
+
+
+def _existing(spec: SourceSpec) -> Path:
+    if not spec.path:
+        raise PocketError(f"data source {spec.name!r} ({spec.kind}) needs a 'path'")
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise PocketError(f"data source {spec.name!r}: {path} does not exist")
+    return path
+
+
+KINDS = {
+    "docs": _python_docs,
+    "code": _python_code,
+    "text": _text_files,
+    "jsonl": _jsonl,
+    "parquet": _parquet,
+    "world": _world,
+    "math": _math,
+}

@@ -1,0 +1,297 @@
+"""The GPT: a Llama-style decoder-only transformer in one file.
+
+    tokens -> embed -> N x [RMSNorm -> attention (RoPE, GQA) -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> logits
+
+Module names follow Hugging Face's `LlamaForCausalLM` exactly (model.layers.0.self_attn.q_proj.weight,
+...), so a state dict moves between the two without renaming. Attention uses PyTorch's
+scaled_dot_product_attention; a KV cache lets generation feed one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import PocketError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 6  # < n_head: grouped-query attention (several query heads share one K/V head)
+    d_model: int = 384
+    d_ff: int = 0  # SwiGLU hidden size; 0 means Llama's rule: ~8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.d_model % self.n_head:
+            raise PocketError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise PocketError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise PocketError(f"head dim {self.d_model // self.n_head} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise PocketError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# Presets: `tiny` for tests, `small` for the CPU speedrun, the rest for GPUs (vocab is set by the tokenizer).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128),
+    "small": dict(n_layer=6, n_head=4, n_kv_head=4, d_model=256, max_seq_len=256),
+    "medium": dict(n_layer=8, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, max_seq_len=1024, tie_embeddings=False),
+    "d20": dict(n_layer=20, n_head=10, n_kv_head=10, d_model=1280, max_seq_len=2048, tie_embeddings=False),
+    "d26": dict(n_layer=26, n_head=13, n_kv_head=13, d_model=1664, max_seq_len=2048, tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise PocketError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions 0..length-1, in Hugging Face's half-split layout (rotate_half)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
+                                         / cfg.head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) by a position-dependent angle: attention then sees relative offsets."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len`.
+
+    `valid` marks real (non-padding) key positions per row when prompts of different lengths are
+    left-padded into one batch; None means every position is real.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+        self.valid: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def expand(self, n: int) -> KVCache:
+        """One prompt prefilled once, then copied for n samples that decode in one batch."""
+        assert self.batch == 1
+        new = object.__new__(KVCache)
+        new.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
+        new.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
+        new.length, new.max_len = self.length, self.max_len
+        new.valid = None if self.valid is None else self.valid.expand(n, -1).contiguous()
+        return new
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only some rows (sequences that finished are dropped from the batch)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        if self.valid is not None:
+            self.valid = self.valid[rows]
+
+
+# ----------------------------------------------------------------------------- the transformer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer, :, :, start:start + T] = k
+            cache.v[self.layer, :, :, start:start + T] = v
+            k = cache.k[self.layer, :, :, :start + T]
+            v = cache.v[self.layer, :, :, :start + T]
+        gqa = cfg.n_kv_head != cfg.n_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                               is_causal=cache is None or T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Hugging Face calls this `model`: embeddings, the blocks and the final norm."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's trick: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, all_layers: bool = False):
+        """Final (normed) hidden states (B, T, d); with all_layers, the residual stream after every block too."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise PocketError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:  # per-row positions (left-padded batches)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = self._attention_mask(T, cache, idx.device)
+        x = self.model.embed_tokens(idx)
+        stream = [x] if all_layers else None
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache, mask)
+            if all_layers:
+                stream.append(x)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        return (x, stream) if all_layers else x
+
+    @staticmethod
+    def _attention_mask(T: int, cache: KVCache | None, device) -> torch.Tensor | None:
+        """None when SDPA's own causal flag suffices; otherwise a boolean (B|1, 1, T, Tk) 'may attend' mask."""
+        if cache is None or (cache.valid is None and (cache.length == 0 or T == 1)):
+            return None
+        Tk = cache.length + T
+        q_pos = torch.arange(cache.length, Tk, device=device)[:, None]
+        mask = torch.arange(Tk, device=device)[None, :] <= q_pos  # (T, Tk) causal, offset by the cache
+        if cache.valid is not None:
+            mask = mask[None] & cache.valid[:, None, :Tk]  # (B, T, Tk): padding keys are never seen
+            return mask[:, None]
+        return mask
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                reduction: str = "mean"):
+        """Logits (B, T, V) without targets; with targets, the cross-entropy (targets == -1 are ignored)."""
+        x = self.hidden_states(idx, cache, positions)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=reduction)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) + attention's 12*L*d*T."""
+        cfg = self.cfg
+        T = seq_len or cfg.max_seq_len
+        # The input embedding is a lookup (free); the output projection is a matmul even when tied.
+        matmul = self.num_params(embeddings=False) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
+        return 6 * matmul + 12 * cfg.n_layer * cfg.d_model * T
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)

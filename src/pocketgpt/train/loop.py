@@ -1,0 +1,232 @@
+"""The one training loop every stage shares; a stage only says how to compute a loss.
+
+    for step in steps:
+        lr = schedule(step)
+        for micro in range(grad_accum):            # gradients summed, synchronised once (DDP)
+            loss = objective.loss(model, ...)      # under bf16 autocast
+            (loss / grad_accum).backward()
+        clip, optimizer.step()
+        every N steps: log metrics, evaluate, print a sample, write a checkpoint
+
+An objective (pretraining, SFT, reward modelling, ...) provides `loss(model)` and, if its data has
+a position, `state()` / `load_state()`; the loop saves that position with each checkpoint, so a run
+killed at any moment resumes exactly where its last checkpoint stood (`resume=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..checkpoint import latest_training_state, load_training_state, save_training_state
+from ..common import DistInfo, PocketError, append_jsonl, atomic_write_text, autocast, human, read_jsonl
+from ..model import GPT
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # rows per process per micro-step
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1  # the schedule ends at lr * min_lr_frac
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: flat, then linear decay over the last 20%) | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # bfloat16 | float32 (autocast dtype for forward/backward)
+    compile: bool = False
+    threads: int = 0  # CPU threads; 0 = PyTorch's default
+    device: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_every: int = 250
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        floor = self.lr * self.min_lr_frac
+        if self.schedule == "cosine":
+            return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if self.schedule == "wsd":
+            decay_start = 0.8
+            if progress < decay_start:
+                return self.lr
+            return self.lr - (self.lr - floor) * (progress - decay_start) / (1 - decay_start)
+        raise PocketError(f"unknown schedule {self.schedule!r}: cosine, wsd or constant")
+
+
+class Objective(Protocol):
+    def loss(self, model: torch.nn.Module) -> tuple[torch.Tensor, dict]: ...
+    def tokens_per_micro_step(self) -> int: ...
+    def state(self) -> dict: ...
+    def load_state(self, state: dict) -> None: ...
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and embeddings only (not on norm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class Trainer:
+    """Runs an objective over a model; owns the optimizer, schedule, checkpoints, metrics and progress."""
+
+    def __init__(self, model: GPT, objective: Objective, cfg: TrainConfig, out_dir: str | Path,
+                 stage: str, metrics_path: str | Path, device: torch.device, dist_info: DistInfo = DistInfo(),
+                 evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None,
+                 on_save: Callable[[GPT, int], None] | None = None):
+        self.model, self.objective, self.cfg = model, objective, cfg
+        self.out_dir, self.stage, self.metrics_path = Path(out_dir), stage, Path(metrics_path)
+        self.device, self.dist = device, dist_info
+        self.evaluate, self.sample, self.on_save = evaluate, sample, on_save
+        self.optimizer = make_optimizer(model, cfg)
+        self.step = 0
+        self.wrapped: torch.nn.Module = model
+        if dist_info.enabled:
+            self.wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint in out_dir, if any; metrics after it are dropped."""
+        path = latest_training_state(self.out_dir)
+        if path is None:
+            return False
+        state = load_training_state(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.objective.load_state(state["objective"])
+        if self.dist.is_main and self.metrics_path.exists():
+            kept = [r for r in read_jsonl(self.metrics_path)
+                    if r.get("stage") != self.stage or r.get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
+        if self.dist.is_main:
+            console.print(f"[bold]resumed[/] {self.stage} from {path} (step {self.step})")
+        return True
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_training_state(self.out_dir, self.step, self.model, self.optimizer,
+                                {"objective": self.objective.state(), "stage": self.stage})
+            if self.on_save:
+                self.on_save(self.model, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def log(self, record: dict) -> None:
+        record = {"stage": self.stage, "step": self.step, **record}
+        self.history.append(record)
+        if self.dist.is_main:
+            append_jsonl(self.metrics_path, record)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, extras = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            sync = micro == cfg.grad_accum - 1
+            ctx = self.wrapped.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            with ctx, autocast(self.device, cfg.dtype):
+                loss, metrics = self.objective.loss(self.wrapped)
+            with ctx:
+                (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            for k, v in metrics.items():
+                extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
+        if not math.isfinite(total):
+            raise PocketError(f"{self.stage}: loss became {total} at step {self.step}; lower the learning rate")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.enabled:  # logs show the mean over ranks (the gradients already were)
+            t = torch.tensor([total], device=self.device)
+            dist.all_reduce(t)
+            total = t.item() / self.dist.world_size
+        return {"loss": total, "lr": lr, "grad_norm": float(norm), **extras}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        tokens_per_step = self.objective.tokens_per_micro_step() * cfg.grad_accum * self.dist.world_size
+        start_step, t0 = self.step, time.time()
+        progress = _progress(self.dist.is_main)
+        plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
+        task = progress.add_task(self.stage, total=cfg.steps, completed=self.step, info="")
+        interrupted = False
+        last: dict = {}
+        with progress:
+            try:
+                while self.step < cfg.steps:
+                    t_step = time.time()
+                    metrics = self.train_step()
+                    self.step += 1
+                    dt = time.time() - t_step
+                    metrics["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+                    last = metrics
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self.log(metrics)
+                    if self.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                        ev = self.evaluate(self.model)
+                        self.log(ev)
+                        last.update(ev)
+                        if plain_log:
+                            console.print(f"{self.stage} step {self.step}: " +
+                                          " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                    if self.sample and self.dist.is_main and (self.step % cfg.sample_every == 0):
+                        progress.console.print(f"[dim]sample @ {self.step}:[/] {self.sample(self.model)!r}")
+                    if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                    info = f"loss {metrics['loss']:.3f} · {human(metrics['tokens_per_s'])} tok/s"
+                    if "val_loss" in last:
+                        info += f" · val {last['val_loss']:.3f}"
+                    progress.update(task, completed=self.step, info=info)
+                    if plain_log and self.step % cfg.log_every == 0:
+                        console.print(f"{self.stage} {self.step}/{cfg.steps} {info}")
+            except KeyboardInterrupt:
+                interrupted = True
+        self.save()
+        elapsed = time.time() - t0
+        return {"stage": self.stage, "steps": self.step, "interrupted": interrupted,
+                "time_s": elapsed, "tokens": (self.step - start_step) * tokens_per_step,
+                "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def _json_line(r: dict) -> str:
+    return json.dumps(r, ensure_ascii=False) + "\n"
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                    console=console, disable=not enabled or not console.is_terminal)
