@@ -18,8 +18,9 @@ console = Console()
 EPILOG = """\
 Typical run (each step writes into the run directory):
   pocketgpt speedrun                        # everything, on the built-in data, into runs/speedrun
-  pocketgpt tokenizer train --run runs/me   # or stage by stage
-  pocketgpt pretrain --run runs/me
+  pocketgpt tokenizer train runs/me         # or stage by stage
+  pocketgpt pretrain runs/me
+  torchrun --nproc_per_node 8 -m pocketgpt.cli pretrain runs/me --preset d20   # on a GPU node
   pocketgpt sample runs/me --prompt "The "
   pocketgpt info runs/me
 
@@ -205,20 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="learn a BPE vocabulary from the data mixture",
                         description="Trains byte-level BPE (rustbpe) on a sample of the mixture's sources and "
                                     "writes RUN/tokenizer/tokenizer.json.")
-    t.add_argument("--run", required=True, help="run directory")
+    t.add_argument("run", help="run directory")
     t.add_argument("--vocab-size", type=int, help="vocabulary size including special tokens (default 4096)")
     t.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
     add_config_args(t)
     t.set_defaults(func=cmd_tokenizer_train)
     t = tsub.add_parser("encode", help="show how a text is split into tokens")
-    t.add_argument("--run", required=True, help="run directory")
+    t.add_argument("run", help="run directory")
     t.add_argument("text")
     t.set_defaults(func=cmd_tokenizer_encode)
 
     p = sub.add_parser("pretrain", help="pretrain a GPT on the data mixture",
                        description="Next-token prediction on the weighted mixture; writes RUN/base/. "
                                    "Launch with torchrun for several processes (DDP).")
-    p.add_argument("--run", required=True, help="run directory (must hold a trained tokenizer)")
+    p.add_argument("run", help="run directory (must hold a trained tokenizer)")
     p.add_argument("--preset", help="model size: tiny, small (CPU speedrun), medium, gpt2, d20, d26")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PocketError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     return 0
 

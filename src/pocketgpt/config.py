@@ -36,7 +36,7 @@ def update(obj: T, values: dict, where: str = "") -> T:
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in known:
-            raise PocketError(f"unknown config key {where}{key!r}; known: {', '.join(sorted(known))}")
+            raise PocketError(f"unknown config key {where + key!r}; known: {', '.join(sorted(known))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

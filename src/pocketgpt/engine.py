@@ -10,6 +10,7 @@ the logits before sampling.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -179,21 +180,27 @@ class Engine:
 
     def stream(self, prompt: list[int], params: SamplingParams,
                processors: list[LogitsProcessor] = ()) -> Iterator[str]:
-        """Text pieces of one completion as they are generated (never a half UTF-8 character)."""
+        """Text pieces of one completion as they are generated (never half a UTF-8 character)."""
         params = SamplingParams(**{**params.__dict__, "n": 1})
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens: list[int] = []
-        emitted = ""
+        text, emitted = "", ""
         for ev in self.events([prompt], params, processors):
             tokens.append(ev.token)
             if ev.done and ev.finish_reason == "stop":
-                text = self.visible_text(tokens, params)
+                visible = self.visible_text(tokens, params)
             else:
-                text = self.tokenizer.decode_bytes(tokens).decode("utf-8", errors="ignore")
-                for s in params.stop_strings:  # hold back what might be the start of a stop string
-                    for k in range(len(s) - 1, 0, -1):
-                        if text.endswith(s[:k]):
-                            text = text[:-k]
-                            break
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
+                text += decoder.decode(self.tokenizer.decode_bytes([ev.token]), final=ev.done)
+                visible = text if ev.done else _hold_back_stop_prefix(text, params.stop_strings)
+            if len(visible) > len(emitted):
+                yield visible[len(emitted):]
+                emitted = visible
+
+
+def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Do not show text that may turn out to be the start of a stop string."""
+    for s in stops:
+        for k in range(len(s) - 1, 0, -1):
+            if text.endswith(s[:k]):
+                return text[:-k]
+    return text

@@ -1,0 +1,66 @@
+"""The task suite: each task generates examples, verifies answers exactly, and renders chat data.
+
+    task = get_task("arithmetic", seed=0)
+    example = task.examples("test")[0]
+    task.render(example, "cot")         # [{"role": "user", ...}, {"role": "assistant", ...}]
+    task.verify(example, "Answer: 42")  # True or False, never an exception
+    export_jsonl(task, "train", "cot", "runs/sft/arithmetic.jsonl")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+from ..world import World, WorldConfig
+from .arithmetic import Arithmetic
+from .base import SPLITS, STYLES, Example, Task, export_jsonl
+from .factqa import FactQA
+from .game24 import Game24, solve24
+from .multihop import MultiHop
+from .names import Names, distinct_ratio
+from .structured import Structured
+from .swiss_cheese import CompareDecimals, CountLetter, Spell
+
+
+@lru_cache(maxsize=1)
+def default_world() -> World:
+    """The world tasks use when none is given: `WorldConfig()`'s, generated once."""
+    return World.generate(WorldConfig())
+
+
+def _plain(cls: type[Task]) -> Callable[[int, World | None], Task]:
+    return lambda seed, world: cls(seed=seed)
+
+
+def _worldly(cls: type[Task], **kwargs) -> Callable[[int, World | None], Task]:
+    return lambda seed, world: cls(world or default_world(), seed=seed, **kwargs)
+
+
+# name -> factory(seed, world)
+TASKS: dict[str, Callable[[int, World | None], Task]] = {
+    "factqa": _worldly(FactQA),
+    "factqa_head": _worldly(FactQA, tier="head"),
+    "factqa_tail": _worldly(FactQA, tier="tail"),
+    "factqa_unseen": _worldly(FactQA, tier="unseen"),
+    "arithmetic": _plain(Arithmetic),
+    "compare_decimals": _plain(CompareDecimals),
+    "count_letter": _plain(CountLetter),
+    "spell": _plain(Spell),
+    "game24": _plain(Game24),
+    "multihop": _worldly(MultiHop),
+    "structured": _worldly(Structured),
+    "names": _worldly(Names),
+}
+
+
+def get_task(name: str, seed: int = 0, world: World | None = None) -> Task:
+    """A task by name; tasks about the world use `world`, or the default world if None."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return TASKS[name](seed, world)
+
+
+__all__ = ["TASKS", "SPLITS", "STYLES", "Example", "Task", "get_task", "export_jsonl", "default_world",
+           "solve24", "distinct_ratio", "Arithmetic", "CompareDecimals", "CountLetter", "Spell", "Game24",
+           "FactQA", "MultiHop", "Structured", "Names"]

@@ -1,0 +1,208 @@
+"""What every task shares: examples, fixed splits, answer parsing, renderings as chat messages.
+
+A task is three things:
+- a generator of examples, routed to fixed, disjoint train/validation/test splits;
+- an exact verifier that reads the final answer out of a model's free text;
+- renderings of an example as OpenAI-style chat messages, in up to three styles:
+  "direct" (just the answer), "cot" (steps, then "Answer: ..."), "tool" (tool calls, then the answer).
+
+A subclass writes `generate` and `check`, and `cot` / `tool` for the styles it supports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+STYLES = ("direct", "cot", "tool")
+SPLIT_SHARES = (("train", 0.6), ("validation", 0.15), ("test", 0.25))
+UNLIMITED = {split: 10**9 for split in SPLITS}  # sizes for tasks bounded by their own problem space
+
+
+@dataclass
+class Example:
+    question: str  # the user's question as text
+    answer: str    # the canonical short answer (what a few-shot prompt shows after "A:")
+    meta: dict = field(default_factory=dict)  # what the verifier needs (numbers, entity, tier...)
+
+
+def split_of(key: str) -> str:
+    """The split a problem belongs to, from a stable hash of its key.
+
+    Hashing (not drawing) makes splits disjoint by construction, and a problem never moves to
+    another split when the seed or the split sizes change.
+    """
+    u = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    for split, share in SPLIT_SHARES:
+        if u < share:
+            return split
+        u -= share
+    return SPLITS[-1]
+
+
+class Task:
+    name = "task"
+    styles: tuple[str, ...] = ("direct",)
+    sizes = {"train": 1000, "validation": 200, "test": 300}
+    max_misses = 2000  # stop drawing after this many repeats in a row: the problem space is used up
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._splits: dict[str, list[Example]] | None = None
+
+    # -- what a task implements -----------------------------------------------------------------
+
+    def generate(self, rng: random.Random) -> Iterator[Example]:
+        """Candidate examples, possibly forever, possibly with repeats."""
+        raise NotImplementedError
+
+    def check(self, example: Example, output: str) -> bool:
+        """The verdict on a non-empty output; must not raise."""
+        raise NotImplementedError
+
+    def split_key(self, example: Example) -> str:
+        """What identifies a problem, for splitting and de-duplication."""
+        return example.question
+
+    def cot(self, example: Example) -> str:
+        """The step-by-step assistant reply, ending in a line "Answer: ..."."""
+        raise NotImplementedError
+
+    def tool(self, example: Example) -> list[dict]:
+        """The assistant/tool messages that solve the example with tools, ending in the answer."""
+        raise NotImplementedError
+
+    # -- what every task gets -------------------------------------------------------------------
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
+        if self._splits is None:
+            self._splits = self._fill_splits()
+        return list(self._splits[split])
+
+    def _fill_splits(self) -> dict[str, list[Example]]:
+        splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        seen, misses = set(), 0
+        for example in self.generate(random.Random(f"{type(self).__name__}:{self.seed}")):
+            key = self.split_key(example)
+            if key in seen:
+                misses += 1
+                if misses > self.max_misses:
+                    break
+                continue
+            seen.add(key)
+            misses = 0
+            bucket = splits[split_of(key)]
+            if len(bucket) < self.sizes[split_of(key)]:
+                bucket.append(example)
+            if all(len(splits[s]) >= self.sizes[s] for s in SPLITS):
+                break
+        return splits
+
+    def verify(self, example: Example, output: str) -> bool:
+        """Exact verdict on a model's free-text output; malformed output is False, never an error."""
+        if not isinstance(output, str) or not output.strip():
+            return False
+        return self.check(example, output)
+
+    def render(self, example: Example, style: str = "direct") -> list[dict]:
+        """The example as OpenAI-style chat messages: the user's question, then the assistant side."""
+        self.check_style(style)
+        user = {"role": "user", "content": example.question}
+        if style == "direct":
+            return [user, assistant(example.answer)]
+        if style == "cot":
+            return [user, assistant(self.cot(example))]
+        return [user, *self.tool(example)]
+
+    def check_style(self, style: str) -> None:
+        if style not in self.styles:
+            raise ValueError(f"task {self.name!r} has no style {style!r}; supported: {', '.join(self.styles)}")
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def export_jsonl(task: Task, split: str, style: str, path: str | os.PathLike) -> int:
+    """Write `{"messages": [...]}` per example, atomically (temp file, then rename); returns the count."""
+    task.check_style(style)
+    examples = task.examples(split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps({"messages": task.render(example, style)}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading answers out of free text.
+
+ANSWER_MARK = re.compile(r"(?:answer|答案)\s*[:：]", re.IGNORECASE)
+EDGES = re.compile(r"^[\s*_`]+|[\s*_`.。!！,，;；]+$")  # markdown emphasis and trailing punctuation
+NUMBER = re.compile(r"(?<![\d.])-?\d+(?:\.\d+)?")
+THOUSANDS = re.compile(r"(?<=\d)[,\u202f\u2009](?=\d{3}(?!\d))")  # "1,234,000" and thin spaces
+REFUSALS = ("don't know", "do not know", "dont know", "not sure", "no idea", "cannot answer",
+            "can't answer", "unknown", "不知道", "不清楚", "不确定")
+
+
+def final_answer(text: str) -> str:
+    """The final answer in a reply: what follows the last "Answer:" on its line, else the last line.
+
+    Whitespace, markdown emphasis and trailing punctuation are stripped.
+    """
+    marks = list(ANSWER_MARK.finditer(text))
+    if marks:
+        rest = text[marks[-1].end():].strip()
+        line = rest.splitlines()[0] if rest else ""
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        line = lines[-1] if lines else ""
+    return EDGES.sub("", line)
+
+
+def numbers(text: str) -> list[Fraction]:
+    """Every number in the text, in order, exactly: "1,234,000" -> 1234000, "−2.5" -> -5/2."""
+    text = THOUSANDS.sub("", text.replace("\u2212", "-"))
+    return [Fraction(m) for m in NUMBER.findall(text) if len(m) <= 60]  # no giant digit strings
+
+
+def normalize(text: str) -> str:
+    """Lowercase words separated by single spaces, thousands separators removed, for matching."""
+    text = THOUSANDS.sub("", text.lower().replace("\u2019", "'"))
+    return " ".join(re.findall(r"[\w']+", text))
+
+
+def mentions(text: str, value: str) -> bool:
+    """Whether `value` occurs in `text` as whole words (case, punctuation and "1,234" tolerant)."""
+    value = normalize(value)
+    return bool(value) and f" {value} " in f" {normalize(text)} "
+
+
+def is_refusal(text: str) -> bool:
+    """Whether the text declines to answer ("I don't know", "I'm not sure", "不知道"...)."""
+    text = text.lower().replace("\u2019", "'")
+    return any(phrase in text for phrase in REFUSALS)
+
+
+def decimal_string(x: Fraction, places: int, strip: bool = False) -> str:
+    """x rounded half away from zero to `places` decimals, exactly (no floats)."""
+    scaled = int(abs(x) * 10**places + Fraction(1, 2))
+    digits = str(scaled).rjust(places + 1, "0")
+    whole, frac = (digits[:-places], digits[-places:]) if places else (digits, "")
+    if strip:
+        frac = frac.rstrip("0")
+    sign = "-" if x < 0 and scaled else ""
+    return sign + whole + (f".{frac}" if frac else "")

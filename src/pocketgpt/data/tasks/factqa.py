@@ -1,0 +1,53 @@
+"""Fact QA over the synthetic world: closed book, with search, and "I don't know".
+
+One question per fact ("What is the capital of Velmo?"). The fact's tier decides what a good
+closed-book answer is: head and tail facts must be answered with their value (a refusal is wrong);
+unseen facts were never in pretraining, so the canonical answer is "I don't know." — though the
+right value (found with the search tool) is accepted too. Making things up is always wrong.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from ..world import ATTRIBUTE, TIERS, World
+from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
+from .tools import use_search
+
+REFUSAL = "I don't know."
+
+
+class FactQA(Task):
+    styles = ("direct", "tool")
+    sizes = UNLIMITED  # bounded by the world's facts
+
+    def __init__(self, world: World, seed: int = 0, tier: str | None = None):
+        if tier is not None and tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; available: {', '.join(TIERS)}")
+        super().__init__(seed)
+        self.world = world
+        self.tier = tier
+        self.name = f"factqa_{tier}" if tier else "factqa"
+
+    def generate(self, rng: random.Random) -> Iterator[Example]:
+        for fact in self.world.facts:
+            # Draw the phrasing before filtering by tier, so factqa_head's questions are factqa's.
+            question = rng.choice(ATTRIBUTE[(fact.kind, fact.attribute)].questions).format(e=fact.entity)
+            if self.tier in (None, fact.tier):
+                answer = REFUSAL if fact.tier == "unseen" else fact.value
+                meta = {"entity": fact.entity, "kind": fact.kind, "attribute": fact.attribute,
+                        "value": fact.value, "tier": fact.tier}
+                yield Example(question, answer, meta)
+
+    def split_key(self, example: Example) -> str:
+        return f"{example.meta['entity']}|{example.meta['attribute']}"
+
+    def check(self, example: Example, output: str) -> bool:
+        answer = final_answer(output)
+        if is_refusal(answer):
+            return example.meta["tier"] == "unseen"
+        return mentions(answer, example.meta["value"])
+
+    def tool(self, example: Example) -> list[dict]:
+        return [*use_search(self.world, example.meta["entity"]), assistant(example.meta["value"])]

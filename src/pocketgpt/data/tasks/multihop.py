@@ -1,0 +1,69 @@
+"""Multi-hop: "How many times larger is the population of A than of B?"
+
+Two lookups and a division (the seeds' California/Alaska example): closed book it needs two
+memorised facts and mental division; with tools it is search, search, calculator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from fractions import Fraction
+
+from ..world import World, rarest
+from .base import UNLIMITED, Example, Task, assistant, decimal_string, final_answer, numbers
+from .tools import use_calculator, use_search
+
+QUESTIONS = ("How many times larger is the population of {a} than that of {b}?",
+             "How many times more people live in {a} than in {b}?")
+MIN_RATIO = Fraction(23, 20)  # below ~1.15 "how many times larger" stops being a sensible question
+
+
+class MultiHop(Task):
+    name = "multihop"
+    styles = ("direct", "cot", "tool")
+    sizes = UNLIMITED  # bounded by the pairs of places
+
+    def __init__(self, world: World, seed: int = 0):
+        super().__init__(seed)
+        self.world = world
+
+    def generate(self, rng: random.Random) -> Iterator[Example]:
+        pairs = [pair for kind in ("city", "country")
+                 for pair in itertools.permutations(self.world.entities(kind), 2)]
+        rng.shuffle(pairs)
+        for a, b in pairs:
+            pop_a, pop_b = (int(self.world.lookup(e.name, "population")) for e in (a, b))
+            ratio = Fraction(pop_a, pop_b)
+            if ratio >= MIN_RATIO:
+                meta = {"a": a.name, "b": b.name, "population_a": pop_a, "population_b": pop_b,
+                        "tier": rarest(a.tier, b.tier)}
+                yield Example(rng.choice(QUESTIONS).format(a=a.name, b=b.name), decimal_string(ratio, 1), meta)
+
+    def split_key(self, example: Example) -> str:
+        return f"{example.meta['a']}|{example.meta['b']}"
+
+    def check(self, example: Example, output: str) -> bool:
+        """Right to one decimal: within 0.05 of the exact ratio, or equal to its rounding."""
+        found = numbers(final_answer(output))
+        if not found:
+            return False
+        exact = Fraction(example.meta["population_a"], example.meta["population_b"])
+        return abs(found[-1] - exact) <= Fraction(1, 20) or found[-1] == Fraction(example.answer)
+
+    def cot(self, example: Example) -> str:
+        m = example.meta
+        ratio = Fraction(m["population_a"], m["population_b"])
+        return "\n".join([
+            f"The population of {m['a']} is {m['population_a']}.",
+            f"The population of {m['b']} is {m['population_b']}.",
+            f"{m['population_a']} / {m['population_b']} is about {decimal_string(ratio, 3)}.",
+            f"Rounded to one decimal: {example.answer}.",
+            f"Answer: {example.answer}",
+        ])
+
+    def tool(self, example: Example) -> list[dict]:
+        m = example.meta
+        return [*use_search(self.world, m["a"]), *use_search(self.world, m["b"]),
+                *use_calculator(f"{m['population_a']}/{m['population_b']}"), assistant(example.answer)]

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from pocketgpt.checkpoint import load_model, save_model, save_training_state, latest_training_state
+from pocketgpt.common import PocketError
+from pocketgpt.model import GPT, preset
+from pocketgpt.tokenizer import Tokenizer
+
+
+def test_save_load_round_trip(tiny_model, tokenizer, tmp_path):
+    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
+    model, tok, cfg = load_model(tmp_path)  # a run dir resolves to its best stage
+    x = torch.randint(0, 512, (1, 10))
+    torch.testing.assert_close(model(x), tiny_model(x))
+    assert tok.fingerprint() == tokenizer.fingerprint() and cfg["meta"]["stage"] == "base"
+
+
+def test_tied_head_is_stored_once(tiny_model, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    save_model(tiny_model, tmp_path, tokenizer)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+
+
+def test_corrupt_weights_are_detected(tiny_model, tokenizer, tmp_path):
+    save_model(tiny_model, tmp_path, tokenizer)
+    raw = bytearray((tmp_path / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(PocketError, match="do not match the hash"):
+        load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["weights_sha256"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PocketError, match="not a valid safetensors"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_says_what_differs(tiny_model, tokenizer, tmp_path):
+    save_model(tiny_model, tmp_path, tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["d_model"] = 128
+    cfg["model"]["d_ff"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PocketError, match=r"model.embed_tokens.weight: checkpoint has \(512, 64\), config expects \(512, 128\)"):
+        load_model(tmp_path)
+
+
+def test_tokenizer_mismatch(tiny_model, tokenizer, tmp_path):
+    save_model(tiny_model, tmp_path, tokenizer)
+    Tokenizer.train(["something else entirely " * 50], vocab_size=300).save(tmp_path / "tokenizer.json")
+    with pytest.raises(PocketError, match="tokenizer differs"):
+        load_model(tmp_path)
+
+
+def test_missing_and_half_written(tmp_path, tiny_model):
+    with pytest.raises(PocketError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(PocketError, match="holds no model"):
+        load_model(tmp_path)
+    # a training checkpoint directory only appears, under its final name, once complete
+    opt = torch.optim.AdamW(tiny_model.parameters())
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".tmp_abc").mkdir()  # what a crash mid-write leaves behind
+    assert latest_training_state(tmp_path) is None
+    save_training_state(tmp_path, 5, tiny_model, opt, {"objective": {}})
+    assert latest_training_state(tmp_path).name == "step_0000005"
+
+
+def test_keeps_only_recent_training_states(tmp_path):
+    model = GPT(preset("tiny", vocab_size=300))
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3, 4):
+        save_training_state(tmp_path, step, model, opt, {"objective": {}}, keep=2)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == ["step_0000003", "step_0000004"]

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+from pocketgpt.checkpoint import save_model
+from pocketgpt.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for argv in (["--help"], ["speedrun", "--help"], ["tokenizer", "train", "--help"], ["pretrain", "--help"],
+                 ["sample", "--help"], ["info", "--help"], ["config", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "resume" in out and "temperature" in out
+
+
+def test_console_script_runs():
+    done = subprocess.run([sys.executable, "-m", "pocketgpt.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "speedrun" in done.stdout
+
+
+def test_sample_and_info(tmp_path, tiny_model, tokenizer, capsys):
+    save_model(tiny_model, tmp_path / "base", tokenizer, {"summary": {"steps": 3, "params": 1, "tokens": 5}})
+    assert main(["sample", str(tmp_path), "--prompt", "def", "--max-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    assert main(["sample", str(tmp_path), "--chat", "--n", "2", "--max-tokens", "4", "--temperature", "0"]) == 0
+    assert "sample 2" in capsys.readouterr().out
+    assert main(["info", str(tmp_path)]) == 0
+    assert "2 layers" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["pretrain", str(tmp_path), "--set", "pretrain.train.nope=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+import torch
+
+from pocketgpt.engine import Engine, SamplingParams, sample_next
+
+
+def test_cached_decoding_equals_uncached(tiny_model):
+    torch.manual_seed(1)
+    x = torch.randint(0, 512, (2, 30))
+    full = tiny_model(x)
+    cache = tiny_model.make_cache(2)
+    prefill = tiny_model(x[:, :10], cache=cache)
+    steps = [tiny_model(x[:, t:t + 1], cache=cache) for t in range(10, 30)]
+    torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_uncached(tiny_model):
+    x = torch.randint(0, 512, (1, 24))
+    cache = tiny_model.make_cache(1)
+    parts = [tiny_model(x[:, a:b], cache=cache) for a, b in [(0, 7), (7, 15), (15, 24)]]
+    torch.testing.assert_close(torch.cat(parts, dim=1), tiny_model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_matches_argmax_loop(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The return statement")
+    out = Engine(tiny_model, tokenizer).generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    ids = list(prompt)
+    for _ in range(12):
+        ids.append(int(tiny_model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.tokens == ids[len(prompt):]
+    assert out.finish_reason == "length"
+
+
+def test_left_padded_batch_equals_single_prompts(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    prompts = [tokenizer.encode("a"), tokenizer.encode("The while statement is used for"), tokenizer.encode("x = 1")]
+    params = SamplingParams(max_tokens=10, temperature=0)
+    batched = engine.generate(prompts, params)
+    for p, b in zip(prompts, batched):
+        assert engine.generate([p], params)[0].tokens == b.tokens
+
+
+def test_n_samples_share_prefill_and_are_reproducible(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    params = SamplingParams(max_tokens=8, temperature=1.0, n=4, seed=7)
+    a = engine.generate([tokenizer.encode("hello")], params)
+    b = engine.generate([tokenizer.encode("hello")], params)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert len({tuple(c.tokens) for c in a}) > 1
+    assert all(c.prompt_index == 0 for c in a)
+
+
+def test_stop_token_and_string(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    prompt = tokenizer.encode("The")
+    free = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0]
+    stop_tok = free.tokens[3]
+    out = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop_tokens=(stop_tok,)))[0]
+    assert out.finish_reason == "stop" and out.tokens[-1] == stop_tok
+    assert out.tokens == free.tokens[:free.tokens.index(stop_tok) + 1]
+    text = free.text
+    needle = text[len(text) // 2:len(text) // 2 + 2]
+    if needle.strip():
+        cut = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop_strings=(needle,)))[0]
+        assert cut.finish_reason == "stop" and needle not in cut.text and text.startswith(cut.text)
+
+
+def test_stream_concatenates_to_generate(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    params = SamplingParams(max_tokens=15, temperature=0.8, seed=3)
+    prompt = tokenizer.encode("def ")
+    assert "".join(engine.stream(prompt, params)) == engine.generate([prompt], params)[0].text
+
+
+def test_logits_processor_can_force_a_token(tiny_model, tokenizer):
+    forced = tokenizer.encode("!")[0]
+
+    def only_bang(rows, generated, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, forced] = 0
+        return logits + mask
+
+    out = Engine(tiny_model, tokenizer).generate([tokenizer.encode("hi")], SamplingParams(max_tokens=5),
+                                                 [only_bang])[0]
+    assert out.tokens == [forced] * 5
+
+
+def test_top_k_and_top_p():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, SamplingParams(top_k=2), g)) for _ in range(200)}
+    assert picks == {2, 3}
+    # p(3) = 0.64, p(2) = 0.24: top_p=0.5 keeps only the top token, 0.8 keeps two
+    assert {int(sample_next(logits, SamplingParams(top_p=0.5), g)) for _ in range(100)} == {3}
+    assert {int(sample_next(logits, SamplingParams(top_p=0.8), g)) for _ in range(300)} == {2, 3}
+    assert int(sample_next(logits, SamplingParams(temperature=0), g)) == 3

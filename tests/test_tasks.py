@@ -1,0 +1,330 @@
+"""The task suite: splits, verifiers (right, wrong, malformed), renderings, tools, export."""
+
+import json
+from fractions import Fraction
+from functools import lru_cache
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pocketgpt.data.tasks import SPLITS, TASKS, FactQA, export_jsonl, get_task, solve24
+from pocketgpt.data.tasks.base import decimal_string, final_answer, numbers
+from pocketgpt.data.tasks.expr import evaluate, parse
+from pocketgpt.data.tasks.game24 import uses_and_makes_24
+from pocketgpt.data.tasks.names import distinct_ratio
+from pocketgpt.data.tasks.structured import extract_json
+from pocketgpt.data.tasks.swiss_cheese import spelled
+from pocketgpt.data.tasks.tools import calculator
+from pocketgpt.data.world import World, WorldConfig
+
+NAMES = sorted(TASKS)
+MALFORMED = ["", "   \n ", "asdf qwer", "Answer:", "Answer: ????", "∑∫√ 🙂 ｆｕｌｌ", "\x00\x01\x02",
+             "{" * 500, "(" * 500 + "x", "9" * 10_000, "Answer: " + "x," * 3000, "```json\n{\n```",
+             "__import__('os').system('true')"]
+
+
+@lru_cache(maxsize=None)
+def task(name):
+    return get_task(name)
+
+
+def wrong_answer(name, example):
+    """An answer that looks right but is not."""
+    m = example.meta
+    if name.startswith("factqa"):
+        others = {f.value for f in task(name).world.facts if f.attribute == m["attribute"]} - {m["value"]}
+        return sorted(others)[0]
+    if name in ("arithmetic", "count_letter"):
+        return str(int(example.answer) + 1)
+    if name == "compare_decimals":
+        return m["x"] if m["larger"] == m["y"] else m["y"]
+    if name == "spell":
+        return spelled(m["word"] + "x")
+    if name == "game24":
+        shapes = ("{}+{}+{}+{}", "{}*{}*{}*{}", "{}*{}+{}+{}")  # right numbers, wrong value
+        return next(e for e in (s.format(*m["numbers"]) for s in shapes) if evaluate(e) != 24)
+    if name == "multihop":
+        return str(Fraction(example.answer) + 1)
+    if name == "structured":
+        values = dict(m["values"])
+        key = next(iter(values))
+        values[key] = values[key] + 1 if isinstance(values[key], int) else values[key] + "x"
+        return json.dumps(values)
+    if name == "names":
+        return "Dorin"
+    raise KeyError(name)
+
+
+# -- splits --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_splits_are_disjoint_nonempty_and_deterministic(name):
+    t = task(name)
+    splits = {s: t.examples(s) for s in SPLITS}
+    questions = {s: {e.question for e in exs} for s, exs in splits.items()}
+    keys = {s: {t.split_key(e) for e in exs} for s, exs in splits.items()}
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not questions[a] & questions[b]
+        assert not keys[a] & keys[b]
+    assert all(len(q) == len(splits[s]) > 0 for s, q in questions.items())
+    assert get_task(name).examples("test") == splits["test"]  # a fresh instance agrees
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "compare_decimals", "count_letter", "spell", "structured",
+                                  "names"])
+def test_generated_tasks_fill_a_few_hundred(name):
+    assert len(task(name).examples("test")) == 300
+    assert len(task(name).examples("train")) == 1000
+    assert get_task(name, seed=1).examples("test") != task(name).examples("test")
+
+
+def test_bounded_tasks_are_sized_by_their_problem_space():
+    assert sum(len(task("game24").examples(s)) for s in SPLITS) == 1362  # the solvable sets of 1..13
+    world = task("factqa").world
+    assert sum(len(task("factqa").examples(s)) for s in SPLITS) == len(world.facts)
+    assert 150 <= len(task("multihop").examples("test")) <= 500
+
+
+def test_unknown_split_style_and_task_name_the_available_ones():
+    with pytest.raises(ValueError, match="validation"):
+        task("arithmetic").examples("dev")
+    with pytest.raises(ValueError, match="cot"):
+        task("arithmetic").render(task("arithmetic").examples("test")[0], "poem")
+    with pytest.raises(ValueError, match="direct"):
+        task("names").render(task("names").examples("test")[0], "tool")
+    with pytest.raises(ValueError, match="game24"):
+        get_task("chess")
+
+
+# -- verifiers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_canonical_answers_and_every_rendering_verify(name):
+    t = task(name)
+    for example in t.examples("test")[:40]:
+        assert t.verify(example, example.answer), (example.question, example.answer)
+        for style in t.styles:
+            messages = t.render(example, style)
+            assert messages[0] == {"role": "user", "content": example.question}
+            assert messages[-1]["role"] == "assistant"
+            assert t.verify(example, messages[-1]["content"]), (style, messages[-1]["content"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_answers_fail(name):
+    t = task(name)
+    for example in t.examples("test")[:40]:
+        assert not t.verify(example, wrong_answer(name, example)), (example.question, wrong_answer(name, example))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_malformed_answers_fail_without_raising(name):
+    t = task(name)
+    for example in t.examples("test")[:5]:
+        for junk in MALFORMED:
+            assert t.verify(example, junk) is False, junk
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_verifiers_never_raise_on_any_text(name, text):
+    t = task(name)
+    assert t.verify(t.examples("test")[0], text) in (True, False)
+
+
+def test_answer_parsing_is_tolerant():
+    assert final_answer("blah\nAnswer: **42**.\n") == "42"
+    assert final_answer("some steps\n\n 7 apples!  ") == "7 apples"
+    assert final_answer("答案：5。") == "5"
+    assert numbers("1,234,000 and −2.5, 13-9") == [1234000, Fraction(-5, 2), 13, 9]
+    assert decimal_string(Fraction(5, 2), 0) == "3" and decimal_string(Fraction(-1, 8), 2) == "-0.13"
+
+
+def test_factqa_tiers_and_refusals():
+    t = task("factqa")
+    by_tier = {tier: next(e for e in t.examples("test") if e.meta["tier"] == tier)
+               for tier in ("head", "tail", "unseen")}
+    for refusal in ("I don't know.", "I do not know", "I'm not sure.", "我不知道"):
+        assert t.verify(by_tier["unseen"], refusal)
+        assert not t.verify(by_tier["head"], refusal)
+        assert not t.verify(by_tier["tail"], refusal)
+    unseen = by_tier["unseen"]
+    assert unseen.answer == "I don't know."
+    assert t.verify(unseen, unseen.meta["value"])  # found with search: right, not a hallucination
+    head = by_tier["head"]
+    assert t.verify(head, f"The answer is {head.meta['value'].upper()}!")
+    assert all(e.meta["tier"] == "head" for s in SPLITS for e in task("factqa_head").examples(s))
+    with pytest.raises(ValueError, match="unseen"):
+        FactQA(t.world, tier="rare")
+
+
+def test_factqa_tolerates_number_formatting():
+    t = task("factqa")
+    example = next(e for s in SPLITS for e in t.examples(s)
+                   if e.meta["attribute"] == "population" and e.meta["tier"] == "head")
+    value = int(example.meta["value"])
+    assert t.verify(example, f"{value:,}") and t.verify(example, f"About {value} people.")
+    assert not t.verify(example, str(value + 1000))
+
+
+def test_unseen_tool_rendering_searches_then_answers():
+    t = task("factqa_unseen")
+    example = t.examples("test")[0]
+    call, result, final = t.render(example, "tool")[1:]
+    assert call["tool_calls"][0]["function"]["name"] == "search"
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"query": example.meta["entity"]}
+    assert result["role"] == "tool" and example.meta["value"] in result["content"]
+    assert final == {"role": "assistant", "content": example.meta["value"]}
+
+
+def test_arithmetic_tool_and_cot():
+    t = task("arithmetic")
+    example = next(e for e in t.examples("test") if e.meta["kind"] == "column" and e.meta["op"] == "×")
+    call, result, final = t.render(example, "tool")[1:]
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"])["expression"].count("*") == 1
+    assert result == {"role": "tool", "name": "calculator", "content": example.answer}
+    assert t.render(example, "cot")[-1]["content"].endswith(f"\nAnswer: {example.answer}")
+    langs = {e.meta["lang"] for e in t.examples("train") if e.meta["kind"] == "word"}
+    assert langs == {"en", "zh"}
+
+
+def test_compare_decimals_cot_aligns_digits():
+    t = task("compare_decimals")
+    text = t.cot(next(e for e in t.examples("train")))
+    assert "decimal places" in text and "Tenths" in text
+
+
+def test_compare_decimals_wants_one_number():
+    t = task("compare_decimals")
+    example = t.examples("test")[0]
+    both = f"{example.meta['x']} or {example.meta['y']}"
+    assert not t.verify(example, both)
+
+
+def test_spell_is_lenient_about_separators():
+    t = task("spell")
+    example = t.examples("test")[0]
+    word = example.meta["word"]
+    assert t.verify(example, " ".join(word.upper()))
+    assert t.verify(example, "Answer: " + ", ".join(word) + ".")
+    assert not t.verify(example, word)  # not spelled out
+
+
+def test_count_letter_cot_spells_then_counts():
+    t = task("count_letter")
+    example = next(e for e in t.examples("test") if e.meta["count"] >= 2)
+    assert spelled(example.meta["word"]) in t.cot(example)
+
+
+# -- Game of 24 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("puzzle", [(4, 7, 8, 8), (1, 1, 11, 11), (3, 3, 8, 8), (1, 5, 5, 5), (4, 4, 10, 10)])
+def test_solver_solves_known_puzzles(puzzle):
+    expression = solve24(puzzle)
+    assert expression is not None and uses_and_makes_24(expression, puzzle)
+
+
+@pytest.mark.parametrize("puzzle", [(1, 1, 1, 1), (1, 1, 1, 2), (13, 13, 13, 13)])
+def test_solver_knows_unsolvable_puzzles(puzzle):
+    assert solve24(puzzle) is None
+
+
+def test_game24_verifier():
+    t = task("game24")
+    example = next(e for e in t.examples("test") if e.meta["numbers"] != [3, 3, 8, 8])
+    assert t.verify(example, f"Answer: {example.answer} = 24")
+    assert not t.verify(example, "8/(3-8/3)")                    # wrong numbers
+    assert uses_and_makes_24("8 ÷ (3 − 8 ÷ 3)", [3, 3, 8, 8])     # unicode operators are fine
+    assert not uses_and_makes_24("8/(3-8/3)+0", [3, 3, 8, 8])      # an extra number
+    assert not uses_and_makes_24("(3+3)*8-8", [3, 3, 8, 8])        # 40, not 24
+    assert not uses_and_makes_24("8/(3-3)*8", [3, 3, 8, 8])        # division by zero
+    assert not uses_and_makes_24("__import__('os')", [3, 3, 8, 8])
+    assert not uses_and_makes_24("3**3-8+8", [3, 3, 8, 8])
+    cot = t.cot(example)
+    assert "(left: " in cot and cot.endswith(f"Answer: {example.answer}")
+
+
+def test_safe_expression_parser():
+    assert evaluate("2+3*4") == 14 and evaluate("(2+3)*4") == 20 and evaluate("-3--2") == -1
+    assert evaluate("7/2") == Fraction(7, 2) and evaluate("2 × 3 − 1 ÷ 2") == Fraction(11, 2)
+    assert parse("13-9*(10-4)").numbers == [13, 9, 10, 4]
+    for bad in ("", "1+", "(1", "1)", "2**3", "abs(1)", "1/0", "(" * 100 + "1" + ")" * 100, "1" * 600):
+        with pytest.raises(ValueError):
+            evaluate(bad)
+
+
+def test_calculator_tool():
+    assert calculator("123*45") == "5535"
+    assert calculator("1590000/690000") == "2.304348"
+    assert calculator("1/0").startswith("error")
+    assert calculator("__import__('os')").startswith("error")
+
+
+# -- multi-hop, structured, names ----------------------------------------------------------------
+
+
+def test_multihop_tolerance_and_tools():
+    t = task("multihop")
+    example = t.examples("test")[0]
+    exact = Fraction(example.meta["population_a"], example.meta["population_b"])
+    assert t.verify(example, f"About {decimal_string(exact, 3)} times.")
+    assert not t.verify(example, decimal_string(exact + Fraction(1, 10), 2))
+    messages = t.render(example, "tool")
+    tools = [m["name"] for m in messages if m["role"] == "tool"]
+    assert tools == ["search", "search", "calculator"]
+    assert str(example.meta["population_a"]) in messages[2]["content"]
+
+
+def test_structured_checks_schema_and_values():
+    t = task("structured")
+    example = t.examples("test")[0]
+    values = example.meta["values"]
+    assert t.verify(example, f"Sure:\n```json\n{json.dumps(values, indent=2)}\n```\n")
+    assert not t.verify(example, json.dumps({**values, "extra": "x"}))         # additionalProperties
+    assert not t.verify(example, json.dumps(dict(list(values.items())[1:])))  # missing required key
+    numeric = [k for k, v in values.items() if isinstance(v, int)]
+    if numeric:
+        assert not t.verify(example, json.dumps({**values, numeric[0]: str(values[numeric[0]])}))
+    assert extract_json("no json here") is None
+
+
+def test_names_and_diversity():
+    t = task("names")
+    example = t.examples("test")[0]
+    given = example.meta["given"]
+    assert not t.verify(example, ", ".join(given + given))  # repeats the prompt, invents nothing
+    assert t.verify(example, "Sure! Here are five: Borin, Talsa, Mevo, Kiran, Zuldo.")
+    assert distinct_ratio(["Borin, Talsa", "Borin, Mevo"]) == 0.75
+    assert distinct_ratio(["", "nothing here"]) == 0.0
+
+
+def test_tasks_use_the_given_world():
+    small = World.generate(WorldConfig(seed=3, n_countries=3, n_cities=12, n_people=12, n_companies=4))
+    t = get_task("factqa", world=small)
+    assert {e.meta["entity"] for s in SPLITS for e in t.examples(s)} <= {e.name for e in small.entities()}
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,style", [("arithmetic", "tool"), ("multihop", "tool"), ("game24", "cot"),
+                                        ("factqa", "direct"), ("compare_decimals", "cot")])
+def test_export_jsonl(tmp_path, name, style):
+    path = tmp_path / "out" / f"{name}.jsonl"
+    n = export_jsonl(task(name), "validation", style, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert n == len(lines) == len(task(name).examples("validation"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    for line in lines:
+        record = json.loads(line)
+        assert list(record) == ["messages"]
+        for message in record["messages"]:
+            assert message["role"] in ("system", "user", "assistant", "tool")
+            assert isinstance(message["content"], str)
+            for call in message.get("tool_calls", []):
+                assert call["type"] == "function" and isinstance(json.loads(call["function"]["arguments"]), dict)

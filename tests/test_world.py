@@ -1,0 +1,185 @@
+"""The synthetic world and the worked-arithmetic source: determinism, consistency, tiers."""
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from pocketgpt.data import world as world_module
+from pocketgpt.data.mathtext import OPS, apply, math_documents, worked_steps
+from pocketgpt.data.world import ATTRIBUTE, KINDS, TIERS, World, WorldConfig
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World.generate(WorldConfig())
+
+
+def test_generation_is_deterministic_per_seed(world):
+    again = World.generate(WorldConfig())
+    assert again.facts == world.facts
+    assert again.pretraining_documents() == world.pretraining_documents()
+    assert again.retrieval_corpus() == world.retrieval_corpus()
+
+
+def test_generation_differs_across_seeds(world):
+    other = World.generate(WorldConfig(seed=1))
+    assert {e.name for e in other.entities()} != {e.name for e in world.entities()}
+    assert other.pretraining_documents() != world.pretraining_documents()
+
+
+def test_default_size(world):
+    cfg = world.config
+    counts = Counter(e.kind for e in world.entities())
+    assert counts == {"country": cfg.n_countries, "city": cfg.n_cities, "person": cfg.n_people,
+                      "company": cfg.n_companies}
+    assert {f.tier for f in world.facts} == set(TIERS)
+    assert len(world.facts) == sum(sum(a.kind == e.kind for a in ATTRIBUTE.values()) for e in world.entities())
+    assert 100_000 < sum(map(len, world.pretraining_documents())) < 3_000_000
+
+
+def test_names_are_unique_down_to_the_word(world):
+    names = [e.name for e in world.entities()]
+    assert len(names) == len(set(names))
+    words = [w.lower() for e in world.entities() for w in e.name.split()
+             if w not in world_module.COMPANY_SUFFIXES]
+    assert len(words) == len(set(words))
+    assert all(re.fullmatch(r"[A-Z][a-z]+", w) for n in names for w in n.split())
+
+
+def test_attributes_are_consistent(world):
+    kind = {e.name: e.kind for e in world.entities()}
+    look = world.lookup
+    for country in world.entities("country"):
+        capital = look(country.name, "capital")
+        assert kind[capital] == "city" and look(capital, "country") == country.name
+        own = sum(int(look(c.name, "population")) for c in world.entities("city")
+                  if look(c.name, "country") == country.name)
+        assert int(look(country.name, "population")) >= own
+    for city in world.entities("city"):
+        assert kind[look(city.name, "country")] == "country"
+        assert kind[look(city.name, "mayor")] == "person"
+        assert isinstance(int(look(city.name, "population")), int)
+    for person in world.entities("person"):
+        assert kind[look(person.name, "birth_city")] == "city"
+    for company in world.entities("company"):
+        founder = look(company.name, "founder")
+        assert kind[founder] == "person"
+        assert int(look(founder, "birth_year")) < int(look(company.name, "founded"))
+        assert kind[look(company.name, "headquarters")] == "city"
+
+
+def test_a_fact_is_as_rare_as_the_rarest_entity_it_names(world):
+    tier = {e.name: e.tier for e in world.entities()}
+    for f in world.facts:
+        named = [tier[f.entity]] + ([tier[f.value]] if f.value in tier else [])
+        assert f.tier == max(named, key=TIERS.index)
+
+
+def test_lookup_and_fact_table_agree(world):
+    table = world.fact_table()
+    assert len(table) == len(world.facts)
+    assert all(world.lookup(e, a) == v for (e, a), v in table.items())
+    with pytest.raises(KeyError):
+        world.lookup("Nobody", "capital")
+
+
+def test_unseen_names_never_appear_in_pretraining(world):
+    text = "\n".join(world.pretraining_documents())
+    unseen = world.entities(tier="unseen")
+    assert unseen
+    for entity in unseen:
+        assert not re.search(rf"\b{re.escape(entity.name)}\b", text), entity.name
+
+
+def test_mentions_follow_the_tiers(world):
+    cfg = world.config
+    mentions = Counter(f for doc in world.documents() for f in doc.facts)
+    for fact in world.facts:
+        if fact.tier == "head":
+            assert mentions[fact] >= cfg.head_mentions
+        elif fact.tier == "tail":
+            assert 1 <= mentions[fact] <= cfg.tail_mentions
+        else:
+            assert mentions[fact] == 0
+    # Each document really states the facts it claims to.
+    for doc in random.Random(0).sample(world.documents(), 200):
+        for f in doc.facts:
+            assert f.entity in doc.text
+            assert f.value in doc.text or f"{int(f.value):,}" in doc.text
+
+
+def test_documents_come_in_varied_formats(world):
+    docs = world.pretraining_documents()
+    assert any(d.startswith("Q: ") for d in docs)
+    assert any("|---|---|" in d for d in docs)
+    assert any(d.startswith("# ") for d in docs)
+    assert any("\n- " in d for d in docs)
+
+
+def test_retrieval_corpus_covers_every_entity(world):
+    corpus = world.retrieval_corpus()
+    assert sorted(a["title"] for a in corpus) == sorted(e.name for e in world.entities())
+    assert len({a["id"] for a in corpus}) == len(corpus)
+    article = {a["title"]: a["text"] for a in corpus}
+    for f in world.facts:  # unseen facts included
+        assert f.value in article[f.entity]
+
+
+def test_search_finds_the_entity(world):
+    for entity in world.entities(tier="unseen"):
+        assert world.search(f"Tell me about {entity.name}")[0]["title"] == entity.name
+    assert world.search("zzzz") == []
+
+
+def test_small_worlds_work():
+    tiny = World.generate(WorldConfig(n_countries=1, n_cities=1, n_people=1, n_companies=1))
+    assert len(tiny.entities()) == 4
+    empty = World.generate(WorldConfig(n_countries=0, n_cities=0, n_people=0, n_companies=0))
+    assert empty.facts == [] and empty.pretraining_documents() == []
+
+
+@pytest.mark.parametrize("overrides", [
+    {"n_people": 10**6},                                    # more names than the syllables make
+    {"head_fraction": 0.7, "tail_fraction": 0.5},           # fractions sum past 1
+    {"head_fraction": -0.1},
+    {"n_countries": 0},                                     # cities with nowhere to be
+    {"n_countries": 50, "n_cities": 40},                    # not enough capitals
+    {"n_people": 0},                                        # cities without mayors
+    {"n_cities": 0, "n_countries": 0},                      # people born nowhere
+    {"tail_mentions": 0},
+    {"n_companies": -1},
+])
+def test_unsatisfiable_config_raises_before_generating(overrides, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("generation started")
+    monkeypatch.setattr(world_module, "make_names", fail)
+    with pytest.raises(ValueError):
+        World.generate(WorldConfig(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# mathtext
+
+
+def test_math_documents_are_deterministic_and_bilingual():
+    docs = math_documents(200, seed=0)
+    assert docs == math_documents(200, seed=0)
+    assert docs != math_documents(200, seed=1)
+    assert any("carry" in d for d in docs) and any("borrow" in d for d in docs)
+    assert any("答案" in d for d in docs) and any("Answer:" in d for d in docs)
+
+
+def test_worked_steps_reach_the_right_result():
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b, op = rng.randint(0, 99999), rng.randint(0, 9999), rng.choice(OPS)
+        steps = worked_steps(a, op, b)
+        assert steps[-1] == f"So {a} {op} {b} = {apply(a, op, b)}."
+
+
+def test_column_steps_show_carries():
+    steps = worked_steps(487, "+", 356)
+    assert "Ones: 7 + 6 = 13, write 3, carry 1." in steps
+    assert any("carry" in s for s in worked_steps(487, "×", 356))
