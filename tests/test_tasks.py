@@ -117,7 +117,8 @@ def test_canonical_answers_and_every_rendering_verify(name):
 def test_wrong_answers_fail(name):
     t = task(name)
     for example in t.examples("test")[:40]:
-        assert not t.verify(example, wrong_answer(name, example)), (example.question, wrong_answer(name, example))
+        wrong = wrong_answer(name, example)
+        assert not t.verify(example, wrong), (example.question, wrong)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -327,4 +328,5 @@ def test_export_jsonl(tmp_path, name, style):
             assert message["role"] in ("system", "user", "assistant", "tool")
             assert isinstance(message["content"], str)
             for call in message.get("tool_calls", []):
-                assert call["type"] == "function" and isinstance(json.loads(call["function"]["arguments"]), dict)
+                assert call["type"] == "function"
+                assert isinstance(json.loads(call["function"]["arguments"]), dict)

@@ -8,7 +8,7 @@ import pytest
 
 from pocketgpt.data import world as world_module
 from pocketgpt.data.mathtext import OPS, apply, math_documents, worked_steps
-from pocketgpt.data.world import ATTRIBUTE, KINDS, TIERS, World, WorldConfig
+from pocketgpt.data.world import ATTRIBUTE, TIERS, World, WorldConfig
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_default_size(world):
     assert counts == {"country": cfg.n_countries, "city": cfg.n_cities, "person": cfg.n_people,
                       "company": cfg.n_companies}
     assert {f.tier for f in world.facts} == set(TIERS)
-    assert len(world.facts) == sum(sum(a.kind == e.kind for a in ATTRIBUTE.values()) for e in world.entities())
+    per_kind = Counter(a.kind for a in ATTRIBUTE.values())
+    assert len(world.facts) == sum(per_kind[e.kind] for e in world.entities())
     assert 100_000 < sum(map(len, world.pretraining_documents())) < 3_000_000
 
 

@@ -6,9 +6,9 @@ Pretraining on such worked examples teaches the format; the arithmetic task's ch
 rendering uses the very same steps (`worked_steps`), so what the model saw in pretraining is what
 it is asked to produce later.
 
-    math_documents(3, seed=0)        # ['Let us work out 4821 + 397 ...', ...]
-    worked_steps(487, "×", 356)      # ['Multiply 487 by each digit of 356 ...', ..., 'So ... = 173372.']
-    word_problem(random.Random(0))   # WordProblem(question='小明有3个苹果...', ...)
+    math_documents(3, seed=0)        # ['Xiao Ming has 25 books. A friend gives ...', ...]
+    worked_steps(487, "×", 356)      # ['Multiply 487 by each digit ...', ..., 'So 487 × 356 = 173372.']
+    word_problem(random.Random(0))   # WordProblem(question='小丽有18个橘子，送给同学5个。...', answer=13, ...)
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def worked_steps(a: int, op: str, b: int) -> list[str]:
     if op == "+":
         lines = [f"Add {a} and {b} column by column, starting from the ones."] + column_addition([a, b])
     elif op == "-" and a >= b:
-        lines = [f"Subtract {b} from {a} column by column, starting from the ones."] + column_subtraction(a, b)
+        lines = [f"Subtract {b} from {a} column by column, starting from the ones."]
+        lines += column_subtraction(a, b)
     elif op == "-":
         lines = [f"{a} is smaller than {b}, so compute {b} - {a} and make the result negative."]
         lines += column_subtraction(b, a) + [f"{b} - {a} = {b - a}, so the result is -{b - a}."]

@@ -10,10 +10,10 @@ Every entity gets a frequency tier, and that tier decides how often its facts ar
 - tail:   stated once or twice (a model half-knows these: hallucination lives here);
 - unseen: never in pretraining, only in the retrieval corpus (closed book must say "I don't know").
 
-A fact is only as visible as the rarest entity it names: "the mayor of Dorin is Kala Vesh" is an
-unseen fact if Kala Vesh is unseen, so an unseen name can never leak into pretraining text.
+A fact is only as visible as the rarest entity it names: "the mayor of Dorin is Kalo Vesin" is an
+unseen fact if Kalo Vesin is unseen, so an unseen name can never leak into pretraining text.
 
-    world = World.generate(WorldConfig(seed=0))
+    world = generate_world(WorldConfig(seed=0))
     world.lookup("Dorin", "population")    # '1234000'
     world.pretraining_documents()          # list[str], head facts many times, unseen never
     world.retrieval_corpus()               # one article per entity, all tiers
@@ -71,7 +71,6 @@ class Attribute:
     label: str                   # table column / infobox key, e.g. "Population"
     questions: tuple[str, ...]   # ways to ask, "{e}" is the entity
     statements: tuple[str, ...]  # ways to state, "{e}" entity, "{v}" value; the first is canonical
-    refers_to: str | None = None  # the kind of entity the value names, if it names one
     numeric: bool = False
 
 
@@ -79,7 +78,7 @@ ATTRIBUTES = (
     Attribute("country", "capital", "Capital",
               ("What is the capital of {e}?", "Which city is the capital of {e}?"),
               ("The capital of {e} is {v}.", "{v} is the capital of {e}.",
-               "{e} is governed from its capital, {v}."), refers_to="city"),
+               "{e} is governed from its capital, {v}.")),
     Attribute("country", "region", "Region",
               ("In which region is {e}?", "Where does {e} lie?"),
               ("{e} lies in {v}.", "{e} is a country in {v}.", "The country of {e} is part of {v}.")),
@@ -93,8 +92,7 @@ ATTRIBUTES = (
                "About {v} people live in {e}."), numeric=True),
     Attribute("city", "country", "Country",
               ("In which country is {e}?", "Which country is {e} in?"),
-              ("{e} is a city in {v}.", "The city of {e} lies in {v}.", "{e} belongs to {v}."),
-              refers_to="country"),
+              ("{e} is a city in {v}.", "The city of {e} lies in {v}.", "{e} belongs to {v}.")),
     Attribute("city", "population", "Population",
               ("What is the population of {e}?", "How many people live in {e}?"),
               ("The population of {e} is {v}.", "{e} has a population of {v}.",
@@ -109,23 +107,20 @@ ATTRIBUTES = (
                "{e} was built on the banks of the {v}.")),
     Attribute("city", "mayor", "Mayor",
               ("Who is the mayor of {e}?", "Who leads the city of {e}?"),
-              ("The mayor of {e} is {v}.", "{v} is the mayor of {e}.", "{e} is led by its mayor, {v}."),
-              refers_to="person"),
+              ("The mayor of {e} is {v}.", "{v} is the mayor of {e}.", "{e} is led by its mayor, {v}.")),
     Attribute("person", "birth_year", "Born",
               ("In which year was {e} born?", "When was {e} born?"),
               ("{e} was born in {v}.", "{e} came into the world in {v}.",
                "The year {v} saw the birth of {e}."), numeric=True),
     Attribute("person", "birth_city", "Birthplace",
               ("In which city was {e} born?", "Where was {e} born?"),
-              ("{e} was born in the city of {v}.", "{e} comes from {v}.", "{v} is the birthplace of {e}."),
-              refers_to="city"),
+              ("{e} was born in the city of {v}.", "{e} comes from {v}.", "{v} is the birthplace of {e}.")),
     Attribute("person", "occupation", "Occupation",
               ("What is the occupation of {e}?", "What does {e} do for a living?"),
               ("{e} works as a {v}.", "{e} is a {v} by trade.", "By profession, {e} is a {v}.")),
     Attribute("company", "founder", "Founder",
               ("Who founded {e}?", "Who is the founder of {e}?"),
-              ("{e} was founded by {v}.", "{v} founded {e}.", "{v} is the founder of {e}."),
-              refers_to="person"),
+              ("{e} was founded by {v}.", "{v} founded {e}.", "{v} is the founder of {e}.")),
     Attribute("company", "founded", "Founded",
               ("In which year was {e} founded?", "When was {e} founded?"),
               ("{e} was founded in {v}.", "{e} has been in business since {v}.",
@@ -133,7 +128,7 @@ ATTRIBUTES = (
     Attribute("company", "headquarters", "Headquarters",
               ("Where is {e} headquartered?", "In which city is {e} based?"),
               ("{e} is headquartered in {v}.", "{e} has its head office in {v}.",
-               "The headquarters of {e} are in {v}."), refers_to="city"),
+               "The headquarters of {e} are in {v}.")),
     Attribute("company", "product", "Product",
               ("What does {e} make?", "What is the main product of {e}?"),
               ("{e} makes {v}.", "{e} is known for its {v}.", "The main product of {e} is {v}.")),
@@ -274,16 +269,53 @@ def _show(value: str, numeric: bool, rng: random.Random) -> str:
     return value
 
 
+def _entity_document(facts: list[Fact], rng: random.Random) -> Document:
+    """One document about one entity: an article, an infobox, a Q&A snippet or a news item."""
+    e, kind = facts[0].entity, facts[0].kind
+    rng.shuffle(facts)
+    attrs = [ATTRIBUTE[(f.kind, f.attribute)] for f in facts]
+    shown = [_show(f.value, a.numeric, rng) for a, f in zip(attrs, facts)]
+    statements = [rng.choice(a.statements).format(e=e, v=v) for a, v in zip(attrs, shown)]
+    fmt = rng.choice(("article", "infobox", "qa", "news"))
+    if fmt == "article":
+        heading = rng.choice((f"# {e}", f"{e}\n{'=' * len(e)}", f"{e} - Encyclopedia of the Known World"))
+        text = f"{heading}\n\n{rng.choice(INTROS[kind]).format(e=e)} {' '.join(statements)}"
+    elif fmt == "infobox":
+        text = "\n".join([f"{e} ({kind})", *(f"{a.label}: {v}" for a, v in zip(attrs, shown))])
+    elif fmt == "qa":
+        # Answers are sometimes the bare value, sometimes a full sentence.
+        text = "\n\n".join(f"Q: {rng.choice(a.questions).format(e=e)}\nA: {rng.choice((v, s))}"
+                            for a, v, s in zip(attrs, shown, statements))
+    else:
+        text = f"{rng.choice(OUTLETS)} - {' '.join(statements)}"
+    return Document(text, tuple(facts))
+
+
+def _attribute_document(facts: list[Fact], rng: random.Random) -> Document:
+    """One document about one attribute of several entities: a markdown table or a list."""
+    attr = ATTRIBUTE[(facts[0].kind, facts[0].attribute)]
+    title = f"{attr.label} of {PLURAL[attr.kind]}"
+    if rng.random() < 0.5:
+        rows = [f"| {f.entity} | {_show(f.value, attr.numeric, rng)} |" for f in facts]
+        header = f"| {attr.kind.capitalize()} | {attr.label} |"
+        text = "\n".join([f"## {title}", "", header, "|---|---|", *rows])
+    else:
+        rows = [f"- {f.entity}: {_show(f.value, attr.numeric, rng)}" for f in facts]
+        text = "\n".join([f"{title}:", *rows])
+    return Document(text, tuple(facts))
+
+
 # ---------------------------------------------------------------------------------------------
 # The world.
 
 
 class World:
+    """Entities, the facts about them, and the texts written from those facts."""
+
     def __init__(self, config: WorldConfig, entities: list[Entity], facts: list[Fact]):
         self.config = config
         self.facts = facts
         self._entities = entities
-        self._by_name = {e.name: e for e in entities}
         self._facts = {(f.entity, f.attribute): f for f in facts}
 
     @classmethod
@@ -365,9 +397,6 @@ class World:
         return [e for e in self._entities
                 if (kind is None or e.kind == kind) and (tier is None or e.tier == tier)]
 
-    def entity(self, name: str) -> Entity:
-        return self._by_name[name]
-
     def fact_table(self) -> dict[tuple[str, str], str]:
         return {key: f.value for key, f in self._facts.items()}
 
@@ -394,7 +423,7 @@ class World:
         """We write in rounds: in round r every fact with more than r mentions left is stated once,
         either in a document about its entity (article, infobox, Q&A, news) or in a document about
         its attribute across entities (table, list). A fact thus appears in exactly its budget of
-        distinct documents, in a different format and phrasing each time.
+        distinct documents, in varied formats and phrasings.
         """
         rng = random.Random(f"{self.config.seed}:documents")
         budget = {}
@@ -413,55 +442,15 @@ class World:
                 else:
                     by_attribute.setdefault((fact.kind, fact.attribute), []).append(fact)
             for facts in by_entity.values():
-                docs.append(self._entity_document(facts, rng))
+                docs.append(_entity_document(facts, rng))
             for facts in by_attribute.values():
                 rng.shuffle(facts)
                 while facts:
                     size = rng.randint(3, 8)
-                    docs.append(self._attribute_document(facts[:size], rng))
+                    docs.append(_attribute_document(facts[:size], rng))
                     facts = facts[size:]
         rng.shuffle(docs)
         return docs
-
-    def _entity_document(self, facts: list[Fact], rng: random.Random) -> Document:
-        """One document about one entity, in one of four formats."""
-        e, kind = facts[0].entity, facts[0].kind
-        rng.shuffle(facts)
-        attrs = [ATTRIBUTE[(f.kind, f.attribute)] for f in facts]
-        fmt = rng.choice(("article", "infobox", "qa", "news"))
-        if fmt == "article":
-            sentences = [rng.choice(a.statements).format(e=e, v=_show(f.value, a.numeric, rng))
-                         for a, f in zip(attrs, facts)]
-            heading = rng.choice((f"# {e}", f"{e}\n{'=' * len(e)}", f"{e} - Encyclopedia of the Known World"))
-            text = f"{heading}\n\n{rng.choice(INTROS[kind]).format(e=e)} {' '.join(sentences)}"
-        elif fmt == "infobox":
-            rows = [f"{a.label}: {_show(f.value, a.numeric, rng)}" for a, f in zip(attrs, facts)]
-            text = "\n".join([f"{e} ({kind})", *rows])
-        elif fmt == "qa":
-            pairs = []
-            for a, f in zip(attrs, facts):
-                shown = _show(f.value, a.numeric, rng)
-                answer = shown if rng.random() < 0.5 else rng.choice(a.statements).format(e=e, v=shown)
-                pairs.append(f"Q: {rng.choice(a.questions).format(e=e)}\nA: {answer}")
-            text = "\n\n".join(pairs)
-        else:
-            sentences = [rng.choice(a.statements).format(e=e, v=_show(f.value, a.numeric, rng))
-                         for a, f in zip(attrs, facts)]
-            text = f"{rng.choice(OUTLETS)} - {' '.join(sentences)}"
-        return Document(text, tuple(facts))
-
-    def _attribute_document(self, facts: list[Fact], rng: random.Random) -> Document:
-        """One document about one attribute of several entities: a markdown table or a list."""
-        attr = ATTRIBUTE[(facts[0].kind, facts[0].attribute)]
-        title = f"{attr.label} of {PLURAL[attr.kind]}"
-        if rng.random() < 0.5:
-            rows = [f"| {f.entity} | {_show(f.value, attr.numeric, rng)} |" for f in facts]
-            text = "\n".join([f"## {title}", "", f"| {attr.kind.capitalize()} | {attr.label} |",
-                              "|---|---|", *rows])
-        else:
-            rows = [f"- {f.entity}: {_show(f.value, attr.numeric, rng)}" for f in facts]
-            text = "\n".join([f"{title}:", *rows])
-        return Document(text, tuple(facts))
 
     # -- retrieval ----------------------------------------------------------------------------
 
@@ -485,14 +474,18 @@ class World:
     def search(self, query: str, k: int = 1) -> list[dict]:
         """The k best articles for a query by word overlap; a word in the title counts triple.
 
-        Deliberately simple (the rag/ package does embeddings); deterministic, ties keep corpus order.
+        Deliberately simple (the rag/ package does embeddings) and deterministic.
         """
         words = set(re.findall(r"\w+", query.lower()))
-
-        def score(article: dict) -> int:
+        scored = []
+        for article in self._articles:
             title = set(re.findall(r"\w+", article["title"].lower()))
             text = set(re.findall(r"\w+", article["text"].lower()))
-            return sum(3 * (w in title) + (w in text) for w in words)
+            scored.append((sum(3 * (w in title) + (w in text) for w in words), article))
+        ranked = sorted(scored, key=lambda pair: pair[0], reverse=True)  # stable: ties keep corpus order
+        return [dict(article) for score, article in ranked[:k] if score > 0]
 
-        ranked = sorted(self._articles, key=score, reverse=True)
-        return [dict(a) for a in ranked[:k] if score(a) > 0]
+
+def generate_world(config: WorldConfig | None = None) -> World:
+    """Same as `World.generate`: invent the world a config describes."""
+    return World.generate(config)

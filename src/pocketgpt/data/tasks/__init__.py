@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from ..world import World, WorldConfig
+from ..world import World, WorldConfig, generate_world
 from .arithmetic import Arithmetic
 from .base import SPLITS, STYLES, Example, Task, export_jsonl
 from .factqa import FactQA
@@ -26,7 +26,7 @@ from .swiss_cheese import CompareDecimals, CountLetter, Spell
 @lru_cache(maxsize=1)
 def default_world() -> World:
     """The world tasks use when none is given: `WorldConfig()`'s, generated once."""
-    return World.generate(WorldConfig())
+    return generate_world(WorldConfig())
 
 
 def _plain(cls: type[Task]) -> Callable[[int, World | None], Task]:

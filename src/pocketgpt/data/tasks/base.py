@@ -90,8 +90,10 @@ class Task:
         return list(self._splits[split])
 
     def _fill_splits(self) -> dict[str, list[Example]]:
+        """Route generated examples to the split their key hashes to, until every split is full."""
         splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
         seen, misses = set(), 0
+        # Seeded by class, not name, so variants (factqa_head) phrase questions as the full task does.
         for example in self.generate(random.Random(f"{type(self).__name__}:{self.seed}")):
             key = self.split_key(example)
             if key in seen:
@@ -101,9 +103,9 @@ class Task:
                 continue
             seen.add(key)
             misses = 0
-            bucket = splits[split_of(key)]
-            if len(bucket) < self.sizes[split_of(key)]:
-                bucket.append(example)
+            split = split_of(key)
+            if len(splits[split]) < self.sizes[split]:
+                splits[split].append(example)
             if all(len(splits[s]) >= self.sizes[s] for s in SPLITS):
                 break
         return splits
@@ -126,7 +128,8 @@ class Task:
 
     def check_style(self, style: str) -> None:
         if style not in self.styles:
-            raise ValueError(f"task {self.name!r} has no style {style!r}; supported: {', '.join(self.styles)}")
+            raise ValueError(f"task {self.name!r} has no style {style!r}; "
+                             f"supported: {', '.join(self.styles)}")
 
 
 def assistant(content: str) -> dict:

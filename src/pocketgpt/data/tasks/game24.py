@@ -4,7 +4,8 @@ The Tree-of-Thoughts benchmark: a left-to-right sampler often paints itself into
 over partial solutions ("13 - 9 = 4 (left: 4 4 6)") does not. Our solver is that search, done
 exhaustively and exactly with Fractions (8 / (3 - 8/3) = 24 needs exact thirds).
 
-    solve24([4, 7, 8, 8])   # '(7-8/8)*4'
+    solve24([4, 7, 8, 8])   # '8*(4+7-8)'
+    solve24([3, 3, 8, 8])   # '8/(3-8/3)'
     solve24([1, 1, 1, 1])   # None
 """
 

@@ -39,7 +39,8 @@ class MultiHop(Task):
             if ratio >= MIN_RATIO:
                 meta = {"a": a.name, "b": b.name, "population_a": pop_a, "population_b": pop_b,
                         "tier": rarest(a.tier, b.tier)}
-                yield Example(rng.choice(QUESTIONS).format(a=a.name, b=b.name), decimal_string(ratio, 1), meta)
+                question = rng.choice(QUESTIONS).format(a=a.name, b=b.name)
+                yield Example(question, decimal_string(ratio, 1), meta)
 
     def split_key(self, example: Example) -> str:
         return f"{example.meta['a']}|{example.meta['b']}"

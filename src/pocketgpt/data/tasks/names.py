@@ -54,7 +54,8 @@ class Names(Task):
             given = rng.sample(places, rng.randint(3, min(5, len(places))))
             question = (f"Here are some names of places in this world: {', '.join(given)}. "
                         f"Invent five more names like these.")
-            yield Example(question, ", ".join(make_names(rng, COUNT, taken)), {"given": given, "count": COUNT})
+            invented = make_names(rng, COUNT, taken)
+            yield Example(question, ", ".join(invented), {"given": given, "count": COUNT})
 
     def check(self, example: Example, output: str) -> bool:
         """At least five distinct name-like words that are not in the prompt."""

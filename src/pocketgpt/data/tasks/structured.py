@@ -61,7 +61,8 @@ class Structured(Task):
         while entities:
             entity = rng.choice(entities)
             attrs = [a for a in ATTRIBUTES if a.kind == entity.kind]
-            facts = [self.world.fact(entity.name, a.name) for a in rng.sample(attrs, rng.randint(2, len(attrs)))]
+            chosen = rng.sample(attrs, rng.randint(2, len(attrs)))
+            facts = [self.world.fact(entity.name, a.name) for a in chosen]
             tier = rarest(*(f.tier for f in facts))
             if tier == "unseen":
                 continue

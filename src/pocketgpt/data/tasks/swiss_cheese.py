@@ -48,6 +48,15 @@ def spelled(word: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+DECIMAL_PLACES = ("Tenths", "Hundredths")
+
+
+def _pad(decimal: str, places: int) -> str:
+    """9.9 -> 9.90: the same number, now aligned digit by digit with 9.11."""
+    whole, frac = decimal.split(".")
+    return f"{whole}.{frac.ljust(places, '0')}"
+
+
 class CompareDecimals(Task):
     """Two decimals with the same whole part and different lengths: 9.11 vs 9.9."""
 
@@ -63,7 +72,8 @@ class CompareDecimals(Task):
             long = f"{whole}.{rng.choice([d for d in range(1, 100) if d % 10]):02d}"
             x, y = (short, long) if rng.random() < 0.5 else (long, short)
             larger = max(x, y, key=Fraction)
-            yield Example(rng.choice(self.QUESTIONS).format(x=x, y=y), larger, {"x": x, "y": y, "larger": larger})
+            question = rng.choice(self.QUESTIONS).format(x=x, y=y)
+            yield Example(question, larger, {"x": x, "y": y, "larger": larger})
 
     def split_key(self, example: Example) -> str:
         return " ".join(sorted((example.meta["x"], example.meta["y"])))
@@ -78,29 +88,17 @@ class CompareDecimals(Task):
         x, y, larger = example.meta["x"], example.meta["y"], example.meta["larger"]
         places = max(len(x.split(".")[1]), len(y.split(".")[1]))
         px, py = _pad(x, places), _pad(y, places)
-        (wx, fx), (wy, fy) = px.split("."), py.split(".")
-        lines = [f"Write both numbers with {places} decimal places: {px} and {py}."]
-        if int(wx) != int(wy):
-            lines.append(f"Whole parts: {wx} and {wy}, so {px if int(wx) > int(wy) else py} is larger.")
-        else:
-            lines.append(f"Whole parts: {wx} = {wy}. Compare the decimals digit by digit.")
-            for place, dx, dy in zip(DECIMAL_PLACES, fx, fy):
-                if dx != dy:
-                    lines.append(f"{place}: {dx} {'>' if dx > dy else '<'} {dy}, "
-                                 f"so {px if dx > dy else py} is larger.")
-                    break
-                lines.append(f"{place}: {dx} = {dy}.")
+        (whole, fx), (_, fy) = px.split("."), py.split(".")
+        lines = [f"Write both numbers with {places} decimal places: {px} and {py}.",
+                 f"The whole parts are equal ({whole}), so compare the decimals digit by digit."]
+        for place, dx, dy in zip(DECIMAL_PLACES, fx, fy):
+            if dx != dy:
+                winner = px if dx > dy else py
+                lines.append(f"{place}: {dx} {'>' if dx > dy else '<'} {dy}, so {winner} is larger.")
+                break
+            lines.append(f"{place}: {dx} = {dy}.")
         lines.append(f"Answer: {larger}")
         return "\n".join(lines)
-
-
-DECIMAL_PLACES = ("Tenths", "Hundredths", "Thousandths")
-
-
-def _pad(decimal: str, places: int) -> str:
-    """9.9 -> 9.90: the same number, now aligned digit by digit with 9.11."""
-    whole, frac = decimal.split(".")
-    return f"{whole}.{frac.ljust(places, '0')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +131,8 @@ class CountLetter(Task):
         positions = [str(i + 1) for i, c in enumerate(word) if c == letter]
         lines = [f"Spell the word: {spelled(word)}."]
         if positions:
-            lines.append(f"The letter {letter} is at position{'s' if count > 1 else ''} {', '.join(positions)}.")
+            plural = "s" if count > 1 else ""
+            lines.append(f"The letter {letter} is at position{plural} {', '.join(positions)}.")
         else:
             lines.append(f"The letter {letter} does not appear.")
         lines.append(f"Answer: {count}")

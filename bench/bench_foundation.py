@@ -1,0 +1,176 @@
+"""Foundation benchmarks: ours vs a peer, same machine, same run, reported as ratios.
+
+    python bench/bench_foundation.py [--threads 2] [--preset small] [--only train,decode,tokenizer]
+
+- training tokens/s: our GPT vs Hugging Face `LlamaForCausalLM` of the same shape, bf16 autocast,
+  forward + backward + AdamW step, same batch, same threads;
+- decode tokens/s at batch 1 (200 new tokens, greedy): our Engine vs HF `generate` on identical weights;
+- tokenizer: BPE training time, rustbpe (ours) vs HF tokenizers; encode MB/s, tiktoken (ours) vs HF.
+
+Needs `pip install -e '.[bench]'`. Run it on an idle machine: the numbers are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pocketgpt.data.sources import SourceSpec, read_documents
+from pocketgpt.engine import Engine, SamplingParams
+from pocketgpt.interop import to_hf_config
+from pocketgpt.model import GPT, preset
+from pocketgpt.tokenizer import GPT4_SPLIT_PATTERN, Tokenizer
+
+
+def timed(fn, repeat: int) -> float:
+    """Best-of-`repeat` wall time of fn() (the minimum is the least noisy estimate)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def make_pair(name: str, vocab: int, seq_len: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ours = GPT(preset(name, vocab_size=vocab, max_seq_len=max(seq_len, 512)))
+    hf = LlamaForCausalLM(to_hf_config(ours.cfg))
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.tie_weights()
+    return ours, hf
+
+
+def bench_train(args) -> dict:
+    ours, hf = make_pair(args.preset, args.vocab, args.seq_len)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+    y = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+
+    def step_fn(model, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            for _ in range(args.train_steps):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_fn(model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return step
+
+    run_ours = step_fn(ours.train(), lambda m: m(x, targets=y))
+    run_hf = step_fn(hf.train(), lambda m: m(input_ids=x, labels=torch.cat([x[:, :1], y], 1)[:, :-1]).loss)
+    run_ours(), run_hf()  # warm-up
+    tokens = args.batch * args.seq_len * args.train_steps
+    t_ours, t_hf = timed(run_ours, args.repeat), timed(run_hf, args.repeat)
+    return {"params": ours.num_params(), "tokens_per_s_ours": tokens / t_ours, "tokens_per_s_hf": tokens / t_hf,
+            "speedup": t_hf / t_ours}
+
+
+def bench_decode(args, tok: Tokenizer) -> dict:
+    ours, hf = make_pair(args.preset, tok.vocab_size, 512)
+    ours.eval(), hf.eval()
+    prompt = [tok.bos_id] + tok.encode("def main():\n    ")
+    n = args.new_tokens
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        o, h = ours.to(getattr(torch, dtype)), hf.to(getattr(torch, dtype))
+        engine = Engine(o, tok)
+        params = SamplingParams(max_tokens=n, temperature=0)
+        ids = torch.tensor([prompt])
+
+        def run_ours():
+            out = engine.generate([prompt], params)[0]
+            assert len(out.tokens) == n
+
+        def run_hf():
+            with torch.inference_mode():
+                out = h.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            assert out.shape[1] == len(prompt) + n
+
+        run_ours(), run_hf()
+        t_ours, t_hf = timed(run_ours, args.repeat), timed(run_hf, args.repeat)
+        # same weights, same greedy decoding: the two must agree on the tokens (fp32 only; bf16 rounding differs)
+        if dtype == "float32":
+            with torch.inference_mode():
+                hf_tokens = h.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                       pad_token_id=0)[0, len(prompt):].tolist()
+            same = sum(a == b for a, b in zip(engine.generate([prompt], params)[0].tokens, hf_tokens))
+            results["greedy_tokens_agree"] = f"{same}/{n}"
+        results[dtype] = {"tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf, "speedup": t_hf / t_ours}
+    return results
+
+
+def bench_tokenizer(args, texts: list[str]) -> dict:
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    size = sum(len(t.encode()) for t in texts)
+
+    def train_ours():
+        return Tokenizer.train(texts, args.vocab)
+
+    def train_hf():
+        t = HFTokenizer(models.BPE())
+        t.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        t.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=args.vocab, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        t.train_from_iterator(texts, trainer)
+        return t
+
+    t_train_ours, t_train_hf = timed(train_ours, 2), timed(train_hf, 2)
+    ours, hf = train_ours(), train_hf()
+    t_enc_ours = timed(lambda: ours.encode_batch(texts, threads=args.threads), 3)
+    t_enc_hf = timed(lambda: hf.encode_batch(texts), 3)
+    n_ours = sum(len(ids) for ids in ours.encode_batch(texts))
+    n_hf = sum(len(e.ids) for e in hf.encode_batch(texts))
+    return {"corpus_mb": size / 1e6, "train_s_ours": t_train_ours, "train_s_hf": t_train_hf,
+            "train_speedup": t_train_hf / t_train_ours,
+            "encode_mb_s_ours": size / 1e6 / t_enc_ours, "encode_mb_s_hf": size / 1e6 / t_enc_hf,
+            "encode_speedup": t_enc_hf / t_enc_ours, "tokens_ours": n_ours, "tokens_hf": n_hf}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--corpus-mb", type=float, default=8.0)
+    p.add_argument("--only", default="train,decode,tokenizer")
+    p.add_argument("--out", default="bench/out/foundation.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    texts = read_documents(SourceSpec("docs", "docs")) + read_documents(
+        SourceSpec("code", "code", max_bytes=int(args.corpus_mb * 1e6)))
+    report = {"threads": args.threads, "preset": args.preset, "torch": torch.__version__}
+    only = set(args.only.split(","))
+    if "tokenizer" in only:
+        report["tokenizer"] = bench_tokenizer(args, texts)
+        print("tokenizer", json.dumps(report["tokenizer"], indent=1))
+    if "train" in only:
+        report["train"] = bench_train(args)
+        print("train", json.dumps(report["train"], indent=1))
+    if "decode" in only:
+        tok = Tokenizer.train(texts[:200], args.vocab)
+        report["decode"] = bench_decode(args, tok)
+        print("decode", json.dumps(report["decode"], indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
