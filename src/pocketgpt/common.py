@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
-class PocketError(Exception):
-    """An error caused by the user's input (data, config, checkpoint): the message says what and where."""
+from .errors import PocketError  # noqa: F401  (re-exported: most modules import it from here)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..errors import PocketError
+
 TIERS = ("head", "tail", "unseen")
 KINDS = ("country", "city", "person", "company")
 
@@ -56,7 +58,7 @@ def make_names(rng: random.Random, n: int, reserved: frozenset[str] = frozenset(
         if word.lower() not in reserved:
             names.append(word)
     if len(names) < n:
-        raise ValueError(f"cannot make {n} distinct names (capacity {NAME_CAPACITY})")
+        raise PocketError(f"cannot make {n} distinct names (capacity {NAME_CAPACITY})")
     return names[:n]
 
 
@@ -198,28 +200,28 @@ class WorldConfig:
                   "n_people": self.n_people, "n_companies": self.n_companies}
         for name, n in counts.items():
             if not isinstance(n, int) or n < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+                raise PocketError(f"{name} must be a non-negative integer, got {n!r}")
         if not (0 <= self.head_fraction <= 1 and 0 <= self.tail_fraction <= 1):
-            raise ValueError("head_fraction and tail_fraction must lie in [0, 1]")
+            raise PocketError("head_fraction and tail_fraction must lie in [0, 1]")
         if self.head_fraction + self.tail_fraction > 1:
-            raise ValueError(f"head_fraction + tail_fraction = "
+            raise PocketError(f"head_fraction + tail_fraction = "
                              f"{self.head_fraction + self.tail_fraction} > 1")
         if not 1 <= self.tail_mentions <= self.head_mentions:
-            raise ValueError("need 1 <= tail_mentions <= head_mentions")
+            raise PocketError("need 1 <= tail_mentions <= head_mentions")
         if self.n_cities and not self.n_countries:
-            raise ValueError("cities need a country to lie in, but n_countries = 0")
+            raise PocketError("cities need a country to lie in, but n_countries = 0")
         if self.n_countries > self.n_cities:
-            raise ValueError(f"every country needs its own capital city: "
+            raise PocketError(f"every country needs its own capital city: "
                              f"{self.n_countries} countries but {self.n_cities} cities")
         if self.n_cities and not self.n_people:
-            raise ValueError("every city needs a mayor, but n_people = 0")
+            raise PocketError("every city needs a mayor, but n_people = 0")
         if (self.n_people or self.n_companies) and not self.n_cities:
-            raise ValueError("people need a birth city and companies a headquarters, but n_cities = 0")
+            raise PocketError("people need a birth city and companies a headquarters, but n_cities = 0")
         if self.n_companies and not self.n_people:
-            raise ValueError("every company needs a founder, but n_people = 0")
+            raise PocketError("every company needs a founder, but n_people = 0")
         capacity = NAME_CAPACITY - len(RESERVED_WORDS)
         if self.words_needed > capacity:
-            raise ValueError(f"this world needs {self.words_needed} distinct names but the syllable "
+            raise PocketError(f"this world needs {self.words_needed} distinct names but the syllable "
                              f"generator can only make {capacity}")
 
 

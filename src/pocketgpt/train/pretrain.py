@@ -26,8 +26,12 @@ from ..model import GPT, preset
 from ..tokenizer import Tokenizer
 from .loop import Trainer, TrainConfig, console
 
+# The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
+# worked arithmetic, and real text found on every machine (Python's docs and standard library).
 DEFAULT_SOURCES: dict[str, dict] = {
-    "docs": {"kind": "docs", "weight": 1.0},
+    "world": {"kind": "world", "weight": 4.0},
+    "math": {"kind": "math", "weight": 1.0, "n": 3000},
+    "docs": {"kind": "docs", "weight": 0.5},
     "code": {"kind": "code", "weight": 1.0, "max_bytes": 4_000_000},
 }
 
@@ -39,7 +43,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=16, seq_len=256))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     val_fraction: float = 0.02
-    sample_prompt: str = "The "
+    sample_prompt: str = "The capital of"
 
     def source_specs(self) -> list[SourceSpec]:
         specs = [SourceSpec.from_dict(name, d) for name, d in self.sources.items()]

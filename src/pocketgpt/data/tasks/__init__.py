@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..world import World, WorldConfig, generate_world
+from ...errors import PocketError
 from .arithmetic import Arithmetic
 from .base import SPLITS, STYLES, Example, Task, export_jsonl
 from .factqa import FactQA
@@ -57,7 +58,7 @@ TASKS: dict[str, Callable[[int, World | None], Task]] = {
 def get_task(name: str, seed: int = 0, world: World | None = None) -> Task:
     """A task by name; tasks about the world use `world`, or the default world if None."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+        raise PocketError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
     return TASKS[name](seed, world)
 
 

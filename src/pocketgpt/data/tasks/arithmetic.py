@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 
 from ..mathtext import OPS, apply, random_operands, word_problem, worked_steps
+from ...errors import PocketError
 from .base import Example, Task, assistant, final_answer, numbers
 from .tools import use_calculator
 
@@ -24,7 +25,7 @@ class Arithmetic(Task):
 
     def __init__(self, seed: int = 0, digits: int = 3, word_fraction: float = 0.25):
         if digits < 2:
-            raise ValueError("digits must be >= 2 (the task is multi-digit arithmetic)")
+            raise PocketError("digits must be >= 2 (the task is multi-digit arithmetic)")
         super().__init__(seed)
         self.digits = digits
         self.word_fraction = word_fraction

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from ...errors import PocketError
+
 SPLITS = ("train", "validation", "test")
 STYLES = ("direct", "cot", "tool")
 SPLIT_SHARES = (("train", 0.6), ("validation", 0.15), ("test", 0.25))
@@ -84,7 +86,7 @@ class Task:
 
     def examples(self, split: str) -> list[Example]:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
+            raise PocketError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
         if self._splits is None:
             self._splits = self._fill_splits()
         return list(self._splits[split])
@@ -128,7 +130,7 @@ class Task:
 
     def check_style(self, style: str) -> None:
         if style not in self.styles:
-            raise ValueError(f"task {self.name!r} has no style {style!r}; "
+            raise PocketError(f"task {self.name!r} has no style {style!r}; "
                              f"supported: {', '.join(self.styles)}")
 
 

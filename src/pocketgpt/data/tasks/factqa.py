@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 
 from ..world import ATTRIBUTE, TIERS, World
+from ...errors import PocketError
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
 from .tools import use_search
 
@@ -24,7 +25,7 @@ class FactQA(Task):
 
     def __init__(self, world: World, seed: int = 0, tier: str | None = None):
         if tier is not None and tier not in TIERS:
-            raise ValueError(f"unknown tier {tier!r}; available: {', '.join(TIERS)}")
+            raise PocketError(f"unknown tier {tier!r}; available: {', '.join(TIERS)}")
         super().__init__(seed)
         self.world = world
         self.tier = tier
