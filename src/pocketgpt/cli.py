@@ -112,6 +112,29 @@ def cmd_pretrain(args) -> None:
             console.print("[yellow]interrupted: checkpoint saved; continue with --resume[/]")
 
 
+def cmd_sft(args) -> None:
+    from .train.sft import sft
+
+    cfg = load_run_config(args)
+    if args.steps:
+        cfg.sft.train.steps = args.steps
+    if args.no_mitigation:
+        cfg.sft.mitigate_hallucination = False
+    if args.data:
+        cfg.sft.data = list(cfg.sft.data) + args.data
+    if args.threads:
+        cfg.sft.train.threads = args.threads
+    sft(cfg.sft, args.run, args.name, resume=args.resume)
+
+
+def cmd_report(args) -> None:
+    from .evaluate.report import write_report
+
+    path = write_report(args.run)
+    console.print(path.read_text(), markup=False, highlight=False)
+    console.print(f"written to {path}")
+
+
 def cmd_sample(args) -> None:
     import torch
 
@@ -143,6 +166,40 @@ def cmd_sample(args) -> None:
         for i, c in enumerate(engine.generate([prompt], params)):
             console.rule(f"sample {i + 1}")
             console.print((args.prompt if not args.chat else "") + c.text, markup=False)
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .checkpoint import load_model, resolve_model_dir
+    from .common import atomic_write_json, pick_device, set_threads
+    from .data.sources import SourceSpec, read_documents
+    from .data.tasks import TASKS
+    from .evaluate.harness import SUITE, bits_per_byte, evaluate_suite, model_mode
+
+    set_threads(args.threads)
+    model_dir = resolve_model_dir(args.model)
+    model, tok, cfg = load_model(model_dir, pick_device(args.device))
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    mode = model_mode(cfg) if args.mode == "auto" else args.mode
+    if args.task == "all":
+        tasks = {name: args.style or SUITE.get(name, "direct") for name in TASKS}
+    else:
+        names = [t.strip() for t in args.task.split(",") if t.strip()]
+        tasks = {name: args.style or SUITE.get(name, "direct") for name in names}
+    out_dir = Path(args.out) if args.out else model_dir / "eval"
+    console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
+    evaluate_suite(model, tok, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
+                   log=lambda line: console.print(line, highlight=False))
+    if args.bpb:
+        summary = json.loads((out_dir / "results.json").read_text())
+        for kind in args.bpb.split(","):
+            bpb = bits_per_byte(model, tok, read_documents(SourceSpec(kind, kind, max_bytes=500_000)))
+            console.print(f"{kind:>18} bits/byte {bpb:.4f}", highlight=False)
+            summary[f"bpb/{kind}"] = bpb
+        atomic_write_json(out_dir / "results.json", summary)
+    console.print(f"per-example verdicts and results.json in {out_dir}")
 
 
 def cmd_info(args) -> None:
@@ -228,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning: turn the base model into an assistant",
+                       description="Fine-tunes RUN/base on conversations (loss on assistant tokens only): the "
+                                   "task suite's renderings, fact QA with the hallucination mitigation (probe what "
+                                   "the base model knows, teach 'I don't know' elsewhere), and --data files.")
+    p.add_argument("run", help="run directory holding base/")
+    p.add_argument("--name", default="sft", help="output stage directory (default: sft)")
+    p.add_argument("--data", action="append", default=[], metavar="JSONL",
+                   help='extra conversations, one {"messages": [...]} per line (repeatable)')
+    p.add_argument("--no-mitigation", action="store_true", help="train true answers even where the model "
+                                                                "does not know them (the naive recipe)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
+    add_config_args(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("report", help="write the report card (report.md + plots) of a run")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("sample", help="generate text from a model",
                        description="Continue a prompt (base models) or answer it (--chat, for assistants).")
     p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
@@ -243,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 weights: about 2x faster decoding on a modern CPU")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score a model on tasks: accuracy with a 95% confidence interval",
+                       description="Greedy answers to a task's questions, checked by its exact verifier. Base "
+                                   "models get a few-shot document prompt, assistants the chat format. Writes "
+                                   "one JSON line per example (question, output, verdict) and results.json.")
+    p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
+    p.add_argument("--task", default="factqa_head,factqa_tail,factqa_unseen",
+                   help="comma-separated task names, or 'all' (default: the three fact tiers)")
+    p.add_argument("--split", default="test", help="train, validation or test (default)")
+    p.add_argument("--n", type=int, help="only the first N examples")
+    p.add_argument("--shots", type=int, help="solved examples shown before each question "
+                                             "(default: 3 few-shot, 0 chat)")
+    p.add_argument("--mode", default="auto", choices=("auto", "fewshot", "chat"),
+                   help="auto: few-shot for base checkpoints, chat for post-trained ones")
+    p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
+                                   "(default: the one each task is trained in)")
+    p.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
+    p.add_argument("--bpb", metavar="KINDS", help="also bits per byte on sources, e.g. world,docs")
+    p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (faster on a modern CPU)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("run")

@@ -1,6 +1,6 @@
 """The speedrun: every stage of the pipeline, in order, in one run directory.
 
-    tokenizer -> pretrain -> (post-training stages as they land) -> report
+    tokenizer -> pretrain -> sft (+ the naive-SFT ablation) -> evaluation -> report
 
 A stage whose output is already complete is skipped and a half-finished one resumes from its last
 checkpoint, so re-running the same command after an interruption continues where it stopped.
@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.table import Table
-
-from .common import atomic_write_json, human
+from .checkpoint import load_model
+from .common import atomic_write_json
+from .evaluate.harness import SUITE, evaluate_suite
 from .train.bpe import train_tokenizer
 from .train.loop import TrainConfig, console
 from .train.pretrain import PretrainConfig, pretrain
+from .train.sft import SFTConfig, sft
 
 
 @dataclass
@@ -28,21 +29,36 @@ class TokenizerConfig:
 
 
 @dataclass
+class EvalConfig:
+    n: int = 100  # test examples per task (0 = the whole test split)
+    batch_size: int = 32
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; `--config run.toml` fills it with [tokenizer], [pretrain], ... tables."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft_ablation: bool = True  # also fine-tune without the hallucination mitigation, to measure it
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def quick(cfg: RunConfig) -> RunConfig:
-    """A smoke-test version of the run: a tiny model, little data, a few dozen steps."""
+    """A smoke-test version of the run: a tiny model, little data, a few dozen steps per stage."""
     cfg.tokenizer = TokenizerConfig(vocab_size=1024, max_chars=1_000_000)
     for s in cfg.pretrain.sources.values():
         s["max_bytes"] = min(s.get("max_bytes") or 500_000, 500_000)
     cfg.pretrain.preset = "tiny"
-    cfg.pretrain.train = TrainConfig(steps=60, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=10,
-                                     eval_every=20, eval_batches=4, sample_every=30, save_every=30,
-                                     log_every=10, threads=cfg.pretrain.train.threads)
+    small = dict(batch_size=8, seq_len=128, warmup_steps=5, eval_batches=2, log_every=10)
+    cfg.pretrain.train = TrainConfig(steps=60, lr=3e-3, eval_every=30, sample_every=30, save_every=30,
+                                     threads=cfg.pretrain.train.threads, **small)
+    cfg.sft.train = TrainConfig(steps=20, lr=1e-3, eval_every=20, sample_every=20, save_every=20,
+                                threads=cfg.sft.train.threads, **small)
+    cfg.sft.probe_samples = 2
+    for spec in cfg.sft.tasks.values():
+        spec["n"] = 30
+    cfg.eval = EvalConfig(n=10)
     return cfg
 
 
@@ -54,47 +70,76 @@ def stage_done(model_dir: Path, steps: int) -> bool:
     return summary.get("steps") == steps and not summary.get("interrupted")
 
 
+def finished_summary(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())["meta"]["summary"]
+
+
 def run_tokenizer(cfg: RunConfig, run_dir: Path) -> dict:
     return train_tokenizer(cfg.pretrain.source_specs(), run_dir / "tokenizer", cfg.tokenizer.vocab_size,
                            cfg.tokenizer.max_chars)
 
 
+def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[str, str]) -> dict:
+    """Evaluate one checkpoint on the suite; results land in RUN/STAGE/eval/."""
+    model, tok, _ = load_model(run_dir / stage)
+    threads = cfg.pretrain.train.threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    console.print(f"[bold]eval[/] {stage} ({mode})")
+    return evaluate_suite(model, tok, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
+                          batch_size=cfg.eval.batch_size, log=lambda line: console.print(line, highlight=False))
+
+
 def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
+    from .evaluate.report import write_report
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    results, t_start = {}, time.time()
+    times: dict[str, float] = {}
+    t_start = time.time()
 
-    console.rule("[bold]1. tokenizer")
+    def stage(name: str, title: str):
+        console.rule(f"[bold]{title}")
+        times[name] = time.time()
+
+    stage("tokenizer", "1. tokenizer")
     if (run_dir / "tokenizer" / "tokenizer.json").exists():
-        console.print("tokenizer: already trained, skipped")
-        results["tokenizer"] = json.loads((run_dir / "tokenizer" / "report.json").read_text())
+        console.print("already trained, skipped")
     else:
-        results["tokenizer"] = run_tokenizer(cfg, run_dir)
-    console.print(f"vocab {results['tokenizer']['vocab_size']}, trained in "
-                  f"{results['tokenizer']['train_seconds']:.1f}s")
+        report = run_tokenizer(cfg, run_dir)
+        console.print(f"vocab {report['vocab_size']}, trained in {report['train_seconds']:.1f}s")
 
-    console.rule("[bold]2. pretrain")
+    stage("pretrain", "2. pretrain")
     if stage_done(run_dir / "base", cfg.pretrain.train.steps):
-        console.print("pretrain: already finished, skipped")
-        results["pretrain"] = json.loads((run_dir / "base" / "config.json").read_text())["meta"]["summary"]
+        console.print("already finished, skipped")
     else:
-        results["pretrain"] = pretrain(cfg.pretrain, run_dir, resume=True)
+        pretrain(cfg.pretrain, run_dir, resume=True)
 
-    results["total_seconds"] = time.time() - t_start
-    atomic_write_json(run_dir / "speedrun.json", results)
-    print_summary(results, run_dir)
-    return results
+    stage("sft", "3. supervised fine-tuning")
+    if stage_done(run_dir / "sft", cfg.sft.train.steps):
+        console.print("already finished, skipped")
+    else:
+        sft(cfg.sft, run_dir, "sft", resume=True)
+    if cfg.sft_ablation:
+        console.rule("[bold]3b. SFT without the hallucination mitigation (ablation)")
+        if stage_done(run_dir / "sft_naive", cfg.sft.train.steps):
+            console.print("already finished, skipped")
+        else:
+            naive = SFTConfig(**{**cfg.sft.__dict__, "mitigate_hallucination": False})
+            sft(naive, run_dir, "sft_naive", resume=True)
 
+    stage("eval", "4. evaluation")
+    run_eval(cfg, run_dir, "base", "fewshot", SUITE)
+    run_eval(cfg, run_dir, "sft", "chat", SUITE)
+    if cfg.sft_ablation:
+        run_eval(cfg, run_dir, "sft_naive", "chat", {k: v for k, v in SUITE.items() if k.startswith("factqa")})
+    times["end"] = time.time()
 
-def print_summary(results: dict, run_dir: Path) -> None:
-    table = Table(title=f"speedrun: {run_dir}")
-    for col in ("stage", "time", "tokens", "result"):
-        table.add_column(col)
-    tok = results["tokenizer"]
-    table.add_row("tokenizer", f"{tok['train_seconds']:.0f}s", human(tok["train_chars"]) + " chars",
-                  f"vocab {tok['vocab_size']}")
-    pre = results["pretrain"]
-    table.add_row("pretrain", f"{pre['time_s']:.0f}s", human(pre["tokens"]),
-                  f"val loss {pre.get('val_loss', float('nan')):.3f}, {pre.get('val_bpb', float('nan')):.3f} bpb")
-    console.print(table)
-    console.print(f"total {results['total_seconds']:.0f}s; everything is in {run_dir}")
+    names = list(times)
+    durations = {a: times[b] - times[a] for a, b in zip(names, names[1:])}
+    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": time.time() - t_start})
+    report_path = write_report(run_dir)
+    console.print(f"total {time.time() - t_start:.0f}s; report card: {report_path}")
+    return {"stage_seconds": durations, "report": str(report_path)}

@@ -1,0 +1,183 @@
+"""Score a model on a task: accuracy with a confidence interval, and every example's verdict.
+
+A base model only continues documents, so it is asked through a few-shot "fake document":
+
+    Q: What is the capital of Velmora?
+    A: Tarsin
+
+    Q: What is the capital of Githes?
+    A:                                  <- the model completes this line
+
+An assistant (a chat checkpoint) is asked through the chat format, optionally with solved examples
+as earlier turns. Either way the model's text goes to the task's exact verifier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..common import PocketError, atomic_write_text
+from ..data.tasks import Example, Task
+from ..engine import Engine, SamplingParams
+from ..model import GPT
+from ..tokenizer import Tokenizer
+
+MODES = ("auto", "fewshot", "chat")
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    mode: str
+    style: str
+    shots: int
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+
+    def line(self) -> str:
+        return (f"{self.task:>18} {self.split:>10}  {self.accuracy:6.1%}  "
+                f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  ({self.mode}, {self.shots}-shot, {self.style})")
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a proportion (Wilson: sane at 0% and 100%, unlike p +- 2 sigma)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def demos(task: Task, shots: int, seed: int = 0) -> list[Example]:
+    """Solved examples for the prompt: always from the train split, so they never leak a test answer."""
+    pool = task.examples("train")
+    return random.Random(seed).sample(pool, min(shots, len(pool)))
+
+
+def fewshot_text(task: Task, example: Example, shots: int) -> str:
+    lines = [f"Q: {d.question}\nA: {d.answer}\n\n" for d in demos(task, shots)]
+    return "".join(lines) + f"Q: {example.question}\nA:"
+
+
+def chat_messages(task: Task, example: Example, shots: int, style: str) -> list[dict]:
+    messages = []
+    for d in demos(task, shots):
+        messages += task.render(d, style)
+    return messages + [{"role": "user", "content": example.question}]
+
+
+def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "test", n: int | None = None,
+                  shots: int = 3, mode: str = "fewshot", style: str = "direct", batch_size: int = 32,
+                  max_tokens: int | None = None, out_path: str | Path | None = None,
+                  show_progress: bool = True) -> EvalResult:
+    """Greedy-decode every example, verify, and (optionally) write one JSON line per example."""
+    if mode not in ("fewshot", "chat"):
+        raise PocketError(f"unknown eval mode {mode!r}; use fewshot (base models) or chat (assistants)")
+    task.check_style(style)
+    examples = task.examples(split)[:n] if n else task.examples(split)
+    if not examples:
+        raise PocketError(f"task {task.name!r} has no {split} examples")
+    engine = Engine(model, tokenizer)
+    if mode == "fewshot":
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, shots)) for e in examples]
+        params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=(tokenizer.bos_id,),
+                                stop_strings=("\n\n", "\nQ:"))
+    else:
+        prompts = [tokenizer.render_for_completion(chat_messages(task, e, shots, style)) for e in examples]
+        params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
+                                stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+    room = model.cfg.max_seq_len - params.max_tokens
+    prompts = [p[-room:] for p in prompts]  # keep the question; drop the oldest demos if too long
+
+    rows = []
+    progress = Progress(TextColumn(f"[bold]eval {task.name}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), disable=not show_progress, transient=True)
+    with progress:
+        bar = progress.add_task("eval", total=len(examples))
+        # Similar lengths together: less padding per batch. Results go back to example order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: dict[int, tuple[str, str]] = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, c in zip(idx, engine.generate([prompts[i] for i in idx], params)):
+                outputs[i] = (c.text.strip(), c.finish_reason)
+            progress.advance(bar, len(idx))
+    correct = 0
+    for i, e in enumerate(examples):
+        text, finish = outputs[i]
+        ok = task.verify(e, text)
+        correct += ok
+        rows.append({"index": i, "question": e.question, "answer": e.answer, "output": text,
+                     "correct": ok, "finish_reason": finish, "meta": e.meta})
+    lo, hi = wilson_interval(correct, len(examples))
+    result = EvalResult(task.name, split, mode, style, shots, len(examples), correct, correct / len(examples), lo, hi)
+    if out_path:
+        atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    return result
+
+
+def model_mode(meta: dict) -> str:
+    """Base checkpoints are prompted with few-shot documents, post-trained ones through chat."""
+    return "fewshot" if meta.get("meta", {}).get("stage", "base") == "base" else "chat"
+
+
+@torch.no_grad()
+def bits_per_byte(model: GPT, tokenizer: Tokenizer, texts: list[str], seq_len: int = 256,
+                  batch_size: int = 8, max_batches: int = 50) -> float:
+    """Bits per byte of `texts` (documents packed with <|bos|>): comparable across tokenizers."""
+    from ..data.mixture import MixtureLoader
+    from ..train.pretrain import evaluate_lm
+
+    stream = np.fromiter((t for ids in tokenizer.encode_batch(texts) for t in (tokenizer.bos_id, *ids)),
+                         dtype=np.int64)
+    seq_len = min(seq_len, model.cfg.max_seq_len, len(stream) - 1)
+    loader = MixtureLoader({"text": stream}, {"text": 1.0}, batch_size, seq_len)
+    batches = max(1, min(max_batches, (len(stream) - 1) // (seq_len * batch_size)))
+    device = model.lm_head.weight.device
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    return evaluate_lm(model, loader, batches, token_bytes, device, "float32")["val_bpb"]
+
+
+
+# The report card's rows: each task with the rendering an assistant is trained on (see train/sft.py).
+SUITE: dict[str, str] = {
+    "factqa_head": "direct", "factqa_tail": "direct", "factqa_unseen": "direct",
+    "arithmetic": "cot", "compare_decimals": "cot", "count_letter": "cot", "spell": "direct",
+    "game24": "cot", "multihop": "cot", "structured": "direct",
+}
+
+
+def evaluate_suite(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, tasks: dict[str, str],
+                   mode: str, split: str = "test", n: int | None = None, shots: int | None = None,
+                   batch_size: int = 32, log=print) -> dict:
+    """Evaluate several tasks; per-example JSONL + a results.json (merged with earlier results) in out_dir."""
+    from dataclasses import asdict
+
+    from ..data.tasks import get_task
+
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "results.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    shots = (3 if mode == "fewshot" else 0) if shots is None else shots
+    for name, style in tasks.items():
+        task = get_task(name)
+        style = style if style in task.styles else "direct"
+        result = evaluate_task(model, tokenizer, task, split, n, shots, mode, style, batch_size,
+                               out_path=out_dir / f"{name}_{split}.jsonl")
+        log(result.line())
+        summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    return summary

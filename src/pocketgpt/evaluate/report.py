@@ -1,0 +1,157 @@
+"""The report card: one Markdown page and a few plots that say what a run did and how good it got.
+
+    pocketgpt report runs/speedrun   ->  runs/speedrun/report.md, runs/speedrun/plots/*.png
+
+Tables: the stages (time, steps, tokens, losses), the data mixture as realised, task accuracy with
+one column per checkpoint (base few-shot, SFT, ...), and hallucination with and without the
+mitigation. Plots: loss curves per stage, and whatever else the metrics hold (reward, KL, entropy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..common import atomic_write_text, human, read_jsonl
+from ..data.tasks.base import is_refusal
+
+# Checkpoints in the order a run makes them, with how they are asked.
+CHECKPOINTS = [("base", "base (few-shot)"), ("sft", "SFT"), ("sft_naive", "SFT, no mitigation"),
+               ("ppo", "PPO"), ("grpo", "GRPO")]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage_rows(run: Path) -> list[list[str]]:
+    rows = []
+    tok = _load(run / "tokenizer" / "report.json")
+    if tok:
+        rows.append(["tokenizer", f"{tok['train_seconds']:.0f}s", "", f"{human(tok['train_chars'])} chars",
+                     f"vocab {tok['vocab_size']}"])
+    for stage, _ in CHECKPOINTS + [("rm", "")]:
+        cfg = _load(run / stage / "config.json")
+        if not cfg:
+            continue
+        s = cfg.get("meta", {}).get("summary", {})
+        result = ", ".join(f"{k} {s[k]:.3f}" for k in ("loss", "val_loss", "val_bpb", "pair_accuracy",
+                                                       "reward", "kl") if isinstance(s.get(k), (int, float)))
+        rows.append([stage, f"{s.get('time_s', 0):.0f}s", str(s.get("steps", "")), human(s.get("tokens", 0)),
+                     result])
+    return rows
+
+
+def accuracy_table(run: Path) -> tuple[list[str], list[list[str]]]:
+    columns = [(stage, label, _load(run / stage / "eval" / "results.json")) for stage, label in CHECKPOINTS]
+    columns = [c for c in columns if c[2]]
+    tasks = []
+    for _, _, res in columns:
+        tasks += [t for t in res if t not in tasks and isinstance(res[t], dict)]
+    header = ["task"] + [label for _, label, _ in columns]
+    rows = []
+    for t in tasks:
+        row = [t]
+        for _, _, res in columns:
+            r = res.get(t)
+            row.append(f"{r['accuracy']:.1%} ±{(r['ci_high'] - r['ci_low']) / 2:.0%}" if r else "")
+        rows.append(row)
+    return header, rows
+
+
+def hallucination(run: Path, stage: str) -> dict | None:
+    """Closed-book fact QA: how often the assistant invents an answer it cannot know, or refuses one it knows."""
+    res = _load(run / stage / "eval" / "results.json")
+    if not res or "factqa_unseen" not in res or "factqa_head" not in res:
+        return None
+    unseen = read_jsonl(res["factqa_unseen"]["rows"])
+    head = read_jsonl(res["factqa_head"]["rows"])
+    chat_rows = [r for name in res if isinstance(res[name], dict) and "rows" in res[name]
+                 for r in read_jsonl(res[name]["rows"])]
+    return {
+        "hallucination_rate": sum(not is_refusal(r["output"]) for r in unseen) / max(1, len(unseen)),
+        "false_refusal_rate": sum(is_refusal(r["output"]) for r in head) / max(1, len(head)),
+        "head_accuracy": res["factqa_head"]["accuracy"],
+        "well_formed": sum(r.get("finish_reason") == "stop" and bool(r["output"]) for r in chat_rows)
+        / max(1, len(chat_rows)),
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_metrics(run: Path) -> list[Path]:
+    """One PNG per metric family: training loss, validation loss, and any RL curves present."""
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.exists():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(metrics_path)
+    stages = sorted({r["stage"] for r in records}, key=[r["stage"] for r in records].index)
+    out = []
+    for key, title in [("loss", "training loss"), ("val_loss", "validation loss"), ("reward", "reward"),
+                       ("kl", "KL to the reference"), ("entropy", "entropy")]:
+        series = {s: [(r["step"], r[key]) for r in records if r["stage"] == s and key in r] for s in stages}
+        series = {s: v for s, v in series.items() if v}
+        if not series:
+            continue
+        fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+        for ax, (s, points) in zip(axes[0], series.items()):
+            ax.plot(*zip(*points))
+            ax.set_title(f"{s}: {title}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = run / "plots" / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    parts = [f"# pocketgpt report card: `{run}`\n"]
+    timing = _load(run / "speedrun.json")
+    if timing:
+        parts.append(f"Speedrun wall time: **{timing['total_seconds'] / 60:.1f} min** "
+                     f"({', '.join(f'{k} {v:.0f}s' for k, v in timing['stage_seconds'].items())}).\n")
+    parts.append("## Stages\n")
+    parts.append(markdown_table(["stage", "time", "steps", "tokens", "result"], stage_rows(run)) + "\n")
+    base = _load(run / "base" / "config.json")
+    mixture = base and base.get("meta", {}).get("summary", {}).get("realised_mixture")
+    if mixture:
+        parts.append("## Pretraining mixture (as realised)\n")
+        parts.append(markdown_table(["source", "weight", "share of rows", "tokens", "epochs"], [
+            [n, f"{m['weight']:.2f}", f"{m['share']:.2f}", human(m["tokens"]), f"{m['epochs']:.2f}"]
+            for n, m in mixture.items()]) + "\n")
+    header, rows = accuracy_table(run)
+    if rows:
+        parts.append("## Task accuracy (test split, ± half the 95% interval)\n")
+        parts.append(markdown_table(header, rows) + "\n")
+    halluc = [(label, hallucination(run, stage)) for stage, label in CHECKPOINTS if stage != "base"]
+    halluc = [(label, h) for label, h in halluc if h]
+    if halluc:
+        parts.append("## Hallucination (closed-book fact QA)\n")
+        parts.append("Hallucination rate: share of questions about unseen entities answered with anything "
+                     "but a refusal. False refusals: share of head-fact questions refused.\n")
+        parts.append(markdown_table(["checkpoint", "hallucination rate", "false refusals", "head accuracy",
+                                     "well-formed answers"],
+                                    [[label, f"{h['hallucination_rate']:.1%}", f"{h['false_refusal_rate']:.1%}",
+                                      f"{h['head_accuracy']:.1%}", f"{h['well_formed']:.1%}"]
+                                     for label, h in halluc]) + "\n")
+    plots = plot_metrics(run)
+    if plots:
+        parts.append("## Curves\n")
+        parts += [f"![{p.stem}](plots/{p.name})\n" for p in plots]
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path

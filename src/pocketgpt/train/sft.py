@@ -1,0 +1,275 @@
+"""Supervised fine-tuning: a base model that completes documents becomes an assistant that answers.
+
+Same next-token loss as pretraining, on a small set of high-quality conversations, with the loss
+only on what the assistant writes (the tokenizer's mask). The default conversations come from the
+task suite, each task in the rendering that suits it (step by step for arithmetic, ...), plus any
+user JSONL of {"messages": [...]}.
+
+Hallucination mitigation, as Llama 3 describes it: before writing the fact-QA conversations, probe
+what the base model knows — ask each question several times and compare with the fact table.
+Where the model does not know the answer, the conversation teaches "I don't know." instead of the
+true answer; training a model to state facts it does not know teaches it to make things up.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import latest_training_state, load_model, save_model
+from ..common import (PocketError, atomic_write_json, human, init_distributed, local_device, pick_device,
+                      read_jsonl, set_threads)
+from ..data.tasks import get_task
+from ..data.tasks.factqa import REFUSAL
+from ..engine import Engine, SamplingParams
+from ..evaluate.harness import fewshot_text
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .loop import Trainer, TrainConfig, console
+
+# task -> (rendering, examples from its train split; 0 = all of them)
+DEFAULT_SFT_TASKS: dict[str, dict] = {
+    "factqa": {"style": "direct", "n": 0},
+    "arithmetic": {"style": "cot", "n": 400},
+    "compare_decimals": {"style": "cot", "n": 200},
+    "count_letter": {"style": "cot", "n": 200},
+    "spell": {"style": "direct", "n": 200},
+    "game24": {"style": "cot", "n": 200},
+    "multihop": {"style": "cot", "n": 200},
+    "structured": {"style": "direct", "n": 200},
+    "names": {"style": "direct", "n": 100},
+}
+
+
+@dataclass
+class SFTConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=300, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, eval_every=100, sample_every=100,
+        save_every=100, min_lr_frac=0.0))
+    tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
+    data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
+    mitigate_hallucination: bool = True
+    probe_samples: int = 4  # answers sampled per fact question when probing the base model
+    probe_temperature: float = 0.7
+    probe_threshold: float = 0.5  # the model "knows" a fact when at least this share of samples is right
+    multi_turn_fraction: float = 0.2  # share of conversations made of two exchanges
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- knowledge probe
+
+
+@torch.no_grad()
+def probe_knowledge(model: GPT, tokenizer: Tokenizer, task, examples, samples: int, temperature: float,
+                    seed: int = 0, batch_size: int = 64) -> list[float]:
+    """For each fact question, the share of sampled few-shot answers that are right."""
+    engine = Engine(model, tokenizer)
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, shots=3)) for e in examples]
+    params = SamplingParams(max_tokens=24, temperature=temperature, n=samples, seed=seed,
+                            stop_tokens=(tokenizer.bos_id,), stop_strings=("\n",))
+    scores = []
+    for start in range(0, len(prompts), max(1, batch_size // samples)):
+        chunk = prompts[start:start + max(1, batch_size // samples)]
+        outs = engine.generate(chunk, params)
+        for i in range(len(chunk)):
+            e = examples[start + i]
+            truth = {**e.meta, "tier": "head"}  # judge the value itself, whatever the tier
+            right = sum(task.verify(type(e)(e.question, e.answer, truth), c.text.strip())
+                        for c in outs[i * samples:(i + 1) * samples])
+            scores.append(right / samples)
+    return scores
+
+
+# ----------------------------------------------------------------------------- the conversations
+
+
+def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) -> tuple[list[list[dict]], dict]:
+    """The SFT set: task renderings (+ probed fact QA) + user files; and statistics about it."""
+    rng = random.Random(cfg.seed)
+    convs, stats = [], {"per_task": {}}
+    for name, spec in cfg.tasks.items():
+        task = get_task(name)
+        style = spec.get("style", "direct")
+        examples = task.examples("train")
+        if spec.get("n"):
+            examples = examples[:spec["n"]]
+        if name.startswith("factqa"):
+            task_convs, probe = factqa_conversations(cfg, task, examples, base, tokenizer)
+            stats["probe"] = probe
+        else:
+            task_convs = [task.render(e, style) for e in examples]
+        stats["per_task"][name] = len(task_convs)
+        convs += task_convs
+    for path in cfg.data:
+        records = read_jsonl(path)
+        for lineno, r in enumerate(records, 1):
+            if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
+                raise PocketError(f"{path}: record {lineno} has no 'messages' list")
+            convs.append(r["messages"])
+        stats["per_task"][str(path)] = len(records)
+    rng.shuffle(convs)
+    # Some two-exchange conversations, so the assistant also learns to answer after earlier turns.
+    n_multi = int(len(convs) * cfg.multi_turn_fraction) // 2
+    merged = [convs[2 * i] + convs[2 * i + 1] for i in range(n_multi)]
+    convs = merged + convs[2 * n_multi:]
+    rng.shuffle(convs)
+    stats["conversations"] = len(convs)
+    return convs, stats
+
+
+def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer):
+    """Fact questions answered with the truth, or with "I don't know." where the base model does not know."""
+    if not cfg.mitigate_hallucination or base is None:
+        # The naive recipe: labelers write the true answer, known to them, not necessarily to the model.
+        return [task.render(type(e)(e.question, e.meta["value"], e.meta)) for e in examples], {"mitigated": False}
+    scores = probe_knowledge(base, tokenizer, task, examples, cfg.probe_samples, cfg.probe_temperature, cfg.seed)
+    convs, known = [], {"head": [0, 0], "tail": [0, 0], "unseen": [0, 0]}
+    for e, score in zip(examples, scores):
+        knows = score >= cfg.probe_threshold
+        known[e.meta["tier"]][0] += knows
+        known[e.meta["tier"]][1] += 1
+        answer = e.meta["value"] if knows else REFUSAL
+        convs.append(task.render(type(e)(e.question, answer, e.meta)))
+    return convs, {"mitigated": True, "known_share": {t: k / max(1, n) for t, (k, n) in known.items()}}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class ConversationLoader:
+    """Packs tokenized conversations into (B, T) rows; targets are -1 wherever the mask is 0.
+
+    Conversations are shuffled per epoch with a seeded RNG and packed greedily; a conversation longer
+    than a row is cut. The state is (epoch, position), saved with checkpoints.
+    """
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not encoded:
+            raise PocketError("the SFT set is empty")
+        self.encoded = [(ids[:seq_len + 1], mask[:seq_len + 1]) for ids, mask in encoded]
+        self.B, self.T, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.encoded)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffled()
+
+    def _next_conversation(self) -> tuple[list[int], list[int]]:
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._shuffled()
+        item = self.encoded[self._order[self.pos]]
+        self.pos += 1
+        return item
+
+    def _row(self) -> tuple[list[int], list[int]]:
+        ids, mask = [], []
+        while True:
+            c_ids, c_mask = self._next_conversation()
+            if ids and len(ids) + len(c_ids) > self.T + 1:
+                self.pos -= 1  # does not fit: it starts the next row
+                break
+            ids += c_ids
+            mask += c_mask
+            if len(ids) >= self.T + 1:
+                break
+        pad = self.T + 1 - len(ids)
+        return ids + [self.pad_id] * pad, mask + [0] * pad
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._row() for _ in range(self.B * self.world_size)][self.rank * self.B:(self.rank + 1) * self.B]
+        ids = torch.tensor([r[0] for r in rows])
+        mask = torch.tensor([r[1] for r in rows])
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
+        return ids[:, :-1], targets
+
+
+class MaskedLanguageModeling:
+    """SFT's objective: cross-entropy on assistant tokens only; an all-masked batch gives 0, not NaN."""
+
+    def __init__(self, loader: ConversationLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def loss(self, model):
+        x, y = self.loader.next_batch()
+        x, y = x.to(self.device), y.to(self.device)
+        n = (y != -1).sum()
+        loss = model(x, targets=y, reduction="sum") / n.clamp(min=1)
+        return loss, {"trained_tokens": float(n)}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.loader.B * self.loader.T
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+    def load_state(self, state: dict) -> None:
+        self.loader.load_state(state)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    set_threads(tc.threads)
+    device = pick_device(tc.device)
+    info = init_distributed(device)
+    device = local_device(device, info)
+    out_dir = run_dir / out_name
+    if latest_training_state(out_dir) is not None and not resume:
+        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
+                          f"or delete {out_dir} to start over")
+    model, tokenizer, base_cfg = load_model(run_dir / "base", device)
+    model.cfg.max_seq_len = max(model.cfg.max_seq_len, tc.seq_len)
+
+    convs, stats = build_conversations(cfg, model, tokenizer)
+    encoded = [tokenizer.render_conversation(c) for c in convs]
+    if info.is_main:
+        atomic_write_json(out_dir / "sft_data.json", stats)
+        console.print(f"[bold]sft[/]: {stats['conversations']} conversations; "
+                      + ", ".join(f"{k} {v}" for k, v in stats["per_task"].items()))
+        if "probe" in stats and stats["probe"].get("mitigated"):
+            console.print("knowledge probe (share of facts the base model knows): " + ", ".join(
+                f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
+    loader = ConversationLoader(encoded, tc.batch_size, tc.seq_len, tokenizer.bos_id, cfg.seed,
+                                info.rank, info.world_size)
+    model.train()
+    trainer = Trainer(model, MaskedLanguageModeling(loader, device), tc, out_dir, out_name,
+                      run_dir / "metrics.jsonl", device, info, sample=lambda m: chat_sample(m, tokenizer))
+    if resume:
+        trainer.resume()
+    summary = trainer.run()
+    summary.update(params=model.num_params(), data=stats)
+    if info.is_main:
+        save_model(model, out_dir, tokenizer, {"stage": "sft", "train": asdict(tc), "summary": summary,
+                                                "mitigate_hallucination": cfg.mitigate_hallucination})
+        console.print(f"sft: {summary['steps']} steps, {human(summary['tokens'])} tokens, "
+                      f"final loss {summary.get('loss', float('nan')):.3f} -> {out_dir}")
+    return summary
+
+
+def chat_sample(model: GPT, tokenizer: Tokenizer, question: str = "What is 12 + 30?") -> str:
+    was_training = model.training
+    model.eval()
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": question}])
+    params = SamplingParams(max_tokens=64, temperature=0,
+                            stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+    text = Engine(model, tokenizer).generate([prompt], params)[0].text
+    model.train(was_training)
+    return f"{question} -> {text}"
