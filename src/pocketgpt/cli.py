@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 weights: about 2x faster decoding on a modern CPU")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="score a model on tasks: accuracy with a 95% confidence interval",
+    p = sub.add_parser("eval", help="score a model on tasks: accuracy with a 95%% confidence interval",
                        description="Greedy answers to a task's questions, checked by its exact verifier. Base "
                                    "models get a few-shot document prompt, assistants the chat format. Writes "
                                    "one JSON line per example (question, output, verdict) and results.json.")
