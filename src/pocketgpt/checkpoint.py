@@ -35,10 +35,14 @@ FORMAT = "pocketgpt-model-v1"
 STAGES = ("grpo", "ppo", "sft", "base")
 
 
-def state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (a tied lm_head is model.embed_tokens.weight)."""
+    sd, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen and v.numel() > 0:
+            continue
+        seen.add(v.data_ptr())
+        sd[k] = v.detach().contiguous().cpu()
     return sd
 
 
@@ -74,7 +78,7 @@ def read_config(directory: Path) -> dict:
     return cfg
 
 
-def load_weights(model: GPT, path: Path, expected_sha: str | None = None) -> None:
+def load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None = None) -> None:
     """Load safetensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
     raw = path.read_bytes()
     if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
@@ -87,7 +91,7 @@ def load_weights(model: GPT, path: Path, expected_sha: str | None = None) -> Non
     model.load_state_dict(sd, strict=False)
 
 
-def check_state_dict(model: GPT, sd: dict[str, torch.Tensor], where: str) -> None:
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     expected = state_dict_for_saving(model)
     problems = []
     for name in sorted(set(expected) - set(sd)):
@@ -140,7 +144,7 @@ def check_tokenizer(tokenizer: Tokenizer, cfg: dict, where) -> None:
 # ----------------------------------------------------------------------------- training checkpoints
 
 
-def save_training_state(directory: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+def save_training_state(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict, keep: int = 2) -> Path:
     """checkpoints/step_N/ with weights, optimizer and JSON state; built in a temp dir, renamed when whole."""
     root = Path(directory) / "checkpoints"
@@ -167,7 +171,7 @@ def latest_training_state(directory: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_training_state(path: Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     load_weights(model, path / "model.safetensors")
     blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])

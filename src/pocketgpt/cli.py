@@ -44,7 +44,8 @@ def load_run_config(args) -> "RunConfig":  # noqa: F821
         quick(cfg)
     configlib.load(cfg, args.config, args.overrides)
     if args.threads:
-        cfg.pretrain.train.threads = args.threads
+        for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
+            stage.train.threads = args.threads
     return cfg
 
 
@@ -122,9 +123,21 @@ def cmd_sft(args) -> None:
         cfg.sft.mitigate_hallucination = False
     if args.data:
         cfg.sft.data = list(cfg.sft.data) + args.data
-    if args.threads:
-        cfg.sft.train.threads = args.threads
     sft(cfg.sft, args.run, args.name, resume=args.resume)
+
+
+def cmd_rl_stage(args) -> None:
+    """rm, ppo and grpo: each reads its table of the run config and writes RUN/<stage>/."""
+    from .train.grpo import grpo
+    from .train.ppo import ppo
+    from .train.reward import reward_model
+
+    cfg = load_run_config(args)
+    stage_cfg = getattr(cfg, args.command)
+    if args.steps:
+        stage_cfg.train.steps = args.steps
+    run = {"rm": reward_model, "ppo": ppo, "grpo": grpo}[args.command]
+    run(stage_cfg, args.run, resume=args.resume)
 
 
 def cmd_report(args) -> None:
@@ -191,7 +204,7 @@ def cmd_eval(args) -> None:
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
     evaluate_suite(model, tok, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
-                   log=lambda line: console.print(line, highlight=False))
+                   log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if args.bpb:
         summary = json.loads((out_dir / "results.json").read_text())
         for kind in args.bpb.split(","):
@@ -300,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
     add_config_args(p)
     p.set_defaults(func=cmd_sft)
+
+    for name, help_text, description in [
+        ("rm", "train the reward model from ranked comparisons",
+         "Samples K completions per prompt from RUN/sft, ranks them with the written rubric (or reads "
+         "your comparisons: [rm] data = [...] in the config), trains the pairwise ranking loss; writes RUN/rm."),
+        ("ppo", "RLHF: PPO against the frozen reward model",
+         "Policy from RUN/sft, value model from RUN/rm, per-token KL penalty to the SFT reference, GAE, "
+         "clipped updates; reports held-out reward, KL, entropy and accuracy before and after; writes RUN/ppo."),
+        ("grpo", "RL on verifiable tasks (group-relative advantages)",
+         "G answers per problem, reward from the task's verifier, advantages relative to the group; "
+         "reports held-out accuracy before and after; writes RUN/grpo."),
+    ]:
+        p = sub.add_parser(name, help=help_text, description=description)
+        p.add_argument("run", help="run directory")
+        p.add_argument("--steps", type=int, help="optimizer steps")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
+        add_config_args(p)
+        p.set_defaults(func=cmd_rl_stage)
 
     p = sub.add_parser("report", help="write the report card (report.md + plots) of a run")
     p.add_argument("run")

@@ -32,6 +32,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    score_head: bool = False  # a scalar head on the hidden states: reward models and PPO's value model
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -214,6 +215,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.score_head:  # Hugging Face's LlamaForSequenceClassification calls it `score`, too
+            self.score = nn.Linear(cfg.d_model, 1, bias=False)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -275,6 +278,17 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
+
+    def scores(self, idx: torch.Tensor) -> torch.Tensor:
+        """The scalar head at every position (B, T): a reward model reads it at <|reward|>, a value model everywhere."""
+        return self.score(self.hidden_states(idx)).squeeze(-1).float()
+
+    def with_score_head(self) -> GPT:
+        """A copy of this model with a fresh scalar head (a reward model starts from the SFT model)."""
+        new = GPT(GPTConfig.from_dict({**self.cfg.to_dict(), "score_head": True})).to(self.lm_head.weight.device)
+        new.load_state_dict(self.state_dict(), strict=False)
+        nn.init.zeros_(new.score.weight)  # start by scoring everything 0: no initial preference
+        return new
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -1,6 +1,7 @@
 """The speedrun: every stage of the pipeline, in order, in one run directory.
 
-    tokenizer -> pretrain -> sft (+ the naive-SFT ablation) -> evaluation -> report
+    tokenizer -> pretrain -> sft (+ the naive-SFT ablation) -> reward model -> PPO -> GRPO
+              -> evaluation of every checkpoint -> report card
 
 A stage whose output is already complete is skipped and a half-finished one resumes from its last
 checkpoint, so re-running the same command after an interruption continues where it stopped.
@@ -17,8 +18,12 @@ from .checkpoint import load_model
 from .common import atomic_write_json
 from .evaluate.harness import SUITE, evaluate_suite
 from .train.bpe import train_tokenizer
-from .train.loop import TrainConfig, console
+from .train.grpo import GRPOConfig, grpo
+from .common import console
+from .train.loop import TrainConfig
+from .train.ppo import PPOConfig, ppo
 from .train.pretrain import PretrainConfig, pretrain
+from .train.reward import RewardConfig, reward_model
 from .train.sft import SFTConfig, sft
 
 
@@ -41,6 +46,9 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     sft_ablation: bool = True  # also fine-tune without the hallucination mitigation, to measure it
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -58,6 +66,17 @@ def quick(cfg: RunConfig) -> RunConfig:
     cfg.sft.probe_samples = 2
     for spec in cfg.sft.tasks.values():
         spec["n"] = 30
+    cfg.rm.train = TrainConfig(steps=10, lr=3e-4, eval_every=10, sample_every=10**9, save_every=10,
+                               threads=cfg.rm.train.threads, **{**small, "batch_size": 4})
+    cfg.rm.prompts_per_task, cfg.rm.val_prompts_per_task, cfg.rm.max_tokens = 6, 3, 32
+    cfg.ppo.train = TrainConfig(steps=4, lr=2e-5, schedule="constant", warmup_steps=0, eval_every=4,
+                                sample_every=10**9, save_every=4, log_every=1, seq_len=256, batch_size=4,
+                                threads=cfg.ppo.train.threads)
+    cfg.ppo.rollout_size, cfg.ppo.max_tokens, cfg.ppo.eval_prompts_per_task = 8, 32, 2
+    cfg.grpo.train = TrainConfig(steps=2, lr=2e-5, schedule="constant", warmup_steps=0, eval_every=2,
+                                 sample_every=10**9, save_every=2, log_every=1, seq_len=256,
+                                 threads=cfg.grpo.train.threads)
+    cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.grpo.max_tokens, cfg.grpo.eval_n = 2, 4, 48, 10
     cfg.eval = EvalConfig(n=10)
     return cfg
 
@@ -89,7 +108,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[s
         torch.set_num_threads(threads)
     console.print(f"[bold]eval[/] {stage} ({mode})")
     return evaluate_suite(model, tok, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
-                          batch_size=cfg.eval.batch_size, log=lambda line: console.print(line, highlight=False))
+                          batch_size=cfg.eval.batch_size, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 
 def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
@@ -111,28 +130,31 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         report = run_tokenizer(cfg, run_dir)
         console.print(f"vocab {report['vocab_size']}, trained in {report['train_seconds']:.1f}s")
 
-    stage("pretrain", "2. pretrain")
-    if stage_done(run_dir / "base", cfg.pretrain.train.steps):
-        console.print("already finished, skipped")
-    else:
-        pretrain(cfg.pretrain, run_dir, resume=True)
-
-    stage("sft", "3. supervised fine-tuning")
-    if stage_done(run_dir / "sft", cfg.sft.train.steps):
-        console.print("already finished, skipped")
-    else:
-        sft(cfg.sft, run_dir, "sft", resume=True)
-    if cfg.sft_ablation:
-        console.rule("[bold]3b. SFT without the hallucination mitigation (ablation)")
-        if stage_done(run_dir / "sft_naive", cfg.sft.train.steps):
-            console.print("already finished, skipped")
+    def once(stage_dir: str, steps: int, run) -> None:
+        """Run a training stage unless its model is complete; a half-finished one resumes."""
+        if stage_done(run_dir / stage_dir, steps):
+            console.print(f"{stage_dir}: already finished, skipped")
         else:
-            naive = SFTConfig(**{**cfg.sft.__dict__, "mitigate_hallucination": False})
-            sft(naive, run_dir, "sft_naive", resume=True)
+            run()
 
-    stage("eval", "4. evaluation")
+    stage("pretrain", "2. pretrain")
+    once("base", cfg.pretrain.train.steps, lambda: pretrain(cfg.pretrain, run_dir, resume=True))
+    stage("sft", "3. supervised fine-tuning (+ the ablation without hallucination mitigation)")
+    once("sft", cfg.sft.train.steps, lambda: sft(cfg.sft, run_dir, "sft", resume=True))
+    if cfg.sft_ablation:
+        naive = SFTConfig(**{**cfg.sft.__dict__, "mitigate_hallucination": False})
+        once("sft_naive", cfg.sft.train.steps, lambda: sft(naive, run_dir, "sft_naive", resume=True))
+    stage("rm", "4. reward model")
+    once("rm", cfg.rm.train.steps, lambda: reward_model(cfg.rm, run_dir, resume=True))
+    stage("ppo", "5. RLHF (PPO)")
+    once("ppo", cfg.ppo.train.steps, lambda: ppo(cfg.ppo, run_dir, resume=True))
+    stage("grpo", "6. RL on verifiable tasks (GRPO)")
+    once("grpo", cfg.grpo.train.steps, lambda: grpo(cfg.grpo, run_dir, resume=True))
+
+    stage("eval", "7. evaluation")
     run_eval(cfg, run_dir, "base", "fewshot", SUITE)
-    run_eval(cfg, run_dir, "sft", "chat", SUITE)
+    for name in ("sft", "ppo", "grpo"):
+        run_eval(cfg, run_dir, name, "chat", SUITE)
     if cfg.sft_ablation:
         run_eval(cfg, run_dir, "sft_naive", "chat", {k: v for k, v in SUITE.items() if k.startswith("factqa")})
     times["end"] = time.time()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..common import PocketError, atomic_write_text
+from ..common import PocketError, atomic_write_text, console
 from ..data.tasks import Example, Task
 from ..engine import Engine, SamplingParams
 from ..model import GPT
@@ -99,12 +99,14 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
         prompts = [tokenizer.render_for_completion(chat_messages(task, e, shots, style)) for e in examples]
         params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
                                 stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+    params.max_tokens = min(params.max_tokens, model.cfg.max_seq_len // 2)
     room = model.cfg.max_seq_len - params.max_tokens
     prompts = [p[-room:] for p in prompts]  # keep the question; drop the oldest demos if too long
 
     rows = []
     progress = Progress(TextColumn(f"[bold]eval {task.name}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), disable=not show_progress, transient=True)
+                        TimeRemainingColumn(), disable=not show_progress or not console.is_terminal, transient=True,
+                        console=console)
     with progress:
         bar = progress.add_task("eval", total=len(examples))
         # Similar lengths together: less padding per batch. Results go back to example order.

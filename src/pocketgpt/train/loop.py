@@ -26,15 +26,14 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import latest_training_state, load_training_state, save_training_state
-from ..common import DistInfo, PocketError, append_jsonl, atomic_write_text, autocast, human, read_jsonl
+from ..common import (DistInfo, PocketError, append_jsonl, atomic_write_text, autocast, console, human,
+                      read_jsonl)
 from ..model import GPT
 
-console = Console(stderr=True)
 
 
 @dataclass
@@ -98,7 +97,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 class Trainer:
     """Runs an objective over a model; owns the optimizer, schedule, checkpoints, metrics and progress."""
 
-    def __init__(self, model: GPT, objective: Objective, cfg: TrainConfig, out_dir: str | Path,
+    def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, out_dir: str | Path,
                  stage: str, metrics_path: str | Path, device: torch.device, dist_info: DistInfo = DistInfo(),
                  evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None,
                  on_save: Callable[[GPT, int], None] | None = None):

@@ -24,7 +24,8 @@ from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
 from ..tokenizer import Tokenizer
-from .loop import Trainer, TrainConfig, console
+from ..common import console
+from .loop import Trainer, TrainConfig
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
 # worked arithmetic, and real text found on every machine (Python's docs and standard library).

@@ -28,7 +28,8 @@ from ..engine import Engine, SamplingParams
 from ..evaluate.harness import fewshot_text
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from .loop import Trainer, TrainConfig, console
+from ..common import console
+from .loop import Trainer, TrainConfig
 
 # task -> (rendering, examples from its train split; 0 = all of them)
 DEFAULT_SFT_TASKS: dict[str, dict] = {

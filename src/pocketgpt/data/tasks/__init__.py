@@ -59,7 +59,15 @@ def get_task(name: str, seed: int = 0, world: World | None = None) -> Task:
     """A task by name; tasks about the world use `world`, or the default world if None."""
     if name not in TASKS:
         raise PocketError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    if world is None:
+        return _default_task(name, seed)
     return TASKS[name](seed, world)
+
+
+@lru_cache(maxsize=None)
+def _default_task(name: str, seed: int) -> Task:
+    """Tasks are immutable once built; building some (Game of 24's splits) takes seconds, so build once."""
+    return TASKS[name](seed, None)
 
 
 __all__ = ["TASKS", "SPLITS", "STYLES", "Example", "Task", "get_task", "export_jsonl", "default_world",

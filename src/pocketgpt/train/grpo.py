@@ -1,0 +1,128 @@
+"""RL on verifiable tasks (GRPO, as in DeepSeekMath / R1): practice problems with checkable answers.
+
+    for a batch of problems: sample G answers each -> reward 1 if the task's verifier accepts, else 0
+    advantage of an answer = (its reward - the group's mean) / the group's std   (no value model)
+    clipped token-level policy loss, optionally a KL penalty to the reference (the SFT model)
+
+No reward model and no labeler: the verifier is the teacher, so there is nothing to hack but the
+task itself. The model can discover its own ways of reasoning, as long as the answer checks out.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import latest_training_state, load_model, save_model
+from ..common import PocketError, atomic_write_json, pick_device, set_threads
+from ..evaluate.harness import evaluate_task
+from ..model import GPT
+from ..common import console
+from .loop import Trainer, TrainConfig
+from .rl_math import group_advantages, grpo_loss, masked_mean
+from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
+
+
+@dataclass
+class GRPOConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=40, batch_size=16, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        eval_every=20, save_every=20, sample_every=10**9, log_every=1))
+    tasks: list = field(default_factory=lambda: ["arithmetic"])
+    start: str = "sft"  # the checkpoint to improve: sft, or ppo if it exists
+    prompts_per_task: int = 500
+    prompts_per_step: int = 8
+    group_size: int = 8  # G answers per problem
+    temperature: float = 1.0
+    max_tokens: int = 160
+    clip: float = 0.2
+    beta: float = 0.0  # KL to the reference (k3); 0 = none, as in DAPO / Dr. GRPO
+    eval_n: int = 100  # held-out (validation split) problems per task for before/after accuracy
+    seed: int = 0
+
+
+class GRPOObjective:
+    def __init__(self, cfg: GRPOConfig, ref: GPT | None, tokenizer, prompts: list[Prompt], device):
+        self.cfg, self.ref, self.tok, self.prompts, self.device = cfg, ref, tokenizer, prompts, device
+        self.step = 0
+
+    def loss(self, policy: GPT):
+        cfg, tok = self.cfg, self.tok
+        rng = random.Random(f"{cfg.seed}:{self.step}")
+        batch = rng.sample(self.prompts, min(cfg.prompts_per_step, len(self.prompts)))
+        with torch.no_grad():
+            outs = sample(policy, tok, batch, chat_params(tok, cfg.max_tokens, cfg.temperature, n=cfg.group_size,
+                                                           seed=cfg.seed + self.step))
+            prompt_of = [batch[c.prompt_index] for c in outs]
+            rewards = torch.tensor([float(p.task.verify(p.example, c.text)) for p, c in zip(prompt_of, outs)])
+            groups = torch.tensor([c.prompt_index for c in outs])
+            advantages = group_advantages(rewards, groups).to(self.device)
+            seqs = [p.ids + c.tokens for p, c in zip(prompt_of, outs)]
+            ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], tok.bos_id, self.device)
+            # One update per batch: the sampling policy is the current one, so old == current (ratio 1)
+            # and the clip only matters if a user raises the updates per batch.
+            old_lp = policy_logprobs(policy, ids)
+            ref_lp = policy_logprobs(self.ref, ids) if self.ref is not None and cfg.beta > 0 else None
+        lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+        loss, stats = grpo_loss(lp, old_lp, advantages, mask, cfg.clip, ref_lp, cfg.beta)
+        self.step += 1
+        return loss, {**stats, "reward": rewards.mean().item(), "entropy": masked_mean(entropy.detach(), mask).item(),
+                      "response_tokens": mask.sum(1).mean().item(),
+                      "solved_groups": float(sum(rewards[groups == g].max() > 0 for g in groups.unique()))}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.cfg.prompts_per_step * self.cfg.group_size * self.cfg.max_tokens
+
+    def state(self) -> dict:
+        return {"step": self.step}
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def held_out_accuracy(policy: GPT, tokenizer, cfg: GRPOConfig) -> dict:
+    from ..data.tasks import get_task
+    from ..evaluate.harness import SUITE
+
+    out = {}
+    for name in cfg.tasks:
+        r = evaluate_task(policy, tokenizer, get_task(name), "validation", cfg.eval_n, shots=0, mode="chat",
+                          style=SUITE.get(name, "direct"), max_tokens=cfg.max_tokens, show_progress=False)
+        out[f"{name}_accuracy"] = r.accuracy
+    policy.train()
+    return out
+
+
+def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    set_threads(tc.threads)
+    device = pick_device(tc.device)
+    out_dir = run_dir / "grpo"
+    if latest_training_state(out_dir) is not None and not resume:
+        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    policy, tokenizer, _ = load_model(run_dir / cfg.start, device)
+    ref = None
+    if cfg.beta > 0:
+        ref, _, _ = load_model(run_dir / cfg.start, device)
+        ref.requires_grad_(False)
+    prompts = task_prompts(tokenizer, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
+    before = held_out_accuracy(policy, tokenizer, cfg)
+    console.print(f"[bold]grpo[/] from {cfg.start}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in before.items()))
+    trainer = Trainer(policy, GRPOObjective(cfg, ref, tokenizer, prompts, device), tc, out_dir, "grpo",
+                      run_dir / "metrics.jsonl", device, evaluate=lambda m: held_out_accuracy(m, tokenizer, cfg))
+    if resume:
+        trainer.resume()
+    policy.train()
+    summary = trainer.run()
+    after = held_out_accuracy(policy, tokenizer, cfg)
+    summary.update(before=before, after=after)
+    save_model(policy, out_dir, tokenizer, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),
+                                            "summary": summary})
+    atomic_write_json(out_dir / "grpo_summary.json", summary)
+    console.print("grpo: held-out " + ", ".join(f"{k} {before[k]:.1%} -> {after[k]:.1%}" for k in after)
+                  + f" -> {out_dir}")
+    return summary

@@ -1,0 +1,190 @@
+"""RLHF with PPO: sample, score with the frozen reward model, reinforce good tokens, punish bad ones.
+
+    policy (from SFT, trained)       reference (SFT, frozen)       reward model (frozen)
+    value model (from the reward model, trained)
+
+One rollout: answer a batch of prompts with the policy; the reward model scores each answer at its
+end; every token also pays beta * (log pi - log pi_ref), a KL penalty that keeps the policy near the
+SFT model (and away from reward hacking). GAE (gamma = 1, lambda ~ 0.95) turns the per-token rewards
+into advantages, whitened over the batch. Then several epochs of clipped policy and value updates
+on minibatches of that rollout; each minibatch update is one step of the shared training loop.
+
+Reward hacking is real: the report shows task accuracy before and after, not only the reward.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import latest_training_state, load_model, save_model
+from ..common import PocketError, atomic_write_json, pick_device, set_threads
+from ..model import GPT
+from ..common import console
+from .loop import Trainer, TrainConfig
+from .reward import RM_TASKS
+from .rl_math import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
+
+
+@dataclass
+class PPOConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=64, batch_size=8, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", grad_clip=1.0,
+        weight_decay=0.0, eval_every=16, save_every=16, sample_every=10**9, log_every=1))
+    tasks: list = field(default_factory=lambda: list(RM_TASKS))
+    prompts_per_task: int = 200
+    rollout_size: int = 32  # completions per rollout; minibatches of train.batch_size
+    ppo_epochs: int = 2
+    temperature: float = 1.0
+    max_tokens: int = 128
+    beta: float = 0.05  # KL penalty per token
+    kl_bound: float = 8.0  # the run is reported as within bounds if the mean sequence KL stays below this
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    lam: float = 0.95
+    eval_prompts_per_task: int = 20
+    seed: int = 0
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained networks in one module, so the shared loop optimises and checkpoints both."""
+
+    def __init__(self, policy: GPT, value: GPT):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+@torch.no_grad()
+def score(rm: GPT, sequences: list[list[int]], reward_id: int, pad_id: int, device) -> torch.Tensor:
+    """The reward model's score for each finished sequence, read at an appended <|reward|>."""
+    ids, _ = collate([s + [reward_id] for s in sequences], [1] * len(sequences), pad_id, device)
+    last = torch.tensor([len(s) for s in sequences], device=device)
+    return rm.scores(ids).gather(1, last[:, None]).squeeze(1)
+
+
+class PPOObjective:
+    def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], device):
+        self.cfg, self.ref, self.rm, self.tok = cfg, ref, rm, tokenizer
+        self.prompts, self.device = prompts, device
+        self.rollouts_done = 0
+        self.queue: list[tuple[Rollout, torch.Tensor]] = []
+        self.stats: dict = {}
+
+    @torch.no_grad()
+    def rollout(self, pv: PolicyAndValue) -> None:
+        cfg, tok = self.cfg, self.tok
+        rng = random.Random(f"{cfg.seed}:{self.rollouts_done}")
+        prompts = rng.sample(self.prompts, min(cfg.rollout_size, len(self.prompts)))
+        params = chat_params(tok, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
+        outs = sample(pv.policy, tok, prompts, params)
+        seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
+        ids, mask = collate(seqs, [len(p.ids) for p in prompts], tok.bos_id, self.device)
+        old_lp, entropy = policy_logprobs(pv.policy, ids, with_entropy=True)
+        ref_lp = policy_logprobs(self.ref, ids)
+        values = pv.value.scores(ids)[:, :-1]
+        scores = score(self.rm, seqs, tok.special("<|reward|>"), tok.bos_id, self.device)
+        rewards, kl = kl_penalty_rewards(old_lp, ref_lp, mask, scores, cfg.beta)
+        advantages, returns = gae(rewards, values, mask, 1.0, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        ro = Rollout(ids, mask, old_lp, values, advantages, returns)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            for start in range(0, len(seqs), cfg.train.batch_size):
+                self.queue.append((ro, order[start:start + cfg.train.batch_size]))
+        correct = [p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)]
+        self.stats = {"reward": scores.mean().item(), "kl": kl.mean().item(),
+                      "entropy": masked_mean(entropy, mask).item(), "response_tokens": mask.sum(1).mean().item(),
+                      "sample_accuracy": sum(correct) / len(correct)}
+        self.rollouts_done += 1
+
+    def loss(self, pv: PolicyAndValue):
+        if not self.queue:
+            self.rollout(pv)
+        ro, idx = self.queue.pop(0)
+        ids, mask = ro.ids[idx], ro.mask[idx]
+        lp = policy_logprobs(pv.policy, ids)
+        values = pv.value.scores(ids)[:, :-1]
+        pl, pstats = ppo_policy_loss(lp, ro.old_logprobs[idx], ro.advantages[idx], mask, self.cfg.clip)
+        vl, vstats = ppo_value_loss(values, ro.old_values[idx], ro.returns[idx], mask, self.cfg.value_clip)
+        return pl + self.cfg.vf_coef * vl, {**pstats, **vstats, "policy_loss": pl.item(), "value_loss": vl.item(),
+                                           **self.stats}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.max_tokens
+
+    def state(self) -> dict:
+        # A resumed run starts a fresh rollout from the restored policy (rollouts are seeded by index).
+        return {"rollouts_done": self.rollouts_done}
+
+    def load_state(self, state: dict) -> None:
+        self.rollouts_done = state["rollouts_done"]
+        self.queue = []
+
+
+@torch.no_grad()
+def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], cfg: PPOConfig, device) -> dict:
+    """Mean reward, KL to the reference, entropy and accuracy of sampled answers to held-out prompts."""
+    params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, seed=12345)
+    outs = sample(policy, tokenizer, prompts, params)
+    seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
+    ids, mask = collate(seqs, [len(p.ids) for p in prompts], tokenizer.bos_id, device)
+    lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+    kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
+    scores = score(rm, seqs, tokenizer.special("<|reward|>"), tokenizer.bos_id, device)
+    return {"heldout_reward": scores.mean().item(), "heldout_kl": kl.mean().item(),
+            "heldout_entropy": masked_mean(entropy, mask).item(),
+            "heldout_accuracy": sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)) / len(outs)}
+
+
+def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    set_threads(tc.threads)
+    device = pick_device(tc.device)
+    out_dir = run_dir / "ppo"
+    if latest_training_state(out_dir) is not None and not resume:
+        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    policy, tokenizer, _ = load_model(run_dir / "sft", device)
+    ref, _, _ = load_model(run_dir / "sft", device)
+    rm, _, _ = load_model(run_dir / "rm", device)
+    value, _, _ = load_model(run_dir / "rm", device)  # the value model starts as the reward model
+    for frozen in (ref, rm):
+        frozen.requires_grad_(False)
+    pv = PolicyAndValue(policy, value)
+    prompts = task_prompts(tokenizer, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
+    val_prompts = task_prompts(tokenizer, cfg.tasks, "validation", cfg.eval_prompts_per_task, cfg.seed)
+
+    before = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
+    console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device)
+    trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
+                      evaluate=lambda m: held_out(m.policy, ref, rm, tokenizer, val_prompts, cfg, device))
+    if resume:
+        trainer.resume()
+    pv.train()
+    summary = trainer.run()
+    after = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
+    summary.update(before={k: v for k, v in before.items()}, after=after,
+                   kl_within_bound=after["heldout_kl"] < cfg.kl_bound, reward=after["heldout_reward"],
+                   kl=after["heldout_kl"])
+    save_model(policy, out_dir, tokenizer, {"stage": "ppo", "train": asdict(tc), "summary": summary,
+                                            "beta": cfg.beta})
+    atomic_write_json(out_dir / "ppo_summary.json", summary)
+    console.print("ppo end: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()) + f" -> {out_dir}")
+    return summary

@@ -1,0 +1,240 @@
+"""Reward modelling, as in InstructGPT: rank K completions per prompt, learn a score that agrees.
+
+    prompt -> K completions sampled from the SFT model -> a labeler ranks them
+    reward model = the SFT transformer + a scalar head, read at a <|reward|> token after the completion
+    loss = -mean over all K(K-1)/2 pairs of one prompt of log sigmoid(r_better - r_worse)
+
+The labelers of the seeds are people following written instructions. Ours is the instructions in
+code (`rubric_key`): a truthful answer beats a refusal, which beats a wrong answer; then a finished,
+well-formed answer beats a cut-off one; then shorter beats longer. A configurable noise swaps
+neighbouring ranks, as human labelers disagree. Users can bring their own comparisons instead:
+JSONL with {"prompt", "chosen", "rejected"} or {"prompt", "completions", "ranking"}.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import latest_training_state, load_model, save_model
+from ..common import PocketError, atomic_write_json, pick_device, read_jsonl, set_threads
+from ..data.tasks.base import is_refusal
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from ..common import console
+from .loop import Trainer, TrainConfig
+from .rl_math import pair_accuracy, pairwise_ranking_loss
+from .rollout import chat_params, sample, task_prompts
+
+RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multihop", "spell"]
+
+
+@dataclass
+class RewardConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=150, batch_size=8, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
+        sample_every=10**9, min_lr_frac=0.1))
+    tasks: list = field(default_factory=lambda: list(RM_TASKS))
+    prompts_per_task: int = 60  # training prompts per task (each gets k completions)
+    val_prompts_per_task: int = 15
+    k: int = 4  # completions per prompt (InstructGPT used 4 to 9)
+    temperature: float = 1.0
+    max_tokens: int = 128
+    noise: float = 0.05  # chance that a labeler swaps two neighbouring ranks
+    data: list = field(default_factory=list)  # user comparisons (JSONL), used instead of sampling when given
+    seed: int = 0
+
+
+@dataclass
+class Comparison:
+    """One prompt's completions (token ids, prompt included, <|reward|> appended) and their ranks (0 = best)."""
+    sequences: list[list[int]]
+    ranks: list[int]
+
+
+def rubric_key(task, example, text: str, finished: bool, n_tokens: int) -> tuple:
+    """Smaller is better: truthful < refuses < wrong; then well-formed; then concise."""
+    if task.verify(example, text):
+        truth = 0
+    elif is_refusal(text):
+        truth = 1
+    else:
+        truth = 2
+    return truth, not finished, n_tokens
+
+
+def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list[int]:
+    """Dense ranks (equal keys tie), then labeler noise: swap the ranks of two neighbouring levels."""
+    levels = sorted(set(keys))
+    ranks = [levels.index(k) for k in keys]
+    if len(levels) > 1 and rng.random() < noise:
+        a = rng.randrange(len(levels) - 1)
+        ranks = [a + 1 if r == a else a if r == a + 1 else r for r in ranks]
+    return ranks
+
+
+def sampled_comparisons(model: GPT, tokenizer: Tokenizer, cfg: RewardConfig, split: str,
+                        per_task: int) -> list[Comparison]:
+    prompts = task_prompts(tokenizer, cfg.tasks, split, per_task, cfg.seed)
+    params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
+    outs = sample(model, tokenizer, prompts, params)
+    rng, reward_id = random.Random(cfg.seed), tokenizer.special("<|reward|>")
+    comparisons = []
+    for i, p in enumerate(prompts):
+        group = outs[i * cfg.k:(i + 1) * cfg.k]
+        keys = [rubric_key(p.task, p.example, c.text, c.finish_reason == "stop", len(c.tokens)) for c in group]
+        comparisons.append(Comparison([p.ids + c.tokens + [reward_id] for c in group],
+                                      ranks_from_keys(keys, cfg.noise, rng)))
+    return comparisons
+
+
+def file_comparisons(path: str, tokenizer: Tokenizer) -> list[Comparison]:
+    """{"prompt","chosen","rejected"} or {"prompt","completions","ranking"} (ranking: best first, indices)."""
+    reward_id = tokenizer.special("<|reward|>")
+    out = []
+    for lineno, r in enumerate(read_jsonl(path), 1):
+        prompt = r.get("prompt")
+        if not isinstance(prompt, str):
+            raise PocketError(f"{path}:{lineno}: expected a string 'prompt'")
+        if "chosen" in r and "rejected" in r:
+            completions, ranks = [r["chosen"], r["rejected"]], [0, 1]
+        elif "completions" in r and "ranking" in r:
+            completions, order = r["completions"], r["ranking"]
+            if sorted(order) != list(range(len(completions))):
+                raise PocketError(f"{path}:{lineno}: 'ranking' must be a permutation of the completion indices")
+            ranks = [order.index(i) for i in range(len(completions))]
+        else:
+            raise PocketError(f"{path}:{lineno}: expected 'chosen'/'rejected' or 'completions'/'ranking'")
+        ids = tokenizer.render_for_completion([{"role": "user", "content": prompt}])
+        end = tokenizer.special("<|assistant_end|>")
+        out.append(Comparison([ids + tokenizer.encode(c) + [end, reward_id] for c in completions], ranks))
+    return out
+
+
+class ComparisonBatches:
+    """Groups of comparisons, shuffled per epoch; rows are right-padded, the score is read at the last token."""
+
+    def __init__(self, comparisons: list[Comparison], groups_per_batch: int, max_len: int, pad_id: int,
+                 seed: int = 0):
+        self.comparisons = [c for c in comparisons if len(set(c.ranks)) > 1]  # all tied: nothing to learn
+        if not self.comparisons:
+            raise PocketError("no comparison has two different ranks: nothing for the reward model to learn")
+        self.G, self.max_len, self.pad_id, self.seed = groups_per_batch, max_len, pad_id, seed
+        self.epoch, self.pos = 0, 0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+    def next_groups(self) -> list[Comparison]:
+        order = list(range(len(self.comparisons)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        groups = []
+        while len(groups) < self.G:
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = list(range(len(self.comparisons)))
+                random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            groups.append(self.comparisons[order[self.pos]])
+            self.pos += 1
+        return groups
+
+    def tensors(self, groups: list[Comparison], device):
+        """ids (N, T), index of each row's <|reward|> (N,), prompt id (N,), rank (N,)."""
+        seqs = [s[-self.max_len:] for g in groups for s in g.sequences]  # keep the end: the completion
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        group = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.sequences])
+        rank = torch.tensor([r for g in groups for r in g.ranks])
+        return ids.to(device), last.to(device), group.to(device), rank.to(device)
+
+
+def rewards_at(model: GPT, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    return model.scores(ids).gather(1, last[:, None]).squeeze(1)
+
+
+class PairwiseRanking:
+    """The reward model's objective on batches of ranked groups."""
+
+    def __init__(self, batches: ComparisonBatches, device):
+        self.batches, self.device = batches, device
+
+    def loss(self, model):
+        groups = self.batches.next_groups()
+        ids, last, group, rank = self.batches.tensors(groups, self.device)
+        r = rewards_at(model, ids, last)
+        return pairwise_ranking_loss(r, group, rank), {"pair_accuracy": float(pair_accuracy(r.detach(), group, rank))}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.batches.G * self.batches.max_len
+
+    def state(self) -> dict:
+        return self.batches.state()
+
+    def load_state(self, state: dict) -> None:
+        self.batches.load_state(state)
+
+
+@torch.no_grad()
+def held_out_accuracy(model: GPT, comparisons: list[Comparison], max_len: int, pad_id: int, device) -> dict:
+    if not any(len(set(c.ranks)) > 1 for c in comparisons):
+        return {"val_pair_accuracy": float("nan")}
+    batches = ComparisonBatches(comparisons, 8, max_len, pad_id)
+    was_training = model.training
+    model.eval()
+    correct = pairs = 0.0
+    for start in range(0, len(batches.comparisons), 8):
+        ids, last, group, rank = batches.tensors(batches.comparisons[start:start + 8], device)
+        r = rewards_at(model, ids, last)
+        n = ((group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])).sum().item()
+        correct += float(pair_accuracy(r, group, rank)) * n
+        pairs += n
+    model.train(was_training)
+    return {"val_pair_accuracy": correct / max(pairs, 1)}
+
+
+def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    set_threads(tc.threads)
+    device = pick_device(tc.device)
+    out_dir = run_dir / "rm"
+    if latest_training_state(out_dir) is not None and not resume:
+        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    policy, tokenizer, _ = load_model(run_dir / "sft", device)
+
+    if cfg.data:
+        train = [c for path in cfg.data for c in file_comparisons(path, tokenizer)]
+        random.Random(cfg.seed).shuffle(train)
+        n_val = max(1, len(train) // 10)
+        train, val = train[n_val:], train[:n_val]
+    else:
+        console.print(f"[bold]rm[/]: sampling {cfg.k} completions per prompt from the SFT model and ranking them")
+        train = sampled_comparisons(policy, tokenizer, cfg, "train", cfg.prompts_per_task)
+        val = sampled_comparisons(policy, tokenizer, cfg, "validation", cfg.val_prompts_per_task)
+    useful = [c for c in train if len(set(c.ranks)) > 1]
+    stats = {"train_groups": len(train), "train_groups_with_pairs": len(useful), "val_groups": len(val)}
+    atomic_write_json(out_dir / "rm_data.json", stats)
+    console.print(f"rm data: {stats}")
+
+    model = policy.with_score_head()
+    del policy
+    batches = ComparisonBatches(train, tc.batch_size, tc.seq_len, tokenizer.bos_id, cfg.seed)
+    trainer = Trainer(model, PairwiseRanking(batches, device), tc, out_dir, "rm", run_dir / "metrics.jsonl",
+                      device, evaluate=lambda m: held_out_accuracy(m, val, tc.seq_len, tokenizer.bos_id, device))
+    if resume:
+        trainer.resume()
+    model.train()
+    summary = trainer.run()
+    summary.update(held_out_accuracy(model, val, tc.seq_len, tokenizer.bos_id, device), data=stats)
+    save_model(model, out_dir, tokenizer, {"stage": "rm", "train": asdict(tc), "summary": summary})
+    console.print(f"rm: held-out pairwise accuracy {summary['val_pair_accuracy']:.1%} -> {out_dir}")
+    return summary

@@ -1,0 +1,86 @@
+"""What the preference and RL stages share: prompts from tasks, sampled completions, padded batches.
+
+Alignment convention (used everywhere downstream): for a right-padded batch `ids` (B, T),
+
+    logprobs[:, t] = log p(ids[:, t+1] | ids[:, :t+1])     (B, T-1)
+    mask[:, t]     = 1 when ids[:, t+1] is a completion token the policy chose
+    values[:, t]   = the value model's estimate in the state ids[:, :t+1]
+
+so `mask` selects exactly the actions, and every per-token tensor has T-1 columns.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..data.tasks import Example, Task, get_task
+from ..engine import Completion, Engine, SamplingParams
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .rl_math import entropy_from_logits, token_logprobs
+
+
+@dataclass
+class Prompt:
+    task: Task
+    example: Example
+    ids: list[int]  # the chat prompt, ending with <|assistant_start|>
+
+
+def task_prompts(tokenizer: Tokenizer, tasks: list[str], split: str, per_task: int, seed: int = 0) -> list[Prompt]:
+    """Chat prompts for the given tasks' questions (a seeded sample of `per_task` from each)."""
+    prompts = []
+    for name in tasks:
+        task = get_task(name)
+        examples = task.examples(split)
+        for e in random.Random(f"{seed}:{name}:{split}").sample(examples, min(per_task, len(examples))):
+            ids = tokenizer.render_for_completion([{"role": "user", "content": e.question}])
+            prompts.append(Prompt(task, e, ids))
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def chat_params(tokenizer: Tokenizer, max_tokens: int, temperature: float, n: int = 1,
+                seed: int | None = None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
+                          stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+
+
+@torch.no_grad()
+def sample(model: GPT, tokenizer: Tokenizer, prompts: list[Prompt], params: SamplingParams,
+           batch_size: int = 32) -> list[Completion]:
+    """params.n completions per prompt, row = prompt_index * n + k; the model is left in its previous mode."""
+    was_training = model.training
+    engine = Engine(model, tokenizer)
+    per_batch = max(1, batch_size // params.n)
+    outs = []
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start:start + per_batch]
+        for c in engine.generate([p.ids for p in chunk], params):
+            c.prompt_index += start
+            outs.append(c)
+    model.train(was_training)
+    return outs
+
+
+def collate(sequences: list[list[int]], prompt_lens: list[int], pad_id: int,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad full sequences; the mask marks completion tokens as actions (T-1 columns)."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), T - 1)
+    for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, p - 1:len(s) - 1] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+def policy_logprobs(model: GPT, ids: torch.Tensor, with_entropy: bool = False):
+    """Log-probabilities of each next token (B, T-1), and optionally the entropy at each position."""
+    logits = model(ids)[:, :-1].float()
+    lp = token_logprobs(logits, ids[:, 1:])
+    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+

@@ -1,0 +1,95 @@
+"""Reward model, PPO and GRPO stages on a tiny model: the plumbing, the rubric, the data formats."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from pocketgpt.checkpoint import load_model, save_model
+from pocketgpt.common import PocketError
+from pocketgpt.data.tasks import get_task
+from pocketgpt.train.grpo import GRPOConfig, grpo
+from pocketgpt.train.loop import TrainConfig
+from pocketgpt.train.ppo import PPOConfig, ppo
+from pocketgpt.train.reward import (ComparisonBatches, RewardConfig, file_comparisons, ranks_from_keys,
+                                    reward_model, rubric_key)
+from pocketgpt.train.rollout import collate
+
+
+def tiny_train(steps, **kw):
+    return TrainConfig(steps=steps, batch_size=2, seq_len=128, warmup_steps=0, log_every=1, save_every=100,
+                       sample_every=10**9, eval_every=100, threads=1, **kw)
+
+
+def test_rubric_orders_truthful_refusal_wrong():
+    task = get_task("factqa")
+    head = next(e for e in task.examples("train") if e.meta["tier"] == "head")
+    right = rubric_key(task, head, head.meta["value"], True, 5)
+    refuse = rubric_key(task, head, "I don't know.", True, 4)
+    wrong = rubric_key(task, head, "Zzyzx", True, 2)
+    cut_off = rubric_key(task, head, head.meta["value"], False, 5)
+    longer = rubric_key(task, head, f"It is {head.meta['value']}.", True, 9)
+    assert right < longer < cut_off < refuse < wrong
+
+
+def test_ranks_tie_and_noise():
+    keys = [(0, False, 5), (2, False, 1), (0, False, 5), (1, False, 3)]
+    assert ranks_from_keys(keys, 0.0, random.Random(0)) == [0, 2, 0, 1]
+    swapped = [ranks_from_keys(keys, 1.0, random.Random(s)) for s in range(20)]
+    assert all(set(r) == {0, 1, 2} and r[0] == r[2] for r in swapped)  # ties stay tied
+    assert all(r != [0, 2, 0, 1] for r in swapped)  # noise=1: two neighbouring levels always swap
+
+
+def test_user_comparisons_file(tokenizer, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n" +
+                    json.dumps({"prompt": "hi", "completions": ["a", "b", "c"], "ranking": [2, 0, 1]}) + "\n")
+    comps = file_comparisons(str(path), tokenizer)
+    assert comps[0].ranks == [0, 1] and comps[1].ranks == [1, 2, 0]
+    assert all(s[-1] == tokenizer.special("<|reward|>") for c in comps for s in c.sequences)
+    path.write_text(json.dumps({"prompt": "x", "completions": ["a"], "ranking": [3]}) + "\n")
+    with pytest.raises(PocketError, match=r"prefs.jsonl:1: 'ranking' must be a permutation"):
+        file_comparisons(str(path), tokenizer)
+
+
+def test_comparison_batches_read_the_reward_token(tokenizer):
+    from pocketgpt.train.reward import Comparison
+
+    comps = [Comparison([[1, 2, 3, 9], [1, 2, 9]], [0, 1]), Comparison([[4, 9], [4, 5, 9]], [1, 1])]
+    batches = ComparisonBatches(comps, 1, 16, pad_id=0)
+    assert len(batches.comparisons) == 1  # the all-tied group teaches nothing and is dropped
+    ids, last, group, rank = batches.tensors(batches.next_groups(), "cpu")
+    assert ids[torch.arange(2), last].tolist() == [9, 9] and rank.tolist() == [0, 1]
+
+
+def test_collate_masks_exactly_the_completion():
+    ids, mask = collate([[5, 6, 7, 8], [5, 6, 9]], [2, 2], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
+    # mask[:, t] marks ids[:, t+1] as a chosen token: 7, 8 in row 0; 9 in row 1
+    assert mask.tolist() == [[0, 1, 1], [0, 1, 0]]
+
+
+def test_reward_ppo_grpo_end_to_end(tiny_model, tokenizer, tmp_path):
+    save_model(tiny_model, tmp_path / "sft", tokenizer, {"stage": "sft"})
+    rm_cfg = RewardConfig(train=tiny_train(3), tasks=["compare_decimals", "factqa"], prompts_per_task=3,
+                          val_prompts_per_task=2, k=3, max_tokens=12)
+    rm_summary = reward_model(rm_cfg, tmp_path)
+    rm, _, meta = load_model(tmp_path / "rm")
+    assert rm.cfg.score_head and meta["meta"]["stage"] == "rm" and rm_summary["steps"] == 3
+
+    ppo_cfg = PPOConfig(train=tiny_train(4, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
+                        prompts_per_task=8, rollout_size=4, ppo_epochs=2, max_tokens=10, eval_prompts_per_task=3)
+    summary = ppo(ppo_cfg, tmp_path)
+    assert summary["steps"] == 4 and "heldout_reward" in summary["after"] and "heldout_entropy" in summary["before"]
+    policy, _, _ = load_model(tmp_path / "ppo")
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), tiny_model.parameters()))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ppo_records = [r for r in records if r["stage"] == "ppo" and "clipfrac" in r]
+    assert len(ppo_records) == 4 and all(0 <= r["clipfrac"] <= 1 for r in ppo_records)
+
+    grpo_cfg = GRPOConfig(train=tiny_train(2, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
+                          prompts_per_task=6, prompts_per_step=2, group_size=3, max_tokens=10, eval_n=4, beta=0.1)
+    summary = grpo(grpo_cfg, tmp_path)
+    assert summary["steps"] == 2 and "compare_decimals_accuracy" in summary["after"]
+    assert load_model(tmp_path)[2]["meta"]["stage"] == "grpo"  # the run resolves to its newest stage
