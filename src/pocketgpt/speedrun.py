@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import load_model
 from .common import atomic_write_json
-from .evaluate.harness import SUITE, evaluate_suite
+from .evaluate.harness import SUITE, diversity, evaluate_suite
 from .train.bpe import train_tokenizer
 from .train.grpo import GRPOConfig, grpo
 from .common import console
@@ -107,8 +107,13 @@ def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[s
 
         torch.set_num_threads(threads)
     console.print(f"[bold]eval[/] {stage} ({mode})")
-    return evaluate_suite(model, tok, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
-                          batch_size=cfg.eval.batch_size, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    results = evaluate_suite(model, tok, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
+                             batch_size=cfg.eval.batch_size,
+                             log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    results["diversity"] = diversity(model, tok, mode)
+    console.print(f"diversity: {results['diversity']}", highlight=False, soft_wrap=True)
+    atomic_write_json(run_dir / stage / "eval" / "results.json", results)
+    return results
 
 
 def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:

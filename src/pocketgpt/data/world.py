@@ -177,7 +177,7 @@ class WorldConfig:
     n_companies: int = 20
     head_fraction: float = 0.6   # share of each kind's entities in the head tier
     tail_fraction: float = 0.2   # share in the tail tier; the rest is unseen
-    head_mentions: int = 20      # documents stating each head fact
+    head_mentions: int = 40      # documents stating each head fact
     tail_mentions: int = 2       # each tail fact is stated in 1..tail_mentions documents
 
     @property

@@ -183,3 +183,36 @@ def evaluate_suite(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, tasks:
         summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@torch.no_grad()
+def diversity(model: GPT, tokenizer: Tokenizer, mode: str, n_prompts: int = 16, samples: int = 4,
+              max_tokens: int = 48, seed: int = 0) -> dict:
+    """How varied a model's samples are ("invent more names like these", temperature 1):
+    mean per-token entropy of its next-token distributions, and distinct names over all names."""
+    from ..data.tasks import get_task
+    from ..data.tasks.names import distinct_ratio
+    from ..train.rl_math import entropy_from_logits
+
+    task = get_task("names")
+    examples = task.examples("test")[:n_prompts]
+    if mode == "fewshot":
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, 2)) for e in examples]
+        stops: tuple = ()
+        stop_strings: tuple = ("\n\n", "\nQ:")
+    else:
+        prompts = [tokenizer.render_for_completion([{"role": "user", "content": e.question}]) for e in examples]
+        stops, stop_strings = (tokenizer.special("<|assistant_end|>"),), ()
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, n=samples, seed=seed,
+                            stop_tokens=(tokenizer.bos_id, *stops), stop_strings=stop_strings)
+    outs = Engine(model, tokenizer).generate(prompts, params)
+    entropies = []
+    for c in outs:
+        if not c.tokens:
+            continue
+        ids = torch.tensor([prompts[c.prompt_index] + c.tokens], device=model.lm_head.weight.device)
+        logits = model(ids)[0, len(prompts[c.prompt_index]) - 1:-1].float()
+        entropies.append(entropy_from_logits(logits).mean().item())
+    return {"entropy": sum(entropies) / max(1, len(entropies)),
+            "distinct_names": distinct_ratio([c.text for c in outs]),
+            "names_per_answer": sum(len(c.text.split(",")) for c in outs) / len(outs)}

@@ -47,7 +47,7 @@ def accuracy_table(run: Path) -> tuple[list[str], list[list[str]]]:
     columns = [c for c in columns if c[2]]
     tasks = []
     for _, _, res in columns:
-        tasks += [t for t in res if t not in tasks and isinstance(res[t], dict)]
+        tasks += [t for t in res if t not in tasks and isinstance(res[t], dict) and "accuracy" in res[t]]
     header = ["task"] + [label for _, label, _ in columns]
     rows = []
     for t in tasks:
@@ -148,6 +148,27 @@ def write_report(run: str | Path) -> Path:
                                     [[label, f"{h['hallucination_rate']:.1%}", f"{h['false_refusal_rate']:.1%}",
                                       f"{h['head_accuracy']:.1%}", f"{h['well_formed']:.1%}"]
                                      for label, h in halluc]) + "\n")
+    div = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("diversity")) for stage, label in CHECKPOINTS]
+    div = [(label, d) for label, d in div if d]
+    if div:
+        parts.append("## Diversity (\"invent five more names\", temperature 1)\n")
+        parts.append("RLHF is known to trade diversity for reward: base models stay more varied.\n")
+        parts.append(markdown_table(["checkpoint", "token entropy (nats)", "distinct names"],
+                                    [[label, f"{d['entropy']:.3f}", f"{d['distinct_names']:.1%}"]
+                                     for label, d in div]) + "\n")
+    ppo_summary = _load(run / "ppo" / "ppo_summary.json")
+    if ppo_summary:
+        parts.append("## PPO on held-out prompts (same sampling seed before and after)\n")
+        keys = ["heldout_reward", "heldout_kl", "heldout_entropy", "heldout_accuracy"]
+        parts.append(markdown_table(["", *keys], [
+            ["SFT (start)", *[f"{ppo_summary['before'][k]:.3f}" for k in keys]],
+            ["PPO (end)", *[f"{ppo_summary['after'][k]:.3f}" for k in keys]]]) + "\n")
+    grpo_summary = _load(run / "grpo" / "grpo_summary.json")
+    if grpo_summary:
+        parts.append("## GRPO on held-out problems\n")
+        parts.append(markdown_table(["task", "before", "after"], [
+            [k, f"{grpo_summary['before'][k]:.1%}", f"{grpo_summary['after'][k]:.1%}"]
+            for k in grpo_summary["after"]]) + "\n")
     plots = plot_metrics(run)
     if plots:
         parts.append("## Curves\n")

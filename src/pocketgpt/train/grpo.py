@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_training_state, load_model, save_model
-from ..common import PocketError, atomic_write_json, pick_device, set_threads
+from ..checkpoint import load_model, save_model
+from ..common import atomic_write_json
 from ..evaluate.harness import evaluate_task
 from ..model import GPT
 from ..common import console
-from .loop import Trainer, TrainConfig
+from .loop import Trainer, TrainConfig, stage_setup
 from .rl_math import group_advantages, grpo_loss, masked_mean
 from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
 
@@ -29,13 +29,13 @@ from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task
 @dataclass
 class GRPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=40, batch_size=16, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        steps=30, batch_size=16, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
         eval_every=20, save_every=20, sample_every=10**9, log_every=1))
     tasks: list = field(default_factory=lambda: ["arithmetic"])
     start: str = "sft"  # the checkpoint to improve: sft, or ppo if it exists
     prompts_per_task: int = 500
     prompts_per_step: int = 8
-    group_size: int = 8  # G answers per problem
+    group_size: int = 6  # G answers per problem
     temperature: float = 1.0
     max_tokens: int = 160
     clip: float = 0.2
@@ -99,11 +99,7 @@ def held_out_accuracy(policy: GPT, tokenizer, cfg: GRPOConfig) -> dict:
 def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    set_threads(tc.threads)
-    device = pick_device(tc.device)
-    out_dir = run_dir / "grpo"
-    if latest_training_state(out_dir) is not None and not resume:
-        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    device, _, out_dir = stage_setup(tc, run_dir, "grpo", resume)
     policy, tokenizer, _ = load_model(run_dir / cfg.start, device)
     ref = None
     if cfg.beta > 0:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import latest_training_state, load_training_state, save_training_state
 from ..common import (DistInfo, PocketError, append_jsonl, atomic_write_text, autocast, console, human,
-                      read_jsonl)
+                      init_distributed, local_device, pick_device, read_jsonl, set_threads)
 from ..model import GPT
 
 
@@ -83,6 +83,35 @@ class Objective(Protocol):
     def tokens_per_micro_step(self) -> int: ...
     def state(self) -> dict: ...
     def load_state(self, state: dict) -> None: ...
+
+
+class LoaderObjective:
+    """An objective whose data position is its loader's (anything with B, T, state() and load_state())."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def tokens_per_micro_step(self) -> int:
+        return self.loader.B * self.loader.T
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+    def load_state(self, state: dict) -> None:
+        self.loader.load_state(state)
+
+
+def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -> tuple[torch.device, DistInfo, Path]:
+    """Threads, device (one per torchrun process) and the stage's output directory, refusing to clobber a run."""
+    set_threads(tc.threads)
+    device = pick_device(tc.device)
+    info = init_distributed(device)
+    device = local_device(device, info)
+    out_dir = Path(run_dir) / name
+    if latest_training_state(out_dir) is not None and not resume:
+        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
+                          f"or delete {out_dir} to start over")
+    return device, info, out_dir
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

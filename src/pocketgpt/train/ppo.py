@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import latest_training_state, load_model, save_model
-from ..common import PocketError, atomic_write_json, pick_device, set_threads
+from ..checkpoint import load_model, save_model
+from ..common import atomic_write_json
 from ..model import GPT
 from ..common import console
-from .loop import Trainer, TrainConfig
+from .loop import Trainer, TrainConfig, stage_setup
 from .reward import RM_TASKS
 from .rl_math import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
@@ -155,11 +155,7 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], c
 def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    set_threads(tc.threads)
-    device = pick_device(tc.device)
-    out_dir = run_dir / "ppo"
-    if latest_training_state(out_dir) is not None and not resume:
-        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    device, _, out_dir = stage_setup(tc, run_dir, "ppo", resume)
     policy, tokenizer, _ = load_model(run_dir / "sft", device)
     ref, _, _ = load_model(run_dir / "sft", device)
     rm, _, _ = load_model(run_dir / "rm", device)

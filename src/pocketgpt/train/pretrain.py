@@ -16,21 +16,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import latest_training_state, save_model
-from ..common import (PocketError, autocast, human, init_distributed, local_device, pick_device,
-                      set_threads)
+from ..checkpoint import save_model
+from ..common import PocketError, autocast, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
 from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
 from ..tokenizer import Tokenizer
 from ..common import console
-from .loop import Trainer, TrainConfig
+from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
 # worked arithmetic, and real text found on every machine (Python's docs and standard library).
 DEFAULT_SOURCES: dict[str, dict] = {
-    "world": {"kind": "world", "weight": 4.0},
+    "world": {"kind": "world", "weight": 3.0},
     "math": {"kind": "math", "weight": 1.0, "n": 3000},
     "docs": {"kind": "docs", "weight": 0.5},
     "code": {"kind": "code", "weight": 1.0, "max_bytes": 4_000_000},
@@ -41,7 +40,7 @@ DEFAULT_SOURCES: dict[str, dict] = {
 class PretrainConfig:
     preset: str = "small"
     model: dict = field(default_factory=dict)  # overrides of the preset, e.g. {n_layer = 4}
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=16, seq_len=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, batch_size=16, seq_len=256))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     val_fraction: float = 0.02
     sample_prompt: str = "The capital of"
@@ -54,24 +53,12 @@ class PretrainConfig:
         return specs
 
 
-class LanguageModeling:
+class LanguageModeling(LoaderObjective):
     """The pretraining objective: cross-entropy of every next token in a packed row."""
-
-    def __init__(self, loader: MixtureLoader, device: torch.device):
-        self.loader, self.device = loader, device
 
     def loss(self, model):
         x, y = self.loader.next_batch()
         return model(x.to(self.device), targets=y.to(self.device)), {}
-
-    def tokens_per_micro_step(self) -> int:
-        return self.loader.B * self.loader.T
-
-    def state(self) -> dict:
-        return self.loader.state()
-
-    def load_state(self, state: dict) -> None:
-        self.loader.load_state(state)
 
 
 @torch.no_grad()
@@ -98,15 +85,8 @@ def evaluate_lm(model: GPT, loader: MixtureLoader, batches: int, token_bytes: to
 def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    set_threads(tc.threads)
-    device = pick_device(tc.device)
-    info = init_distributed(device)
-    device = local_device(device, info)
+    device, info, out_dir = stage_setup(tc, run_dir, "base", resume)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
-    out_dir = run_dir / "base"
-    if latest_training_state(out_dir) is not None and not resume:
-        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
-                          f"or delete {out_dir} to start over")
 
     # Data: rank 0 tokenizes, the others wait and read the same files.
     data_dir = run_dir / "data"

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_training_state, load_model, save_model
-from ..common import PocketError, atomic_write_json, pick_device, read_jsonl, set_threads
+from ..checkpoint import load_model, save_model
+from ..common import PocketError, atomic_write_json, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..common import console
-from .loop import Trainer, TrainConfig
+from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
 from .rollout import chat_params, sample, task_prompts
 
@@ -35,10 +35,10 @@ RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multiho
 @dataclass
 class RewardConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=8, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
+        steps=100, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
-    prompts_per_task: int = 60  # training prompts per task (each gets k completions)
+    prompts_per_task: int = 40  # training prompts per task (each gets k completions)
     val_prompts_per_task: int = 15
     k: int = 4  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
@@ -122,7 +122,7 @@ class ComparisonBatches:
         self.comparisons = [c for c in comparisons if len(set(c.ranks)) > 1]  # all tied: nothing to learn
         if not self.comparisons:
             raise PocketError("no comparison has two different ranks: nothing for the reward model to learn")
-        self.G, self.max_len, self.pad_id, self.seed = groups_per_batch, max_len, pad_id, seed
+        self.B, self.T, self.pad_id, self.seed = groups_per_batch, max_len, pad_id, seed
         self.epoch, self.pos = 0, 0
 
     def state(self) -> dict:
@@ -135,7 +135,7 @@ class ComparisonBatches:
         order = list(range(len(self.comparisons)))
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         groups = []
-        while len(groups) < self.G:
+        while len(groups) < self.B:
             if self.pos >= len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = list(range(len(self.comparisons)))
@@ -146,7 +146,7 @@ class ComparisonBatches:
 
     def tensors(self, groups: list[Comparison], device):
         """ids (N, T), index of each row's <|reward|> (N,), prompt id (N,), rank (N,)."""
-        seqs = [s[-self.max_len:] for g in groups for s in g.sequences]  # keep the end: the completion
+        seqs = [s[-self.T:] for g in groups for s in g.sequences]  # keep the end: the completion
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -161,26 +161,14 @@ def rewards_at(model: GPT, ids: torch.Tensor, last: torch.Tensor) -> torch.Tenso
     return model.scores(ids).gather(1, last[:, None]).squeeze(1)
 
 
-class PairwiseRanking:
+class PairwiseRanking(LoaderObjective):
     """The reward model's objective on batches of ranked groups."""
 
-    def __init__(self, batches: ComparisonBatches, device):
-        self.batches, self.device = batches, device
-
     def loss(self, model):
-        groups = self.batches.next_groups()
-        ids, last, group, rank = self.batches.tensors(groups, self.device)
+        groups = self.loader.next_groups()
+        ids, last, group, rank = self.loader.tensors(groups, self.device)
         r = rewards_at(model, ids, last)
         return pairwise_ranking_loss(r, group, rank), {"pair_accuracy": float(pair_accuracy(r.detach(), group, rank))}
-
-    def tokens_per_micro_step(self) -> int:
-        return self.batches.G * self.batches.max_len
-
-    def state(self) -> dict:
-        return self.batches.state()
-
-    def load_state(self, state: dict) -> None:
-        self.batches.load_state(state)
 
 
 @torch.no_grad()
@@ -204,11 +192,7 @@ def held_out_accuracy(model: GPT, comparisons: list[Comparison], max_len: int, p
 def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    set_threads(tc.threads)
-    device = pick_device(tc.device)
-    out_dir = run_dir / "rm"
-    if latest_training_state(out_dir) is not None and not resume:
-        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume, or delete it")
+    device, _, out_dir = stage_setup(tc, run_dir, "rm", resume)
     policy, tokenizer, _ = load_model(run_dir / "sft", device)
 
     if cfg.data:

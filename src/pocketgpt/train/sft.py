@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_training_state, load_model, save_model
-from ..common import (PocketError, atomic_write_json, human, init_distributed, local_device, pick_device,
-                      read_jsonl, set_threads)
+from ..checkpoint import load_model, save_model
+from ..common import PocketError, atomic_write_json, human, read_jsonl
 from ..data.tasks import get_task
 from ..data.tasks.factqa import REFUSAL
 from ..engine import Engine, SamplingParams
@@ -29,7 +28,7 @@ from ..evaluate.harness import fewshot_text
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..common import console
-from .loop import Trainer, TrainConfig
+from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
 
 # task -> (rendering, examples from its train split; 0 = all of them)
 DEFAULT_SFT_TASKS: dict[str, dict] = {
@@ -48,8 +47,8 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 @dataclass
 class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, eval_every=100, sample_every=100,
-        save_every=100, min_lr_frac=0.0))
+        steps=150, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=15, eval_every=50, sample_every=50,
+        save_every=50, min_lr_frac=0.0))
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
     mitigate_hallucination: bool = True
@@ -199,11 +198,8 @@ class ConversationLoader:
         return ids[:, :-1], targets
 
 
-class MaskedLanguageModeling:
+class MaskedLanguageModeling(LoaderObjective):
     """SFT's objective: cross-entropy on assistant tokens only; an all-masked batch gives 0, not NaN."""
-
-    def __init__(self, loader: ConversationLoader, device: torch.device):
-        self.loader, self.device = loader, device
 
     def loss(self, model):
         x, y = self.loader.next_batch()
@@ -212,15 +208,6 @@ class MaskedLanguageModeling:
         loss = model(x, targets=y, reduction="sum") / n.clamp(min=1)
         return loss, {"trained_tokens": float(n)}
 
-    def tokens_per_micro_step(self) -> int:
-        return self.loader.B * self.loader.T
-
-    def state(self) -> dict:
-        return self.loader.state()
-
-    def load_state(self, state: dict) -> None:
-        self.loader.load_state(state)
-
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -228,14 +215,7 @@ class MaskedLanguageModeling:
 def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    set_threads(tc.threads)
-    device = pick_device(tc.device)
-    info = init_distributed(device)
-    device = local_device(device, info)
-    out_dir = run_dir / out_name
-    if latest_training_state(out_dir) is not None and not resume:
-        raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
-                          f"or delete {out_dir} to start over")
+    device, info, out_dir = stage_setup(tc, run_dir, out_name, resume)
     model, tokenizer, base_cfg = load_model(run_dir / "base", device)
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, tc.seq_len)
 
