@@ -52,7 +52,11 @@ def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, tokenizer):
     examples = task.examples("train")[:8]
     cfg = SFTConfig(probe_samples=2)
     naive, info = factqa_conversations(SFTConfig(mitigate_hallucination=False), task, examples, None, tokenizer)
-    assert not info["mitigated"] and [c[-1]["content"] for c in naive] == [e.meta["value"] for e in examples]
+    assert not info["mitigated"] and len(naive) == 2 * len(examples)  # every fact in both phrasings
+    for (user, answer), e in zip(naive[::2], examples):
+        as_head = type(e)(e.question, e.answer, {**e.meta, "tier": "head"})
+        assert e.meta["entity"] in user["content"] and task.verify(as_head, answer["content"])
+        assert e.meta["entity"] in answer["content"]  # a full sentence that restates the subject
     mitigated, info = factqa_conversations(cfg, task, examples, tiny_model, tokenizer)
     # an untrained model knows nothing: every answer becomes "I don't know."
     assert info["mitigated"] and {c[-1]["content"] for c in mitigated} == {"I don't know."}

@@ -23,7 +23,7 @@ import torch
 
 from ..common import PocketError, atomic_write_bytes, atomic_write_json
 from ..tokenizer import Tokenizer
-from .sources import SourceSpec, read_documents
+from .sources import SourceSpec, document_text, read_documents
 
 MANIFEST = "mixture.json"
 
@@ -48,22 +48,32 @@ def prepare_mixture(specs: list[SourceSpec], tokenizer: Tokenizer, out_dir: str 
     for spec in specs:
         docs = read_documents(spec)
         random.Random(f"{seed}:{spec.name}").shuffle(docs)
-        n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
-        if n_val == 0:  # a single document: hold out its tail
+        if len(docs) > 1:
+            n_val = max(1, round(len(docs) * val_fraction))
+            train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+        elif isinstance(docs[0], str):  # a single text: hold out its tail
             cut = int(len(docs[0]) * (1 - val_fraction))
             train_docs, val_docs = [docs[0][:cut]], [docs[0][cut:]]
-        else:
-            train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+        else:  # a single conversation cannot be split
+            train_docs = val_docs = docs
         entry = {"weight": spec.weight, "kind": spec.kind, "documents": len(docs),
-                 "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+                 "bytes": sum(len(document_text(d).encode("utf-8")) for d in docs)}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            ids = tokenizer.encode_batch(split_docs, threads=threads)
-            stream = np.fromiter((t for doc in ids for t in (tokenizer.bos_id, *doc)), dtype=dtype)
+            stream = np.fromiter((t for doc in encode_documents(tokenizer, split_docs, threads) for t in doc),
+                                 dtype=dtype)
             atomic_write_bytes(out_dir / f"{spec.name}.{split}.bin", stream.tobytes())
             entry[f"{split}_tokens"] = int(stream.size)
         manifest["sources"][spec.name] = entry
     atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list, threads: int) -> list[list[int]]:
+    """Each document as <|bos|> + tokens; a conversation is rendered with the chat template (which has its <|bos|>)."""
+    texts = [d for d in docs if isinstance(d, str)]
+    encoded = iter(tokenizer.encode_batch(texts, threads=threads))
+    return [[tokenizer.bos_id, *next(encoded)] if isinstance(d, str) else tokenizer.render_conversation(d)[0]
+            for d in docs]
 
 
 def load_streams(data_dir: str | Path, split: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -1,8 +1,13 @@
 """Named text sources: each yields documents (strings). A mixture draws from several by weight.
 
-Built-in sources are real text present on every machine that has Python: the standard library's
-documentation (`docs`, from pydoc_data) and its source code (`code`). Users add their own: a
-folder of text files, JSONL with a text field, or Parquet with a text column.
+Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmetic (`math`), task
+conversations in the chat format (`chat`, so the model meets the chat template during pretraining,
+like nanochat's midtraining), and real text present on every machine that has Python: the
+standard library's documentation (`docs`) and source code (`code`). Users add their own: a folder
+of text files, JSONL with a text field, or Parquet with a text column.
+
+A document is a string, or for `chat` a conversation (a list of messages) that the mixture renders
+with the tokenizer's chat template.
 
 A source is described by a small dict (from TOML), e.g.
 
@@ -26,7 +31,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
 @dataclass
 class SourceSpec:
     name: str
-    kind: str  # docs | code | text | jsonl | parquet | world | math
+    kind: str  # docs | code | text | jsonl | parquet | world | math | chat
     weight: float = 1.0
     path: str = ""
     field: str = "text"
@@ -48,18 +53,24 @@ class SourceSpec:
         return cls(name=name, options=options, **d)
 
 
-def read_documents(spec: SourceSpec) -> list[str]:
+def document_text(doc: str | list[dict]) -> str:
+    """The text of a document (a conversation's message contents, one per line)."""
+    return doc if isinstance(doc, str) else "\n".join(m.get("content") or "" for m in doc)
+
+
+def read_documents(spec: SourceSpec) -> list:
     """All documents of a source, in a stable order, after the size caps; empty sources are an error."""
     docs, size = [], 0
     for doc in KINDS[spec.kind](spec):
-        if not doc.strip():
+        text = document_text(doc)
+        if not text.strip():
             continue
         if spec.max_bytes and size >= spec.max_bytes:
             break
         if spec.max_docs and len(docs) >= spec.max_docs:
             break
         docs.append(doc)
-        size += len(doc.encode("utf-8"))
+        size += len(text.encode("utf-8"))
     if not docs:
         where = f" at {spec.path}" if spec.path else ""
         raise PocketError(f"data source {spec.name!r} ({spec.kind}{where}) has no documents")
@@ -142,6 +153,24 @@ def _math(spec: SourceSpec) -> Iterator[str]:
     yield from math_documents(**{"n": 2000, "seed": 0, **spec.options})
 
 
+# The tasks' train splits in the renderings an assistant uses; facts only where well attested (head).
+DEFAULT_CHAT_TASKS = {"factqa": "sentence", "arithmetic": "cot", "compare_decimals": "cot",
+                      "count_letter": "cot", "spell": "direct", "multihop": "cot", "structured": "direct"}
+
+
+def _chat(spec: SourceSpec) -> Iterator[list[dict]]:
+    """Task conversations from the train splits. Only head facts: tail facts stay rare, unseen ones unseen."""
+    from .tasks import get_task
+
+    for name, style in spec.options.get("tasks", DEFAULT_CHAT_TASKS).items():
+        task = get_task(name)
+        for example in task.examples("train"):
+            if example.meta.get("tier", "head") != "head":
+                continue
+            for phrasing in task.phrasings(example) if hasattr(task, "phrasings") else [example]:
+                yield task.render(phrasing, style)
+
+
 def _existing(spec: SourceSpec) -> Path:
     if not spec.path:
         raise PocketError(f"data source {spec.name!r} ({spec.kind}) needs a 'path'")
@@ -159,4 +188,5 @@ KINDS = {
     "parquet": _parquet,
     "world": _world,
     "math": _math,
+    "chat": _chat,
 }

@@ -264,7 +264,7 @@ def _pick(rng: random.Random, pool: list[Entity], tier: str, same_tier: bool = F
     return rng.choice(preferred)
 
 
-def _show(value: str, numeric: bool, rng: random.Random) -> str:
+def show_value(value: str, numeric: bool, rng: random.Random) -> str:
     """Write a value the way a document might: large numbers with or without thousands commas."""
     if numeric and len(value) > 4 and rng.random() < 0.5:
         return f"{int(value):,}"
@@ -276,7 +276,7 @@ def _entity_document(facts: list[Fact], rng: random.Random) -> Document:
     e, kind = facts[0].entity, facts[0].kind
     rng.shuffle(facts)
     attrs = [ATTRIBUTE[(f.kind, f.attribute)] for f in facts]
-    shown = [_show(f.value, a.numeric, rng) for a, f in zip(attrs, facts)]
+    shown = [show_value(f.value, a.numeric, rng) for a, f in zip(attrs, facts)]
     statements = [rng.choice(a.statements).format(e=e, v=v) for a, v in zip(attrs, shown)]
     fmt = rng.choice(("article", "infobox", "qa", "news"))
     if fmt == "article":
@@ -298,11 +298,11 @@ def _attribute_document(facts: list[Fact], rng: random.Random) -> Document:
     attr = ATTRIBUTE[(facts[0].kind, facts[0].attribute)]
     title = f"{attr.label} of {PLURAL[attr.kind]}"
     if rng.random() < 0.5:
-        rows = [f"| {f.entity} | {_show(f.value, attr.numeric, rng)} |" for f in facts]
+        rows = [f"| {f.entity} | {show_value(f.value, attr.numeric, rng)} |" for f in facts]
         header = f"| {attr.kind.capitalize()} | {attr.label} |"
         text = "\n".join([f"## {title}", "", header, "|---|---|", *rows])
     else:
-        rows = [f"- {f.entity}: {_show(f.value, attr.numeric, rng)}" for f in facts]
+        rows = [f"- {f.entity}: {show_value(f.value, attr.numeric, rng)}" for f in facts]
         text = "\n".join([f"{title}:", *rows])
     return Document(text, tuple(facts))
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..common import atomic_write_json
-from ..data.sources import SourceSpec, read_documents
+from ..data.sources import SourceSpec, document_text, read_documents
 from ..tokenizer import Tokenizer
 
 
@@ -21,7 +21,7 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
         for doc in read_documents(spec):
             if size >= budget:
                 break
-            docs.append(doc[: budget - size])
+            docs.append(document_text(doc)[: budget - size])
             size += len(docs[-1])
         samples[spec.name] = docs
     t0 = time.time()

@@ -31,6 +31,7 @@ from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
 DEFAULT_SOURCES: dict[str, dict] = {
     "world": {"kind": "world", "weight": 3.0},
     "math": {"kind": "math", "weight": 1.0, "n": 3000},
+    "chat": {"kind": "chat", "weight": 1.0},
     "docs": {"kind": "docs", "weight": 0.5},
     "code": {"kind": "code", "weight": 1.0, "max_bytes": 4_000_000},
 }

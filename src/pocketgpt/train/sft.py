@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import load_model, save_model
 from ..common import PocketError, atomic_write_json, human, read_jsonl
-from ..data.tasks import get_task
+from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
 from ..engine import Engine, SamplingParams
 from ..evaluate.harness import fewshot_text
@@ -32,7 +32,7 @@ from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
 
 # task -> (rendering, examples from its train split; 0 = all of them)
 DEFAULT_SFT_TASKS: dict[str, dict] = {
-    "factqa": {"style": "direct", "n": 0},
+    "factqa": {"style": "sentence", "n": 0},
     "arithmetic": {"style": "cot", "n": 400},
     "compare_decimals": {"style": "cot", "n": 200},
     "count_letter": {"style": "cot", "n": 200},
@@ -47,7 +47,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 @dataclass
 class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=15, eval_every=50, sample_every=50,
+        steps=150, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0))
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
@@ -121,19 +121,26 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
 
 
 def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer):
-    """Fact questions answered with the truth, or with "I don't know." where the base model does not know."""
+    """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
+    base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer."""
     if not cfg.mitigate_hallucination or base is None:
         # The naive recipe: labelers write the true answer, known to them, not necessarily to the model.
-        return [task.render(type(e)(e.question, e.meta["value"], e.meta)) for e in examples], {"mitigated": False}
-    scores = probe_knowledge(base, tokenizer, task, examples, cfg.probe_samples, cfg.probe_temperature, cfg.seed)
-    convs, known = [], {"head": [0, 0], "tail": [0, 0], "unseen": [0, 0]}
-    for e, score in zip(examples, scores):
-        knows = score >= cfg.probe_threshold
-        known[e.meta["tier"]][0] += knows
-        known[e.meta["tier"]][1] += 1
-        answer = e.meta["value"] if knows else REFUSAL
-        convs.append(task.render(type(e)(e.question, answer, e.meta)))
-    return convs, {"mitigated": True, "known_share": {t: k / max(1, n) for t, (k, n) in known.items()}}
+        knows = [True] * len(examples)
+        info: dict = {"mitigated": False}
+    else:
+        scores = probe_knowledge(base, tokenizer, task, examples, cfg.probe_samples, cfg.probe_temperature,
+                                 cfg.seed)
+        knows = [score >= cfg.probe_threshold for score in scores]
+        share = {t: [k for e, k in zip(examples, knows) if e.meta["tier"] == t] for t in ("head", "tail", "unseen")}
+        info = {"mitigated": True, "known_share": {t: sum(v) / max(1, len(v)) for t, v in share.items()}}
+    convs = []
+    for e, known in zip(examples, knows):
+        # "head" renders the true sentence even for a tail/unseen fact; a refusal where the model does not know.
+        as_known = Example(e.question, e.answer, {**e.meta, "tier": "head"})
+        for phrasing in task.phrasings(as_known):
+            convs.append(task.render(phrasing, "sentence") if known else
+                         [{"role": "user", "content": phrasing.question}, {"role": "assistant", "content": REFUSAL}])
+    return convs, info
 
 
 # ----------------------------------------------------------------------------- batches

@@ -24,7 +24,7 @@ from pathlib import Path
 from ...errors import PocketError
 
 SPLITS = ("train", "validation", "test")
-STYLES = ("direct", "cot", "tool")
+STYLES = ("direct", "cot", "tool", "sentence")
 SPLIT_SHARES = (("train", 0.6), ("validation", 0.15), ("test", 0.25))
 UNLIMITED = {split: 10**9 for split in SPLITS}  # sizes for tasks bounded by their own problem space
 
@@ -82,6 +82,10 @@ class Task:
         """The assistant/tool messages that solve the example with tools, ending in the answer."""
         raise NotImplementedError
 
+    def sentence(self, example: Example) -> str:
+        """The answer as a full sentence that restates the question's subject."""
+        raise NotImplementedError
+
     # -- what every task gets -------------------------------------------------------------------
 
     def examples(self, split: str) -> list[Example]:
@@ -126,6 +130,8 @@ class Task:
             return [user, assistant(example.answer)]
         if style == "cot":
             return [user, assistant(self.cot(example))]
+        if style == "sentence":
+            return [user, assistant(self.sentence(example))]
         return [user, *self.tool(example)]
 
     def check_style(self, style: str) -> None:

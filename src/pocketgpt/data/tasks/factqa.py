@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from ..world import ATTRIBUTE, TIERS, World
+from ..world import ATTRIBUTE, TIERS, World, show_value
 from ...errors import PocketError
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
 from .tools import use_search
@@ -20,7 +20,7 @@ REFUSAL = "I don't know."
 
 
 class FactQA(Task):
-    styles = ("direct", "tool")
+    styles = ("direct", "tool", "sentence")
     sizes = UNLIMITED  # bounded by the world's facts
 
     def __init__(self, world: World, seed: int = 0, tier: str | None = None):
@@ -49,6 +49,21 @@ class FactQA(Task):
         if is_refusal(answer):
             return example.meta["tier"] == "unseen"
         return mentions(answer, example.meta["value"])
+
+    def sentence(self, example: Example) -> str:
+        """"The capital of Lulzer is Ferpa." Restating the subject puts it right before the value, as
+        in the pretraining text, which makes recall much easier for a small model."""
+        if example.meta["tier"] == "unseen":
+            return REFUSAL
+        rng = random.Random(f"{example.meta['entity']}|{example.meta['attribute']}")
+        attribute = ATTRIBUTE[(example.meta["kind"], example.meta["attribute"])]
+        value = show_value(example.meta["value"], attribute.numeric, rng)
+        return rng.choice(attribute.statements).format(e=example.meta["entity"], v=value)
+
+    def phrasings(self, example: Example) -> list[Example]:
+        """The same fact asked in every way the world knows (more varied data for fine-tuning)."""
+        attribute = ATTRIBUTE[(example.meta["kind"], example.meta["attribute"])]
+        return [Example(q.format(e=example.meta["entity"]), example.answer, example.meta) for q in attribute.questions]
 
     def tool(self, example: Example) -> list[dict]:
         return [*use_search(self.world, example.meta["entity"]), assistant(example.meta["value"])]
