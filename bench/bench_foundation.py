@@ -108,7 +108,8 @@ def bench_decode(args, tok: Tokenizer) -> dict:
 
 
 def bench_tokenizer(args, texts: list[str]) -> dict:
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     size = sum(len(t.encode()) for t in texts)
 

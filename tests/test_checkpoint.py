@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pocketgpt.checkpoint import load_model, save_model, save_training_state, latest_training_state
+from pocketgpt.checkpoint import latest_training_state, load_model, save_model, save_training_state
 from pocketgpt.common import PocketError
 from pocketgpt.model import GPT, preset
 from pocketgpt.tokenizer import Tokenizer

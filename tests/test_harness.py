@@ -5,8 +5,14 @@ import pytest
 
 from pocketgpt.common import PocketError, read_jsonl
 from pocketgpt.data.tasks import get_task
-from pocketgpt.evaluate.harness import (bits_per_byte, chat_messages, evaluate_task, fewshot_text, model_mode,
-                                        wilson_interval)
+from pocketgpt.evaluate.harness import (
+    bits_per_byte,
+    chat_messages,
+    evaluate_task,
+    fewshot_text,
+    model_mode,
+    wilson_interval,
+)
 
 
 def test_wilson_interval():

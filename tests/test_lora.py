@@ -8,9 +8,16 @@ from safetensors.torch import save as st_save
 from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.common import PocketError
 from pocketgpt.model import GPT
-from pocketgpt.train.lora import (DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_layers,
-                                  lora_state_dict, merge_lora, trainable_summary)
 from pocketgpt.train.loop import TrainConfig, make_optimizer
+from pocketgpt.train.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    trainable_summary,
+)
 
 
 def randomize_adapters(model, std=0.05):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pocketgpt.common import PocketError
-from pocketgpt.model import GPT, GPTConfig, PRESETS, preset
+from pocketgpt.model import GPT, PRESETS, GPTConfig, preset
 
 
 def test_presets_build_and_count():

@@ -5,9 +5,21 @@ import math
 import pytest
 import torch
 
-from pocketgpt.train.rl_math import (entropy_from_logits, gae, group_advantages, grpo_loss, k3_kl,
-                                     kl_penalty_rewards, masked_mean, masked_whiten, pair_accuracy,
-                                     pairwise_ranking_loss, ppo_policy_loss, ppo_value_loss, token_logprobs)
+from pocketgpt.train.rl_math import (
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    pair_accuracy,
+    pairwise_ranking_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+)
 
 
 def t(*rows):

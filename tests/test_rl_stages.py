@@ -12,8 +12,14 @@ from pocketgpt.data.tasks import get_task
 from pocketgpt.train.grpo import GRPOConfig, grpo
 from pocketgpt.train.loop import TrainConfig
 from pocketgpt.train.ppo import PPOConfig, ppo
-from pocketgpt.train.reward import (ComparisonBatches, RewardConfig, file_comparisons, ranks_from_keys,
-                                    reward_model, rubric_key)
+from pocketgpt.train.reward import (
+    ComparisonBatches,
+    RewardConfig,
+    file_comparisons,
+    ranks_from_keys,
+    reward_model,
+    rubric_key,
+)
 from pocketgpt.train.rollout import collate
 
 

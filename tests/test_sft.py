@@ -3,8 +3,14 @@ import torch
 from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.data.tasks import get_task
 from pocketgpt.train.loop import TrainConfig
-from pocketgpt.train.sft import (ConversationLoader, MaskedLanguageModeling, SFTConfig, build_conversations,
-                                 factqa_conversations, sft)
+from pocketgpt.train.sft import (
+    ConversationLoader,
+    MaskedLanguageModeling,
+    SFTConfig,
+    build_conversations,
+    factqa_conversations,
+    sft,
+)
 
 
 def encoded_convs(tokenizer, n=6):

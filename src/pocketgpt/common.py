@@ -15,7 +15,6 @@ from rich.console import Console
 
 from .errors import PocketError  # noqa: F401  (re-exported: most modules import it from here)
 
-
 # Progress and logs go to stderr, so stdout stays clean for what a command outputs.
 console = Console(stderr=True)
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import load_model
-from .common import atomic_write_json
+from .common import atomic_write_json, console
 from .evaluate.harness import SUITE, diversity, evaluate_suite
 from .train.bpe import train_tokenizer
 from .train.grpo import GRPOConfig, grpo
-from .common import console
 from .train.loop import TrainConfig
 from .train.ppo import PPOConfig, ppo
 from .train.pretrain import PretrainConfig, pretrain

@@ -16,10 +16,10 @@ A source is described by a small dict (from TOML), e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sysconfig
 from collections.abc import Iterator
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

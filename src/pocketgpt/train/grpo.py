@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..common import atomic_write_json
+from ..common import atomic_write_json, console
 from ..evaluate.harness import evaluate_task
 from ..model import GPT
-from ..common import console
-from .loop import Trainer, TrainConfig, stage_setup
+from .loop import TrainConfig, Trainer, stage_setup
 from .rl_math import group_advantages, grpo_loss, masked_mean
 from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
 

@@ -30,10 +30,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import latest_training_state, load_training_state, save_training_state
-from ..common import (DistInfo, PocketError, append_jsonl, atomic_write_text, autocast, console, human,
-                      init_distributed, local_device, pick_device, read_jsonl, set_threads)
+from ..common import (
+    DistInfo,
+    PocketError,
+    append_jsonl,
+    atomic_write_text,
+    autocast,
+    console,
+    human,
+    init_distributed,
+    local_device,
+    pick_device,
+    read_jsonl,
+    set_threads,
+)
 from ..model import GPT
-
 
 
 @dataclass

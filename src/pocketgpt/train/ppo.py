@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
-from ..common import atomic_write_json
+from ..common import atomic_write_json, console
 from ..model import GPT
-from ..common import console
-from .loop import Trainer, TrainConfig, stage_setup
+from .loop import TrainConfig, Trainer, stage_setup
 from .reward import RM_TASKS
 from .rl_math import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts

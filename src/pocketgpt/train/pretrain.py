@@ -17,14 +17,13 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import save_model
-from ..common import PocketError, autocast, human
+from ..common import PocketError, autocast, console, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
 from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
 from ..tokenizer import Tokenizer
-from ..common import console
-from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
+from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
 # worked arithmetic, and real text found on every machine (Python's docs and standard library).

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..common import PocketError, atomic_write_json, read_jsonl
+from ..common import PocketError, atomic_write_json, console, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from ..common import console
-from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
+from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
 from .rollout import chat_params, sample, task_prompts
 

@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..common import PocketError, atomic_write_json, human, read_jsonl
+from ..common import PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
 from ..engine import Engine, SamplingParams
 from ..evaluate.harness import fewshot_text
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from ..common import console
-from .loop import LoaderObjective, Trainer, TrainConfig, stage_setup
+from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 
 # task -> (rendering, examples from its train split; 0 = all of them)
 DEFAULT_SFT_TASKS: dict[str, dict] = {

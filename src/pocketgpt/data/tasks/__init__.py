@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from ..world import World, WorldConfig, generate_world
 from ...errors import PocketError
+from ..world import World, WorldConfig, generate_world
 from .arithmetic import Arithmetic
 from .base import SPLITS, STYLES, Example, Task, export_jsonl
 from .factqa import FactQA

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from ..mathtext import OPS, apply, random_operands, word_problem, worked_steps
 from ...errors import PocketError
+from ..mathtext import OPS, apply, random_operands, word_problem, worked_steps
 from .base import Example, Task, assistant, final_answer, numbers
 from .tools import use_calculator
 

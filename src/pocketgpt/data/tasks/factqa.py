@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from ..world import ATTRIBUTE, TIERS, World, show_value
 from ...errors import PocketError
+from ..world import ATTRIBUTE, TIERS, World, show_value
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
 from .tools import use_search
 
