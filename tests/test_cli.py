@@ -38,3 +38,15 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path), "--set", "pretrain.train.nope=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_tasks_list_and_export(tmp_path, capsys):
+    import json
+
+    assert main(["tasks", "list"]) == 0
+    assert "game24" in capsys.readouterr().out
+    out = tmp_path / "a.jsonl"
+    assert main(["tasks", "export", "arithmetic", "--style", "cot", "--split", "test", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 300 and all(m["role"] in ("user", "assistant") for r in rows for m in r["messages"])
+    assert main(["tasks", "export", "arithmetic", "--style", "poem", "--out", str(out)]) == 2

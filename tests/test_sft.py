@@ -87,3 +87,17 @@ def test_sft_stage_end_to_end(tiny_model, tokenizer, tmp_path):
     assert summary["steps"] == 4
     model, _, meta = load_model(tmp_path)  # the run now resolves to its sft stage
     assert meta["meta"]["stage"] == "sft" and meta["meta"]["mitigate_hallucination"]
+
+
+def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, tokenizer, tmp_path):
+    from pocketgpt.train.lora import LoRAConfig
+
+    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
+    cfg = SFTConfig(train=TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-2, log_every=1,
+                                      save_every=100, sample_every=100, eval_every=100),
+                    tasks={"spell": {"style": "direct", "n": 8}}, lora=LoRAConfig(r=4, base_dtype="int8"))
+    summary = sft(cfg, tmp_path)
+    assert 0 < summary["lora"]["fraction"] < 0.2
+    model, _, _ = load_model(tmp_path / "sft")  # merged: a plain GPT, same names as the base
+    changed = [n for (n, a), b in zip(model.named_parameters(), tiny_model.parameters()) if not torch.equal(a, b)]
+    assert changed and all("proj" in n for n in changed)  # only the adapted projections moved

@@ -215,6 +215,23 @@ def cmd_eval(args) -> None:
     console.print(f"per-example verdicts and results.json in {out_dir}")
 
 
+def cmd_tasks(args) -> None:
+    from .data.tasks import TASKS, export_jsonl, get_task
+
+    if args.tasks_command == "list":
+        table = Table(title="tasks")
+        for col in ("task", "renderings", "train", "validation", "test"):
+            table.add_column(col)
+        for name in TASKS:
+            task = get_task(name)
+            table.add_row(name, ", ".join(task.styles), *(str(len(task.examples(s))) for s in
+                                                          ("train", "validation", "test")))
+        console.print(table)
+        return
+    count = export_jsonl(get_task(args.name), args.split, args.style, args.out)
+    console.print(f"{count} conversations ({args.name}, {args.split}, {args.style}) -> {args.out}")
+
+
 def cmd_info(args) -> None:
     run = Path(args.run)
     if not run.exists():
@@ -375,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--bf16", action="store_true", help="bf16 weights (faster on a modern CPU)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tasks", help="list the tasks, or export one as OpenAI-messages JSONL")
+    tsub = p.add_subparsers(dest="tasks_command", required=True)
+    t = tsub.add_parser("list", help="every task with its renderings and split sizes")
+    t.set_defaults(func=cmd_tasks)
+    t = tsub.add_parser("export", help='write {"messages": [...]} per example, for any tool that reads chat data')
+    t.add_argument("name", help="task name (see `pocketgpt tasks list`)")
+    t.add_argument("--split", default="train", help="train (default), validation or test")
+    t.add_argument("--style", default="direct", help="direct (default), cot, tool or sentence")
+    t.add_argument("--out", required=True, help="output .jsonl file")
+    t.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("run")

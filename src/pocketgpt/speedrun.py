@@ -30,6 +30,7 @@ from .train.sft import SFTConfig, sft
 class TokenizerConfig:
     vocab_size: int = 4096
     max_chars: int = 10_000_000
+    pattern: str = "gpt4-digits"  # gpt4-digits (one token per digit: small models learn arithmetic) | gpt4
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunConfig:
 
 def quick(cfg: RunConfig) -> RunConfig:
     """A smoke-test version of the run: a tiny model, little data, a few dozen steps per stage."""
-    cfg.tokenizer = TokenizerConfig(vocab_size=1024, max_chars=1_000_000)
+    cfg.tokenizer = TokenizerConfig(vocab_size=1024, max_chars=1_000_000, pattern=cfg.tokenizer.pattern)
     for s in cfg.pretrain.sources.values():
         s["max_bytes"] = min(s.get("max_bytes") or 500_000, 500_000)
     cfg.pretrain.preset = "tiny"
@@ -94,7 +95,7 @@ def finished_summary(model_dir: Path) -> dict:
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path) -> dict:
     return train_tokenizer(cfg.pretrain.source_specs(), run_dir / "tokenizer", cfg.tokenizer.vocab_size,
-                           cfg.tokenizer.max_chars)
+                           cfg.tokenizer.max_chars, cfg.tokenizer.pattern)
 
 
 def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[str, str]) -> dict:

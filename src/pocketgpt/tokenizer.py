@@ -30,6 +30,10 @@ from .common import PocketError, atomic_write_json
 GPT4_SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+# The same with every digit on its own (as Llama 1 and 2 do): a small model then reads, copies and adds
+# numbers digit by digit, the way column arithmetic is written, instead of learning ~1,000 number tokens.
+DIGITS_SPLIT_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt4-digits": DIGITS_SPLIT_PATTERN}
 
 # The registry of special tokens. Order is the id order after the learned tokens; new specials are
 # taken from the reserved slots so that existing ids never move.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..common import atomic_write_json
+from ..common import PocketError, atomic_write_json
 from ..data.sources import SourceSpec, document_text, read_documents
-from ..tokenizer import Tokenizer
+from ..tokenizer import PATTERNS, Tokenizer
 
 
 def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: int = 4096,
-                    max_chars: int = 20_000_000) -> dict:
+                    max_chars: int = 20_000_000, pattern: str = "gpt4") -> dict:
     """Train on up to `max_chars` characters, split across sources by weight; report compression."""
     total_weight = sum(s.weight for s in specs)
     samples = {}
@@ -25,7 +25,9 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
             size += len(docs[-1])
         samples[spec.name] = docs
     t0 = time.time()
-    tok = Tokenizer.train((d for docs in samples.values() for d in docs), vocab_size)
+    if pattern not in PATTERNS:
+        raise PocketError(f"unknown split pattern {pattern!r}; known: {', '.join(PATTERNS)}")
+    tok = Tokenizer.train((d for docs in samples.values() for d in docs), vocab_size, PATTERNS[pattern])
     seconds = time.time() - t0
     out_dir = Path(out_dir)
     tok.save(out_dir / "tokenizer.json")
@@ -34,7 +36,7 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
     for name, docs in samples.items():
         text = "".join(docs[:200])
         compression[name] = len(text.encode("utf-8")) / max(1, len(tok.encode(text)))
-    report = {"vocab_size": tok.vocab_size, "train_chars": sum(len(d) for docs in samples.values() for d in docs),
+    report = {"vocab_size": tok.vocab_size, "pattern": pattern, "train_chars": sum(len(d) for docs in samples.values() for d in docs),
               "train_seconds": seconds, "bytes_per_token": compression, "fingerprint": tok.fingerprint()}
     atomic_write_json(out_dir / "report.json", report)
     return report

@@ -21,6 +21,7 @@ from ..common import atomic_write_json, console
 from ..evaluate.harness import evaluate_task
 from ..model import GPT
 from .loop import TrainConfig, Trainer, stage_setup
+from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 from .rl_math import group_advantages, grpo_loss, masked_mean
 from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
 
@@ -36,10 +37,11 @@ class GRPOConfig:
     prompts_per_step: int = 8
     group_size: int = 6  # G answers per problem
     temperature: float = 1.0
-    max_tokens: int = 160
+    max_tokens: int = 192
     clip: float = 0.2
     beta: float = 0.0  # KL to the reference (k3); 0 = none, as in DAPO / Dr. GRPO
     eval_n: int = 100  # held-out (validation split) problems per task for before/after accuracy
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
     seed: int = 0
 
 
@@ -106,6 +108,8 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
         ref.requires_grad_(False)
     prompts = task_prompts(tokenizer, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
     before = held_out_accuracy(policy, tokenizer, cfg)
+    if cfg.lora.r:
+        apply_lora(policy, **asdict(cfg.lora))
     console.print(f"[bold]grpo[/] from {cfg.start}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in before.items()))
     trainer = Trainer(policy, GRPOObjective(cfg, ref, tokenizer, prompts, device), tc, out_dir, "grpo",
                       run_dir / "metrics.jsonl", device, evaluate=lambda m: held_out_accuracy(m, tokenizer, cfg))
@@ -113,6 +117,9 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
         trainer.resume()
     policy.train()
     summary = trainer.run()
+    if cfg.lora.r:
+        summary["lora"] = trainable_summary(policy)
+        policy = merge_lora(policy)
     after = held_out_accuracy(policy, tokenizer, cfg)
     summary.update(before=before, after=after)
     save_model(policy, out_dir, tokenizer, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),

@@ -35,7 +35,7 @@ ADAPTER_NAMES = ("lora_A", "lora_B")
 
 @dataclass
 class LoRAConfig:
-    """The [lora] table of a stage's TOML config; use it as `apply_lora(model, **asdict(cfg))`."""
+    """The [lora] table of a stage's TOML config; use it as `apply_lora(model, **asdict(cfg))`. r = 0: off."""
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

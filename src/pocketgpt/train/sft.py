@@ -28,6 +28,7 @@ from ..evaluate.harness import fewshot_text
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
+from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
 # task -> (rendering, examples from its train split; 0 = all of them)
 DEFAULT_SFT_TASKS: dict[str, dict] = {
@@ -46,7 +47,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 @dataclass
 class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
+        steps=150, batch_size=8, seq_len=512, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0))
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
@@ -55,6 +56,7 @@ class SFTConfig:
     probe_temperature: float = 0.7
     probe_threshold: float = 0.5  # the model "knows" a fact when at least this share of samples is right
     multi_turn_fraction: float = 0.2  # share of conversations made of two exchanges
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
     seed: int = 0
 
 
@@ -236,6 +238,8 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
                 f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
     loader = ConversationLoader(encoded, tc.batch_size, tc.seq_len, tokenizer.bos_id, cfg.seed,
                                 info.rank, info.world_size)
+    if cfg.lora.r:
+        apply_lora(model, **asdict(cfg.lora))
     model.train()
     trainer = Trainer(model, MaskedLanguageModeling(loader, device), tc, out_dir, out_name,
                       run_dir / "metrics.jsonl", device, info, sample=lambda m: chat_sample(m, tokenizer))
@@ -243,6 +247,9 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
         trainer.resume()
     summary = trainer.run()
     summary.update(params=model.num_params(), data=stats)
+    if cfg.lora.r:
+        summary["lora"] = trainable_summary(model)
+        model = merge_lora(model)
     if info.is_main:
         save_model(model, out_dir, tokenizer, {"stage": "sft", "train": asdict(tc), "summary": summary,
                                                 "mitigate_hallucination": cfg.mitigate_hallucination})
