@@ -63,7 +63,7 @@ class GPTConfig:
 # Presets: `tiny` for tests, `small` for the CPU speedrun, the rest for GPUs (vocab is set by the tokenizer).
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128),
-    "small": dict(n_layer=6, n_head=4, n_kv_head=4, d_model=256, max_seq_len=512),
+    "small": dict(n_layer=6, n_head=4, n_kv_head=4, d_model=256, max_seq_len=256),
     "medium": dict(n_layer=8, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
     "gpt2": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, max_seq_len=1024, tie_embeddings=False),
     "d20": dict(n_layer=20, n_head=10, n_kv_head=10, d_model=1280, max_seq_len=2048, tie_embeddings=False),

@@ -30,7 +30,7 @@ from .train.sft import SFTConfig, sft
 class TokenizerConfig:
     vocab_size: int = 4096
     max_chars: int = 10_000_000
-    pattern: str = "gpt4-digits"  # gpt4-digits (one token per digit: small models learn arithmetic) | gpt4
+    pattern: str = "gpt4"  # gpt4 (numbers in chunks of up to 3 digits) | gpt4-digits (one token per digit)
 
 
 @dataclass

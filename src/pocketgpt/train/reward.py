@@ -34,7 +34,7 @@ RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multiho
 @dataclass
 class RewardConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=100, batch_size=6, seq_len=512, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
+        steps=100, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
     prompts_per_task: int = 60  # training prompts per task (each gets k completions)

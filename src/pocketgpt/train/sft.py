@@ -47,7 +47,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 @dataclass
 class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=8, seq_len=512, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
+        steps=150, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0))
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
