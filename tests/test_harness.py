@@ -89,3 +89,12 @@ def test_eval_cli(tiny_model, tokenizer, tmp_path, capsys):
     results = json.loads((tmp_path / "base" / "eval" / "results.json").read_text())
     assert {"spell", "count_letter", "bpb/docs"} <= set(results)
     assert len(read_jsonl(tmp_path / "base" / "eval" / "spell_test.jsonl")) == 4
+
+
+@pytest.mark.parametrize("mode", ["fewshot", "chat"])
+def test_diversity_fits_a_small_context(tiny_model, tokenizer, mode):
+    from pocketgpt.evaluate.harness import diversity
+
+    tiny_model.cfg.max_seq_len = 64  # shorter than a few-shot prompt: the prompt must be cut, not fail
+    d = diversity(tiny_model, tokenizer, mode, n_prompts=3, samples=2, max_tokens=8)
+    assert d["entropy"] > 0 and 0 <= d["distinct_names"] <= 1

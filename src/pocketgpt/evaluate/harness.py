@@ -79,6 +79,14 @@ def chat_messages(task: Task, example: Example, shots: int, style: str) -> list[
     return messages + [{"role": "user", "content": example.question}]
 
 
+def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Leave room to answer: at most half the context for the answer, prompts cut from the left
+    (the question stays; the oldest demos go)."""
+    params.max_tokens = min(params.max_tokens, model.cfg.max_seq_len // 2)
+    room = model.cfg.max_seq_len - params.max_tokens
+    return [p[-room:] for p in prompts]
+
+
 def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "test", n: int | None = None,
                   shots: int = 3, mode: str = "fewshot", style: str = "direct", batch_size: int = 32,
                   max_tokens: int | None = None, out_path: str | Path | None = None,
@@ -99,9 +107,7 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
         prompts = [tokenizer.render_for_completion(chat_messages(task, e, shots, style)) for e in examples]
         params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
                                 stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
-    params.max_tokens = min(params.max_tokens, model.cfg.max_seq_len // 2)
-    room = model.cfg.max_seq_len - params.max_tokens
-    prompts = [p[-room:] for p in prompts]  # keep the question; drop the oldest demos if too long
+    prompts = fit_to_context(model, prompts, params)
 
     rows = []
     progress = Progress(TextColumn(f"[bold]eval {task.name}"), BarColumn(), MofNCompleteColumn(),
@@ -205,6 +211,7 @@ def diversity(model: GPT, tokenizer: Tokenizer, mode: str, n_prompts: int = 16, 
         stops, stop_strings = (tokenizer.special("<|assistant_end|>"),), ()
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, n=samples, seed=seed,
                             stop_tokens=(tokenizer.bos_id, *stops), stop_strings=stop_strings)
+    prompts = fit_to_context(model, prompts, params)
     outs = Engine(model, tokenizer).generate(prompts, params)
     entropies = []
     for c in outs:
