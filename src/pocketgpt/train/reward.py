@@ -37,9 +37,9 @@ class RewardConfig:
         steps=100, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
-    prompts_per_task: int = 60  # training prompts per task (each gets k completions)
+    prompts_per_task: int = 80  # training prompts per task (each gets k completions)
     val_prompts_per_task: int = 15
-    k: int = 4  # completions per prompt (InstructGPT used 4 to 9)
+    k: int = 6  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
     max_tokens: int = 128
     noise: float = 0.05  # chance that a labeler swaps two neighbouring ranks
