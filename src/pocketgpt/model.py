@@ -118,18 +118,8 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    def expand(self, n: int) -> KVCache:
-        """One prompt prefilled once, then copied for n samples that decode in one batch."""
-        assert self.batch == 1
-        new = object.__new__(KVCache)
-        new.k = self.k.expand(-1, n, -1, -1, -1).contiguous()
-        new.v = self.v.expand(-1, n, -1, -1, -1).contiguous()
-        new.length, new.max_len = self.length, self.max_len
-        new.valid = None if self.valid is None else self.valid.expand(n, -1).contiguous()
-        return new
-
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only some rows (sequences that finished are dropped from the batch)."""
+        """Keep (or repeat) some rows: finished sequences leave the batch; n samples copy one prefilled prompt."""
         self.k = self.k[:, rows]
         self.v = self.v[:, rows]
         if self.valid is not None:

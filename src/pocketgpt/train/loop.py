@@ -139,12 +139,11 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, out_dir: str | Path,
                  stage: str, metrics_path: str | Path, device: torch.device, dist_info: DistInfo = DistInfo(),
-                 evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None,
-                 on_save: Callable[[GPT, int], None] | None = None):
+                 evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None):
         self.model, self.objective, self.cfg = model, objective, cfg
         self.out_dir, self.stage, self.metrics_path = Path(out_dir), stage, Path(metrics_path)
         self.device, self.dist = device, dist_info
-        self.evaluate, self.sample, self.on_save = evaluate, sample, on_save
+        self.evaluate, self.sample = evaluate, sample
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.wrapped: torch.nn.Module = model
@@ -176,8 +175,6 @@ class Trainer:
         if self.dist.is_main:
             save_training_state(self.out_dir, self.step, self.model, self.optimizer,
                                 {"objective": self.objective.state(), "stage": self.stage})
-            if self.on_save:
-                self.on_save(self.model, self.step)
 
     # ------------------------------------------------------------------ the loop
 
