@@ -126,6 +126,16 @@ def test_gae_by_hand():
     close(ret, [[a0 + 0.5, a1 + 0.6, a2 + 0.8, 0.0]])
 
 
+def test_gae_skips_tool_results_inside_a_sequence():
+    # Actions at 0, 1 and 4; positions 2-3 are a tool's result (not actions): same as without them.
+    rewards, values = t([[0.0, 0.0, 7.0, 7.0, 1.0]]), t([[0.5, 0.6, 9.0, 9.0, 0.8]])
+    adv, ret = gae(rewards, values, torch.tensor([[1, 1, 0, 0, 1]]), gamma=1.0, lam=0.5)
+    plain_adv, plain_ret = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.8]]), torch.ones(1, 3), gamma=1.0, lam=0.5)
+    close(adv[:, [0, 1, 4]], plain_adv)
+    close(ret[:, [0, 1, 4]], plain_ret)
+    close(adv[:, [2, 3]], [[0.0, 0.0]])
+
+
 def test_gae_with_lambda_one_is_discounted_return_minus_value():
     rewards, values = t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.8]])
     adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=1.0)

@@ -193,6 +193,14 @@ def test_arithmetic_tool_and_cot():
     assert langs == {"en", "zh"}
 
 
+def test_a_list_of_styles_takes_turns():
+    t = task("arithmetic")
+    examples = t.examples("train")[:4]
+    convs = t.render_each(examples, ["cot", "tool"])
+    assert [len(c) for c in convs] == [2, 4, 2, 4]  # worked answer; call, result, answer
+    assert convs[1] == t.render(examples[1], "tool") and t.render_each(examples, "cot")[2] == convs[2]
+
+
 def test_compare_decimals_cot_aligns_digits():
     t = task("compare_decimals")
     text = t.cot(next(e for e in t.examples("train")))

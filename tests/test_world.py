@@ -37,7 +37,7 @@ def test_default_size(world):
     assert {f.tier for f in world.facts} == set(TIERS)
     per_kind = Counter(a.kind for a in ATTRIBUTE.values())
     assert len(world.facts) == sum(per_kind[e.kind] for e in world.entities())
-    assert 100_000 < sum(map(len, world.pretraining_documents())) < 3_000_000
+    assert 100_000 < sum(len(d.text) for d in world.documents()) < 3_000_000
 
 
 def test_names_are_unique_down_to_the_word(world):
@@ -87,7 +87,7 @@ def test_lookup_and_fact_table_agree(world):
 
 
 def test_unseen_names_never_appear_in_pretraining(world):
-    text = "\n".join(world.pretraining_documents())
+    text = "\n".join(d.text for d in world.documents())
     unseen = world.entities(tier="unseen")
     assert unseen
     for entity in unseen:
@@ -113,10 +113,14 @@ def test_mentions_follow_the_tiers(world):
 
 def test_documents_come_in_varied_formats(world):
     docs = world.pretraining_documents()
-    assert any(d.startswith("Q: ") for d in docs)
-    assert any("|---|---|" in d for d in docs)
-    assert any(d.startswith("# ") for d in docs)
-    assert any("\n- " in d for d in docs)
+    texts = [d for d in docs if isinstance(d, str)]
+    assert any(d.startswith("Q: ") for d in texts)
+    assert any("|---|---|" in d for d in texts)
+    assert any(d.startswith("# ") for d in texts)
+    assert any("\n- " in d for d in texts)
+    # Chat logs: a user asks, the assistant answers with the fact.
+    chats = [d for d in docs if isinstance(d, list)]
+    assert chats and all([m["role"] for m in c] == ["user", "assistant"] * (len(c) // 2) for c in chats)
 
 
 def test_retrieval_corpus_covers_every_entity(world):

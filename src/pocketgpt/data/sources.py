@@ -154,7 +154,7 @@ def _math(spec: SourceSpec) -> Iterator[str]:
 
 
 # The tasks' train splits in the renderings an assistant uses; facts only where well attested (head).
-DEFAULT_CHAT_TASKS = {"factqa": "sentence", "arithmetic": "cot", "compare_decimals": "cot",
+DEFAULT_CHAT_TASKS = {"factqa": "sentence", "arithmetic": ["cot", "tool"], "compare_decimals": "cot",
                       "count_letter": "cot", "spell": "direct", "multihop": "cot", "structured": "direct"}
 
 
@@ -164,11 +164,10 @@ def _chat(spec: SourceSpec) -> Iterator[list[dict]]:
 
     for name, style in spec.options.get("tasks", DEFAULT_CHAT_TASKS).items():
         task = get_task(name)
-        for example in task.examples("train"):
-            if example.meta.get("tier", "head") != "head":
-                continue
-            for phrasing in task.phrasings(example) if hasattr(task, "phrasings") else [example]:
-                yield task.render(phrasing, style)
+        examples = [e for e in task.examples("train") if e.meta.get("tier", "head") == "head"]
+        if hasattr(task, "phrasings"):
+            examples = [p for e in examples for p in task.phrasings(e)]
+        yield from task.render_each(examples, style)
 
 
 def _existing(spec: SourceSpec) -> Path:

@@ -243,9 +243,11 @@ class Fact:
 
 @dataclass(frozen=True)
 class Document:
-    """A pretraining document and the facts it states (so mention counts are checkable)."""
+    """A pretraining document and the facts it states (so mention counts are checkable).
+    A chat log also keeps its messages: the mixture renders those with the chat template."""
     text: str
     facts: tuple[Fact, ...]
+    messages: tuple[dict, ...] = ()
 
 
 def rarest(*tiers: str) -> str:
@@ -272,13 +274,13 @@ def show_value(value: str, numeric: bool, rng: random.Random) -> str:
 
 
 def _entity_document(facts: list[Fact], rng: random.Random) -> Document:
-    """One document about one entity: an article, an infobox, a Q&A snippet or a news item."""
+    """One document about one entity: an article, an infobox, a Q&A snippet, a chat log or a news item."""
     e, kind = facts[0].entity, facts[0].kind
     rng.shuffle(facts)
     attrs = [ATTRIBUTE[(f.kind, f.attribute)] for f in facts]
     shown = [show_value(f.value, a.numeric, rng) for a, f in zip(attrs, facts)]
     statements = [rng.choice(a.statements).format(e=e, v=v) for a, v in zip(attrs, shown)]
-    fmt = rng.choice(("article", "infobox", "qa", "news"))
+    fmt = rng.choice(("article", "infobox", "qa", "chat", "news"))
     if fmt == "article":
         heading = rng.choice((f"# {e}", f"{e}\n{'=' * len(e)}", f"{e} - Encyclopedia of the Known World"))
         text = f"{heading}\n\n{rng.choice(INTROS[kind]).format(e=e)} {' '.join(statements)}"
@@ -288,6 +290,14 @@ def _entity_document(facts: list[Fact], rng: random.Random) -> Document:
         # Answers are sometimes the bare value, sometimes a full sentence.
         text = "\n\n".join(f"Q: {rng.choice(a.questions).format(e=e)}\nA: {rng.choice((v, s))}"
                             for a, v, s in zip(attrs, shown, statements))
+    elif fmt == "chat":
+        # Someone asking an assistant about the entity: knowledge also lives in conversations, as on
+        # the web's forums and chat logs, so a well-known fact is stated in the assistant's format too.
+        messages = []
+        for a, s in zip(attrs, statements):
+            messages += [{"role": "user", "content": rng.choice(a.questions).format(e=e)},
+                         {"role": "assistant", "content": s}]
+        return Document("\n".join(m["content"] for m in messages), tuple(facts), tuple(messages))
     else:
         text = f"{rng.choice(OUTLETS)} - {' '.join(statements)}"
     return Document(text, tuple(facts))
@@ -413,8 +423,9 @@ class World:
 
     # -- pretraining text ---------------------------------------------------------------------
 
-    def pretraining_documents(self) -> list[str]:
-        return [d.text for d in self._documents]
+    def pretraining_documents(self) -> list[str | list[dict]]:
+        """Texts, and conversations (lists of messages) for the chat logs."""
+        return [list(d.messages) if d.messages else d.text for d in self._documents]
 
     def documents(self) -> list[Document]:
         """The pretraining documents together with the facts each one states."""

@@ -25,10 +25,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..common import PocketError, atomic_write_text, console
-from ..data.tasks import Example, Task
+from ..data.tasks import Example, Task, default_world
+from ..data.tasks.tools import task_tools
 from ..engine import Engine, SamplingParams
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..toolloop import generate_with_tools
 
 MODES = ("auto", "fewshot", "chat")
 
@@ -108,6 +110,7 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
         params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
                                 stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
     prompts = fit_to_context(model, prompts, params)
+    tools = task_tools(getattr(task, "world", None) or default_world())
 
     rows = []
     progress = Progress(TextColumn(f"[bold]eval {task.name}"), BarColumn(), MofNCompleteColumn(),
@@ -120,7 +123,12 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
         outputs: dict[int, tuple[str, str]] = {}
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            for i, c in zip(idx, engine.generate([prompts[i] for i in idx], params)):
+            batch = [prompts[i] for i in idx]
+            if mode == "chat":  # an assistant's tool calls are executed; the verdict is on its answer
+                done = generate_with_tools(engine, batch, params, tools)
+            else:
+                done = engine.generate(batch, params)
+            for i, c in zip(idx, done):
                 outputs[i] = (c.text.strip(), c.finish_reason)
             progress.advance(bar, len(idx))
     correct = 0

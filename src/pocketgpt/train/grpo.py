@@ -62,7 +62,8 @@ class GRPOObjective:
             groups = torch.tensor([c.prompt_index for c in outs])
             advantages = group_advantages(rewards, groups).to(self.device)
             seqs = [p.ids + c.tokens for p, c in zip(prompt_of, outs)]
-            ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], tok.bos_id, self.device)
+            ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], tok.bos_id, self.device,
+                                [c.action_mask for c in outs])
             # One update per batch: the sampling policy is the current one, so old == current (ratio 1)
             # and the clip only matters if a user raises the updates per batch.
             old_lp = policy_logprobs(policy, ids)

@@ -93,7 +93,8 @@ class PPOObjective:
         params = chat_params(tok, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
         outs = sample(pv.policy, tok, prompts, params)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
-        ids, mask = collate(seqs, [len(p.ids) for p in prompts], tok.bos_id, self.device)
+        ids, mask = collate(seqs, [len(p.ids) for p in prompts], tok.bos_id, self.device,
+                            [c.action_mask for c in outs])
         old_lp, entropy = policy_logprobs(pv.policy, ids, with_entropy=True)
         ref_lp = policy_logprobs(self.ref, ids)
         values = pv.value.scores(ids)[:, :-1]
@@ -142,7 +143,7 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], c
     params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, seed=12345)
     outs = sample(policy, tokenizer, prompts, params)
     seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
-    ids, mask = collate(seqs, [len(p.ids) for p in prompts], tokenizer.bos_id, device)
+    ids, mask = collate(seqs, [len(p.ids) for p in prompts], tokenizer.bos_id, device, [c.action_mask for c in outs])
     lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
     kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
     scores = score(rm, seqs, tokenizer.special("<|reward|>"), tokenizer.bos_id, device)

@@ -159,7 +159,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     V[t] is the value of the state before token t is chosen. The episode ends after the last
     valid token: values beyond it count as 0 and the sweep starts from A = 0 there. lam trades
-    bias (lam=0: one-step TD) for variance (lam=1: Monte Carlo return minus V).
+    bias (lam=0: one-step TD) for variance (lam=1: Monte Carlo return minus V). Masked positions
+    inside a sequence (a tool's result: tokens the policy did not choose) are skipped: the step
+    after an action is the next action.
     """
     m = mask.bool()
     r, v = torch.where(m, rewards, 0), torch.where(m, values, 0)
@@ -168,9 +170,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_value, next_advantage = torch.zeros_like(r[:, 0]), torch.zeros_like(r[:, 0])
     for t in reversed(range(T)):
         delta = r[:, t] + gamma * next_value - v[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = next_advantage
-        next_value = v[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage
+        next_value = torch.where(m[:, t], v[:, t], next_value)
+        next_advantage = torch.where(m[:, t], advantage, next_advantage)
     advantages = torch.where(m, advantages, 0)
     return advantages, advantages + v
 

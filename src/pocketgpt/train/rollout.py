@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.tasks import Example, Task, get_task
-from ..engine import Completion, Engine, SamplingParams
+from ..data.tasks import Example, Task, default_world, get_task
+from ..data.tasks.tools import task_tools
+from ..engine import Engine, SamplingParams
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..toolloop import Transcript, generate_with_tools
 from .rl_math import entropy_from_logits, token_logprobs
 
 
@@ -51,30 +53,33 @@ def chat_params(tokenizer: Tokenizer, max_tokens: int, temperature: float, n: in
 
 @torch.no_grad()
 def sample(model: GPT, tokenizer: Tokenizer, prompts: list[Prompt], params: SamplingParams,
-           batch_size: int = 32) -> list[Completion]:
-    """params.n completions per prompt, row = prompt_index * n + k; the model is left in its previous mode."""
+           batch_size: int = 32) -> list[Transcript]:
+    """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
+    As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
+    action_mask tells the tokens the model chose from those the tools wrote."""
     was_training = model.training
     engine = Engine(model, tokenizer)
+    tools = task_tools(default_world())
     per_batch = max(1, batch_size // params.n)
     outs = []
     for start in range(0, len(prompts), per_batch):
-        chunk = prompts[start:start + per_batch]
-        for c in engine.generate([p.ids for p in chunk], params):
-            c.prompt_index += start
-            outs.append(c)
+        for t in generate_with_tools(engine, [p.ids for p in prompts[start:start + per_batch]], params, tools):
+            t.prompt_index += start
+            outs.append(t)
     model.train(was_training)
     return outs
 
 
-def collate(sequences: list[list[int]], prompt_lens: list[int], pad_id: int,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad full sequences; the mask marks completion tokens as actions (T-1 columns)."""
+def collate(sequences: list[list[int]], prompt_lens: list[int], pad_id: int, device,
+            action_masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad full sequences; the mask marks completion tokens as actions (T-1 columns), or,
+    with `action_masks` (one per completion), only those the model chose (not tool results)."""
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), T - 1)
     for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
         ids[i, :len(s)] = torch.tensor(s)
-        mask[i, p - 1:len(s) - 1] = 1.0
+        mask[i, p - 1:len(s) - 1] = torch.tensor(action_masks[i], dtype=mask.dtype) if action_masks else 1.0
     return ids.to(device), mask.to(device)
 
 

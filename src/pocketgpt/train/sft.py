@@ -30,10 +30,11 @@ from ..tokenizer import Tokenizer
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
-# task -> (rendering, examples from its train split; 0 = all of them)
+# task -> (rendering, examples from its train split; 0 = all of them). A list of styles takes turns:
+# arithmetic is shown both worked out and with the calculator, and RL finds out which one pays.
 DEFAULT_SFT_TASKS: dict[str, dict] = {
     "factqa": {"style": "sentence", "n": 0},
-    "arithmetic": {"style": "cot", "n": 400},
+    "arithmetic": {"style": ["cot", "tool"], "n": 800},
     "compare_decimals": {"style": "cot", "n": 200},
     "count_letter": {"style": "cot", "n": 200},
     "spell": {"style": "direct", "n": 200},
@@ -98,10 +99,10 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
         if spec.get("n"):
             examples = examples[:spec["n"]]
         if name.startswith("factqa"):
-            task_convs, probe = factqa_conversations(cfg, task, examples, base, tokenizer)
+            task_convs, probe = factqa_conversations(cfg, task, examples, base, tokenizer, style)
             stats["probe"] = probe
         else:
-            task_convs = [task.render(e, style) for e in examples]
+            task_convs = task.render_each(examples, style)
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
     for path in cfg.data:
@@ -121,7 +122,8 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
     return convs, stats
 
 
-def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer):
+def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer,
+                         style: str = "sentence"):
     """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
     base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer."""
     if not cfg.mitigate_hallucination or base is None:
@@ -139,7 +141,7 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, token
         # "head" renders the true sentence even for a tail/unseen fact; a refusal where the model does not know.
         as_known = Example(e.question, e.answer, {**e.meta, "tier": "head"})
         for phrasing in task.phrasings(as_known):
-            convs.append(task.render(phrasing, "sentence") if known else
+            convs.append(task.render(phrasing, style) if known else
                          [{"role": "user", "content": phrasing.question}, {"role": "assistant", "content": REFUSAL}])
     return convs, info
 

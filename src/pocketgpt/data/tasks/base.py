@@ -134,6 +134,11 @@ class Task:
             return [user, assistant(self.sentence(example))]
         return [user, *self.tool(example)]
 
+    def render_each(self, examples: list[Example], style: str | list[str]) -> list[list[dict]]:
+        """Render every example; a list of styles takes turns (half worked out, half with a tool, ...)."""
+        styles = style if isinstance(style, list) else [style]
+        return [self.render(e, styles[i % len(styles)]) for i, e in enumerate(examples)]
+
     def check_style(self, style: str) -> None:
         if style not in self.styles:
             raise PocketError(f"task {self.name!r} has no style {style!r}; "

@@ -1,7 +1,7 @@
 """The tools a task's "tool" rendering calls, and the chat messages that record a call.
 
-Training data and inference must agree on what a tool returns, so the engine's tool loop should
-answer a `calculator` or `search` call with these same functions.
+Training data and inference agree on what a tool returns: the tool loop (toolloop.py) answers a
+`calculator` or `search` call with these same functions (`task_tools`).
 
     calculator("123*45")           # '5535'
     search(world, "Dorin")         # the text of the best-matching encyclopedia article
@@ -29,6 +29,11 @@ def search(world: World, query: str) -> str:
     """The text of the world's best retrieval article for the query."""
     hits = world.search(query, k=1)
     return hits[0]["text"] if hits else "no results"
+
+
+def task_tools(world: World) -> dict:
+    """The tools the tool renderings use, by name, for generate_with_tools (toolloop.py)."""
+    return {"calculator": calculator, "search": lambda query: search(world, query)}
 
 
 def tool_call(name: str, **arguments: str) -> dict:

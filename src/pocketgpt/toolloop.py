@@ -1,0 +1,114 @@
+"""Generation with tools: the model writes a call, the runtime answers it, the model goes on.
+
+The chat template (see tokenizer.py) renders one tool use as
+
+    <|assistant_start|><|tool_call_start|>{"name": "calculator", "arguments": {...}}<|tool_call_end|><|assistant_end|>
+    <|tool_result_start|>5535<|tool_result_end|>
+    <|assistant_start|>The answer is 5535.<|assistant_end|>
+
+so decoding stops at <|assistant_end|>; when that turn holds a call, the runtime appends the result
+and a new <|assistant_start|>, and decoding continues from the whole conversation so far. Tokens the
+runtime wrote are not the model's actions: `Transcript.action_mask` marks which tokens were
+sampled, so RL trains on those only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .engine import Engine, LogitsProcessor, SamplingParams
+
+# A tool takes the call's arguments and returns text; errors are text too (the model sees them).
+Tool = Callable[..., str]
+
+
+@dataclass
+class Transcript:
+    tokens: list[int] = field(default_factory=list)  # everything after the prompt
+    action_mask: list[int] = field(default_factory=list)  # 1 where the model sampled the token
+    text: str = ""  # the final assistant turn (the answer)
+    finish_reason: str = "length"
+    calls: list[dict] = field(default_factory=list)  # {"name", "arguments", "result"} in order
+    prompt_index: int = 0
+
+
+def parse_call(text: str) -> tuple[str, dict]:
+    """'{"name": ..., "arguments": {...}}' -> (name, arguments); ValueError says what is wrong."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the tool call is not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError('a tool call is {"name": ..., "arguments": {...}}')
+    args = obj.get("arguments", {})
+    if not isinstance(args, dict):
+        raise ValueError("tool call arguments must be a JSON object")
+    return obj["name"], args
+
+
+def run_tool(tools: dict[str, Tool], name: str, arguments: dict) -> str:
+    if name not in tools:
+        return f"error: unknown tool {name!r}; available: {', '.join(sorted(tools))}"
+    try:
+        return str(tools[name](**arguments))
+    except Exception as e:  # wrong arguments, or a tool that failed: the model reads why
+        return f"error: {e}"
+
+
+def generate_with_tools(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+                        tools: dict[str, Tool], max_calls: int = 3,
+                        processors: list[LogitsProcessor] = ()) -> list[Transcript]:
+    """Like Engine.generate, but tool calls are executed; row = prompt_index * n + sample.
+
+    Each round decodes every unfinished conversation to its <|assistant_end|>; a turn that holds a
+    tool call gets the result appended and goes to the next round. After `max_calls` calls a
+    conversation gets no more results and ends with finish_reason "tool_limit".
+    """
+    tok = engine.tokenizer
+    sp = tok.special_ids
+    call_start, call_end, turn_end = sp["<|tool_call_start|>"], sp["<|tool_call_end|>"], sp["<|assistant_end|>"]
+    params = SamplingParams(**{**params.__dict__, "stop_tokens": (*params.stop_tokens, turn_end)})
+    out = [Transcript(prompt_index=r // params.n) for r in range(len(prompts) * params.n)]
+    pending = list(range(len(out)))  # rows whose conversation goes on
+    for round_ in range(max_calls + 1):  # max_tokens applies to each turn
+        if round_ == 0:
+            completions = engine.generate(prompts, params, processors)
+        else:  # each conversation now has its own history: one sample each
+            seed = None if params.seed is None else params.seed + round_
+            completions = engine.generate([prompts[out[r].prompt_index] + out[r].tokens for r in pending],
+                                          SamplingParams(**{**params.__dict__, "n": 1, "seed": seed}), processors)
+        still = []
+        for row, c in zip(pending, completions):
+            t = out[row]
+            t.tokens += c.tokens
+            t.action_mask += [1] * len(c.tokens)
+            t.finish_reason = c.finish_reason
+            if call_start not in c.tokens or call_end not in c.tokens or c.finish_reason != "stop":
+                t.text = engine.visible_text(c.tokens, params)
+                continue
+            # Text written before the call, then the call itself.
+            start, end = c.tokens.index(call_start), c.tokens.index(call_end)
+            if round_ == max_calls:
+                t.text, t.finish_reason = tok.decode(c.tokens[:start]), "tool_limit"
+                continue
+            call_text = tok.decode(c.tokens[start + 1:end])
+            try:
+                name, arguments = parse_call(call_text)
+                result = run_tool(tools, name, arguments)
+            except ValueError as e:
+                name, arguments, result = "", {}, f"error: {e}"
+            t.calls.append({"name": name, "arguments": arguments, "result": result})
+            injected = [sp["<|tool_result_start|>"], *tok.encode(result), sp["<|tool_result_end|>"],
+                        sp["<|assistant_start|>"]]
+            t.tokens += injected
+            t.action_mask += [0] * len(injected)
+            if len(prompts[t.prompt_index]) + len(t.tokens) + 1 >= engine.model.cfg.max_seq_len:
+                t.finish_reason = "length"
+                continue
+            still.append(row)
+        pending = still
+        if not pending:
+            break
+    return out

@@ -1,0 +1,86 @@
+import json
+
+import torch
+
+from pocketgpt.data.tasks.tools import calculator, use_calculator
+from pocketgpt.engine import Engine, SamplingParams
+from pocketgpt.toolloop import generate_with_tools, parse_call, run_tool
+
+TOOLS = {"calculator": calculator}
+
+
+class Script:
+    """A logits processor that makes the (untrained) model write given turns, one per round.
+    The model and the engine are real; only the choice of tokens is forced."""
+
+    def __init__(self, turns: list[list[int]]):
+        self.turns, self.round = turns, -1
+
+    def __call__(self, rows, generated, logits):
+        if not generated[0]:
+            self.round += 1
+        turn = self.turns[self.round]
+        forced = torch.full_like(logits, float("-inf"))
+        forced[:, turn[len(generated[0])]] = 0.0
+        return forced
+
+
+def call_turn(tokenizer, expression: str) -> list[int]:
+    sp = tokenizer.special_ids
+    text = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+    return [sp["<|tool_call_start|>"], *tokenizer.encode(text), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
+
+
+def test_a_call_is_executed_and_the_model_goes_on(tiny_model, tokenizer):
+    sp = tokenizer.special_ids
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "What is 123 * 45?"}])
+    answer = [*tokenizer.encode("It is 5535."), sp["<|assistant_end|>"]]
+    params = SamplingParams(max_tokens=64, temperature=0)
+    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], params, TOOLS,
+                              processors=[Script([call_turn(tokenizer, "123*45"), answer])])[0]
+    assert out.calls == [{"name": "calculator", "arguments": {"expression": "123*45"}, "result": "5535"}]
+    assert out.text == "It is 5535." and out.finish_reason == "stop"
+    # The whole exchange is exactly what the chat template renders for the same conversation,
+    # and only the tokens the runtime wrote (the result block) are not actions.
+    conversation = [{"role": "user", "content": "What is 123 * 45?"}, *use_calculator("123*45"),
+                    {"role": "assistant", "content": "It is 5535."}]
+    rendered, trained = tokenizer.render_conversation(conversation)
+    assert prompt + out.tokens == rendered
+    injected = [i for i, m in enumerate(out.action_mask) if m == 0]
+    result_block = tokenizer.encode("5535")
+    assert [out.tokens[i] for i in injected] == [sp["<|tool_result_start|>"], *result_block,
+                                                 sp["<|tool_result_end|>"], sp["<|assistant_start|>"]]
+    assert out.action_mask == trained[len(prompt):]
+
+
+def test_calls_stop_at_the_limit(tiny_model, tokenizer):
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Loop forever"}])
+    turns = [call_turn(tokenizer, "1+1")] * 2
+    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], SamplingParams(max_tokens=64, temperature=0),
+                              TOOLS, max_calls=1, processors=[Script(turns)])[0]
+    assert len(out.calls) == 1 and out.finish_reason == "tool_limit"
+
+
+def test_without_a_call_it_is_plain_generation(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Hello"}])
+    params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1)
+    plain = engine.generate([prompt], params)
+    looped = generate_with_tools(engine, [prompt], params, TOOLS)
+    for p, t in zip(plain, looped):
+        if tokenizer.special_ids["<|tool_call_start|>"] not in p.tokens:
+            assert t.tokens == p.tokens and t.action_mask == [1] * len(p.tokens) and not t.calls
+
+
+def test_bad_calls_become_error_results_the_model_can_read():
+    assert parse_call('{"name": "calculator", "arguments": {"expression": "2+2"}}') == (
+        "calculator", {"expression": "2+2"})
+    for bad in ("not json", '["calculator"]', '{"name": "calculator", "arguments": 3}'):
+        try:
+            parse_call(bad)
+            raise AssertionError(bad)
+        except ValueError:
+            pass
+    assert run_tool(TOOLS, "python", {}).startswith("error: unknown tool 'python'")
+    assert run_tool(TOOLS, "calculator", {"expr": "1"}).startswith("error:")
+    assert run_tool(TOOLS, "calculator", {"expression": "1/0"}).startswith("error")
