@@ -5,11 +5,13 @@ import pytest
 
 from pocketgpt.common import PocketError, read_jsonl
 from pocketgpt.data.tasks import get_task
+from pocketgpt.engine import SamplingParams
 from pocketgpt.evaluate.harness import (
     bits_per_byte,
     chat_messages,
     evaluate_task,
     fewshot_text,
+    fit_to_context,
     model_mode,
     wilson_interval,
 )
@@ -98,3 +100,13 @@ def test_diversity_fits_a_small_context(tiny_model, tokenizer, mode):
     tiny_model.cfg.max_seq_len = 64  # shorter than a few-shot prompt: the prompt must be cut, not fail
     d = diversity(tiny_model, tokenizer, mode, n_prompts=3, samples=2, max_tokens=8)
     assert d["entropy"] > 0 and 0 <= d["distinct_names"] <= 1
+
+
+def test_fit_to_context_leaves_room_to_answer(tiny_model):
+    T = tiny_model.cfg.max_seq_len
+    short = SamplingParams(max_tokens=10 * T)
+    assert fit_to_context(tiny_model, [[1] * 10, [2] * 5], short) == [[1] * 10, [2] * 5]
+    assert short.max_tokens == T - 10  # all that the longest prompt leaves
+    long = SamplingParams(max_tokens=10 * T)
+    cut = fit_to_context(tiny_model, [list(range(2 * T))], long)
+    assert long.max_tokens == T // 2 and cut == [list(range(2 * T))[-(T - T // 2):]]  # the question stays

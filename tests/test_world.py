@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from pocketgpt.data import world as world_module
-from pocketgpt.data.mathtext import OPS, apply, math_documents, worked_steps
+from pocketgpt.data.mathtext import OPS, apply, calculator_drill, math_documents, worked_steps
+from pocketgpt.data.tasks.tools import calculator
 from pocketgpt.data.world import ATTRIBUTE, TIERS, World, WorldConfig
 
 
@@ -174,6 +175,17 @@ def test_math_documents_are_deterministic_and_bilingual():
     assert docs != math_documents(200, seed=1)
     assert any("carry" in d for d in docs) and any("borrow" in d for d in docs)
     assert any("答案" in d for d in docs) and any("Answer:" in d for d in docs)
+
+
+def test_calculator_drills_copy_and_compute_exactly():
+    drill = calculator_drill(random.Random(0), lines=50)
+    for line in drill.splitlines()[1:]:
+        m = re.fullmatch(r"(\d+) ([-+×]) (\d+): type (\d+)([-+*])(\d+), the calculator shows (-?\d+), "
+                         r"so (\d+) ([-+×]) (\d+) = (-?\d+)\.", line)
+        a, op, b = int(m[1]), m[2], int(m[3])
+        assert (int(m[4]), int(m[6]), int(m[8]), int(m[10])) == (a, b, a, b) and m[9] == op
+        assert m[5] == ("*" if op == "×" else op)
+        assert int(m[7]) == int(m[11]) == apply(a, op, b) == int(calculator(f"{m[4]}{m[5]}{m[6]}"))
 
 
 def test_worked_steps_reach_the_right_result():

@@ -192,12 +192,34 @@ def random_operands(rng: random.Random, max_digits: int) -> tuple[int, int]:
             return a, b
 
 
+def calculator_drill(rng: random.Random, lines: int = 8) -> str:
+    """Expressions typed into a calculator and its results read back, one per line.
+
+    The operands are random, so nothing here can be memorised: the only way to predict the typed
+    expression and the final result is to copy them from earlier in the line. This is the
+    in-context copying that tool use needs (question -> call, result -> answer); a small model
+    trained on a few million tokens does not learn it from prose alone.
+    """
+    out = [rng.choice(("Using a calculator:", "Calculator practice.", "Type each sum into the calculator."))]
+    for _ in range(lines):
+        op = rng.choice(OPS)
+        a, b = random_operands(rng, 3)
+        typed = f"{a}{'*' if op == '×' else op}{b}"
+        r = apply(a, op, b)
+        out.append(f"{a} {op} {b}: type {typed}, the calculator shows {r}, so {a} {op} {b} = {r}.")
+    return "\n".join(out)
+
+
 def math_documents(n: int, seed: int = 0) -> list[str]:
-    """n documents of worked arithmetic: column + − × (2–5 digits) and word problems (en/zh)."""
+    """n documents of worked arithmetic: column + − × (2–5 digits), word problems (en/zh) and
+    calculator drills."""
     rng = random.Random(f"mathtext:{seed}")
     docs = []
     for _ in range(n):
-        if rng.random() < 0.25:
+        kind = rng.random()
+        if kind < 0.3:
+            docs.append(calculator_drill(rng))
+        elif kind < 0.45:
             p = word_problem(rng)
             answer = "Answer" if p.lang == "en" else "答案"
             sep = ": " if p.lang == "en" else "："

@@ -82,10 +82,11 @@ def chat_messages(task: Task, example: Example, shots: int, style: str) -> list[
 
 
 def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Leave room to answer: at most half the context for the answer, prompts cut from the left
-    (the question stays; the oldest demos go)."""
-    params.max_tokens = min(params.max_tokens, model.cfg.max_seq_len // 2)
-    room = model.cfg.max_seq_len - params.max_tokens
+    """Leave room to answer: what the longest prompt leaves, and at least half the context, where
+    long prompts are cut from the left (the question stays; the oldest demos go)."""
+    T = model.cfg.max_seq_len
+    params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
+    room = T - params.max_tokens
     return [p[-room:] for p in prompts]
 
 

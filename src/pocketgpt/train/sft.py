@@ -125,7 +125,10 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
 def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer,
                          style: str = "sentence"):
     """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
-    base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer."""
+    base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer.
+
+    A refusal is taught in the fact's one sampled phrasing only: the same sentence fits every
+    question, and a set that is mostly refusals teaches the model to doubt what it does know."""
     if not cfg.mitigate_hallucination or base is None:
         # The naive recipe: labelers write the true answer, known to them, not necessarily to the model.
         knows = [True] * len(examples)
@@ -140,9 +143,10 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, token
     for e, known in zip(examples, knows):
         # "head" renders the true sentence even for a tail/unseen fact; a refusal where the model does not know.
         as_known = Example(e.question, e.answer, {**e.meta, "tier": "head"})
-        for phrasing in task.phrasings(as_known):
-            convs.append(task.render(phrasing, style) if known else
-                         [{"role": "user", "content": phrasing.question}, {"role": "assistant", "content": REFUSAL}])
+        if known:
+            convs += [task.render(phrasing, style) for phrasing in task.phrasings(as_known)]
+        else:
+            convs.append([{"role": "user", "content": e.question}, {"role": "assistant", "content": REFUSAL}])
     return convs, info
 
 
@@ -231,10 +235,14 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
 
     convs, stats = build_conversations(cfg, model, tokenizer)
     encoded = [tokenizer.render_conversation(c) for c in convs]
+    # A conversation cut at the end of a row teaches an answer that never ends: leave those out.
+    fits = [e for e in encoded if len(e[0]) <= tc.seq_len + 1]
+    stats["too_long"], encoded = len(encoded) - len(fits), fits
     if info.is_main:
         atomic_write_json(out_dir / "sft_data.json", stats)
         console.print(f"[bold]sft[/]: {stats['conversations']} conversations; "
-                      + ", ".join(f"{k} {v}" for k, v in stats["per_task"].items()))
+                      + ", ".join(f"{k} {v}" for k, v in stats["per_task"].items())
+                      + f"; {stats['too_long']} longer than a row left out")
         if "probe" in stats and stats["probe"].get("mitigated"):
             console.print("knowledge probe (share of facts the base model knows): " + ", ".join(
                 f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
