@@ -9,6 +9,8 @@ from pocketgpt.engine import SamplingParams
 from pocketgpt.evaluate.harness import (
     bits_per_byte,
     chat_messages,
+    copy_probes,
+    copying,
     evaluate_task,
     fewshot_text,
     fit_to_context,
@@ -110,3 +112,17 @@ def test_fit_to_context_leaves_room_to_answer(tiny_model):
     long = SamplingParams(max_tokens=10 * T)
     cut = fit_to_context(tiny_model, [list(range(2 * T))], long)
     assert long.max_tokens == T // 2 and cut == [list(range(2 * T))[-(T - T // 2):]]  # the question stays
+
+
+def test_copy_probes_need_only_copying():
+    probes = copy_probes(n=20, seed=3)
+    assert probes == copy_probes(n=20, seed=3) and probes != copy_probes(n=20, seed=4)
+    for (p_expr, typed), (p_result, result) in zip(probes["expression"], probes["result"]):
+        question = p_expr.splitlines()[-1].removesuffix(": type")
+        assert typed == question.replace(" ", "").replace("×", "*")  # the line's own sum, retyped
+        assert p_result.startswith(p_expr) and f"shows {result}, so {question} =" in p_result
+
+
+def test_copying_scores_a_model(tiny_model, tokenizer):
+    scores = copying(tiny_model, tokenizer, n=4)
+    assert set(scores) == {"expression", "result"} and all(0 <= v <= 1 for v in scores.values())

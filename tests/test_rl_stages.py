@@ -37,6 +37,9 @@ def test_rubric_orders_truthful_refusal_wrong():
     cut_off = rubric_key(task, head, head.meta["value"], False, 5)
     longer = rubric_key(task, head, f"It is {head.meta['value']}.", True, 9)
     assert right < longer < cut_off < refuse < wrong
+    # Concise counts only when the difference shows: 12 vs 13 tokens tie, 12 vs 30 do not.
+    assert rubric_key(task, head, head.meta["value"], True, 12) == rubric_key(task, head, head.meta["value"], True, 13)
+    assert rubric_key(task, head, head.meta["value"], True, 12) < rubric_key(task, head, head.meta["value"], True, 30)
 
 
 def test_ranks_tie_and_noise():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checkpoint import load_model
 from .common import atomic_write_json, console
-from .evaluate.harness import SUITE, diversity, evaluate_suite
+from .evaluate.harness import SUITE, copying, diversity, evaluate_suite
 from .train.bpe import train_tokenizer
 from .train.grpo import GRPOConfig, grpo
 from .train.loop import TrainConfig
@@ -111,7 +111,9 @@ def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[s
                              batch_size=cfg.eval.batch_size,
                              log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     results["diversity"] = diversity(model, tok, mode)
-    console.print(f"diversity: {results['diversity']}", highlight=False, soft_wrap=True)
+    results["copying"] = copying(model, tok)
+    console.print(f"diversity: {results['diversity']}; in-context copying: {results['copying']}",
+                  highlight=False, soft_wrap=True)
     atomic_write_json(run_dir / stage / "eval" / "results.json", results)
     return results
 

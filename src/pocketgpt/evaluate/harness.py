@@ -232,3 +232,38 @@ def diversity(model: GPT, tokenizer: Tokenizer, mode: str, n_prompts: int = 16, 
     return {"entropy": sum(entropies) / max(1, len(entropies)),
             "distinct_names": distinct_ratio([c.text for c in outs]),
             "names_per_answer": sum(len(c.text.split(",")) for c in outs) / len(outs)}
+
+
+def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, expected continuation) pairs from calculator drills (mathtext.py) with random operands:
+    "expression" asks to type the line's sum ("98 + 13: type" -> "98+13"), "result" to copy the
+    calculator's answer ("... shows 111, so 98 + 13 =" -> "111")."""
+    from ..data.mathtext import calculator_drill
+
+    rng = random.Random(f"copy-probe:{seed}")
+    probes: dict[str, list[tuple[str, str]]] = {"expression": [], "result": []}
+    for _ in range(n):
+        *earlier, line = calculator_drill(rng, lines=3).splitlines()
+        context = "\n".join(earlier) + "\n"
+        question, rest = line.split(": type ")
+        typed, shown = rest.split(", the calculator shows ")
+        result = shown.split(",")[0]
+        probes["expression"].append((f"{context}{question}: type", typed))
+        probes["result"].append((f"{context}{question}: type {typed}, the calculator shows {result}, so {question} =",
+                                 result))
+    return probes
+
+
+@torch.no_grad()
+def copying(model: GPT, tokenizer: Tokenizer, n: int = 60, seed: int = 0) -> dict:
+    """In-context copying, the skill tool use rests on: the share of copy_probes answered exactly.
+    Memorising cannot help (random operands); a model that fails here gets arithmetic wrong even
+    with a calculator, because it cannot carry the question's numbers into the call."""
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_tokens=8, temperature=0, stop_strings=(",", "."), stop_tokens=(tokenizer.bos_id,))
+    out = {}
+    for name, pairs in copy_probes(n, seed).items():
+        prompts = fit_to_context(model, [[tokenizer.bos_id, *tokenizer.encode(p)] for p, _ in pairs], params)
+        completions = engine.generate(prompts, params)
+        out[name] = sum(c.text.strip() == want for c, (_, want) in zip(completions, pairs)) / len(pairs)
+    return out

@@ -156,6 +156,15 @@ def write_report(run: str | Path) -> Path:
         parts.append(markdown_table(["checkpoint", "token entropy (nats)", "distinct names"],
                                     [[label, f"{d['entropy']:.3f}", f"{d['distinct_names']:.1%}"]
                                      for label, d in div]) + "\n")
+    copy = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("copying")) for stage, label in CHECKPOINTS]
+    copy = [(label, c) for label, c in copy if c]
+    if copy:
+        parts.append("## In-context copying (calculator drills with random operands)\n")
+        parts.append("Tool use needs it: type the question's numbers into the call, copy the result into the "
+                     "answer. Random operands leave nothing to memorise.\n")
+        parts.append(markdown_table(["checkpoint", "types the expression", "copies the result"],
+                                    [[label, f"{c['expression']:.1%}", f"{c['result']:.1%}"]
+                                     for label, c in copy]) + "\n")
     ppo_summary = _load(run / "ppo" / "ppo_summary.json")
     if ppo_summary:
         parts.append("## PPO on held-out prompts (same sampling seed before and after)\n")

@@ -34,10 +34,10 @@ RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multiho
 @dataclass
 class RewardConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=100, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
+        steps=200, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
-    prompts_per_task: int = 80  # training prompts per task (each gets k completions)
+    prompts_per_task: int = 120  # training prompts per task (each gets k completions)
     val_prompts_per_task: int = 15
     k: int = 6  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
@@ -55,14 +55,17 @@ class Comparison:
 
 
 def rubric_key(task, example, text: str, finished: bool, n_tokens: int) -> tuple:
-    """Smaller is better: truthful < refuses < wrong; then well-formed; then concise."""
+    """Smaller is better: truthful < refuses < wrong; then well-formed; then concise, where only a
+    difference a reader notices counts (lengths within the same power of two tie): ranking answers
+    of 12 and 13 tokens would teach the reward model that shorter is better, and PPO would then
+    cut answers short, numbers included."""
     if task.verify(example, text):
         truth = 0
     elif is_refusal(text):
         truth = 1
     else:
         truth = 2
-    return truth, not finished, n_tokens
+    return truth, not finished, max(1, n_tokens).bit_length()
 
 
 def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list[int]:
