@@ -41,7 +41,7 @@ class PPOConfig:
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_tokens: int = 128
-    beta: float = 0.05  # KL penalty per token
+    beta: float = 0.15  # KL penalty per token (0.05 let PPO trade 5 points of fact accuracy for reward here)
     kl_bound: float = 8.0  # the run is reported as within bounds if the mean sequence KL stays below this
     clip: float = 0.2
     value_clip: float = 0.2
