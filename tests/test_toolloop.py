@@ -84,3 +84,14 @@ def test_bad_calls_become_error_results_the_model_can_read():
     assert run_tool(TOOLS, "python", {}).startswith("error: unknown tool 'python'")
     assert run_tool(TOOLS, "calculator", {"expr": "1"}).startswith("error:")
     assert run_tool(TOOLS, "calculator", {"expression": "1/0"}).startswith("error")
+
+
+def test_a_long_result_is_cut_to_leave_room_for_the_answer(tiny_model, tokenizer):
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Tell me everything"}])
+    tools = {"calculator": lambda expression: "word " * 10_000}
+    sp = tokenizer.special_ids
+    turns = [call_turn(tokenizer, "1+1"), [*tokenizer.encode("ok"), sp["<|assistant_end|>"]]]
+    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], SamplingParams(max_tokens=64, temperature=0),
+                              tools, processors=[Script(turns)])[0]
+    assert len(prompt) + len(out.tokens) <= tiny_model.cfg.max_seq_len
+    assert out.text == "ok" and out.finish_reason == "stop"

@@ -22,6 +22,7 @@ from .engine import Engine, LogitsProcessor, SamplingParams
 
 # A tool takes the call's arguments and returns text; errors are text too (the model sees them).
 Tool = Callable[..., str]
+ANSWER_ROOM = 32  # tokens of context kept free for the answer after a tool's result
 
 
 @dataclass
@@ -100,13 +101,15 @@ def generate_with_tools(engine: Engine, prompts: list[list[int]], params: Sampli
             except ValueError as e:
                 name, arguments, result = "", {}, f"error: {e}"
             t.calls.append({"name": name, "arguments": arguments, "result": result})
-            injected = [sp["<|tool_result_start|>"], *tok.encode(result), sp["<|tool_result_end|>"],
+            # A long result (a search hit) is cut so the conversation keeps room for an answer.
+            room = engine.model.cfg.max_seq_len - len(prompts[t.prompt_index]) - len(t.tokens) - 3 - ANSWER_ROOM
+            if room <= 0:
+                t.finish_reason = "length"
+                continue
+            injected = [sp["<|tool_result_start|>"], *tok.encode(result)[:room], sp["<|tool_result_end|>"],
                         sp["<|assistant_start|>"]]
             t.tokens += injected
             t.action_mask += [0] * len(injected)
-            if len(prompts[t.prompt_index]) + len(t.tokens) + 1 >= engine.model.cfg.max_seq_len:
-                t.finish_reason = "length"
-                continue
             still.append(row)
         pending = still
         if not pending:
