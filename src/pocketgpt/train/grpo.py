@@ -29,7 +29,7 @@ from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task
 @dataclass
 class GRPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=30, batch_size=16, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        steps=30, batch_size=16, seq_len=384, lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
         eval_every=20, save_every=20, sample_every=10**9, log_every=1))
     tasks: list = field(default_factory=lambda: ["arithmetic"])
     start: str = "sft"  # the checkpoint to improve: sft, or ppo if it exists

@@ -40,7 +40,7 @@ DEFAULT_SOURCES: dict[str, dict] = {
 class PretrainConfig:
     preset: str = "small"
     model: dict = field(default_factory=dict)  # overrides of the preset, e.g. {n_layer = 4}
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, batch_size=16, seq_len=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=16, seq_len=256))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     val_fraction: float = 0.02
     sample_prompt: str = "The capital of"
