@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as configlib
-from .common import PocketError, human
+from .common import PocketError, human, shutdown_distributed
 
 console = Console()
 
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     except PocketError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
+    shutdown_distributed()
     return 0
 
 

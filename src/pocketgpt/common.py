@@ -77,6 +77,14 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: every rank waits for the others, then gloo's threads are joined.
+    Exiting with the group alive lets one rank tear down the store under the other (SIGABRT at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: torch.device, info: DistInfo) -> torch.device:
     """Each torchrun process on a GPU machine drives its own GPU."""
     if device.type == "cuda" and info.enabled:
