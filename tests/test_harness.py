@@ -52,6 +52,7 @@ def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, tmp_pat
     for row, example in zip(rows, examples):
         assert row["question"] == example.question
         assert row["correct"] == task.verify(example, row["output"])
+        assert isinstance(row["tool_calls"], list)
     assert result.correct == sum(r["correct"] for r in rows)
     assert result.ci_low <= result.accuracy <= result.ci_high
 

@@ -121,7 +121,7 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
         bar = progress.add_task("eval", total=len(examples))
         # Similar lengths together: less padding per batch. Results go back to example order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        outputs: dict[int, tuple[str, str]] = {}
+        outputs: dict[int, tuple[str, str, list]] = {}
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = [prompts[i] for i in idx]
@@ -130,14 +130,14 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
             else:
                 done = engine.generate(batch, params)
             for i, c in zip(idx, done):
-                outputs[i] = (c.text.strip(), c.finish_reason)
+                outputs[i] = (c.text.strip(), c.finish_reason, c.calls if mode == "chat" else [])
             progress.advance(bar, len(idx))
     correct = 0
     for i, e in enumerate(examples):
-        text, finish = outputs[i]
+        text, finish, calls = outputs[i]
         ok = task.verify(e, text)
         correct += ok
-        rows.append({"index": i, "question": e.question, "answer": e.answer, "output": text,
+        rows.append({"index": i, "question": e.question, "answer": e.answer, "output": text, "tool_calls": calls,
                      "correct": ok, "finish_reason": finish, "meta": e.meta})
     lo, hi = wilson_interval(correct, len(examples))
     result = EvalResult(task.name, split, mode, style, shots, len(examples), correct, correct / len(examples), lo, hi)

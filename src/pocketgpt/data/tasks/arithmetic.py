@@ -16,7 +16,6 @@ from .base import Example, Task, assistant, final_answer, numbers
 from .tools import use_calculator
 
 QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.")
-ASCII = {"+": "+", "-": "-", "×": "*"}  # how the calculator is asked
 
 
 class Arithmetic(Task):
@@ -61,5 +60,7 @@ class Arithmetic(Task):
         return "\n".join([*worked_steps(m["a"], m["op"], m["b"]), f"Answer: {m['answer']}"])
 
     def tool(self, example: Example) -> list[dict]:
+        # The call repeats the sum as the question writes it ("872 - 65", × included): the same
+        # tokens, so the model copies rather than transliterates, the easiest thing for a small model.
         m = example.meta
-        return [*use_calculator(f"{m['a']}{ASCII[m['op']]}{m['b']}"), assistant(example.answer)]
+        return [*use_calculator(f"{m['a']} {m['op']} {m['b']}"), assistant(example.answer)]
