@@ -29,18 +29,21 @@ from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task
 @dataclass
 class GRPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=30, batch_size=16, seq_len=384, lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
-        eval_every=20, save_every=20, sample_every=10**9, log_every=1))
+        steps=20, batch_size=16, seq_len=384, lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        eval_every=10, save_every=10, sample_every=10**9, log_every=1))
     tasks: list = field(default_factory=lambda: ["arithmetic"])
     start: str = "sft"  # the checkpoint to improve: sft, or ppo if it exists
     prompts_per_task: int = 500
-    prompts_per_step: int = 8
-    group_size: int = 6  # G answers per problem
-    temperature: float = 1.0
+    # Most problems are out of reach at first, and a group with no right answer teaches nothing:
+    # many problems per step keep the gradient from hanging on one or two lucky groups (8 problems
+    # per step gave +2 to +14 points depending on the seed, 16 gave +14).
+    prompts_per_step: int = 16
+    group_size: int = 8  # G answers per problem
+    temperature: float = 0.7
     max_tokens: int = 192
     clip: float = 0.2
     beta: float = 0.0  # KL to the reference (k3); 0 = none, as in DAPO / Dr. GRPO
-    eval_n: int = 100  # held-out (validation split) problems per task for before/after accuracy
+    eval_n: int = 200  # held-out (validation split) problems per task for before/after accuracy
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
     seed: int = 0
 
@@ -56,7 +59,7 @@ class GRPOObjective:
         batch = rng.sample(self.prompts, min(cfg.prompts_per_step, len(self.prompts)))
         with torch.no_grad():
             outs = sample(policy, tok, batch, chat_params(tok, cfg.max_tokens, cfg.temperature, n=cfg.group_size,
-                                                           seed=cfg.seed + self.step))
+                                                           seed=cfg.seed + self.step), dtype=cfg.train.dtype)
             prompt_of = [batch[c.prompt_index] for c in outs]
             rewards = torch.tensor([float(p.task.verify(p.example, c.text)) for p, c in zip(prompt_of, outs)])
             groups = torch.tensor([c.prompt_index for c in outs])

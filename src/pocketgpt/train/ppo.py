@@ -91,7 +91,7 @@ class PPOObjective:
         rng = random.Random(f"{cfg.seed}:{self.rollouts_done}")
         prompts = rng.sample(self.prompts, min(cfg.rollout_size, len(self.prompts)))
         params = chat_params(tok, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
-        outs = sample(pv.policy, tok, prompts, params)
+        outs = sample(pv.policy, tok, prompts, params, dtype=cfg.train.dtype)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], tok.bos_id, self.device,
                             [c.action_mask for c in outs])
@@ -141,7 +141,7 @@ class PPOObjective:
 def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], cfg: PPOConfig, device) -> dict:
     """Mean reward, KL to the reference, entropy and accuracy of sampled answers to held-out prompts."""
     params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, seed=12345)
-    outs = sample(policy, tokenizer, prompts, params)
+    outs = sample(policy, tokenizer, prompts, params, dtype=cfg.train.dtype)
     seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
     ids, mask = collate(seqs, [len(p.ids) for p in prompts], tokenizer.bos_id, device, [c.action_mask for c in outs])
     lp, entropy = policy_logprobs(policy, ids, with_entropy=True)

@@ -34,11 +34,12 @@ RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multiho
 @dataclass
 class RewardConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=200, batch_size=6, seq_len=256, lr=3e-4, warmup_steps=10, eval_every=50, save_every=50,
+        steps=200, batch_size=6, seq_len=256, lr=6e-4, warmup_steps=10, eval_every=100, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
-    prompts_per_task: int = 120  # training prompts per task (each gets k completions)
-    val_prompts_per_task: int = 15
+    # Data matters more than steps: 120 prompts per task gave 81-84% held-out, 200 gave 86%.
+    prompts_per_task: int = 200  # training prompts per task (each gets k completions)
+    val_prompts_per_task: int = 30
     k: int = 6  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
     max_tokens: int = 128
@@ -82,7 +83,7 @@ def sampled_comparisons(model: GPT, tokenizer: Tokenizer, cfg: RewardConfig, spl
                         per_task: int) -> list[Comparison]:
     prompts = task_prompts(tokenizer, cfg.tasks, split, per_task, cfg.seed)
     params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
-    outs = sample(model, tokenizer, prompts, params)
+    outs = sample(model, tokenizer, prompts, params, dtype=cfg.train.dtype)
     rng, reward_id = random.Random(cfg.seed), tokenizer.special("<|reward|>")
     comparisons = []
     for i, p in enumerate(prompts):

@@ -11,6 +11,7 @@ so `mask` selects exactly the actions, and every per-token tensor has T-1 column
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -53,12 +54,17 @@ def chat_params(tokenizer: Tokenizer, max_tokens: int, temperature: float, n: in
 
 @torch.no_grad()
 def sample(model: GPT, tokenizer: Tokenizer, prompts: list[Prompt], params: SamplingParams,
-           batch_size: int = 32) -> list[Transcript]:
+           batch_size: int = 32, dtype: str = "float32") -> list[Transcript]:
     """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
     As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
-    action_mask tells the tokens the model chose from those the tools wrote."""
+    action_mask tells the tokens the model chose from those the tools wrote.
+
+    With a reduced `dtype` the answers are decoded by a copy of the weights in that precision
+    (bfloat16 decodes ~1.6x faster on a CPU), as RL systems decode with an inference engine; the
+    losses still score the sampled tokens with the full-precision model."""
     was_training = model.training
-    engine = Engine(model, tokenizer)
+    decoder = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
+    engine = Engine(decoder, tokenizer)
     tools = task_tools(default_world())
     per_batch = max(1, batch_size // params.n)
     outs = []
