@@ -37,10 +37,11 @@ class RewardConfig:
         steps=200, batch_size=6, seq_len=256, lr=6e-4, warmup_steps=10, eval_every=100, save_every=50,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
-    # Data matters more than steps: 120 prompts per task gave 81-84% held-out, 200 gave 86%.
-    prompts_per_task: int = 200  # training prompts per task (each gets k completions)
+    # Data matters more than steps, and pairs are cheapest as more completions per prompt (K(K-1)/2
+    # pairs for K samples): 200 prompts x K=6 gave 78.7% held-out, 150 x K=8 83.4%, sampling less.
+    prompts_per_task: int = 150  # training prompts per task (each gets k completions)
     val_prompts_per_task: int = 30
-    k: int = 6  # completions per prompt (InstructGPT used 4 to 9)
+    k: int = 8  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
     max_tokens: int = 128
     noise: float = 0.05  # chance that a labeler swaps two neighbouring ranks
