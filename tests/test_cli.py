@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -50,3 +51,23 @@ def test_tasks_list_and_export(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 300 and all(m["role"] in ("user", "assistant") for r in rows for m in r["messages"])
     assert main(["tasks", "export", "arithmetic", "--style", "poem", "--out", str(out)]) == 2
+
+
+def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
+    """The main job end to end (tiny settings); run again, every stage is skipped and the report
+    card keeps the time each stage took when it ran."""
+    command = [sys.executable, "-m", "pocketgpt.cli", "speedrun", "--quick", "--out", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    timing = json.loads((tmp_path / "speedrun.json").read_text())
+    assert list(timing["stage_seconds"]) == ["tokenizer", "pretrain", "sft", "rm", "ppo", "grpo", "eval"]
+    for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
+        assert (tmp_path / stage / "model.safetensors").exists()
+    assert "| arithmetic |" in (tmp_path / "report.md").read_text()
+
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already finished, skipped") == 6  # progress goes to stderr
+    retimed = json.loads((tmp_path / "speedrun.json").read_text())["stage_seconds"]
+    for stage in ("tokenizer", "pretrain", "sft", "rm", "ppo", "grpo"):
+        assert retimed[stage] == timing["stage_seconds"][stage]
