@@ -126,12 +126,12 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     times: dict[str, float] = {}
     t_start = time.time()
     worked: set[str] = set()  # stages that did work in this invocation (not all skipped)
-    current = ["tokenizer"]
+    current = "tokenizer"
 
     def stage(name: str, title: str):
+        nonlocal current
         console.rule(f"[bold]{title}")
-        times[name] = time.time()
-        current[0] = name
+        times[name], current = time.time(), name
 
     stage("tokenizer", "1. tokenizer")
     if (run_dir / "tokenizer" / "tokenizer.json").exists():
@@ -146,7 +146,7 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         if stage_done(run_dir / stage_dir, steps):
             console.print(f"{stage_dir}: already finished, skipped")
         else:
-            worked.add(current[0])
+            worked.add(current)
             run()
 
     stage("pretrain", "2. pretrain")
@@ -179,8 +179,8 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     previous = json.loads((run_dir / "speedrun.json").read_text())["stage_seconds"] \
         if (run_dir / "speedrun.json").exists() else {}
     durations = {name: d if name in worked else previous.get(name, d) for name, d in durations.items()}
-    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": sum(durations.values())})
-    report_path = write_report(run_dir)
     total = sum(durations.values())
+    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": total})
+    report_path = write_report(run_dir)
     console.print(f"pipeline {total:.0f}s (this invocation {time.time() - t_start:.0f}s); report card: {report_path}")
     return {"stage_seconds": durations, "report": str(report_path)}
