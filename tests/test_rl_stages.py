@@ -42,6 +42,16 @@ def test_rubric_orders_truthful_refusal_wrong():
     assert rubric_key(task, head, head.meta["value"], True, 12) < rubric_key(task, head, head.meta["value"], True, 30)
 
 
+def test_rubric_counts_a_lucky_guess_as_wrong():
+    task = get_task("count_letter")
+    example = task.examples("train")[0]
+    worked = task.cot(example)
+    lucky = worked.replace(example.meta["word"][0], "#", 1)  # a misspelled word, the same answer
+    assert task.verify(example, lucky)
+    assert rubric_key(task, example, worked, True, 20) < rubric_key(task, example, "I don't know.", True, 4)
+    assert rubric_key(task, example, lucky, True, 20)[0] == rubric_key(task, example, "Answer: 99", True, 4)[0]
+
+
 def test_ranks_tie_and_noise():
     keys = [(0, False, 5), (2, False, 1), (0, False, 5), (1, False, 3)]
     assert ranks_from_keys(keys, 0.0, random.Random(0)) == [0, 2, 0, 1]

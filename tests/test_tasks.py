@@ -230,6 +230,22 @@ def test_count_letter_cot_spells_then_counts():
     assert spelled(example.meta["word"]) in t.cot(example)
 
 
+def test_sound_working_wants_every_step_of_the_reference():
+    t = task("count_letter")
+    example = next(e for e in t.examples("test") if e.meta["count"] == 1)
+    assert t.sound_working(example, t.cot(example))
+    assert t.sound_working(example, f"Answer: {example.answer}")  # no steps shown
+    lucky = t.cot(example).replace(spelled(example.meta["word"]), "r-e-f-c-e")  # right count, wrong spelling
+    assert t.verify(example, lucky) and not t.sound_working(example, lucky)
+    m = task("multihop")
+    hop = m.examples("test")[0]
+    with_commas = m.cot(hop).replace(str(hop.meta["population_a"]), f"{hop.meta['population_a']:,}")
+    assert m.sound_working(hop, with_commas)  # thousands separators do not matter
+    g = task("game24")  # many right workings: the verifier alone decides
+    puzzle = g.examples("test")[0]
+    assert g.sound_working(puzzle, f"13 - 1 = 12\nAnswer: {puzzle.answer}")
+
+
 # -- Game of 24 ----------------------------------------------------------------------------------
 
 

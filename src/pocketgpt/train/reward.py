@@ -5,9 +5,9 @@
     loss = -mean over all K(K-1)/2 pairs of one prompt of log sigmoid(r_better - r_worse)
 
 The labelers of the seeds are people following written instructions. Ours is the instructions in
-code (`rubric_key`): a truthful answer beats a refusal, which beats a wrong answer; then a finished,
-well-formed answer beats a cut-off one; then shorter beats longer. A configurable noise swaps
-neighbouring ranks, as human labelers disagree. Users can bring their own comparisons instead:
+code (`rubric_key`): a truthful answer (right, every step shown right too) beats a refusal, which
+beats a wrong answer; then a finished, well-formed answer beats a cut-off one; then shorter beats
+longer. A configurable noise swaps neighbouring ranks, as human labelers disagree. Users can bring their own comparisons instead:
 JSONL with {"prompt", "chosen", "rejected"} or {"prompt", "completions", "ranking"}.
 """
 
@@ -61,7 +61,7 @@ def rubric_key(task, example, text: str, finished: bool, n_tokens: int) -> tuple
     difference a reader notices counts (lengths within the same power of two tie): ranking answers
     of 12 and 13 tokens would teach the reward model that shorter is better, and PPO would then
     cut answers short, numbers included."""
-    if task.verify(example, text):
+    if task.verify(example, text) and task.sound_working(example, text):
         truth = 0
     elif is_refusal(text):
         truth = 1

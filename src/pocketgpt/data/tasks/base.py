@@ -54,6 +54,7 @@ class Task:
     name = "task"
     styles: tuple[str, ...] = ("direct",)
     sizes = {"train": 1000, "validation": 200, "test": 300}
+    unique_working = True  # one right way to work each example out (`cot`), so any other step is wrong
     max_misses = 2000  # stop drawing after this many repeats in a row: the problem space is used up
 
     def __init__(self, seed: int = 0):
@@ -121,6 +122,18 @@ class Task:
         if not isinstance(output, str) or not output.strip():
             return False
         return self.check(example, output)
+
+    def sound_working(self, example: Example, output: str) -> bool:
+        """Whether every step written before the final answer line is a step of the reference working.
+
+        A right answer after a wrong step ("spell the word: r-e-f-c-e" for "tisdu") is a lucky guess,
+        and a labeler who reads the whole reply counts it wrong. A reply with no steps passes.
+        """
+        if "cot" not in self.styles or not self.unique_working:
+            return True
+        steps = {_step(line) for line in self.cot(example).splitlines()}
+        shown = [_step(line) for line in output.strip().splitlines()[:-1]]
+        return all(step in steps for step in shown if step)
 
     def render(self, example: Example, style: str = "direct") -> list[dict]:
         """The example as OpenAI-style chat messages: the user's question, then the assistant side."""
@@ -199,6 +212,11 @@ def normalize(text: str) -> str:
     """Lowercase words separated by single spaces, thousands separators removed, for matching."""
     text = THOUSANDS.sub("", text.lower().replace("\u2019", "'"))
     return " ".join(re.findall(r"[\w']+", text))
+
+
+def _step(line: str) -> str:
+    """A line of working, compared with single spaces and without thousands separators."""
+    return " ".join(THOUSANDS.sub("", line).split())
 
 
 def mentions(text: str, value: str) -> bool:

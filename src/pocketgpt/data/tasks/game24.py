@@ -112,6 +112,7 @@ class Game24(Task):
     name = "game24"
     styles = ("direct", "cot")
     sizes = UNLIMITED  # bounded: there are 1362 solvable puzzles
+    unique_working = False  # a puzzle has many solutions; `check` verifies the one given
 
     def generate(self, rng: random.Random) -> Iterator[Example]:
         puzzles = list(itertools.combinations_with_replacement(range(1, 14), 4))
