@@ -8,6 +8,8 @@ import torch
 
 from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.common import PocketError
+from pocketgpt.data.mixture import prepare_mixture
+from pocketgpt.data.sources import SourceSpec
 from pocketgpt.data.tasks import get_task
 from pocketgpt.train.grpo import GRPOConfig, grpo
 from pocketgpt.train.loop import TrainConfig
@@ -91,6 +93,10 @@ def test_collate_masks_exactly_the_completion():
 
 def test_reward_ppo_grpo_end_to_end(tiny_model, tokenizer, tmp_path):
     save_model(tiny_model, tmp_path / "sft", tokenizer, {"stage": "sft"})
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"pretraining text {i}. " * 20}) + "\n"
+                                                 for i in range(10)))
+    prepare_mixture([SourceSpec("text", "jsonl", path=str(tmp_path / "text.jsonl"))], tokenizer,
+                    tmp_path / "data", val_fraction=0.2)  # what PPO-ptx mixes in
     rm_cfg = RewardConfig(train=tiny_train(3), tasks=["compare_decimals", "factqa"], prompts_per_task=3,
                           val_prompts_per_task=2, k=3, max_tokens=12)
     rm_summary = reward_model(rm_cfg, tmp_path)
@@ -98,7 +104,8 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, tokenizer, tmp_path):
     assert rm.cfg.score_head and meta["meta"]["stage"] == "rm" and rm_summary["steps"] == 3
 
     ppo_cfg = PPOConfig(train=tiny_train(4, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
-                        prompts_per_task=8, rollout_size=4, ppo_epochs=2, max_tokens=10, eval_prompts_per_task=3)
+                        prompts_per_task=8, rollout_size=4, ppo_epochs=2, max_tokens=10, eval_prompts_per_task=3,
+                        ptx_batch_size=2, ptx_seq_len=32)
     summary = ppo(ppo_cfg, tmp_path)
     assert summary["steps"] == 4 and "heldout_reward" in summary["after"] and "heldout_entropy" in summary["before"]
     policy, _, _ = load_model(tmp_path / "ppo")
@@ -106,6 +113,7 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, tokenizer, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     ppo_records = [r for r in records if r["stage"] == "ppo" and "clipfrac" in r]
     assert len(ppo_records) == 4 and all(0 <= r["clipfrac"] <= 1 for r in ppo_records)
+    assert all(0 < r["ptx_loss"] < 20 for r in ppo_records)
 
     grpo_cfg = GRPOConfig(train=tiny_train(2, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
                           prompts_per_task=6, prompts_per_step=2, group_size=3, max_tokens=10, eval_n=4, beta=0.1)

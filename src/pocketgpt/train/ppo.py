@@ -8,6 +8,8 @@ end; every token also pays beta * (log pi - log pi_ref), a KL penalty that keeps
 SFT model (and away from reward hacking). GAE (gamma = 1, lambda ~ 0.95) turns the per-token rewards
 into advantages, whitened over the batch. Then several epochs of clipped policy and value updates
 on minibatches of that rollout; each minibatch update is one step of the shared training loop.
+Each update also takes a next-token loss on a batch of pretraining text (InstructGPT's PPO-ptx):
+RL on one reward drifts the whole network, and the pretraining loss pulls back what it forgets.
 
 Reward hacking is real: the report shows task accuracy before and after, not only the reward.
 """
@@ -23,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
 from ..common import atomic_write_json, console
+from ..data.mixture import MixtureLoader, load_streams
 from ..model import GPT
 from .loop import TrainConfig, Trainer, stage_setup
 from .reward import RM_TASKS
@@ -42,6 +45,9 @@ class PPOConfig:
     temperature: float = 1.0
     max_tokens: int = 128
     beta: float = 0.15  # KL penalty per token (0.05 let PPO trade 5 points of fact accuracy for reward here)
+    ptx_coef: float = 1.0  # weight of the pretraining loss in each update (0: plain PPO)
+    ptx_batch_size: int = 4  # rows of pretraining text per update, of ptx_seq_len tokens
+    ptx_seq_len: int = 256
     kl_bound: float = 8.0  # the run is reported as within bounds if the mean sequence KL stays below this
     clip: float = 0.2
     value_clip: float = 0.2
@@ -78,8 +84,9 @@ def score(rm: GPT, sequences: list[list[int]], reward_id: int, pad_id: int, devi
 
 
 class PPOObjective:
-    def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], device):
-        self.cfg, self.ref, self.rm, self.tok = cfg, ref, rm, tokenizer
+    def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], device,
+                 pretraining: MixtureLoader | None = None):
+        self.cfg, self.ref, self.rm, self.tok, self.pretraining = cfg, ref, rm, tokenizer, pretraining
         self.prompts, self.device = prompts, device
         self.rollouts_done = 0
         self.queue: list[tuple[Rollout, torch.Tensor]] = []
@@ -122,19 +129,26 @@ class PPOObjective:
         values = pv.value.scores(ids)[:, :-1]
         pl, pstats = ppo_policy_loss(lp, ro.old_logprobs[idx], ro.advantages[idx], mask, self.cfg.clip)
         vl, vstats = ppo_value_loss(values, ro.old_values[idx], ro.returns[idx], mask, self.cfg.value_clip)
-        return pl + self.cfg.vf_coef * vl, {**pstats, **vstats, "policy_loss": pl.item(), "value_loss": vl.item(),
-                                           **self.stats}
+        loss, stats = pl + self.cfg.vf_coef * vl, {"policy_loss": pl.item(), "value_loss": vl.item()}
+        if self.pretraining is not None:
+            x, y = self.pretraining.next_batch()
+            ptx = pv.policy(x.to(self.device), targets=y.to(self.device))
+            loss, stats["ptx_loss"] = loss + self.cfg.ptx_coef * ptx, ptx.item()
+        return loss, {**pstats, **vstats, **stats, **self.stats}
 
     def tokens_per_micro_step(self) -> int:
         return self.cfg.train.batch_size * self.cfg.max_tokens
 
     def state(self) -> dict:
         # A resumed run starts a fresh rollout from the restored policy (rollouts are seeded by index).
-        return {"rollouts_done": self.rollouts_done}
+        return {"rollouts_done": self.rollouts_done,
+                "pretraining": self.pretraining.state() if self.pretraining else None}
 
     def load_state(self, state: dict) -> None:
         self.rollouts_done = state["rollouts_done"]
         self.queue = []
+        if self.pretraining and state.get("pretraining"):
+            self.pretraining.load_state(state["pretraining"])
 
 
 @torch.no_grad()
@@ -152,10 +166,22 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], c
             "heldout_accuracy": sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)) / len(outs)}
 
 
+def pretraining_loader(cfg: PPOConfig, run_dir: Path, info) -> MixtureLoader | None:
+    """Batches of the run's pretraining mixture for PPO-ptx; None when it is off or the run has no data."""
+    if cfg.ptx_coef <= 0:
+        return None
+    if not (run_dir / "data").exists():
+        console.print(f"[yellow]ppo: {run_dir / 'data'} holds no pretraining data: PPO runs without the "
+                      "pretraining loss (ptx_coef ignored)[/]")
+        return None
+    streams, weights = load_streams(run_dir / "data", "train")
+    return MixtureLoader(streams, weights, cfg.ptx_batch_size, cfg.ptx_seq_len, cfg.seed, info.rank, info.world_size)
+
+
 def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    device, _, out_dir = stage_setup(tc, run_dir, "ppo", resume)
+    device, info, out_dir = stage_setup(tc, run_dir, "ppo", resume)
     policy, tokenizer, _ = load_model(run_dir / "sft", device)
     ref, _, _ = load_model(run_dir / "sft", device)
     rm, _, _ = load_model(run_dir / "rm", device)
@@ -168,7 +194,7 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     before = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
     console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device)
+    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining_loader(cfg, run_dir, info))
     trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
                       evaluate=lambda m: held_out(m.policy, ref, rm, tokenizer, val_prompts, cfg, device))
     if resume:
