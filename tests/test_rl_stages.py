@@ -40,8 +40,10 @@ def test_rubric_orders_truthful_refusal_wrong():
     longer = rubric_key(task, head, f"It is {head.meta['value']}.", True, 9)
     assert right < longer < cut_off < refuse < wrong
     # Concise counts only when the difference shows: 12 vs 13 tokens tie, 12 vs 30 do not.
-    assert rubric_key(task, head, head.meta["value"], True, 12) == rubric_key(task, head, head.meta["value"], True, 13)
-    assert rubric_key(task, head, head.meta["value"], True, 12) < rubric_key(task, head, head.meta["value"], True, 30)
+    keys = [rubric_key(task, head, head.meta["value"], True, n) for n in (12, 13, 30)]
+    assert ranks_from_keys(keys, 0.0, random.Random(0)) == [0, 0, 1]
+    # ... and only against a reply as truthful: a long right answer still beats a short wrong one.
+    assert ranks_from_keys([wrong, rubric_key(task, head, head.meta["value"], True, 30)], 0.0, random.Random(0)) == [1, 0]
 
 
 def test_rubric_counts_a_lucky_guess_as_wrong():

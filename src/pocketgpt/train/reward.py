@@ -57,21 +57,29 @@ class Comparison:
 
 
 def rubric_key(task, example, text: str, finished: bool, n_tokens: int) -> tuple:
-    """Smaller is better: truthful < refuses < wrong; then well-formed; then concise, where only a
-    difference a reader notices counts (lengths within the same power of two tie): ranking answers
-    of 12 and 13 tokens would teach the reward model that shorter is better, and PPO would then
-    cut answers short, numbers included."""
+    """What the labeler looks at, most important first (smaller is better): truthful < refuses <
+    wrong; then well-formed; then the length, which `ranks_from_keys` judges within the group."""
     if task.verify(example, text) and task.sound_working(example, text):
         truth = 0
     elif is_refusal(text):
         truth = 1
     else:
         truth = 2
-    return truth, not finished, max(1, n_tokens).bit_length()
+    return truth, not finished, n_tokens
 
 
 def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list[int]:
-    """Dense ranks (equal keys tie), then labeler noise: swap the ranks of two neighbouring levels."""
+    """Dense ranks (equal keys tie), then labeler noise: swap the ranks of two neighbouring levels.
+
+    Concise counts only where a reader notices: a reply at least twice as long as the shortest one
+    that is as truthful and as well-formed ranks below it; otherwise lengths tie. Ranking 12 tokens
+    above 13 taught the reward model that shorter is better, and PPO then rephrased facts it knew
+    into shorter sentences, some of them wrong.
+    """
+    shortest: dict[tuple, int] = {}
+    for *level, n in keys:
+        shortest[tuple(level)] = min(n, shortest.get(tuple(level), n))
+    keys = [(*level, n >= 2 * shortest[tuple(level)]) for *level, n in keys]
     levels = sorted(set(keys))
     ranks = [levels.index(k) for k in keys]
     if len(levels) > 1 and rng.random() < noise:
