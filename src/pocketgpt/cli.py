@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
          "your comparisons: [rm] data = [...] in the config), trains the pairwise ranking loss; writes RUN/rm."),
         ("ppo", "RLHF: PPO against the frozen reward model",
          "Policy from RUN/sft, value model from RUN/rm, per-token KL penalty to the SFT reference, GAE, "
-         "clipped updates; reports held-out reward, KL, entropy and accuracy before and after; writes RUN/ppo."),
+         "clipped updates, plus the next-token loss on RUN/data (PPO-ptx, [ppo] ptx_coef); reports held-out "
+         "reward, KL, entropy and accuracy before and after; writes RUN/ppo."),
         ("grpo", "RL on verifiable tasks (group-relative advantages)",
          "G answers per problem, reward from the task's verifier, advantages relative to the group; "
          "reports held-out accuracy before and after; writes RUN/grpo."),

@@ -44,10 +44,12 @@ class PPOConfig:
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_tokens: int = 128
-    beta: float = 0.15  # KL penalty per token (0.05 let PPO trade 5 points of fact accuracy for reward here)
-    ptx_coef: float = 1.0  # weight of the pretraining loss in each update (0: plain PPO)
+    beta: float = 0.05  # KL penalty per token
+    # Weight of the pretraining loss in each update (0: plain PPO). Without it, PPO here gave up 3-5
+    # points of head-fact or letter-counting accuracy for reward, whatever beta (0.05 to 0.3).
+    ptx_coef: float = 1.0
     ptx_batch_size: int = 4  # rows of pretraining text per update, of ptx_seq_len tokens
-    ptx_seq_len: int = 256
+    ptx_seq_len: int = 256  # at most the model's context
     kl_bound: float = 8.0  # the run is reported as within bounds if the mean sequence KL stays below this
     clip: float = 0.2
     value_clip: float = 0.2
@@ -166,7 +168,7 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], c
             "heldout_accuracy": sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)) / len(outs)}
 
 
-def pretraining_loader(cfg: PPOConfig, run_dir: Path, info) -> MixtureLoader | None:
+def pretraining_loader(cfg: PPOConfig, run_dir: Path, info, context: int) -> MixtureLoader | None:
     """Batches of the run's pretraining mixture for PPO-ptx; None when it is off or the run has no data."""
     if cfg.ptx_coef <= 0:
         return None
@@ -175,7 +177,8 @@ def pretraining_loader(cfg: PPOConfig, run_dir: Path, info) -> MixtureLoader | N
                       "pretraining loss (ptx_coef ignored)[/]")
         return None
     streams, weights = load_streams(run_dir / "data", "train")
-    return MixtureLoader(streams, weights, cfg.ptx_batch_size, cfg.ptx_seq_len, cfg.seed, info.rank, info.world_size)
+    return MixtureLoader(streams, weights, cfg.ptx_batch_size, min(cfg.ptx_seq_len, context), cfg.seed,
+                         info.rank, info.world_size)
 
 
 def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
@@ -194,7 +197,7 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     before = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
     console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining_loader(cfg, run_dir, info))
+    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining_loader(cfg, run_dir, info, policy.cfg.max_seq_len))
     trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
                       evaluate=lambda m: held_out(m.policy, ref, rm, tokenizer, val_prompts, cfg, device))
     if resume:
