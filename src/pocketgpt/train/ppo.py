@@ -35,8 +35,9 @@ from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task
 
 @dataclass
 class PPOConfig:
+    # lr 1e-5: 2e-5 raised the held-out reward as much, but held-out accuracy slipped (25.8% -> 24.2%).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=64, batch_size=8, seq_len=384, lr=2e-5, warmup_steps=0, schedule="constant", grad_clip=1.0,
+        steps=64, batch_size=8, seq_len=384, lr=1e-5, warmup_steps=0, schedule="constant", grad_clip=1.0,
         weight_decay=0.0, eval_every=16, save_every=16, sample_every=10**9, log_every=1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
     prompts_per_task: int = 200
