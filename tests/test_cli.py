@@ -63,7 +63,12 @@ def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
     assert list(timing["stage_seconds"]) == ["tokenizer", "pretrain", "sft", "rm", "ppo", "grpo", "eval"]
     for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
         assert (tmp_path / stage / "model.safetensors").exists()
-    assert "| arithmetic |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| arithmetic |" in report
+    stages = [line.split("|")[1].strip() for line in report.split("## Stages")[1].split("##")[0].splitlines()
+              if line.startswith("| ") and not line.startswith("| stage")]
+    assert stages == ["tokenizer", "base", "sft", "sft_naive", "rm", "ppo", "grpo"]  # in pipeline order
+    assert "val_pair_accuracy" in report  # the reward model's held-out accuracy
 
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]

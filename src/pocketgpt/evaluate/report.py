@@ -30,13 +30,14 @@ def stage_rows(run: Path) -> list[list[str]]:
     if tok:
         rows.append(["tokenizer", f"{tok['train_seconds']:.0f}s", "", f"{human(tok['train_chars'])} chars",
                      f"vocab {tok['vocab_size']}"])
-    for stage, _ in CHECKPOINTS + [("rm", "")]:
+    for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
         cfg = _load(run / stage / "config.json")
         if not cfg:
             continue
         s = cfg.get("meta", {}).get("summary", {})
         result = ", ".join(f"{k} {s[k]:.3f}" for k in ("loss", "val_loss", "val_bpb", "pair_accuracy",
-                                                       "reward", "kl") if isinstance(s.get(k), (int, float)))
+                                                       "val_pair_accuracy", "reward", "kl")
+                           if isinstance(s.get(k), (int, float)))
         rows.append([stage, f"{s.get('time_s', 0):.0f}s", str(s.get("steps", "")), human(s.get("tokens", 0)),
                      result])
     return rows
