@@ -198,7 +198,8 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     before = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
     console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining_loader(cfg, run_dir, info, policy.cfg.max_seq_len))
+    pretraining = pretraining_loader(cfg, run_dir, info, policy.cfg.max_seq_len)
+    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining)
     trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
                       evaluate=lambda m: held_out(m.policy, ref, rm, tokenizer, val_prompts, cfg, device))
     if resume:

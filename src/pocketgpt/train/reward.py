@@ -6,9 +6,10 @@
 
 The labelers of the seeds are people following written instructions. Ours is the instructions in
 code (`rubric_key`): a truthful answer (right, every step shown right too) beats a refusal, which
-beats a wrong answer; then a finished, well-formed answer beats a cut-off one; then shorter beats
-longer. A configurable noise swaps neighbouring ranks, as human labelers disagree. Users can bring their own comparisons instead:
-JSONL with {"prompt", "chosen", "rejected"} or {"prompt", "completions", "ranking"}.
+beats a wrong answer; then a finished, well-formed answer beats a cut-off one; then a reply half as
+long beats a longer one. A configurable noise swaps neighbouring ranks, as human labelers disagree.
+Users can bring their own comparisons instead: JSONL with {"prompt", "chosen", "rejected"} or
+{"prompt", "completions", "ranking"}.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class RewardConfig:
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
     # Data matters more than steps, and pairs are cheapest as more completions per prompt (K(K-1)/2
-    # pairs for K samples): 200 prompts x K=6 gave 78.7% held-out, 150 x K=8 83.4%, sampling less.
+    # pairs for K samples). With a rubric that only read the final answer, 200 prompts x K=6 gave
+    # 78.7% held-out and 150 x K=8 83.4%, sampling less; reading the working too, 90.6%.
     prompts_per_task: int = 150  # training prompts per task (each gets k completions)
     val_prompts_per_task: int = 30
     k: int = 8  # completions per prompt (InstructGPT used 4 to 9)
