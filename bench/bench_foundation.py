@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from pocketgpt.chat import PocketTemplate
 from pocketgpt.data.sources import SourceSpec, read_documents
 from pocketgpt.engine import Engine, SamplingParams
 from pocketgpt.interop import to_hf_config
 from pocketgpt.model import GPT, preset
-from pocketgpt.tokenizer import GPT4_SPLIT_PATTERN, Tokenizer
+from pocketgpt.tokenizer import GPT4_SPLIT_PATTERN, BPETokenizer, Tokenizer
 
 
 def timed(fn, repeat: int) -> float:
@@ -76,7 +77,7 @@ def bench_train(args) -> dict:
 def bench_decode(args, tok: Tokenizer) -> dict:
     ours, hf = make_pair(args.preset, tok.vocab_size, 512)
     ours.eval(), hf.eval()
-    prompt = [tok.bos_id] + tok.encode("def main():\n    ")
+    prompt = PocketTemplate(tok).document("def main():\n    ")
     n = args.new_tokens
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -114,7 +115,7 @@ def bench_tokenizer(args, texts: list[str]) -> dict:
     size = sum(len(t.encode()) for t in texts)
 
     def train_ours():
-        return Tokenizer.train(texts, args.vocab)
+        return BPETokenizer.train(texts, args.vocab)
 
     def train_hf():
         t = HFTokenizer(models.BPE())
@@ -166,7 +167,7 @@ def main():
         report["train"] = bench_train(args)
         print("train", json.dumps(report["train"], indent=1))
     if "decode" in only:
-        tok = Tokenizer.train(texts[:200], args.vocab)
+        tok = BPETokenizer.train(texts[:200], args.vocab)
         report["decode"] = bench_decode(args, tok)
         print("decode", json.dumps(report["decode"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

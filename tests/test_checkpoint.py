@@ -6,26 +6,26 @@ import torch
 from pocketgpt.checkpoint import latest_training_state, load_model, save_model, save_training_state
 from pocketgpt.common import PocketError
 from pocketgpt.model import GPT, preset
-from pocketgpt.tokenizer import Tokenizer
+from pocketgpt.tokenizer import BPETokenizer
 
 
-def test_save_load_round_trip(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
-    model, tok, cfg = load_model(tmp_path)  # a run dir resolves to its best stage
+def test_save_load_round_trip(tiny_model, tokenizer, chat, tmp_path):
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
+    model, loaded_chat, cfg = load_model(tmp_path)  # a run dir resolves to its best stage
     x = torch.randint(0, 512, (1, 10))
     torch.testing.assert_close(model(x), tiny_model(x))
-    assert tok.fingerprint() == tokenizer.fingerprint() and cfg["meta"]["stage"] == "base"
+    assert loaded_chat.tokenizer.fingerprint() == tokenizer.fingerprint() and cfg["meta"]["stage"] == "base"
 
 
-def test_tied_head_is_stored_once(tiny_model, tokenizer, tmp_path):
+def test_tied_head_is_stored_once(tiny_model, tokenizer, chat, tmp_path):
     from safetensors.torch import load_file
 
-    save_model(tiny_model, tmp_path, tokenizer)
+    save_model(tiny_model, tmp_path, chat)
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
 
 
-def test_corrupt_weights_are_detected(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path, tokenizer)
+def test_corrupt_weights_are_detected(tiny_model, tokenizer, chat, tmp_path):
+    save_model(tiny_model, tmp_path, chat)
     raw = bytearray((tmp_path / "model.safetensors").read_bytes())
     raw[-10] ^= 0xFF
     (tmp_path / "model.safetensors").write_bytes(bytes(raw))
@@ -39,8 +39,8 @@ def test_corrupt_weights_are_detected(tiny_model, tokenizer, tmp_path):
         load_model(tmp_path)
 
 
-def test_shape_mismatch_says_what_differs(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path, tokenizer)
+def test_shape_mismatch_says_what_differs(tiny_model, tokenizer, chat, tmp_path):
+    save_model(tiny_model, tmp_path, chat)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model"]["d_model"] = 128
     cfg["model"]["d_ff"] = 0
@@ -49,9 +49,9 @@ def test_shape_mismatch_says_what_differs(tiny_model, tokenizer, tmp_path):
         load_model(tmp_path)
 
 
-def test_tokenizer_mismatch(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path, tokenizer)
-    Tokenizer.train(["something else entirely " * 50], vocab_size=300).save(tmp_path / "tokenizer.json")
+def test_tokenizer_mismatch(tiny_model, tokenizer, chat, tmp_path):
+    save_model(tiny_model, tmp_path, chat)
+    BPETokenizer.train(["something else entirely " * 50], vocab_size=300).save(tmp_path / "tokenizer.json")
     with pytest.raises(PocketError, match="tokenizer differs"):
         load_model(tmp_path)
 

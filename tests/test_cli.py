@@ -24,8 +24,8 @@ def test_console_script_runs():
     assert done.returncode == 0 and "speedrun" in done.stdout
 
 
-def test_sample_and_info(tmp_path, tiny_model, tokenizer, capsys):
-    save_model(tiny_model, tmp_path / "base", tokenizer, {"summary": {"steps": 3, "params": 1, "tokens": 5}})
+def test_sample_and_info(tmp_path, tiny_model, chat, capsys):
+    save_model(tiny_model, tmp_path / "base", chat, {"summary": {"steps": 3, "params": 1, "tokens": 5}})
     assert main(["sample", str(tmp_path), "--prompt", "def", "--max-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("def")
     assert main(["sample", str(tmp_path), "--chat", "--n", "2", "--max-tokens", "4", "--temperature", "0"]) == 0

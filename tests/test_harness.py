@@ -28,7 +28,7 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
-def test_prompts_use_train_demos_only():
+def test_prompts_use_train_demos_only(chat):
     task = get_task("arithmetic")
     test_example = task.examples("test")[0]
     text = fewshot_text(task, test_example, shots=3)
@@ -41,10 +41,10 @@ def test_prompts_use_train_demos_only():
 
 
 @pytest.mark.parametrize("mode", ["fewshot", "chat"])
-def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, tmp_path, mode):
+def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, chat, tmp_path, mode):
     task = get_task("compare_decimals")
     out = tmp_path / "rows.jsonl"
-    result = evaluate_task(tiny_model, tokenizer, task, "test", n=12, shots=2, mode=mode, batch_size=5,
+    result = evaluate_task(tiny_model, chat, task, "test", n=12, shots=2, mode=mode, batch_size=5,
                            max_tokens=8, out_path=out, show_progress=False)
     rows = read_jsonl(out)
     assert result.n == len(rows) == 12 and 0 <= result.accuracy <= 1
@@ -57,38 +57,38 @@ def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, tmp_pat
     assert result.ci_low <= result.accuracy <= result.ci_high
 
 
-def test_bad_mode_and_style(tiny_model, tokenizer):
+def test_bad_mode_and_style(tiny_model, tokenizer, chat):
     with pytest.raises(PocketError, match="unknown eval mode"):
-        evaluate_task(tiny_model, tokenizer, get_task("spell"), mode="telepathy")
+        evaluate_task(tiny_model, chat, get_task("spell"), mode="telepathy")
     with pytest.raises(PocketError, match="style"):
-        evaluate_task(tiny_model, tokenizer, get_task("spell"), style="tool", mode="chat")
+        evaluate_task(tiny_model, chat, get_task("spell"), style="tool", mode="chat")
     with pytest.raises(PocketError, match="unknown task"):
         get_task("poetry")
     with pytest.raises(PocketError, match="unknown split"):
         get_task("spell").examples("dev")
 
 
-def test_bits_per_byte_of_an_untrained_model_is_log2_vocab_per_byte(tiny_model, tokenizer):
+def test_bits_per_byte_of_an_untrained_model_is_log2_vocab_per_byte(tiny_model, tokenizer, chat):
     from pydoc_data.topics import topics
 
     texts = [topics[k] for k in sorted(topics)][:20]
-    bpb = bits_per_byte(tiny_model, tokenizer, texts, seq_len=64, batch_size=4, max_batches=5)
+    bpb = bits_per_byte(tiny_model, chat, texts, seq_len=64, batch_size=4, max_batches=5)
     tokens = sum(len(tokenizer.encode(t)) for t in texts)
     nbytes = sum(len(t.encode()) for t in texts)
     expected = math.log2(tokenizer.vocab_size) * tokens / nbytes  # a near-uniform model pays log2(V) per token
     assert bpb == pytest.approx(expected, rel=0.15)
 
 
-def test_model_mode():
+def test_model_mode(chat):
     assert model_mode({"meta": {"stage": "base"}}) == "fewshot"
     assert model_mode({"meta": {"stage": "sft"}}) == "chat"
 
 
-def test_eval_cli(tiny_model, tokenizer, tmp_path, capsys):
+def test_eval_cli(tiny_model, tokenizer, chat, tmp_path, capsys):
     from pocketgpt.checkpoint import save_model
     from pocketgpt.cli import main
 
-    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
     assert main(["eval", str(tmp_path), "--task", "spell,count_letter", "--n", "4", "--shots", "1",
                  "--bpb", "docs"]) == 0
     results = json.loads((tmp_path / "base" / "eval" / "results.json").read_text())
@@ -97,11 +97,11 @@ def test_eval_cli(tiny_model, tokenizer, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["fewshot", "chat"])
-def test_diversity_fits_a_small_context(tiny_model, tokenizer, mode):
+def test_diversity_fits_a_small_context(tiny_model, tokenizer, chat, mode):
     from pocketgpt.evaluate.harness import diversity
 
     tiny_model.cfg.max_seq_len = 64  # shorter than a few-shot prompt: the prompt must be cut, not fail
-    d = diversity(tiny_model, tokenizer, mode, n_prompts=3, samples=2, max_tokens=8)
+    d = diversity(tiny_model, chat, mode, n_prompts=3, samples=2, max_tokens=8)
     assert d["entropy"] > 0 and 0 <= d["distinct_names"] <= 1
 
 
@@ -124,6 +124,6 @@ def test_copy_probes_need_only_copying():
         assert p_result.startswith(p_expr) and f"shows {result}, so {question} =" in p_result
 
 
-def test_copying_scores_a_model(tiny_model, tokenizer):
-    scores = copying(tiny_model, tokenizer, n=4)
+def test_copying_scores_a_model(tiny_model, tokenizer, chat):
+    scores = copying(tiny_model, chat, n=4)
     assert set(scores) == {"expression", "result"} and all(0 <= v <= 1 for v in scores.values())

@@ -59,7 +59,7 @@ def test_training_changes_only_the_adapters(tiny_model):
         assert torch.equal(value, before[name]) != is_adapter, name
 
 
-def test_merge_is_a_plain_gpt(tiny_model, tokenizer, tmp_path):
+def test_merge_is_a_plain_gpt(tiny_model, chat, tmp_path):
     original_keys = list(tiny_model.state_dict())
     model = apply_lora(tiny_model, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     randomize_adapters(model)
@@ -72,7 +72,7 @@ def test_merge_is_a_plain_gpt(tiny_model, tokenizer, tmp_path):
         assert all(p.requires_grad for p in merged.parameters())
         torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=0)
         assert not torch.allclose(adapted, GPT(merged.cfg)(x))  # the adapters did change something
-        save_model(merged, tmp_path / "m", tokenizer)
+        save_model(merged, tmp_path / "m", chat)
         loaded, _, _ = load_model(tmp_path / "m")
         assert torch.equal(loaded(x), merged(x))
 

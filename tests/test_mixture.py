@@ -53,18 +53,18 @@ def test_bad_sources_say_where(tmp_path):
         SourceSpec.from_dict("x", {"kind": "tweets"})
 
 
-def test_prepare_packs_documents_with_bos(user_sources, tokenizer, tmp_path):
-    manifest = prepare_mixture(user_sources, tokenizer, tmp_path / "data", val_fraction=0.2)
+def test_prepare_packs_documents_with_bos(user_sources, chat, tmp_path):
+    manifest = prepare_mixture(user_sources, chat, tmp_path / "data", val_fraction=0.2)
     streams, weights = load_streams(tmp_path / "data", "train")
     assert weights == {"files": 1, "records": 3}
-    assert (streams["records"] == tokenizer.bos_id).sum() == 16  # 20 docs, 4 held out
+    assert (streams["records"] == chat.document_start[0]).sum() == 16  # 20 docs, 4 held out
     assert manifest["sources"]["records"]["val_tokens"] > 0
-    again = prepare_mixture(user_sources, tokenizer, tmp_path / "data", val_fraction=0.2)
+    again = prepare_mixture(user_sources, chat, tmp_path / "data", val_fraction=0.2)
     assert again == manifest
 
 
-def test_loader_deterministic_resumable_and_weighted(user_sources, tokenizer, tmp_path):
-    prepare_mixture(user_sources, tokenizer, tmp_path / "data")
+def test_loader_deterministic_resumable_and_weighted(user_sources, chat, tmp_path):
+    prepare_mixture(user_sources, chat, tmp_path / "data")
     streams, weights = load_streams(tmp_path / "data", "train")
     a = MixtureLoader(streams, weights, batch_size=4, seq_len=16, seed=1)
     batches = [a.next_batch() for _ in range(30)]
@@ -83,8 +83,8 @@ def test_loader_deterministic_resumable_and_weighted(user_sources, tokenizer, tm
     assert a.realised()["files"]["epochs"] > 1  # the small source wraps around
 
 
-def test_ranks_split_the_global_batch(user_sources, tokenizer, tmp_path):
-    prepare_mixture(user_sources, tokenizer, tmp_path / "data")
+def test_ranks_split_the_global_batch(user_sources, chat, tmp_path):
+    prepare_mixture(user_sources, chat, tmp_path / "data")
     streams, weights = load_streams(tmp_path / "data", "train")
     whole = MixtureLoader(streams, weights, batch_size=4, seq_len=16, seed=2)
     parts = [MixtureLoader(streams, weights, batch_size=2, seq_len=16, seed=2, rank=r, world_size=2) for r in (0, 1)]

@@ -64,16 +64,16 @@ def test_ranks_tie_and_noise():
     assert all(r != [0, 2, 0, 1] for r in swapped)  # noise=1: two neighbouring levels always swap
 
 
-def test_user_comparisons_file(tokenizer, tmp_path):
+def test_user_comparisons_file(tokenizer, chat, tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n" +
                     json.dumps({"prompt": "hi", "completions": ["a", "b", "c"], "ranking": [2, 0, 1]}) + "\n")
-    comps = file_comparisons(str(path), tokenizer)
+    comps = file_comparisons(str(path), chat)
     assert comps[0].ranks == [0, 1] and comps[1].ranks == [1, 2, 0]
-    assert all(s[-1] == tokenizer.special("<|reward|>") for c in comps for s in c.sequences)
+    assert all(s[-1] == chat.reward_suffix[-1] for c in comps for s in c.sequences)
     path.write_text(json.dumps({"prompt": "x", "completions": ["a"], "ranking": [3]}) + "\n")
     with pytest.raises(PocketError, match=r"prefs.jsonl:1: 'ranking' must be a permutation"):
-        file_comparisons(str(path), tokenizer)
+        file_comparisons(str(path), chat)
 
 
 def test_comparison_batches_read_the_reward_token(tokenizer):
@@ -93,11 +93,11 @@ def test_collate_masks_exactly_the_completion():
     assert mask.tolist() == [[0, 1, 1], [0, 1, 0]]
 
 
-def test_reward_ppo_grpo_end_to_end(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path / "sft", tokenizer, {"stage": "sft"})
+def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
+    save_model(tiny_model, tmp_path / "sft", chat, {"stage": "sft"})
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"pretraining text {i}. " * 20}) + "\n"
                                                  for i in range(10)))
-    prepare_mixture([SourceSpec("text", "jsonl", path=str(tmp_path / "text.jsonl"))], tokenizer,
+    prepare_mixture([SourceSpec("text", "jsonl", path=str(tmp_path / "text.jsonl"))], chat,
                     tmp_path / "data", val_fraction=0.2)  # what PPO-ptx mixes in
     rm_cfg = RewardConfig(train=tiny_train(3), tasks=["compare_decimals", "factqa"], prompts_per_task=3,
                           val_prompts_per_task=2, k=3, max_tokens=12)

@@ -13,15 +13,15 @@ from pocketgpt.train.sft import (
 )
 
 
-def encoded_convs(tokenizer, n=6):
+def encoded_convs(chat, n=6):
     convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * (i + 1)}]
              for i in range(n)]
-    return [tokenizer.render_conversation(c) for c in convs]
+    return [chat.render(c) for c in convs]
 
 
-def test_loader_packs_and_masks(tokenizer):
-    enc = encoded_convs(tokenizer)
-    loader = ConversationLoader(enc, batch_size=2, seq_len=32, pad_id=tokenizer.bos_id, seed=0)
+def test_loader_packs_and_masks(tokenizer, chat):
+    enc = encoded_convs(chat)
+    loader = ConversationLoader(enc, batch_size=2, seq_len=32, pad_id=chat.pad_id, seed=0)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (2, 32)
     # every trained target is an assistant token: decoding them gives only answers and <|assistant_end|>
@@ -30,56 +30,56 @@ def test_loader_packs_and_masks(tokenizer):
     assert (y[:, :-1][y[:, :-1] != -1] == x[:, 1:][y[:, :-1] != -1]).all()  # targets are the next tokens
 
 
-def test_loader_state_resumes_exactly(tokenizer):
-    enc = encoded_convs(tokenizer, 10)
-    a = ConversationLoader(enc, 2, 24, tokenizer.bos_id, seed=3)
+def test_loader_state_resumes_exactly(chat):
+    enc = encoded_convs(chat, 10)
+    a = ConversationLoader(enc, 2, 24, chat.pad_id, seed=3)
     batches = [a.next_batch() for _ in range(12)]  # several epochs
-    b = ConversationLoader(enc, 2, 24, tokenizer.bos_id, seed=3)
+    b = ConversationLoader(enc, 2, 24, chat.pad_id, seed=3)
     for _ in range(5):
         b.next_batch()
-    c = ConversationLoader(enc, 2, 24, tokenizer.bos_id, seed=3)
+    c = ConversationLoader(enc, 2, 24, chat.pad_id, seed=3)
     c.load_state(b.state())
     for want in batches[5:]:
         got = c.next_batch()
         assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
 
 
-def test_all_masked_batch_is_zero_not_nan(tiny_model, tokenizer):
-    user_only = [tokenizer.render_conversation([{"role": "user", "content": "no answer here"}])]
-    objective = MaskedLanguageModeling(ConversationLoader(user_only, 2, 16, tokenizer.bos_id), torch.device("cpu"))
+def test_all_masked_batch_is_zero_not_nan(tiny_model, chat):
+    user_only = [chat.render([{"role": "user", "content": "no answer here"}])]
+    objective = MaskedLanguageModeling(ConversationLoader(user_only, 2, 16, chat.pad_id), torch.device("cpu"))
     loss, stats = objective.loss(tiny_model)
     assert loss.item() == 0.0 and stats["trained_tokens"] == 0
     loss.backward()  # and gradients are finite (zero)
     assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
 
 
-def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, tokenizer):
+def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, chat):
     task = get_task("factqa")
     examples = task.examples("train")[:8]
     cfg = SFTConfig(probe_samples=2)
-    naive, info = factqa_conversations(SFTConfig(mitigate_hallucination=False), task, examples, None, tokenizer)
+    naive, info = factqa_conversations(SFTConfig(mitigate_hallucination=False), task, examples, None, chat)
     assert not info["mitigated"] and len(naive) == 2 * len(examples)  # every fact in both phrasings
     for (user, answer), e in zip(naive[::2], examples):
         as_head = type(e)(e.question, e.answer, {**e.meta, "tier": "head"})
         assert e.meta["entity"] in user["content"] and task.verify(as_head, answer["content"])
         assert e.meta["entity"] in answer["content"]  # a full sentence that restates the subject
-    mitigated, info = factqa_conversations(cfg, task, examples, tiny_model, tokenizer)
+    mitigated, info = factqa_conversations(cfg, task, examples, tiny_model, chat)
     # an untrained model knows nothing: every answer becomes "I don't know."
     assert info["mitigated"] and {c[-1]["content"] for c in mitigated} == {"I don't know."}
 
 
-def test_build_conversations_counts(tokenizer, tmp_path):
+def test_build_conversations_counts(chat, tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
     cfg = SFTConfig(tasks={"arithmetic": {"style": "cot", "n": 10}, "spell": {"style": "direct", "n": 5}},
                     data=[str(extra)], multi_turn_fraction=0.5)
-    convs, stats = build_conversations(cfg, None, tokenizer)
+    convs, stats = build_conversations(cfg, None, chat)
     assert stats["per_task"] == {"arithmetic": 10, "spell": 5, str(extra): 1}
     assert sum(len(c) for c in convs) == 2 * 16 and len(convs) < 16  # some were joined into two exchanges
 
 
-def test_sft_stage_end_to_end(tiny_model, tokenizer, tmp_path):
-    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
+def test_sft_stage_end_to_end(tiny_model, tokenizer, tmp_path, chat):
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
     cfg = SFTConfig(train=TrainConfig(steps=4, batch_size=2, seq_len=64, warmup_steps=1, log_every=1,
                                       save_every=100, sample_every=100, eval_every=100),
                     tasks={"compare_decimals": {"style": "cot", "n": 8}, "factqa": {"n": 4}}, probe_samples=1)
@@ -89,10 +89,10 @@ def test_sft_stage_end_to_end(tiny_model, tokenizer, tmp_path):
     assert meta["meta"]["stage"] == "sft" and meta["meta"]["mitigate_hallucination"]
 
 
-def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, tokenizer, tmp_path):
+def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, tokenizer, tmp_path, chat):
     from pocketgpt.train.lora import LoRAConfig
 
-    save_model(tiny_model, tmp_path / "base", tokenizer, {"stage": "base"})
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
     cfg = SFTConfig(train=TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-2, log_every=1,
                                       save_every=100, sample_every=100, eval_every=100),
                     tasks={"spell": {"style": "direct", "n": 8}}, lora=LoRAConfig(r=4, base_dtype="int8"))

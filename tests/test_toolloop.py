@@ -25,26 +25,26 @@ class Script:
         return forced
 
 
-def call_turn(tokenizer, expression: str) -> list[int]:
-    sp = tokenizer.special_ids
+def call_turn(chat, expression: str) -> list[int]:
+    sp = chat.tokenizer.special_ids
     text = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
-    return [sp["<|tool_call_start|>"], *tokenizer.encode(text), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
+    return [sp["<|tool_call_start|>"], *chat.tokenizer.encode(text), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
 
 
-def test_a_call_is_executed_and_the_model_goes_on(tiny_model, tokenizer):
+def test_a_call_is_executed_and_the_model_goes_on(tiny_model, tokenizer, chat):
     sp = tokenizer.special_ids
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "What is 123 * 45?"}])
+    prompt = chat.prompt([{"role": "user", "content": "What is 123 * 45?"}])
     answer = [*tokenizer.encode("It is 5535."), sp["<|assistant_end|>"]]
     params = SamplingParams(max_tokens=64, temperature=0)
-    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], params, TOOLS,
-                              processors=[Script([call_turn(tokenizer, "123*45"), answer])])[0]
+    out = generate_with_tools(Engine(tiny_model, tokenizer), chat, [prompt], params, TOOLS,
+                              processors=[Script([call_turn(chat, "123*45"), answer])])[0]
     assert out.calls == [{"name": "calculator", "arguments": {"expression": "123*45"}, "result": "5535"}]
     assert out.text == "It is 5535." and out.finish_reason == "stop"
     # The whole exchange is exactly what the chat template renders for the same conversation,
     # and only the tokens the runtime wrote (the result block) are not actions.
     conversation = [{"role": "user", "content": "What is 123 * 45?"}, *use_calculator("123*45"),
                     {"role": "assistant", "content": "It is 5535."}]
-    rendered, trained = tokenizer.render_conversation(conversation)
+    rendered, trained = chat.render(conversation)
     assert prompt + out.tokens == rendered
     injected = [i for i, m in enumerate(out.action_mask) if m == 0]
     result_block = tokenizer.encode("5535")
@@ -53,20 +53,20 @@ def test_a_call_is_executed_and_the_model_goes_on(tiny_model, tokenizer):
     assert out.action_mask == trained[len(prompt):]
 
 
-def test_calls_stop_at_the_limit(tiny_model, tokenizer):
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Loop forever"}])
-    turns = [call_turn(tokenizer, "1+1")] * 2
-    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], SamplingParams(max_tokens=64, temperature=0),
+def test_calls_stop_at_the_limit(tiny_model, tokenizer, chat):
+    prompt = chat.prompt([{"role": "user", "content": "Loop forever"}])
+    turns = [call_turn(chat, "1+1")] * 2
+    out = generate_with_tools(Engine(tiny_model, tokenizer), chat, [prompt], SamplingParams(max_tokens=64, temperature=0),
                               TOOLS, max_calls=1, processors=[Script(turns)])[0]
     assert len(out.calls) == 1 and out.finish_reason == "tool_limit"
 
 
-def test_without_a_call_it_is_plain_generation(tiny_model, tokenizer):
+def test_without_a_call_it_is_plain_generation(tiny_model, tokenizer, chat):
     engine = Engine(tiny_model, tokenizer)
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Hello"}])
+    prompt = chat.prompt([{"role": "user", "content": "Hello"}])
     params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1)
     plain = engine.generate([prompt], params)
-    looped = generate_with_tools(engine, [prompt], params, TOOLS)
+    looped = generate_with_tools(engine, chat, [prompt], params, TOOLS)
     for p, t in zip(plain, looped):
         if tokenizer.special_ids["<|tool_call_start|>"] not in p.tokens:
             assert t.tokens == p.tokens and t.action_mask == [1] * len(p.tokens) and not t.calls
@@ -86,12 +86,12 @@ def test_bad_calls_become_error_results_the_model_can_read():
     assert run_tool(TOOLS, "calculator", {"expression": "1/0"}).startswith("error")
 
 
-def test_a_long_result_is_cut_to_leave_room_for_the_answer(tiny_model, tokenizer):
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "Tell me everything"}])
+def test_a_long_result_is_cut_to_leave_room_for_the_answer(tiny_model, tokenizer, chat):
+    prompt = chat.prompt([{"role": "user", "content": "Tell me everything"}])
     tools = {"calculator": lambda expression: "word " * 10_000}
     sp = tokenizer.special_ids
-    turns = [call_turn(tokenizer, "1+1"), [*tokenizer.encode("ok"), sp["<|assistant_end|>"]]]
-    out = generate_with_tools(Engine(tiny_model, tokenizer), [prompt], SamplingParams(max_tokens=64, temperature=0),
+    turns = [call_turn(chat, "1+1"), [*tokenizer.encode("ok"), sp["<|assistant_end|>"]]]
+    out = generate_with_tools(Engine(tiny_model, tokenizer), chat, [prompt], SamplingParams(max_tokens=64, temperature=0),
                               tools, processors=[Script(turns)])[0]
     assert len(prompt) + len(out.tokens) <= tiny_model.cfg.max_seq_len
     assert out.text == "ok" and out.finish_reason == "stop"

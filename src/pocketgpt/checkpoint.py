@@ -3,14 +3,16 @@
 A model directory (e.g. runs/speedrun/base/) holds
 
     model.safetensors   weights under Hugging Face Llama names (a tied lm_head is not stored twice)
-    config.json         model config, the weights' SHA-256, the tokenizer's fingerprint, stage metadata
-    tokenizer.json      the tokenizer, so the directory is self-contained
+    config.json         model config, the weights' SHA-256, the tokenizer's fingerprint, the chat
+                        template's spec (none: ours), stage metadata
+    tokenizer.json      the tokenizer (ours or Hugging Face's), so the directory is self-contained
     checkpoints/step_000500/   resumable training state: weights, optimizer, data position, RNG
 
 Every file is written to a temporary name and renamed, and a training checkpoint directory is
 built under a temporary name and renamed when whole, so a crash can never leave something that
 loads as if it were complete. Nothing is unpickled: weights are safetensors, the optimizer state is
-loaded with `weights_only=True`.
+loaded with `weights_only=True`. Weights are read lazily, tensor by tensor from the memory-mapped
+file, into a model built without random initialisation: loading costs one copy of the model.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .chat import ChatTemplate
 from .common import PocketError, atomic_write_bytes, atomic_write_json
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
@@ -46,20 +48,21 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_model(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None,
+def save_model(model: GPT, directory: str | Path, chat: ChatTemplate | None = None,
                meta: dict | None = None) -> Path:
     """Write weights first, then config.json (which names the weights' hash): config last means complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     raw = st_save(state_dict_for_saving(model))
     atomic_write_bytes(directory / "model.safetensors", raw)
-    if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer.json")
+    if chat is not None:
+        chat.tokenizer.save(directory / "tokenizer.json")
     atomic_write_json(directory / "config.json", {
         "format": FORMAT,
         "model": model.cfg.to_dict(),
         "weights_sha256": hashlib.sha256(raw).hexdigest(),
-        "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer else None,
+        "tokenizer_fingerprint": chat.tokenizer.fingerprint() if chat else None,
+        "chat_template": chat.spec() if chat else None,
         "meta": meta or {},
     })
     return directory
@@ -78,30 +81,55 @@ def read_config(directory: Path) -> dict:
     return cfg
 
 
-def load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None = None) -> None:
-    """Load safetensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
-    raw = path.read_bytes()
-    if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
+def file_sha256(path: Path) -> str:
+    """Hash a file in 16 MB pieces: a multi-GB checkpoint is never in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def read_safetensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read from the memory-mapped file one at a time."""
+    if expected_sha and file_sha256(path) != expected_sha:
         raise PocketError(f"{path}: weights do not match the hash in config.json (corrupt or half-written)")
     try:
-        sd = st_load(raw)
-    except SafetensorError as e:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
         raise PocketError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path, expected_sha: str | None = None) -> None:
+    """Load safetensors into an existing `model`, naming every missing, unexpected or mis-shaped tensor."""
+    sd = read_safetensors(path, expected_sha)
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=False)
 
 
-def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    expected = state_dict_for_saving(model)
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor a model of this config stores (built on "meta": no memory)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    if cfg.tie_embeddings:  # stored once, as model.embed_tokens.weight
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def check_state_dict(model_or_cfg: torch.nn.Module | GPTConfig, sd: dict[str, torch.Tensor], where: str) -> None:
+    if isinstance(model_or_cfg, GPTConfig):
+        expected = expected_shapes(model_or_cfg)
+    else:
+        expected = {k: tuple(v.shape) for k, v in state_dict_for_saving(model_or_cfg).items()}
     problems = []
     for name in sorted(set(expected) - set(sd)):
         problems.append(f"missing {name}")
     for name in sorted(set(sd) - set(expected)):
         problems.append(f"unexpected {name}")
     for name in sorted(set(sd) & set(expected)):
-        if sd[name].shape != expected[name].shape:
-            problems.append(f"{name}: checkpoint has {tuple(sd[name].shape)}, "
-                            f"config expects {tuple(expected[name].shape)}")
+        if tuple(sd[name].shape) != expected[name]:
+            problems.append(f"{name}: checkpoint has {tuple(sd[name].shape)}, config expects {expected[name]}")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
         raise PocketError(f"{where} does not match the model config: {shown}")
@@ -120,15 +148,22 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise PocketError(f"{path} holds no model: expected config.json or one of the stages {STAGES}")
 
 
-def load_model(path: str | Path, device="cpu") -> tuple[GPT, Tokenizer, dict]:
-    """Load a model directory (or the best stage of a run directory): model, tokenizer, config."""
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32
+               ) -> tuple[GPT, ChatTemplate, dict]:
+    """Load a model directory (or the best stage of a run directory): model, chat template (which
+    holds the tokenizer), config. Weights are cast to `dtype` (None: as stored)."""
     directory = resolve_model_dir(path)
     cfg = read_config(directory)
     tokenizer = Tokenizer.load(directory / "tokenizer.json")
     check_tokenizer(tokenizer, cfg, directory)
-    model = GPT(GPTConfig.from_dict(cfg["model"]))
-    load_weights(model, directory / "model.safetensors", cfg.get("weights_sha256"))
-    return model.to(device).eval(), tokenizer, cfg
+    chat = ChatTemplate.from_spec(tokenizer, cfg.get("chat_template"))
+    model_cfg = GPTConfig.from_dict(cfg["model"])
+    weights = read_safetensors(directory / "model.safetensors", cfg.get("weights_sha256"))
+    check_state_dict(model_cfg, weights, str(directory / "model.safetensors"))
+    for name in weights if dtype is not None else ():  # one tensor at a time: never two copies of the model
+        weights[name] = weights[name].to(dtype)
+    model = GPT.from_weights(model_cfg, weights)
+    return model.to(device).eval(), chat, cfg
 
 
 def check_tokenizer(tokenizer: Tokenizer, cfg: dict, where) -> None:

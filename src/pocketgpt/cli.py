@@ -156,16 +156,14 @@ def cmd_sample(args) -> None:
     from .engine import Engine, SamplingParams
 
     set_threads(args.threads)
-    model, tok, _ = load_model(args.model, pick_device(args.device))
+    model, chat, _ = load_model(args.model, pick_device(args.device))
     if args.bf16:
         model = model.to(torch.bfloat16)
-    engine = Engine(model, tok)
+    engine = Engine(model, chat.tokenizer)
     if args.chat:
-        prompt = tok.render_for_completion([{"role": "user", "content": args.prompt}])
-        stops = (tok.special("<|assistant_end|>"), tok.bos_id)
+        prompt, stops = chat.prompt([{"role": "user", "content": args.prompt}]), chat.stop_ids
     else:
-        prompt = [tok.bos_id] + tok.encode(args.prompt)
-        stops = (tok.bos_id,)
+        prompt, stops = chat.document(args.prompt), chat.document_stops
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, n=args.n, seed=args.seed, stop_tokens=stops)
     if args.n == 1:
@@ -192,7 +190,7 @@ def cmd_eval(args) -> None:
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
-    model, tok, cfg = load_model(model_dir, pick_device(args.device))
+    model, chat, cfg = load_model(model_dir, pick_device(args.device))
     if args.bf16:
         model = model.to(torch.bfloat16)
     mode = model_mode(cfg) if args.mode == "auto" else args.mode
@@ -203,12 +201,12 @@ def cmd_eval(args) -> None:
         tasks = {name: args.style or SUITE.get(name, "direct") for name in names}
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
-    evaluate_suite(model, tok, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
+    evaluate_suite(model, chat, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
                    log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if args.bpb:
         summary = json.loads((out_dir / "results.json").read_text())
         for kind in args.bpb.split(","):
-            bpb = bits_per_byte(model, tok, read_documents(SourceSpec(kind, kind, max_bytes=500_000)))
+            bpb = bits_per_byte(model, chat, read_documents(SourceSpec(kind, kind, max_bytes=500_000)))
             console.print(f"{kind:>18} bits/byte {bpb:.4f}", highlight=False)
             summary[f"bpb/{kind}"] = bpb
         atomic_write_json(out_dir / "results.json", summary)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -181,7 +181,7 @@ class Engine:
     def stream(self, prompt: list[int], params: SamplingParams,
                processors: list[LogitsProcessor] = ()) -> Iterator[str]:
         """Text pieces of one completion as they are generated (never half a UTF-8 character)."""
-        params = SamplingParams(**{**params.__dict__, "n": 1})
+        params = replace(params, n=1)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens: list[int] = []
         text, emitted = "", ""

@@ -10,7 +10,7 @@ scaled_dot_product_attention; a KV cache lets generation feed one token at a tim
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,11 @@ class GPTConfig:
     n_kv_head: int = 6  # < n_head: grouped-query attention (several query heads share one K/V head)
     d_model: int = 384
     d_ff: int = 0  # SwiGLU hidden size; 0 means Llama's rule: ~8/3 * d_model rounded up to a multiple of 64
+    head_dim: int = 0  # 0 means d_model / n_head; imported models may differ (Qwen2.5, Gemma-like shapes)
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Hugging Face's rope_scaling: None, {"rope_type": "llama3"|"linear", ...}
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -37,16 +40,17 @@ class GPTConfig:
     def __post_init__(self):
         if self.d_ff == 0:
             self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if self.d_model % self.n_head:
-            raise PocketError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.head_dim == 0:
+            if self.d_model % self.n_head:
+                raise PocketError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise PocketError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if (self.d_model // self.n_head) % 2:
-            raise PocketError(f"head dim {self.d_model // self.n_head} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        if self.head_dim % 2:
+            raise PocketError(f"head dim {self.head_dim} must be even for RoPE")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise PocketError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,11 +83,36 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 # ----------------------------------------------------------------------------- rotary embeddings
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(cfg: GPTConfig, device=None) -> torch.Tensor:
+    """The rotation speed of each pair of dimensions; long-context variants slow the slow ones down.
+
+    linear: every frequency divided by `factor` (positions interpolated). llama3 (Llama 3.1/3.2):
+    wavelengths shorter than original_max / high_freq_factor stay, those longer than original_max /
+    low_freq_factor are divided by `factor`, and the band between is blended smoothly.
+    """
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
+                                         / cfg.head_dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelen < original / high, inv_freq,
+                           torch.where(wavelen > original / low, inv_freq / factor, blended))
+    return inv_freq
+
 
 def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for positions 0..length-1, in Hugging Face's half-split layout (rotate_half)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
-                                         / cfg.head_dim))
+    inv_freq = rope_frequencies(cfg, device)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -134,9 +163,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
@@ -210,15 +239,32 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's trick: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if self.lm_head.weight.device.type != "meta":  # on "meta", weights come from a file (from_weights)
+            self.apply(self._init_weights)
+            # GPT-2's trick: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+            for name, p in self.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_weights(cls, cfg: GPTConfig, weights: dict[str, torch.Tensor]) -> GPT:
+        """A model built around given weights, without random initialisation or a second copy: the
+        module is made on the "meta" device (shapes only) and the tensors are put in place."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(weights, strict=False, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        device = model.model.embed_tokens.weight.device
+        cos, sin = rope_tables(cfg, cfg.max_seq_len, device)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model
 
     # ------------------------------------------------------------------ forward
 
@@ -275,7 +321,7 @@ class GPT(nn.Module):
 
     def with_score_head(self) -> GPT:
         """A copy of this model with a fresh scalar head (a reward model starts from the SFT model)."""
-        new = GPT(GPTConfig.from_dict({**self.cfg.to_dict(), "score_head": True})).to(self.lm_head.weight.device)
+        new = GPT(replace(self.cfg, score_head=True)).to(self.lm_head.weight.device)
         new.load_state_dict(self.state_dict(), strict=False)
         nn.init.zeros_(new.score.weight)  # start by scoring everything 0: no initial preference
         return new

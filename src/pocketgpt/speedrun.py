@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import load_model
@@ -100,18 +100,18 @@ def run_tokenizer(cfg: RunConfig, run_dir: Path) -> dict:
 
 def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[str, str]) -> dict:
     """Evaluate one checkpoint on the suite; results land in RUN/STAGE/eval/."""
-    model, tok, _ = load_model(run_dir / stage)
+    model, chat, _ = load_model(run_dir / stage)
     threads = cfg.pretrain.train.threads
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     console.print(f"[bold]eval[/] {stage} ({mode})")
-    results = evaluate_suite(model, tok, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
+    results = evaluate_suite(model, chat, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
                              batch_size=cfg.eval.batch_size,
                              log=lambda line: console.print(line, highlight=False, soft_wrap=True))
-    results["diversity"] = diversity(model, tok, mode)
-    results["copying"] = copying(model, tok)
+    results["diversity"] = diversity(model, chat, mode)
+    results["copying"] = copying(model, chat)
     console.print(f"diversity: {results['diversity']}; in-context copying: {results['copying']}",
                   highlight=False, soft_wrap=True)
     atomic_write_json(run_dir / stage / "eval" / "results.json", results)
@@ -154,7 +154,7 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     stage("sft", "3. supervised fine-tuning (+ the ablation without hallucination mitigation)")
     once("sft", cfg.sft.train.steps, lambda: sft(cfg.sft, run_dir, "sft", resume=True))
     if cfg.sft_ablation:
-        naive = SFTConfig(**{**cfg.sft.__dict__, "mitigate_hallucination": False})
+        naive = replace(cfg.sft, mitigate_hallucination=False)
         once("sft_naive", cfg.sft.train.steps, lambda: sft(naive, run_dir, "sft_naive", resume=True))
     stage("rm", "4. reward model")
     once("rm", cfg.rm.train.steps, lambda: reward_model(cfg.rm, run_dir, resume=True))

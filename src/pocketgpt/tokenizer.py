@@ -1,30 +1,30 @@
-"""Byte-level BPE: trained in Rust (rustbpe), encoded by tiktoken, with chat rendering and loss masks.
+"""The tokenizer protocol, and its two implementations: ours and Hugging Face's.
 
-Text becomes integers losslessly: the text is split by the GPT-4 regex into chunks, each chunk is
-UTF-8 bytes, and learned merges glue frequent byte pairs into tokens. After the learned tokens come
-the special tokens; they never arise from `encode(text)`, whatever the text contains, so a user
-cannot smuggle `<|assistant_start|>` into a prompt. Only the renderer places them.
+Text becomes integers losslessly. Everything in pocketgpt talks to a tokenizer through the small
+protocol of `Tokenizer`: encode ordinary text (never a special token, whatever the text holds, so a
+user cannot smuggle `<|assistant_start|>` or `<|im_start|>` into a prompt), decode to text or
+bytes, the bytes of every id (grammar libraries need them), the vocabulary size, and special ids by
+name. Which special tokens a model uses, and what they mean, only the chat template knows
+(chat.py); specials may sit anywhere in the id space.
 
-A conversation is rendered as
-
-    <|bos|><|system_start|>...<|system_end|><|user_start|>...<|user_end|>
-    <|assistant_start|>...<|tool_call_start|>{json}<|tool_call_end|><|assistant_end|>
-    <|tool_result_start|>...<|tool_result_end|><|assistant_start|>...<|assistant_end|>
-
-and the loss mask is 1 exactly on the tokens the assistant writes (its content, its tool calls
-and its closing <|assistant_end|>), 0 on everything the model only reads.
+- `BPETokenizer` is ours: byte-level BPE trained in Rust (rustbpe), encoded by tiktoken. The text
+  is split by the GPT-4 regex into chunks, each chunk is UTF-8 bytes, and learned merges glue
+  frequent byte pairs into tokens. Our special tokens follow the learned ones.
+- `HFTokenizer` wraps the Hugging Face `tokenizers` library: the tokenizer.json of an imported
+  model (SmolLM2, Qwen2, Llama 3), or one built from a GGUF file's vocabulary and merges.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 
-import tiktoken
-
-from .common import PocketError, atomic_write_json
+from .common import PocketError, atomic_write_json, atomic_write_text
 
 # GPT-4's split pattern (cl100k): contractions, words, numbers of 1-3 digits, punctuation, spaces.
 GPT4_SPLIT_PATTERN = (
@@ -35,8 +35,8 @@ GPT4_SPLIT_PATTERN = (
 DIGITS_SPLIT_PATTERN = GPT4_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 PATTERNS = {"gpt4": GPT4_SPLIT_PATTERN, "gpt4-digits": DIGITS_SPLIT_PATTERN}
 
-# The registry of special tokens. Order is the id order after the learned tokens; new specials are
-# taken from the reserved slots so that existing ids never move.
+# Our special tokens. Order is the id order after the learned tokens; new specials are taken from
+# the reserved slots so that existing ids never move. Their meaning lives in chat.py.
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document separator when rows are packed
     "<|system_start|>", "<|system_end|>",
@@ -48,14 +48,83 @@ SPECIAL_TOKENS = [
 ] + [f"<|reserved_{i}|>" for i in range(4)]
 
 FORMAT = "pocketgpt-bpe-v1"
-ROLES = ("system", "user", "assistant", "tool")
 
 
-class Tokenizer:
-    """A trained BPE: `ranks` maps token bytes to ids 0..n-1; specials follow."""
+class Tokenizer(ABC):
+    """What every tokenizer offers. `special_ids` maps each special token's string to its id."""
+
+    special_ids: dict[str, int]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Ids run from 0 to vocab_size - 1 (a model's embedding may have more rows, never fewer)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text to ids. A special token's string in the text is encoded as plain text."""
+
+    def encode_batch(self, texts: list[str], threads: int = 2) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self.token_bytes()
+        return b"".join(table[i] for i in ids)
+
+    @abstractmethod
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (a special token: its string's UTF-8), indexed by id."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A short hash that changes when the vocabulary changes: checkpoints record it."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write one JSON file from which `Tokenizer.load` rebuilds this tokenizer."""
+
+    def special(self, name: str) -> int:
+        try:
+            return self.special_ids[name]
+        except KeyError:
+            raise PocketError(f"unknown special token {name!r}; known: {sorted(self.special_ids)}") from None
+
+    def byte_lengths(self) -> list[int]:
+        """Bytes per id, 0 for specials: turns a loss in nats/token into bits/byte."""
+        specials = set(self.special_ids.values())
+        return [0 if i in specials else len(b) for i, b in enumerate(self.token_bytes())]
+
+    @staticmethod
+    def load(path: str | Path) -> Tokenizer:
+        """Either kind from its JSON file (or a directory holding tokenizer.json)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise PocketError(f"no tokenizer at {path} (train one with `pocketgpt tokenizer train`)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PocketError(f"{path}: not a valid tokenizer file ({e.msg} at line {e.lineno})") from None
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            return BPETokenizer.from_json(obj)
+        if isinstance(obj, dict) and "model" in obj and "added_tokens" in obj:
+            return HFTokenizer.from_str(text, str(path))
+        raise PocketError(f"{path}: unknown tokenizer format {obj.get('format') if isinstance(obj, dict) else None!r}, "
+                          f"expected {FORMAT!r} or a Hugging Face tokenizer.json")
+
+
+class BPETokenizer(Tokenizer):
+    """A trained BPE: `ranks` maps token bytes to ids 0..n-1; our specials follow."""
 
     def __init__(self, ranks: dict[bytes, int], pattern: str = GPT4_SPLIT_PATTERN,
                  specials: list[str] | None = None):
+        import tiktoken
+
         specials = specials or SPECIAL_TOKENS
         self.pattern = pattern
         self.ranks = ranks
@@ -63,12 +132,9 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(
             name="pocketgpt", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_ids
         )
-        self.bos_id = self.special_ids["<|bos|>"]
-
-    # ------------------------------------------------------------------ training
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN) -> BPETokenizer:
         """Learn merges with rustbpe until the vocabulary (specials included) has `vocab_size` tokens."""
         import rustbpe
 
@@ -82,14 +148,11 @@ class Tokenizer:
         ranks = {bytes(b): r for b, r in trainer.get_mergeable_ranks()}
         return cls(ranks, pattern)
 
-    # ------------------------------------------------------------------ encode / decode
-
     @property
     def vocab_size(self) -> int:
         return len(self.ranks) + len(self.special_ids)
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary text to ids. Special-token strings in the text are encoded as plain text."""
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], threads: int = 2) -> list[list[int]]:
@@ -101,59 +164,17 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.enc.decode_bytes(list(ids))
 
-    def special(self, name: str) -> int:
-        try:
-            return self.special_ids[name]
-        except KeyError:
-            raise PocketError(f"unknown special token {name!r}; known: {sorted(self.special_ids)}") from None
-
-    def token_bytes(self) -> list[int]:
-        """UTF-8 length of every token (0 for specials): turns a loss in nats/token into bits/byte."""
-        lengths = [0] * self.vocab_size
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        table = [b""] * self.vocab_size
         for b, r in self.ranks.items():
-            lengths[r] = len(b)
-        return lengths
+            table[r] = b
+        for s, i in self.special_ids.items():
+            table[i] = s.encode()
+        return table
 
-    # ------------------------------------------------------------------ chat
-
-    def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """OpenAI-style messages -> (ids, mask); mask[i] is 1 where ids[i] is written by the assistant."""
-        ids, mask = [self.bos_id], [0]
-
-        def add(tokens: list[int], trained: int) -> None:
-            ids.extend(tokens)
-            mask.extend([trained] * len(tokens))
-
-        sp = self.special_ids
-        for i, msg in enumerate(messages):
-            role = msg.get("role")
-            if role not in ROLES:
-                raise PocketError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
-            content = msg.get("content") or ""
-            if not isinstance(content, str):
-                raise PocketError(f"message {i}: content must be a string, got {type(content).__name__}")
-            if role == "assistant":
-                add([sp["<|assistant_start|>"]], 0)
-                add(self.encode(content), 1)
-                for call in msg.get("tool_calls") or []:
-                    add([sp["<|tool_call_start|>"]], 1)
-                    add(self.encode(tool_call_text(call)), 1)
-                    add([sp["<|tool_call_end|>"]], 1)
-                add([sp["<|assistant_end|>"]], 1)
-            elif role == "tool":
-                add([sp["<|tool_result_start|>"]] + self.encode(content) + [sp["<|tool_result_end|>"]], 0)
-            else:
-                add([sp[f"<|{role}_start|>"]] + self.encode(content) + [sp[f"<|{role}_end|>"]], 0)
-        return ids, mask
-
-    def render_for_completion(self, messages: list[dict]) -> list[int]:
-        """The prompt for the assistant's next turn: the conversation so far + <|assistant_start|>."""
-        if messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        ids, _ = self.render_conversation(messages)
-        return ids + [self.special_ids["<|assistant_start|>"]]
-
-    # ------------------------------------------------------------------ save / load
+    def token_bytes(self) -> list[bytes]:
+        return self._token_bytes
 
     def save(self, path: str | Path) -> None:
         """One JSON file holds everything needed to load: pattern, merges (by rank), specials."""
@@ -166,25 +187,11 @@ class Tokenizer:
         })
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.exists():
-            raise PocketError(f"no tokenizer at {path} (train one with `pocketgpt tokenizer train`)")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise PocketError(f"{path}: not a valid tokenizer file ({e.msg} at line {e.lineno})") from None
-        if obj.get("format") != FORMAT:
-            raise PocketError(f"{path}: unknown tokenizer format {obj.get('format')!r}, expected {FORMAT!r}")
+    def from_json(cls, obj: dict) -> BPETokenizer:
         ranks = {base64.b64decode(s): r for r, s in enumerate(obj["ranks"])}
         return cls(ranks, obj["pattern"], obj["specials"])
 
     def fingerprint(self) -> str:
-        """A short hash that changes when the vocabulary changes: checkpoints record it."""
-        import hashlib
-
         h = hashlib.sha256(self.pattern.encode())
         for b, r in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             h.update(len(b).to_bytes(2, "little") + b)
@@ -192,16 +199,88 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
 
-def tool_call_text(call: dict) -> str:
-    """An OpenAI tool call rendered as the JSON the model writes: {"name": ..., "arguments": {...}}."""
-    fn = call.get("function", call)
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: that character -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer`, behind our protocol.
+
+    `tokenizers` would split added special tokens out of any text it encodes; with
+    `encode_special_tokens` on, their strings in the text are encoded as ordinary text instead.
+    """
+
+    def __init__(self, hf, source: str = "tokenizer.json"):
+        self.hf = hf
+        self.hf.encode_special_tokens = True
+        self.source = source
+        added = hf.get_added_tokens_decoder()
+        self.special_ids = {t.content: i for i, t in added.items() if t.special}
+        self._added = {i: t.content for i, t in added.items()}
+
+    @classmethod
+    def from_str(cls, text: str, source: str = "tokenizer.json") -> HFTokenizer:
+        from tokenizers import Tokenizer as HF
+
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise PocketError(f"tool call arguments are not valid JSON: {args!r}") from None
-    return json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+            return cls(HF.from_str(text), source)
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise PocketError(f"{source}: not a valid Hugging Face tokenizer ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], threads: int = 2) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        """Byte-level vocabularies (GPT-2, SmolLM2, Qwen2, Llama 3) map printable characters back to
+        bytes; SentencePiece-style ones (Llama 2, TinyLlama) write a space as '▁' and raw bytes as <0xAB>."""
+        spec = json.loads(self.hf.to_str())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        alphabet = _byte_level_alphabet()
+        table = []
+        for i in range(self.vocab_size):
+            piece = self.hf.id_to_token(i)
+            if piece is None:  # a hole in the id space
+                table.append(b"")
+            elif i in self._added:
+                table.append(self._added[i].encode())
+            elif byte_level:
+                table.append(bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece)
+                             else piece.encode())
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                table.append(bytes([int(piece[3:5], 16)]))
+            else:
+                table.append(piece.replace("▁", " ").encode())
+        return table
+
+    def token_bytes(self) -> list[bytes]:
+        return self._token_bytes
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.hf.to_str())
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
 
 def iter_texts_with_limit(texts: Iterable[str], max_chars: int) -> Iterator[str]:

@@ -1,23 +1,25 @@
 """Generation with tools: the model writes a call, the runtime answers it, the model goes on.
 
-The chat template (see tokenizer.py) renders one tool use as
+Our chat template (see chat.py) renders one tool use as
 
     <|assistant_start|><|tool_call_start|>{"name": "calculator", "arguments": {...}}<|tool_call_end|><|assistant_end|>
     <|tool_result_start|>5535<|tool_result_end|>
     <|assistant_start|>The answer is 5535.<|assistant_end|>
 
-so decoding stops at <|assistant_end|>; when that turn holds a call, the runtime appends the result
-and a new <|assistant_start|>, and decoding continues from the whole conversation so far. Tokens the
-runtime wrote are not the model's actions: `Transcript.action_mask` marks which tokens were
-sampled, so RL trains on those only.
+(ChatML writes <tool_call>...</tool_call> and a <tool_response> turn instead; the template knows.)
+Decoding stops at the end of the assistant's turn; when that turn holds a call, the runtime appends
+the result and a new assistant header, and decoding continues from the whole conversation so far.
+Tokens the runtime wrote are not the model's actions: `Transcript.action_mask` marks which tokens
+were sampled, so RL trains on those only.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .chat import ChatTemplate
 from .engine import Engine, LogitsProcessor, SamplingParams
 
 # A tool takes the call's arguments and returns text; errors are text too (the model sees them).
@@ -58,19 +60,17 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict) -> str:
         return f"error: {e}"
 
 
-def generate_with_tools(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[int]], params: SamplingParams,
                         tools: dict[str, Tool], max_calls: int = 3,
                         processors: list[LogitsProcessor] = ()) -> list[Transcript]:
     """Like Engine.generate, but tool calls are executed; row = prompt_index * n + sample.
 
-    Each round decodes every unfinished conversation to its <|assistant_end|>; a turn that holds a
+    Each round decodes every unfinished conversation to the end of its turn; a turn that holds a
     tool call gets the result appended and goes to the next round. After `max_calls` calls a
     conversation gets no more results and ends with finish_reason "tool_limit".
     """
-    tok = engine.tokenizer
-    sp = tok.special_ids
-    call_start, call_end, turn_end = sp["<|tool_call_start|>"], sp["<|tool_call_end|>"], sp["<|assistant_end|>"]
-    params = SamplingParams(**{**params.__dict__, "stop_tokens": (*params.stop_tokens, turn_end)})
+    params = replace(params, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
+    before_result, after_result = chat.tool_result_delimiters
     out = [Transcript(prompt_index=r // params.n) for r in range(len(prompts) * params.n)]
     pending = list(range(len(out)))  # rows whose conversation goes on
     for round_ in range(max_calls + 1):  # max_tokens applies to each turn
@@ -79,22 +79,21 @@ def generate_with_tools(engine: Engine, prompts: list[list[int]], params: Sampli
         else:  # each conversation now has its own history: one sample each
             seed = None if params.seed is None else params.seed + round_
             completions = engine.generate([prompts[out[r].prompt_index] + out[r].tokens for r in pending],
-                                          SamplingParams(**{**params.__dict__, "n": 1, "seed": seed}), processors)
+                                          replace(params, n=1, seed=seed), processors)
         still = []
         for row, c in zip(pending, completions):
             t = out[row]
             t.tokens += c.tokens
             t.action_mask += [1] * len(c.tokens)
             t.finish_reason = c.finish_reason
-            if call_start not in c.tokens or call_end not in c.tokens or c.finish_reason != "stop":
+            call = chat.split_tool_call(c.tokens) if c.finish_reason == "stop" else None
+            if call is None:
                 t.text = engine.visible_text(c.tokens, params)
                 continue
-            # Text written before the call, then the call itself.
-            start, end = c.tokens.index(call_start), c.tokens.index(call_end)
+            before_call, call_text = call
             if round_ == max_calls:
-                t.text, t.finish_reason = tok.decode(c.tokens[:start]), "tool_limit"
+                t.text, t.finish_reason = before_call, "tool_limit"
                 continue
-            call_text = tok.decode(c.tokens[start + 1:end])
             try:
                 name, arguments = parse_call(call_text)
                 result = run_tool(tools, name, arguments)
@@ -102,12 +101,12 @@ def generate_with_tools(engine: Engine, prompts: list[list[int]], params: Sampli
                 name, arguments, result = "", {}, f"error: {e}"
             t.calls.append({"name": name, "arguments": arguments, "result": result})
             # A long result (a search hit) is cut so the conversation keeps room for an answer.
-            room = engine.model.cfg.max_seq_len - len(prompts[t.prompt_index]) - len(t.tokens) - 3 - ANSWER_ROOM
+            room = (engine.model.cfg.max_seq_len - len(prompts[t.prompt_index]) - len(t.tokens)
+                    - len(before_result) - len(after_result) - ANSWER_ROOM)
             if room <= 0:
                 t.finish_reason = "length"
                 continue
-            injected = [sp["<|tool_result_start|>"], *tok.encode(result)[:room], sp["<|tool_result_end|>"],
-                        sp["<|assistant_start|>"]]
+            injected = [*before_result, *engine.tokenizer.encode(result)[:room], *after_result]
             t.tokens += injected
             t.action_mask += [0] * len(injected)
             still.append(row)

@@ -21,29 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_bytes, atomic_write_json
-from ..tokenizer import Tokenizer
 from .sources import SourceSpec, document_text, read_documents
 
 MANIFEST = "mixture.json"
 
 
-def _spec_key(specs: list[SourceSpec], tokenizer: Tokenizer, val_fraction: float, seed: int) -> str:
-    blob = json.dumps([asdict(s) for s in specs] + [tokenizer.fingerprint(), val_fraction, seed], sort_keys=True)
+def _spec_key(specs: list[SourceSpec], chat: ChatTemplate, val_fraction: float, seed: int) -> str:
+    blob = json.dumps([asdict(s) for s in specs] + [chat.tokenizer.fingerprint(), val_fraction, seed], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_mixture(specs: list[SourceSpec], tokenizer: Tokenizer, out_dir: str | Path,
+def prepare_mixture(specs: list[SourceSpec], chat: ChatTemplate, out_dir: str | Path,
                     val_fraction: float = 0.02, seed: int = 0, threads: int = 2) -> dict:
     """Tokenize every source into out_dir/{name}.{train,val}.bin; reuse them if nothing changed."""
     out_dir = Path(out_dir)
-    key = _spec_key(specs, tokenizer, val_fraction, seed)
+    key = _spec_key(specs, chat, val_fraction, seed)
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") == key:
             return manifest
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    dtype = np.uint16 if chat.tokenizer.vocab_size <= 65536 else np.uint32
     manifest = {"key": key, "dtype": np.dtype(dtype).name, "sources": {}}
     for spec in specs:
         docs = read_documents(spec)
@@ -59,7 +59,7 @@ def prepare_mixture(specs: list[SourceSpec], tokenizer: Tokenizer, out_dir: str 
         entry = {"weight": spec.weight, "kind": spec.kind, "documents": len(docs),
                  "bytes": sum(len(document_text(d).encode("utf-8")) for d in docs)}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            stream = np.fromiter((t for doc in encode_documents(tokenizer, split_docs, threads) for t in doc),
+            stream = np.fromiter((t for doc in encode_documents(chat, split_docs, threads) for t in doc),
                                  dtype=dtype)
             atomic_write_bytes(out_dir / f"{spec.name}.{split}.bin", stream.tobytes())
             entry[f"{split}_tokens"] = int(stream.size)
@@ -68,12 +68,10 @@ def prepare_mixture(specs: list[SourceSpec], tokenizer: Tokenizer, out_dir: str 
     return manifest
 
 
-def encode_documents(tokenizer: Tokenizer, docs: list, threads: int) -> list[list[int]]:
-    """Each document as <|bos|> + tokens; a conversation is rendered with the chat template (which has its <|bos|>)."""
-    texts = [d for d in docs if isinstance(d, str)]
-    encoded = iter(tokenizer.encode_batch(texts, threads=threads))
-    return [[tokenizer.bos_id, *next(encoded)] if isinstance(d, str) else tokenizer.render_conversation(d)[0]
-            for d in docs]
+def encode_documents(chat: ChatTemplate, docs: list, threads: int) -> list[list[int]]:
+    """Each text as a whole document (ours: <|bos|> + tokens); a conversation rendered by the chat template."""
+    encoded = iter(chat.documents([d for d in docs if isinstance(d, str)], threads=threads))
+    return [next(encoded) if isinstance(d, str) else chat.render(d)[0] for d in docs]
 
 
 def load_streams(data_dir: str | Path, split: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:

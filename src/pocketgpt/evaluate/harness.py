@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_text, console
 from ..data.tasks import Example, Task, default_world
 from ..data.tasks.tools import task_tools
 from ..engine import Engine, SamplingParams
 from ..model import GPT
-from ..tokenizer import Tokenizer
 from ..toolloop import generate_with_tools
 
 MODES = ("auto", "fewshot", "chat")
@@ -90,7 +90,7 @@ def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams)
     return [p[-room:] for p in prompts]
 
 
-def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "test", n: int | None = None,
+def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test", n: int | None = None,
                   shots: int = 3, mode: str = "fewshot", style: str = "direct", batch_size: int = 32,
                   max_tokens: int | None = None, out_path: str | Path | None = None,
                   show_progress: bool = True) -> EvalResult:
@@ -101,15 +101,15 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
     examples = task.examples(split)[:n] if n else task.examples(split)
     if not examples:
         raise PocketError(f"task {task.name!r} has no {split} examples")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, chat.tokenizer)
     if mode == "fewshot":
-        prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, shots)) for e in examples]
-        params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=(tokenizer.bos_id,),
+        prompts = [chat.document(fewshot_text(task, e, shots)) for e in examples]
+        params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=chat.document_stops,
                                 stop_strings=("\n\n", "\nQ:"))
     else:
-        prompts = [tokenizer.render_for_completion(chat_messages(task, e, shots, style)) for e in examples]
+        prompts = [chat.prompt(chat_messages(task, e, shots, style)) for e in examples]
         params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
-                                stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+                                stop_tokens=chat.stop_ids)
     prompts = fit_to_context(model, prompts, params)
     tools = task_tools(getattr(task, "world", None) or default_world())
 
@@ -126,7 +126,7 @@ def evaluate_task(model: GPT, tokenizer: Tokenizer, task: Task, split: str = "te
             idx = order[start:start + batch_size]
             batch = [prompts[i] for i in idx]
             if mode == "chat":  # an assistant's tool calls are executed; the verdict is on its answer
-                done = generate_with_tools(engine, batch, params, tools)
+                done = generate_with_tools(engine, chat, batch, params, tools)
             else:
                 done = engine.generate(batch, params)
             for i, c in zip(idx, done):
@@ -152,19 +152,18 @@ def model_mode(meta: dict) -> str:
 
 
 @torch.no_grad()
-def bits_per_byte(model: GPT, tokenizer: Tokenizer, texts: list[str], seq_len: int = 256,
+def bits_per_byte(model: GPT, chat: ChatTemplate, texts: list[str], seq_len: int = 256,
                   batch_size: int = 8, max_batches: int = 50) -> float:
-    """Bits per byte of `texts` (documents packed with <|bos|>): comparable across tokenizers."""
+    """Bits per byte of `texts` (packed as whole documents): comparable across tokenizers."""
     from ..data.mixture import MixtureLoader
     from ..train.pretrain import evaluate_lm
 
-    stream = np.fromiter((t for ids in tokenizer.encode_batch(texts) for t in (tokenizer.bos_id, *ids)),
-                         dtype=np.int64)
+    stream = np.fromiter((t for ids in chat.documents(texts) for t in ids), dtype=np.int64)
     seq_len = min(seq_len, model.cfg.max_seq_len, len(stream) - 1)
     loader = MixtureLoader({"text": stream}, {"text": 1.0}, batch_size, seq_len)
     batches = max(1, min(max_batches, (len(stream) - 1) // (seq_len * batch_size)))
     device = model.lm_head.weight.device
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    token_bytes = torch.tensor(chat.tokenizer.byte_lengths(), device=device)
     return evaluate_lm(model, loader, batches, token_bytes, device, "float32")["val_bpb"]
 
 
@@ -177,7 +176,7 @@ SUITE: dict[str, str] = {
 }
 
 
-def evaluate_suite(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, tasks: dict[str, str],
+def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: dict[str, str],
                    mode: str, split: str = "test", n: int | None = None, shots: int | None = None,
                    batch_size: int = 32, log=print) -> dict:
     """Evaluate several tasks; per-example JSONL + a results.json (merged with earlier results) in out_dir."""
@@ -192,7 +191,7 @@ def evaluate_suite(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, tasks:
     for name, style in tasks.items():
         task = get_task(name)
         style = style if style in task.styles else "direct"
-        result = evaluate_task(model, tokenizer, task, split, n, shots, mode, style, batch_size,
+        result = evaluate_task(model, chat, task, split, n, shots, mode, style, batch_size,
                                out_path=out_dir / f"{name}_{split}.jsonl")
         log(result.line())
         summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
@@ -201,7 +200,7 @@ def evaluate_suite(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, tasks:
 
 
 @torch.no_grad()
-def diversity(model: GPT, tokenizer: Tokenizer, mode: str, n_prompts: int = 16, samples: int = 4,
+def diversity(model: GPT, chat: ChatTemplate, mode: str, n_prompts: int = 16, samples: int = 4,
               max_tokens: int = 48, seed: int = 0) -> dict:
     """How varied a model's samples are ("invent more names like these", temperature 1):
     mean per-token entropy of its next-token distributions, and distinct names over all names."""
@@ -212,16 +211,15 @@ def diversity(model: GPT, tokenizer: Tokenizer, mode: str, n_prompts: int = 16, 
     task = get_task("names")
     examples = task.examples("test")[:n_prompts]
     if mode == "fewshot":
-        prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, 2)) for e in examples]
-        stops: tuple = ()
-        stop_strings: tuple = ("\n\n", "\nQ:")
+        prompts = [chat.document(fewshot_text(task, e, 2)) for e in examples]
+        stops, stop_strings = chat.document_stops, ("\n\n", "\nQ:")
     else:
-        prompts = [tokenizer.render_for_completion([{"role": "user", "content": e.question}]) for e in examples]
-        stops, stop_strings = (tokenizer.special("<|assistant_end|>"),), ()
+        prompts = [chat.prompt([{"role": "user", "content": e.question}]) for e in examples]
+        stops, stop_strings = chat.stop_ids, ()
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, n=samples, seed=seed,
-                            stop_tokens=(tokenizer.bos_id, *stops), stop_strings=stop_strings)
+                            stop_tokens=stops, stop_strings=stop_strings)
     prompts = fit_to_context(model, prompts, params)
-    outs = Engine(model, tokenizer).generate(prompts, params)
+    outs = Engine(model, chat.tokenizer).generate(prompts, params)
     entropies = []
     for c in outs:
         if not c.tokens:
@@ -255,15 +253,15 @@ def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def copying(model: GPT, tokenizer: Tokenizer, n: int = 60, seed: int = 0) -> dict:
+def copying(model: GPT, chat: ChatTemplate, n: int = 60, seed: int = 0) -> dict:
     """In-context copying, the skill tool use rests on: the share of copy_probes answered exactly.
     Memorising cannot help (random operands); a model that fails here gets arithmetic wrong even
     with a calculator, because it cannot carry the question's numbers into the call."""
-    engine = Engine(model, tokenizer)
-    params = SamplingParams(max_tokens=8, temperature=0, stop_strings=(",", "."), stop_tokens=(tokenizer.bos_id,))
+    engine = Engine(model, chat.tokenizer)
+    params = SamplingParams(max_tokens=8, temperature=0, stop_strings=(",", "."), stop_tokens=chat.document_stops)
     out = {}
     for name, pairs in copy_probes(n, seed).items():
-        prompts = fit_to_context(model, [[tokenizer.bos_id, *tokenizer.encode(p)] for p, _ in pairs], params)
+        prompts = fit_to_context(model, [chat.document(p) for p, _ in pairs], params)
         completions = engine.generate(prompts, params)
         out[name] = sum(c.text.strip() == want for c, (_, want) in zip(completions, pairs)) / len(pairs)
     return out

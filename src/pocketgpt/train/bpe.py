@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common import PocketError, atomic_write_json
 from ..data.sources import SourceSpec, document_text, read_documents
-from ..tokenizer import PATTERNS, Tokenizer
+from ..tokenizer import PATTERNS, BPETokenizer
 
 
 def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: int = 4096,
@@ -27,7 +27,7 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
     t0 = time.time()
     if pattern not in PATTERNS:
         raise PocketError(f"unknown split pattern {pattern!r}; known: {', '.join(PATTERNS)}")
-    tok = Tokenizer.train((d for docs in samples.values() for d in docs), vocab_size, PATTERNS[pattern])
+    tok = BPETokenizer.train((d for docs in samples.values() for d in docs), vocab_size, PATTERNS[pattern])
     seconds = time.time() - t0
     out_dir = Path(out_dir)
     tok.save(out_dir / "tokenizer.json")

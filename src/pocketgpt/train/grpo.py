@@ -49,23 +49,23 @@ class GRPOConfig:
 
 
 class GRPOObjective:
-    def __init__(self, cfg: GRPOConfig, ref: GPT | None, tokenizer, prompts: list[Prompt], device):
-        self.cfg, self.ref, self.tok, self.prompts, self.device = cfg, ref, tokenizer, prompts, device
+    def __init__(self, cfg: GRPOConfig, ref: GPT | None, chat, prompts: list[Prompt], device):
+        self.cfg, self.ref, self.chat, self.prompts, self.device = cfg, ref, chat, prompts, device
         self.step = 0
 
     def loss(self, policy: GPT):
-        cfg, tok = self.cfg, self.tok
+        cfg, chat = self.cfg, self.chat
         rng = random.Random(f"{cfg.seed}:{self.step}")
         batch = rng.sample(self.prompts, min(cfg.prompts_per_step, len(self.prompts)))
         with torch.no_grad():
-            outs = sample(policy, tok, batch, chat_params(tok, cfg.max_tokens, cfg.temperature, n=cfg.group_size,
+            outs = sample(policy, chat, batch, chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.group_size,
                                                            seed=cfg.seed + self.step), dtype=cfg.train.dtype)
             prompt_of = [batch[c.prompt_index] for c in outs]
             rewards = torch.tensor([float(p.task.verify(p.example, c.text)) for p, c in zip(prompt_of, outs)])
             groups = torch.tensor([c.prompt_index for c in outs])
             advantages = group_advantages(rewards, groups).to(self.device)
             seqs = [p.ids + c.tokens for p, c in zip(prompt_of, outs)]
-            ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], tok.bos_id, self.device,
+            ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], chat.pad_id, self.device,
                                 [c.action_mask for c in outs])
             # One update per batch: the sampling policy is the current one, so old == current (ratio 1)
             # and the clip only matters if a user raises the updates per batch.
@@ -88,13 +88,13 @@ class GRPOObjective:
         self.step = state["step"]
 
 
-def held_out_accuracy(policy: GPT, tokenizer, cfg: GRPOConfig) -> dict:
+def held_out_accuracy(policy: GPT, chat, cfg: GRPOConfig) -> dict:
     from ..data.tasks import get_task
     from ..evaluate.harness import SUITE
 
     out = {}
     for name in cfg.tasks:
-        r = evaluate_task(policy, tokenizer, get_task(name), "validation", cfg.eval_n, shots=0, mode="chat",
+        r = evaluate_task(policy, chat, get_task(name), "validation", cfg.eval_n, shots=0, mode="chat",
                           style=SUITE.get(name, "direct"), max_tokens=cfg.max_tokens, show_progress=False)
         out[f"{name}_accuracy"] = r.accuracy
     policy.train()
@@ -105,18 +105,18 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
     device, _, out_dir = stage_setup(tc, run_dir, "grpo", resume)
-    policy, tokenizer, _ = load_model(run_dir / cfg.start, device)
+    policy, chat, _ = load_model(run_dir / cfg.start, device)
     ref = None
     if cfg.beta > 0:
         ref, _, _ = load_model(run_dir / cfg.start, device)
         ref.requires_grad_(False)
-    prompts = task_prompts(tokenizer, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
-    before = held_out_accuracy(policy, tokenizer, cfg)
+    prompts = task_prompts(chat, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
+    before = held_out_accuracy(policy, chat, cfg)
     if cfg.lora.r:
         apply_lora(policy, **asdict(cfg.lora))
     console.print(f"[bold]grpo[/] from {cfg.start}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in before.items()))
-    trainer = Trainer(policy, GRPOObjective(cfg, ref, tokenizer, prompts, device), tc, out_dir, "grpo",
-                      run_dir / "metrics.jsonl", device, evaluate=lambda m: held_out_accuracy(m, tokenizer, cfg))
+    trainer = Trainer(policy, GRPOObjective(cfg, ref, chat, prompts, device), tc, out_dir, "grpo",
+                      run_dir / "metrics.jsonl", device, evaluate=lambda m: held_out_accuracy(m, chat, cfg))
     if resume:
         trainer.resume()
     policy.train()
@@ -124,9 +124,9 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if cfg.lora.r:
         summary["lora"] = trainable_summary(policy)
         policy = merge_lora(policy)
-    after = held_out_accuracy(policy, tokenizer, cfg)
+    after = held_out_accuracy(policy, chat, cfg)
     summary.update(before=before, after=after)
-    save_model(policy, out_dir, tokenizer, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),
+    save_model(policy, out_dir, chat, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),
                                             "summary": summary})
     atomic_write_json(out_dir / "grpo_summary.json", summary)
     console.print("grpo: held-out " + ", ".join(f"{k} {before[k]:.1%} -> {after[k]:.1%}" for k in after)

@@ -79,17 +79,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def score(rm: GPT, sequences: list[list[int]], reward_id: int, pad_id: int, device) -> torch.Tensor:
-    """The reward model's score for each finished sequence, read at an appended <|reward|>."""
-    ids, _ = collate([s + [reward_id] for s in sequences], [1] * len(sequences), pad_id, device)
-    last = torch.tensor([len(s) for s in sequences], device=device)
+def score(rm: GPT, sequences: list[list[int]], chat, device) -> torch.Tensor:
+    """The reward model's score for each finished sequence, read where the chat template says
+    (ours: at an appended <|reward|>)."""
+    scored = [s + chat.reward_suffix for s in sequences]
+    ids, _ = collate(scored, [1] * len(scored), chat.pad_id, device)
+    last = torch.tensor([len(s) - 1 for s in scored], device=device)
     return rm.scores(ids).gather(1, last[:, None]).squeeze(1)
 
 
 class PPOObjective:
-    def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], device,
+    def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, chat, prompts: list[Prompt], device,
                  pretraining: MixtureLoader | None = None):
-        self.cfg, self.ref, self.rm, self.tok, self.pretraining = cfg, ref, rm, tokenizer, pretraining
+        self.cfg, self.ref, self.rm, self.chat, self.pretraining = cfg, ref, rm, chat, pretraining
         self.prompts, self.device = prompts, device
         self.rollouts_done = 0
         self.queue: list[tuple[Rollout, torch.Tensor]] = []
@@ -97,18 +99,18 @@ class PPOObjective:
 
     @torch.no_grad()
     def rollout(self, pv: PolicyAndValue) -> None:
-        cfg, tok = self.cfg, self.tok
+        cfg, chat = self.cfg, self.chat
         rng = random.Random(f"{cfg.seed}:{self.rollouts_done}")
         prompts = rng.sample(self.prompts, min(cfg.rollout_size, len(self.prompts)))
-        params = chat_params(tok, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
-        outs = sample(pv.policy, tok, prompts, params, dtype=cfg.train.dtype)
+        params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
+        outs = sample(pv.policy, chat, prompts, params, dtype=cfg.train.dtype)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
-        ids, mask = collate(seqs, [len(p.ids) for p in prompts], tok.bos_id, self.device,
+        ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, self.device,
                             [c.action_mask for c in outs])
         old_lp, entropy = policy_logprobs(pv.policy, ids, with_entropy=True)
         ref_lp = policy_logprobs(self.ref, ids)
         values = pv.value.scores(ids)[:, :-1]
-        scores = score(self.rm, seqs, tok.special("<|reward|>"), tok.bos_id, self.device)
+        scores = score(self.rm, seqs, chat, self.device)
         rewards, kl = kl_penalty_rewards(old_lp, ref_lp, mask, scores, cfg.beta)
         advantages, returns = gae(rewards, values, mask, 1.0, cfg.lam)
         advantages = masked_whiten(advantages, mask)
@@ -155,15 +157,15 @@ class PPOObjective:
 
 
 @torch.no_grad()
-def held_out(policy: GPT, ref: GPT, rm: GPT, tokenizer, prompts: list[Prompt], cfg: PPOConfig, device) -> dict:
+def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: PPOConfig, device) -> dict:
     """Mean reward, KL to the reference, entropy and accuracy of sampled answers to held-out prompts."""
-    params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, seed=12345)
-    outs = sample(policy, tokenizer, prompts, params, dtype=cfg.train.dtype)
+    params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=12345)
+    outs = sample(policy, chat, prompts, params, dtype=cfg.train.dtype)
     seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
-    ids, mask = collate(seqs, [len(p.ids) for p in prompts], tokenizer.bos_id, device, [c.action_mask for c in outs])
+    ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
     lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
     kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
-    scores = score(rm, seqs, tokenizer.special("<|reward|>"), tokenizer.bos_id, device)
+    scores = score(rm, seqs, chat, device)
     return {"heldout_reward": scores.mean().item(), "heldout_kl": kl.mean().item(),
             "heldout_entropy": masked_mean(entropy, mask).item(),
             "heldout_accuracy": sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)) / len(outs)}
@@ -186,31 +188,31 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
     device, info, out_dir = stage_setup(tc, run_dir, "ppo", resume)
-    policy, tokenizer, _ = load_model(run_dir / "sft", device)
+    policy, chat, _ = load_model(run_dir / "sft", device)
     ref, _, _ = load_model(run_dir / "sft", device)
     rm, _, _ = load_model(run_dir / "rm", device)
     value, _, _ = load_model(run_dir / "rm", device)  # the value model starts as the reward model
     for frozen in (ref, rm):
         frozen.requires_grad_(False)
     pv = PolicyAndValue(policy, value)
-    prompts = task_prompts(tokenizer, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
-    val_prompts = task_prompts(tokenizer, cfg.tasks, "validation", cfg.eval_prompts_per_task, cfg.seed)
+    prompts = task_prompts(chat, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
+    val_prompts = task_prompts(chat, cfg.tasks, "validation", cfg.eval_prompts_per_task, cfg.seed)
 
-    before = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
+    before = held_out(policy, ref, rm, chat, val_prompts, cfg, device)
     console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
     pretraining = pretraining_loader(cfg, run_dir, info, policy.cfg.max_seq_len)
-    objective = PPOObjective(cfg, ref, rm, tokenizer, prompts, device, pretraining)
+    objective = PPOObjective(cfg, ref, rm, chat, prompts, device, pretraining)
     trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
-                      evaluate=lambda m: held_out(m.policy, ref, rm, tokenizer, val_prompts, cfg, device))
+                      evaluate=lambda m: held_out(m.policy, ref, rm, chat, val_prompts, cfg, device))
     if resume:
         trainer.resume()
     pv.train()
     summary = trainer.run()
-    after = held_out(policy, ref, rm, tokenizer, val_prompts, cfg, device)
+    after = held_out(policy, ref, rm, chat, val_prompts, cfg, device)
     summary.update(before={k: v for k, v in before.items()}, after=after,
                    kl_within_bound=after["heldout_kl"] < cfg.kl_bound, reward=after["heldout_reward"],
                    kl=after["heldout_kl"])
-    save_model(policy, out_dir, tokenizer, {"stage": "ppo", "train": asdict(tc), "summary": summary,
+    save_model(policy, out_dir, chat, {"stage": "ppo", "train": asdict(tc), "summary": summary,
                                             "beta": cfg.beta})
     atomic_write_json(out_dir / "ppo_summary.json", summary)
     console.print("ppo end: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()) + f" -> {out_dir}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..chat import ChatTemplate
 from ..checkpoint import save_model
 from ..common import PocketError, autocast, console, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
@@ -87,12 +88,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     tc = cfg.train
     device, info, out_dir = stage_setup(tc, run_dir, "base", resume)
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    chat = ChatTemplate.from_spec(tokenizer, None)  # a run's own tokenizer speaks our format
 
     # Data: rank 0 tokenizes, the others wait and read the same files.
     data_dir = run_dir / "data"
     if info.is_main:
         t0 = time.time()
-        manifest = prepare_mixture(cfg.source_specs(), tokenizer, data_dir, cfg.val_fraction, tc.seed,
+        manifest = prepare_mixture(cfg.source_specs(), chat, data_dir, cfg.val_fraction, tc.seed,
                                    threads=max(1, torch.get_num_threads()))
         console.print(f"data ready in {time.time() - t0:.1f}s: " + ", ".join(
             f"{n} {human(e['train_tokens'])} tok" for n, e in manifest["sources"].items()))
@@ -106,7 +108,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     model_cfg = preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size, **cfg.model})
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, tc.seq_len)
     model = GPT(model_cfg).to(device)
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    token_bytes = torch.tensor(tokenizer.byte_lengths(), device=device)
 
     def evaluate(m: GPT) -> dict:
         val = MixtureLoader(val_streams, weights, tc.batch_size, tc.seq_len, tc.seed + 1,
@@ -115,8 +117,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
 
     def sample(m: GPT) -> str:
         m.eval()
-        prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.sample_prompt)
-        params = SamplingParams(max_tokens=48, temperature=0.0, stop_tokens=(tokenizer.bos_id,))
+        prompt = chat.document(cfg.sample_prompt)
+        params = SamplingParams(max_tokens=48, temperature=0.0, stop_tokens=chat.document_stops)
         text = cfg.sample_prompt + Engine(m, tokenizer).generate([prompt], params)[0].text
         m.train()
         return text
@@ -135,7 +137,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     summary = trainer.run()
     summary.update(params=model.num_params(), realised_mixture=loader.realised())
     if info.is_main:
-        save_model(model, out_dir, tokenizer, {**meta, "summary": summary})
+        save_model(model, out_dir, chat, {**meta, "summary": summary})
     summary["output"] = str(out_dir)
     return summary
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import PocketError, atomic_write_json, console, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..model import GPT
-from ..tokenizer import Tokenizer
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
 from .rollout import chat_params, sample, task_prompts
@@ -90,24 +90,23 @@ def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list
     return ranks
 
 
-def sampled_comparisons(model: GPT, tokenizer: Tokenizer, cfg: RewardConfig, split: str,
+def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split: str,
                         per_task: int) -> list[Comparison]:
-    prompts = task_prompts(tokenizer, cfg.tasks, split, per_task, cfg.seed)
-    params = chat_params(tokenizer, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
-    outs = sample(model, tokenizer, prompts, params, dtype=cfg.train.dtype)
-    rng, reward_id = random.Random(cfg.seed), tokenizer.special("<|reward|>")
+    prompts = task_prompts(chat, cfg.tasks, split, per_task, cfg.seed)
+    params = chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
+    outs = sample(model, chat, prompts, params, dtype=cfg.train.dtype)
+    rng = random.Random(cfg.seed)
     comparisons = []
     for i, p in enumerate(prompts):
         group = outs[i * cfg.k:(i + 1) * cfg.k]
         keys = [rubric_key(p.task, p.example, c.text, c.finish_reason == "stop", len(c.tokens)) for c in group]
-        comparisons.append(Comparison([p.ids + c.tokens + [reward_id] for c in group],
+        comparisons.append(Comparison([p.ids + c.tokens + chat.reward_suffix for c in group],
                                       ranks_from_keys(keys, cfg.noise, rng)))
     return comparisons
 
 
-def file_comparisons(path: str, tokenizer: Tokenizer) -> list[Comparison]:
+def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
     """{"prompt","chosen","rejected"} or {"prompt","completions","ranking"} (ranking: best first, indices)."""
-    reward_id = tokenizer.special("<|reward|>")
     out = []
     for lineno, r in enumerate(read_jsonl(path), 1):
         prompt = r.get("prompt")
@@ -122,9 +121,8 @@ def file_comparisons(path: str, tokenizer: Tokenizer) -> list[Comparison]:
             ranks = [order.index(i) for i in range(len(completions))]
         else:
             raise PocketError(f"{path}:{lineno}: expected 'chosen'/'rejected' or 'completions'/'ranking'")
-        ids = tokenizer.render_for_completion([{"role": "user", "content": prompt}])
-        end = tokenizer.special("<|assistant_end|>")
-        out.append(Comparison([ids + tokenizer.encode(c) + [end, reward_id] for c in completions], ranks))
+        ids = chat.prompt([{"role": "user", "content": prompt}])
+        out.append(Comparison([ids + chat.reply(c) + chat.reward_suffix for c in completions], ranks))
     return out
 
 
@@ -207,17 +205,17 @@ def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -
     run_dir = Path(run_dir)
     tc = cfg.train
     device, _, out_dir = stage_setup(tc, run_dir, "rm", resume)
-    policy, tokenizer, _ = load_model(run_dir / "sft", device)
+    policy, chat, _ = load_model(run_dir / "sft", device)
 
     if cfg.data:
-        train = [c for path in cfg.data for c in file_comparisons(path, tokenizer)]
+        train = [c for path in cfg.data for c in file_comparisons(path, chat)]
         random.Random(cfg.seed).shuffle(train)
         n_val = max(1, len(train) // 10)
         train, val = train[n_val:], train[:n_val]
     else:
         console.print(f"[bold]rm[/]: sampling {cfg.k} completions per prompt from the SFT model and ranking them")
-        train = sampled_comparisons(policy, tokenizer, cfg, "train", cfg.prompts_per_task)
-        val = sampled_comparisons(policy, tokenizer, cfg, "validation", cfg.val_prompts_per_task)
+        train = sampled_comparisons(policy, chat, cfg, "train", cfg.prompts_per_task)
+        val = sampled_comparisons(policy, chat, cfg, "validation", cfg.val_prompts_per_task)
     useful = [c for c in train if len(set(c.ranks)) > 1]
     stats = {"train_groups": len(train), "train_groups_with_pairs": len(useful), "val_groups": len(val)}
     atomic_write_json(out_dir / "rm_data.json", stats)
@@ -225,14 +223,14 @@ def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -
 
     model = policy.with_score_head()
     del policy
-    batches = ComparisonBatches(train, tc.batch_size, tc.seq_len, tokenizer.bos_id, cfg.seed)
+    batches = ComparisonBatches(train, tc.batch_size, tc.seq_len, chat.pad_id, cfg.seed)
     trainer = Trainer(model, PairwiseRanking(batches, device), tc, out_dir, "rm", run_dir / "metrics.jsonl",
-                      device, evaluate=lambda m: held_out_accuracy(m, val, tc.seq_len, tokenizer.bos_id, device))
+                      device, evaluate=lambda m: held_out_accuracy(m, val, tc.seq_len, chat.pad_id, device))
     if resume:
         trainer.resume()
     model.train()
     summary = trainer.run()
-    summary.update(held_out_accuracy(model, val, tc.seq_len, tokenizer.bos_id, device), data=stats)
-    save_model(model, out_dir, tokenizer, {"stage": "rm", "train": asdict(tc), "summary": summary})
+    summary.update(held_out_accuracy(model, val, tc.seq_len, chat.pad_id, device), data=stats)
+    save_model(model, out_dir, chat, {"stage": "rm", "train": asdict(tc), "summary": summary})
     console.print(f"rm: held-out pairwise accuracy {summary['val_pair_accuracy']:.1%} -> {out_dir}")
     return summary

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..chat import ChatTemplate
 from ..data.tasks import Example, Task, default_world, get_task
 from ..data.tasks.tools import task_tools
 from ..engine import Engine, SamplingParams
 from ..model import GPT
-from ..tokenizer import Tokenizer
 from ..toolloop import Transcript, generate_with_tools
 from .rl_math import entropy_from_logits, token_logprobs
 
@@ -30,30 +30,29 @@ from .rl_math import entropy_from_logits, token_logprobs
 class Prompt:
     task: Task
     example: Example
-    ids: list[int]  # the chat prompt, ending with <|assistant_start|>
+    ids: list[int]  # the chat prompt, ending with the assistant turn's header
 
 
-def task_prompts(tokenizer: Tokenizer, tasks: list[str], split: str, per_task: int, seed: int = 0) -> list[Prompt]:
+def task_prompts(chat: ChatTemplate, tasks: list[str], split: str, per_task: int, seed: int = 0) -> list[Prompt]:
     """Chat prompts for the given tasks' questions (a seeded sample of `per_task` from each)."""
     prompts = []
     for name in tasks:
         task = get_task(name)
         examples = task.examples(split)
         for e in random.Random(f"{seed}:{name}:{split}").sample(examples, min(per_task, len(examples))):
-            ids = tokenizer.render_for_completion([{"role": "user", "content": e.question}])
+            ids = chat.prompt([{"role": "user", "content": e.question}])
             prompts.append(Prompt(task, e, ids))
     random.Random(seed).shuffle(prompts)
     return prompts
 
 
-def chat_params(tokenizer: Tokenizer, max_tokens: int, temperature: float, n: int = 1,
+def chat_params(chat: ChatTemplate, max_tokens: int, temperature: float, n: int = 1,
                 seed: int | None = None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed,
-                          stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, stop_tokens=chat.stop_ids)
 
 
 @torch.no_grad()
-def sample(model: GPT, tokenizer: Tokenizer, prompts: list[Prompt], params: SamplingParams,
+def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: SamplingParams,
            batch_size: int = 32, dtype: str = "float32") -> list[Transcript]:
     """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
     As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
@@ -64,12 +63,12 @@ def sample(model: GPT, tokenizer: Tokenizer, prompts: list[Prompt], params: Samp
     losses still score the sampled tokens with the full-precision model."""
     was_training = model.training
     decoder = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
-    engine = Engine(decoder, tokenizer)
+    engine = Engine(decoder, chat.tokenizer)
     tools = task_tools(default_world())
     per_batch = max(1, batch_size // params.n)
     outs = []
     for start in range(0, len(prompts), per_batch):
-        for t in generate_with_tools(engine, [p.ids for p in prompts[start:start + per_batch]], params, tools):
+        for t in generate_with_tools(engine, chat, [p.ids for p in prompts[start:start + per_batch]], params, tools):
             t.prompt_index += start
             outs.append(t)
     model.train(was_training)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
@@ -26,7 +27,6 @@ from ..data.tasks.factqa import REFUSAL
 from ..engine import Engine, SamplingParams
 from ..evaluate.harness import fewshot_text
 from ..model import GPT
-from ..tokenizer import Tokenizer
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
@@ -65,13 +65,13 @@ class SFTConfig:
 
 
 @torch.no_grad()
-def probe_knowledge(model: GPT, tokenizer: Tokenizer, task, examples, samples: int, temperature: float,
+def probe_knowledge(model: GPT, chat: ChatTemplate, task, examples, samples: int, temperature: float,
                     seed: int = 0, batch_size: int = 64) -> list[float]:
     """For each fact question, the share of sampled few-shot answers that are right."""
-    engine = Engine(model, tokenizer)
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_text(task, e, shots=3)) for e in examples]
+    engine = Engine(model, chat.tokenizer)
+    prompts = [chat.document(fewshot_text(task, e, shots=3)) for e in examples]
     params = SamplingParams(max_tokens=24, temperature=temperature, n=samples, seed=seed,
-                            stop_tokens=(tokenizer.bos_id,), stop_strings=("\n",))
+                            stop_tokens=chat.document_stops, stop_strings=("\n",))
     scores = []
     for start in range(0, len(prompts), max(1, batch_size // samples)):
         chunk = prompts[start:start + max(1, batch_size // samples)]
@@ -88,7 +88,7 @@ def probe_knowledge(model: GPT, tokenizer: Tokenizer, task, examples, samples: i
 # ----------------------------------------------------------------------------- the conversations
 
 
-def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) -> tuple[list[list[dict]], dict]:
+def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) -> tuple[list[list[dict]], dict]:
     """The SFT set: task renderings (+ probed fact QA) + user files; and statistics about it."""
     rng = random.Random(cfg.seed)
     convs, stats = [], {"per_task": {}}
@@ -99,7 +99,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
         if spec.get("n"):
             examples = examples[:spec["n"]]
         if name.startswith("factqa"):
-            task_convs, probe = factqa_conversations(cfg, task, examples, base, tokenizer, style)
+            task_convs, probe = factqa_conversations(cfg, task, examples, base, chat, style)
             stats["probe"] = probe
         else:
             task_convs = task.render_each(examples, style)
@@ -122,7 +122,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, tokenizer: Tokenizer) 
     return convs, stats
 
 
-def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, tokenizer: Tokenizer,
+def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat: ChatTemplate,
                          style: str = "sentence"):
     """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
     base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer.
@@ -134,7 +134,7 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, token
         knows = [True] * len(examples)
         info: dict = {"mitigated": False}
     else:
-        scores = probe_knowledge(base, tokenizer, task, examples, cfg.probe_samples, cfg.probe_temperature,
+        scores = probe_knowledge(base, chat, task, examples, cfg.probe_samples, cfg.probe_temperature,
                                  cfg.seed)
         knows = [score >= cfg.probe_threshold for score in scores]
         share = {t: [k for e, k in zip(examples, knows) if e.meta["tier"] == t] for t in ("head", "tail", "unseen")}
@@ -230,11 +230,11 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
     run_dir = Path(run_dir)
     tc = cfg.train
     device, info, out_dir = stage_setup(tc, run_dir, out_name, resume)
-    model, tokenizer, base_cfg = load_model(run_dir / "base", device)
+    model, chat, base_cfg = load_model(run_dir / "base", device)
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, tc.seq_len)
 
-    convs, stats = build_conversations(cfg, model, tokenizer)
-    encoded = [tokenizer.render_conversation(c) for c in convs]
+    convs, stats = build_conversations(cfg, model, chat)
+    encoded = [chat.render(c) for c in convs]
     # A conversation cut at the end of a row teaches an answer that never ends: leave those out.
     fits = [e for e in encoded if len(e[0]) <= tc.seq_len + 1]
     stats["too_long"], encoded = len(encoded) - len(fits), fits
@@ -246,13 +246,13 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
         if "probe" in stats and stats["probe"].get("mitigated"):
             console.print("knowledge probe (share of facts the base model knows): " + ", ".join(
                 f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
-    loader = ConversationLoader(encoded, tc.batch_size, tc.seq_len, tokenizer.bos_id, cfg.seed,
+    loader = ConversationLoader(encoded, tc.batch_size, tc.seq_len, chat.pad_id, cfg.seed,
                                 info.rank, info.world_size)
     if cfg.lora.r:
         apply_lora(model, **asdict(cfg.lora))
     model.train()
     trainer = Trainer(model, MaskedLanguageModeling(loader, device), tc, out_dir, out_name,
-                      run_dir / "metrics.jsonl", device, info, sample=lambda m: chat_sample(m, tokenizer))
+                      run_dir / "metrics.jsonl", device, info, sample=lambda m: chat_sample(m, chat))
     if resume:
         trainer.resume()
     summary = trainer.run()
@@ -261,19 +261,18 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
         summary["lora"] = trainable_summary(model)
         model = merge_lora(model)
     if info.is_main:
-        save_model(model, out_dir, tokenizer, {"stage": "sft", "train": asdict(tc), "summary": summary,
+        save_model(model, out_dir, chat, {"stage": "sft", "train": asdict(tc), "summary": summary,
                                                 "mitigate_hallucination": cfg.mitigate_hallucination})
         console.print(f"sft: {summary['steps']} steps, {human(summary['tokens'])} tokens, "
                       f"final loss {summary.get('loss', float('nan')):.3f} -> {out_dir}")
     return summary
 
 
-def chat_sample(model: GPT, tokenizer: Tokenizer, question: str = "What is 12 + 30?") -> str:
+def chat_sample(model: GPT, chat: ChatTemplate, question: str = "What is 12 + 30?") -> str:
     was_training = model.training
     model.eval()
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": question}])
-    params = SamplingParams(max_tokens=64, temperature=0,
-                            stop_tokens=(tokenizer.special("<|assistant_end|>"), tokenizer.bos_id))
-    text = Engine(model, tokenizer).generate([prompt], params)[0].text
+    prompt = chat.prompt([{"role": "user", "content": question}])
+    params = SamplingParams(max_tokens=64, temperature=0, stop_tokens=chat.stop_ids)
+    text = Engine(model, chat.tokenizer).generate([prompt], params)[0].text
     model.train(was_training)
     return f"{question} -> {text}"
