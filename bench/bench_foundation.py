@@ -22,7 +22,7 @@ import torch
 from pocketgpt.chat import PocketTemplate
 from pocketgpt.data.sources import SourceSpec, read_documents
 from pocketgpt.engine import Engine, SamplingParams
-from pocketgpt.interop import to_hf_config
+from pocketgpt.interop.hf import to_hf_config
 from pocketgpt.model import GPT, preset
 from pocketgpt.tokenizer import GPT4_SPLIT_PATTERN, BPETokenizer, Tokenizer
 

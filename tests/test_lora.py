@@ -148,7 +148,7 @@ def test_matches_peft(tiny_model):
     """Same weights in Hugging Face Llama + PEFT: same logits, same adapter gradients, same merge."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from pocketgpt.interop import to_hf_config
+    from pocketgpt.interop.hf import to_hf_config
 
     r, alpha, targets = 4, 8, list(DEFAULT_TARGETS)
     hf = transformers.LlamaForCausalLM(to_hf_config(tiny_model.cfg)).eval()

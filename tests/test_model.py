@@ -49,7 +49,7 @@ def test_causality(tiny_model):
 def test_matches_hugging_face_llama(tiny_model):
     import transformers
 
-    from pocketgpt.interop import to_hf_config
+    from pocketgpt.interop.hf import to_hf_config
 
     hf = transformers.LlamaForCausalLM(to_hf_config(tiny_model.cfg)).eval()
     hf.load_state_dict(tiny_model.state_dict(), strict=False)

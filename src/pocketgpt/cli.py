@@ -241,7 +241,7 @@ def cmd_info(args) -> None:
     if tok_report.exists():
         r = json.loads(tok_report.read_text())
         table.add_row("tokenizer", f"vocab {r['vocab_size']}, trained on {human(r['train_chars'])} chars")
-    for stage in ("base", "sft", "rm", "ppo", "grpo"):
+    for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
         cfg_path = run / stage / "config.json"
         ckpts = sorted((run / stage / "checkpoints").glob("step_*"))
         if cfg_path.exists():
@@ -261,6 +261,37 @@ def cmd_info(args) -> None:
     size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     table.add_row("disk", human(size) + "B")
     console.print(table)
+
+
+def cmd_import(args) -> None:
+    from .interop.importer import import_model
+
+    summary = import_model(args.src, args.run, args.dtype)
+    table = Table(title="imported", show_header=False)
+    for k in ("source", "family", "params", "dtype"):
+        table.add_row(k, human(summary[k]) if k == "params" else str(summary[k]))
+    table.add_row("chat template", summary["chat_template"]["name"])
+    table.add_row("time", f"{summary['seconds']:.1f}s")
+    table.add_row("written to", str(Path(args.run) / "base"))
+    console.print(table)
+
+
+def cmd_export(args) -> None:
+    from .interop.export import export_hf, export_tiktoken
+
+    if args.to == "hf":
+        out = export_hf(args.run, args.out)
+        console.print(f"exported {args.run} -> {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    else:
+        from .checkpoint import resolve_model_dir
+        from .tokenizer import BPETokenizer, Tokenizer
+
+        tok = Tokenizer.load(resolve_model_dir(args.run) / "tokenizer.json")
+        if not isinstance(tok, BPETokenizer):
+            raise PocketError(f"{args.run}: only pocketgpt's own tokenizer exports to tiktoken's format "
+                              "(an imported model's tokenizer.json is already the portable form)")
+        out = export_tiktoken(tok, args.out)
+        console.print(f"tokenizer -> {out} (+ {out}.json with the pattern and special tokens)")
 
 
 def cmd_config(args) -> None:
@@ -402,6 +433,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--style", default="direct", help="direct (default), cot, tool or sentence")
     t.add_argument("--out", required=True, help="output .jsonl file")
     t.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("import", help="import a Hugging Face folder or a GGUF file as a run directory",
+                       description="Reads a local Hugging Face model folder (config.json, safetensors, "
+                                   "tokenizer.json, tokenizer_config.json) or a .gguf file (F32, F16, BF16, Q8_0, "
+                                   "Q4_0, Q4_1, dequantised) of the Llama, Mistral or Qwen2 family, and writes "
+                                   "RUN/base. sample, eval, sft (full or LoRA), rm and grpo then work on it. "
+                                   "Nothing is downloaded.")
+    p.add_argument("src", help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("run", help="the new run directory")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="store the weights in this dtype (default: as the source stores them)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export a model to a Hugging Face folder, or its tokenizer to tiktoken",
+                       description="--to hf: a folder transformers, PEFT, vLLM and llama.cpp's converter read "
+                                   "(config.json, model.safetensors, generation_config.json, tokenizer.json, "
+                                   "tokenizer_config.json with a Jinja chat template of the model's format). "
+                                   "--to tiktoken: our BPE as a .tiktoken rank file + a JSON of pattern and specials.")
+    p.add_argument("run", help="a run directory (its most post-trained stage) or a model directory")
+    p.add_argument("--to", choices=("hf", "tiktoken"), default="hf")
+    p.add_argument("out", help="output folder (hf) or file (tiktoken)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("run")

@@ -1,0 +1,103 @@
+"""Importing Hugging Face folders: random small Llama and Qwen2 models built and saved in the test
+import with the logits transformers computes; bad sources are refused, leaving RUN untouched."""
+
+import json
+
+import pytest
+import torch
+
+from pocketgpt.checkpoint import load_model
+from pocketgpt.common import PocketError
+from pocketgpt.interop.importer import default_system_prompt, import_model
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_hf_model(folder, hf_tokenizer, family: str, **overrides):
+    """A random model of `family` with our small Hugging Face tokenizer, saved as transformers saves models."""
+    common = dict(vocab_size=hf_tokenizer.vocab_size + 8, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    if family == "llama":  # head_dim independent of hidden/heads, and Llama 3's long-context RoPE
+        cfg = transformers.LlamaConfig(**common, head_dim=32, tie_word_embeddings=False, rope_theta=50000.0,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 32}, **overrides)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:  # q/k/v biases, tied embeddings
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6, **overrides)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)  # random init leaves them 0: make them matter
+    model.eval().save_pretrained(folder, max_shard_size="200KB")  # sharded, with an index
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer.hf, bos_token="<|im_start|>",
+                                               eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML)
+    tok.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_random_hf_models_import_with_equal_logits(tmp_path, hf_tokenizer, family):
+    torch.manual_seed(0)
+    hf = save_hf_model(tmp_path / "src", hf_tokenizer, family)
+    assert (tmp_path / "src" / "model.safetensors.index.json").exists()
+    summary = import_model(tmp_path / "src", tmp_path / "run")
+    assert summary["family"] == family
+    model, chat, cfg = load_model(tmp_path / "run")
+    assert cfg["meta"]["stage"] == "imported" and chat.name == "chatml"
+    assert chat.default_system == "You are a tiny test model."
+    ids = torch.tensor([hf_tokenizer.encode("The return statement exits a function. 你好 🙂 " * 3)])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ids.shape[1] > 40  # long enough for the llama3 RoPE scaling (original context 32) to matter
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_default_system_prompt_is_read_from_the_template():
+    assert default_system_prompt(CHATML, None, None) == "You are a tiny test model."
+    plain = CHATML.replace("{% if loop.first and messages[0]['role'] != 'system' %}", "{% if false %}")
+    assert default_system_prompt(plain, None, None) is None
+
+
+def test_bad_sources_are_refused_and_nothing_is_written(tmp_path, hf_tokenizer):
+    src, run = tmp_path / "src", tmp_path / "run"
+    torch.manual_seed(0)
+    save_hf_model(src, hf_tokenizer, "llama")
+
+    def refused(match):
+        with pytest.raises(PocketError, match=match):
+            import_model(src, run)
+        assert not (run / "base").exists()
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))  # shapes disagree with weights
+    refused(r"config expects")
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    refused(r"architecture 'GPT2LMHeadModel' is not supported")
+    (src / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    refused(r"hidden_act='gelu' is not supported")
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 64}))
+    refused(r"sliding_window=64 is not supported")
+    (src / "config.json").write_text(json.dumps(config))
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
+    refused(rf"{shard.name}: not a valid safetensors file")
+    (src / "tokenizer.json").unlink()
+    refused(r"has no tokenizer.json")
+    with pytest.raises(PocketError, match="neither a Hugging Face folder nor a GGUF file"):
+        import_model(config_path := src / "config.json", run)
+    assert config_path.exists()
+
+
+def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
+    torch.manual_seed(0)
+    save_hf_model(tmp_path / "src", hf_tokenizer, "qwen2")
+    import_model(tmp_path / "src", tmp_path / "run")
+    with pytest.raises(PocketError, match="already exists"):
+        import_model(tmp_path / "src", tmp_path / "run")
