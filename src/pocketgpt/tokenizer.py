@@ -218,6 +218,9 @@ class HFTokenizer(Tokenizer):
 
     `tokenizers` would split added special tokens out of any text it encodes; with
     `encode_special_tokens` on, their strings in the text are encoded as ordinary text instead.
+    A trained byte-level vocabulary may lack a token for some bytes (SmolLM2 has none for a few
+    control characters and for the lead bytes of Unicode planes 4-11): such bytes cannot be encoded
+    by that model and are dropped, as transformers drops them.
     """
 
     def __init__(self, hf, source: str = "tokenizer.json"):

