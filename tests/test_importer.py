@@ -101,3 +101,69 @@ def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
     import_model(tmp_path / "src", tmp_path / "run")
     with pytest.raises(PocketError, match="already exists"):
         import_model(tmp_path / "src", tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- the real model: SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory, smollm2_gguf):
+    """SmolLM2-135M-Instruct imported by us, and the same file loaded by transformers (the oracle)."""
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    import_model(smollm2_gguf, run)
+    ours, chat, _ = load_model(run)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return ours, chat, theirs.eval(), tok
+
+
+TEXT_MIX = ["The quick brown fox jumps over the lazy dog.", "小明有3个苹果，妈妈又给了他2个。", "def f(x):\n    return x ** 2  # 🙂",
+            "1234567 + 89 = 1234656; 9.11 < 9.9", "a  \n\n   b\t\tc      d", "emoji: 👨‍👩‍👧 🇫🇷 ✨", "<|im_start|>user"]
+
+
+def test_smollm2_logits_equal_transformers(smollm2):
+    ours, chat, theirs, _ = smollm2
+    for text in TEXT_MIX[:4]:
+        ids = torch.tensor([chat.tokenizer.encode(text)])
+        with torch.no_grad():
+            a, b = ours(ids), theirs(ids).logits
+        # Same dequantised weights, same fp32 arithmetic up to operation order: agreement to ~1e-4 of
+        # logits whose spread is ~10-30.
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-4)
+        assert (a[0, -1].argmax() == b[0, -1].argmax()).item()
+
+
+def test_smollm2_token_ids_equal_transformers(smollm2):
+    _, chat, _, tok = smollm2
+    for text in TEXT_MIX[:-1]:
+        assert chat.tokenizer.encode(text) == tok(text, add_special_tokens=False).input_ids, text
+    # The one deliberate difference: transformers turns a special token's string in user text into
+    # the special token; our encode keeps it text.
+    assert tok(TEXT_MIX[-1], add_special_tokens=False).input_ids[0] == chat.tokenizer.special("<|im_start|>")
+    assert chat.tokenizer.special("<|im_start|>") not in chat.tokenizer.encode(TEXT_MIX[-1])
+
+
+def hf_chat_ids(tok, messages, **kwargs) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("system", [None, "You answer in one word."])
+def test_smollm2_chatml_equals_apply_chat_template(smollm2, system):
+    _, chat, _, tok = smollm2
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?\n\nThink  twice."}, {"role": "assistant", "content": " 6 "}]
+    if system:
+        messages = [{"role": "system", "content": system}, *messages]
+    assert chat.render(messages)[0] == hf_chat_ids(tok, messages)
+    assert chat.prompt(messages[:-1]) == hf_chat_ids(tok, messages[:-1], add_generation_prompt=True)
+
+
+def test_smollm2_answers_a_chat_question(smollm2):
+    from pocketgpt.engine import Engine, SamplingParams
+
+    ours, chat, _, _ = smollm2
+    prompt = chat.prompt([{"role": "user", "content": "What is the capital of France?"}])
+    out = Engine(ours, chat.tokenizer).generate([prompt], SamplingParams(max_tokens=30, temperature=0,
+                                                                         stop_tokens=chat.stop_ids))[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
