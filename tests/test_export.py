@@ -20,6 +20,7 @@ TEXT_MIX = [
     "def add(a, b):\n    return a + b  # sum\n\n\nclass Foo:\n\tpass\n",
     "Emoji: 🙂🚀👍🏽 and ünïcödé, ¿qué?",
     "Digits 0 1 12 123 1234 3.14159 2024-01-31 +44 (0)20 7946 0958",
+    "Spaces before punctuation stay : it 's , do n't . ok ?",
     "   leading spaces, trailing   \n\n\n\t\t mixed \r\n whitespace runs        end",
 ]
 
@@ -111,10 +112,23 @@ def test_files_and_special_ids(exported):
     assert gen["eos_token_id"] == list(chat.stop_ids) and gen["pad_token_id"] == chat.pad_id
 
 
+def test_stored_dtype_is_kept(tiny_model, chat, tmp_path):
+    from safetensors import safe_open
+
+    save_model(tiny_model.to(torch.bfloat16), tmp_path / "model", chat)
+    folder = export_hf(tmp_path / "model", tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert _hf_model(folder).dtype == torch.bfloat16
+
+
 def test_transformers_logits_and_greedy_generation_match(ours):
     model, chat, folder = ours
     hf = _hf_model(folder)
-    assert not hf.config.tie_word_embeddings or hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    # The head was stored once, as the embedding: transformers must have tied it again.
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert hf.generation_config.eos_token_id == list(chat.stop_ids)
     prompts = [chat.prompt(CONVERSATIONS["no_system"]), chat.prompt(CONVERSATIONS["tools"]),
                chat.document("Once upon a time")]
     with torch.no_grad():
@@ -132,18 +146,28 @@ def test_transformers_logits_and_greedy_generation_match(ours):
             assert out == c.tokens
 
 
+@pytest.mark.parametrize("shape", [{"tie_embeddings": False}, {"attention_bias": True}], ids=["untied", "qwen2"])
+def test_other_architectures_match(tokenizer, chat, tmp_path, shape):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tokenizer.vocab_size, init_std=0.2, **shape)).eval()
+    hf = _hf_model(_save_and_export(model, chat, tmp_path))
+    x = torch.tensor([chat.prompt(CONVERSATIONS["system"])])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_tokenizer_gives_our_ids(exported):
     from conftest import small_corpus
 
     _, chat, folder = exported
-    hf_tok, ours = _hf_tokenizer(folder), chat.tokenizer
+    hf_tok, pocket = _hf_tokenizer(folder), chat.tokenizer
     for text in TEXT_MIX + small_corpus():
         ids = hf_tok(text, add_special_tokens=False)["input_ids"]
-        assert ids == ours.encode(text), text
+        assert ids == pocket.encode(text), text
         assert hf_tok.decode(ids) == text
     # transformers reads a special token's string in text as the special token, unless asked not to.
     text = "<|bos|> and <|im_start|> as plain text"
-    assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ours.encode(text)
+    assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == pocket.encode(text)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))

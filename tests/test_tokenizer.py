@@ -22,6 +22,7 @@ def any_tokenizer(request, tokenizer, hf_tokenizer) -> Tokenizer:
     if request.param == "hf":
         return hf_tokenizer
     from conftest import smollm2_path
+
     from pocketgpt.interop.gguf import read_gguf
 
     return HFTokenizer.from_str(read_gguf(smollm2_path()).tokenizer_json)

@@ -9,7 +9,8 @@ and so what PEFT, vLLM and llama.cpp's converter read too:
                              as model.embed_tokens.weight and re-tied by transformers (tie_word_embeddings)
     generation_config.json   every id that ends an assistant turn, so `generate` stops where our Engine does
     tokenizer.json           a Hugging Face `tokenizers` file giving exactly our ids: an imported model's
-                             own file, or our BPE rewritten as byte-level BPE with merges (`hf_tokenizer`)
+                             own file, or our BPE rewritten as byte-level BPE with merges
+                             (`hf_tokenizer_from_bpe`)
     tokenizer_config.json    the bos/eos/pad strings and the chat template as Jinja (`jinja_template`):
                              `apply_chat_template` gives the ids chat.py's render() gives
 
@@ -76,7 +77,7 @@ def _write_folder(folder: Path, model: GPT, chat: ChatTemplate) -> None:
     if isinstance(tok, HFTokenizer):
         tokenizer_json = tok.hf.to_str()
     elif isinstance(tok, BPETokenizer):
-        tokenizer_json = hf_tokenizer(tok).to_str()
+        tokenizer_json = hf_tokenizer_from_bpe(tok).to_str()
     else:
         raise PocketError(f"cannot export a {type(tok).__name__} as a Hugging Face tokenizer")
     atomic_write_text(folder / "tokenizer.json", tokenizer_json)
@@ -89,7 +90,7 @@ def _write_folder(folder: Path, model: GPT, chat: ChatTemplate) -> None:
         "bos_token": text(bos), "eos_token": text(chat.stop_ids[0]), "pad_token": text(chat.pad_id),
         # The chat template writes every special token itself; encode() must not add any.
         "add_bos_token": False, "add_eos_token": False,
-        # transformers would otherwise "clean up" decoded text (" ." -> "."): decoding must be lossless.
+        # transformers 4 would otherwise "clean up" decoded text (" ." -> "."): decoding must be lossless.
         "clean_up_tokenization_spaces": False,
         "model_max_length": model.cfg.max_seq_len,
         "chat_template": jinja_template(chat),
@@ -103,13 +104,13 @@ def _token_text(tok: Tokenizer, i: int) -> str:
 # ----------------------------------------------------------------------------- our BPE as HF tokenizers
 
 
-def hf_tokenizer(tok: BPETokenizer):
+def hf_tokenizer_from_bpe(tok: BPETokenizer):
     """Our tiktoken-style BPE as a Hugging Face `tokenizers.Tokenizer` that gives the same ids.
 
     tiktoken keeps only ranks (token bytes -> id) and merges, within a chunk, the adjacent pair whose
     joined bytes rank lowest; Hugging Face's BPE needs the merges themselves. Each token's merge is
-    recovered as transformers' and tokenizers' tiktoken converters do: run BPE on the token's own
-    bytes with only lower-ranked tokens, and the two pieces left are the pair that was merged.
+    recovered by running tiktoken's loop on the token's own bytes with only lower-ranked tokens: the
+    two pieces left are the pair that training merged (one merge per token, in rank order).
     Tokens are byte-level strings (GPT-2's printable character per byte); the chunks come from our
     split regex, then ByteLevel maps bytes to those characters without splitting again.
     """
