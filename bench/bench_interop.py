@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from pocketgpt.checkpoint import load_model
 from pocketgpt.engine import Engine, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_foundation import timed  # noqa: E402  (this folder is on the path when run as a script)
 from conftest import smollm2_path  # noqa: E402  (one place that knows where the package keeps the file)
 
 # Each import runs in its own process so that peak memory is that of the import alone.
@@ -70,15 +70,6 @@ def bench_import(gguf: Path, threads: int) -> dict:
     return {"file_mb": gguf.stat().st_size / 2**20, "libraries_seconds": base_s, "libraries_peak_mb": base_mb,
             "seconds_ours": ours_s, "seconds_transformers": theirs_s, "speedup": theirs_s / ours_s,
             "peak_mb_ours": ours_mb, "peak_mb_transformers": theirs_mb, "memory_ratio": theirs_mb / ours_mb}
-
-
-def timed(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:

@@ -76,3 +76,20 @@ def test_keeps_only_recent_training_states(tmp_path):
     for step in (1, 2, 3, 4):
         save_training_state(tmp_path, step, model, opt, {"objective": {}}, keep=2)
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == ["step_0000003", "step_0000004"]
+
+
+def test_a_run_made_before_chat_templates_still_loads(tiny_model, chat, tmp_path):
+    """config.json as the previous version wrote it: no chat template, no head_dim/bias/RoPE-scaling fields."""
+    save_model(tiny_model, tmp_path / "sft", chat, {"stage": "sft"})
+    path = tmp_path / "sft" / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["chat_template"]
+    for key in ("head_dim", "rope_scaling", "attention_bias"):
+        del cfg["model"][key]
+    path.write_text(json.dumps(cfg))
+    model, loaded, _ = load_model(tmp_path)
+    assert loaded.name == "pocketgpt" and model.cfg.head_dim == tiny_model.cfg.head_dim
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.prompt(messages) == chat.prompt(messages)
+    ids = torch.tensor([chat.prompt(messages)])
+    assert torch.equal(model(ids), tiny_model(ids))

@@ -167,3 +167,36 @@ def test_smollm2_answers_a_chat_question(smollm2):
     out = Engine(ours, chat.tokenizer).generate([prompt], SamplingParams(max_tokens=30, temperature=0,
                                                                          stop_tokens=chat.stop_ids))[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_an_imported_model_goes_through_the_stages(tmp_path, hf_tokenizer):
+    """An imported run is an ordinary run: LoRA SFT (on q/k/v with biases), eval, the reward model and GRPO."""
+    from pocketgpt.data.tasks import get_task
+    from pocketgpt.evaluate.harness import evaluate_task
+    from pocketgpt.train.grpo import GRPOConfig, grpo
+    from pocketgpt.train.loop import TrainConfig
+    from pocketgpt.train.lora import LoRAConfig
+    from pocketgpt.train.reward import RewardConfig, reward_model
+    from pocketgpt.train.sft import SFTConfig, sft
+
+    def train(steps):
+        return TrainConfig(steps=steps, batch_size=2, seq_len=128, warmup_steps=0, lr=1e-3, log_every=1,
+                           save_every=100, sample_every=10**9, eval_every=100, threads=1)
+
+    torch.manual_seed(0)
+    save_hf_model(tmp_path / "src", hf_tokenizer, "qwen2")
+    import_model(tmp_path / "src", tmp_path)
+    sft(SFTConfig(train=train(2), tasks={"compare_decimals": {"style": "cot", "n": 6}, "factqa": {"n": 2}},
+                  probe_samples=1, lora=LoRAConfig(r=2)), tmp_path)
+    model, chat, meta = load_model(tmp_path)
+    assert meta["meta"]["stage"] == "sft" and chat.name == "chatml" and model.cfg.attention_bias
+    result = evaluate_task(model, chat, get_task("compare_decimals"), n=4, shots=0, mode="chat", style="cot",
+                           max_tokens=8, show_progress=False)
+    assert result.n == 4
+    prefs = tmp_path / "prefs.jsonl"  # a random model's samples all tie: rank given answers instead
+    prefs.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "chosen": str(i + 1), "rejected": str(i)}) + "\n"
+                             for i in range(6)))
+    reward_model(RewardConfig(train=train(2), data=[str(prefs)]), tmp_path)
+    grpo(GRPOConfig(train=train(1), tasks=["compare_decimals"], prompts_per_task=4, prompts_per_step=2, group_size=2,
+                    max_tokens=8, eval_n=2), tmp_path)
+    assert load_model(tmp_path)[2]["meta"]["stage"] == "grpo"

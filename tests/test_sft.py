@@ -101,3 +101,9 @@ def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, token
     model, _, _ = load_model(tmp_path / "sft")  # merged: a plain GPT, same names as the base
     changed = [n for (n, a), b in zip(model.named_parameters(), tiny_model.parameters()) if not torch.equal(a, b)]
     assert changed and all("proj" in n for n in changed)  # only the adapted projections moved
+
+
+def test_a_task_can_be_left_out(chat):
+    cfg = SFTConfig(tasks={"spell": {"style": "direct", "n": 5}, "arithmetic": {"style": "cot", "n": 5, "skip": True}})
+    _, stats = build_conversations(cfg, None, chat)
+    assert stats["per_task"] == {"spell": 5}

@@ -199,18 +199,12 @@ class BPETokenizer(Tokenizer):
         return h.hexdigest()[:16]
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as a printable character: that character -> the byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's spelling of bytes as printable characters: the alphabet byte-level vocabularies
+    (GPT-2, SmolLM2, Qwen2, Llama 3) write their tokens in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 class HFTokenizer(Tokenizer):
@@ -259,7 +253,7 @@ class HFTokenizer(Tokenizer):
         bytes; SentencePiece-style ones (Llama 2, TinyLlama) write a space as '▁' and raw bytes as <0xAB>."""
         spec = json.loads(self.hf.to_str())
         byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
-        alphabet = _byte_level_alphabet()
+        alphabet = {c: b for b, c in bytes_to_unicode().items()}
         table = []
         for i in range(self.vocab_size):
             piece = self.hf.id_to_token(i)

@@ -36,7 +36,7 @@ from ..chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from ..checkpoint import load_model, state_dict_for_saving
 from ..common import PocketError, atomic_write_json, atomic_write_text
 from ..model import GPT
-from ..tokenizer import BPETokenizer, HFTokenizer, Tokenizer, _byte_level_alphabet
+from ..tokenizer import BPETokenizer, HFTokenizer, Tokenizer, bytes_to_unicode
 from .hf import hf_config_dict
 
 
@@ -116,7 +116,7 @@ def hf_tokenizer_from_bpe(tok: BPETokenizer):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    char_of = {b: c for c, b in _byte_level_alphabet().items()}
+    char_of = bytes_to_unicode()
 
     def chars(b: bytes) -> str:
         return "".join(char_of[x] for x in b)

@@ -35,6 +35,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..common import PocketError
+from ..tokenizer import bytes_to_unicode
 
 GGMLType = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
@@ -504,15 +505,8 @@ def _tokenizer(path: Path, meta: dict, vocab_size: int) -> tuple[Tokenizer, dict
     return tokenizer, config
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's spelling of bytes as printable characters, the alphabet byte-level vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
 def _byte_level_bpe(tokens: list[str], merges: list[str] | None, pre: str | None) -> Tokenizer:
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # a token written outside the byte alphabet (a raw "<|im_start|>" is inside it) is respelled byte by byte
     vocab = {
@@ -574,7 +568,7 @@ def _add_special_tokens(tokenizer: Tokenizer, kind: str, tokens: list[str], toke
     llama.cpp mislabel (transformers skips it too). A named token that is not in the vocabulary is left
     out: transformers would append it with an id past the model's embedding.
     """
-    alphabet = set(_bytes_to_unicode().values()) if kind == "gpt2" else None
+    alphabet = set(bytes_to_unicode().values()) if kind == "gpt2" else None
     control = [
         t for t, kind_ in zip(tokens, token_types) if kind_ == _CONTROL and (alphabet is None or set(t) <= alphabet)
     ]

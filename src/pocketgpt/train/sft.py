@@ -50,6 +50,7 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=150, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0))
+    # task -> {"style", "n"}; a config file merges into these, and `skip = true` leaves a task out
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
     mitigate_hallucination: bool = True
@@ -93,6 +94,8 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) ->
     rng = random.Random(cfg.seed)
     convs, stats = [], {"per_task": {}}
     for name, spec in cfg.tasks.items():
+        if spec.get("skip"):
+            continue
         task = get_task(name)
         style = spec.get("style", "direct")
         examples = task.examples("train")
