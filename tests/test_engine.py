@@ -74,9 +74,9 @@ def test_stream_concatenates_to_generate(tiny_model, tokenizer):
 def test_logits_processor_can_force_a_token(tiny_model, tokenizer):
     forced = tokenizer.encode("!")[0]
 
-    def only_bang(rows, generated, logits):
+    def only_bang(generated, logits):
         mask = torch.full_like(logits, float("-inf"))
-        mask[:, forced] = 0
+        mask[forced] = 0
         return logits + mask
 
     out = Engine(tiny_model, tokenizer).generate([tokenizer.encode("hi")], SamplingParams(max_tokens=5),

@@ -99,8 +99,8 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
                                                  for i in range(10)))
     prepare_mixture([SourceSpec("text", "jsonl", path=str(tmp_path / "text.jsonl"))], chat,
                     tmp_path / "data", val_fraction=0.2)  # what PPO-ptx mixes in
-    rm_cfg = RewardConfig(train=tiny_train(3), tasks=["compare_decimals", "factqa"], prompts_per_task=3,
-                          val_prompts_per_task=2, k=3, max_tokens=12)
+    rm_cfg = RewardConfig(train=tiny_train(3), tasks=["compare_decimals", "factqa"], prompts_per_task=4,
+                          val_prompts_per_task=2, k=4, max_tokens=48)
     rm_summary = reward_model(rm_cfg, tmp_path)
     rm, _, meta = load_model(tmp_path / "rm")
     assert rm.cfg.score_head and meta["meta"]["stage"] == "rm" and rm_summary["steps"] == 3

@@ -16,12 +16,12 @@ class Script:
     def __init__(self, turns: list[list[int]]):
         self.turns, self.round = turns, -1
 
-    def __call__(self, rows, generated, logits):
-        if not generated[0]:
+    def __call__(self, generated, logits):
+        if not generated:
             self.round += 1
         turn = self.turns[self.round]
         forced = torch.full_like(logits, float("-inf"))
-        forced[:, turn[len(generated[0])]] = 0.0
+        forced[turn[len(generated)]] = 0.0
         return forced
 
 

@@ -134,6 +134,11 @@ class ChatTemplate(ABC):
 
     @property
     @abstractmethod
+    def tool_call_markers(self) -> tuple[int | str, int | str]:
+        """What opens and closes a tool call the model writes: a special token's id or a text."""
+
+    @property
+    @abstractmethod
     def tool_result_delimiters(self) -> tuple[list[int], list[int]]:
         """The ids around a tool's result after the calling turn: (before the result, after it up to
         and including the next assistant header)."""
@@ -218,6 +223,8 @@ class PocketTemplate(ChatTemplate):
         a, b = tokens.index(start), tokens.index(end)
         return self.tokenizer.decode(tokens[:a]), self.tokenizer.decode(tokens[a + 1:b])
 
+    tool_call_markers = property(lambda self: self.call)
+
     @property
     def tool_result_delimiters(self) -> tuple[list[int], list[int]]:
         start, end = self.role_ids["tool"]
@@ -292,6 +299,8 @@ class ChatMLTemplate(ChatTemplate):
         if not m:
             return None
         return text[:m.start()].rstrip("\n"), m.group(1)
+
+    tool_call_markers = property(lambda self: (self.CALL_OPEN, self.CALL_CLOSE))
 
     @property
     def tool_result_delimiters(self) -> tuple[list[int], list[int]]:

@@ -294,6 +294,32 @@ def cmd_export(args) -> None:
         console.print(f"tokenizer -> {out} (+ {out}.json with the pattern and special tokens)")
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .common import pick_device, set_threads
+    from .serve.api import create_app, load_workers
+    from .serve.protocol import Limits
+
+    set_threads(args.threads)
+    workers = load_workers(args.run, pick_device(args.device), args.max_batch)
+    app = create_app(workers, Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_queued=args.max_queued),
+                     api_key=args.api_key)
+    console.print(f"serving {', '.join(workers)} from {args.run} on http://{args.host}:{args.port} "
+                  f"(chat page at /, OpenAI API at /v1)")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def cmd_chat(args) -> None:
+    from .chat_cli import chat_loop
+
+    chat_loop(args)
+
+
 def cmd_config(args) -> None:
     """Print the default (or loaded) configuration as JSON, to copy into a TOML file."""
     from dataclasses import asdict
@@ -455,6 +481,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf", "tiktoken"), default="hf")
     p.add_argument("out", help="output folder (hf) or file (tiktoken)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible API, with a chat page",
+                       description="Each stage of RUN (base, sft, ppo, grpo, ...) is a model id. Endpoints: "
+                                   "/v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize, "
+                                   "/health, /metrics; the chat page at /. Requests share one continuously "
+                                   "batched engine per model.")
+    p.add_argument("run", help="a run directory (every stage is served) or a model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per model")
+    p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
+    p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Streams replies. Commands: /reset (new conversation), /system TEXT, "
+                                   "/temp T, /quit.")
+    p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("run")

@@ -1,26 +1,36 @@
-"""Generation: prefill the prompt once, then decode token by token with a KV cache.
+"""Generation as a scheduler: sequences join and leave a running batch at any step (continuous batching).
 
-    prompts --left-pad--> prefill (one forward over all prompt tokens) --> copy each row n times
-            --> loop: last logits -> processors -> temperature/top-k/top-p -> sample -> stop checks
+    submit(prompt, params) -> Sequence(s)           waiting: not yet in the cache
+    step():  admit waiting sequences into free cache rows (n samples of a prompt share its prefill)
+             prefill: feed up to `prefill_chunk` prompt tokens (long prompts take several steps,
+                      so the sequences already decoding never stall behind them)
+             sample:  every sequence with fresh logits picks its next token (its own temperature,
+                      top-k, top-p, seed, logits processors, stops, max tokens); logprobs on request
+             decode:  one forward over the cache rows, each row continuing after its own length
+    finished sequences free their row, unless kept (the tool loop appends a tool's result to the
+    live cache with `extend` and decoding goes on without re-reading the conversation)
 
-Rows that hit a stop token, a stop string or max_tokens leave the batch, so the rest decode faster.
-Logits processors (e.g. a grammar that masks tokens) see every row's tokens so far and may edit
-the logits before sampling.
+Each sequence owns its sampling parameters and random generator, so requests with different
+settings share one batch. The engine is synchronous and single-threaded: the server runs it in a
+thread of its own and talks to it through `submit`, `Sequence.cancel` and the sequences' callbacks.
 """
 
 from __future__ import annotations
 
 import codecs
+import itertools
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from .model import GPT
 from .tokenizer import Tokenizer
 
-# processor(row_ids, generated, logits) -> logits; row_ids are stable indices of the output rows
-LogitsProcessor = Callable[[list[int], list[list[int]], torch.Tensor], torch.Tensor]
+# processor(generated_so_far, logits (V,)) -> logits: a grammar mask, a forced token, a bias
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -33,26 +43,72 @@ class SamplingParams:
     seed: int | None = None
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and k alternatives
+
+
+@dataclass
+class TokenEvent:
+    row: int  # the sequence's index in its submission (prompt_index * n + sample)
+    token: int
+    done: bool
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
 
 
 @dataclass
 class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (token or string) | "length"
+    finish_reason: str = "length"  # "stop" (token or string) | "length" | "cancelled"
     prompt_index: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-@dataclass
-class TokenEvent:
-    row: int
-    token: int
-    done: bool
-    finish_reason: str | None = None
+class Sequence:
+    """One sample being generated: its tokens, its sampling state, its row in the KV cache."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, processors, index: int, prompt_index: int,
+                 keep: bool, on_event: Callable[[Sequence, TokenEvent], None] | None):
+        self.id = next(self._ids)
+        self.prompt, self.params, self.processors = list(prompt), params, list(processors)
+        self.index, self.prompt_index, self.keep, self.on_event = index, prompt_index, keep, on_event
+        self.tokens: list[int] = []  # everything after the prompt, sampled or written by the runtime
+        self.sampled: list[int] = []  # 1 where tokens[i] was sampled, 0 where the runtime wrote it
+        self.turn: list[int] = []  # tokens sampled since the last submit/extend (stops and max_tokens look here)
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.pending: list[int] = list(prompt)  # to feed into the cache before the next sample
+        self.unfed: int | None = None  # the last sampled token, not yet in the cache
+        self.logits: torch.Tensor | None = None  # the next-token logits, when fresh
+        self.first_logits: torch.Tensor | None = None  # after the prompt: what the siblings start from
+        self.row: int | None = None
+        self.leader: Sequence | None = None  # n samples: the sibling that prefills the shared prompt
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop at the next step (a client went away); safe to call from any thread."""
+        self.cancelled = True
+
+    def completion(self, engine: Engine) -> Completion:
+        want = self.params.logprobs is not None
+        return Completion(self.turn, engine.visible_text(self.turn, self.params), self.finish_reason or "length",
+                          self.prompt_index, self.logprobs[-len(self.turn):] if want and self.turn else
+                          ([] if want else None),
+                          self.top_logprobs[-len(self.turn):] if want and self.turn else ([] if want else None))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+    """(B, V) logits -> (B,) token ids, with one setting for every row."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -61,140 +117,277 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > params.top_p  # keep the token that crosses p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > params.top_p  # keep the token that crosses p
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, prefill_chunk: int = 512):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.cache = model.make_cache(rows=1, capacity=64)
+        self.rows: list[Sequence | None] = []  # the sequence in each occupied cache row, packed from row 0
+        self.waiting: list[Sequence] = []  # submitted, not yet admitted to a row
+        self.running: list[Sequence] = []  # admitted and not finished (prefilling, decoding or sampling)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # submissions from other threads
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
-    # ------------------------------------------------------------------ the core loop
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or not self.inbox.empty())
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, prompt: list[int], params: SamplingParams, processors=(), keep: bool = False,
+               prompt_index: int = 0, on_event=None, processor_factory=None) -> list[Sequence]:
+        """Queue params.n samples of one prompt; thread-safe. `keep`: a finished sequence keeps its
+        cache row for `extend` until `release`. `processor_factory()` gives each sample a processor of its own
+        (a grammar's state is per sample)."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if len(prompt) >= self.model.cfg.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len="
+                             f"{self.model.cfg.max_seq_len}")
+        seqs = []
+        for k in range(params.n):
+            procs = [*processors, processor_factory()] if processor_factory else processors
+            seq = Sequence(prompt, params, procs, prompt_index * params.n + k, prompt_index, keep, on_event)
+            if params.seed is not None and params.temperature > 0:  # one stream per sample, none shared
+                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed * 1_000_003 + seq.index)
+            seq.leader = seqs[0] if seqs else None
+            seqs.append(seq)
+        self.inbox.put(seqs)
+        return seqs
 
     @torch.inference_mode()
-    def events(self, prompts: list[list[int]], params: SamplingParams,
-               processors: list[LogitsProcessor] = ()) -> Iterator[TokenEvent]:
-        """Decode every prompt params.n times; yields one event per generated token (row = prompt*n + k)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        device, n = self.device, params.n
-        longest = max(len(p) for p in prompts)
-        max_len = min(self.model.cfg.max_seq_len, longest + params.max_tokens)
-        if longest >= max_len:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in max_seq_len={self.model.cfg.max_seq_len}")
-        generator = None
-        if params.seed is not None and params.temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+    def extend(self, seq: Sequence, tokens: list[int], params: SamplingParams | None = None) -> None:
+        """Append tokens the runtime writes (a tool's result) to a finished, kept sequence's live cache,
+        then decode a new turn (max_tokens and stops count from here)."""
+        if not seq.done or seq.row is None:
+            raise ValueError("only a finished sequence that kept its cache row can be extended")
+        seq.pending = ([seq.unfed] if seq.unfed is not None else []) + list(tokens)
+        seq.unfed, seq.logits, seq.finish_reason, seq.turn = None, None, None, []
+        seq.tokens += tokens
+        seq.sampled += [0] * len(tokens)
+        if params is not None:
+            seq.params = params
+        self.running.append(seq)
 
-        # Prefill: prompts left-padded to one length; padding keys are masked, positions start at 0.
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-        valid = torch.zeros(len(prompts), max_len, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p, device=device)
-            valid[i, longest - len(p):] = True
-        padded = any(len(p) != longest for p in prompts)
-        cache = self.model.make_cache(len(prompts), max_len)
-        positions = None
-        if padded:
-            cache.valid = valid
-            positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(ids, cache=cache, positions=positions)[:, -1]
-        next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    @torch.inference_mode()
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence's cache row; the last occupied row moves into it, so rows stay packed."""
+        if seq.row is None:
+            return
+        last = len(self.rows) - 1
+        if seq.row != last:
+            moved = self.rows[last]
+            self.cache.move_row(last, seq.row)
+            self.rows[seq.row] = moved
+            moved.row = seq.row
+        self.rows.pop()
+        seq.row = None
 
-        # Share the prefill: every prompt's cache row is copied for its n samples.
-        if n > 1:
-            rows = torch.arange(len(prompts), device=device).repeat_interleave(n)
-            cache.select(rows)
-            logits, next_pos = logits[rows], next_pos[rows]
-        if cache.valid is not None:
-            cache.valid[:, longest:] = True
+    # ------------------------------------------------------------------ one scheduling step
 
-        active = list(range(len(prompts) * n))  # output rows still decoding, in batch order
-        generated: list[list[int]] = [[] for _ in active]
-        texts = [""] * len(active)
-        stop_tokens = set(params.stop_tokens)
-        while active:
-            for proc in processors:
-                logits = proc(active, [generated[r] for r in active], logits)
-            tokens = sample_next(logits, params, generator).tolist()
-            keep = []
-            for i, (row, tok) in enumerate(zip(active, tokens)):
-                generated[row].append(tok)
-                reason = None
-                if tok in stop_tokens:
-                    reason = "stop"
-                elif params.stop_strings:
-                    texts[row] = self.tokenizer.decode(generated[row])
-                    if any(s in texts[row] for s in params.stop_strings):
-                        reason = "stop"
-                if reason is None and (len(generated[row]) >= params.max_tokens
-                                       or cache.length >= max_len):
-                    reason = "length"
-                yield TokenEvent(row, tok, reason is not None, reason)
-                if reason is None:
-                    keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.select(index)
-                next_pos = next_pos[index]
-                tokens = [tokens[i] for i in keep]
-                active = [active[i] for i in keep]
-            step = torch.tensor(tokens, device=device)[:, None]
-            logits = self.model(step, cache=cache, positions=next_pos[:, None] if padded else None)[:, -1]
-            next_pos = next_pos + 1
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, TokenEvent]]:
+        """Admit, prefill a chunk, sample for every sequence with fresh logits, decode one token; the events."""
+        while not self.inbox.empty():
+            self.waiting += self.inbox.get()
+        events: list[tuple[Sequence, TokenEvent]] = []
+        for seq in [s for s in self.waiting + self.running if s.cancelled and not s.done]:
+            events.append((seq, self._finish(seq, "cancelled", None)))
+        self._admit()
+        self._prefill()
+        events += self._sample()
+        self._decode()
+        for seq, ev in events:
+            if seq.on_event:
+                seq.on_event(seq, ev)
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.rows) < self.max_batch:
+            seq = self.waiting.pop(0)
+            seq.row = len(self.rows)
+            self.rows.append(seq)
+            self.running.append(seq)
+            self.cache.reserve(len(self.rows), 64)
+            self.cache.lengths[seq.row] = 0
+
+    def _prefill(self) -> None:
+        """Feed pending tokens, at most `prefill_chunk` in all, oldest sequence first. A sample whose
+        leader has prefilled the shared prompt copies the leader's cache row instead."""
+        budget = self.prefill_chunk
+        for seq in self.running:
+            if not seq.pending or seq.row is None:
+                continue
+            leader = seq.leader
+            if leader is not None and seq.pending == seq.prompt:
+                if leader.row is not None and leader.first_logits is not None:
+                    self.cache.copy_row(leader.row, seq.row, len(seq.prompt))
+                    seq.pending, seq.logits = [], leader.first_logits
+                    continue
+                if leader.row is not None and not leader.done:
+                    continue  # the leader's prefill is under way: wait and share it
+                seq.leader = None  # the leader has gone: prefill the prompt itself
+            if budget <= 0:
+                break
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            budget -= len(chunk)
+            ids = torch.tensor([chunk], device=self.device)
+            logits = self.model(ids, cache=self.cache, rows=slice(seq.row, seq.row + 1))[0, -1]
+            if not seq.pending:
+                seq.logits = logits
+                seq.first_logits = logits  # kept for the n-1 siblings that share this prefill
+
+    def _sample(self) -> list[tuple[Sequence, TokenEvent]]:
+        ready = [s for s in self.running if s.logits is not None and not s.pending and not s.done]
+        events = []
+        for seq in ready:
+            logits = seq.logits.float()
+            raw = logits
+            for proc in seq.processors:
+                logits = proc(seq.turn, logits)
+            token = int(sample_next(logits[None], seq.params, seq.generator)[0])  # None: torch's global RNG
+            seq.logits = None
+            logprob = top = None
+            if seq.params.logprobs is not None:
+                logp = F.log_softmax(raw, dim=-1)
+                logprob = float(logp[token])
+                if seq.params.logprobs > 0:
+                    values, ids = torch.topk(logp, seq.params.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+                seq.logprobs.append(logprob)
+                seq.top_logprobs.append(top or [])
+            seq.tokens.append(token)
+            seq.sampled.append(1)
+            seq.turn.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is None:
+                seq.unfed = token
+                events.append((seq, TokenEvent(seq.index, token, False, None, logprob, top)))
+            else:
+                seq.unfed = token
+                events.append((seq, self._finish(seq, reason, token, logprob, top)))
+        return events
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_tokens:
+            return "stop"
+        if p.stop_strings and any(s in self.tokenizer.decode(seq.turn) for s in p.stop_strings):
+            return "stop"
+        if len(seq.turn) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.model.cfg.max_seq_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, token: int | None, logprob=None, top=None) -> TokenEvent:
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if not seq.keep or reason == "cancelled":
+            self.release(seq)
+        return TokenEvent(seq.index, -1 if token is None else token, True, reason, logprob, top)
+
+    def _decode(self) -> None:
+        """One token for every decoding sequence, in one forward over the packed rows. Rows that are
+        prefilling or waiting ride along: their keys at their end are overwritten before they are read."""
+        decoding = [s for s in self.running if s.unfed is not None and not s.pending and not s.done]
+        if not decoding:
+            return
+        n = max(s.row for s in decoding) + 1
+        ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+        for s in decoding:
+            ids[s.row, 0] = s.unfed
+        logits = self.model(ids, cache=self.cache, rows=slice(0, n), advance=False)[:, -1]
+        rows = torch.tensor([s.row for s in decoding], device=self.device)
+        self.cache.lengths[rows] += 1
+        for s in decoding:
+            s.logits, s.unfed = logits[s.row], None
 
     # ------------------------------------------------------------------ conveniences
+
+    def run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, TokenEvent]]:
+        """Step until every sequence in `seqs` has finished; yields their events."""
+        mine = {s.id for s in seqs}
+        while any(not s.done for s in seqs):
+            for seq, ev in self.step():
+                if seq.id in mine:
+                    yield seq, ev
+
+    def events(self, prompts: list[list[int]], params: SamplingParams,
+               processors: list[LogitsProcessor] = ()) -> Iterator[TokenEvent]:
+        """Decode every prompt params.n times; one event per generated token (row = prompt * n + sample)."""
+        if not prompts:
+            return
+        seqs = [s for i, p in enumerate(prompts) for s in self.submit(p, params, processors, prompt_index=i)]
+        for _, ev in self.run(seqs):
+            yield ev
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  processors: list[LogitsProcessor] = ()) -> list[Completion]:
         """All completions, row = prompt_index * n + sample; stop strings and tokens are cut off the text."""
-        outs = [Completion(prompt_index=r // params.n) for r in range(len(prompts) * params.n)]
-        for ev in self.events(prompts, params, processors):
-            outs[ev.row].tokens.append(ev.token)
-            if ev.done:
-                outs[ev.row].finish_reason = ev.finish_reason
-        for c in outs:
-            c.text = self.visible_text(c.tokens, params)
-        return outs
+        seqs = [s for i, p in enumerate(prompts) for s in self.submit(p, params, processors, prompt_index=i)]
+        for _ in self.run(seqs):
+            pass
+        return [s.completion(self) for s in seqs]
 
     def visible_text(self, tokens: list[int], params: SamplingParams) -> str:
-        """Decoded text without the stop token and without anything from the first stop string on."""
-        if tokens and tokens[-1] in params.stop_tokens:
-            tokens = tokens[:-1]
-        text = self.tokenizer.decode(tokens)
-        for s in params.stop_strings:
-            if s in text:
-                text = text[:text.index(s)]
-        return text
+        return visible_text(self.tokenizer, tokens, params)
 
     def stream(self, prompt: list[int], params: SamplingParams,
                processors: list[LogitsProcessor] = ()) -> Iterator[str]:
         """Text pieces of one completion as they are generated (never half a UTF-8 character)."""
         params = replace(params, n=1)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens: list[int] = []
-        text, emitted = "", ""
+        decoder = TextStream(self.tokenizer, params)
         for ev in self.events([prompt], params, processors):
-            tokens.append(ev.token)
-            if ev.done and ev.finish_reason == "stop":
-                visible = self.visible_text(tokens, params)
-            else:
-                text += decoder.decode(self.tokenizer.decode_bytes([ev.token]), final=ev.done)
-                visible = text if ev.done else _hold_back_stop_prefix(text, params.stop_strings)
-            if len(visible) > len(emitted):
-                yield visible[len(emitted):]
-                emitted = visible
+            piece = decoder.push(ev)
+            if piece:
+                yield piece
+
+
+class TextStream:
+    """Turns token events into text pieces: never half a UTF-8 character, never the start of a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
+        self.tokenizer, self.params = tokenizer, params
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokens: list[int] = []
+        self.text, self.emitted = "", ""
+
+    def push(self, ev: TokenEvent) -> str:
+        if ev.token >= 0:
+            self.tokens.append(ev.token)
+        if ev.done and ev.finish_reason == "stop":
+            visible = visible_text(self.tokenizer, self.tokens, self.params)
+        else:
+            if ev.token >= 0:
+                self.text += self.decoder.decode(self.tokenizer.decode_bytes([ev.token]), final=ev.done)
+            visible = self.text if ev.done else _hold_back_stop_prefix(self.text, self.params.stop_strings)
+        if len(visible) <= len(self.emitted):
+            return ""
+        piece, self.emitted = visible[len(self.emitted):], visible
+        return piece
+
+
+def visible_text(tokenizer: Tokenizer, tokens: list[int], params: SamplingParams) -> str:
+    """Decoded text without the stop token and without anything from the first stop string on."""
+    if tokens and tokens[-1] in params.stop_tokens:
+        tokens = tokens[:-1]
+    text = tokenizer.decode(tokens)
+    for s in params.stop_strings:
+        if s in text:
+            text = text[:text.index(s)]
+    return text
 
 
 def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:

@@ -129,30 +129,81 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len`.
+    """Keys and values of every layer for several independent sequences ("rows"), each with its own length.
 
-    `valid` marks real (non-padding) key positions per row when prompts of different lengths are
-    left-padded into one batch; None means every position is real.
+    Row r holds `lengths[r]` tokens; a forward pass over some rows appends its tokens after theirs, so
+    rows may join, leave and wait independently (continuous batching). Rows and capacity grow on
+    demand, doubling, up to the model's context: a 2,048-token cache is not paid for a 20-token chat.
     """
 
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self.max_len = max_len
-        self.valid: torch.Tensor | None = None
+    def __init__(self, cfg: GPTConfig, rows: int, capacity: int, device, dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.k = self.v = torch.zeros(0)
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)
+        self._allocate(rows, capacity)
+
+    def _allocate(self, rows: int, capacity: int) -> None:
+        cfg = self.cfg
+        k = torch.zeros((cfg.n_layer, rows, cfg.n_kv_head, capacity, cfg.head_dim), device=self.device, dtype=self.dtype)
+        v = torch.zeros_like(k)
+        old_rows, old_cap = (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
+        if old_rows:
+            k[:, :old_rows, :, :old_cap] = self.k
+            v[:, :old_rows, :, :old_cap] = self.v
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        lengths[:old_rows] = self.lengths
+        self.k, self.v, self.lengths = k, v, lengths
 
     @property
-    def batch(self) -> int:
+    def rows(self) -> int:
         return self.k.shape[1]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) some rows: finished sequences leave the batch; n samples copy one prefilled prompt."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
-        if self.valid is not None:
-            self.valid = self.valid[rows]
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, rows: int, capacity: int) -> None:
+        """Make room for `rows` rows of `capacity` tokens (one more than written: a decode step may write
+        a throwaway key at the end of a row that is not decoding)."""
+        capacity = min(capacity + 1, self.cfg.max_seq_len + 1)
+        if rows > self.rows or capacity > self.capacity:
+            grow = lambda have, need: max(have, 1 << max(need - 1, 1).bit_length())  # noqa: E731
+            self._allocate(grow(self.rows, rows), grow(self.capacity, capacity))
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row `src` becomes row `dst` (rows stay packed when a sequence leaves)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.lengths[dst] = self.lengths[src]
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """n samples of one prompt share its prefill: copy the first n keys and values of a row."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+@dataclass
+class CacheView:
+    """One forward pass's use of the cache: which rows, where each new token goes, who may see whom."""
+    cache: KVCache
+    rows: slice
+    row_index: torch.Tensor  # (B, 1): 0..B-1, to scatter each row's new keys at its own positions
+    positions: torch.Tensor  # (B, T): the new tokens' positions (each row continues after its length)
+    span: int  # keys to attend over: the longest row after this pass
+    mask: torch.Tensor  # (B, 1, T, span): a query sees the keys at or before its position
+
+    @classmethod
+    def make(cls, cache: KVCache, rows: slice, T: int, max_len: int) -> CacheView:
+        starts = cache.lengths[rows]
+        positions = starts[:, None] + torch.arange(T, device=starts.device)
+        span = int(positions.max()) + 1
+        if span > max_len:
+            raise PocketError(f"sequence of {span} tokens exceeds max_seq_len={max_len}")
+        cache.reserve(rows.stop, span)
+        mask = torch.arange(span, device=starts.device)[None, None, :] <= positions[:, :, None]
+        return cls(cache, rows, torch.arange(len(starts), device=starts.device)[:, None], positions, span,
+                   mask[:, None])
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -168,25 +219,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, cached: CacheView | None):
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = cache.length
-            cache.k[self.layer, :, :, start:start + T] = k
-            cache.v[self.layer, :, :, start:start + T] = v
-            k = cache.k[self.layer, :, :, :start + T]
-            v = cache.v[self.layer, :, :, :start + T]
         gqa = cfg.n_kv_head != cfg.n_head
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                               is_causal=cache is None or T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+        if cached is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # append to each row's keys and values, then attend over the row's history
+            k_rows, v_rows = cached.cache.k[self.layer, cached.rows], cached.cache.v[self.layer, cached.rows]
+            k_rows[cached.row_index, :, cached.positions] = k.transpose(1, 2).to(k_rows.dtype)
+            v_rows[cached.row_index, :, cached.positions] = v.transpose(1, 2).to(v_rows.dtype)
+            k, v = k_rows[:, :, :cached.span].to(q.dtype), v_rows[:, :, :cached.span].to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cached.mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -211,8 +259,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cached):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cached)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -268,47 +316,38 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None, all_layers: bool = False):
-        """Final (normed) hidden states (B, T, d); with all_layers, the residual stream after every block too."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice | None = None,
+                      advance: bool = True, all_layers: bool = False):
+        """Final (normed) hidden states (B, T, d); with all_layers, the residual stream after every block too.
+
+        With a cache, the B rows of `idx` continue cache rows `rows` (default: the first B), each after
+        its own length; `advance=False` leaves the lengths for the caller to move (a batch in which
+        some rows only wait)."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise PocketError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if positions is None:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        else:  # per-row positions (left-padded batches)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        mask = self._attention_mask(T, cache, idx.device)
+        cached = None
+        if cache is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            if T > self.cfg.max_seq_len:
+                raise PocketError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        else:
+            rows = rows if rows is not None else slice(0, B)
+            cached = CacheView.make(cache, rows, T, self.cfg.max_seq_len)
+            cos, sin = self.rope_cos[cached.positions].unsqueeze(1), self.rope_sin[cached.positions].unsqueeze(1)
         x = self.model.embed_tokens(idx)
         stream = [x] if all_layers else None
         for block in self.model.layers:
-            x = block(x, cos, sin, cache, mask)
+            x = block(x, cos, sin, cached)
             if all_layers:
                 stream.append(x)
-        if cache is not None:
-            cache.length += T
+        if cached is not None and advance:
+            cache.lengths[rows] += T
         x = self.model.norm(x)
         return (x, stream) if all_layers else x
 
-    @staticmethod
-    def _attention_mask(T: int, cache: KVCache | None, device) -> torch.Tensor | None:
-        """None when SDPA's own causal flag suffices; otherwise a boolean (B|1, 1, T, Tk) 'may attend' mask."""
-        if cache is None or (cache.valid is None and (cache.length == 0 or T == 1)):
-            return None
-        Tk = cache.length + T
-        q_pos = torch.arange(cache.length, Tk, device=device)[:, None]
-        mask = torch.arange(Tk, device=device)[None, :] <= q_pos  # (T, Tk) causal, offset by the cache
-        if cache.valid is not None:
-            mask = mask[None] & cache.valid[:, None, :Tk]  # (B, T, Tk): padding keys are never seen
-            return mask[:, None]
-        return mask
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: slice | None = None, advance: bool = True, reduction: str = "mean"):
         """Logits (B, T, V) without targets; with targets, the cross-entropy (targets == -1 are ignored)."""
-        x = self.hidden_states(idx, cache, positions)
+        x = self.hidden_states(idx, cache, rows, advance)
         logits = self.lm_head(x)
         if targets is None:
             return logits
@@ -342,6 +381,6 @@ class GPT(nn.Module):
         matmul = self.num_params(embeddings=False) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
         return 6 * matmul + 12 * cfg.n_layer * cfg.d_model * T
 
-    def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def make_cache(self, rows: int = 1, capacity: int = 64, dtype=None) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)
+        return KVCache(self.cfg, rows, capacity, p.device, dtype or p.dtype)

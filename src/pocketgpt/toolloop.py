@@ -65,52 +65,49 @@ def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[i
                         processors: list[LogitsProcessor] = ()) -> list[Transcript]:
     """Like Engine.generate, but tool calls are executed; row = prompt_index * n + sample.
 
-    Each round decodes every unfinished conversation to the end of its turn; a turn that holds a
-    tool call gets the result appended and goes to the next round. After `max_calls` calls a
-    conversation gets no more results and ends with finish_reason "tool_limit".
+    Every conversation decodes to the end of its turn; a turn that holds a tool call gets the result
+    appended to its live cache (`Engine.extend`) and decodes on, while the others keep going. After
+    `max_calls` calls a conversation gets no more results and ends with finish_reason "tool_limit".
+    max_tokens applies to each turn.
     """
     params = replace(params, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
     before_result, after_result = chat.tool_result_delimiters
-    out = [Transcript(prompt_index=r // params.n) for r in range(len(prompts) * params.n)]
-    pending = list(range(len(out)))  # rows whose conversation goes on
-    for round_ in range(max_calls + 1):  # max_tokens applies to each turn
-        if round_ == 0:
-            completions = engine.generate(prompts, params, processors)
-        else:  # each conversation now has its own history: one sample each
-            seed = None if params.seed is None else params.seed + round_
-            completions = engine.generate([prompts[out[r].prompt_index] + out[r].tokens for r in pending],
-                                          replace(params, n=1, seed=seed), processors)
-        still = []
-        for row, c in zip(pending, completions):
-            t = out[row]
-            t.tokens += c.tokens
-            t.action_mask += [1] * len(c.tokens)
-            t.finish_reason = c.finish_reason
-            call = chat.split_tool_call(c.tokens) if c.finish_reason == "stop" else None
-            if call is None:
-                t.text = engine.visible_text(c.tokens, params)
-                continue
-            before_call, call_text = call
-            if round_ == max_calls:
-                t.text, t.finish_reason = before_call, "tool_limit"
-                continue
-            try:
-                name, arguments = parse_call(call_text)
-                result = run_tool(tools, name, arguments)
-            except ValueError as e:
-                name, arguments, result = "", {}, f"error: {e}"
-            t.calls.append({"name": name, "arguments": arguments, "result": result})
-            # A long result (a search hit) is cut so the conversation keeps room for an answer.
-            room = (engine.model.cfg.max_seq_len - len(prompts[t.prompt_index]) - len(t.tokens)
-                    - len(before_result) - len(after_result) - ANSWER_ROOM)
-            if room <= 0:
-                t.finish_reason = "length"
-                continue
-            injected = [*before_result, *engine.tokenizer.encode(result)[:room], *after_result]
-            t.tokens += injected
-            t.action_mask += [0] * len(injected)
-            still.append(row)
-        pending = still
-        if not pending:
-            break
+    seqs = [s for i, p in enumerate(prompts) for s in engine.submit(p, params, processors, keep=True, prompt_index=i)]
+    out = [Transcript(prompt_index=s.prompt_index) for s in seqs]
+    try:
+        for seq, ev in engine.run(seqs):  # run() goes on while any of them, extended ones included, is unfinished
+            if ev.done:
+                _turn_ended(engine, chat, seq, out[seq.index], tools, max_calls, before_result, after_result)
+    finally:
+        for seq in seqs:
+            engine.release(seq)
+    for seq, t in zip(seqs, out):
+        t.tokens, t.action_mask = seq.tokens, seq.sampled
     return out
+
+
+def _turn_ended(engine: Engine, chat: ChatTemplate, seq, t: Transcript, tools, max_calls: int,
+                before_result: list[int], after_result: list[int]) -> None:
+    """A turn finished: answer its tool call (the sequence goes on) or record the answer."""
+    t.finish_reason = seq.finish_reason
+    call = chat.split_tool_call(seq.turn) if seq.finish_reason == "stop" else None
+    if call is None:
+        t.text = engine.visible_text(seq.turn, seq.params)
+        return
+    before_call, call_text = call
+    if len(t.calls) == max_calls:
+        t.text, t.finish_reason = before_call, "tool_limit"
+        return
+    try:
+        name, arguments = parse_call(call_text)
+        result = run_tool(tools, name, arguments)
+    except ValueError as e:
+        name, arguments, result = "", {}, f"error: {e}"
+    t.calls.append({"name": name, "arguments": arguments, "result": result})
+    # A long result (a search hit) is cut so the conversation keeps room for an answer.
+    room = (engine.model.cfg.max_seq_len - len(seq.prompt) - len(seq.tokens)
+            - len(before_result) - len(after_result) - ANSWER_ROOM)
+    if room <= 0:
+        t.finish_reason = "length"
+        return
+    engine.extend(seq, [*before_result, *engine.tokenizer.encode(result)[:room], *after_result])

@@ -1,0 +1,400 @@
+"""The OpenAI-compatible API: existing clients (the `openai` package, agents, evaluation tools) talk
+to a pocketgpt run as they would to OpenAI, vLLM or llama.cpp's server.
+
+    GET  /v1/models                a run directory serves each stage as a model id (base, sft, ppo, grpo...)
+    POST /v1/chat/completions      messages -> the chat template's prompt -> the engine; streaming (SSE),
+                                   n, logprobs, response_format (constrained decoding), tools
+    POST /v1/completions           plain text continuation, for base models
+    POST /tokenize, /detokenize    the tokenizer, as vLLM exposes it (+ each token's text, for the page)
+    GET  /health, /metrics         liveness; Prometheus text (running, waiting, tokens/s, time to first token)
+    GET  /                         the chat page
+
+Bad requests get a 4xx in OpenAI's error shape (serve/protocol.py), never a 5xx; a client that goes
+away cancels its generation, which frees its cache rows at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..checkpoint import load_model
+from ..common import PocketError
+from ..engine import SamplingParams, TextStream
+from ..toolloop import parse_call
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Limits,
+    TokenizeRequest,
+)
+from .worker import ModelWorker
+
+STATIC = Path(__file__).parent / "static"
+SERVABLE = ("base", "sft", "sft_naive", "ppo", "grpo")  # rm is a reward model: no text to generate
+
+
+def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32) -> dict[str, ModelWorker]:
+    """A model directory serves one model (named after it); a run directory serves each of its stages."""
+    path = Path(path)
+    dirs = [path] if (path / "config.json").exists() else [path / s for s in SERVABLE if (path / s / "config.json").exists()]
+    if not dirs:
+        raise PocketError(f"{path} holds no model to serve: expected config.json or one of {', '.join(SERVABLE)}")
+    workers = {}
+    for d in dirs:
+        model, chat, cfg = load_model(d, device)
+        if model.cfg.score_head:
+            raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
+        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch)
+    return workers
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="pocketgpt", docs_url=None, redoc_url=None)
+
+    # ------------------------------------------------------------------ errors: always OpenAI's shape
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        what = "the body is not valid JSON" if first.get("type") == "json_invalid" else first.get("msg", "invalid")
+        return JSONResponse(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{what}",
+                                     ".".join(loc) or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(PocketError)
+    async def bad_input(_, e: PocketError):
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        guarded = request.url.path.startswith(("/v1/", "/tokenize", "/detokenize"))
+        if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                         code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    def worker_for(name: str) -> ModelWorker:
+        if name not in workers:
+            raise APIError(404, f"model {name!r} does not exist; served: {', '.join(workers)}", "model",
+                           code="model_not_found")
+        return workers[name]
+
+    def admit(worker: ModelWorker, n: int) -> None:
+        if worker.waiting + n > limits.max_queued:
+            raise APIError(503, "the server is busy: too many requests are waiting; retry shortly",
+                           headers={"Retry-After": "1"})
+
+    def budget(worker: ModelWorker, prompt: list[int], asked: int | None) -> int:
+        context = worker.model.cfg.max_seq_len
+        room = context - len(prompt)
+        if room <= 0:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context}",
+                           "messages", code="context_length_exceeded")
+        if asked is not None and asked > limits.max_tokens:
+            raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+        if asked is not None and asked > room:
+            raise APIError(400, f"max_tokens {asked} + the prompt's {len(prompt)} tokens exceed the context "
+                                f"of {context}", "max_tokens", code="context_length_exceeded")
+        return min(asked or limits.max_tokens, room)
+
+    # ------------------------------------------------------------------ the small endpoints
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(workers)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": now(), "owned_by": "pocketgpt",
+             "max_model_len": w.model.cfg.max_seq_len, "stage": w.meta.get("meta", {}).get("stage")}
+            for name, w in workers.items()]}
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = []
+        for metric, kind, help_text, value in [
+            ("requests_running", "gauge", "sequences in the running batch", lambda w: w.running),
+            ("requests_waiting", "gauge", "sequences waiting for a cache row", lambda w: w.waiting),
+            ("requests_total", "counter", "requests received", lambda w: w.stats.requests),
+            ("generated_tokens_total", "counter", "tokens generated", lambda w: w.stats.tokens),
+            ("tokens_per_second", "gauge", "tokens generated per second since start",
+             lambda w: w.stats.tokens / max(1e-9, time.time() - w.stats.started)),
+        ]:
+            lines += [f"# HELP pocketgpt_{metric} {help_text}", f"# TYPE pocketgpt_{metric} {kind}"]
+            lines += [f'pocketgpt_{metric}{{model="{n}"}} {value(w)}' for n, w in workers.items()]
+        lines += ["# HELP pocketgpt_time_to_first_token_seconds time to first token (last 1000 sequences)",
+                  "# TYPE pocketgpt_time_to_first_token_seconds summary"]
+        for n, w in workers.items():
+            ttft = sorted(w.stats.ttft)
+            for q in (0.5, 0.9, 0.99):
+                v = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else 0.0
+                lines.append(f'pocketgpt_time_to_first_token_seconds{{model="{n}",quantile="{q}"}} {v}')
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        w = worker_for(req.model)
+        if req.messages is not None:
+            msgs = ChatCompletionRequest(model=req.model, messages=req.messages).plain_messages()
+            ids = w.chat.prompt(msgs) if req.add_generation_prompt else w.chat.render(msgs)[0]
+        else:
+            ids = w.chat.tokenizer.encode(req.prompt or "")
+        tok = w.chat.tokenizer
+        return {"tokens": ids, "count": len(ids), "max_model_len": w.model.cfg.max_seq_len,
+                "token_strs": [tok.token_bytes()[i].decode("utf-8", errors="replace") for i in ids],
+                "special": [i in tok.special_ids.values() for i in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        w = worker_for(req.model)
+        vocab = w.chat.tokenizer.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", "tokens")
+        return {"prompt": w.chat.tokenizer.decode(req.tokens)}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC.resolve() or not path.is_file():
+            raise APIError(404, f"no such file: {name}")
+        return FileResponse(path)
+
+    # ------------------------------------------------------------------ generation
+
+    async def collect(request: Request, seqs, events) -> None:
+        """Wait until every sequence is done; a client that goes away cancels them."""
+        try:
+            while not all(s.done for s in seqs):
+                try:
+                    await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+        finally:
+            for s in seqs:
+                if not s.done:
+                    s.cancel()
+
+    def logprob_entries(w: ModelWorker, seq, tokens: list[int]) -> list[dict]:
+        tok = w.chat.tokenizer
+        table = tok.token_bytes()
+
+        def entry(t: int, lp: float) -> dict:
+            b = table[t] if t < len(table) else b""
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+        out = []
+        for i, t in enumerate(tokens):
+            e = entry(t, seq.logprobs[i])
+            e["top_logprobs"] = [entry(a, lp) for a, lp in seq.top_logprobs[i]]
+            out.append(e)
+        return out
+
+    def content_tokens(w: ModelWorker, seq) -> list[int]:
+        toks = seq.turn
+        return toks[:-1] if toks and seq.finish_reason == "stop" and toks[-1] in seq.params.stop_tokens else toks
+
+    def tool_call_of(w: ModelWorker, seq) -> tuple[str, list[dict]] | None:
+        found = w.chat.split_tool_call(seq.turn) if seq.finish_reason == "stop" else None
+        if found is None:
+            return None
+        before, call_text = found
+        try:
+            name, arguments = parse_call(call_text)
+        except ValueError:
+            return None  # not a well-formed call: the text stays content
+        return before, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
+
+    def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
+        """The constraint a request asks for, compiled once per schema (llguidance), one processor per sample."""
+        if req.forced_tool is not None:
+            tools = [t.function for t in req.tools if req.forced_tool in ("*", t.function.name)]
+            return w.constraints.tool_call([(t.name, t.parameters or {"type": "object"}) for t in tools]).processor
+        fmt = req.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return w.constraints.json_object().processor
+        return w.constraints.json_schema(fmt.json_schema.schema_).processor
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        w = worker_for(req.model)
+        req.check(limits)
+        prompt = w.chat.prompt(req.plain_messages())
+        max_tokens = budget(w, prompt, req.token_limit)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                n=req.n, seed=req.seed, stop_tokens=w.chat.stop_ids, stop_strings=req.stops(),
+                                logprobs=k)
+        factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
+        admit(w, req.n)
+        seqs, events = w.submit(prompt, params, factory)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+
+        def usage() -> dict:
+            done = sum(len(s.turn) for s in seqs)
+            return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+
+        def finish(seq, calls) -> str:
+            return "tool_calls" if calls else seq.finish_reason
+
+        if not req.stream:
+            await collect(request, seqs, events)
+            choices = []
+            for s in seqs:
+                text = w.engine.visible_text(s.turn, params)
+                found = tool_call_of(w, s) if use_tools else None
+                message = {"role": "assistant", "content": text}
+                if found:
+                    message = {"role": "assistant", "content": found[0] or None, "tool_calls": found[1]}
+                lp = {"content": logprob_entries(w, s, content_tokens(w, s))} if k is not None else None
+                choices.append({"index": s.index, "message": message, "logprobs": lp,
+                                "finish_reason": finish(s, found)})
+            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": choices, "usage": usage()}
+
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish_reason}]})
+
+        async def stream():
+            streams = {s.index: TextStream(w.chat.tokenizer, params) for s in seqs}
+            try:
+                for s in seqs:
+                    yield chunk(s.index, {"role": "assistant", "content": ""})
+                finished = 0
+                while finished < len(seqs):  # by events, not by s.done: a fast model finishes before we read
+                    seq, ev = await events.get()
+                    finished += ev.done
+                    piece = streams[seq.index].push(ev)
+                    if use_tools:  # a call is only known when the turn ends: the turn is sent whole then
+                        if ev.done:
+                            found = tool_call_of(w, seq)
+                            text = w.engine.visible_text(seq.turn, params)
+                            delta = ({"content": found[0] or None, "tool_calls": [{**c, "index": 0} for c in found[1]]}
+                                     if found else {"content": text})
+                            yield chunk(seq.index, delta, finish(seq, found))
+                        continue
+                    is_stop = ev.done and seq.finish_reason == "stop" and ev.token in params.stop_tokens
+                    lp = None
+                    if k is not None and ev.token >= 0 and not is_stop:
+                        lp = {"content": logprob_entries(w, seq, [ev.token])[-1:]}
+                        lp["content"][0]["logprob"] = ev.logprob
+                        lp["content"][0]["top_logprobs"] = [
+                            {**logprob_entries(w, seq, [a])[0], "logprob": v, "top_logprobs": None}
+                            for a, v in (ev.top or [])]
+                    if piece or lp:
+                        yield chunk(seq.index, {"content": piece}, None, lp)
+                    if ev.done:
+                        yield chunk(seq.index, {}, seq.finish_reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                               "choices": [], "usage": usage()})
+                yield sse("[DONE]")
+            finally:  # the client went away (or the stream ended): nothing keeps decoding for nobody
+                for s in seqs:
+                    if not s.done:
+                        s.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        w = worker_for(req.model)
+        req.check(limits)
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+            prompt = list(req.prompt)
+            if any(not 0 <= t < w.model.cfg.vocab_size for t in prompt):
+                raise APIError(400, "prompt token ids out of range", "prompt")
+        else:
+            text = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if req.prompt else "")
+            prompt = w.chat.document(text)
+        if not prompt:
+            raise APIError(400, "the prompt is empty", "prompt")
+        max_tokens = budget(w, prompt, req.max_tokens)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                n=req.n, seed=req.seed, stop_tokens=w.chat.document_stops, stop_strings=req.stops(),
+                                logprobs=req.logprobs)
+        admit(w, req.n)
+        seqs, events = w.submit(prompt, params)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", now()
+
+        def logprobs_of(seq, tokens):
+            if req.logprobs is None:
+                return None
+            table = w.chat.tokenizer.token_bytes()
+            strs = [table[t].decode("utf-8", errors="replace") for t in tokens]
+            return {"tokens": strs, "token_logprobs": seq.logprobs[:len(tokens)],
+                    "top_logprobs": [{table[a].decode("utf-8", errors="replace"): v for a, v in top}
+                                     for top in seq.top_logprobs[:len(tokens)]],
+                    "text_offset": [sum(len(x) for x in strs[:i]) for i in range(len(strs))]}
+
+        if not req.stream:
+            await collect(request, seqs, events)
+            done = sum(len(s.turn) for s in seqs)
+            return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{"index": s.index, "text": w.engine.visible_text(s.turn, params),
+                                 "logprobs": logprobs_of(s, content_tokens(w, s)), "finish_reason": s.finish_reason}
+                                for s in seqs],
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": done,
+                              "total_tokens": len(prompt) + done}}
+
+        async def stream():
+            streams = {s.index: TextStream(w.chat.tokenizer, params) for s in seqs}
+            try:
+                finished = 0
+                while finished < len(seqs):
+                    seq, ev = await events.get()
+                    finished += ev.done
+                    piece = streams[seq.index].push(ev)
+                    if piece or ev.done:
+                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                                   "choices": [{"index": seq.index, "text": piece, "logprobs": None,
+                                                "finish_reason": seq.finish_reason if ev.done else None}]})
+                yield sse("[DONE]")
+            finally:
+                for s in seqs:
+                    if not s.done:
+                        s.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,213 @@
+"""The OpenAI request shapes, validated as vLLM and llama.cpp's server validate them.
+
+Every rule that fails raises `APIError`, which the app turns into the OpenAI error shape
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "top_logprobs", "code": null}}
+
+with a 4xx status. Unknown fields are accepted and ignored, as OpenAI's own clients send some
+(user, metadata, ...) that change nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                              413: "invalid_request_error", 503: "unavailable_error"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; beyond these, a 4xx (or a 503 when the queue is full)."""
+    max_messages: int = 500
+    max_message_chars: int = 32_000
+    max_total_chars: int = 100_000
+    max_tokens: int = 4096
+    max_n: int = 8
+    max_top_logprobs: int = 20
+    max_queued: int = 256  # sequences waiting for a cache row, per model
+
+
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionDef(Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Open):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class StreamOptions(Open):
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(Open):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class Message(Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingFields(Open):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
+        return tuple(stops)
+
+    def check_common(self, limits: Limits) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.n > limits.max_n:
+            raise APIError(400, f"n must be at most {limits.max_n}", "n")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check(self, limits: Limits) -> None:
+        self.check_common(limits)
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if len(self.messages) > limits.max_messages:
+            raise APIError(400, f"at most {limits.max_messages} messages per request", "messages")
+        total = 0
+        for i, m in enumerate(self.messages):
+            size = len(self.text_of(m, i))
+            if size > limits.max_message_chars:
+                raise APIError(400, f"message {i} has {size} characters; at most {limits.max_message_chars}",
+                               f"messages[{i}].content")
+            total += size
+        if total > limits.max_total_chars:
+            raise APIError(400, f"the messages hold {total} characters; at most {limits.max_total_chars}", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs")
+        if (self.top_logprobs or 0) > limits.max_top_logprobs:
+            raise APIError(400, f"top_logprobs must be at most {limits.max_top_logprobs}", "top_logprobs")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+            raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format")
+        if self.tools is not None and not self.tools:
+            raise APIError(400, "tools must not be empty (leave it out instead)", "tools")
+        if self.tool_choice is not None:
+            if not self.tools:
+                raise APIError(400, "tool_choice needs tools", "tool_choice")
+            if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
+                raise APIError(400, "tool_choice is none, auto, required or a named function", "tool_choice")
+            if isinstance(self.tool_choice, dict):
+                name = (self.tool_choice.get("function") or {}).get("name")
+                if name not in {t.function.name for t in self.tools}:
+                    raise APIError(400, f"tool_choice names a tool that is not given: {name!r}", "tool_choice")
+
+    @staticmethod
+    def text_of(m: Message, i: int) -> str:
+        """A message's text: a string, or the text parts of a list (images and audio are refused)."""
+        if m.content is None or isinstance(m.content, str):
+            return m.content or ""
+        parts = []
+        for part in m.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"message {i}: only text content parts are supported", f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+    def plain_messages(self) -> list[dict]:
+        """The conversation as chat.py renders it (developer counts as system, as OpenAI defines it)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": self.text_of(m, i)}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            out.append(msg)
+        return out
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function a call must be made to (a named tool_choice, or required with one tool)."""
+        if isinstance(self.tool_choice, dict):
+            return self.tool_choice["function"]["name"]
+        if self.tool_choice == "required":
+            return self.tools[0].function.name if len(self.tools) == 1 else "*"
+        return None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+
+    def check(self, limits: Limits) -> None:
+        self.check_common(limits)
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise APIError(400, "one prompt per request (send a list of one string, or a string)", "prompt")
+        if (self.logprobs or 0) > limits.max_top_logprobs:
+            raise APIError(400, f"logprobs must be at most {limits.max_top_logprobs}", "logprobs")
+        if self.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        text = self.prompt if isinstance(self.prompt, str) else ""
+        if len(text) > limits.max_total_chars:
+            raise APIError(400, f"the prompt has {len(text)} characters; at most {limits.max_total_chars}", "prompt")
+
+
+class TokenizeRequest(Open):
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(Open):
+    model: str
+    tokens: list[int]

@@ -1,0 +1,237 @@
+"""`pocketgpt serve`, started as a user starts it, driven by the official `openai` client: a tiny run
+of ours and the imported SmolLM2. Then every validation rule: the right 4xx, in OpenAI's shape."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from pocketgpt.checkpoint import save_model
+from pocketgpt.model import GPT, preset
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999},
+                                           "unit": {"enum": ["m", "kg", "s"]}},
+          "required": ["answer", "unit"], "additionalProperties": False}
+CALCULATOR = {"type": "function", "function": {"name": "calculator", "description": "exact arithmetic",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "expression": {"type": "string", "maxLength": 12}},
+                                                   "required": ["expression"], "additionalProperties": False}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run, *extra) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
+                             "--api-key", KEY, "--threads", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stdout.read()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start within 60 s")
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def server(request, tmp_path_factory, chat, smollm2_gguf):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    if request.param == "tiny":
+        torch.manual_seed(0)
+        save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size)), run / "base", chat, {"stage": "base"})
+        torch.manual_seed(1)
+        save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size)), run / "sft", chat, {"stage": "sft"})
+        model = "sft"
+    else:
+        from pocketgpt.interop.importer import import_model
+
+        import_model(smollm2_gguf, run)
+        model = "base"
+    proc, url = start_server(run)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    yield client, url, model, request.param
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_models(server):
+    client, _, model, kind = server
+    ids = [m.id for m in client.models.list().data]
+    assert model in ids and (ids == ["base", "sft"] if kind == "tiny" else ids == ["base"])
+
+
+def test_chat_non_streaming_and_n(server):
+    client, _, model, kind = server
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                       max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if kind == "smollm2":
+        assert "Paris" in r.choices[0].message.content
+    two = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say something."}],
+                                         max_tokens=8, temperature=1.0, n=2, seed=3)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+
+
+def test_chat_streaming_with_usage(server):
+    client, _, model, _ = server
+    messages = [{"role": "user", "content": "Count to five."}]
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert text == whole.choices[0].message.content  # greedy: streaming writes the same reply
+
+
+def test_logprobs(server):
+    client, _, model, _ = server
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 for t in content)
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert t.logprob <= 0 and abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4
+
+
+def test_json_schema_output_always_validates(server):
+    client, _, model, _ = server
+    fmt = {"type": "json_schema", "json_schema": {"name": "measure", "schema": SCHEMA, "strict": True}}
+    outputs = []
+    for seed in range(7):  # 7 x n=8 > 50 samples at temperature 1
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "How far? Answer in JSON."}],
+                                           max_tokens=40, temperature=1.0, n=8, seed=seed, response_format=fmt)
+        outputs += [c.message.content for c in r.choices]
+    assert len(outputs) >= 50
+    for text in outputs:
+        obj = json.loads(text)
+        assert set(obj) == {"answer", "unit"} and isinstance(obj["answer"], int) and 0 <= obj["answer"] <= 999
+        assert obj["unit"] in ("m", "kg", "s")
+
+
+def test_tool_call_round_trip(server):
+    client, _, model, _ = server
+    messages = [{"role": "user", "content": "What is 12 * 34? Use the calculator."}]
+    r = client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR], max_tokens=40,
+                                       tool_choice={"type": "function", "function": {"name": "calculator"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "calculator" and isinstance(json.loads(call.function.arguments)["expression"], str)
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "408"}]
+    again = client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR], tool_choice="none",
+                                           max_tokens=10, temperature=0)
+    assert again.choices[0].finish_reason in ("stop", "length") and not again.choices[0].message.tool_calls
+
+
+def test_completions(server):
+    client, _, model, _ = server
+    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                  logprobs=2)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].logprobs.token_logprobs) >= 1
+
+
+def test_tokenize_detokenize_metrics(server):
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    out = httpx.post(url + "/tokenize", json={"model": model, "prompt": "Hello <|im_start|> world"}, headers=auth).json()
+    assert out["count"] == len(out["tokens"]) == len(out["token_strs"]) and not any(out["special"])
+    assert httpx.post(url + "/detokenize", json={"model": model, "tokens": out["tokens"]},
+                      headers=auth).json()["prompt"] == "Hello <|im_start|> world"
+    metrics = httpx.get(url + "/metrics").text
+    assert f'pocketgpt_requests_running{{model="{model}"}}' in metrics
+    assert "pocketgpt_time_to_first_token_seconds" in metrics and "pocketgpt_generated_tokens_total" in metrics
+
+
+BAD_REQUESTS = [
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [CALCULATOR],
+      "tool_choice": {"type": "function", "function": {"name": "search"}}}, 400, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+     400, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}] * 600}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_in_openai_shape(server, body, status, param):
+    _, url, model, _ = server
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, **body},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_malformed_json_unknown_model_and_bad_key(server):
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers=auth)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+                   headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/nope").status_code == 404
+    assert httpx.get(url + "/health").status_code == 200  # liveness needs no key
+
+
+def test_a_client_that_goes_away_frees_its_rows(server):
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000,
+            "stream": True, "temperature": 1.0}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # hang up mid-stream
+    running = "?"
+    for _ in range(100):
+        metrics = httpx.get(url + "/metrics").text
+        running = next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith(f'pocketgpt_requests_running{{model="{model}"}}'))
+        if running == "0":
+            break
+        time.sleep(0.1)
+    assert running == "0"
