@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
 from .chat import ChatTemplate
-from .common import PocketError, atomic_write_bytes, atomic_write_json
+from .common import PocketError, atomic_write_json
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
@@ -53,19 +53,34 @@ def save_model(model: GPT, directory: str | Path, chat: ChatTemplate | None = No
     """Write weights first, then config.json (which names the weights' hash): config last means complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    raw = st_save(state_dict_for_saving(model))
-    atomic_write_bytes(directory / "model.safetensors", raw)
+    sha = write_safetensors(state_dict_for_saving(model), directory / "model.safetensors")
     if chat is not None:
         chat.tokenizer.save(directory / "tokenizer.json")
     atomic_write_json(directory / "config.json", {
         "format": FORMAT,
         "model": model.cfg.to_dict(),
-        "weights_sha256": hashlib.sha256(raw).hexdigest(),
+        "weights_sha256": sha,
         "tokenizer_fingerprint": chat.tokenizer.fingerprint() if chat else None,
         "chat_template": chat.spec() if chat else None,
         "meta": meta or {},
     })
     return directory
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write tensors to a temp file and rename it into place; the file's SHA-256. The file is written
+    straight from the tensors (no bytes copy of the whole model in memory)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, tmp)
+        sha = file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sha
 
 
 def read_config(directory: Path) -> dict:
@@ -187,7 +202,7 @@ def save_training_state(directory: Path, step: int, model: torch.nn.Module, opti
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
     try:
-        (tmp / "model.safetensors").write_bytes(st_save(state_dict_for_saving(model)))
+        write_safetensors(state_dict_for_saving(model), tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         if final.exists():

@@ -72,9 +72,11 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_tokenizer_encode(args) -> None:
+    from .checkpoint import resolve_model_dir
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer.load(Path(args.run) / "tokenizer")
+    run = Path(args.run)  # a run's own tokenizer/, else the tokenizer of its model (an imported run)
+    tok = Tokenizer.load(run / "tokenizer" if (run / "tokenizer").exists() else resolve_model_dir(run))
     ids = tok.encode(args.text)
     console.print(ids)
     console.print(" | ".join(repr(tok.decode([i])) for i in ids))

@@ -224,14 +224,21 @@ async function tokenizeNow() {
 
 // ------------------------------------------------------------------ wiring
 
-async function init() {
-  loadSettings();
+async function loadModels() {
   const resp = await fetch("/v1/models", { headers: headers() });
   const models = resp.ok ? (await resp.json()).data : [];
+  $("status").textContent = resp.status === 401 ? "This server needs an API key: enter it in Settings." :
+    resp.ok ? "" : `Cannot list the models: ${resp.status} ${resp.statusText}`;
   const wanted = JSON.parse(localStorage.getItem("pocketgpt.settings") || "{}").model;
   $("model").innerHTML = models.map((m) => `<option>${escapeHtml(m.id)}</option>`).join("");
   if (wanted && models.some((m) => m.id === wanted)) $("model").value = wanted;
   else if (models.length) $("model").value = models[models.length - 1].id; // the most post-trained stage
+}
+
+async function init() {
+  loadSettings();
+  await loadModels();
+  $("api-key").addEventListener("change", loadModels);
   current = conversations[0] || null;
   renderList(); renderMessages();
   for (const id of SETTINGS) $(id).addEventListener("change", saveSettings);

@@ -1,0 +1,118 @@
+"""The chat page in a real browser: Debian's headless Chromium (installed by .ci/run, never downloaded by
+a Python package) driven by Selenium against `pocketgpt serve` on a tiny run."""
+
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from pocketgpt.checkpoint import save_model
+from pocketgpt.model import GPT, preset
+
+from test_serve import KEY, start_server
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    # CI installs them (.ci/run): there a missing browser is a failure, on a developer's machine a skip.
+    assert not os.environ.get("CI"), "chromium and chromium-driver are missing: apt-get install chromium chromium-driver"
+    pytest.skip("Debian's chromium and chromium-driver are not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, chat):
+    run = tmp_path_factory.mktemp("page") / "run"
+    torch.manual_seed(0)
+    # a long context, so that a reply takes seconds to write and can be watched (and stopped) mid-way
+    model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192))
+    save_model(model, run / "sft", chat, {"stage": "sft"})
+    proc, url = start_server(run)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.get(url + "/")
+    wait = WebDriverWait(driver, 60, poll_frequency=0.02)
+    wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
+    driver.find_element(By.ID, "api-key").send_keys(KEY)
+    driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
+    wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "sft")
+    assert driver.find_element(By.ID, "status").text == ""
+    set_value(driver, "temperature", "0")  # greedy: this random model then repeats itself and never ends a turn
+    yield driver, wait
+    driver.quit()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def set_value(driver, element_id: str, value: str) -> None:
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event('change'))", element_id, value)
+
+
+def assistant_text(driver) -> str:
+    """The last reply's text, read in the page (the reply's element is rebuilt while it streams)."""
+    return driver.execute_script("const r = document.querySelectorAll('.msg.assistant .content');"
+                                 "return r.length ? r[r.length - 1].textContent : ''")
+
+
+def sending(driver) -> bool:
+    return driver.execute_script("return document.getElementById('send').hidden")
+
+
+def test_send_a_message_and_see_it_stream(page):
+    driver, wait = page
+    set_value(driver, "max-tokens", "1500")
+    driver.find_element(By.ID, "input").send_keys("Hello there")
+    driver.find_element(By.ID, "send").click()
+    assert driver.execute_script("return document.querySelector('.msg.user .content').textContent") == "Hello there"
+    seen = set()
+    deadline = time.time() + 60
+    while time.time() < deadline and sending(driver):
+        seen.add(assistant_text(driver))
+    wait.until(lambda d: not sending(d))
+    final = assistant_text(driver)
+    assert final  # the reply arrived...
+    assert len(seen - {"", final}) >= 1  # ...in pieces: the page showed partial text before the end
+    assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .actions button")  # regenerate is offered
+
+
+def test_stop_a_generation(page):
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    set_value(driver, "max-tokens", "4000")
+    driver.find_element(By.ID, "input").send_keys("Write forever")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(assistant_text(d)) > 0)
+    assert sending(driver)
+    driver.execute_script("document.getElementById('stop').click()")
+    wait.until(lambda d: not sending(d))
+    stopped = assistant_text(driver)
+    time.sleep(1)
+    assert assistant_text(driver) == stopped  # nothing more arrives after Stop
+    stored = driver.execute_script("return JSON.parse(localStorage.getItem('pocketgpt.conversations'))")
+    assert stored[0]["messages"][-2]["content"] == "Write forever"  # kept in the browser
+    assert len(stored) == 2 and stored[1]["messages"][0]["content"] == "Hello there"
+
+
+def test_tokenizer_view(page, chat):
+    driver, wait = page
+    driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab=tokenizer]").click()
+    text = "Hello world! 9.11 vs 9.9 <|bos|>"
+    box = driver.find_element(By.ID, "tok-input")
+    box.clear()
+    box.send_keys(text)
+    ids = chat.tokenizer.encode(text)
+    wait.until(lambda d: d.find_element(By.ID, "tok-count").text.startswith(f"{len(ids)} tokens"))
+    pieces = driver.find_elements(By.CSS_SELECTOR, "#tok-pieces span")
+    assert "".join(p.text for p in pieces).replace("\n", "") == text.replace("\n", "")
+    assert [int(p.get_attribute("title")) for p in pieces] == ids
+    assert not driver.find_elements(By.CSS_SELECTOR, "#tok-pieces span.special")  # user text is never special
