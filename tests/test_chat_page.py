@@ -7,11 +7,10 @@ import time
 
 import pytest
 import torch
+from test_serve import KEY, start_server
 
 from pocketgpt.checkpoint import save_model
 from pocketgpt.model import GPT, preset
-
-from test_serve import KEY, start_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
