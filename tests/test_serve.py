@@ -133,7 +133,7 @@ def test_json_schema_output_always_validates(server):
 def test_tool_call_round_trip(server):
     client, _, model, _ = server
     messages = [{"role": "user", "content": "What is 12 * 34? Use the calculator."}]
-    r = client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR], max_tokens=40,
+    r = client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR], max_tokens=100, seed=0,
                                        tool_choice={"type": "function", "function": {"name": "calculator"}})
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
