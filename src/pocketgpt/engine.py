@@ -72,10 +72,10 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], params: SamplingParams, processors, index: int, prompt_index: int,
-                 keep: bool, on_event: Callable[[Sequence, TokenEvent], None] | None):
+                 keep: bool):
         self.id = next(self._ids)
         self.prompt, self.params, self.processors = list(prompt), params, list(processors)
-        self.index, self.prompt_index, self.keep, self.on_event = index, prompt_index, keep, on_event
+        self.index, self.prompt_index, self.keep = index, prompt_index, keep
         self.tokens: list[int] = []  # everything after the prompt, sampled or written by the runtime
         self.sampled: list[int] = []  # 1 where tokens[i] was sampled, 0 where the runtime wrote it
         self.turn: list[int] = []  # tokens sampled since the last submit/extend (stops and max_tokens look here)
@@ -108,19 +108,42 @@ class Sequence:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids, with one setting for every row."""
-    if params.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > params.top_p  # keep the token that crosses p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    """(B, V) logits -> (B,) token ids, with one setting and one random generator for every row."""
+    return sample_rows(logits, [params] * len(logits), [generator] * len(logits))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids, each row with its own temperature, top-k, top-p and generator.
+
+    Sampling is the Gumbel-max trick: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p, so the
+    whole batch is one argmax, and each row's randomness is one vector from its own generator (None:
+    torch's global one), which keeps a seeded request reproducible whoever it shares the batch with.
+    """
+    tokens = logits.argmax(dim=-1)
+    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return tokens
+    x = logits[hot].float() / torch.tensor([params[i].temperature for i in hot], device=logits.device)[:, None]
+    V = x.shape[-1]
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in hot], device=x.device)
+    top_p = torch.tensor([params[i].top_p for i in hot], device=x.device)
+    if (top_k < V).any() or (top_p < 1).any():
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        rank = torch.arange(V, device=x.device)[None, :]
+        drop = (rank >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs > top_p[:, None])  # keep the token crossing p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    # Uniform draws, made exponential by -log: torch.rand is ~7x faster than exponential_ per call.
+    uniform = torch.empty_like(x)
+    shared = [j for j, i in enumerate(hot) if generators[i] is None]
+    if shared:
+        uniform[shared] = torch.rand(len(shared), V, device=x.device)
+    for j, i in enumerate(hot):
+        if generators[i] is not None:
+            uniform[j] = torch.rand(V, device=x.device, generator=generators[i])
+    tokens[hot] = (torch.softmax(x, dim=-1) / -torch.log(uniform)).argmax(dim=-1)
+    return tokens
 
 
 class Engine:
@@ -145,10 +168,17 @@ class Engine:
     # ------------------------------------------------------------------ submitting
 
     def submit(self, prompt: list[int], params: SamplingParams, processors=(), keep: bool = False,
-               prompt_index: int = 0, on_event=None, processor_factory=None) -> list[Sequence]:
+               prompt_index: int = 0, processor_factory=None) -> list[Sequence]:
         """Queue params.n samples of one prompt; thread-safe. `keep`: a finished sequence keeps its
         cache row for `extend` until `release`. `processor_factory()` gives each sample a processor of its own
         (a grammar's state is per sample)."""
+        seqs = self.sequences(prompt, params, processors, keep, prompt_index, processor_factory)
+        self.enqueue(seqs)
+        return seqs
+
+    def sequences(self, prompt: list[int], params: SamplingParams, processors=(), keep: bool = False,
+                  prompt_index: int = 0, processor_factory=None) -> list[Sequence]:
+        """The params.n sequences `submit` would queue, not queued yet (a server first files them)."""
         if not prompt:
             raise ValueError("every prompt needs at least one token")
         if len(prompt) >= self.model.cfg.max_seq_len:
@@ -157,13 +187,16 @@ class Engine:
         seqs = []
         for k in range(params.n):
             procs = [*processors, processor_factory()] if processor_factory else processors
-            seq = Sequence(prompt, params, procs, prompt_index * params.n + k, prompt_index, keep, on_event)
+            seq = Sequence(prompt, params, procs, prompt_index * params.n + k, prompt_index, keep)
             if params.seed is not None and params.temperature > 0:  # one stream per sample, none shared
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed * 1_000_003 + seq.index)
             seq.leader = seqs[0] if seqs else None
             seqs.append(seq)
-        self.inbox.put(seqs)
         return seqs
+
+    def enqueue(self, seqs: list[Sequence]) -> None:
+        """Hand sequences to the engine (thread-safe: the engine picks them up at its next step)."""
+        self.inbox.put(seqs)
 
     @torch.inference_mode()
     def extend(self, seq: Sequence, tokens: list[int], params: SamplingParams | None = None) -> None:
@@ -207,9 +240,6 @@ class Engine:
         self._prefill()
         events += self._sample()
         self._decode()
-        for seq, ev in events:
-            if seq.on_event:
-                seq.on_event(seq, ev)
         return events
 
     def _admit(self) -> None:
@@ -249,17 +279,22 @@ class Engine:
 
     def _sample(self) -> list[tuple[Sequence, TokenEvent]]:
         ready = [s for s in self.running if s.logits is not None and not s.pending and not s.done]
+        if not ready:
+            return []
+        raw = torch.stack([s.logits.float() for s in ready])
+        logits = raw
+        if any(s.processors for s in ready):
+            logits = raw.clone()
+            for i, seq in enumerate(ready):
+                for proc in seq.processors:
+                    logits[i] = proc(seq.turn, logits[i])
+        tokens = sample_rows(logits, [s.params for s in ready], [s.generator for s in ready]).tolist()
         events = []
-        for seq in ready:
-            logits = seq.logits.float()
-            raw = logits
-            for proc in seq.processors:
-                logits = proc(seq.turn, logits)
-            token = int(sample_next(logits[None], seq.params, seq.generator)[0])  # None: torch's global RNG
+        for i, (seq, token) in enumerate(zip(ready, tokens)):
             seq.logits = None
             logprob = top = None
             if seq.params.logprobs is not None:
-                logp = F.log_softmax(raw, dim=-1)
+                logp = F.log_softmax(raw[i], dim=-1)
                 logprob = float(logp[token])
                 if seq.params.logprobs > 0:
                     values, ids = torch.topk(logp, seq.params.logprobs)

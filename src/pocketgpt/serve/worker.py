@@ -1,6 +1,6 @@
 """One model behind the server: its engine runs in a thread of its own, so the event loop never
-waits for the model. Requests cross over by the engine's thread-safe `submit`; tokens come back
-through a callback that hands them to the request's asyncio queue."""
+waits for the model. Requests cross over by the engine's thread-safe `submit`; each step's tokens
+come back in one hand-over to the event loop, which puts them on their requests' asyncio queues."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..chat import ChatTemplate
-from ..engine import Engine, SamplingParams, Sequence, TokenEvent
+from ..engine import Engine, SamplingParams, Sequence
 from ..model import GPT
 
 
@@ -31,6 +31,9 @@ class ModelWorker:
         self._wake = threading.Event()
         self._stop = False
         self._constraints = None
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[int, tuple[asyncio.Queue, float]] = {}  # sequence id -> its request's queue
+        self._started: set[int] = set()
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.thread.start()
 
@@ -53,11 +56,30 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while not self._stop:
-            if self.engine.busy:
-                self.engine.step()
-            else:
+            if not self.engine.busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+                continue
+            events = self.engine.step()
+            if events and self._loop_ref is not None:
+                # One hand-over per step, not per token: each call wakes the event loop (a syscall).
+                self._loop_ref.call_soon_threadsafe(self._dispatch, events)
+
+    def _dispatch(self, events) -> None:
+        """In the event loop: each (sequence, event) to its request's queue; time to first token noted."""
+        now = time.time()
+        for seq, ev in events:
+            queue, t0 = self._queues.get(seq.id, (None, 0.0))
+            if queue is None:
+                continue
+            if seq.id not in self._started:
+                self._started.add(seq.id)
+                self.stats.ttft = (self.stats.ttft + [now - t0])[-1000:]
+            self.stats.tokens += ev.token >= 0
+            queue.put_nowait((seq, ev))
+            if ev.done:
+                del self._queues[seq.id]
+                self._started.discard(seq.id)
 
     def close(self) -> None:
         self._stop = True
@@ -67,19 +89,13 @@ class ModelWorker:
     def submit(self, prompt: list[int], params: SamplingParams, processor_factory=None) -> tuple[list[Sequence],
                                                                                                    asyncio.Queue]:
         """Queue n samples; their events arrive on the returned asyncio queue as (sequence, event)."""
-        loop = asyncio.get_running_loop()
+        self._loop_ref = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        seqs = self.engine.sequences(prompt, params, processor_factory=processor_factory)
         t0 = time.time()
-        first: set[int] = set()
-
-        def on_event(seq: Sequence, ev: TokenEvent) -> None:  # runs in the engine's thread
-            if seq.id not in first:
-                first.add(seq.id)
-                self.stats.ttft = (self.stats.ttft + [time.time() - t0])[-1000:]
-            self.stats.tokens += ev.token >= 0
-            loop.call_soon_threadsafe(events.put_nowait, (seq, ev))
-
-        seqs = self.engine.submit(prompt, params, on_event=on_event, processor_factory=processor_factory)
+        for seq in seqs:
+            self._queues[seq.id] = (events, t0)
+        self.engine.enqueue(seqs)  # only now may the engine thread see them: their queues exist
         self.stats.requests += 1
         self._wake.set()
         return seqs, events
