@@ -235,3 +235,63 @@ def test_a_client_that_goes_away_frees_its_rows(server):
             break
         time.sleep(0.1)
     assert running == "0"
+
+
+def fuzzed_bodies():
+    """Request bodies with every field the API knows, each with plausible or absurd values."""
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+    anything = st.recursive(scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                            max_leaves=10)
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "x"]),
+         "content": st.one_of(st.text(max_size=30), st.none(), anything,
+                              st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                              "text": st.text(max_size=10)}), max_size=2))},
+        optional={"tool_calls": st.one_of(anything, st.lists(st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries(
+                {"name": st.text(max_size=8), "arguments": st.one_of(st.text(max_size=20), anything)})}), max_size=2))})
+    fields = {
+        "messages": st.lists(message, max_size=3), "max_tokens": st.one_of(st.integers(-5, 64), anything),
+        "temperature": st.one_of(st.floats(-1, 3), anything), "top_p": st.one_of(st.floats(-1, 2), anything),
+        "top_k": st.integers(-3, 100000), "n": st.one_of(st.integers(-2, 10), anything),
+        "stop": st.one_of(st.text(max_size=5), st.lists(st.text(max_size=3), max_size=6), anything),
+        "seed": st.one_of(st.integers(-2**70, 2**70), anything), "stream": st.booleans(),
+        "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), anything),
+        "logprobs": st.one_of(st.booleans(), st.integers(-3, 30), anything),
+        "top_logprobs": st.one_of(st.integers(-3, 30), anything),
+        "response_format": st.one_of(anything, st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema"]),
+             "json_schema": st.fixed_dictionaries({"name": st.text(max_size=4), "schema": anything})})),
+        "tools": st.one_of(anything, st.lists(st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries(
+                {"name": st.text(max_size=6), "parameters": anything})}), max_size=2)),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", "x"]), anything),
+        "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 600), max_size=5), anything),
+        "tokens": st.lists(st.integers(-5, 10**6), max_size=4), "max_completion_tokens": st.integers(-5, 64)}
+    return st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]),
+                     st.fixed_dictionaries({"model": st.sampled_from(["sft", "nope"])}, optional=fields))
+
+
+def test_no_request_gets_a_5xx(server):
+    """Property: whatever the body, the answer is a 2xx or a 4xx in OpenAI's shape (the server lives on)."""
+    from hypothesis import HealthCheck, given, settings
+
+    _, url, model, kind = server
+    if kind != "tiny":
+        pytest.skip("the tiny run is enough to fuzz the protocol; SmolLM2 only makes it slower")
+    client = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=fuzzed_bodies())
+    def check(case):
+        path, body = case
+        r = client.post(url + path, json=body)
+        assert r.status_code < 500, (path, body, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert httpx.get(url + "/health").status_code == 200
