@@ -26,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_text, console
-from ..data.tasks import Example, Task, default_world
+from ..data.tasks import Task, default_world
+from ..data.tasks.prompts import chat_messages, fewshot_text
 from ..data.tasks.tools import task_tools
 from ..engine import Engine, SamplingParams
 from ..model import GPT
@@ -61,24 +62,6 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def demos(task: Task, shots: int, seed: int = 0) -> list[Example]:
-    """Solved examples for the prompt: always from the train split, so they never leak a test answer."""
-    pool = task.examples("train")
-    return random.Random(seed).sample(pool, min(shots, len(pool)))
-
-
-def fewshot_text(task: Task, example: Example, shots: int) -> str:
-    lines = [f"Q: {d.question}\nA: {d.answer}\n\n" for d in demos(task, shots)]
-    return "".join(lines) + f"Q: {example.question}\nA:"
-
-
-def chat_messages(task: Task, example: Example, shots: int, style: str) -> list[dict]:
-    messages = []
-    for d in demos(task, shots):
-        messages += task.render(d, style)
-    return messages + [{"role": "user", "content": example.question}]
 
 
 def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -24,8 +24,8 @@ from ..checkpoint import load_model, save_model
 from ..common import PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
+from ..data.tasks.prompts import fewshot_text
 from ..engine import Engine, SamplingParams
-from ..evaluate.harness import fewshot_text
 from ..model import GPT
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary

@@ -1,0 +1,159 @@
+"""The `LM` protocol: what reasoning strategies and evaluation need from a model, and nothing more.
+
+    lm = LM.load("runs/speedrun/sft")                        # a local run, through our engine
+    lm = LM.openai(base_url="http://127.0.0.1:8000/v1")      # any OpenAI-compatible server
+    lm.chat([{"role": "user", "content": "9.11 or 9.9?"}], n=5, temperature=0.7)  # -> 5 Generations
+    lm.chat_batch([...many conversations...])                # batched (local) or concurrent (server)
+
+A strategy written against this protocol runs unchanged on our checkpoints, on an imported model,
+and on any server that speaks OpenAI's API (ours, vLLM, llama.cpp, a hosted one). Every call adds to
+`lm.usage` (model calls, prompt and completion tokens), so each strategy reports its cost.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common import PocketError
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    completion_tokens: int = 0
+
+
+@dataclass
+class Usage:
+    calls: int = 0  # requests to the model (a request for n samples is one call)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int, calls: int = 1) -> None:
+        self.calls += calls
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+
+@dataclass
+class Request:
+    """One chat request: the conversation and how to sample it."""
+    messages: list[dict]
+    n: int = 1
+    temperature: float = 0.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    json_schema: dict | None = None  # hold the output to this schema (constrained decoding)
+
+
+class LM(ABC):
+    """A model to talk to. Subclasses implement `chat_batch`; everything else is built on it."""
+
+    name: str
+    usage: Usage
+
+    @abstractmethod
+    def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        """Each request's n generations, in request order."""
+
+    def chat(self, messages: list[dict], n: int = 1, temperature: float = 0.0, max_tokens: int = 256,
+             stop: tuple[str, ...] = (), seed: int | None = None, json_schema: dict | None = None) -> list[Generation]:
+        return self.chat_batch([Request(messages, n, temperature, max_tokens, tuple(stop), seed, json_schema)])[0]
+
+    @staticmethod
+    def load(path: str | Path, device: str = "auto", max_batch: int = 32) -> LocalLM:
+        return LocalLM(path, device, max_batch)
+
+    @staticmethod
+    def openai(base_url: str, api_key: str = "none", model: str | None = None, concurrency: int = 8) -> OpenAILM:
+        return OpenAILM(base_url, api_key, model, concurrency)
+
+
+class LocalLM(LM):
+    """A run or model directory, decoded by our continuous-batching engine: a batch of requests is one
+    running batch, and n samples of a request share their prompt's prefill."""
+
+    def __init__(self, path: str | Path, device: str = "auto", max_batch: int = 32):
+        from ..checkpoint import load_model, resolve_model_dir
+        from ..common import pick_device
+        from ..engine import Engine
+
+        directory = resolve_model_dir(path)
+        self.model, self.chat_template, self.config = load_model(directory, pick_device(device))
+        self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch)
+        self.name, self.usage = str(directory), Usage()
+        self._constraints = None
+
+    def _processor_factory(self, schema: dict | None):
+        if schema is None:
+            return None
+        if self._constraints is None:
+            from ..constrain import Constraints
+
+            self._constraints = Constraints(self.chat_template, self.model.cfg.vocab_size)
+        return self._constraints.json_schema(schema).processor
+
+    def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        from ..engine import SamplingParams
+
+        chat, context = self.chat_template, self.model.cfg.max_seq_len
+        submitted = []
+        for i, r in enumerate(requests):
+            prompt = chat.prompt(r.messages)
+            if len(prompt) >= context:
+                raise PocketError(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
+            params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
+                                    n=r.n, seed=r.seed, stop_tokens=chat.stop_ids, stop_strings=r.stop)
+            seqs = self.engine.submit(prompt, params, prompt_index=i,
+                                      processor_factory=self._processor_factory(r.json_schema))
+            submitted.append((prompt, params, seqs))
+        for _ in self.engine.run([s for _, _, seqs in submitted for s in seqs]):
+            pass
+        out = []
+        for prompt, params, seqs in submitted:
+            gens = [Generation(self.engine.visible_text(s.turn, params), s.finish_reason or "length", len(s.turn))
+                    for s in seqs]
+            self.usage.add(len(prompt), sum(g.completion_tokens for g in gens))
+            out.append(gens)
+        return out
+
+
+class OpenAILM(LM):
+    """Any OpenAI-compatible server, through the official `openai` client; a batch is sent as
+    concurrent requests (the server batches them)."""
+
+    def __init__(self, base_url: str, api_key: str = "none", model: str | None = None, concurrency: int = 8):
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=600)
+        if model is None:
+            models = [m.id for m in self.client.models.list().data]
+            if not models:
+                raise PocketError(f"{base_url} serves no model")
+            model = models[-1]
+        self.model, self.concurrency = model, concurrency
+        self.name, self.usage = f"{base_url} ({model})", Usage()
+
+    def _one(self, r: Request) -> list[Generation]:
+        kwargs = {}
+        if r.json_schema is not None:
+            kwargs["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": r.json_schema}}
+        resp = self.client.chat.completions.create(
+            model=self.model, messages=r.messages, n=r.n, temperature=r.temperature, max_tokens=r.max_tokens,
+            stop=list(r.stop) or None, seed=r.seed, **kwargs)
+        choices = sorted(resp.choices, key=lambda c: c.index)
+        usage = resp.usage
+        self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+        per_choice = (usage.completion_tokens // max(1, len(choices))) if usage else 0
+        return [Generation(c.message.content or "", c.finish_reason or "stop", per_choice) for c in choices]
+
+    def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, requests))
+
