@@ -40,3 +40,13 @@ def test_every_strategy_on_both_backends(lm, strategy):  # noqa: F811
 def test_unknown_strategy(lm):  # noqa: F811
     with pytest.raises(PocketError, match="unknown strategy"):
         ask(lm, get_task("spell"), [], "telepathy")
+
+
+def test_eval_cli_with_a_strategy(run, tmp_path, capsys):  # noqa: F811
+    from pocketgpt.cli import main
+
+    assert main(["eval", str(run), "--task", "compare_decimals", "--n", "3", "--strategy", "self_consistency",
+                 "--k", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "calls=3" in capsys.readouterr().out
+    saved = (tmp_path / "compare_decimals_test_self_consistency.json").read_text()
+    assert '"strategy": "self_consistency"' in saved

@@ -181,8 +181,38 @@ def cmd_sample(args) -> None:
             console.print((args.prompt if not args.chat else "") + c.text, markup=False)
 
 
+def cmd_eval_strategy(args) -> None:
+    """`eval --strategy`: a reasoning strategy through the LM protocol, on a local run or a server."""
+    from .common import atomic_write_text, set_threads
+    from .data.tasks import TASKS, get_task
+    from .reason import LM
+    from .reason.strategies import evaluate_strategy
+
+    set_threads(args.threads)
+    lm = LM.openai(args.server, args.api_key or "none", args.server_model) if args.server else LM.load(args.model,
+                                                                                                       args.device)
+    names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
+    out_dir = Path(args.out) if args.out else None
+    console.print(f"evaluating {lm.name} with {args.strategy} on {args.split}")
+    for name in names:
+        result, rows = evaluate_strategy(lm, get_task(name), args.strategy, args.split, args.n, shots=args.shots or 0,
+                                         k=args.k, temperature=args.temperature, think=args.think)
+        console.print(result.line(), highlight=False)
+        if out_dir:
+            atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.json",
+                              json.dumps(result.to_dict(), indent=2) + "\n")
+
+
 def cmd_eval(args) -> None:
     import torch
+
+    if args.strategy or args.server:
+        args.strategy = args.strategy or "direct"
+        return cmd_eval_strategy(args)
+    if not args.model:
+        raise PocketError("give a run or model directory (or --server URL)")
 
     from .checkpoint import load_model, resolve_model_dir
     from .common import atomic_write_json, pick_device, set_threads
@@ -432,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Greedy answers to a task's questions, checked by its exact verifier. Base "
                                    "models get a few-shot document prompt, assistants the chat format. Writes "
                                    "one JSON line per example (question, output, verdict) and results.json.")
-    p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
+    p.add_argument("model", nargs="?", help="a run directory (its most post-trained stage) or a model directory "
+                                           "(not needed with --server)")
     p.add_argument("--task", default="factqa_head,factqa_tail,factqa_unseen",
                    help="comma-separated task names, or 'all' (default: the three fact tiers)")
     p.add_argument("--split", default="test", help="train, validation or test (default)")
@@ -444,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
                                    "(default: the one each task is trained in)")
     p.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
+    p.add_argument("--strategy", choices=("direct", "cot", "self_consistency"),
+                   help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens)")
+    p.add_argument("--k", type=int, default=5, help="self_consistency: samples per question (default 5)")
+    p.add_argument("--temperature", type=float, default=0.7, help="self_consistency: sampling temperature")
+    p.add_argument("--think", action="store_true", help="cot: add 'Let's think step by step.' to the question")
+    p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
+                                                   "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
+    p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")
+    p.add_argument("--api-key", help="API key for --server")
     p.add_argument("--bpb", metavar="KINDS", help="also bits per byte on sources, e.g. world,docs")
     p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")
