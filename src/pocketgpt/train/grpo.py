@@ -18,7 +18,6 @@ import torch
 
 from ..checkpoint import load_model, save_model
 from ..common import atomic_write_json, console
-from ..evaluate.harness import evaluate_task
 from ..model import GPT
 from .loop import TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
@@ -89,14 +88,16 @@ class GRPOObjective:
 
 
 def held_out_accuracy(policy: GPT, chat, cfg: GRPOConfig) -> dict:
+    """Greedy answers (tools executed) to the first eval_n validation questions of each task, verified."""
     from ..data.tasks import get_task
-    from ..evaluate.harness import SUITE
 
     out = {}
     for name in cfg.tasks:
-        r = evaluate_task(policy, chat, get_task(name), "validation", cfg.eval_n, shots=0, mode="chat",
-                          style=SUITE.get(name, "direct"), max_tokens=cfg.max_tokens, show_progress=False)
-        out[f"{name}_accuracy"] = r.accuracy
+        task = get_task(name)
+        examples = task.examples("validation")[:cfg.eval_n]
+        prompts = [Prompt(task, e, chat.prompt([{"role": "user", "content": e.question}])) for e in examples]
+        answers = sample(policy, chat, prompts, chat_params(chat, cfg.max_tokens, temperature=0.0))
+        out[f"{name}_accuracy"] = sum(task.verify(e, t.text.strip()) for e, t in zip(examples, answers)) / len(examples)
     policy.train()
     return out
 
