@@ -191,19 +191,26 @@ class CacheView:
     row_index: torch.Tensor  # (B, 1): 0..B-1, to scatter each row's new keys at its own positions
     positions: torch.Tensor  # (B, T): the new tokens' positions (each row continues after its length)
     span: int  # keys to attend over: the longest row after this pass
-    mask: torch.Tensor  # (B, 1, T, span): a query sees the keys at or before its position
+    mask: torch.Tensor | None  # (B, 1, T, span): a query sees the keys at or before its position
+    start: int | None  # when every row starts at the same position (batch 1, n samples): it
 
     @classmethod
     def make(cls, cache: KVCache, rows: slice, T: int, max_len: int) -> CacheView:
         starts = cache.lengths[rows]
+        first, last = int(starts.min()), int(starts.max())
         positions = starts[:, None] + torch.arange(T, device=starts.device)
-        span = int(positions.max()) + 1
+        span = last + T
         if span > max_len:
             raise PocketError(f"sequence of {span} tokens exceeds max_seq_len={max_len}")
         cache.reserve(rows.stop, span)
-        mask = torch.arange(span, device=starts.device)[None, None, :] <= positions[:, :, None]
+        uniform = first == last
+        # Rows of equal length need no mask to decode one token (every key is visible), and the
+        # per-row scatter becomes a plain slice copy: what batch-1 decoding spends its time on.
+        mask = None
+        if not (uniform and T == 1):
+            mask = (torch.arange(span, device=starts.device)[None, None, :] <= positions[:, :, None])[:, None]
         return cls(cache, rows, torch.arange(len(starts), device=starts.device)[:, None], positions, span,
-                   mask[:, None])
+                   mask, first if uniform else None)
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -231,8 +238,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # append to each row's keys and values, then attend over the row's history
             k_rows, v_rows = cached.cache.k[self.layer, cached.rows], cached.cache.v[self.layer, cached.rows]
-            k_rows[cached.row_index, :, cached.positions] = k.transpose(1, 2).to(k_rows.dtype)
-            v_rows[cached.row_index, :, cached.positions] = v.transpose(1, 2).to(v_rows.dtype)
+            if cached.start is not None:
+                k_rows[:, :, cached.start:cached.start + T] = k
+                v_rows[:, :, cached.start:cached.start + T] = v
+            else:
+                k_rows[cached.row_index, :, cached.positions] = k.transpose(1, 2).to(k_rows.dtype)
+                v_rows[cached.row_index, :, cached.positions] = v.transpose(1, 2).to(v_rows.dtype)
             k, v = k_rows[:, :, :cached.span].to(q.dtype), v_rows[:, :, :cached.span].to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cached.mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
