@@ -12,7 +12,8 @@
 
 Each sequence owns its sampling parameters and random generator, so requests with different
 settings share one batch. The engine is synchronous and single-threaded: the server runs it in a
-thread of its own and talks to it through `submit`, `Sequence.cancel` and the sequences' callbacks.
+thread of its own, hands it sequences with `enqueue`, cancels them with `Sequence.cancel`, and
+receives each step's events from `step()`.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class Sequence:
         self.cancelled = True
 
     def completion(self, engine: Engine) -> Completion:
-        want = self.params.logprobs is not None
-        return Completion(self.turn, engine.visible_text(self.turn, self.params), self.finish_reason or "length",
-                          self.prompt_index, self.logprobs[-len(self.turn):] if want and self.turn else
-                          ([] if want else None),
-                          self.top_logprobs[-len(self.turn):] if want and self.turn else ([] if want else None))
+        """The last turn as a Completion (with its log-probabilities when they were asked for)."""
+        c = Completion(self.turn, engine.visible_text(self.turn, self.params), self.finish_reason or "length",
+                       self.prompt_index)
+        if self.params.logprobs is not None:
+            start = len(self.logprobs) - len(self.turn)
+            c.logprobs, c.top_logprobs = self.logprobs[start:], self.top_logprobs[start:]
+        return c
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
