@@ -108,6 +108,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--bf16", action="store_true", help="serve bf16 weights")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one level may take")
     p.add_argument("--out", default="bench/out/serve.json")
     args = p.parse_args()
@@ -117,7 +118,8 @@ def main():
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     server = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
-                               "--threads", str(args.threads), "--max-batch", str(args.max_batch)], env=env)
+                               "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                               *(["--bf16"] if args.bf16 else [])], env=env)
     try:
         for _ in range(600):
             try:
@@ -127,6 +129,7 @@ def main():
                 time.sleep(0.1)
         model = args.model or httpx.get(url + "/v1/models").json()["data"][-1]["id"]
         report = {"run": str(args.run or "random small preset"), "model": model, "threads": args.threads,
+                  "dtype": "bfloat16" if args.bf16 else "float32",
                   "max_batch": args.max_batch, "max_tokens": args.max_tokens, "levels": []}
         for n in (int(x) for x in args.clients.split(",")):
             result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))

@@ -31,25 +31,29 @@ def page(tmp_path_factory, chat):
     model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192))
     save_model(model, run / "sft", chat, {"stage": "sft"})
     proc, url = start_server(run)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
-    driver.get(url + "/")
-    wait = WebDriverWait(driver, 60, poll_frequency=0.02)
-    wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
-    driver.find_element(By.ID, "api-key").send_keys(KEY)
-    driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
-    wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "sft")
-    assert driver.find_element(By.ID, "status").text == ""
-    set_value(driver, "temperature", "0")  # greedy: this random model then repeats itself and never ends a turn
-    yield driver, wait
-    driver.quit()
-    proc.terminate()
-    proc.wait(timeout=10)
+    driver = None
+    try:  # whatever fails while setting up, the server and the browser do not outlive the test
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.02)
+        wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
+        driver.find_element(By.ID, "api-key").send_keys(KEY)
+        driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
+        wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "sft")
+        assert driver.find_element(By.ID, "status").text == ""
+        set_value(driver, "temperature", "0")  # greedy: this random model then repeats itself and never ends a turn
+        yield driver, wait
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def set_value(driver, element_id: str, value: str) -> None:

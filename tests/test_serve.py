@@ -66,10 +66,11 @@ def server(request, tmp_path_factory, chat, smollm2_gguf):
         import_model(smollm2_gguf, run)
         model = "base"
     proc, url = start_server(run)
-    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    yield client, url, model, request.param
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120), url, model, request.param
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_models(server):

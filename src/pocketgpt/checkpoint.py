@@ -178,6 +178,8 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
     for name in weights if dtype is not None else ():  # one tensor at a time: never two copies of the model
         weights[name] = weights[name].to(dtype)
     model = GPT.from_weights(model_cfg, weights)
+    if dtype is not None:  # the RoPE tables too: a step computes in one dtype
+        model = model.to(dtype)
     return model.to(device).eval(), chat, cfg
 
 

@@ -334,7 +334,7 @@ def cmd_serve(args) -> None:
     from .serve.protocol import Limits
 
     set_threads(args.threads)
-    workers = load_workers(args.run, pick_device(args.device), args.max_batch)
+    workers = load_workers(args.run, pick_device(args.device), args.max_batch, "bfloat16" if args.bf16 else "float32")
     app = create_app(workers, Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_queued=args.max_queued),
                      api_key=args.api_key)
     console.print(f"serving {', '.join(workers)} from {args.run} on http://{args.host}:{args.port} "
@@ -537,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights: about 2x faster decoding on a modern CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_serve)

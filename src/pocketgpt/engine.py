@@ -61,7 +61,7 @@ class TokenEvent:
 class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" (token or string) | "length" | "cancelled"
+    finish_reason: str = "length"  # "stop" (token or string) | "length" | "cancelled" | "error"
     prompt_index: int = 0
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
@@ -243,6 +243,18 @@ class Engine:
         self._prefill()
         events += self._sample()
         self._decode()
+        return events
+
+    @torch.inference_mode()
+    def abort_all(self) -> list[tuple[Sequence, TokenEvent]]:
+        """End every sequence (finish_reason "error") and free the cache: after a failed step, the
+        engine starts clean instead of retrying what failed."""
+        while not self.inbox.empty():
+            self.waiting += self.inbox.get()
+        events = [(seq, self._finish(seq, "error", None)) for seq in [*self.waiting, *self.running]]
+        for seq in list(self.rows):
+            if seq is not None:
+                self.release(seq)
         return events
 
     def _admit(self) -> None:

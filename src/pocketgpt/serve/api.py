@@ -44,15 +44,19 @@ STATIC = Path(__file__).parent / "static"
 SERVABLE = ("base", "sft", "sft_naive", "ppo", "grpo")  # rm is a reward model: no text to generate
 
 
-def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32) -> dict[str, ModelWorker]:
-    """A model directory serves one model (named after it); a run directory serves each of its stages."""
+def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32"
+                 ) -> dict[str, ModelWorker]:
+    """A model directory serves one model (named after it); a run directory serves each of its stages.
+    bfloat16 halves the bytes a decoding step reads: about 2x the tokens/s on a CPU with bf16 units."""
+    import torch
+
     path = Path(path)
     dirs = [path] if (path / "config.json").exists() else [path / s for s in SERVABLE if (path / s / "config.json").exists()]
     if not dirs:
         raise PocketError(f"{path} holds no model to serve: expected config.json or one of {', '.join(SERVABLE)}")
     workers = {}
     for d in dirs:
-        model, chat, cfg = load_model(d, device)
+        model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype))
         if model.cfg.score_head:
             raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
         workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch)

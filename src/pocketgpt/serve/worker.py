@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..chat import ChatTemplate
+from ..common import console
 from ..engine import Engine, SamplingParams, Sequence
 from ..model import GPT
 
@@ -60,7 +61,12 @@ class ModelWorker:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            events = self.engine.step()
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug must not leave every client waiting forever: end their requests
+                console.print(f"[red]engine error, {len(self.engine.running) + len(self.engine.waiting)} "
+                              f"requests ended: {e!r}[/]")
+                events = self.engine.abort_all()
             if events and self._loop_ref is not None:
                 # One hand-over per step, not per token: each call wakes the event loop (a syscall).
                 self._loop_ref.call_soon_threadsafe(self._dispatch, events)
