@@ -68,3 +68,28 @@ def smollm2_gguf() -> Path:
 def tiny_model(tokenizer) -> GPT:
     torch.manual_seed(0)
     return GPT(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+
+
+class ScriptedLM:
+    """An `LM` whose replies a test writes: `reply(messages, request)` returns the Generations of one
+    request. It exercises a strategy's own logic (search, tool loop, retries) exactly; the strategies
+    also run against both real backends (test_strategies.py)."""
+
+    def __new__(cls, reply):
+        from pocketgpt.reason.lm import LM, Usage
+
+        class _Scripted(LM):
+            def __init__(self):
+                self.name, self.usage, self.requests = "scripted", Usage(), []
+
+            def chat_batch(self, requests):
+                self.requests += requests
+                self.usage.add(0, 0, calls=len(requests))
+                return [reply(r.messages, r) for r in requests]
+
+        return _Scripted()
+
+
+@pytest.fixture()
+def scripted():
+    return ScriptedLM

@@ -63,3 +63,18 @@ def test_both_backends_give_the_same_greedy_answers(run, served):
     for content in ("Hello", "What is 2 + 2?", "你好"):
         messages = [{"role": "user", "content": content}]
         assert local.chat(messages, max_tokens=8)[0].text == remote.chat(messages, max_tokens=8)[0].text
+
+
+def test_a_required_tool_call_and_its_result_round_trip(lm):
+    from test_serve import CALCULATOR  # its expression is bounded: a random model closes the string
+
+    from pocketgpt.reason.lm import tool_call_messages
+
+    messages = [{"role": "user", "content": "What is 12 * 7?"}]
+    [g] = lm.chat(messages, tools=[CALCULATOR], tool_choice="required", max_tokens=48)
+    assert g.finish_reason == "tool_calls" and g.tool_calls[0]["name"] == "calculator"
+    assert isinstance(g.tool_calls[0]["arguments"]["expression"], str)
+    follow = messages + tool_call_messages(g, ["84"])
+    assert follow[-1] == {"role": "tool", "tool_call_id": "call_0_0", "name": "calculator", "content": "84"}
+    [after] = lm.chat(follow, max_tokens=4)  # the backend takes the call and its result back
+    assert after.finish_reason in ("stop", "length")

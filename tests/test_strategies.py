@@ -5,36 +5,41 @@ from test_lm import lm, run, served  # noqa: F401  (the two backends, as fixture
 
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
-from pocketgpt.reason.strategies import STRATEGIES, ask, evaluate_strategy, majority
+from pocketgpt.reason.strategies import STRATEGIES, Settings, ask, evaluate_strategy
 
-
-def test_majority_vote_counts_normalised_answers():
-    texts = ["steps\nAnswer: 1,234", "Answer: 99", "answer: 1234.", "no idea", "Answer: 99"]
-    pick, votes = majority(texts)
-    assert votes == {"1234": 2, "99": 2, "no idea": 1}
-    assert pick == 0  # a tie goes to the answer given first
-
-
-def test_majority_without_answers_and_with_one_winner():
-    assert majority(["", "  "]) == (0, {})
-    pick, votes = majority(["Answer: 7", "Answer: 8", "Answer: 8"])
-    assert pick == 1 and votes == {"7": 1, "8": 2}
+# Each strategy on a task it fits, with what it costs in model calls for 2 questions (tot: a search).
+TASK_OF = {"direct": "compare_decimals", "cot": "compare_decimals", "self_consistency": "compare_decimals",
+           "reflection": "arithmetic", "tot": "game24", "react": "arithmetic", "constrained": "structured"}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_on_both_backends(lm, strategy):  # noqa: F811
-    task = get_task("compare_decimals")
-    examples = task.examples("test")[:3]
+    task = get_task(TASK_OF[strategy])
+    settings = Settings(shots=1, k=3, max_tokens=12, beam=2, rounds=1, max_steps=1, tools=("calculator",))
     before = lm.usage.calls
-    answers = ask(lm, task, examples, strategy, shots=1, k=3, max_tokens=12)
-    assert len(answers) == 3
-    k = 3 if strategy == "self_consistency" else 1
-    assert all(len(a.samples) == k for a in answers) and lm.usage.calls == before + 3
+    answers = ask(lm, task, task.examples("test")[:2], strategy, settings)
+    assert len(answers) == 2 and lm.usage.calls > before
     if strategy == "self_consistency":
-        assert all(a.text in a.samples and sum(a.votes.values()) <= 3 for a in answers)
-    result, rows = evaluate_strategy(lm, task, strategy, n=3, k=3, max_tokens=12)
-    assert result.n == 3 and result.calls == 3 and 0 <= result.accuracy <= 1 and len(rows) == 3
+        assert all(len(a.samples) == 3 and a.text in a.samples and sum(a.votes.values()) <= 3 for a in answers)
+    result, rows = evaluate_strategy(lm, task, strategy, n=2, settings=settings)
+    assert result.n == 2 and result.calls >= 2 and 0 <= result.accuracy <= 1 and len(rows) == 2
     assert result.ci_low <= result.accuracy <= result.ci_high
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+
+
+def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
+    task = get_task("structured")
+    result, rows = evaluate_strategy(lm, task, "constrained", n=4, settings=Settings(max_tokens=256))
+    assert result.scores["schema_valid"] == 1.0 and all(r["scores"]["schema_valid"] == 1.0 for r in rows)
+
+
+def test_strategies_refuse_tasks_they_do_not_fit(lm):  # noqa: F811
+    with pytest.raises(PocketError, match="Game of 24"):
+        ask(lm, get_task("arithmetic"), get_task("arithmetic").examples("test")[:1], "tot")
+    with pytest.raises(PocketError, match="no JSON schema"):
+        ask(lm, get_task("arithmetic"), get_task("arithmetic").examples("test")[:1], "constrained")
+    with pytest.raises(PocketError, match="unknown tool"):
+        ask(lm, get_task("arithmetic"), [], "react", Settings(tools=("telepathy",)))
 
 
 def test_unknown_strategy(lm):  # noqa: F811

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -182,25 +183,50 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval_strategy(args) -> None:
-    """`eval --strategy`: a reasoning strategy through the LM protocol, on a local run or a server."""
+    """`eval --strategy` / `eval --matrix`: reasoning strategies through the LM protocol, on a local run or
+    a server."""
     from .common import atomic_write_text, set_threads
     from .data.tasks import TASKS, get_task
     from .reason import LM
-    from .reason.strategies import evaluate_strategy
+    from .reason.matrix import run_matrix
+    from .reason.strategies import Settings, evaluate_strategy
 
     set_threads(args.threads)
-    lm = LM.openai(args.server, args.api_key or "none", args.server_model) if args.server else LM.load(args.model,
-                                                                                                       args.device)
+    if args.server:
+        lm = LM.openai(args.server, args.api_key or "none", args.server_model)
+    else:
+        from .checkpoint import resolve_model_dir
+
+        lm = LM.load(resolve_model_dir(args.model), args.device)
+    settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
+                        beam=args.beam, search=args.search, oracle=args.oracle, rounds=args.rounds,
+                        max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
+    if args.matrix:
+        if args.out:
+            out_dir = Path(args.out)
+        elif args.model and not args.server:
+            out_dir = Path(args.model) / "matrix"  # beside the run's stages: the report card shows it
+        else:
+            raise PocketError("--matrix against a server needs --out DIR")
+        console.print(f"strategy matrix of {lm.name} on {args.split} -> {out_dir}")
+        start = time.perf_counter()
+        run_matrix(lm, out_dir, settings, args.n, split=args.split)
+        console.print(f"matrix done in {(time.perf_counter() - start) / 60:.1f} min; {lm.usage.calls} model calls, "
+                      f"{lm.usage.prompt_tokens + lm.usage.completion_tokens} tokens; cells in {out_dir}")
+        if (out_dir.parent / "speedrun.json").exists() or (out_dir.parent / "base").is_dir():
+            from .evaluate.report import write_report
+
+            console.print(f"report card: {write_report(out_dir.parent)}")
+        return
     names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
     out_dir = Path(args.out) if args.out else None
     console.print(f"evaluating {lm.name} with {args.strategy} on {args.split}")
     for name in names:
-        result, rows = evaluate_strategy(lm, get_task(name), args.strategy, args.split, args.n, shots=args.shots or 0,
-                                         k=args.k, temperature=args.temperature, think=args.think)
+        result, rows = evaluate_strategy(lm, get_task(name), args.strategy, args.split, args.n, settings)
         console.print(result.line(), highlight=False)
         if out_dir:
             atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.jsonl",
-                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                              "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
             atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.json",
                               json.dumps(result.to_dict(), indent=2) + "\n")
 
@@ -208,7 +234,7 @@ def cmd_eval_strategy(args) -> None:
 def cmd_eval(args) -> None:
     import torch
 
-    if args.strategy or args.server:
+    if args.strategy or args.server or args.matrix:
         args.strategy = args.strategy or "direct"
         return cmd_eval_strategy(args)
     if not args.model:
@@ -365,6 +391,8 @@ def cmd_config(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketgpt", description="Build a ChatGPT-style assistant end to end.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .reason.strategies import STRATEGIES
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("speedrun", help="run every stage on the built-in data (resumable)",
@@ -475,11 +503,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
                                    "(default: the one each task is trained in)")
     p.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
-    p.add_argument("--strategy", choices=("direct", "cot", "self_consistency"),
-                   help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens)")
+    p.add_argument("--strategy", choices=tuple(STRATEGIES),
+                   help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens; "
+                        "see reason/strategies.py)")
+    p.add_argument("--matrix", action="store_true",
+                   help="the strategy matrix: task x strategy with intervals and cost, into RUN/matrix (or --out) "
+                        "and the report card")
     p.add_argument("--k", type=int, default=5, help="self_consistency: samples per question (default 5)")
-    p.add_argument("--temperature", type=float, default=0.7, help="self_consistency: sampling temperature")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of sampled answers and votes")
     p.add_argument("--think", action="store_true", help="cot: add 'Let's think step by step.' to the question")
+    p.add_argument("--beam", type=int, default=5, help="tot: positions kept after each move (default 5)")
+    p.add_argument("--search", choices=("bfs", "dfs"), default="bfs", help="tot: breadth- or depth-first")
+    p.add_argument("--oracle", action="store_true", help="tot: the exact solver judges positions (an ablation)")
+    p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
+    p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
+    p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")
     p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")

@@ -78,6 +78,18 @@ def hallucination(run: Path, stage: str) -> dict | None:
     }
 
 
+def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The strategy matrix (reason/matrix.py writes it): one line per task and strategy."""
+    header = ["task", "strategy", "accuracy", "95% interval", "n", "model calls", "tokens / question", "other"]
+    rows = []
+    for c in results["cells"]:
+        other = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in c.get("scores", {}).items())
+        tokens = (c["prompt_tokens"] + c["completion_tokens"]) / max(1, c["n"])
+        rows.append([c["task"], c["label"] or c["strategy"], f"{c['accuracy']:.1%}",
+                     f"{c['ci_low']:.1%} - {c['ci_high']:.1%}", str(c["n"]), str(c["calls"]), f"{tokens:.0f}", other])
+    return header, rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -179,6 +191,12 @@ def write_report(run: str | Path) -> Path:
         parts.append(markdown_table(["task", "before", "after"], [
             [k, f"{grpo_summary['before'][k]:.1%}", f"{grpo_summary['after'][k]:.1%}"]
             for k in grpo_summary["after"]]) + "\n")
+    matrix = _load(run / "matrix" / "matrix.json")
+    if matrix:
+        parts.append(f"## Reasoning strategies ({matrix['model']}, {matrix['split']} split)\n")
+        parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
+                     "(`pocketgpt eval RUN --matrix`).\n")
+        parts.append(markdown_table(*matrix_table(matrix)) + "\n")
     plots = plot_metrics(run)
     if plots:
         parts.append("## Curves\n")

@@ -13,8 +13,9 @@ and on any server that speaks OpenAI's API (ours, vLLM, llama.cpp, a hosted one)
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import PocketError
@@ -22,9 +23,10 @@ from ..common import PocketError
 
 @dataclass
 class Generation:
-    text: str
+    text: str  # the reply, or with tool calls the text before them (ReAct's "thought")
     finish_reason: str  # "stop" | "length" | "tool_calls"
     completion_tokens: int = 0
+    tool_calls: list[dict] = field(default_factory=list)  # {"name", "arguments": dict} in order
 
 
 @dataclass
@@ -49,6 +51,19 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     json_schema: dict | None = None  # hold the output to this schema (constrained decoding)
+    tools: list[dict] | None = None  # OpenAI function specs the model may call; a call ends the turn
+    tool_choice: str = "auto"  # "required": the turn must be a call (held to the tools' schemas)
+
+
+def tool_call_messages(generation: Generation, results: list[str], step: int = 0) -> list[dict]:
+    """The assistant turn that made `generation`'s calls and one tool message per result, in the
+    OpenAI shape (ids tie each result to its call), ready to append to the conversation."""
+    calls = [{"id": f"call_{step}_{i}", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+             for i, c in enumerate(generation.tool_calls)]
+    return [{"role": "assistant", "content": generation.text or None, "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"], "content": result}
+              for call, result in zip(calls, results))]
 
 
 class LM(ABC):
@@ -61,9 +76,9 @@ class LM(ABC):
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         """Each request's n generations, in request order."""
 
-    def chat(self, messages: list[dict], n: int = 1, temperature: float = 0.0, max_tokens: int = 256,
-             stop: tuple[str, ...] = (), seed: int | None = None, json_schema: dict | None = None) -> list[Generation]:
-        return self.chat_batch([Request(messages, n, temperature, max_tokens, tuple(stop), seed, json_schema)])[0]
+    def chat(self, messages: list[dict], **options) -> list[Generation]:
+        """One conversation's generations; `options` are Request's fields (n, temperature, tools, ...)."""
+        return self.chat_batch([Request(messages, **options)])[0]
 
     @staticmethod
     def load(path: str | Path, device: str = "auto", max_batch: int = 32) -> LocalLM:
@@ -89,14 +104,19 @@ class LocalLM(LM):
         self.name, self.usage = str(directory), Usage()
         self._constraints = None
 
-    def _processor_factory(self, schema: dict | None):
-        if schema is None:
+    def _processor_factory(self, r: Request):
+        """The request's constraint, as the server builds it: a forced tool call, or a JSON schema."""
+        forced = bool(r.tools) and r.tool_choice == "required"
+        if r.json_schema is None and not forced:
             return None
         if self._constraints is None:
             from ..constrain import Constraints
 
             self._constraints = Constraints(self.chat_template, self.model.cfg.vocab_size)
-        return self._constraints.json_schema(schema).processor
+        if forced:
+            return self._constraints.tool_call([(t["function"]["name"], t["function"].get("parameters")
+                                                 or {"type": "object"}) for t in r.tools]).processor
+        return self._constraints.json_schema(r.json_schema).processor
 
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         from ..engine import SamplingParams
@@ -110,17 +130,30 @@ class LocalLM(LM):
             params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
                                     n=r.n, seed=r.seed, stop_tokens=chat.stop_ids, stop_strings=r.stop)
             seqs = self.engine.submit(prompt, params, prompt_index=i,
-                                      processor_factory=self._processor_factory(r.json_schema))
+                                      processor_factory=self._processor_factory(r))
             submitted.append((prompt, params, seqs))
         for _ in self.engine.run([s for _, _, seqs in submitted for s in seqs]):
             pass
         out = []
-        for prompt, params, seqs in submitted:
-            gens = [Generation(self.engine.visible_text(s.turn, params), s.finish_reason or "length", len(s.turn))
-                    for s in seqs]
+        for r, (prompt, params, seqs) in zip(requests, submitted):
+            gens = [self._generation(s, params, bool(r.tools)) for s in seqs]
             self.usage.add(len(prompt), sum(g.completion_tokens for g in gens))
             out.append(gens)
         return out
+
+    def _generation(self, seq, params, tools: bool) -> Generation:
+        """A finished sequence as a Generation; with tools, a turn that holds a call is split into the
+        text before it and the call (as the server does it)."""
+        from ..toolloop import parse_call
+
+        found = self.chat_template.split_tool_call(seq.turn) if tools and seq.finish_reason == "stop" else None
+        if found is not None:
+            try:
+                name, arguments = parse_call(found[1])
+                return Generation(found[0], "tool_calls", len(seq.turn), [{"name": name, "arguments": arguments}])
+            except ValueError:
+                pass  # not a well-formed call: the turn is plain text, as a server would return it
+        return Generation(self.engine.visible_text(seq.turn, params), seq.finish_reason or "length", len(seq.turn))
 
 
 class OpenAILM(LM):
@@ -141,19 +174,39 @@ class OpenAILM(LM):
 
     def _one(self, r: Request) -> list[Generation]:
         kwargs = {}
+        if r.tools:
+            kwargs["tools"], kwargs["tool_choice"] = r.tools, r.tool_choice
         if r.json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": r.json_schema}}
-        resp = self.client.chat.completions.create(
-            model=self.model, messages=r.messages, n=r.n, temperature=r.temperature, max_tokens=r.max_tokens,
-            stop=list(r.stop) or None, seed=r.seed, **kwargs)
+        import openai
+
+        try:
+            resp = self.client.chat.completions.create(
+                model=self.model, messages=r.messages, n=r.n, temperature=r.temperature, max_tokens=r.max_tokens,
+                stop=list(r.stop) or None, seed=r.seed, **kwargs)
+        except openai.BadRequestError as e:  # the request itself is wrong (too long, say): the caller decides
+            raise PocketError(f"{self.name} refused a request: {e.message}") from None
         choices = sorted(resp.choices, key=lambda c: c.index)
         usage = resp.usage
         self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
         per_choice = (usage.completion_tokens // max(1, len(choices))) if usage else 0
-        return [Generation(c.message.content or "", c.finish_reason or "stop", per_choice) for c in choices]
+        return [Generation(c.message.content or "", c.finish_reason or "stop", per_choice, _calls(c.message))
+                for c in choices]
 
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self._one, requests))
 
+
+def _calls(message) -> list[dict]:
+    """A response message's tool calls as {"name", "arguments": dict}; arguments that are not a JSON
+    object become {} (the tool then answers with an error the model can read)."""
+    out = []
+    for call in message.tool_calls or []:
+        try:
+            arguments = json.loads(call.function.arguments or "{}")
+        except json.JSONDecodeError:
+            arguments = {}
+        out.append({"name": call.function.name, "arguments": arguments if isinstance(arguments, dict) else {}})
+    return out

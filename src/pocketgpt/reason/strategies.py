@@ -1,67 +1,123 @@
-"""Reasoning strategies from "State of GPT": give the model tokens to think, then vote.
+"""Reasoning strategies from "State of GPT": give the model tokens to think, sample and vote, let it
+check itself, search, and act with tools. Each works on any `LM` (a local run or an
+OpenAI-compatible server) and reports its cost (model calls and tokens) next to its accuracy.
 
     direct            the question alone (or after solved examples in the direct rendering)
     cot               worked examples as earlier turns, or zero-shot "Let's think step by step."
-    self_consistency  k samples of the step-by-step answer at a temperature; the majority final answer wins
+    self_consistency  k samples of the step-by-step answer at a temperature; the majority answer wins
+    reflection        the model checks its answer and samples again when it says "no" (reflection.py)
+    tot               Tree of Thoughts on the Game of 24: BFS with a beam, or DFS (tot.py)
+    react             thought / tool call / observation, with self-consistency as the fallback (react.py)
+    constrained       the answer held to the task's JSON schema by constrained decoding
 
-Each strategy works on any `LM` (a local run or an OpenAI-compatible server) and reports its cost:
-model calls and tokens, next to its accuracy with a 95% interval.
+    lm = LM.load("runs/speedrun/sft")
+    result, rows = evaluate_strategy(lm, get_task("game24"), "tot", settings=Settings(beam=5), n=50)
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..common import PocketError
-from ..data.tasks import Example, Task
-from ..data.tasks.base import final_answer, normalize
+from ..data.tasks import Example, Task, default_world
 from ..data.tasks.prompts import chat_messages
+from ..data.tasks.tools import SPECS, task_tools
 from .lm import LM, Request, Usage
+from .react import react
+from .reflection import reflection
+from .tot import tree_of_thoughts
+from .vote import Answer, majority, vote
 
-STRATEGIES = ("direct", "cot", "self_consistency")
+__all__ = ["STRATEGIES", "Answer", "Settings", "StrategyResult", "ask", "evaluate_strategy", "majority"]
 
 
 @dataclass
-class Answer:
-    """A strategy's answer to one question: the text that is verified, and how it was reached."""
-    text: str
-    samples: list[str] = field(default_factory=list)
-    votes: dict[str, int] = field(default_factory=dict)  # normalised final answer -> samples that gave it
+class Settings:
+    """Every strategy's knobs; each strategy reads the ones it has."""
+    shots: int = 0  # solved examples as earlier turns
+    think: bool = False  # append "Let's think step by step." (zero-shot CoT)
+    k: int = 5  # self-consistency samples (and ReAct's fallback)
+    temperature: float = 0.7  # of sampled answers, votes and retries
+    max_tokens: int = 256
+    seed: int = 0
+    beam: int = 5  # ToT breadth-first: positions kept per move
+    search: str = "bfs"  # ToT: bfs or dfs
+    value_samples: int = 3  # ToT: votes per position
+    oracle: bool = False  # ToT ablation: the exact solver judges positions instead of the model
+    max_expansions: int = 12  # ToT depth-first: proposals per puzzle
+    rounds: int = 2  # reflection: retries after the first answer
+    max_steps: int = 4  # ReAct: tool calls before the fallback
+    tools: tuple[str, ...] = ("calculator", "search")  # ReAct's tools (python too, with root)
 
 
-def majority(texts: list[str]) -> tuple[int, dict[str, int]]:
-    """The sample whose final answer most samples share, and the vote count of every answer.
-
-    Answers are compared after normalisation ("Answer: 1,234." and "answer: 1234" agree). Samples with
-    no answer do not vote; a tie goes to the answer given first; with no answer at all, sample 0."""
-    answers = [normalize(final_answer(t)) for t in texts]
-    votes = Counter(a for a in answers if a)
-    if not votes:
-        return 0, {}
-    best = max(votes.values())
-    winner = next(a for a in answers if a and votes[a] == best)
-    return answers.index(winner), dict(votes)
+def _sampled(lm: LM, task: Task, examples: list[Example], s: Settings, style: str, n: int,
+             temperature: float, json_schema: bool = False) -> list[list[str]]:
+    think = s.think and style != "direct"
+    requests = [Request(chat_messages(task, e, s.shots, style, think), n=n, temperature=temperature,
+                        max_tokens=s.max_tokens, seed=s.seed + i if temperature > 0 else None,
+                        json_schema=e.meta["schema"] if json_schema else None) for i, e in enumerate(examples)]
+    return [[g.text for g in gens] for gens in lm.chat_batch(requests)]
 
 
-def ask(lm: LM, task: Task, examples: list[Example], strategy: str, shots: int = 0, k: int = 5,
-        temperature: float = 0.7, think: bool = False, max_tokens: int = 256, seed: int = 0) -> list[Answer]:
-    """Answer every example with a strategy; the requests go to the model as one batch."""
+def _cot_style(task: Task) -> str:
+    return "cot" if "cot" in task.styles else "direct"
+
+
+def direct(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, "direct", 1, 0.0)]
+
+
+def cot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, _cot_style(task), 1, 0.0)]
+
+
+def self_consistency(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    return [vote(t) for t in _sampled(lm, task, examples, s, _cot_style(task), s.k, s.temperature)]
+
+
+def reflect(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    return reflection(lm, task, examples, s.rounds, s.shots, s.temperature, s.max_tokens, s.seed)
+
+
+def tot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    if task.name != "game24":
+        raise PocketError(f"tot searches Game of 24 positions; task {task.name!r} has no propose/value steps")
+    return tree_of_thoughts(lm, [e.meta["numbers"] for e in examples], s.search, s.beam, s.value_samples,
+                            s.temperature, s.oracle, s.seed, s.max_expansions, s.shots)
+
+
+def act(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    available = {**task_tools(getattr(task, "world", None) or default_world())}
+    specs = dict(SPECS)
+    if "python" in s.tools:
+        from ..tools.python import SPEC, python_tool
+
+        available["python"], specs["python"] = python_tool, SPEC
+    unknown = [t for t in s.tools if t not in available]
+    if unknown:
+        raise PocketError(f"unknown tool {unknown[0]!r}; available: {', '.join(available)}")
+    return react(lm, task, examples, {t: available[t] for t in s.tools}, [specs[t] for t in s.tools],
+                 s.max_steps, s.shots, fallback_k=s.k, temperature=s.temperature, seed=s.seed)
+
+
+def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    if not all("schema" in e.meta for e in examples):
+        raise PocketError(f"task {task.name!r} has no JSON schema to hold its answers to")
+    return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, "direct", 1, 0.0, json_schema=True)]
+
+
+STRATEGIES: dict[str, Callable[[LM, Task, list[Example], Settings], list[Answer]]] = {
+    "direct": direct, "cot": cot, "self_consistency": self_consistency, "reflection": reflect,
+    "tot": tot, "react": act, "constrained": constrained,
+}
+
+
+def ask(lm: LM, task: Task, examples: list[Example], strategy: str, settings: Settings | None = None) -> list[Answer]:
+    """Answer every example with a strategy; requests go to the model in batches."""
     if strategy not in STRATEGIES:
         raise PocketError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    style = "direct" if strategy == "direct" else ("cot" if "cot" in task.styles else "direct")
-    n, temp = (k, temperature) if strategy == "self_consistency" else (1, 0.0)
-    requests = [Request(chat_messages(task, e, shots, style, think and strategy != "direct"), n=n, temperature=temp,
-                        max_tokens=max_tokens, seed=seed + i if temp > 0 else None) for i, e in enumerate(examples)]
-    answers = []
-    for gens in lm.chat_batch(requests):
-        texts = [g.text for g in gens]
-        if strategy == "self_consistency":
-            pick, votes = majority(texts)
-            answers.append(Answer(texts[pick], texts, votes))
-        else:
-            answers.append(Answer(texts[0], texts))
-    return answers
+    return STRATEGIES[strategy](lm, task, examples, settings or Settings())
 
 
 @dataclass
@@ -76,28 +132,35 @@ class StrategyResult:
     calls: int
     prompt_tokens: int
     completion_tokens: int
+    scores: dict[str, float] = field(default_factory=dict)  # the task's finer measures, averaged
+    label: str = ""  # the matrix row's name ("tot b=5"), when it differs from the strategy
 
     def line(self) -> str:
-        return (f"{self.task:>18} {self.strategy:>16}  {self.accuracy:6.1%}  [{self.ci_low:.1%}, {self.ci_high:.1%}]  "
-                f"n={self.n}  calls={self.calls}  tokens={self.prompt_tokens + self.completion_tokens}")
+        extra = "".join(f"  {k}={v:.1%}" for k, v in self.scores.items())
+        return (f"{self.task:>18} {self.label or self.strategy:>18}  {self.accuracy:6.1%}  "
+                f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  calls={self.calls}  "
+                f"tokens={self.prompt_tokens + self.completion_tokens}{extra}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n: int | None = None,
-                      **kwargs) -> tuple[StrategyResult, list[dict]]:
+                      settings: Settings | None = None, label: str = "") -> tuple[StrategyResult, list[dict]]:
     """Accuracy of a strategy on a task's split, with its cost; and one row per example."""
     from ..evaluate.harness import wilson_interval
 
     examples = task.examples(split)[:n] if n else task.examples(split)
     before = Usage(**asdict(lm.usage))
-    answers = ask(lm, task, examples, strategy, **kwargs)
+    answers = ask(lm, task, examples, strategy, settings)
     rows = [{"question": e.question, "answer": e.answer, "output": a.text, "correct": task.verify(e, a.text),
-             "votes": a.votes} for e, a in zip(examples, answers)]
+             "scores": task.scores(e, a.text), "votes": a.votes, "trace": a.trace}
+            for e, a in zip(examples, answers)]
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
+    names = rows[0]["scores"].keys() if rows else ()
+    scores = {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names}
     u = lm.usage
     return StrategyResult(task.name, strategy, len(rows), correct, correct / max(1, len(rows)), lo, hi,
                           u.calls - before.calls, u.prompt_tokens - before.prompt_tokens,
-                          u.completion_tokens - before.completion_tokens), rows
+                          u.completion_tokens - before.completion_tokens, scores, label), rows

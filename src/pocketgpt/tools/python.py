@@ -128,6 +128,11 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+SPEC = {"type": "function", "function": {
+    "name": "python", "description": "Run Python code in a sandbox (no network, 5 s, 256 MB) and read what it printed.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}
+
+
 def python_tool(code: str) -> str:
     """The `python` tool: the model sends {"code": "..."} and reads back what the code printed."""
     return run_python(code)

@@ -31,15 +31,17 @@ from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
 # task -> (rendering, examples from its train split; 0 = all of them). A list of styles takes turns:
-# arithmetic is shown both worked out and with the calculator, and RL finds out which one pays.
+# arithmetic is shown both worked out and with the calculator, and RL finds out which one pays; the
+# Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions), and "check"
+# teaches the self-check that reflection asks (reason/).
 DEFAULT_SFT_TASKS: dict[str, dict] = {
     "factqa": {"style": "sentence", "n": 0},
-    "arithmetic": {"style": ["cot", "tool"], "n": 800},
-    "compare_decimals": {"style": "cot", "n": 200},
+    "arithmetic": {"style": ["cot", "tool", "cot", "tool", "check"], "n": 1000},
+    "compare_decimals": {"style": ["cot", "cot", "check"], "n": 300},
     "count_letter": {"style": "cot", "n": 200},
     "spell": {"style": "direct", "n": 200},
-    "game24": {"style": "cot", "n": 200},
-    "multihop": {"style": "cot", "n": 200},
+    "game24": {"style": ["cot", "propose", "value", "value"], "n": 0},
+    "multihop": {"style": ["cot", "tool"], "n": 400},
     "structured": {"style": "direct", "n": 200},
     "names": {"style": "direct", "n": 100},
 }

@@ -3,8 +3,10 @@
 A task is three things:
 - a generator of examples, routed to fixed, disjoint train/validation/test splits;
 - an exact verifier that reads the final answer out of a model's free text;
-- renderings of an example as OpenAI-style chat messages, in up to three styles:
-  "direct" (just the answer), "cot" (steps, then "Answer: ..."), "tool" (tool calls, then the answer).
+- renderings of an example as OpenAI-style chat messages, in the styles it supports:
+  "direct" (just the answer), "cot" (steps, then "Answer: ..."), "tool" (tool calls, then the answer),
+  "sentence" (the answer restating its subject), "check" (is this worked answer right? yes / no:
+  the self-check of the reflection strategy).
 
 A subclass writes `generate` and `check`, and `cot` / `tool` for the styles it supports.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from ...errors import PocketError
 
 SPLITS = ("train", "validation", "test")
-STYLES = ("direct", "cot", "tool", "sentence")
+STYLES = ("direct", "cot", "tool", "sentence", "check")
 SPLIT_SHARES = (("train", 0.6), ("validation", 0.15), ("test", 0.25))
 UNLIMITED = {split: 10**9 for split in SPLITS}  # sizes for tasks bounded by their own problem space
 
@@ -123,6 +125,11 @@ class Task:
             return False
         return self.check(example, output)
 
+    def scores(self, example: Example, output: str) -> dict[str, float]:
+        """Finer measures than right/wrong where a task has them (a JSON answer's schema validity and
+        share of right fields); none by default."""
+        return {}
+
     def sound_working(self, example: Example, output: str) -> bool:
         """Whether every step written before the final answer line is a step of the reference working.
 
@@ -145,7 +152,20 @@ class Task:
             return [user, assistant(self.cot(example))]
         if style == "sentence":
             return [user, assistant(self.sentence(example))]
+        if style == "check":
+            return self.check_rendering(example)
         return [user, *self.tool(example)]
+
+    def check_rendering(self, example: Example) -> list[dict]:
+        """Half the time the reference working, half the time the working with one number changed;
+        the assistant says whether it is right. The model learns to check a reply step by step."""
+        rng = random.Random(f"{example.question}:check")
+        reply = self.cot(example)
+        if rng.random() < 0.5:
+            reply = corrupt_number(reply, rng)
+        right = reply == self.cot(example)
+        return [{"role": "user", "content": check_prompt(example.question, reply)},
+                assistant("yes" if right else "no")]
 
     def render_each(self, examples: list[Example], style: str | list[str]) -> list[list[dict]]:
         """Render every example; a list of styles takes turns (half worked out, half with a tool, ...)."""
@@ -161,6 +181,25 @@ class Task:
 def assistant(content: str) -> dict:
     return {"role": "assistant", "content": content}
 
+
+def check_prompt(question: str, reply: str) -> str:
+    """The self-check question: the reflection strategy asks it, the "check" rendering trains it."""
+    return f"{question}\nProposed answer:\n{reply}\nIs the proposed answer right? Reply yes or no."
+
+
+def corrupt_number(text: str, rng: random.Random) -> str:
+    """The text with one of its numbers changed by a small amount (a plausible slip)."""
+    found = list(NUMBER.finditer(text))
+    if not found:
+        return text + " 1"
+    m = rng.choice(found)
+    digits = [i for i, ch in enumerate(m[0]) if ch.isdigit()]
+    i = rng.choice(digits)
+    wrong = str((int(m[0][i]) + rng.randint(1, 9)) % 10)
+    if i == 0 and wrong == "0" and len(digits) > 1:
+        wrong = "1" if m[0][i] != "1" else "2"
+    number = m[0][:i] + wrong + m[0][i + 1:]
+    return text[:m.start()] + number + text[m.end():]
 
 def export_jsonl(task: Task, split: str, style: str, path: str | os.PathLike) -> int:
     """Write `{"messages": [...]}` per example, atomically (temp file, then rename); returns the count."""

@@ -7,6 +7,14 @@ exhaustively and exactly with Fractions (8 / (3 - 8/3) = 24 needs exact thirds).
     solve24([4, 7, 8, 8])   # '8*(4+7-8)'
     solve24([3, 3, 8, 8])   # '8/(3-8/3)'
     solve24([1, 1, 1, 1])   # None
+
+Tree of Thoughts asks the model itself for two things, and the task renders both as SFT data:
+
+    propose  "Input: 4 4 6 8\nPossible next steps:"  ->  "4 + 8 = 12 (left: 4 6 12)\n6 - 4 = 2 (left: 2 4 8)\n..."
+    value    "Evaluate if 4 6 12 can reach 24 (sure/likely/impossible)"  ->  "sure"
+
+The labels come from the exact solver; at inference the search (reason/tot.py) uses only the model's
+own proposals and votes. Moves keep to whole non-negative numbers, as people play the game.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-from .base import UNLIMITED, Example, Task, final_answer
+from .base import UNLIMITED, Example, Task, assistant, final_answer
 from .expr import parse
 
 TARGET = 24
@@ -108,9 +116,110 @@ def uses_and_makes_24(expression: str, numbers: Sequence[int]) -> bool:
 EXPRESSION = re.compile(r"[\d\s+\-*/×÷−().]*\d[\d\s+\-*/×÷−().]*")
 
 
+def moves(state: Sequence[int]) -> list[tuple[int, str, int, int, tuple[int, ...]]]:
+    """Every whole, non-negative move on a table of numbers: (a, op, b, result, the numbers left),
+    larger operand first; a move that repeats another (same a, op, b) is listed once."""
+    out, seen = [], set()
+    for i, j in itertools.combinations(range(len(state)), 2):
+        a, b = max(state[i], state[j]), min(state[i], state[j])
+        rest = [v for k, v in enumerate(state) if k not in (i, j)]
+        results = [("+", a + b), ("-", a - b), ("*", a * b)] + ([("/", a // b)] if b and a % b == 0 else [])
+        for op, result in results:
+            if (a, op, b) not in seen:
+                seen.add((a, op, b))
+                out.append((a, op, b, result, tuple(sorted(rest + [result]))))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _reaches_with_moves(state: tuple[int, ...]) -> bool:
+    if len(state) == 1:
+        return state[0] == TARGET
+    return any(_reaches_with_moves(left) for *_, left in moves(state))
+
+
+def can_reach_24(state: Sequence[int]) -> bool:
+    """Whether these numbers can still make 24 with whole-number moves (`moves`): the value step's label,
+    so that "sure" means the search can get there (3 3 8 8 needs 8/3 and counts as impossible)."""
+    return _reaches_with_moves(tuple(sorted(state)))
+
+
+def show_state(state: Sequence[int]) -> str:
+    return " ".join(map(str, sorted(state)))
+
+
+def move_line(a: int, op: str, b: int, result: int, left: Sequence[int]) -> str:
+    return f"{a} {op} {b} = {result} (left: {show_state(left)})"
+
+
+def propose_prompt(state: Sequence[int]) -> str:
+    return f"Input: {show_state(state)}\nPossible next steps:"
+
+
+def value_prompt(state: Sequence[int]) -> str:
+    return f"Evaluate if {show_state(state)} can reach 24 (sure/likely/impossible)"
+
+
+PROPOSAL = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*=\s*(\d+)")
+VALUE_WEIGHTS = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}  # the ToT paper's vote weights
+
+
+def parse_proposals(text: str, state: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The moves a proposal lists, as (its line, the numbers left), in order, without repeats.
+
+    The numbers left are the table minus the two operands plus the *claimed* result: a wrong sum is
+    the model's mistake and stays in the state (the final verdict catches it). A line whose operands
+    are not on the table is not a move and is skipped."""
+    out, seen = [], set()
+    for line in text.splitlines():
+        m = PROPOSAL.match(line)
+        if not m:
+            continue
+        a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
+        left = list(state)
+        if a not in left:
+            continue
+        left.remove(a)
+        if b not in left:
+            continue
+        left.remove(b)
+        new = tuple(sorted(left + [result]))
+        if (a, op, b, result) not in seen:
+            seen.add((a, op, b, result))
+            out.append((move_line(a, op, b, result, new), new))
+    return out
+
+
+def parse_value(text: str) -> float:
+    """A value reply's weight: the last of sure / likely / impossible it names (0 if none)."""
+    words = re.findall(r"sure|likely|impossible", text.lower())
+    return VALUE_WEIGHTS[words[-1]] if words else 0.0
+
+
+def compose(numbers: Sequence[int], lines: Sequence[str]) -> str | None:
+    """The expression a path of move lines builds from the puzzle's numbers ("4 + 8 = 12", "12 * 2 = 24"
+    -> "(4+8)*2"), or None when a line uses a number not on the table. Bookkeeping only: the
+    expression is what the lines say, right or wrong, and the task's verifier judges it."""
+    table = [(v, str(v)) for v in numbers]
+    for line in lines:
+        m = PROPOSAL.match(line)
+        if not m:
+            return None
+        a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
+        picked = []
+        for want in (a, b):
+            k = next((k for k, (v, _) in enumerate(table) if v == want), None)
+            if k is None:
+                return None
+            picked.append(table.pop(k)[1])
+        table.append((result, f"({picked[0]}{op}{picked[1]})"))
+    expr = table[0][1] if len(table) == 1 else None
+    return expr[1:-1] if expr and expr.startswith("(") and expr.endswith(")") else expr
+
+
 class Game24(Task):
     name = "game24"
-    styles = ("direct", "cot")
+    styles = ("direct", "cot", "propose", "value")
     sizes = UNLIMITED  # bounded: there are 1362 solvable puzzles
     unique_working = False  # a puzzle has many solutions; `check` verifies the one given
 
@@ -132,3 +241,35 @@ class Game24(Task):
 
     def cot(self, example: Example) -> str:
         return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])
+
+    def render(self, example: Example, style: str = "direct") -> list[dict]:
+        if style not in ("propose", "value"):
+            return super().render(example, style)
+        rng = random.Random(f"{example.question}:{style}")
+        state = self._visited_state(example, rng, sizes=(4, 3, 2) if style == "propose" else (4, 3, 2, 1))
+        if style == "propose":
+            return [{"role": "user", "content": propose_prompt(state)}, assistant(self.proposal(state, rng))]
+        return [{"role": "user", "content": value_prompt(state)},
+                assistant("sure" if can_reach_24(state) else "impossible")]
+
+    @staticmethod
+    def _visited_state(example: Example, rng: random.Random, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """A table a search could stand at: a few moves into the puzzle, half the time on a path that
+        still reaches 24 (so both labels are common), else after random moves."""
+        state, depth = tuple(sorted(example.meta["numbers"])), 4 - rng.choice(sizes)
+        for _ in range(depth):
+            options = moves(state)
+            good = [m for m in options if can_reach_24(m[4])]
+            state = rng.choice(good if good and rng.random() < 0.5 else options)[4]
+        return state
+
+    @staticmethod
+    def proposal(state: Sequence[int], rng: random.Random, count: int = 8) -> str:
+        """Up to `count` distinct moves in random order, one that still reaches 24 among them if any does."""
+        options = moves(state)
+        rng.shuffle(options)
+        good = next((m for m in options if can_reach_24(m[4])), None)
+        chosen = options[:count]
+        if good is not None and good not in chosen:
+            chosen[rng.randrange(len(chosen))] = good
+        return "\n".join(move_line(a, op, b, result, left) for a, op, b, result, left in chosen)

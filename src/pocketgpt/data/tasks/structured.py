@@ -68,8 +68,11 @@ class Structured(Task):
                 continue
             numeric = {f.attribute: ATTRIBUTE[(f.kind, f.attribute)].numeric for f in facts}
             values = {f.attribute: int(f.value) if numeric[f.attribute] else f.value for f in facts}
+            # Bounds a user would write too (the world's values are short): they also keep a constrained
+            # decoder from wandering in an endless string or digit run.
             schema = {"type": "object",
-                      "properties": {k: {"type": "integer" if numeric[k] else "string"} for k in values},
+                      "properties": {k: {"type": "integer", "minimum": 0, "maximum": 10**9} if numeric[k]
+                                     else {"type": "string", "maxLength": 40} for k in values},
                       "required": list(values), "additionalProperties": False}
             keys = ", ".join(values)
             question = (f"Give the attributes of the {entity.kind} {entity.name} as JSON with the keys "
@@ -78,9 +81,15 @@ class Structured(Task):
             yield Example(question, json.dumps(values, ensure_ascii=False), meta)
 
     def check(self, example: Example, output: str) -> bool:
+        return self.scores(example, output)["field_accuracy"] == 1.0
+
+    def scores(self, example: Example, output: str) -> dict[str, float]:
+        """Whether the reply is valid against the schema, and the share of its fields that are right
+        (0 for a reply that is not valid)."""
         value = extract_json(output)
         if not validate(value, example.meta["schema"]):
-            return False
+            return {"schema_valid": 0.0, "field_accuracy": 0.0}
         expected = example.meta["values"]
-        return all(value[k].strip().lower() == v.lower() if isinstance(v, str) else value[k] == v
-                   for k, v in expected.items())
+        right = sum(value[k].strip().lower() == v.lower() if isinstance(v, str) else value[k] == v
+                    for k, v in expected.items())
+        return {"schema_valid": 1.0, "field_accuracy": right / len(expected)}

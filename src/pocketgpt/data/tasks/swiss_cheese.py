@@ -61,7 +61,7 @@ class CompareDecimals(Task):
     """Two decimals with the same whole part and different lengths: 9.11 vs 9.9."""
 
     name = "compare_decimals"
-    styles = ("direct", "cot")
+    styles = ("direct", "cot", "check")
     QUESTIONS = ("Which is larger, {x} or {y}?", "Which number is bigger: {x} or {y}?",
                  "Which is greater, {x} or {y}?")
 

@@ -31,6 +31,19 @@ def search(world: World, query: str) -> str:
     return hits[0]["text"] if hits else "no results"
 
 
+# What each tool takes, as OpenAI function specs: sent with a request so a model (or a server's
+# constrained decoder) knows the call's shape.
+SPECS = {
+    "calculator": {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate an arithmetic expression exactly (+ - * / and parentheses).",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                       "required": ["expression"]}}},
+    "search": {"type": "function", "function": {
+        "name": "search", "description": "Look up an entity (a city, country, person...) in the encyclopedia.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}},
+}
+
+
 def task_tools(world: World) -> dict:
     """The tools the tool renderings use, by name, for generate_with_tools (toolloop.py)."""
     return {"calculator": calculator, "search": lambda query: search(world, query)}

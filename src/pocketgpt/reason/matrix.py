@@ -1,0 +1,85 @@
+"""The strategy matrix: task x strategy, each cell an accuracy with its 95% interval and its cost.
+
+    pocketgpt eval runs/speedrun --matrix                  # our checkpoint, through the engine
+    pocketgpt eval --server http://127.0.0.1:8000/v1 --matrix --shots 2 --out runs/smollm2/matrix
+
+The rows are the comparisons "State of GPT" makes: on the Game of 24, input-output vs chain of
+thought vs self-consistency vs Tree of Thoughts (the paper's ordering); on arithmetic, direct vs
+chain of thought vs a calculator, and a vote on top; on multi-hop questions, closed book vs ReAct;
+on JSON extraction, unconstrained vs constrained decoding; and reflection where the model can check
+itself. The result is `matrix.json` (every cell) plus one JSONL of answers and traces per cell;
+the run's report card shows the table (evaluate/report.py reads `RUN/matrix/matrix.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from ..common import atomic_write_text, console
+from ..data.tasks import get_task
+from .lm import LM
+from .strategies import Settings, evaluate_strategy
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    label: str  # the row's name in the table
+    strategy: str
+    overrides: dict = field(default_factory=dict)  # Settings fields that differ from the matrix's
+
+
+MATRIX: list[Cell] = [
+    Cell("game24", "IO", "direct"),
+    Cell("game24", "CoT", "cot"),
+    Cell("game24", "CoT-SC", "self_consistency"),
+    Cell("game24", "ToT b=1", "tot", {"beam": 1}),
+    Cell("game24", "ToT b=5", "tot", {"beam": 5}),
+    Cell("game24", "ToT DFS", "tot", {"search": "dfs"}),
+    Cell("game24", "ToT b=5, oracle values (ablation)", "tot", {"beam": 5, "oracle": True}),
+    Cell("arithmetic", "direct", "direct"),
+    Cell("arithmetic", "CoT", "cot"),
+    Cell("arithmetic", "calculator", "react", {"tools": ("calculator",)}),
+    Cell("arithmetic", "CoT-SC", "self_consistency"),
+    Cell("arithmetic", "reflection", "reflection"),
+    Cell("compare_decimals", "CoT", "cot"),
+    Cell("compare_decimals", "reflection", "reflection"),
+    Cell("multihop", "closed book", "cot"),
+    Cell("multihop", "ReAct", "react", {"tools": ("search", "calculator")}),
+    Cell("structured", "unconstrained", "direct"),
+    Cell("structured", "constrained", "constrained"),
+]
+SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100}
+
+
+def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: int | None = None,
+               cells: list[Cell] = MATRIX, split: str = "test", log=console.print) -> dict:
+    """Evaluate every cell; write each cell's answers as it finishes and `matrix.json` at the end
+    (and after every cell, so an interrupted matrix keeps what it measured)."""
+    out_dir = Path(out_dir)
+    results = {"model": lm.name, "split": split, "settings": {**settings.__dict__}, "cells": []}
+    progress = Progress(TextColumn("[bold]matrix {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        console=console, disable=not console.is_terminal, transient=True)
+    with progress:
+        bar = progress.add_task("", total=len(cells))
+        for cell in cells:
+            progress.update(bar, description=f"{cell.task}: {cell.label}")
+            start = time.perf_counter()
+            result, rows = evaluate_strategy(lm, get_task(cell.task), cell.strategy, split,
+                                             n or SIZES.get(cell.task), replace(settings, **cell.overrides),
+                                             label=cell.label)
+            seconds = time.perf_counter() - start
+            log(f"{result.line()}  {seconds:.0f}s", highlight=False)
+            name = f"{cell.task}__{cell.label}".replace(" ", "_").replace("/", "_").replace(",", "").replace("=", "")
+            atomic_write_text(out_dir / "cells" / f"{name}.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+            results["cells"].append({**result.to_dict(), "seconds": seconds})
+            atomic_write_text(out_dir / "matrix.json", json.dumps(results, indent=2, default=str) + "\n")
+            progress.advance(bar)
+    return results
+

@@ -1,0 +1,80 @@
+"""ReAct (Yao et al. 2022): the model interleaves thoughts and actions, and reads each observation.
+
+    Thought 1 / Action 1   the assistant's turn: text (its thought) and a tool call (search, calculator...)
+    Observation 1          the tool's result, as a tool message
+    ...                    until a turn without a call: that is the answer
+
+The loop speaks OpenAI function calling through the `LM` protocol, so it runs unchanged against our
+engine and any server. Every conversation of a batch advances one step per round (one batched model
+call), up to `max_steps` actions. As in the paper, a question that runs out of steps (or of
+context) without an answer backs off to self-consistency: k chain-of-thought samples and a vote.
+Observations are cut to `max_observation_chars`, as the paper's search keeps the first sentences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..data.tasks import Example, Task
+from ..data.tasks.prompts import chat_messages
+from ..toolloop import run_tool
+from .lm import LM, Request, tool_call_messages
+from .vote import Answer, vote
+
+Tool = Callable[..., str]
+
+
+def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], specs: list[dict],
+          max_steps: int = 4, shots: int = 0, max_tokens: int = 96, max_observation_chars: int = 400,
+          fallback_k: int = 5, temperature: float = 0.7, seed: int = 0) -> list[Answer]:
+    """Answer each example by acting with tools; a trace of (thought, action, observation) per answer."""
+    style = "tool" if "tool" in task.styles else "direct"
+    conversations = [chat_messages(task, e, shots, style) for e in examples]
+    traces: list[list[dict]] = [[] for _ in examples]
+    answers: dict[int, Answer] = {}
+    active = list(range(len(examples)))
+    for step in range(max_steps + 1):  # max_steps actions, then one last turn to answer
+        if not active:
+            break
+        replies = _ask(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs) for i in active])
+        still = []
+        for i, gens in zip(active, replies):
+            g = gens[0] if gens else None
+            if g is None or g.finish_reason == "length":
+                continue  # out of context or tokens: the fallback answers
+            if not g.tool_calls:
+                answers[i] = Answer(g.text, [g.text], {}, traces[i])
+                continue
+            if step == max_steps:
+                continue  # the budget is spent: the fallback answers
+            results = [run_tool(tools, c["name"], c["arguments"])[:max_observation_chars] for c in g.tool_calls]
+            traces[i] += [{"thought": g.text, "action": c, "observation": r} for c, r in zip(g.tool_calls, results)]
+            conversations[i] = conversations[i] + tool_call_messages(g, results, step)
+            still.append(i)
+        active = still
+    unanswered = [i for i in range(len(examples)) if i not in answers]
+    if unanswered:
+        cot = "cot" if "cot" in task.styles else "direct"
+        requests = [Request(chat_messages(task, examples[i], 0, cot), n=fallback_k, temperature=temperature,
+                            max_tokens=256, seed=seed + i) for i in unanswered]
+        for i, gens in zip(unanswered, lm.chat_batch(requests)):
+            answers[i] = vote([g.text for g in gens], [*traces[i], {"fallback": "self_consistency"}])
+    return [answers[i] for i in range(len(examples))]
+
+
+def _ask(lm: LM, requests: list[Request]) -> list[list]:
+    """The batch's replies; a request the model cannot take (its conversation outgrew the context)
+    gets no reply instead of failing the batch."""
+    from ..common import PocketError
+
+    try:
+        return lm.chat_batch(requests)
+    except PocketError:
+        pass
+    out = []
+    for r in requests:
+        try:
+            out.append(lm.chat_batch([r])[0])
+        except PocketError:
+            out.append([])
+    return out

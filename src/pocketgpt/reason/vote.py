@@ -1,0 +1,37 @@
+"""What a strategy returns for one question, and the majority vote that self-consistency takes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..data.tasks.base import final_answer, normalize
+
+
+@dataclass
+class Answer:
+    """A strategy's answer to one question: the text that is verified, and how it was reached."""
+    text: str
+    samples: list[str] = field(default_factory=list)  # every reply the answer was chosen from
+    votes: dict[str, int] = field(default_factory=dict)  # normalised final answer -> samples that gave it
+    trace: list[dict] = field(default_factory=list)  # the steps of a search or an agent, for reading
+
+
+def majority(texts: list[str]) -> tuple[int, dict[str, int]]:
+    """The sample whose final answer most samples share, and the vote count of every answer.
+
+    Answers are compared after normalisation ("Answer: 1,234." and "answer: 1234" agree). Samples with
+    no answer do not vote; a tie goes to the answer given first; with no answer at all, sample 0."""
+    answers = [normalize(final_answer(t)) for t in texts]
+    votes = Counter(a for a in answers if a)
+    if not votes:
+        return 0, {}
+    best = max(votes.values())
+    winner = next(a for a in answers if a and votes[a] == best)
+    return answers.index(winner), dict(votes)
+
+
+def vote(texts: list[str], trace: list[dict] | None = None) -> Answer:
+    """Self-consistency over replies: the majority answer, with all samples and the vote."""
+    pick, votes = majority(texts)
+    return Answer(texts[pick] if texts else "", texts, votes, trace or [])

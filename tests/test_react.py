@@ -1,0 +1,79 @@
+"""ReAct: the agent loop's own logic on a scripted model (its calls, observations, budget, fallback)."""
+
+from conftest import ScriptedLM
+
+from pocketgpt.data.tasks import get_task
+from pocketgpt.data.tasks.tools import SPECS, calculator, task_tools
+from pocketgpt.reason.lm import Generation
+from pocketgpt.reason.react import react
+
+
+def calls(*pairs):
+    return [{"name": name, "arguments": args} for name, args in pairs]
+
+
+def multihop_agent(messages, request):
+    """Search A, search B, divide the populations read from the observations, answer."""
+    task = get_task("multihop")
+    example = next(e for e in task.examples("test") if e.question == messages[0]["content"])
+    m = example.meta
+    seen = [msg["content"] for msg in messages if msg["role"] == "tool"]
+    if len(seen) == 0:
+        return [Generation("I need the population of A.", "tool_calls", 0, calls(("search", {"query": m["a"]})))]
+    if len(seen) == 1:
+        return [Generation("", "tool_calls", 0, calls(("search", {"query": m["b"]})))]
+    if len(seen) == 2:
+        pops = [int(s.split("The population of ")[1].split(".")[0].split()[-1]) for s in seen]
+        return [Generation("", "tool_calls", 0, calls(("calculator", {"expression": f"{pops[0]}/{pops[1]}"})))]
+    return [Generation(f"Answer: {seen[-1]}", "stop")]
+
+
+def test_an_agent_that_searches_and_computes_answers_multihop():
+    task = get_task("multihop")
+    examples = task.examples("test")[:3]
+    lm = ScriptedLM(multihop_agent)
+    answers = react(lm, task, examples, task_tools(task.world), [SPECS["search"], SPECS["calculator"]])
+    for e, a in zip(examples, answers):
+        assert task.verify(e, a.text)
+        assert [step["action"]["name"] for step in a.trace] == ["search", "search", "calculator"]
+        assert a.trace[0]["thought"] == "I need the population of A."
+        assert str(e.meta["population_a"]) in a.trace[0]["observation"]
+    # Each request carries the tool specs and the whole conversation so far (calls tied to results by id).
+    last = lm.requests[-1]
+    assert last.tools == [SPECS["search"], SPECS["calculator"]]
+    tool_msgs = [m for m in last.messages if m["role"] == "tool"]
+    call_ids = [c["id"] for m in last.messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    assert [m["tool_call_id"] for m in tool_msgs] == call_ids and len(call_ids) == 3
+
+
+def test_tool_errors_are_observations_and_observations_are_cut():
+    task = get_task("arithmetic")
+    replies = iter([calls(("calculator", {"expression": "1/0"})), calls(("nope", {})),
+                    calls(("calculator", {"expression": "*" * 900}))])
+
+    def agent(messages, request):
+        nxt = next(replies, None)
+        return [Generation("", "tool_calls", 0, nxt) if nxt else Generation("Answer: 3", "stop")]
+
+    tools = {"calculator": calculator, "echo": lambda text: text * 1000}
+    [answer] = react(ScriptedLM(agent), task, task.examples("test")[:1], tools, [SPECS["calculator"]],
+                     max_observation_chars=50)
+    observations = [s["observation"] for s in answer.trace]
+    assert observations[0].startswith("error:") and "unknown tool 'nope'" in observations[1]
+    assert all(len(o) <= 50 for o in observations) and answer.text == "Answer: 3"
+
+
+def test_out_of_steps_falls_back_to_self_consistency():
+    task = get_task("arithmetic")
+    example = task.examples("test")[0]
+
+    def agent(messages, request):
+        if request.tools:  # the agent never stops calling
+            return [Generation("", "tool_calls", 0, calls(("calculator", {"expression": "1+1"})))]
+        return [Generation(f"Answer: {example.answer}" if i < 2 else "Answer: 0", "stop") for i in range(request.n)]
+
+    lm = ScriptedLM(agent)
+    [answer] = react(lm, task, [example], {"calculator": calculator}, [SPECS["calculator"]], max_steps=2, fallback_k=3)
+    assert len([s for s in answer.trace if "action" in s]) == 2 and answer.trace[-1] == {"fallback": "self_consistency"}
+    assert task.verify(example, answer.text) and len(answer.samples) == 3
+    assert lm.requests[-1].n == 3 and lm.requests[-1].temperature > 0

@@ -1,0 +1,22 @@
+"""The majority vote of self-consistency."""
+
+from pocketgpt.reason.vote import majority, vote
+
+
+def test_majority_vote_counts_normalised_answers():
+    texts = ["steps\nAnswer: 1,234", "Answer: 99", "answer: 1234.", "no idea", "Answer: 99"]
+    pick, votes = majority(texts)
+    assert votes == {"1234": 2, "99": 2, "no idea": 1}
+    assert pick == 0  # a tie goes to the answer given first
+
+
+def test_majority_without_answers_and_with_one_winner():
+    assert majority(["", "  "]) == (0, {})
+    pick, votes = majority(["Answer: 7", "Answer: 8", "Answer: 8"])
+    assert pick == 1 and votes == {"7": 1, "8": 2}
+
+
+def test_vote_keeps_samples_and_trace():
+    answer = vote(["Answer: 8", "Answer: 7", "Answer: 7"], [{"step": 1}])
+    assert answer.text == "Answer: 7" and len(answer.samples) == 3 and answer.trace == [{"step": 1}]
+    assert vote([]).text == ""
