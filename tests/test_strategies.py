@@ -55,3 +55,16 @@ def test_eval_cli_with_a_strategy(run, tmp_path, capsys):  # noqa: F811
     assert "calls=3" in capsys.readouterr().out
     saved = (tmp_path / "compare_decimals_test_self_consistency.json").read_text()
     assert '"strategy": "self_consistency"' in saved
+
+
+def test_eval_cli_matrix_writes_every_cell(run, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from pocketgpt.cli import main
+    from pocketgpt.reason.matrix import MATRIX
+
+    assert main(["eval", str(run), "--matrix", "--n", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    cells = json.loads((tmp_path / "matrix.json").read_text())["cells"]
+    assert [(c["task"], c["label"]) for c in cells] == [(c.task, c.label) for c in MATRIX]
+    assert all(c["n"] == 1 and c["calls"] >= 1 for c in cells)
+    assert "matrix done" in capsys.readouterr().out

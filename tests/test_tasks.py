@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pocketgpt.data.tasks import SPLITS, TASKS, FactQA, export_jsonl, get_task, solve24
-from pocketgpt.data.tasks.base import decimal_string, final_answer, numbers
+from pocketgpt.data.tasks.base import ANSWERING, decimal_string, final_answer, numbers
 from pocketgpt.data.tasks.expr import evaluate, parse
 from pocketgpt.data.tasks.game24 import uses_and_makes_24
 from pocketgpt.data.tasks.names import distinct_ratio
@@ -106,7 +106,7 @@ def test_canonical_answers_and_every_rendering_verify(name):
     t = task(name)
     for example in t.examples("test")[:40]:
         assert t.verify(example, example.answer), (example.question, example.answer)
-        for style in t.styles:
+        for style in [s for s in t.styles if s in ANSWERING]:  # check, propose, value ask other questions
             messages = t.render(example, style)
             assert messages[0] == {"role": "user", "content": example.question}
             assert messages[-1]["role"] == "assistant"
@@ -273,6 +273,61 @@ def test_game24_verifier():
     assert not uses_and_makes_24("3**3-8+8", [3, 3, 8, 8])
     cot = t.cot(example)
     assert "(left: " in cot and cot.endswith(f"Answer: {example.answer}")
+
+
+def test_game24_propose_and_value_renderings_are_true_to_the_solver():
+    from pocketgpt.data.tasks.game24 import PROPOSAL, can_reach_24, parse_proposals, parse_value
+
+    t = task("game24")
+    labels = set()
+    for example in t.examples("train")[:60]:
+        propose, value = t.render(example, "propose"), t.render(example, "value")
+        assert [m["role"] for m in propose] == ["user", "assistant"] * 2
+        for ask, reply in zip(propose[::2], propose[1::2]):
+            state = [int(x) for x in ask["content"].splitlines()[0].split()[1:]]
+            listed = parse_proposals(reply["content"], state)
+            assert len(listed) == len(reply["content"].splitlines())  # every line is a legal move ...
+            for line in reply["content"].splitlines():                # ... with its arithmetic right
+                a, op, b, result = PROPOSAL.match(line).groups()
+                assert evaluate(f"{a}{op}{b}") == int(result)
+            if can_reach_24(state):  # a position that can still win always lists a winning move
+                assert any(can_reach_24(left) for _, left in listed)
+        for ask, reply in zip(value[::2], value[1::2]):
+            state = [int(x) for x in ask["content"].split(" can reach")[0].split()[2:]]
+            assert parse_value(reply["content"]) == (20.0 if can_reach_24(state) else 0.001)
+            labels.add(reply["content"].splitlines()[-1])
+    assert labels == {"sure", "impossible"}
+
+
+def test_game24_move_parsing_and_composition():
+    from pocketgpt.data.tasks.game24 import can_reach_24, compose, parse_proposals, parse_value, value_reply
+
+    listed = parse_proposals("4 + 8 = 12 (left: 4 6 12)\n9 + 1 = 10\nI think 4 * 4 = 9\n4 + 4 = 9 (wrong)\n"
+                             "4 + 8 = 12 (left: 4 6 12)", [4, 4, 6, 8])
+    assert listed == [("4 + 8 = 12 (left: 4 6 12)", (4, 6, 12)), ("4 + 4 = 9 (left: 6 8 9)", (6, 8, 9))]
+    checked = parse_proposals("4 + 4 = 9\n8 / 4 = 2\n6 / 4 = 1\n4 * 6 = 24", [4, 4, 6, 8], checked=True)
+    # the false sum and the inexact division are dropped
+    assert [line for line, _ in checked] == ["8 / 4 = 2 (left: 2 4 6)", "4 * 6 = 24 (left: 4 8 24)"]
+    assert compose([4, 4, 6, 8], ["4 + 8 = 12", "6 - 4 = 2", "12 * 2 = 24"]) == "(4+8)*(6-4)"
+    assert compose([4, 4, 6, 8], ["5 + 8 = 13"]) is None and compose([4, 4, 6, 8], ["4 + 8 = 12"]) is None
+    assert parse_value("6 * 4 = 24\nsure") == 20 and parse_value("likely") == 1 and parse_value("??") == 0
+    assert value_reply([4, 6]) == "6 + 4 = 10\n6 - 4 = 2\n6 * 4 = 24\nsure" and value_reply([15]) == "15 is not 24\nimpossible"
+    assert not can_reach_24([3, 3, 8, 8]) and can_reach_24([4, 4, 6, 8])  # 8/(3-8/3) needs a fraction
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "compare_decimals"])
+def test_check_rendering_labels_the_reply_it_shows(name):
+    from pocketgpt.data.tasks.base import check_prompt
+
+    t = task(name)
+    verdicts = []
+    for example in t.examples("train")[:40]:
+        ask, reply = t.render(example, "check")
+        shown = ask["content"][len(example.question) + len("\nProposed answer:\n"):].rsplit("\nIs the proposed", 1)[0]
+        assert ask["content"] == check_prompt(example.question, shown)
+        assert reply["content"] == ("yes" if shown == t.cot(example) else "no")
+        verdicts.append(reply["content"])
+    assert 10 < verdicts.count("no") < 30
 
 
 def test_safe_expression_parser():

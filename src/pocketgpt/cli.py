@@ -193,7 +193,7 @@ def cmd_eval_strategy(args) -> None:
 
     set_threads(args.threads)
     if args.server:
-        lm = LM.openai(args.server, args.api_key or "none", args.server_model)
+        lm = LM.openai(args.server, args.api_key or "none", args.server_model, args.concurrency)
     else:
         from .checkpoint import resolve_model_dir
 
@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")
     p.add_argument("--api-key", help="API key for --server")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="--server: requests in flight at once (the server batches them; default 8)")
     p.add_argument("--bpb", metavar="KINDS", help="also bits per byte on sources, e.g. world,docs")
     p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")

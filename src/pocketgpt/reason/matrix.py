@@ -34,22 +34,26 @@ class Cell:
     overrides: dict = field(default_factory=dict)  # Settings fields that differ from the matrix's
 
 
+# Direct cells show two solved examples in the direct rendering and chain-of-thought cells one worked
+# example, so that each asks the way its name says whatever the model would do unprompted.
+IO, WORKED = {"shots": 2}, {"shots": 1}
 MATRIX: list[Cell] = [
-    Cell("game24", "IO", "direct"),
-    Cell("game24", "CoT", "cot"),
-    Cell("game24", "CoT-SC", "self_consistency"),
+    Cell("game24", "IO", "direct", IO),
+    Cell("game24", "CoT", "cot", WORKED),
+    Cell("game24", "CoT-SC", "self_consistency", WORKED),
     Cell("game24", "ToT b=1", "tot", {"beam": 1}),
     Cell("game24", "ToT b=5", "tot", {"beam": 5}),
     Cell("game24", "ToT DFS", "tot", {"search": "dfs"}),
+    Cell("game24", "ToT b=5, unchecked moves", "tot", {"beam": 5, "checked_moves": False}),
     Cell("game24", "ToT b=5, oracle values (ablation)", "tot", {"beam": 5, "oracle": True}),
-    Cell("arithmetic", "direct", "direct"),
-    Cell("arithmetic", "CoT", "cot"),
+    Cell("arithmetic", "direct", "direct", IO),
+    Cell("arithmetic", "CoT", "cot", WORKED),
     Cell("arithmetic", "calculator", "react", {"tools": ("calculator",)}),
-    Cell("arithmetic", "CoT-SC", "self_consistency"),
-    Cell("arithmetic", "reflection", "reflection"),
-    Cell("compare_decimals", "CoT", "cot"),
-    Cell("compare_decimals", "reflection", "reflection"),
-    Cell("multihop", "closed book", "cot"),
+    Cell("arithmetic", "CoT-SC", "self_consistency", WORKED),
+    Cell("arithmetic", "reflection", "reflection", WORKED),
+    Cell("compare_decimals", "CoT", "cot", WORKED),
+    Cell("compare_decimals", "reflection", "reflection", WORKED),
+    Cell("multihop", "closed book", "cot", WORKED),
     Cell("multihop", "ReAct", "react", {"tools": ("search", "calculator")}),
     Cell("structured", "unconstrained", "direct"),
     Cell("structured", "constrained", "constrained"),

@@ -11,6 +11,11 @@ budget of expansions. Every puzzle of a batch searches at once: each round's pro
 round's value questions, go to the model as one batch, and a position's value is asked once and
 remembered (the paper's value cache).
 
+Each proposed line is a claim, "a op b = c". With `checked` (the default) a false claim is dropped
+as a calculator would show it: a small model slips in arithmetic ("12 + 3 = 24"), and an unchecked
+slip that lands on 24 looks like a win to any judge. The model still chooses every move and values
+every position; `checked=False` is the row that shows what the slips cost.
+
 `oracle=True` replaces the model's values by the exact solver's verdict: an ablation that shows
 how much better the search would be with a perfect judge, never the headline figure.
 """
@@ -40,9 +45,9 @@ class Searcher:
     """The model's two roles, batched over many positions, with the value cache."""
 
     def __init__(self, lm: LM, value_samples: int = 3, temperature: float = 0.7, oracle: bool = False,
-                 seed: int = 0, shots: int = 0, max_tokens: int = 160):
+                 seed: int = 0, shots: int = 0, checked: bool = True, max_tokens: int = 160):
         self.lm, self.value_samples, self.temperature = lm, value_samples, temperature
-        self.oracle, self.seed, self.max_tokens = oracle, seed, max_tokens
+        self.oracle, self.seed, self.checked, self.max_tokens = oracle, seed, checked, max_tokens
         self.values: dict[tuple[int, ...], float] = {}
         # Solved examples of each role as earlier turns, for a model not trained on them (the paper
         # prompts with 1 proposal example and 8 value examples).
@@ -56,7 +61,7 @@ class Searcher:
                             max_tokens=self.max_tokens)
                     for n in nodes]
         replies = self.lm.chat_batch(requests) if requests else []
-        return [[Node(left, (*node.lines, line)) for line, left in parse_proposals(gens[0].text, node.state)]
+        return [[Node(left, (*node.lines, line)) for line, left in parse_proposals(gens[0].text, node.state, self.checked)]
                 for node, gens in zip(nodes, replies)]
 
     def valued(self, nodes: list[Node]) -> list[Node]:
@@ -67,7 +72,7 @@ class Searcher:
         elif new:
             requests = [Request([*self.demos["value"], {"role": "user", "content": value_prompt(s)}],
                                 n=self.value_samples,
-                                temperature=self.temperature, max_tokens=8, seed=self.seed + i)
+                                temperature=self.temperature, max_tokens=48, seed=self.seed + i)
                         for i, s in enumerate(new)]
             for s, gens in zip(new, self.lm.chat_batch(requests)):
                 self.values[s] = sum(parse_value(g.text) for g in gens)
@@ -121,10 +126,10 @@ def dfs(searcher: Searcher, puzzles: list[list[int]], max_expansions: int) -> li
 
 def tree_of_thoughts(lm: LM, puzzles: list[list[int]], search: str = "bfs", beam: int = 5,
                      value_samples: int = 3, temperature: float = 0.7, oracle: bool = False, seed: int = 0,
-                     max_expansions: int = 12, shots: int = 0) -> list[Answer]:
+                     max_expansions: int = 12, shots: int = 0, checked: bool = True) -> list[Answer]:
     """Solve each puzzle by search; the answer is the best finished path, written as its moves and
     "Answer: <expression>" (the expression composed from the moves, for the task's verifier)."""
-    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots)
+    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots, checked)
     if search == "bfs":
         ends = bfs(searcher, puzzles, beam)
     elif search == "dfs":

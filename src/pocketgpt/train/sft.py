@@ -41,7 +41,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
     "count_letter": {"style": "cot", "n": 200},
     "spell": {"style": "direct", "n": 200},
     "game24": {"style": ["cot", "propose", "value", "value"], "n": 0},
-    "multihop": {"style": ["cot", "tool"], "n": 400},
+    "multihop": {"style": ["cot", "tool", "tool"], "n": 600},
     "structured": {"style": "direct", "n": 200},
     "names": {"style": "direct", "n": 100},
 }

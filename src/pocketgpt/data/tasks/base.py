@@ -27,6 +27,7 @@ from ...errors import PocketError
 
 SPLITS = ("train", "validation", "test")
 STYLES = ("direct", "cot", "tool", "sentence", "check")
+ANSWERING = ("direct", "cot", "tool", "sentence")  # renderings that end in the question's answer
 SPLIT_SHARES = (("train", 0.6), ("validation", 0.15), ("test", 0.25))
 UNLIMITED = {split: 10**9 for split in SPLITS}  # sizes for tasks bounded by their own problem space
 

@@ -12,6 +12,7 @@ Tree of Thoughts asks the model itself for two things, and the task renders both
 
     propose  "Input: 4 4 6 8\nPossible next steps:"  ->  "4 + 8 = 12 (left: 4 6 12)\n6 - 4 = 2 (left: 2 4 8)\n..."
     value    "Evaluate if 4 6 12 can reach 24 (sure/likely/impossible)"  ->  "sure"
+             (two numbers: "6 + 4 = 10\n6 - 4 = 2\n6 * 4 = 24\nsure"; one: "15 is not 24\nimpossible")
 
 The labels come from the exact solver; at inference the search (reason/tot.py) uses only the model's
 own proposals and votes. Moves keep to whole non-negative numbers, as people play the game.
@@ -164,18 +165,21 @@ PROPOSAL = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*=\s*(\d+)")
 VALUE_WEIGHTS = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}  # the ToT paper's vote weights
 
 
-def parse_proposals(text: str, state: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+def parse_proposals(text: str, state: Sequence[int], checked: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """The moves a proposal lists, as (its line, the numbers left), in order, without repeats.
 
     The numbers left are the table minus the two operands plus the *claimed* result: a wrong sum is
     the model's mistake and stays in the state (the final verdict catches it). A line whose operands
-    are not on the table is not a move and is skipped."""
+    are not on the table is not a move and is skipped; with `checked`, so is a line whose claim is
+    false ("12 + 3 = 24"), as a calculator would show."""
     out, seen = [], set()
     for line in text.splitlines():
         m = PROPOSAL.match(line)
         if not m:
             continue
         a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
+        if checked and not _holds(a, op, b, result):
+            continue
         left = list(state)
         if a not in left:
             continue
@@ -188,6 +192,27 @@ def parse_proposals(text: str, state: Sequence[int]) -> list[tuple[str, tuple[in
             seen.add((a, op, b, result))
             out.append((move_line(a, op, b, result, new), new))
     return out
+
+
+def value_reply(state: Sequence[int]) -> str:
+    """The value step's reply, worked where it is short: one number is 24 or not; two numbers try
+    their moves until one makes 24 (the paper's value prompt works so); three or four get the verdict."""
+    verdict = "sure" if can_reach_24(state) else "impossible"
+    if len(state) == 1:
+        return f"{state[0]} {'=' if state[0] == TARGET else 'is not'} 24\n{verdict}"
+    if len(state) == 2:
+        tries = []
+        for a, op, b, result, _ in moves(state):
+            tries.append(f"{a} {op} {b} = {result}")
+            if result == TARGET:
+                break
+        return "\n".join([*tries, verdict])
+    return verdict
+
+
+def _holds(a: int, op: str, b: int, result: int) -> bool:
+    exact = {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b) if b else None}[op]
+    return exact == result
 
 
 def parse_value(text: str) -> float:
@@ -243,21 +268,28 @@ class Game24(Task):
         return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])
 
     def render(self, example: Example, style: str = "direct") -> list[dict]:
+        """propose and value: several exchanges about different positions of the puzzle in one
+        conversation (more positions per puzzle; the first exchange is exactly what the search asks)."""
         if style not in ("propose", "value"):
             return super().render(example, style)
         rng = random.Random(f"{example.question}:{style}")
-        state = self._visited_state(example, rng, sizes=(4, 3, 2) if style == "propose" else (4, 3, 2, 1))
+        messages = []
         if style == "propose":
-            return [{"role": "user", "content": propose_prompt(state)}, assistant(self.proposal(state, rng))]
-        return [{"role": "user", "content": value_prompt(state)},
-                assistant("sure" if can_reach_24(state) else "impossible")]
+            for size in (4, rng.choice((3, 2))):
+                state = self._visited_state(example, rng, size)
+                messages += [{"role": "user", "content": propose_prompt(state)}, assistant(self.proposal(state, rng))]
+        else:
+            for size in rng.sample((4, 3, 3, 2, 2, 1), 4):
+                state = self._visited_state(example, rng, size)
+                messages += [{"role": "user", "content": value_prompt(state)}, assistant(value_reply(state))]
+        return messages
 
     @staticmethod
-    def _visited_state(example: Example, rng: random.Random, sizes: tuple[int, ...]) -> tuple[int, ...]:
-        """A table a search could stand at: a few moves into the puzzle, half the time on a path that
-        still reaches 24 (so both labels are common), else after random moves."""
-        state, depth = tuple(sorted(example.meta["numbers"])), 4 - rng.choice(sizes)
-        for _ in range(depth):
+    def _visited_state(example: Example, rng: random.Random, size: int) -> tuple[int, ...]:
+        """A table of `size` numbers a search could stand at: moves into the puzzle, half the time on a
+        path that still reaches 24 (so both labels are common), else random ones."""
+        state = tuple(sorted(example.meta["numbers"]))
+        for _ in range(4 - size):
             options = moves(state)
             good = [m for m in options if can_reach_24(m[4])]
             state = rng.choice(good if good and rng.random() < 0.5 else options)[4]

@@ -1,0 +1,41 @@
+"""The strategy matrix: every cell measured and written, and the report card's table."""
+
+import json
+
+from conftest import ScriptedLM
+
+from pocketgpt.data.tasks import get_task
+from pocketgpt.evaluate.report import write_report
+from pocketgpt.reason.lm import Generation
+from pocketgpt.reason.matrix import MATRIX, Cell, run_matrix
+
+
+def knows_arithmetic(messages, request):
+    """Right on arithmetic questions (the last user turn), a fixed wrong answer elsewhere."""
+    question = messages[-1]["content"]
+    example = next((e for e in get_task("arithmetic").examples("test") if e.question == question), None)
+    return [Generation(f"Answer: {example.answer}" if example else "Answer: 0", "stop")] * request.n
+
+
+def test_matrix_writes_every_cell_and_the_report_shows_them(tmp_path):
+    cells = [Cell("arithmetic", "direct", "direct"), Cell("arithmetic", "CoT-SC", "self_consistency", {"k": 3}),
+             Cell("compare_decimals", "CoT", "cot")]
+    results = run_matrix(ScriptedLM(knows_arithmetic), tmp_path / "matrix", n=5, cells=cells, log=lambda *a, **k: None)
+    saved = json.loads((tmp_path / "matrix" / "matrix.json").read_text())
+    assert saved == json.loads(json.dumps(results, default=str))
+    by_label = {(c["task"], c["label"]): c for c in saved["cells"]}
+    assert by_label[("arithmetic", "direct")]["accuracy"] == 1.0 and by_label[("compare_decimals", "CoT")]["accuracy"] == 0
+    assert by_label[("arithmetic", "CoT-SC")]["calls"] == 5 and by_label[("arithmetic", "direct")]["n"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "matrix" / "cells" / "arithmetic__CoT-SC.jsonl").open()]
+    assert len(rows) == 5 and all(sum(r["votes"].values()) == 3 for r in rows)
+    report = write_report(tmp_path).read_text()
+    assert "## Reasoning strategies" in report and "| arithmetic | CoT-SC | 100.0% |" in report
+
+
+def test_the_matrix_holds_the_comparisons_of_the_talk():
+    rows = {(c.task, c.strategy) for c in MATRIX}
+    for wanted in [("game24", "direct"), ("game24", "cot"), ("game24", "self_consistency"), ("game24", "tot"),
+                   ("arithmetic", "react"), ("arithmetic", "reflection"), ("multihop", "react"),
+                   ("structured", "constrained")]:
+        assert wanted in rows
+    assert [c.overrides.get("beam") for c in MATRIX if c.strategy == "tot" and not c.overrides.get("oracle")][:2] == [1, 5]
