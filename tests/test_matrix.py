@@ -20,16 +20,17 @@ def knows_arithmetic(messages, request):
 def test_matrix_writes_every_cell_and_the_report_shows_them(tmp_path):
     cells = [Cell("arithmetic", "direct", "direct"), Cell("arithmetic", "CoT-SC", "self_consistency", {"k": 3}),
              Cell("compare_decimals", "CoT", "cot")]
-    results = run_matrix(ScriptedLM(knows_arithmetic), tmp_path / "matrix", n=5, cells=cells, log=lambda *a, **k: None)
-    saved = json.loads((tmp_path / "matrix" / "matrix.json").read_text())
+    out = tmp_path / "sft" / "matrix"
+    results = run_matrix(ScriptedLM(knows_arithmetic), out, n=5, cells=cells, log=lambda *a, **k: None)
+    saved = json.loads((out / "matrix.json").read_text())
     assert saved == json.loads(json.dumps(results, default=str))
     by_label = {(c["task"], c["label"]): c for c in saved["cells"]}
     assert by_label[("arithmetic", "direct")]["accuracy"] == 1.0 and by_label[("compare_decimals", "CoT")]["accuracy"] == 0
     assert by_label[("arithmetic", "CoT-SC")]["calls"] == 5 and by_label[("arithmetic", "direct")]["n"] == 5
-    rows = [json.loads(line) for line in (tmp_path / "matrix" / "cells" / "arithmetic__CoT-SC.jsonl").open()]
+    rows = [json.loads(line) for line in (out / "cells" / "arithmetic__CoT-SC.jsonl").open()]
     assert len(rows) == 5 and all(sum(r["votes"].values()) == 3 for r in rows)
     report = write_report(tmp_path).read_text()
-    assert "## Reasoning strategies" in report and "| arithmetic | CoT-SC | 100.0% |" in report
+    assert "## Reasoning strategies: SFT" in report and "| arithmetic | CoT-SC | 100.0% |" in report
 
 
 def test_the_matrix_holds_the_comparisons_of_the_talk():

@@ -77,3 +77,20 @@ def test_out_of_steps_falls_back_to_self_consistency():
     assert len([s for s in answer.trace if "action" in s]) == 2 and answer.trace[-1] == {"fallback": "self_consistency"}
     assert task.verify(example, answer.text) and len(answer.samples) == 3
     assert lm.requests[-1].n == 3 and lm.requests[-1].temperature > 0
+
+
+def test_the_python_tool_runs_sandboxed_inside_the_loop():
+    from pocketgpt.reason.strategies import Settings, ask
+
+    task = get_task("arithmetic")
+    example = task.examples("test")[0]
+
+    def agent(messages, request):
+        seen = [m["content"] for m in messages if m["role"] == "tool"]
+        if not seen:
+            return [Generation("", "tool_calls", 0, calls(("python", {"code": "import os; print(6 * 7, len(os.environ))"})))]
+        return [Generation(f"Answer: {seen[0].split()[0]}", "stop")]
+
+    [answer] = ask(ScriptedLM(agent), task, [example], "react", Settings(tools=("python",)))
+    # 42, and the sandbox's four variables (PATH, HOME, TMPDIR, LANG): none of the caller's
+    assert answer.trace[0]["observation"].strip() == "42 4" and answer.text == "Answer: 42"

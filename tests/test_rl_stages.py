@@ -22,7 +22,7 @@ from pocketgpt.train.reward import (
     reward_model,
     rubric_key,
 )
-from pocketgpt.train.rollout import collate
+from pocketgpt.train.rollout import collate, scored_sequence
 
 
 def tiny_train(steps, **kw):
@@ -84,6 +84,13 @@ def test_comparison_batches_read_the_reward_token(tokenizer):
     assert len(batches.comparisons) == 1  # the all-tied group teaches nothing and is dropped
     ids, last, group, rank = batches.tensors(batches.next_groups(), "cpu")
     assert ids[torch.arange(2), last].tolist() == [9, 9] and rank.tolist() == [0, 1]
+
+
+def test_a_sequence_that_fills_the_context_still_gets_its_reward_read_out(chat):
+    full = list(range(10, 74))  # a conversation that filled a 64-token context
+    scored = scored_sequence(chat, full, 64)
+    assert len(scored) == 64 and scored[-len(chat.reward_suffix):] == chat.reward_suffix and scored[:10] == full[:10]
+    assert scored_sequence(chat, full[:20], 64) == full[:20] + chat.reward_suffix
 
 
 def test_collate_masks_exactly_the_completion():

@@ -192,20 +192,22 @@ def cmd_eval_strategy(args) -> None:
     from .reason.strategies import Settings, evaluate_strategy
 
     set_threads(args.threads)
+    model_dir = None
     if args.server:
         lm = LM.openai(args.server, args.api_key or "none", args.server_model, args.concurrency)
     else:
         from .checkpoint import resolve_model_dir
 
-        lm = LM.load(resolve_model_dir(args.model), args.device)
+        model_dir = resolve_model_dir(args.model)
+        lm = LM.load(model_dir, args.device)
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, rounds=args.rounds,
                         max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
     if args.matrix:
         if args.out:
             out_dir = Path(args.out)
-        elif args.model and not args.server:
-            out_dir = Path(args.model) / "matrix"  # beside the run's stages: the report card shows it
+        elif model_dir is not None:
+            out_dir = model_dir / "matrix"  # in the stage's directory, beside eval/: the report card shows it
         else:
             raise PocketError("--matrix against a server needs --out DIR")
         console.print(f"strategy matrix of {lm.name} on {args.split} -> {out_dir}")
@@ -213,10 +215,11 @@ def cmd_eval_strategy(args) -> None:
         run_matrix(lm, out_dir, settings, args.n, split=args.split)
         console.print(f"matrix done in {(time.perf_counter() - start) / 60:.1f} min; {lm.usage.calls} model calls, "
                       f"{lm.usage.prompt_tokens + lm.usage.completion_tokens} tokens; cells in {out_dir}")
-        if (out_dir.parent / "speedrun.json").exists() or (out_dir.parent / "base").is_dir():
+        run = out_dir.parent.parent
+        if (run / "base").is_dir():
             from .evaluate.report import write_report
 
-            console.print(f"report card: {write_report(out_dir.parent)}")
+            console.print(f"report card: {write_report(run)}")
         return
     names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
     out_dir = Path(args.out) if args.out else None
@@ -507,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens; "
                         "see reason/strategies.py)")
     p.add_argument("--matrix", action="store_true",
-                   help="the strategy matrix: task x strategy with intervals and cost, into RUN/matrix (or --out) "
+                   help="the strategy matrix: task x strategy with intervals and cost, into STAGE/matrix (or --out) "
                         "and the report card")
     p.add_argument("--k", type=int, default=5, help="self_consistency: samples per question (default 5)")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of sampled answers and votes")

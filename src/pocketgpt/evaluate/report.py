@@ -191,12 +191,13 @@ def write_report(run: str | Path) -> Path:
         parts.append(markdown_table(["task", "before", "after"], [
             [k, f"{grpo_summary['before'][k]:.1%}", f"{grpo_summary['after'][k]:.1%}"]
             for k in grpo_summary["after"]]) + "\n")
-    matrix = _load(run / "matrix" / "matrix.json")
-    if matrix:
-        parts.append(f"## Reasoning strategies ({matrix['model']}, {matrix['split']} split)\n")
-        parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
-                     "(`pocketgpt eval RUN --matrix`).\n")
-        parts.append(markdown_table(*matrix_table(matrix)) + "\n")
+    for stage, label in CHECKPOINTS:
+        matrix = _load(run / stage / "matrix" / "matrix.json")
+        if matrix:
+            parts.append(f"## Reasoning strategies: {label} ({matrix['split']} split)\n")
+            parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
+                         f"(`pocketgpt eval {run}/{stage} --matrix`).\n")
+            parts.append(markdown_table(*matrix_table(matrix)) + "\n")
     plots = plot_metrics(run)
     if plots:
         parts.append("## Curves\n")

@@ -30,7 +30,7 @@ from ..model import GPT
 from .loop import TrainConfig, Trainer, stage_setup
 from .reward import RM_TASKS
 from .rl_math import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
-from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, task_prompts
+from .rollout import Prompt, chat_params, collate, policy_logprobs, sample, scored_sequence, task_prompts
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Rollout:
 def score(rm: GPT, sequences: list[list[int]], chat, device) -> torch.Tensor:
     """The reward model's score for each finished sequence, read where the chat template says
     (ours: at an appended <|reward|>)."""
-    scored = [s + chat.reward_suffix for s in sequences]
+    scored = [scored_sequence(chat, s, rm.cfg.max_seq_len) for s in sequences]
     ids, _ = collate(scored, [1] * len(scored), chat.pad_id, device)
     last = torch.tensor([len(s) - 1 for s in scored], device=device)
     return rm.scores(ids).gather(1, last[:, None]).squeeze(1)

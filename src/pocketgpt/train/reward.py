@@ -27,7 +27,7 @@ from ..data.tasks.base import is_refusal
 from ..model import GPT
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
-from .rollout import chat_params, sample, task_prompts
+from .rollout import chat_params, sample, scored_sequence, task_prompts
 
 RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multihop", "spell"]
 
@@ -100,7 +100,7 @@ def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split
     for i, p in enumerate(prompts):
         group = outs[i * cfg.k:(i + 1) * cfg.k]
         keys = [rubric_key(p.task, p.example, c.text, c.finish_reason == "stop", len(c.tokens)) for c in group]
-        comparisons.append(Comparison([p.ids + c.tokens + chat.reward_suffix for c in group],
+        comparisons.append(Comparison([scored_sequence(chat, p.ids + c.tokens, model.cfg.max_seq_len) for c in group],
                                       ranks_from_keys(keys, cfg.noise, rng)))
     return comparisons
 

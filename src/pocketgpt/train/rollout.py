@@ -46,6 +46,13 @@ def task_prompts(chat: ChatTemplate, tasks: list[str], split: str, per_task: int
     return prompts
 
 
+def scored_sequence(chat: ChatTemplate, ids: list[int], max_len: int) -> list[int]:
+    """A finished conversation as the reward model reads it: with the template's read-out suffix. A reply
+    that ran into the context limit (the tool loop may fill it) loses its last tokens to make room."""
+    suffix = chat.reward_suffix
+    return ids[:max_len - len(suffix)] + suffix
+
+
 def chat_params(chat: ChatTemplate, max_tokens: int, temperature: float, n: int = 1,
                 seed: int | None = None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, stop_tokens=chat.stop_ids)
