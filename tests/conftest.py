@@ -87,6 +87,9 @@ class ScriptedLM:
                 self.usage.add(0, 0, calls=len(requests))
                 return [reply(r.messages, r) for r in requests]
 
+            def complete_batch(self, prompts, **options):
+                return [reply([{"role": "user", "content": p}], None)[0] for p in prompts]
+
         return _Scripted()
 
 

@@ -78,3 +78,11 @@ def test_a_required_tool_call_and_its_result_round_trip(lm):
     assert follow[-1] == {"role": "tool", "tool_call_id": "call_0_0", "name": "calculator", "content": "84"}
     [after] = lm.chat(follow, max_tokens=4)  # the backend takes the call and its result back
     assert after.finish_reason in ("stop", "length")
+
+
+def test_completions_continue_documents_on_both_backends(run, served):
+    local, remote = LM.load(run, device="cpu"), LM.openai(served + "/v1", api_key=KEY, model="sft")
+    prompts = ["Q: What is 2 + 2?\nA:", "The capital of"]
+    near, far = local.complete_batch(prompts, max_tokens=6), remote.complete_batch(prompts, max_tokens=6)
+    assert [g.text for g in near] == [g.text for g in far] and all(g.completion_tokens > 0 for g in near)
+    assert local.usage.calls == 2 and remote.usage.completion_tokens > 0

@@ -143,6 +143,63 @@ def cmd_rl_stage(args) -> None:
     run(stage_cfg, args.run, resume=args.resume)
 
 
+def cmd_arena(args) -> None:
+    """`arena`: battles between checkpoints (or the votes people cast on the chat page), rated."""
+    from .common import atomic_write_json, atomic_write_text, set_threads
+    from .evaluate.arena import VoteStore, leaderboard
+
+    set_threads(args.threads)
+    if args.votes:
+        if args.models:
+            raise PocketError("give checkpoints to battle, or --votes DB to rate people's votes; not both")
+        battles = VoteStore(args.votes).battles()
+        if not battles:
+            raise PocketError(f"{args.votes} holds no votes yet")
+        _print_leaderboard(leaderboard(battles, args.rounds, args.seed), f"arena: {len(battles)} votes in {args.votes}")
+        return
+    if len(args.models) < 2:
+        raise PocketError("an arena needs at least two checkpoints (or --votes DB)")
+    from .checkpoint import resolve_model_dir
+    from .evaluate.battles import ARENA_TASKS, Contestant, play
+    from .evaluate.harness import model_mode
+    from .reason import LM
+
+    dirs = [resolve_model_dir(path) for path in args.models]
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):  # the same stage of different runs: name them by run too
+        names = [f"{d.parent.name}/{d.name}" for d in dirs]
+    contestants = []
+    for name, d in zip(names, dirs):
+        lm = LM.load(d, args.device)
+        contestants.append(Contestant(name, lm, model_mode(lm.config)))
+    judge = LM.openai(args.judge, args.api_key or "none", args.judge_model) if args.judge else None
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else ARENA_TASKS
+    console.print(f"arena: {', '.join(c.name for c in contestants)} on {len(tasks)} tasks x {args.n} prompts, "
+                  f"judged by {'the ' + args.judge if judge else 'the verifiers and the rubric'}")
+    battles, records = play(contestants, tasks, args.n, args.seed, judge)
+    rows = leaderboard(battles, args.rounds, args.seed)
+    out = Path(args.out) if args.out else Path(args.models[0]).resolve().parent / "arena"
+    atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_json(out / "leaderboard.json", {"battles": len(battles), "judge": args.judge or "rubric",
+                                                 "rows": rows})
+    from .evaluate.report import plot_leaderboard, write_report
+
+    plot_leaderboard(rows, out / "leaderboard.png")
+    _print_leaderboard(rows, f"arena: {len(battles)} battles -> {out}")
+    if (out.parent / "base").is_dir():
+        console.print(f"report card: {write_report(out.parent)}")
+
+
+def _print_leaderboard(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("rank", "model", "rating (95% CI)", "style-controlled", "online Elo", "battles", "win rate"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["rank"]), r["model"], f"{r['rating']:.0f} ({r['ci_low']:.0f}-{r['ci_high']:.0f})",
+                      f"{r['style_controlled']:.0f}", f"{r['elo']:.0f}", str(r["battles"]), f"{r['win_rate']:.1%}")
+    console.print(table)
+
+
 def cmd_report(args) -> None:
     from .evaluate.report import write_report
 
@@ -468,6 +525,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
         add_config_args(p)
         p.set_defaults(func=cmd_rl_stage)
+
+    p = sub.add_parser("arena", help="rate checkpoints by pairwise battles (Bradley-Terry, as Chatbot Arena)",
+                       description="Every pair of checkpoints answers the same held-out prompts with the sides drawn "
+                                   "at random; the tasks' verifiers and the labelers' rubric (or a judge model, asked "
+                                   "in both orders) pick the winner. Ratings by Bradley-Terry maximum likelihood "
+                                   "with bootstrap 95%% intervals, beside online Elo and a length-controlled fit. "
+                                   "With --votes DB: the same ratings from the votes cast on the chat page.")
+    p.add_argument("models", nargs="*", help="two or more run or stage directories (base few-shot, sft, ppo, grpo, "
+                                             "an imported model...)")
+    p.add_argument("--votes", metavar="DB", help="rate the votes in this SQLite file (pocketgpt serve --arena-db)")
+    p.add_argument("--n", type=int, default=30, help="prompts per task (default 30)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the fact tiers, arithmetic, compare_decimals, "
+                                   "multihop)")
+    p.add_argument("--judge", metavar="URL", help="an OpenAI-compatible server whose model judges instead of the rubric")
+    p.add_argument("--judge-model", help="model id on --judge")
+    p.add_argument("--api-key", help="API key for --judge")
+    p.add_argument("--rounds", type=int, default=100, help="bootstrap rounds (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="where to write battles and the leaderboard (default: RUN/arena)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_arena)
 
     p = sub.add_parser("report", help="write the report card (report.md + plots) of a run")
     p.add_argument("run")

@@ -90,6 +90,29 @@ def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def plot_leaderboard(rows: list[dict], path: Path) -> Path:
+    """Ratings with their 95% intervals, best at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
+    y = range(len(rows))
+    ax.errorbar([r["rating"] for r in rows], y, xerr=[[r["rating"] - r["ci_low"] for r in rows],
+                                                       [r["ci_high"] - r["rating"] for r in rows]],
+                fmt="o", capsize=4)
+    ax.set_yticks(list(y), [r["model"] for r in rows])
+    ax.set_xlabel("Bradley-Terry rating (95% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -198,6 +221,19 @@ def write_report(run: str | Path) -> Path:
             parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
                          f"(`pocketgpt eval {run}/{stage} --matrix`).\n")
             parts.append(markdown_table(*matrix_table(matrix)) + "\n")
+    arena = _load(run / "arena" / "leaderboard.json")
+    if arena:
+        parts.append(f"## Arena ({arena['battles']} battles, judged by {arena['judge']})\n")
+        parts.append("Bradley-Terry ratings (400 x log10-odds, mean 1000) with bootstrap 95% intervals; "
+                     "overlapping intervals share a rank (`pocketgpt arena`).\n")
+        parts.append(markdown_table(["rank", "checkpoint", "rating", "95% interval", "style-controlled", "online Elo",
+                                     "battles", "win rate"],
+                                    [[str(r["rank"]), r["model"], f"{r['rating']:.0f}",
+                                      f"{r['ci_low']:.0f} - {r['ci_high']:.0f}", f"{r['style_controlled']:.0f}",
+                                      f"{r['elo']:.0f}", str(r["battles"]), f"{r['win_rate']:.1%}"]
+                                     for r in arena["rows"]]) + "\n")
+        if (run / "arena" / "leaderboard.png").exists():
+            parts.append("![arena](arena/leaderboard.png)\n")
     plots = plot_metrics(run)
     if plots:
         parts.append("## Curves\n")

@@ -4,6 +4,7 @@
     lm = LM.openai(base_url="http://127.0.0.1:8000/v1")      # any OpenAI-compatible server
     lm.chat([{"role": "user", "content": "9.11 or 9.9?"}], n=5, temperature=0.7)  # -> 5 Generations
     lm.chat_batch([...many conversations...])                # batched (local) or concurrent (server)
+    lm.complete_batch(["Q: 2+2?\nA:"], stop=("\n",))        # a base model continues documents
 
 A strategy written against this protocol runs unchanged on our checkpoints, on an imported model,
 and on any server that speaks OpenAI's API (ours, vLLM, llama.cpp, a hosted one). Every call adds to
@@ -67,7 +68,7 @@ def tool_call_messages(generation: Generation, results: list[str], step: int = 0
 
 
 class LM(ABC):
-    """A model to talk to. Subclasses implement `chat_batch`; everything else is built on it."""
+    """A model to talk to. Subclasses implement `chat_batch` and `complete_batch`."""
 
     name: str
     usage: Usage
@@ -75,6 +76,11 @@ class LM(ABC):
     @abstractmethod
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         """Each request's n generations, in request order."""
+
+    @abstractmethod
+    def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
+                       stop: tuple[str, ...] = (), seed: int | None = None) -> list[Generation]:
+        """Continue each text as a document (a base model's few-shot prompt): one generation per prompt."""
 
     def chat(self, messages: list[dict], **options) -> list[Generation]:
         """One conversation's generations; `options` are Request's fields (n, temperature, tools, ...)."""
@@ -156,6 +162,21 @@ class LocalLM(LM):
         return Generation(self.engine.visible_text(seq.turn, params), seq.finish_reason or "length", len(seq.turn))
 
 
+    def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
+                       stop: tuple[str, ...] = (), seed: int | None = None) -> list[Generation]:
+        from ..engine import SamplingParams
+
+        chat, context = self.chat_template, self.model.cfg.max_seq_len
+        ids = [chat.document(p) for p in prompts]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                stop_tokens=chat.document_stops, stop_strings=tuple(stop))
+        # The oldest part of a long document gives way (a few-shot prompt's first examples).
+        ids = [p[-(context - max_tokens):] for p in ids]
+        out = [Generation(c.text, c.finish_reason or "length", len(c.tokens)) for c in self.engine.generate(ids, params)]
+        self.usage.add(sum(map(len, ids)), sum(g.completion_tokens for g in out), calls=len(prompts))
+        return out
+
+
 class OpenAILM(LM):
     """Any OpenAI-compatible server, through the official `openai` client; a batch is sent as
     concurrent requests (the server batches them)."""
@@ -197,6 +218,24 @@ class OpenAILM(LM):
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self._one, requests))
+
+    def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
+                       stop: tuple[str, ...] = (), seed: int | None = None) -> list[Generation]:
+        import openai
+
+        def one(prompt: str) -> Generation:
+            try:
+                resp = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
+                                                      temperature=temperature, stop=list(stop) or None, seed=seed)
+            except openai.BadRequestError as e:
+                raise PocketError(f"{self.name} refused a request: {e.message}") from None
+            usage = resp.usage
+            self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+            c = resp.choices[0]
+            return Generation(c.text, c.finish_reason or "stop", usage.completion_tokens if usage else 0)
+
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, prompts))
 
 
 def _calls(message) -> list[dict]:
