@@ -30,7 +30,10 @@ def page(tmp_path_factory, chat):
     # a long context, so that a reply takes seconds to write and can be watched (and stopped) mid-way
     model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192))
     save_model(model, run / "sft", chat, {"stage": "sft"})
-    proc, url = start_server(run)
+    torch.manual_seed(1)  # a second model, for the arena tab's battles
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192)), run / "ppo", chat,
+               {"stage": "ppo"})
+    proc, url = start_server(run, "--arena-db", str(run / "votes.db"))
     driver = None
     try:  # whatever fails while setting up, the server and the browser do not outlive the test
         options = webdriver.ChromeOptions()
@@ -45,7 +48,7 @@ def page(tmp_path_factory, chat):
         wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
         driver.find_element(By.ID, "api-key").send_keys(KEY)
         driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
-        wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "sft")
+        wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "ppo")
         assert driver.find_element(By.ID, "status").text == ""
         set_value(driver, "temperature", "0")  # greedy: this random model then repeats itself and never ends a turn
         yield driver, wait
@@ -119,3 +122,26 @@ def test_tokenizer_view(page, chat):
     assert "".join(p.text for p in pieces).replace("\n", "") == text.replace("\n", "")
     assert [int(p.get_attribute("title")) for p in pieces] == ids
     assert not driver.find_elements(By.CSS_SELECTOR, "#tok-pieces span.special")  # user text is never special
+
+
+def test_arena_vote_changes_the_leaderboard(page):
+    driver, wait = page
+    set_value(driver, "max-tokens", "8")
+    driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab=arena]").click()
+    board = "return document.querySelectorAll('#arena-board tbody tr').length"
+    wait.until(lambda d: d.find_element(By.ID, "arena-view").is_displayed())
+    time.sleep(0.5)  # the first leaderboard fetch
+    assert driver.execute_script(board) == 0  # no votes yet
+    driver.find_element(By.ID, "arena-input").send_keys("Which is larger, 9.11 or 9.9?")
+    driver.find_element(By.ID, "arena-go").click()
+    vote_a = driver.find_element(By.CSS_SELECTOR, "#arena-vote button[data-vote=a]")
+    wait.until(lambda d: vote_a.is_enabled())
+    assert driver.find_element(By.ID, "arena-name-a").text == ""  # anonymous until the vote
+    vote_a.click()
+    wait.until(lambda d: d.execute_script(board) == 2)
+    assert "recorded" in driver.find_element(By.ID, "arena-status").text
+    names = {driver.find_element(By.ID, f"arena-name-{side}").text for side in "ab"}
+    assert names == {"(sft)", "(ppo)"}
+    rows = driver.execute_script("return [...document.querySelectorAll('#arena-board tbody tr')]"
+                                 ".map(r => r.children[1].textContent + ':' + r.children[4].textContent)")
+    assert sorted(rows) == ["ppo:1", "sft:1"]

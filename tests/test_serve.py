@@ -271,8 +271,11 @@ def fuzzed_bodies():
                 {"name": st.text(max_size=6), "parameters": anything})}), max_size=2)),
         "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", "x"]), anything),
         "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 600), max_size=5), anything),
-        "tokens": st.lists(st.integers(-5, 10**6), max_size=4), "max_completion_tokens": st.integers(-5, 64)}
-    return st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]),
+        "tokens": st.lists(st.integers(-5, 10**6), max_size=4), "max_completion_tokens": st.integers(-5, 64),
+        "model_a": st.sampled_from(["sft", "ppo", "nope", 3]), "model_b": st.sampled_from(["sft", "ppo", None]),
+        "winner": st.sampled_from(["a", "b", "tie", "both_bad", "c", 1]), "length_a": st.integers(-3, 10**6)}
+    return st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
+                                      "/arena/votes"]),
                      st.fixed_dictionaries({"model": st.sampled_from(["sft", "nope"])}, optional=fields))
 
 
@@ -282,7 +285,8 @@ def tiny_server(tmp_path_factory, chat):
     run = tmp_path_factory.mktemp("fuzz") / "run"
     torch.manual_seed(0)
     save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size)), run / "sft", chat, {"stage": "sft"})
-    proc, url = start_server(run)
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size)), run / "ppo", chat, {"stage": "ppo"})
+    proc, url = start_server(run, "--arena-db", str(run / "votes.db"))
     try:
         yield url
     finally:
@@ -308,3 +312,28 @@ def test_no_request_gets_a_5xx(tiny_server):
 
     check()
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_arena_votes_are_validated_and_rated(tiny_server):
+    client = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+    url = tiny_server + "/arena/votes"
+    for body, param in [({"model_a": "sft", "model_b": "nope", "winner": "a"}, "model_b"),
+                        ({"model_a": "sft", "model_b": "sft", "winner": "a"}, "model_b"),
+                        ({"model_a": "sft", "model_b": "ppo", "winner": "left"}, "winner"),
+                        ({"model_a": "sft", "model_b": "ppo", "winner": "a", "prompt": "x" * 10**6}, "prompt")]:
+        r = client.post(url, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(url, json={"model_a": "sft", "model_b": "ppo", "winner": "a"}).status_code == 401
+    before = client.get(tiny_server + "/arena/leaderboard").json()["votes"]
+    assert client.post(url, json={"model_a": "sft", "model_b": "ppo", "winner": "b", "length_a": 3}).status_code == 200
+    board = client.get(tiny_server + "/arena/leaderboard").json()
+    assert board["votes"] == before + 1 and {r["model"] for r in board["rows"]} == {"sft", "ppo"}
+
+
+def test_a_server_without_a_vote_file_says_so():
+    from fastapi.testclient import TestClient
+
+    from pocketgpt.serve.api import create_app
+
+    r = TestClient(create_app({})).get("/arena/leaderboard")
+    assert r.status_code == 404 and "--arena-db" in r.json()["error"]["message"]

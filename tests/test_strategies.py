@@ -5,6 +5,7 @@ from test_lm import lm, run, served  # noqa: F401  (the two backends, as fixture
 
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
+from pocketgpt.reason import LM
 from pocketgpt.reason.strategies import STRATEGIES, Settings, ask, evaluate_strategy
 
 # Each strategy on a task it fits, with what it costs in model calls for 2 questions (tot: a search).
@@ -57,14 +58,33 @@ def test_eval_cli_with_a_strategy(run, tmp_path, capsys):  # noqa: F811
     assert '"strategy": "self_consistency"' in saved
 
 
-def test_eval_cli_matrix_writes_every_cell(run, tmp_path, capsys):  # noqa: F811
+def test_eval_cli_matrix_writes_every_cell(tmp_path, chat, capsys):
     import json
 
+    import torch
+
+    from pocketgpt.checkpoint import save_model
     from pocketgpt.cli import main
+    from pocketgpt.model import GPT, preset
     from pocketgpt.reason.matrix import MATRIX
 
-    assert main(["eval", str(run), "--matrix", "--n", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    cells = json.loads((tmp_path / "matrix.json").read_text())["cells"]
+    torch.manual_seed(0)  # a context long enough for every cell's demos (this test tokenizer's tokens are short)
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=4096)), tmp_path / "run" / "sft",
+               chat, {"stage": "sft"})
+    assert main(["eval", str(tmp_path / "run"), "--matrix", "--n", "1", "--device", "cpu"]) == 0
+    cells = json.loads((tmp_path / "run" / "sft" / "matrix" / "matrix.json").read_text())["cells"]
     assert [(c["task"], c["label"]) for c in cells] == [(c.task, c.label) for c in MATRIX]
     assert all(c["n"] == 1 and c["calls"] >= 1 for c in cells)
     assert "matrix done" in capsys.readouterr().out
+
+
+def test_a_cell_the_model_cannot_take_is_skipped_with_its_reason(run, tmp_path):  # noqa: F811
+    import json
+
+    from pocketgpt.reason.matrix import Cell, run_matrix
+
+    local = LM.load(run, device="cpu")  # a 1024-token context
+    cells = [Cell("game24", "IO, 40 demos", "direct", {"shots": 40}), Cell("compare_decimals", "CoT", "cot")]
+    run_matrix(local, tmp_path, n=1, cells=cells, log=lambda *a, **k: None)
+    skipped, done = json.loads((tmp_path / "matrix.json").read_text())["cells"]
+    assert "context is 1024" in skipped["error"] and done["n"] == 1

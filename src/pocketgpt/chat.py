@@ -133,6 +133,13 @@ class ChatTemplate(ABC):
         """A finished assistant turn that calls a tool -> (the text before the call, the call's JSON text)."""
 
     @property
+    def tool_call_token(self) -> int | None:
+        """The special token that opens a tool call, or None where calls are written as text (ChatML):
+        banning it keeps a model from calling tools that a request does not offer."""
+        opener = self.tool_call_markers[0]
+        return opener if isinstance(opener, int) else None
+
+    @property
     @abstractmethod
     def tool_call_markers(self) -> tuple[int | str, int | str]:
         """What opens and closes a tool call the model writes: a special token's id or a text."""

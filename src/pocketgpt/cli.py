@@ -421,8 +421,11 @@ def cmd_serve(args) -> None:
 
     set_threads(args.threads)
     workers = load_workers(args.run, pick_device(args.device), args.max_batch, "bfloat16" if args.bf16 else "float32")
+    from .evaluate.arena import VoteStore
+
+    votes = VoteStore(args.arena_db) if args.arena_db else None
     app = create_app(workers, Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_queued=args.max_queued),
-                     api_key=args.api_key)
+                     api_key=args.api_key, votes=votes)
     console.print(f"serving {', '.join(workers)} from {args.run} on http://{args.host}:{args.port} "
                   f"(chat page at /, OpenAI API at /v1)")
     try:
@@ -655,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--arena-db", metavar="FILE", help="keep the chat page's arena votes in this SQLite file "
+                                                       "(rate them with `pocketgpt arena --votes FILE`)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per model")
     p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")

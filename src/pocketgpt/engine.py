@@ -34,6 +34,18 @@ from .tokenizer import Tokenizer
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
+def banned(token_ids: list[int]) -> LogitsProcessor:
+    """A processor under which these tokens are never sampled (a tool call where no tool is offered)."""
+    def process(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        logits[token_ids] = float("-inf")
+        return logits
+    return process
+
+
+def chained(first: LogitsProcessor, second: LogitsProcessor) -> LogitsProcessor:
+    return lambda generated, logits: second(generated, first(generated, logits))
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256

@@ -83,6 +83,9 @@ def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["task", "strategy", "accuracy", "95% interval", "n", "model calls", "tokens / question", "other"]
     rows = []
     for c in results["cells"]:
+        if "error" in c:
+            rows.append([c["task"], c["label"], "skipped", c["error"], "", "", "", ""])
+            continue
         other = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in c.get("scores", {}).items())
         tokens = (c["prompt_tokens"] + c["completion_tokens"]) / max(1, c["n"])
         rows.append([c["task"], c["label"] or c["strategy"], f"{c['accuracy']:.1%}",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from ..common import atomic_write_text, console
+from ..common import PocketError, atomic_write_text, console
 from ..data.tasks import get_task
 from .lm import LM
 from .strategies import Settings, evaluate_strategy
@@ -74,9 +74,16 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
         for cell in cells:
             progress.update(bar, description=f"{cell.task}: {cell.label}")
             start = time.perf_counter()
-            result, rows = evaluate_strategy(lm, get_task(cell.task), cell.strategy, split,
-                                             n or SIZES.get(cell.task), replace(settings, **cell.overrides),
-                                             label=cell.label)
+            try:
+                result, rows = evaluate_strategy(lm, get_task(cell.task), cell.strategy, split,
+                                                 n or SIZES.get(cell.task), replace(settings, **cell.overrides),
+                                                 label=cell.label)
+            except PocketError as e:  # a cell this model cannot take (its prompts outgrow the context): say so
+                log(f"{cell.task:>18} {cell.label:>18}  skipped: {e}", highlight=False)
+                results["cells"].append({"task": cell.task, "label": cell.label, "strategy": cell.strategy,
+                                         "error": str(e)})
+                progress.advance(bar)
+                continue
             seconds = time.perf_counter() - start
             log(f"{result.line()}  {seconds:.0f}s", highlight=False)
             name = f"{cell.task}__{cell.label}".replace(" ", "_").replace("/", "_").replace(",", "").replace("=", "")

@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import load_model
 from ..common import PocketError
-from ..engine import SamplingParams, TextStream
+from ..engine import SamplingParams, TextStream, banned, chained
+from ..evaluate.arena import Battle, VoteStore, leaderboard
 from ..toolloop import parse_call
 from .protocol import (
     APIError,
@@ -37,6 +38,7 @@ from .protocol import (
     DetokenizeRequest,
     Limits,
     TokenizeRequest,
+    VoteRequest,
 )
 from .worker import ModelWorker
 
@@ -71,7 +73,9 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, api_key: str | None = None,
+               votes: VoteStore | None = None) -> FastAPI:
+    """The app; `votes` is where the arena tab's votes go (none: the arena endpoints answer 404)."""
     limits = limits or Limits()
     app = FastAPI(title="pocketgpt", docs_url=None, redoc_url=None)
 
@@ -99,7 +103,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        guarded = request.url.path.startswith(("/v1/", "/tokenize", "/detokenize"))
+        guarded = request.url.path.startswith(("/v1/", "/tokenize", "/detokenize", "/arena/"))
         if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
             return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                          code="invalid_api_key").body(), status_code=401)
@@ -163,6 +167,34 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                 v = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else 0.0
                 lines.append(f'pocketgpt_time_to_first_token_seconds{{model="{n}",quantile="{q}"}} {v}')
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ the arena tab's votes
+
+    def vote_store() -> VoteStore:
+        if votes is None:
+            raise APIError(404, "this server keeps no arena votes (start it with --arena-db FILE)", code="not_found")
+        return votes
+
+    @app.post("/arena/votes")
+    async def vote(req: VoteRequest):
+        store = vote_store()
+        for field, name in (("model_a", req.model_a), ("model_b", req.model_b)):
+            if name not in workers:
+                raise APIError(400, f"{field}: model {name!r} is not served here", field, code="model_not_found")
+        if req.model_a == req.model_b:
+            raise APIError(400, "a battle needs two different models", "model_b")
+        if len(req.prompt) > limits.max_total_chars:
+            raise APIError(400, f"the prompt has {len(req.prompt)} characters; at most {limits.max_total_chars}",
+                           "prompt")
+        battle = Battle(req.model_a, req.model_b, req.winner, req.length_a, req.length_b)
+        vote_id = await asyncio.to_thread(store.add, battle, req.prompt)  # SQLite waits must not block the loop
+        return {"id": vote_id}
+
+    @app.get("/arena/leaderboard")
+    async def arena_leaderboard():
+        battles = await asyncio.to_thread(vote_store().battles)
+        rows = await asyncio.to_thread(leaderboard, battles, 100, 0)
+        return {"votes": len(battles), "rows": rows}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -267,10 +299,14 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                                 n=req.n, seed=req.seed, stop_tokens=w.chat.stop_ids, stop_strings=req.stops(),
                                 logprobs=k)
         factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        opener = w.chat.tool_call_token
+        if not use_tools and opener is not None:  # no tool on offer: the model may not open a call
+            inner, ban = factory, banned([opener])
+            factory = (lambda: chained(ban, inner())) if inner else (lambda: ban)
         admit(w, req.n)
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
-        use_tools = bool(req.tools) and req.tool_choice != "none"
 
         def usage() -> dict:
             done = sum(len(s.turn) for s in seqs)

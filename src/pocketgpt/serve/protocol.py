@@ -211,3 +211,13 @@ class TokenizeRequest(Open):
 class DetokenizeRequest(Open):
     model: str
     tokens: list[int]
+
+
+class VoteRequest(Open):
+    """A vote cast in the chat page's arena tab."""
+    model_a: str
+    model_b: str
+    winner: Literal["a", "b", "tie", "both_bad"]
+    prompt: str = ""
+    length_a: int = Field(default=0, ge=0)
+    length_b: int = Field(default=0, ge=0)

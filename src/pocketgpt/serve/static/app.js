@@ -222,6 +222,64 @@ async function tokenizeNow() {
   $("tok-ids").textContent = out.tokens.join(", ");
 }
 
+// ------------------------------------------------------------------ arena (Chatbot Arena's blind battle)
+
+let battle = null; // {a, b, prompt, answers: {a, b}} while a vote is open
+
+async function arenaAsk(model, prompt) {
+  const body = { model, messages: [{ role: "user", content: prompt }], max_tokens: Number($("max-tokens").value) || 256,
+                 temperature: Number($("temperature").value) };
+  const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const out = await resp.json();
+  if (!resp.ok) throw new Error(out.error ? out.error.message : resp.statusText);
+  return out.choices[0].message.content || "";
+}
+
+async function arenaBattle(e) {
+  e.preventDefault();
+  const prompt = $("arena-input").value.trim();
+  const models = [...$("model").options].map((o) => o.value);
+  if (!prompt) return;
+  if (models.length < 2) { $("arena-status").textContent = "The arena needs a server with at least two models."; return; }
+  const i = Math.floor(Math.random() * models.length);
+  let j = Math.floor(Math.random() * (models.length - 1)); if (j >= i) j += 1;
+  battle = { a: models[i], b: models[j], prompt, answers: {} };
+  for (const side of ["a", "b"]) { $("arena-" + side).textContent = "…"; $("arena-name-" + side).textContent = ""; }
+  setVoting(false);
+  $("arena-status").textContent = "";
+  try {
+    const [ta, tb] = await Promise.all([arenaAsk(battle.a, prompt), arenaAsk(battle.b, prompt)]);
+    battle.answers = { a: ta, b: tb };
+    $("arena-a").innerHTML = markdown(ta); $("arena-b").innerHTML = markdown(tb);
+    setVoting(true);
+  } catch (err) { $("arena-status").textContent = String(err.message || err); battle = null; }
+}
+
+function setVoting(on) { for (const b of document.querySelectorAll("#arena-vote button")) b.disabled = !on; }
+
+async function arenaVote(winner) {
+  if (!battle) return;
+  const body = { model_a: battle.a, model_b: battle.b, winner, prompt: battle.prompt,
+                 length_a: battle.answers.a.length, length_b: battle.answers.b.length };
+  const resp = await fetch("/arena/votes", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const out = await resp.json();
+  if (!resp.ok) { $("arena-status").textContent = out.error ? out.error.message : resp.statusText; return; }
+  $("arena-name-a").textContent = "(" + battle.a + ")"; $("arena-name-b").textContent = "(" + battle.b + ")";
+  setVoting(false);
+  battle = null;
+  $("arena-status").textContent = "Thanks: vote " + out.id + " recorded.";
+  arenaBoard();
+}
+
+async function arenaBoard() {
+  const resp = await fetch("/arena/leaderboard", { headers: headers() });
+  const out = await resp.json();
+  if (!resp.ok) { $("arena-status").textContent = out.error ? out.error.message : resp.statusText; return; }
+  $("arena-board").querySelector("tbody").innerHTML = out.rows.map((r) =>
+    `<tr><td>${r.rank}</td><td>${escapeHtml(r.model)}</td><td>${Math.round(r.rating)}</td>` +
+    `<td>${Math.round(r.ci_low)} - ${Math.round(r.ci_high)}</td><td>${r.battles}</td></tr>`).join("");
+}
+
 // ------------------------------------------------------------------ wiring
 
 async function loadModels() {
@@ -259,10 +317,14 @@ async function init() {
       for (const other of document.querySelectorAll("#tabs button")) other.classList.toggle("active", other === b);
       $("chat-view").hidden = b.dataset.tab !== "chat";
       $("tokenizer-view").hidden = b.dataset.tab !== "tokenizer";
+      $("arena-view").hidden = b.dataset.tab !== "arena";
       if (b.dataset.tab === "tokenizer") tokenizeNow();
+      if (b.dataset.tab === "arena") arenaBoard();
     };
   }
   $("tok-input").addEventListener("input", () => { clearTimeout(tokTimer); tokTimer = setTimeout(tokenizeNow, 150); });
+  $("arena-form").onsubmit = arenaBattle;
+  for (const b of document.querySelectorAll("#arena-vote button")) b.onclick = () => arenaVote(b.dataset.vote);
 }
 
 init();
