@@ -200,6 +200,42 @@ def _print_leaderboard(rows: list[dict], title: str) -> None:
     console.print(table)
 
 
+def cmd_rag(args) -> None:
+    """`rag index` / `rag ask`: retrieval over a folder of documents (rag/)."""
+    from .rag.index import build_index, load_index, read_folder
+
+    if args.rag_command == "index":
+        if args.world:
+            from .data.tasks import default_world
+
+            docs = {a["id"]: a["text"] for a in default_world().retrieval_corpus()}
+        elif args.folder:
+            docs = read_folder(args.folder)
+        else:
+            raise PocketError("give a folder of documents, or --world for the built-in world's encyclopedia")
+        if not docs:
+            raise PocketError(f"{args.folder} holds no .txt, .md, .rst (or, with pypdf, .pdf) documents")
+        start = time.perf_counter()
+        index, stats = build_index(docs, args.out, args.chunk_size, args.overlap)
+        what = (f"embedded {stats['embedded']} documents, reused {stats['reused']}" if stats["changed"]
+                else "nothing changed: no work done")
+        console.print(f"index {args.out}: {stats['documents']} documents, {len(index.chunks)} chunks; {what} "
+                      f"({time.perf_counter() - start:.1f}s)")
+        return
+    from .checkpoint import resolve_model_dir
+    from .rag.answer import ask
+    from .reason import LM
+
+    index = load_index(args.index)
+    lm = LM.openai(args.server, args.api_key or "none", args.server_model) if args.server else \
+        LM.load(resolve_model_dir(args.model), args.device)
+    answer = ask(lm, index, args.question, args.k, args.retriever)
+    for h in answer.hits:
+        console.print(f"[dim][{h.chunk.id}] {h.chunk.text[:160]}[/dim]")
+    console.print(answer.text, markup=False)
+    console.print(f"cites: {', '.join(answer.cited)}")
+
+
 def cmd_report(args) -> None:
     from .evaluate.report import write_report
 
@@ -269,7 +305,13 @@ def cmd_eval_strategy(args) -> None:
             raise PocketError("--matrix against a server needs --out DIR")
         console.print(f"strategy matrix of {lm.name} on {args.split} -> {out_dir}")
         start = time.perf_counter()
-        run_matrix(lm, out_dir, settings, args.n, split=args.split)
+        from .reason.matrix import MATRIX
+
+        wanted = [w.strip().lower() for w in (args.cells or "").split(",") if w.strip()]
+        cells = [c for c in MATRIX if not wanted or any(w in f"{c.task}: {c.label}".lower() for w in wanted)]
+        if not cells:
+            raise PocketError(f"no matrix cell matches --cells {args.cells!r}")
+        run_matrix(lm, out_dir, settings, args.n, cells, split=args.split)
         console.print(f"matrix done in {(time.perf_counter() - start) / 60:.1f} min; {lm.usage.calls} model calls, "
                       f"{lm.usage.prompt_tokens + lm.usage.completion_tokens} tokens; cells in {out_dir}")
         run = out_dir.parent.parent
@@ -551,6 +593,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_arena)
 
+    p = sub.add_parser("rag", help="retrieval: index a folder of documents, answer questions from it")
+    rsub = p.add_subparsers(dest="rag_command", required=True)
+    r = rsub.add_parser("index", help="chunk and embed a folder (.txt, .md, .rst; .pdf with pypdf) into an index",
+                        description="Chunks by tokens, BM25 and MiniLM embeddings, written atomically; a second run "
+                                    "over unchanged documents does no work, a changed document alone is redone.")
+    r.add_argument("folder", nargs="?", help="the documents")
+    r.add_argument("--world", action="store_true", help="index the built-in world's encyclopedia instead")
+    r.add_argument("--out", required=True, help="the index directory")
+    r.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default 128)")
+    r.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks (default 32)")
+    r.set_defaults(func=cmd_rag)
+    r = rsub.add_parser("ask", help="answer a question from an index's passages")
+    r.add_argument("index")
+    r.add_argument("question")
+    r.add_argument("--model", help="a run or stage directory")
+    r.add_argument("--server", metavar="URL", help="or a model behind an OpenAI-compatible server")
+    r.add_argument("--server-model")
+    r.add_argument("--api-key")
+    r.add_argument("--k", type=int, default=3, help="passages in the prompt (default 3)")
+    r.add_argument("--retriever", choices=("bm25", "dense", "hybrid"), default="hybrid")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_rag)
+
     p = sub.add_parser("report", help="write the report card (report.md + plots) of a run")
     p.add_argument("run")
     p.set_defaults(func=cmd_report)
@@ -594,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", action="store_true",
                    help="the strategy matrix: task x strategy with intervals and cost, into STAGE/matrix (or --out) "
                         "and the report card")
+    p.add_argument("--cells", help="--matrix: only the cells whose 'task: strategy' contains one of these "
+                                   "comma-separated words (e.g. 'arithmetic,game24: IO')")
     p.add_argument("--k", type=int, default=5, help="self_consistency: samples per question (default 5)")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of sampled answers and votes")
     p.add_argument("--think", action="store_true", help="cot: add 'Let's think step by step.' to the question")

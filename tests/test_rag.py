@@ -1,0 +1,98 @@
+"""Retrieval: token chunks, the three retrievers on the world's encyclopedia, an index that is not
+rebuilt when nothing changed, one clear error for a corrupt index, and the commands."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pocketgpt.cli import main
+from pocketgpt.common import PocketError
+from pocketgpt.data.tasks import default_world
+from pocketgpt.rag.answer import passages_prompt
+from pocketgpt.rag.index import Embedder, build_index, load_index
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def world_docs():
+    return {a["id"]: a["text"] for a in default_world().retrieval_corpus()}
+
+
+@pytest.fixture(scope="module")
+def world_index(tmp_path_factory, world_docs, embedder):
+    return build_index(world_docs, tmp_path_factory.mktemp("rag") / "world.index", embedder=embedder)[0]
+
+
+def test_chunks_are_overlapping_token_windows_of_the_text(embedder):
+    text = " ".join(f"word{i}" for i in range(300))
+    chunks = embedder.chunks("doc", text, size=50, overlap=10)
+    assert len(chunks) > 3 and all(c.text in text for c in chunks)
+    assert [c.id for c in chunks[:2]] == ["doc#0", "doc#1"]
+    tail_of_first = chunks[0].text.split()[-2:]
+    assert chunks[1].text.split()[:2] != chunks[0].text.split()[:2] and tail_of_first[-1] in chunks[1].text
+    with pytest.raises(PocketError, match="must exceed the overlap"):
+        embedder.chunks("doc", text, size=10, overlap=10)
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense", "hybrid"])
+def test_every_retriever_finds_the_entity_article(world_index, retriever):
+    world = default_world()
+    cities = world.entities("city")[:10]
+    found = sum(world_index.search(f"What is the population of {c.name}?", 3, retriever)[0].chunk.document
+                == f"city/{c.name.lower().replace(' ', '-')}" for c in cities)
+    assert found >= 8, (retriever, found)
+
+
+def test_a_second_build_does_no_work_and_a_change_redoes_one_document(tmp_path, world_docs, embedder):
+    docs = dict(list(world_docs.items())[:12])
+    _, first = build_index(docs, tmp_path / "i", embedder=embedder)
+    again, second = build_index(docs, tmp_path / "i", embedder=embedder)
+    assert first["embedded"] == 12 and second == {"documents": 12, "reused": 12, "embedded": 0, "changed": False}
+    name = next(iter(docs))
+    docs[name] += " It also has a famous lighthouse."
+    index, third = build_index(docs, tmp_path / "i", embedder=embedder)
+    assert third["embedded"] == 1 and third["reused"] == 11
+    assert "lighthouse" in index.search("famous lighthouse", 1, "bm25")[0].chunk.text
+    reloaded = load_index(tmp_path / "i", embedder)
+    assert np.array_equal(reloaded.embeddings, index.embeddings) and len(reloaded.chunks) == len(index.chunks)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "manifest", "missing"])
+def test_a_corrupt_index_is_one_clear_error(tmp_path, world_docs, embedder, damage):
+    build_index(dict(list(world_docs.items())[:3]), tmp_path / "i", embedder=embedder)
+    if damage == "truncate":
+        data = (tmp_path / "i" / "embeddings.npy").read_bytes()
+        (tmp_path / "i" / "embeddings.npy").write_bytes(data[:len(data) // 2])
+    elif damage == "manifest":
+        (tmp_path / "i" / "manifest.json").write_text("{not json")
+    else:
+        (tmp_path / "i" / "chunks.jsonl").unlink()
+    with pytest.raises(PocketError, match="not a usable index"):
+        load_index(tmp_path / "i")
+
+
+def test_passages_prompt_names_each_chunk():
+    prompt = passages_prompt("When was Lisin founded?", [("city/lisin#0", "Lisin was founded in 1610.")])
+    assert "[city/lisin#0] Lisin was founded in 1610." in prompt and prompt.endswith("Question: When was Lisin founded?")
+
+
+def test_rag_commands(tmp_path, capsys):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.md").write_text("# Otters\nSea otters hold hands while they sleep.")
+    (folder / "sub" / "b.txt").write_text("The Eiffel tower was finished in 1889.")
+    (folder / "c.bin").write_bytes(b"\x00\x01")
+    assert main(["rag", "index", str(folder), "--out", str(tmp_path / "idx")]) == 0
+    assert "2 documents" in capsys.readouterr().out
+    assert main(["rag", "index", str(folder), "--out", str(tmp_path / "idx")]) == 0
+    assert "nothing changed" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert set(manifest["documents"]) == {"a.md", "sub/b.txt"}
+    with pytest.raises(SystemExit):
+        main(["rag", "index", "--out", str(tmp_path / "x"), "--bogus"])
+    assert main(["rag", "index", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) != 0
