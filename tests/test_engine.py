@@ -93,3 +93,14 @@ def test_top_k_and_top_p():
     assert {int(sample_next(logits, SamplingParams(top_p=0.5), g)) for _ in range(100)} == {3}
     assert {int(sample_next(logits, SamplingParams(top_p=0.8), g)) for _ in range(300)} == {2, 3}
     assert int(sample_next(logits, SamplingParams(temperature=0), g)) == 3
+
+
+def test_banned_tokens_are_never_sampled(tiny_model, chat):
+    from pocketgpt.engine import Engine, SamplingParams, banned
+
+    engine = Engine(tiny_model, chat.tokenizer)
+    favourite = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1, temperature=0))[0].tokens[0]
+    outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=20, temperature=1.0, n=4, seed=0),
+                           processors=[banned([favourite])])
+    assert all(favourite not in c.tokens for c in outs) and sum(len(c.tokens) for c in outs) > 0
+    assert chat.tool_call_token == chat.tool_call_markers[0] and isinstance(chat.tool_call_token, int)

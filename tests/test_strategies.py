@@ -10,7 +10,8 @@ from pocketgpt.reason.strategies import STRATEGIES, Settings, ask, evaluate_stra
 
 # Each strategy on a task it fits, with what it costs in model calls for 2 questions (tot: a search).
 TASK_OF = {"direct": "compare_decimals", "cot": "compare_decimals", "self_consistency": "compare_decimals",
-           "reflection": "arithmetic", "tot": "game24", "react": "arithmetic", "constrained": "structured"}
+           "reflection": "arithmetic", "tot": "game24", "react": "arithmetic", "constrained": "structured",
+           "rag": "factqa_unseen"}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

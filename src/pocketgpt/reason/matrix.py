@@ -6,8 +6,8 @@
 The rows are the comparisons "State of GPT" makes: on the Game of 24, input-output vs chain of
 thought vs self-consistency vs Tree of Thoughts (the paper's ordering); on arithmetic, direct vs
 chain of thought vs a calculator, and a vote on top; on multi-hop questions, closed book vs ReAct;
-on JSON extraction, unconstrained vs constrained decoding; and reflection where the model can check
-itself. The result is `matrix.json` (every cell) plus one JSONL of answers and traces per cell;
+on JSON extraction, unconstrained vs constrained decoding; reflection where the model can check
+itself; and facts closed book vs retrieved passages (RAG), with each retriever's recall. The result is `matrix.json` (every cell) plus one JSONL of answers and traces per cell;
 the run's report card shows the table (evaluate/report.py reads `RUN/matrix/matrix.json`).
 """
 
@@ -57,8 +57,17 @@ MATRIX: list[Cell] = [
     Cell("multihop", "ReAct", "react", {"tools": ("search", "calculator")}),
     Cell("structured", "unconstrained", "direct"),
     Cell("structured", "constrained", "constrained"),
+    Cell("factqa_head", "closed book", "direct"),
+    Cell("factqa_head", "RAG", "rag"),
+    Cell("factqa_tail", "closed book", "direct"),
+    Cell("factqa_tail", "RAG", "rag"),
+    Cell("factqa_unseen", "closed book", "direct"),
+    Cell("factqa_unseen", "RAG (BM25)", "rag", {"retriever": "bm25"}),
+    Cell("factqa_unseen", "RAG (embeddings)", "rag", {"retriever": "dense"}),
+    Cell("factqa_unseen", "RAG", "rag"),
 ]
-SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100}
+SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100,
+         "factqa_head": 100, "factqa_tail": 100, "factqa_unseen": 100}
 
 
 def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: int | None = None,

@@ -9,6 +9,7 @@ OpenAI-compatible server) and reports its cost (model calls and tokens) next to 
     tot               Tree of Thoughts on the Game of 24: BFS with a beam, or DFS (tot.py)
     react             thought / tool call / observation, with self-consistency as the fallback (react.py)
     constrained       the answer held to the task's JSON schema by constrained decoding
+    rag               passages retrieved from the world's encyclopedia, then the answer from them (rag/)
 
     lm = LM.load("runs/speedrun/sft")
     result, rows = evaluate_strategy(lm, get_task("game24"), "tot", settings=Settings(beam=5), n=50)
@@ -50,6 +51,8 @@ class Settings:
     rounds: int = 2  # reflection: retries after the first answer
     max_steps: int = 4  # ReAct: tool calls before the fallback
     tools: tuple[str, ...] = ("calculator", "search")  # ReAct's tools (python too, with root)
+    retriever: str = "hybrid"  # rag: bm25, dense or hybrid
+    passages: int = 2  # rag: retrieved chunks in the prompt
 
 
 def _sampled(lm: LM, task: Task, examples: list[Example], s: Settings, style: str, n: int,
@@ -109,9 +112,31 @@ def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> lis
     return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, "direct", 1, 0.0, json_schema=True)]
 
 
+def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
+    """Retrieve passages from the world's encyclopedia and answer from them (rag/); the gold passage's
+    recall (its entity's article, holding the value) is scored beside the answer."""
+    from ..rag.answer import passages_prompt
+    from ..rag.world import world_index
+
+    if not all("entity" in e.meta and "value" in e.meta for e in examples):
+        raise PocketError(f"rag answers questions about the world's entities; task {task.name!r} has none")
+    index = world_index()
+    hits = [index.search(e.question, s.passages, s.retriever) for e in examples]
+    requests = [Request([{"role": "user", "content": passages_prompt(e.question, [(h.chunk.id, h.chunk.text)
+                                                                                  for h in found])}],
+                        max_tokens=64) for e, found in zip(examples, hits)]
+    answers = []
+    for e, found, gens in zip(examples, hits, lm.chat_batch(requests)):
+        gold = any(h.chunk.document.endswith("/" + e.meta["entity"].lower().replace(" ", "-"))
+                   and str(e.meta["value"]).lower() in h.chunk.text.lower() for h in found)
+        answers.append(Answer(gens[0].text, [gens[0].text], {}, [{"passages": [h.chunk.id for h in found]}],
+                              {f"recall@{s.passages}": float(gold)}))
+    return answers
+
+
 STRATEGIES: dict[str, Callable[[LM, Task, list[Example], Settings], list[Answer]]] = {
     "direct": direct, "cot": cot, "self_consistency": self_consistency, "reflection": reflect,
-    "tot": tot, "react": act, "constrained": constrained,
+    "tot": tot, "react": act, "constrained": constrained, "rag": rag,
 }
 
 
@@ -156,7 +181,7 @@ def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n:
     before = Usage(**asdict(lm.usage))
     answers = ask(lm, task, examples, strategy, settings)
     rows = [{"question": e.question, "answer": e.answer, "output": a.text, "correct": task.verify(e, a.text),
-             "scores": task.scores(e, a.text), "votes": a.votes, "trace": a.trace}
+             "scores": {**task.scores(e, a.text), **a.scores}, "votes": a.votes, "trace": a.trace}
             for e, a in zip(examples, answers)]
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))

@@ -15,6 +15,7 @@ class Answer:
     samples: list[str] = field(default_factory=list)  # every reply the answer was chosen from
     votes: dict[str, int] = field(default_factory=dict)  # normalised final answer -> samples that gave it
     trace: list[dict] = field(default_factory=list)  # the steps of a search or an agent, for reading
+    scores: dict[str, float] = field(default_factory=dict)  # the strategy's own measures (retrieval recall)
 
 
 def majority(texts: list[str]) -> tuple[int, dict[str, int]]:

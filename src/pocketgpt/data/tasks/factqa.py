@@ -50,6 +50,11 @@ class FactQA(Task):
             return example.meta["tier"] == "unseen"
         return mentions(answer, example.meta["value"])
 
+    def scores(self, example: Example, output: str) -> dict[str, float]:
+        """Whether the answer states the true value (for unseen entities `check` also accepts an honest
+        refusal; this does not: it is what retrieval is for)."""
+        return {"states_the_value": float(mentions(final_answer(output), example.meta["value"]))}
+
     def sentence(self, example: Example) -> str:
         """"The capital of Lulzer is Ferpa." Restating the subject puts it right before the value, as
         in the pretraining text, which makes recall much easier for a small model."""
