@@ -410,3 +410,17 @@ def test_export_jsonl(tmp_path, name, style):
             for call in message.get("tool_calls", []):
                 assert call["type"] == "function"
                 assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_factqa_rag_rendering_answers_only_from_its_passages():
+    t = task("factqa")
+    refusals = 0
+    for example in t.examples("train")[:60]:
+        ask, reply = t.render(example, "rag")
+        assert ask["content"].startswith("Passages:\n[") and ask["content"].endswith(f"Question: {example.question}")
+        passages = ask["content"].split("\n\n")[0]
+        slug = example.meta["entity"].lower().replace(" ", "-")
+        holds = any(f"/{slug}#" in line and str(example.meta["value"]) in line for line in passages.splitlines())
+        assert (str(example.meta["value"]) in reply["content"]) == holds
+        refusals += reply["content"] == "I don't know."
+    assert 10 < refusals < 35

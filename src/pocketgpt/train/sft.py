@@ -35,7 +35,7 @@ from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 # Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions), and "check"
 # teaches the self-check that reflection asks (reason/).
 DEFAULT_SFT_TASKS: dict[str, dict] = {
-    "factqa": {"style": "sentence", "n": 0},
+    "factqa": {"style": "sentence", "n": 0, "also": {"rag": 600}},
     "arithmetic": {"style": ["cot", "tool", "cot", "tool", "check"], "n": 1000},
     "compare_decimals": {"style": ["cot", "cot", "check"], "n": 300},
     "count_letter": {"style": "cot", "n": 200},
@@ -49,11 +49,12 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 
 @dataclass
 class SFTConfig:
-    # ~3,700 conversations by default, each seen about 2.5 times in 250 steps of 16 packed rows
+    # ~4,300 conversations by default (task renderings, ToT roles, self-checks, retrieval), each seen about
+    # twice in 300 steps of 16 packed rows
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=250, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
+        steps=300, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0))
-    # task -> {"style", "n"}; a config file merges into these, and `skip = true` leaves a task out
+    # task -> {"style", "n", "also": {style: n}}; a config file merges into these, `skip = true` leaves a task out
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
     mitigate_hallucination: bool = True
@@ -109,6 +110,8 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) ->
             stats["probe"] = probe
         else:
             task_convs = task.render_each(examples, style)
+        for extra, count in spec.get("also", {}).items():  # more renderings of the same examples, in another style
+            task_convs += task.render_each(examples[:count], extra)
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
     for path in cfg.data:

@@ -20,7 +20,7 @@ REFUSAL = "I don't know."
 
 
 class FactQA(Task):
-    styles = ("direct", "tool", "sentence")
+    styles = ("direct", "tool", "sentence", "rag")
     sizes = UNLIMITED  # bounded by the world's facts
 
     def __init__(self, world: World, seed: int = 0, tier: str | None = None):
@@ -49,6 +49,37 @@ class FactQA(Task):
         if is_refusal(answer):
             return example.meta["tier"] == "unseen"
         return mentions(answer, example.meta["value"])
+
+    def render(self, example: Example, style: str = "direct") -> list[dict]:
+        """"rag": the question after two passages of the encyclopedia (the prompt rag/answer.py writes);
+        the answer states the fact when a passage holds it, else "I don't know." (a third of the time the
+        right passage is missing, so the model learns to read its context, not to recite)."""
+        if style != "rag":
+            return super().render(example, style)
+        from ...rag.answer import passages_prompt  # the one place the prompt is written
+
+        rng = random.Random(f"{example.question}:rag")
+        m = example.meta
+        gold = self._passage(m["entity"], rng, holding=str(m["value"]))
+        other = rng.choice([e for e in self.world.entities() if e.name != m["entity"]])
+        passages = [self._passage(other.name, rng), gold if rng.random() < 2 / 3 else
+                    self._passage(rng.choice([e for e in self.world.entities() if e.name != m["entity"]]).name, rng)]
+        rng.shuffle(passages)
+        holds = gold in passages
+        attribute = ATTRIBUTE[(m["kind"], m["attribute"])]
+        answer = attribute.statements[0].format(e=m["entity"], v=m["value"]) if holds else REFUSAL
+        return [{"role": "user", "content": passages_prompt(example.question, passages)}, assistant(answer)]
+
+    def _passage(self, entity: str, rng: random.Random, holding: str | None = None) -> tuple[str, str]:
+        """A chunk-sized window (3 sentences) of an entity's article, as (chunk id, text); with `holding`,
+        a window that contains that text."""
+        article = next(a for a in self.world.retrieval_corpus() if a["title"] == entity)
+        sentences = [x.strip() + "." for x in article["text"].split(". ") if x.strip()]
+        sentences[-1] = sentences[-1].rstrip(".") + "."
+        starts = [i for i in range(max(1, len(sentences) - 2))
+                  if holding is None or any(holding.lower() in x.lower() for x in sentences[i:i + 3])]
+        start = rng.choice(starts or [0])
+        return f"{article['id']}#{start}", " ".join(sentences[start:start + 3])
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """Whether the answer states the true value (for unseen entities `check` also accepts an honest
