@@ -136,12 +136,14 @@ def test_arena_vote_changes_the_leaderboard(page):
     driver.find_element(By.ID, "arena-go").click()
     vote_a = driver.find_element(By.CSS_SELECTOR, "#arena-vote button[data-vote=a]")
     wait.until(lambda d: vote_a.is_enabled())
-    assert driver.find_element(By.ID, "arena-name-a").text == ""  # anonymous until the vote
+    names = "return ['a', 'b'].map(s => document.getElementById('arena-name-' + s).textContent)"
+    assert driver.execute_script(names) == ["", ""]  # anonymous until the vote
     vote_a.click()
     wait.until(lambda d: d.execute_script(board) == 2)
     assert "recorded" in driver.find_element(By.ID, "arena-status").text
-    names = {driver.find_element(By.ID, f"arena-name-{side}").text for side in "ab"}
-    assert names == {"(sft)", "(ppo)"}
+    assert sorted(driver.execute_script(names)) == ["(ppo)", "(sft)"]
+    # and a person sees them: the answers and the revealed names are on screen, not collapsed away
+    assert sorted(driver.find_element(By.ID, f"arena-name-{side}").text for side in "ab") == ["(ppo)", "(sft)"]
     rows = driver.execute_script("return [...document.querySelectorAll('#arena-board tbody tr')]"
                                  ".map(r => r.children[1].textContent + ':' + r.children[4].textContent)")
     assert sorted(rows) == ["ppo:1", "sft:1"]
