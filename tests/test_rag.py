@@ -53,6 +53,7 @@ def test_a_second_build_does_no_work_and_a_change_redoes_one_document(tmp_path, 
     _, first = build_index(docs, tmp_path / "i", embedder=embedder)
     again, second = build_index(docs, tmp_path / "i", embedder=embedder)
     assert first["embedded"] == 12 and second == {"documents": 12, "reused": 12, "embedded": 0, "changed": False}
+    assert first["damaged"] is None
     name = next(iter(docs))
     docs[name] += " It also has a famous lighthouse."
     index, third = build_index(docs, tmp_path / "i", embedder=embedder)
@@ -74,6 +75,9 @@ def test_a_corrupt_index_is_one_clear_error(tmp_path, world_docs, embedder, dama
         (tmp_path / "i" / "chunks.jsonl").unlink()
     with pytest.raises(PocketError, match="not a usable index"):
         load_index(tmp_path / "i")
+    index, stats = build_index(dict(list(world_docs.items())[:3]), tmp_path / "i", embedder=embedder)
+    assert "not a usable index" in stats["damaged"] and stats["embedded"] == 3  # `rag index` repairs it
+    assert len(load_index(tmp_path / "i").chunks) == len(index.chunks)
 
 
 def test_passages_prompt_names_each_chunk():

@@ -217,6 +217,8 @@ def cmd_rag(args) -> None:
             raise PocketError(f"{args.folder} holds no .txt, .md, .rst (or, with pypdf, .pdf) documents")
         start = time.perf_counter()
         index, stats = build_index(docs, args.out, args.chunk_size, args.overlap)
+        if stats.get("damaged"):
+            console.print(f"[yellow]rebuilt from scratch: {stats['damaged']}[/yellow]")
         what = (f"embedded {stats['embedded']} documents, reused {stats['reused']}" if stats["changed"]
                 else "nothing changed: no work done")
         console.print(f"index {args.out}: {stats['documents']} documents, {len(index.chunks)} chunks; {what} "

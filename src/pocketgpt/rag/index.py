@@ -177,10 +177,13 @@ def build_index(documents: dict[str, str], out: str | Path, size: int = 128, ove
     from ..common import console
 
     out = Path(out)
-    old = None
-    if (out / "manifest.json").exists():
-        old = load_index(out, embedder)
-        if old.manifest["chunk_size"] != size or old.manifest["chunk_overlap"] != overlap:
+    old, damaged = None, None
+    if out.exists():
+        try:
+            old = load_index(out, embedder)
+        except PocketError as e:  # a damaged index is rebuilt from the documents, and the build says so
+            damaged = str(e)
+        if old is not None and (old.manifest["chunk_size"] != size or old.manifest["chunk_overlap"] != overlap):
             old = None  # other chunking: nothing can be reused
     hashes = {name: _hash(text.encode("utf-8")) for name, text in documents.items()}
     if old is not None and {d: m["hash"] for d, m in old.manifest["documents"].items()} == hashes:
@@ -212,7 +215,8 @@ def build_index(documents: dict[str, str], out: str | Path, size: int = 128, ove
     manifest = {"format": FORMAT, "chunk_size": size, "chunk_overlap": overlap, "embedder": "all-MiniLM-L6-v2",
                 "documents": manifest_docs, "n_chunks": len(chunks)}
     _write(out, manifest, chunks, embeddings)
-    stats = {"documents": len(documents), "reused": len(reusable), "embedded": len(fresh), "changed": True}
+    stats = {"documents": len(documents), "reused": len(reusable), "embedded": len(fresh), "changed": True,
+             "damaged": damaged}
     return Index(out, json.loads((out / "manifest.json").read_text()), chunks, embeddings, embedder), stats
 
 
