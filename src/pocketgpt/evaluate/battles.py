@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from ..data.tasks import Example, Task, get_task
-from ..data.tasks.base import is_refusal
+from ..data.tasks.base import truthfulness
 from ..data.tasks.prompts import chat_messages, fewshot_text
 from ..reason.lm import LM, Request
 from .arena import Battle
@@ -40,15 +40,8 @@ def answers(c: Contestant, task: Task, examples: list[Example], max_tokens: int 
     return [gens[0].text.strip() for gens in replies]
 
 
-def rubric_level(task: Task, example: Example, text: str) -> int:
-    """0 right, 1 an honest refusal, 2 wrong (the labelers' order)."""
-    if task.verify(example, text) and task.sound_working(example, text):
-        return 0
-    return 1 if is_refusal(text) else 2
-
-
 def rubric_verdict(task: Task, example: Example, a: str, b: str) -> str:
-    la, lb = rubric_level(task, example, a), rubric_level(task, example, b)
+    la, lb = truthfulness(task, example, a), truthfulness(task, example, b)
     if la == lb:
         return "both_bad" if la == 2 else "tie"
     return "a" if la < lb else "b"

@@ -196,6 +196,19 @@ class OpenAILM(LM):
         self.model, self.concurrency = model, concurrency
         self.name, self.usage = f"{base_url} ({model})", Usage()
 
+    def _send(self, endpoint, **request):
+        """One API call, its usage counted; a request the server refuses (4xx: too long, say) becomes a
+        PocketError the caller can handle."""
+        import openai
+
+        try:
+            resp = endpoint(**request)
+        except openai.BadRequestError as e:
+            raise PocketError(f"{self.name} refused a request: {e.message}") from None
+        usage = resp.usage
+        self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+        return resp
+
     def _one(self, r: Request) -> list[Generation]:
         kwargs = {}
         if r.tools:
@@ -203,17 +216,11 @@ class OpenAILM(LM):
         if r.json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": r.json_schema}}
-        import openai
-
-        try:
-            resp = self.client.chat.completions.create(
-                model=self.model, messages=r.messages, n=r.n, temperature=r.temperature, max_tokens=r.max_tokens,
-                stop=list(r.stop) or None, seed=r.seed, **kwargs)
-        except openai.BadRequestError as e:  # the request itself is wrong (too long, say): the caller decides
-            raise PocketError(f"{self.name} refused a request: {e.message}") from None
+        resp = self._send(self.client.chat.completions.create, model=self.model, messages=r.messages, n=r.n,
+                          temperature=r.temperature, max_tokens=r.max_tokens, stop=list(r.stop) or None,
+                          seed=r.seed, **kwargs)
         choices = sorted(resp.choices, key=lambda c: c.index)
         usage = resp.usage
-        self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
         per_choice = (usage.completion_tokens // max(1, len(choices))) if usage else 0
         return [Generation(c.message.content or "", c.finish_reason or "stop", per_choice, _calls(c.message))
                 for c in choices]
@@ -224,17 +231,10 @@ class OpenAILM(LM):
 
     def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
                        stop: tuple[str, ...] = (), seed: int | None = None) -> list[Generation]:
-        import openai
-
         def one(prompt: str) -> Generation:
-            try:
-                resp = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
-                                                      temperature=temperature, stop=list(stop) or None, seed=seed)
-            except openai.BadRequestError as e:
-                raise PocketError(f"{self.name} refused a request: {e.message}") from None
-            usage = resp.usage
-            self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-            c = resp.choices[0]
+            resp = self._send(self.client.completions.create, model=self.model, prompt=prompt,
+                              max_tokens=max_tokens, temperature=temperature, stop=list(stop) or None, seed=seed)
+            usage, c = resp.usage, resp.choices[0]
             return Generation(c.text, c.finish_reason or "stop", usage.completion_tokens if usage else 0)
 
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:

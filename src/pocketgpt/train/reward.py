@@ -23,7 +23,7 @@ import torch
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import PocketError, atomic_write_json, console, read_jsonl
-from ..data.tasks.base import is_refusal
+from ..data.tasks.base import truthfulness
 from ..model import GPT
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
@@ -61,13 +61,7 @@ class Comparison:
 def rubric_key(task, example, text: str, finished: bool, n_tokens: int) -> tuple:
     """What the labeler looks at, most important first (smaller is better): truthful < refuses <
     wrong; then well-formed; then the length, which `ranks_from_keys` judges within the group."""
-    if task.verify(example, text) and task.sound_working(example, text):
-        truth = 0
-    elif is_refusal(text):
-        truth = 1
-    else:
-        truth = 2
-    return truth, not finished, n_tokens
+    return truthfulness(task, example, text), not finished, n_tokens
 
 
 def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list[int]:

@@ -183,6 +183,14 @@ def assistant(content: str) -> dict:
     return {"role": "assistant", "content": content}
 
 
+def truthfulness(task: "Task", example: Example, text: str) -> int:
+    """The labelers' first question about a reply: 0 right (and soundly worked), 1 an honest refusal,
+    2 wrong. The reward model's rubric and the arena's judge both rank by it."""
+    if task.verify(example, text) and task.sound_working(example, text):
+        return 0
+    return 1 if is_refusal(text) else 2
+
+
 def check_prompt(question: str, reply: str) -> str:
     """The self-check question: the reflection strategy asks it, the "check" rendering trains it."""
     return f"{question}\nProposed answer:\n{reply}\nIs the proposed answer right? Reply yes or no."
