@@ -749,6 +749,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("lab", help="the seeds' science, reproduced: grokking, scaling, recall, diversity")
+    lsub = p.add_subparsers(dest="experiment", required=True)
+    from .lab import EXPERIMENTS, experiment
+
+    for name, (module, help_text) in EXPERIMENTS.items():
+        e = lsub.add_parser(name, help=help_text)
+        try:
+            mod = experiment(name)
+        except ModuleNotFoundError as err:  # an experiment not written yet must not break the whole CLI
+            if err.name != module:
+                raise
+            continue
+        e.description = mod.__doc__.split("\n\n")[0] if mod.__doc__ else help_text
+        mod.add_arguments(e)
+        e.set_defaults(func=mod.main)
+
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("run")
     p.set_defaults(func=cmd_info)

@@ -45,6 +45,7 @@ from ..common import (
     set_threads,
 )
 from ..model import GPT
+from .grad_filter import make_grad_filter
 
 
 @dataclass
@@ -61,6 +62,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; the lab compares optimizers)
+    grad_filter: str = "none"  # none | grokfast (train/grad_filter.py)
+    grokfast_alpha: float = 0.98
+    grokfast_lambda: float = 2.0
     dtype: str = "bfloat16"  # bfloat16 | float32 (autocast dtype for forward/backward)
     compile: bool = False
     threads: int = 0  # CPU threads; 0 = PyTorch's default
@@ -126,12 +131,16 @@ def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices and embeddings only (not on norm gains)."""
+    """AdamW (or SGD with momentum); weight decay on matrices and embeddings only (not on norm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    raise PocketError(f"unknown optimizer {cfg.optimizer!r}: adamw or sgd")
 
 
 class Trainer:
@@ -145,6 +154,7 @@ class Trainer:
         self.device, self.dist = device, dist_info
         self.evaluate, self.sample = evaluate, sample
         self.optimizer = make_optimizer(model, cfg)
+        self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
         self.wrapped: torch.nn.Module = model
         if dist_info.enabled:
@@ -202,6 +212,8 @@ class Trainer:
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
         if not math.isfinite(total):
             raise PocketError(f"{self.stage}: loss became {total} at step {self.step}; lower the learning rate")
+        if self.grad_filter:  # after DDP's all-reduce: every rank filters the same averaged gradient
+            self.grad_filter()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,28 @@
+"""The lab: the seeds' scientific stories, each reproduced by one command and a plot.
+
+    pocketgpt lab grokking  OUT      modular division: memorise first, generalise much later (+ Grokfast)
+    pocketgpt lab scaling   OUT      a ladder of model sizes: loss power law, abilities that emerge
+    pocketgpt lab recall    RUN      logit lens + attention knockout: where a fact is recalled
+    pocketgpt lab diversity RUN      what SFT and RL do to the diversity of samples
+
+Each experiment is a module here with `add_arguments(parser)` and `main(args)`; it writes its plots
+(`*.png`), its numbers (`*.json`) and a short `summary.md` into its output directory. An experiment
+that trains uses the shared `train.loop.Trainer` with a small objective, not a trainer of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> (module, one-line help); modules are imported only when their command runs
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "grokking": ("pocketgpt.lab.grokking", "modular arithmetic: delayed generalisation, with and without Grokfast"),
+    "scaling": ("pocketgpt.lab.scaling", "a ladder of model sizes: loss against compute, abilities against size"),
+    "recall": ("pocketgpt.lab.recall", "logit lens and attention knockout on fact prompts, layer by layer"),
+    "diversity": ("pocketgpt.lab.diversity", "sample diversity of base, SFT, PPO and GRPO on name generation"),
+}
+
+
+def experiment(name: str) -> ModuleType:
+    return importlib.import_module(EXPERIMENTS[name][0])
