@@ -226,7 +226,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cached: CacheView | None):
+    def forward(self, x, cos, sin, cached: CacheView | None, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
@@ -235,7 +235,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = cfg.n_kv_head != cfg.n_head
         if cached is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:  # append to each row's keys and values, then attend over the row's history
             k_rows, v_rows = cached.cache.k[self.layer, cached.rows], cached.cache.v[self.layer, cached.rows]
             if cached.start is not None:
@@ -270,8 +270,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cached):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cached)
+    def forward(self, x, cos, sin, cached, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cached, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -328,14 +328,20 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice | None = None,
-                      advance: bool = True, all_layers: bool = False):
+                      advance: bool = True, all_layers: bool = False,
+                      attn_masks: dict[int, torch.Tensor] | None = None):
         """Final (normed) hidden states (B, T, d); with all_layers, the residual stream after every block too.
 
         With a cache, the B rows of `idx` continue cache rows `rows` (default: the first B), each after
         its own length; `advance=False` leaves the lengths for the caller to move (a batch in which
-        some rows only wait)."""
+        some rows only wait). `attn_masks` replaces the causal mask of some layers (layer -> a boolean
+        (B, 1, T, T) mask, True where a query may see a key): interpretability experiments cut
+        chosen attention edges with it (the lab's attention knockout)."""
         B, T = idx.shape
         cached = None
+        attn_masks = attn_masks or {}
+        if attn_masks and cache is not None:
+            raise PocketError("attention masks replace the causal mask of a full pass: not with a cache")
         if cache is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             if T > self.cfg.max_seq_len:
@@ -346,8 +352,8 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[cached.positions].unsqueeze(1), self.rope_sin[cached.positions].unsqueeze(1)
         x = self.model.embed_tokens(idx)
         stream = [x] if all_layers else None
-        for block in self.model.layers:
-            x = block(x, cos, sin, cached)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, cached, attn_masks.get(i))
             if all_layers:
                 stream.append(x)
         if cached is not None and advance:
