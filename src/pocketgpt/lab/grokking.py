@@ -1,0 +1,300 @@
+"""Grokking: a small transformer memorises a table of modular division long before it understands it.
+
+Power et al. (2022) trained a 2-layer transformer on half of the table x / y (mod 97): training accuracy
+reaches ~100% within a thousand steps, while validation accuracy stays at chance for much longer and then
+jumps to ~100%. Weight decay shortens the wait; without it the plateau lasts ~10^5 steps. Grokfast (Lee
+et al. 2024) amplifies the slow component of the gradients and generalises many times sooner.
+
+    pocketgpt lab grokking OUT                       # weight decay 1, no weight decay, no weight decay + Grokfast
+
+Each run is the shared Trainer with a four-token objective: "x op y =" and the loss on the answer only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..common import PocketError
+
+OPERATIONS = {
+    "div": lambda x, y, p: x * pow(y, -1, p) % p,  # x / y: y ranges over 1..p-1
+    "add": lambda x, y, p: (x + y) % p,
+    "sub": lambda x, y, p: (x - y) % p,
+    "mul": lambda x, y, p: x * y % p,
+    "x2+y2": lambda x, y, p: (x * x + y * y) % p,
+}
+
+# The three runs of the experiment: (name, what it changes in the settings given on the command line)
+RUNS = {
+    "weight_decay": "the paper's setting: AdamW with the given weight decay (1 by default)",
+    "no_weight_decay": "the same without weight decay: the long plateau",
+    "grokfast": "no weight decay, Grokfast's EMA gradient filter (alpha 0.98, lambda 2)",
+}
+
+
+@dataclass
+class Settings:
+    operation: str = "div"
+    prime: int = 97
+    train_frac: float = 0.5
+    weight_decay: float = 1.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    batch_size: int = 512
+    steps: int = 20_000  # at most, per run; a run stops once validation accuracy reaches `stop_at`
+    stop_at: float = 0.99
+    eval_every: int = 10
+    seed: int = 0
+
+
+def table(operation: str, p: int) -> list[tuple[int, int, int]]:
+    """Every equation (x, y, x op y) of the operation mod p."""
+    if operation not in OPERATIONS:
+        raise PocketError(f"unknown operation {operation!r}: {', '.join(OPERATIONS)}")
+    if p < 3 or any(p % d == 0 for d in range(2, int(p ** 0.5) + 1)):
+        raise PocketError(f"--prime must be a prime >= 3, got {p}")
+    f = OPERATIONS[operation]
+    ys = range(1, p) if operation == "div" else range(p)
+    return [(x, y, f(x, y, p)) for x in range(p) for y in ys]
+
+
+def split_table(rows: list[tuple[int, int, int]], train_frac: float, seed: int):
+    """A seeded random split of the table into training and validation equations."""
+    if not 0.0 < train_frac < 1.0:
+        raise PocketError(f"--train-frac must be in (0, 1), got {train_frac}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = round(train_frac * len(rows))
+    return [rows[i] for i in sorted(order[:cut])], [rows[i] for i in sorted(order[cut:])]
+
+
+def encode(rows: list[tuple[int, int, int]], p: int):
+    """Token ids (N, 4) of "x op y =" (numbers are tokens 0..p-1, op is p, '=' is p+1) and answers (N,)."""
+    import torch
+
+    data = torch.tensor(rows, dtype=torch.long)
+    n = len(rows)
+    inputs = torch.stack([data[:, 0], torch.full((n,), p), data[:, 1], torch.full((n,), p + 1)], dim=1)
+    return inputs, data[:, 2]
+
+
+def answer_targets(answers):
+    """Targets for the model's loss: -1 (ignored) everywhere but the last position, which must say the answer."""
+    import torch
+
+    targets = torch.full((len(answers), 4), -1, dtype=torch.long)
+    targets[:, -1] = answers
+    return targets
+
+
+class TableObjective:
+    """Minibatches drawn from the training equations; the position is the step count, so resuming is exact."""
+
+    def __init__(self, inputs, answers, batch_size: int, seed: int):
+        self.inputs, self.targets = inputs, answer_targets(answers)
+        self.batch_size, self.seed, self.draws = batch_size, seed, 0
+
+    def loss(self, model):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
+        self.draws += 1
+        rows = torch.randint(len(self.inputs), (self.batch_size,), generator=g)
+        return model(self.inputs[rows], self.targets[rows]), {}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.batch_size * 4
+
+    def state(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state(self, state: dict) -> None:
+        self.draws = state["draws"]
+
+
+def measure(model, inputs, answers) -> tuple[float, float]:
+    """(accuracy, loss) of the model's answers at the last position."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)[:, -1].float()
+    model.train()
+    return (logits.argmax(-1) == answers).float().mean().item(), F.cross_entropy(logits, answers).item()
+
+
+def run_settings(name: str, s: Settings) -> Settings:
+    if name == "weight_decay":
+        return s
+    if name in ("no_weight_decay", "grokfast"):
+        return replace(s, weight_decay=0.0)
+    raise PocketError(f"unknown run {name!r}: {', '.join(RUNS)}")
+
+
+def train_run(name: str, s: Settings, out: Path, resume: bool) -> dict:
+    """Train one run into out/name; returns its summary (steps to 99% train and 95% validation accuracy)."""
+    import torch
+
+    from ..common import read_jsonl
+    from ..model import GPT, GPTConfig
+    from ..train.loop import TrainConfig, Trainer, stage_setup
+
+    s = run_settings(name, s)
+    rows = table(s.operation, s.prime)
+    train_rows, val_rows = split_table(rows, s.train_frac, s.seed)
+    train_x, train_y = encode(train_rows, s.prime)
+    val_x, val_y = encode(val_rows, s.prime)
+    tc = TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=4, lr=s.lr, warmup_steps=10,
+                     schedule="constant", weight_decay=s.weight_decay, beta1=0.9, beta2=0.98,
+                     grad_clip=float("inf"), dtype="float32", optimizer=s.optimizer,
+                     grad_filter="grokfast" if name == "grokfast" else "none",
+                     eval_every=s.eval_every, log_every=s.eval_every, save_every=max(1000, s.eval_every),
+                     sample_every=10 ** 9, seed=s.seed, device="cpu")
+    device, info, out_dir = stage_setup(tc, out, name, resume)
+    torch.manual_seed(s.seed)
+    # Power et al.'s network: 2 layers, width 128, 4 heads; a token per number and per symbol.
+    model = GPT(GPTConfig(vocab_size=s.prime + 2, n_layer=2, n_head=4, n_kv_head=4, d_model=128, d_ff=512,
+                          max_seq_len=4, tie_embeddings=False)).to(device)
+    # ...and its initialisation: PyTorch's defaults (embeddings ~ N(0, 1), linear layers ~ U(+-1/sqrt(fan_in))),
+    # far larger than a language model's 0.02. A large initial weight norm is what makes the network
+    # memorise first; weight decay then slowly shrinks it towards the generalising solution (Liu et al. 2023).
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    def evaluate(m) -> dict:
+        train_acc, train_loss = measure(m, train_x, train_y)
+        val_acc, val_loss = measure(m, val_x, val_y)
+        return {"train_acc": train_acc, "train_loss": train_loss, "val_acc": val_acc, "val_loss": val_loss}
+
+    metrics_path = out_dir / "metrics.jsonl"
+    trainer = Trainer(model, TableObjective(train_x, train_y, s.batch_size, s.seed), tc, out_dir, name,
+                      metrics_path, device, info, evaluate=evaluate, until=lambda ev: ev["val_acc"] >= s.stop_at)
+    if resume:
+        trainer.resume()
+    t0 = time.time()
+    trainer.run()
+    curve = [r for r in read_jsonl(metrics_path) if "val_acc" in r]
+    return {"run": name, "description": RUNS[name], "weight_decay": s.weight_decay, "steps": trainer.step,
+            "time_s": round(time.time() - t0, 1),
+            "steps_to_train_99": first_step(curve, "train_acc", 0.99),
+            "steps_to_val_95": first_step(curve, "val_acc", 0.95),
+            "final_train_acc": curve[-1]["train_acc"] if curve else None,
+            "final_val_acc": curve[-1]["val_acc"] if curve else None, "curve": curve}
+
+
+def first_step(curve: list[dict], key: str, level: float) -> int | None:
+    """The first evaluated step at which `key` reached `level` (None if it never did)."""
+    return next((r["step"] for r in curve if r[key] >= level), None)
+
+
+def speedup(baseline: dict, filtered: dict) -> tuple[float | None, bool]:
+    """How many times sooner (in steps) Grokfast reached 95% validation accuracy, and whether that is only a
+    lower bound (the baseline never got there within its step budget)."""
+    if filtered["steps_to_val_95"] is None:
+        return None, False
+    if baseline["steps_to_val_95"] is None:
+        return baseline["steps"] / filtered["steps_to_val_95"], True
+    return baseline["steps_to_val_95"] / filtered["steps_to_val_95"], False
+
+
+def plot(results: list[dict], s: Settings, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, r in enumerate(results):
+        steps = [c["step"] for c in r["curve"]]
+        color = f"C{i}"
+        acc_ax.plot(steps, [c["train_acc"] for c in r["curve"]], color=color, ls="--", label=f"{r['run']} train")
+        acc_ax.plot(steps, [c["val_acc"] for c in r["curve"]], color=color, label=f"{r['run']} validation")
+        loss_ax.plot(steps, [c["train_loss"] for c in r["curve"]], color=color, ls="--")
+        loss_ax.plot(steps, [c["val_loss"] for c in r["curve"]], color=color)
+    symbol = {"div": "/", "add": "+", "sub": "-", "mul": "*"}.get(s.operation, s.operation)
+    acc_ax.set(xscale="log", xlabel="optimization steps", ylabel="accuracy", ylim=(0, 1.02),
+               title=f"x {symbol} y (mod {s.prime}), {s.train_frac:.0%} of the table for training")
+    loss_ax.set(xscale="log", yscale="log", xlabel="optimization steps", ylabel="loss (dashed: train)")
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(results: list[dict], s: Settings) -> str:
+    lines = [f"# Grokking: x {s.operation} y mod {s.prime}, {s.train_frac:.0%} of the table for training", "",
+             "| run | weight decay | steps run | 99% train at step | 95% validation at step | final validation |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['run']} | {r['weight_decay']:g} | {r['steps']} | {r['steps_to_train_99'] or 'never'} | "
+                     f"{r['steps_to_val_95'] or 'never'} | {r['final_val_acc']:.1%} |")
+    by_name = {r["run"]: r for r in results}
+    if "weight_decay" in by_name:
+        r = by_name["weight_decay"]
+        if r["steps_to_train_99"] and r["steps_to_val_95"]:
+            lines += ["", f"With weight decay, training accuracy reached 99% at step {r['steps_to_train_99']} and "
+                          f"validation accuracy 95% at step {r['steps_to_val_95']}: "
+                          f"{r['steps_to_val_95'] / r['steps_to_train_99']:.1f}x later."]
+    if "no_weight_decay" in by_name and "grokfast" in by_name:
+        factor, bound = speedup(by_name["no_weight_decay"], by_name["grokfast"])
+        if factor is not None:
+            lines += ["", f"Without weight decay, Grokfast reached 95% validation accuracy "
+                          f"{'at least ' if bound else ''}{factor:.1f}x sooner in steps"
+                          + (" (the baseline never got there within its budget)." if bound else ".")]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Settings()
+    p.add_argument("out", help="output directory (one folder per run, plus grokking.json/.png and summary.md)")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated runs (default: all of {', '.join(RUNS)})")
+    p.add_argument("--operation", default=d.operation, choices=list(OPERATIONS))
+    p.add_argument("--prime", type=int, default=d.prime)
+    p.add_argument("--train-frac", type=float, default=d.train_frac, help="share of the table used for training")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="of the weight_decay run")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--steps", type=int, default=d.steps, help="step budget per run")
+    p.add_argument("--stop-at", type=float, default=d.stop_at, help="stop a run once validation accuracy reaches this")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue the runs from their checkpoints")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def main(args) -> None:
+    from rich.table import Table
+
+    from ..common import atomic_write_json, atomic_write_text, console, set_threads
+
+    set_threads(args.threads)
+    s = Settings(operation=args.operation, prime=args.prime, train_frac=args.train_frac,
+                 weight_decay=args.weight_decay, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+                 stop_at=args.stop_at, eval_every=args.eval_every, seed=args.seed)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    for n in names:
+        run_settings(n, s)  # unknown names fail before any training
+    out = Path(args.out)
+    results = [train_run(n, s, out, args.resume) for n in names]
+    atomic_write_json(out / "grokking.json", {"settings": s.__dict__, "runs": results})
+    plot(results, s, out / "grokking.png")
+    atomic_write_text(out / "summary.md", summary_markdown(results, s))
+    table_ = Table(title=f"grokking: {out}")
+    for col in ("run", "steps", "99% train @", "95% val @", "final val", "time"):
+        table_.add_column(col)
+    for r in results:
+        table_.add_row(r["run"], str(r["steps"]), str(r["steps_to_train_99"] or "never"),
+                       str(r["steps_to_val_95"] or "never"), f"{r['final_val_acc']:.1%}", f"{r['time_s']:.0f} s")
+    console.print(table_)
+    console.print(summary_markdown(results, s).split("\n\n", 1)[-1].strip())
+    console.print(f"plot: {out / 'grokking.png'}")

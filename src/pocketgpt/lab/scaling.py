@@ -1,0 +1,218 @@
+"""Scaling and emergence: the same data and budget rule for a ladder of model sizes.
+
+Kaplan et al. (2020) and Chinchilla (2022) found that a language model's loss falls as a power law of
+its size and of the compute spent on it; Wei et al. (2022) that some abilities stay near zero in small
+models and appear in larger ones. The ladder pretrains models from a few hundred thousand parameters up
+to the speedrun's size on the run's own data mixture, each on the same number of tokens (the budget
+rule: compute grows with size only), then measures:
+
+    validation loss            against non-embedding parameters and training FLOPs, with fitted power laws
+    few-shot accuracy          head and tail facts, in-context copying, arithmetic, against size
+
+    pocketgpt lab scaling RUN                 # RUN has tokenizer/ and data/ (a speedrun's run directory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from ..common import PocketError
+
+# d_model x n_layer, smallest to the speedrun's `small` preset (256 x 6)
+DEFAULT_LADDER = "64x2,128x3,192x4,256x6"
+FEWSHOT_TASKS = ("factqa_head", "factqa_tail", "arithmetic")
+
+
+def parse_ladder(text: str) -> list[tuple[int, int]]:
+    """"64x2,128x3" -> [(64, 2), (128, 3)], sorted by size; widths must split into 64-wide heads."""
+    rungs = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        if not m:
+            raise PocketError(f"--ladder entry {part!r} is not WIDTHxLAYERS (e.g. 128x3)")
+        width, layers = int(m[1]), int(m[2])
+        if width % 64 or width < 64 or layers < 1:
+            raise PocketError(f"--ladder entry {part!r}: width must be a positive multiple of 64 (64-wide heads)")
+        rungs.append((width, layers))
+    if len(rungs) < 2:
+        raise PocketError("--ladder needs at least two sizes")
+    return sorted(set(rungs), key=lambda r: r[0] ** 2 * r[1])
+
+
+def fit_power_law(xs: list[float], ys: list[float]) -> dict:
+    """Least squares in log-log space: y = a * x^b; returns a, b and the fit's R^2 (of log y)."""
+    import numpy as np
+
+    lx, ly = np.log(np.asarray(xs, dtype=float)), np.log(np.asarray(ys, dtype=float))
+    b, log_a = np.polyfit(lx, ly, 1)
+    predicted = log_a + b * lx
+    ss_res, ss_tot = float(((ly - predicted) ** 2).sum()), float(((ly - ly.mean()) ** 2).sum())
+    return {"a": float(math.exp(log_a)), "b": float(b), "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+def prepare_rung_dir(run: Path, rung_dir: Path) -> None:
+    """A rung is a run directory of its own that shares the run's tokenizer and tokenized data."""
+    missing = [part for part in ("tokenizer", "data", "base") if not (run / part).exists()]
+    if missing:
+        raise PocketError(f"{run} has no {'/, '.join(missing)}/: the ladder trains on a pretrained run's "
+                          f"tokenizer and data with its settings (run `pocketgpt speedrun` first)")
+    rung_dir.mkdir(parents=True, exist_ok=True)
+    for part in ("tokenizer", "data"):
+        if not (rung_dir / part).exists():
+            os.symlink((run / part).resolve(), rung_dir / part, target_is_directory=True)
+
+
+def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, threads: int, resume: bool) -> dict:
+    """Pretrain one size with the run's pretraining settings (unless already done); its final loss and size."""
+    from dataclasses import fields, replace
+
+    from ..checkpoint import load_model
+    from ..train.loop import TrainConfig
+    from ..train.pretrain import PretrainConfig, pretrain
+
+    name = f"d{width}x{layers}"
+    rung_dir = out / name
+    prepare_rung_dir(run, rung_dir)
+    # The run's own pretraining settings and sources (other sources would re-tokenize the shared data/)
+    _, _, base_meta = load_model(run / "base")
+    known = {f.name for f in fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in base_meta["meta"]["train"].items() if k in known})
+    cfg = PretrainConfig(preset="small", sources=base_meta["meta"]["sources"],
+                         model={"d_model": width, "n_layer": layers, "n_head": width // 64, "n_kv_head": width // 64},
+                         train=replace(train, steps=steps, threads=threads or train.threads, sample_every=10 ** 9,
+                                       eval_every=steps, save_every=max(100, steps // 4)))
+    done = (rung_dir / "base" / "config.json").exists()
+    if not done:
+        pretrain(cfg, rung_dir, resume=resume or (rung_dir / "base" / "checkpoints").exists())
+    model, chat, meta = load_model(rung_dir / "base")
+    summary = meta["meta"]["summary"]
+    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+    return {"name": name, "d_model": width, "n_layer": layers, "dir": str(rung_dir / "base"),
+            "params": model.num_params(), "non_embedding_params": model.num_params(embeddings=False),
+            "tokens": tokens, "flops": model.flops_per_token(cfg.train.seq_len) * tokens,
+            "val_loss": summary["val_loss"], "val_bpb": summary.get("val_bpb"),
+            "train_time_s": summary.get("time_s")}
+
+
+def fewshot_abilities(model_dir: str, n: int) -> dict:
+    """Few-shot accuracy of a base model on facts (head, tail), arithmetic, and in-context copying."""
+    from ..checkpoint import load_model
+    from ..data.tasks import get_task
+    from ..evaluate.harness import copying, evaluate_task
+
+    model, chat, _ = load_model(model_dir)
+    model.eval()
+    scores = {}
+    for task in FEWSHOT_TASKS:
+        r = evaluate_task(model, chat, get_task(task), "test", n, shots=3, mode="fewshot", show_progress=False)
+        scores[task] = {"accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n}
+    copy = copying(model, chat, n=n)
+    scores["copying"] = {"accuracy": (copy["expression"] + copy["result"]) / 2, "n": 2 * n}
+    return scores
+
+
+def plot(rungs: list[dict], fits: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, label in ((axes[0], "non_embedding_params", "non-embedding parameters"),
+                           (axes[1], "flops", "training compute (FLOPs)")):
+        xs = [r[key] for r in rungs]
+        ax.scatter(xs, [r["val_loss"] for r in rungs], color="C0", zorder=3)
+        for r in rungs:
+            ax.annotate(r["name"], (r[key], r["val_loss"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        fit = fits[key]
+        grid = np.geomspace(min(xs), max(xs), 50)
+        ax.plot(grid, fit["a"] * grid ** fit["b"], color="C1", ls="--",
+                label=f"L = {fit['a']:.3g} x^{fit['b']:.3f} (R² {fit['r2']:.3f})")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="validation loss (nats/token)")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    params = [r["params"] for r in rungs]
+    for i, task in enumerate([*FEWSHOT_TASKS, "copying"]):
+        ax.plot(params, [r["abilities"][task]["accuracy"] for r in rungs], marker="o", color=f"C{i}", label=task)
+    ax.set(xscale="log", xlabel="parameters", ylabel="few-shot accuracy", ylim=(-0.02, 1.02),
+           title="abilities against size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(rungs: list[dict], fits: dict) -> str:
+    lines = ["# Scaling: one data mixture, one token budget, a ladder of sizes", "",
+             "| model | params | non-embedding | tokens | FLOPs | val loss | head facts | tail facts | arithmetic "
+             "| copying |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rungs:
+        a = r["abilities"]
+        lines.append(f"| {r['name']} | {r['params']:,} | {r['non_embedding_params']:,} | {r['tokens']:,} | "
+                     f"{r['flops']:.2e} | {r['val_loss']:.3f} | " +
+                     " | ".join(f"{a[t]['accuracy']:.0%}" for t in (*FEWSHOT_TASKS, "copying")) + " |")
+    p, c = fits["non_embedding_params"], fits["flops"]
+    lines += ["", f"Validation loss ~ N^{p['b']:.3f} in non-embedding parameters (R² {p['r2']:.3f}) and "
+                  f"~ C^{c['b']:.3f} in training compute (R² {c['r2']:.3f}); Kaplan et al. report exponents of "
+                  f"-0.076 and -0.050 for models trained to convergence."]
+    small, large = rungs[0]["abilities"], rungs[-1]["abilities"]
+    grown = [t for t in (*FEWSHOT_TASKS, "copying") if large[t]["accuracy"] - small[t]["accuracy"] >= 0.2]
+    if grown:
+        lines += ["", "From the smallest to the largest model: " + ", ".join(
+            f"{t} {small[t]['accuracy']:.0%} -> {large[t]['accuracy']:.0%}" for t in grown) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory with tokenizer/ and data/ (e.g. the speedrun's)")
+    p.add_argument("--ladder", default=DEFAULT_LADDER, help=f"sizes as WIDTHxLAYERS (default {DEFAULT_LADDER})")
+    p.add_argument("--steps", type=int, default=500,
+                   help="pretraining steps of every rung (the budget rule: the same tokens for every size; "
+                        "the speedrun's pretraining takes 1000)")
+    p.add_argument("--n", type=int, default=100, help="test examples per few-shot task")
+    p.add_argument("--out", help="output directory (default RUN/lab/scaling)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted rung")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def main(args) -> None:
+    from rich.table import Table
+
+    from ..common import atomic_write_json, atomic_write_text, console
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "lab" / "scaling"
+    ladder = parse_ladder(args.ladder)
+    t0 = time.time()
+    rungs = []
+    for width, layers in ladder:
+        console.print(f"[bold]rung d{width}x{layers}[/]")
+        rung = train_rung(run, out, width, layers, args.steps, args.threads, args.resume)
+        rung["abilities"] = fewshot_abilities(rung["dir"], args.n)
+        rungs.append(rung)
+    fits = {key: fit_power_law([r[key] for r in rungs], [r["val_loss"] for r in rungs])
+            for key in ("non_embedding_params", "flops")}
+    atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": args.steps, "rungs": rungs,
+                                             "fits": fits, "time_s": round(time.time() - t0, 1)})
+    plot(rungs, fits, out / "scaling.png")
+    text = summary_markdown(rungs, fits)
+    atomic_write_text(out / "summary.md", text)
+    table = Table(title=f"scaling: {out}")
+    for col in ("model", "params", "val loss", *FEWSHOT_TASKS, "copying"):
+        table.add_column(col)
+    for r in rungs:
+        table.add_row(r["name"], f"{r['params']:,}", f"{r['val_loss']:.3f}",
+                      *(f"{r['abilities'][t]['accuracy']:.0%}" for t in (*FEWSHOT_TASKS, "copying")))
+    console.print(table)
+    console.print(text.split("\n\n", 2)[-1].strip())
+    console.print(f"plot: {out / 'scaling.png'} ({time.time() - t0:.0f} s)")
