@@ -41,17 +41,21 @@ def main_raising(argv):
 
 def test_tiny_ladder_end_to_end(tmp_path, tokenizer):
     run, cfg = make_run(tmp_path, tokenizer, "run", steps=4)
-    assert run_cli(["pretrain", str(run), "--config", str(cfg)]).returncode == 0
+    # the tiny preset (64 wide, 2 layers) with one 64-wide head: the ladder's "64x2"
+    assert run_cli(["pretrain", str(run), "--config", str(cfg), "--set", "pretrain.model.n_head=1",
+                    "--set", "pretrain.model.n_kv_head=1"]).returncode == 0
     data_before = sorted(p.name for p in (run / "data").iterdir())
     out = tmp_path / "ladder"
-    assert main(["lab", "scaling", str(run), "--ladder", "64x1,64x2,128x1", "--steps", "3", "--n", "4",
+    # 64x2 is the run's own model (the tiny preset) trained for the run's own 4 steps: reused, not retrained
+    assert main(["lab", "scaling", str(run), "--ladder", "64x1,64x2,128x1", "--n", "4",
                  "--out", str(out), "--threads", "1"]) == 0
     report = json.loads((out / "scaling.json").read_text())
     names = [r["name"] for r in report["rungs"]]
     assert names == ["d64x1", "d64x2", "d128x1"]
     params = [r["non_embedding_params"] for r in report["rungs"]]
     assert params == sorted(params) and len(set(params)) == 3
-    assert all(r["tokens"] == 3 * 8 * 64 for r in report["rungs"])  # the run's batch 8 x 64 tokens, 3 steps
+    assert all(r["tokens"] == 4 * 8 * 64 for r in report["rungs"])  # the run's 4 steps of 8 x 64 tokens
+    assert report["rungs"][1]["dir"] == str(run / "base") and not (out / "d64x2").exists()
     assert set(report["rungs"][0]["abilities"]) == {"factqa_head", "factqa_tail", "arithmetic", "copying"}
     assert set(report["fits"]) == {"non_embedding_params", "flops"}
     assert (out / "scaling.png").exists() and "| d128x1 |" in (out / "summary.md").read_text()

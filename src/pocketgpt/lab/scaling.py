@@ -55,46 +55,61 @@ def fit_power_law(xs: list[float], ys: list[float]) -> dict:
     return {"a": float(math.exp(log_a)), "b": float(b), "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
 
 
-def prepare_rung_dir(run: Path, rung_dir: Path) -> None:
-    """A rung is a run directory of its own that shares the run's tokenizer and tokenized data."""
+def require_pretrained(run: Path) -> None:
     missing = [part for part in ("tokenizer", "data", "base") if not (run / part).exists()]
     if missing:
         raise PocketError(f"{run} has no {'/, '.join(missing)}/: the ladder trains on a pretrained run's "
                           f"tokenizer and data with its settings (run `pocketgpt speedrun` first)")
+
+
+def prepare_rung_dir(run: Path, rung_dir: Path) -> None:
+    """A rung is a run directory of its own that shares the run's tokenizer and tokenized data."""
     rung_dir.mkdir(parents=True, exist_ok=True)
     for part in ("tokenizer", "data"):
         if not (rung_dir / part).exists():
             os.symlink((run / part).resolve(), rung_dir / part, target_is_directory=True)
 
 
-def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, threads: int, resume: bool) -> dict:
-    """Pretrain one size with the run's pretraining settings (unless already done); its final loss and size."""
-    from dataclasses import fields, replace
+def run_settings(run: Path) -> tuple[dict, "TrainConfig"]:  # noqa: F821
+    """The run's base model config and its pretraining settings, as its config.json recorded them."""
+    from dataclasses import fields
+
+    from ..checkpoint import read_config
+    from ..train.loop import TrainConfig
+
+    config = read_config(run / "base")
+    known = {f.name for f in fields(TrainConfig)}
+    return config, TrainConfig(**{k: v for k, v in config["meta"]["train"].items() if k in known})
+
+
+def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, threads: int) -> dict:
+    """Pretrain one size with the run's pretraining settings and sources (other sources would re-tokenize
+    the shared data/); a rung of the run's own size and budget is the run's base model itself."""
+    from dataclasses import replace
 
     from ..checkpoint import load_model
-    from ..train.loop import TrainConfig
     from ..train.pretrain import PretrainConfig, pretrain
 
     name = f"d{width}x{layers}"
-    rung_dir = out / name
-    prepare_rung_dir(run, rung_dir)
-    # The run's own pretraining settings and sources (other sources would re-tokenize the shared data/)
-    _, _, base_meta = load_model(run / "base")
-    known = {f.name for f in fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in base_meta["meta"]["train"].items() if k in known})
-    cfg = PretrainConfig(preset="small", sources=base_meta["meta"]["sources"],
-                         model={"d_model": width, "n_layer": layers, "n_head": width // 64, "n_kv_head": width // 64},
-                         train=replace(train, steps=steps, threads=threads or train.threads, sample_every=10 ** 9,
-                                       eval_every=steps, save_every=max(100, steps // 4)))
-    done = (rung_dir / "base" / "config.json").exists()
-    if not done:
-        pretrain(cfg, rung_dir, resume=resume or (rung_dir / "base" / "checkpoints").exists())
-    model, chat, meta = load_model(rung_dir / "base")
+    config, train = run_settings(run)
+    shape = {"d_model": width, "n_layer": layers, "n_head": width // 64, "n_kv_head": width // 64}
+    if all(config["model"][k] == v for k, v in shape.items()) and train.steps == steps:
+        model_dir = run / "base"
+    else:
+        rung_dir = out / name
+        prepare_rung_dir(run, rung_dir)
+        model_dir = rung_dir / "base"
+        cfg = PretrainConfig(preset="small", sources=config["meta"]["sources"], model=shape,
+                             train=replace(train, steps=steps, threads=threads or train.threads,
+                                           sample_every=10 ** 9, eval_every=steps, save_every=max(100, steps // 4)))
+        if not (model_dir / "config.json").exists():  # not trained yet, or interrupted: continue it
+            pretrain(cfg, rung_dir, resume=(model_dir / "checkpoints").exists())
+    model, _, meta = load_model(model_dir)
     summary = meta["meta"]["summary"]
-    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
-    return {"name": name, "d_model": width, "n_layer": layers, "dir": str(rung_dir / "base"),
+    tokens = steps * train.batch_size * train.seq_len
+    return {"name": name, "d_model": width, "n_layer": layers, "dir": str(model_dir),
             "params": model.num_params(), "non_embedding_params": model.num_params(embeddings=False),
-            "tokens": tokens, "flops": model.flops_per_token(cfg.train.seq_len) * tokens,
+            "tokens": tokens, "flops": model.flops_per_token(train.seq_len) * tokens,
             "val_loss": summary["val_loss"], "val_bpb": summary.get("val_bpb"),
             "train_time_s": summary.get("time_s")}
 
@@ -176,12 +191,11 @@ def summary_markdown(rungs: list[dict], fits: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory with tokenizer/ and data/ (e.g. the speedrun's)")
     p.add_argument("--ladder", default=DEFAULT_LADDER, help=f"sizes as WIDTHxLAYERS (default {DEFAULT_LADDER})")
-    p.add_argument("--steps", type=int, default=500,
-                   help="pretraining steps of every rung (the budget rule: the same tokens for every size; "
-                        "the speedrun's pretraining takes 1000)")
+    p.add_argument("--steps", type=int,
+                   help="pretraining steps of every rung (the budget rule: the same tokens for every size); "
+                        "default: the run's own, so the top rung of the default ladder is the run's base model")
     p.add_argument("--n", type=int, default=100, help="test examples per few-shot task")
     p.add_argument("--out", help="output directory (default RUN/lab/scaling)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted rung")
     p.add_argument("--threads", type=int, default=0)
 
 
@@ -193,16 +207,18 @@ def main(args) -> None:
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "lab" / "scaling"
     ladder = parse_ladder(args.ladder)
+    require_pretrained(run)
+    steps = args.steps or run_settings(run)[1].steps
     t0 = time.time()
     rungs = []
     for width, layers in ladder:
         console.print(f"[bold]rung d{width}x{layers}[/]")
-        rung = train_rung(run, out, width, layers, args.steps, args.threads, args.resume)
+        rung = train_rung(run, out, width, layers, steps, args.threads)
         rung["abilities"] = fewshot_abilities(rung["dir"], args.n)
         rungs.append(rung)
     fits = {key: fit_power_law([r[key] for r in rungs], [r["val_loss"] for r in rungs])
             for key in ("non_embedding_params", "flops")}
-    atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": args.steps, "rungs": rungs,
+    atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": steps, "rungs": rungs,
                                              "fits": fits, "time_s": round(time.time() - t0, 1)})
     plot(rungs, fits, out / "scaling.png")
     text = summary_markdown(rungs, fits)
