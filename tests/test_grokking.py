@@ -51,6 +51,13 @@ def test_a_short_run_writes_curves_plot_and_summary(tmp_path):
     assert (out / "grokking.png").stat().st_size > 10_000
     assert "| weight_decay | 1 |" in (out / "summary.md").read_text()
 
+    # the same command again reads the finished runs back; other settings into the same folder are refused
+    assert main(["lab", "grokking", str(out), "--operation", "add", "--prime", "5", "--train-frac", "0.5",
+                 "--runs", "weight_decay,grokfast", "--steps", "60", "--eval-every", "10"]) == 0
+    assert json.loads((out / "grokking.json").read_text())["runs"] == report["runs"]
+    assert main(["lab", "grokking", str(out), "--operation", "add", "--prime", "5", "--train-frac", "0.5",
+                 "--runs", "grokfast", "--steps", "60", "--eval-every", "10", "--lr", "0.01"]) == 2
+
 
 def test_summary_states_the_delay_and_the_speedup():
     curve = [{"step": 10, "train_acc": 1.0, "val_acc": 0.9}]

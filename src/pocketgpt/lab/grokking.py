@@ -7,15 +7,18 @@ et al. 2024) amplifies the slow component of the gradients and generalises many 
 
     pocketgpt lab grokking OUT                       # weight decay 1, no weight decay, no weight decay + Grokfast
 
+Running the same command again continues an interrupted run and reads finished ones back.
+
 Each run is the shared Trainer with a four-token objective: "x op y =" and the loss on the answer only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..common import PocketError
@@ -136,15 +139,23 @@ def run_settings(name: str, s: Settings) -> Settings:
     raise PocketError(f"unknown run {name!r}: {', '.join(RUNS)}")
 
 
-def train_run(name: str, s: Settings, out: Path, resume: bool) -> dict:
-    """Train one run into out/name; returns its summary (steps to 99% train and 95% validation accuracy)."""
+def train_run(name: str, s: Settings, out: Path) -> dict:
+    """Train one run into out/name, or continue it if it was interrupted; a finished run is read back.
+    Returns its summary (steps to 99% train and 95% validation accuracy, the curves)."""
     import torch
 
-    from ..common import read_jsonl
+    from ..common import atomic_write_json, read_jsonl
     from ..model import GPT, GPTConfig
     from ..train.loop import TrainConfig, Trainer, stage_setup
 
     s = run_settings(name, s)
+    result_path = out / name / "result.json"
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        if result["settings"] != asdict(s):
+            raise PocketError(f"{out / name} was run with other settings ({result['settings']}): "
+                              f"choose another output directory or delete it")
+        return result
     rows = table(s.operation, s.prime)
     train_rows, val_rows = split_table(rows, s.train_frac, s.seed)
     train_x, train_y = encode(train_rows, s.prime)
@@ -155,6 +166,7 @@ def train_run(name: str, s: Settings, out: Path, resume: bool) -> dict:
                      grad_filter="grokfast" if name == "grokfast" else "none",
                      eval_every=s.eval_every, log_every=s.eval_every, save_every=max(1000, s.eval_every),
                      sample_every=10 ** 9, seed=s.seed, device="cpu")
+    resume = (out / name / "checkpoints").exists()
     device, info, out_dir = stage_setup(tc, out, name, resume)
     torch.manual_seed(s.seed)
     # Power et al.'s network: 2 layers, width 128, 4 heads; a token per number and per symbol.
@@ -180,12 +192,14 @@ def train_run(name: str, s: Settings, out: Path, resume: bool) -> dict:
     t0 = time.time()
     trainer.run()
     curve = [r for r in read_jsonl(metrics_path) if "val_acc" in r]
-    return {"run": name, "description": RUNS[name], "weight_decay": s.weight_decay, "steps": trainer.step,
-            "time_s": round(time.time() - t0, 1),
+    result = {"run": name, "description": RUNS[name], "settings": asdict(s), "weight_decay": s.weight_decay,
+              "steps": trainer.step, "time_s": round(time.time() - t0, 1),
             "steps_to_train_99": first_step(curve, "train_acc", 0.99),
             "steps_to_val_95": first_step(curve, "val_acc", 0.95),
             "final_train_acc": curve[-1]["train_acc"] if curve else None,
             "final_val_acc": curve[-1]["val_acc"] if curve else None, "curve": curve}
+    atomic_write_json(result_path, result)
+    return result
 
 
 def first_step(curve: list[dict], key: str, level: float) -> int | None:
@@ -268,7 +282,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=float, default=d.stop_at, help="stop a run once validation accuracy reaches this")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue the runs from their checkpoints")
     p.add_argument("--threads", type=int, default=0)
 
 
@@ -285,8 +298,8 @@ def main(args) -> None:
     for n in names:
         run_settings(n, s)  # unknown names fail before any training
     out = Path(args.out)
-    results = [train_run(n, s, out, args.resume) for n in names]
-    atomic_write_json(out / "grokking.json", {"settings": s.__dict__, "runs": results})
+    results = [train_run(n, s, out) for n in names]
+    atomic_write_json(out / "grokking.json", {"settings": asdict(s), "runs": results})
     plot(results, s, out / "grokking.png")
     atomic_write_text(out / "summary.md", summary_markdown(results, s))
     table_ = Table(title=f"grokking: {out}")
