@@ -195,6 +195,21 @@ def write_report(run: str | Path) -> Path:
         parts.append(markdown_table(["checkpoint", "token entropy (nats)", "distinct names"],
                                     [[label, f"{d['entropy']:.3f}", f"{d['distinct_names']:.1%}"]
                                      for label, d in div]) + "\n")
+    lab_diversity = _load(run / "lab" / "diversity" / "diversity.json")
+    if lab_diversity:
+        from ..lab.diversity import diversity_table, verdicts
+
+        s = lab_diversity["settings"]
+        parts.append("## Diversity over seeds (`pocketgpt lab diversity`)\n")
+        parts.append(f"Names task, {s['prompts']} prompts x {s['samples']} samples at temperature {s['temperature']} "
+                     f"per seed; mean ± half the 95% t-interval over {len(s['seeds'])} seeds "
+                     "(definitions: lab/diversity/summary.md).\n")
+        parts.append(markdown_table(*diversity_table(lab_diversity)) + "\n")
+        lines = verdicts(lab_diversity)
+        if lines:
+            parts.append("\n".join(f"- {line}" for line in lines) + "\n")
+        if (run / "lab" / "diversity" / "diversity.png").exists():
+            parts.append("![diversity](lab/diversity/diversity.png)\n")
     copy = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("copying")) for stage, label in CHECKPOINTS]
     copy = [(label, c) for label, c in copy if c]
     if copy:
