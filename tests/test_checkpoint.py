@@ -3,7 +3,13 @@ import json
 import pytest
 import torch
 
-from pocketgpt.checkpoint import latest_training_state, load_model, save_model, save_training_state
+from pocketgpt.checkpoint import (
+    latest_training_state,
+    load_model,
+    save_model,
+    save_training_state,
+    stored_params,
+)
 from pocketgpt.common import PocketError
 from pocketgpt.model import GPT, preset
 from pocketgpt.tokenizer import BPETokenizer
@@ -68,6 +74,7 @@ def test_missing_and_half_written(tmp_path, tiny_model):
     assert latest_training_state(tmp_path) is None
     save_training_state(tmp_path, 5, tiny_model, opt, {"objective": {}})
     assert latest_training_state(tmp_path).name == "step_0000005"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000005"]  # the leftover is cleared
 
 
 def test_keeps_only_recent_training_states(tmp_path):
@@ -76,6 +83,32 @@ def test_keeps_only_recent_training_states(tmp_path):
     for step in (1, 2, 3, 4):
         save_training_state(tmp_path, step, model, opt, {"objective": {}}, keep=2)
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == ["step_0000003", "step_0000004"]
+
+
+def test_resuming_needs_only_the_newest_state_and_a_finished_model_none(tiny_model, chat, tmp_path):
+    opt = torch.optim.AdamW(tiny_model.parameters())
+    for step in (5, 10):
+        save_training_state(tmp_path, step, tiny_model, opt, {"objective": {}})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000010"]
+    save_model(tiny_model, tmp_path, chat)  # a model written by an interrupted stage: its state stays to resume
+    assert latest_training_state(tmp_path).name == "step_0000010"
+    # The last state of a finished run outlives the run (a kill before the model is written resumes from
+    # it, saved again at the same step), and goes once the model that replaces it is written.
+    for _ in range(2):
+        save_training_state(tmp_path, 12, tiny_model, opt, {"objective": {}, "replaced_by_model": True})
+        assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000012"]
+    assert json.loads((tmp_path / "checkpoints" / "step_0000012" / "state.json").read_text())["step"] == 12
+    save_model(tiny_model, tmp_path, chat)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_stored_params_counts_the_weights_on_disk(tiny_model, chat, tmp_path):
+    save_model(tiny_model, tmp_path / "sft", chat)
+    save_model(tiny_model.with_score_head(), tmp_path / "rm", chat)
+    assert stored_params(tmp_path / "sft") == tiny_model.num_params()  # the tied head counted once
+    assert stored_params(tmp_path / "rm") == tiny_model.num_params() + tiny_model.cfg.d_model  # + the score head
+    with pytest.raises(PocketError, match="not a valid safetensors"):
+        stored_params(tmp_path)
 
 
 def test_a_run_made_before_chat_templates_still_loads(tiny_model, chat, tmp_path):

@@ -1,8 +1,10 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import build_parser, main
@@ -32,6 +34,67 @@ def test_sample_and_info(tmp_path, tiny_model, chat, capsys):
     assert "sample 2" in capsys.readouterr().out
     assert main(["info", str(tmp_path)]) == 0
     assert "2 layers" in capsys.readouterr().out
+
+
+def test_info_counts_parameters_in_the_weights_and_bytes_on_disk(tmp_path, tiny_model, chat, capsys, monkeypatch):
+    from pocketgpt import cli
+    from pocketgpt.common import human, human_bytes
+
+    monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
+    save_model(tiny_model, tmp_path / "sft", chat, {"summary": {"steps": 3, "tokens": 5}})  # no "params" in it
+    save_model(tiny_model.with_score_head(), tmp_path / "rm", chat, {"summary": {"steps": 2, "tokens": 7}})
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    n = tiny_model.num_params()
+    assert f"sft  │ 2 layers, d=64, {human(n)} params; 3 steps" in out
+    assert f"rm   │ 2 layers, d=64, {human(n + 64)} params (with a score head); 2 steps" in out
+    size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert f"disk │ {human_bytes(size)}" in out and "BB" not in out
+
+
+def chat_model_that_calls_the_calculator(tiny_model, chat):
+    """The tiny model, made to memorise one tool-using conversation (a few hundred milliseconds)."""
+    from pocketgpt.data.tasks.tools import use_calculator
+
+    conversation = [{"role": "user", "content": "What is 12*3?"}, *use_calculator("12*3"),
+                    {"role": "assistant", "content": "It is 36."}]
+    ids, mask = chat.render(conversation)
+    x = torch.tensor([ids[:-1]])
+    y = torch.tensor([[t if trained else -1 for t, trained in zip(ids[1:], mask[1:])]])
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steps this small run fastest on one thread (ten times faster on a busy machine)
+    try:
+        for _ in range(150):
+            loss = tiny_model(x, targets=y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return tiny_model.eval()
+
+
+def test_sample_chat_runs_the_tool_loop(tmp_path, tiny_model, chat, capsys):
+    model = chat_model_that_calls_the_calculator(tiny_model.train(), chat)
+    save_model(model, tmp_path / "sft", chat, {"stage": "sft"})
+    assert main(["sample", str(tmp_path), "--chat", "--prompt", "What is 12*3?", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == ['calculator({"expression": "12*3"}) -> 36', "It is 36."]  # the call ran, the answer followed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "word " * 500], r"error: the prompt has \d+ tokens; the model's context is 128"),
+    (["--max-tokens", "500"], r"error: --max-tokens 500 does not fit: the prompt takes 3 of the model's 128 tokens"),
+    (["--max-tokens", "0"], r"error: max_tokens must be at least 1, not 0"),
+    (["--top-p", "0"], r"error: top_p must be above 0"),
+    (["--chat", "--prompt", " "], r"error: --chat needs the user's message"),
+])
+def test_bad_sampling_input_is_one_line_and_nothing_else(tmp_path, tiny_model, chat, capsys, args, message):
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
+    assert main(["sample", str(tmp_path), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and re.match(message, err) and err.count("\n") == 1  # no traceback, no echoed prompt
 
 
 def test_user_errors_are_one_line_messages(tmp_path, capsys):

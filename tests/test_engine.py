@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from pocketgpt.common import PocketError
 from pocketgpt.engine import Engine, SamplingParams, sample_next
 
 
@@ -58,10 +60,10 @@ def test_stop_token_and_string(tiny_model, tokenizer):
     assert out.finish_reason == "stop" and out.tokens[-1] == stop_tok
     assert out.tokens == free.tokens[:free.tokens.index(stop_tok) + 1]
     text = free.text
-    needle = text[len(text) // 2:len(text) // 2 + 2]
-    if needle.strip():
-        cut = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop_strings=(needle,)))[0]
-        assert cut.finish_reason == "stop" and needle not in cut.text and text.startswith(cut.text)
+    # Two characters from the middle on that are not blank: a stop string of spaces would say little.
+    needle = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1) if text[i:i + 2].strip())
+    cut = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop_strings=(needle,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(needle)]
 
 
 def test_stream_concatenates_to_generate(tiny_model, tokenizer):
@@ -104,3 +106,31 @@ def test_banned_tokens_are_never_sampled(tiny_model, chat):
                            processors=[banned([favourite])])
     assert all(favourite not in c.tokens for c in outs) and sum(len(c.tokens) for c in outs) > 0
     assert chat.tool_call_token == chat.tool_call_markers[0] and isinstance(chat.tool_call_token, int)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "the prompt is empty"),
+    ([1] * 128, SamplingParams(), "the prompt has 128 tokens; the model's context is 128"),
+    ([1, 512], SamplingParams(), "token id 512, outside the vocabulary"),
+    ([1, -1], SamplingParams(), "token id -1, outside the vocabulary"),
+    ([1], SamplingParams(max_tokens=0), "max_tokens must be at least 1, not 0"),
+    ([1], SamplingParams(n=0), "n must be at least 1"),
+    ([1], SamplingParams(temperature=-0.5), "temperature must be at least 0"),
+    ([1], SamplingParams(top_k=-1), "top_k must be at least 0"),
+    ([1], SamplingParams(top_p=0.0), "top_p must be above 0"),
+    ([1], SamplingParams(logprobs=-2), "logprobs must be at least 0"),
+])
+def test_bad_input_is_a_one_line_pocket_error(tiny_model, tokenizer, prompt, params, message):
+    engine = Engine(tiny_model, tokenizer)
+    assert tiny_model.cfg.max_seq_len == 128 and tiny_model.cfg.vocab_size == 512  # what the cases assume
+    for call in (lambda: engine.submit(prompt, params), lambda: engine.generate([prompt], params)):
+        with pytest.raises(PocketError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not engine.busy  # nothing half-submitted
+
+
+def test_a_prompt_that_leaves_one_token_of_room_gets_one_token(tiny_model, tokenizer):
+    """max_tokens beyond what the context leaves is no error: the sequence stops at the context's end."""
+    out = Engine(tiny_model, tokenizer).generate([[1] * 127], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert len(out.tokens) == 1 and out.finish_reason == "length"

@@ -1,13 +1,14 @@
 """Reward model, PPO and GRPO stages on a tiny model: the plumbing, the rubric, the data formats."""
 
 import json
+import math
 import random
 
 import pytest
 import torch
 
 from pocketgpt.checkpoint import load_model, save_model
-from pocketgpt.common import PocketError
+from pocketgpt.common import PocketError, read_jsonl
 from pocketgpt.data.mixture import prepare_mixture
 from pocketgpt.data.sources import SourceSpec
 from pocketgpt.data.tasks import get_task
@@ -100,6 +101,27 @@ def test_collate_masks_exactly_the_completion():
     assert mask.tolist() == [[0, 1, 1], [0, 1, 0]]
 
 
+def test_a_reward_model_learns_the_preferences_it_is_given(tiny_model, chat, tmp_path):
+    """Comparisons from a file where the chosen reply always agrees: after a few steps the reward model
+    scores agreement above refusal, on held-out pairs and on prompts it never saw."""
+    from pocketgpt.train.reward import Comparison, rewards_at
+
+    save_model(tiny_model, tmp_path / "sft", chat, {"stage": "sft"})
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Question {i}: shall we?", "chosen": "Yes, gladly.",
+                                         "rejected": "No."}) + "\n" for i in range(20)))
+    cfg = RewardConfig(train=tiny_train(8), data=[str(prefs)])
+    summary = reward_model(cfg, tmp_path)
+    assert summary["data"] == {"train_groups": 18, "train_groups_with_pairs": 18, "val_groups": 2}
+    assert summary["val_pair_accuracy"] == 1.0
+    rm, _, _ = load_model(tmp_path / "rm")
+    unseen = chat.prompt([{"role": "user", "content": "Question 99: shall we?"}])
+    pair = Comparison([unseen + chat.reply(reply) + chat.reward_suffix for reply in ("Yes, gladly.", "No.")], [0, 1])
+    ids, last, _, _ = ComparisonBatches([pair], 1, 128, chat.pad_id).tensors([pair], "cpu")
+    chosen, rejected = rewards_at(rm, ids, last).tolist()
+    assert chosen > rejected
+
+
 def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     save_model(tiny_model, tmp_path / "sft", chat, {"stage": "sft"})
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": f"pretraining text {i}. " * 20}) + "\n"
@@ -111,21 +133,33 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     rm_summary = reward_model(rm_cfg, tmp_path)
     rm, _, meta = load_model(tmp_path / "rm")
     assert rm.cfg.score_head and meta["meta"]["stage"] == "rm" and rm_summary["steps"] == 3
+    assert rm_summary["data"]["train_groups"] == 2 * 4  # prompts_per_task for each of the two tasks
 
     ppo_cfg = PPOConfig(train=tiny_train(4, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
                         prompts_per_task=8, rollout_size=4, ppo_epochs=2, max_tokens=10, eval_prompts_per_task=3,
                         ptx_batch_size=2, ptx_seq_len=32)
     summary = ppo(ppo_cfg, tmp_path)
-    assert summary["steps"] == 4 and "heldout_reward" in summary["after"] and "heldout_entropy" in summary["before"]
+    assert summary["steps"] == 4
+    # Before any update the policy is the reference: no KL at all; after, the policy has moved.
+    assert summary["before"]["heldout_kl"] == 0.0 and summary["after"]["heldout_kl"] != 0.0
     policy, _, _ = load_model(tmp_path / "ppo")
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), tiny_model.parameters()))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     ppo_records = [r for r in records if r["stage"] == "ppo" and "clipfrac" in r]
     assert len(ppo_records) == 4 and all(0 <= r["clipfrac"] <= 1 for r in ppo_records)
-    assert all(0 < r["ptx_loss"] < 20 for r in ppo_records)
+    # One rollout feeds 2 epochs x 2 minibatches: the first update is on-policy (ratio 1: nothing clipped).
+    assert ppo_records[0]["clipfrac"] == 0.0
+    # PPO-ptx's pretraining loss is a per-token mean in nats: about log(vocab) for an untrained model.
+    assert ppo_records[0]["ptx_loss"] == pytest.approx(math.log(chat.tokenizer.vocab_size), rel=0.05)
 
     grpo_cfg = GRPOConfig(train=tiny_train(2, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
                           prompts_per_task=6, prompts_per_step=2, group_size=3, max_tokens=10, eval_n=4, beta=0.1)
     summary = grpo(grpo_cfg, tmp_path)
     assert summary["steps"] == 2 and "compare_decimals_accuracy" in summary["after"]
     assert load_model(tmp_path)[2]["meta"]["stage"] == "grpo"  # the run resolves to its newest stage
+    grpo_records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["stage"] == "grpo" and "reward" in r]
+    # No answer of the untrained model is right: every group ties, no advantage, nothing to reinforce.
+    assert [r["reward"] for r in grpo_records] == [0.0, 0.0]
+    assert grpo_records[0]["loss"] == 0.0  # and at the first step the policy is the reference: no KL either
+    # Each finished stage keeps its final model only.
+    assert not any((tmp_path / stage / "checkpoints").exists() for stage in ("rm", "ppo", "grpo"))

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from pocketgpt.checkpoint import load_model, save_model
+from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
 from pocketgpt.train.loop import TrainConfig
 from pocketgpt.train.sft import (
@@ -28,6 +30,29 @@ def test_loader_packs_and_masks(tokenizer, chat):
     trained = tokenizer.decode([t for t in y.flatten().tolist() if t != -1])
     assert "question" not in trained and "answer" in trained
     assert (y[:, :-1][y[:, :-1] != -1] == x[:, 1:][y[:, :-1] != -1]).all()  # targets are the next tokens
+
+
+def test_the_loss_covers_exactly_the_assistant_reply(chat):
+    """Rows that hold one conversation each (longer than half a row): the trained targets are exactly
+    the reply as the assistant writes it (its end of turn included), at the reply's positions."""
+    T = 32
+    convs = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer " * i}]
+             for i in range(1, 30)]
+    kept = [(c, chat.render(c)) for c in convs if T // 2 + 1 < len(chat.render(c)[0]) <= T + 1]
+    assert len(kept) >= 4
+    loader = ConversationLoader([enc for _, enc in kept], batch_size=len(kept), seq_len=T, pad_id=chat.pad_id)
+    x, y = loader.next_batch()
+    seen = set()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        i = next(i for i, (_, (ids, _)) in enumerate(kept) if row_x[:len(ids) - 1] == ids[:-1])
+        conv, (ids, _) = kept[i]
+        seen.add(i)
+        reply = chat.reply(conv[-1]["content"])
+        start = len(ids) - len(reply)  # the reply closes the conversation
+        assert ids[start:] == reply
+        assert row_y == [-1] * (start - 1) + reply + [-1] * (T - len(ids) + 1)
+        assert row_x[len(ids):] == [chat.pad_id] * (T - len(ids))
+    assert len(seen) == len(kept)  # every conversation once, none lost to packing
 
 
 def test_loader_state_resumes_exactly(chat):
@@ -78,15 +103,37 @@ def test_build_conversations_counts(chat, tmp_path):
     assert sum(len(c) for c in convs) == 2 * 16 and len(convs) < 16  # some were joined into two exchanges
 
 
+def reply_nll(model, chat, conversations) -> float:
+    """Mean negative log-likelihood of the assistant's tokens, each conversation scored alone."""
+    total = count = 0.0
+    with torch.no_grad():
+        for conv in conversations:
+            ids, mask = chat.render(conv)
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].float(), dim=-1)
+            nll = -logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            trained = torch.tensor(mask[1:], dtype=torch.bool)
+            total, count = total + nll[trained].sum().item(), count + trained.sum().item()
+    return total / count
+
+
 def test_sft_stage_end_to_end(tiny_model, tokenizer, tmp_path, chat):
     save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
-    cfg = SFTConfig(train=TrainConfig(steps=4, batch_size=2, seq_len=64, warmup_steps=1, log_every=1,
-                                      save_every=100, sample_every=100, eval_every=100),
-                    tasks={"compare_decimals": {"style": "cot", "n": 8}, "factqa": {"n": 4}}, probe_samples=1)
+    cfg = SFTConfig(train=TrainConfig(steps=6, batch_size=2, seq_len=64, warmup_steps=1, log_every=1,
+                                      save_every=3, sample_every=100, eval_every=100),
+                    tasks={"compare_decimals": {"style": "direct", "n": 8}, "factqa": {"n": 4}}, probe_samples=1)
     summary = sft(cfg, tmp_path)
-    assert summary["steps"] == 4
+    assert summary["steps"] == 6
     model, _, meta = load_model(tmp_path)  # the run now resolves to its sft stage
     assert meta["meta"]["stage"] == "sft" and meta["meta"]["mitigate_hallucination"]
+    # It learned its own data: the answers it was trained on are likelier than before.
+    convs, stats = build_conversations(cfg, tiny_model, chat)
+    assert stats["conversations"] == 11 and summary["data"]["too_long"] == 0  # it trained on all of these
+    before, after = reply_nll(tiny_model, chat, convs), reply_nll(model, chat, convs)
+    assert after < before - 0.75, (before, after)  # 6.22 -> 4.97 nats per token here
+    # Finished: its final model is all that stays, and there is nothing left to resume.
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    with pytest.raises(PocketError, match="holds a finished model"):
+        sft(cfg, tmp_path, resume=True)
 
 
 def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, tokenizer, tmp_path, chat):
@@ -94,10 +141,11 @@ def test_sft_with_lora_trains_adapters_and_saves_a_plain_model(tiny_model, token
 
     save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
     cfg = SFTConfig(train=TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-2, log_every=1,
-                                      save_every=100, sample_every=100, eval_every=100),
+                                      save_every=100, sample_every=100, eval_every=100, keep_checkpoints=True),
                     tasks={"spell": {"style": "direct", "n": 8}}, lora=LoRAConfig(r=4, base_dtype="int8"))
     summary = sft(cfg, tmp_path)
     assert 0 < summary["lora"]["fraction"] < 0.2
+    assert [p.name for p in (tmp_path / "sft" / "checkpoints").iterdir()] == ["step_0000003"]  # kept when asked
     model, _, _ = load_model(tmp_path / "sft")  # merged: a plain GPT, same names as the base
     changed = [n for (n, a), b in zip(model.named_parameters(), tiny_model.parameters()) if not torch.equal(a, b)]
     assert changed and all("proj" in n for n in changed)  # only the adapted projections moved

@@ -1,9 +1,10 @@
 import json
 
+import pytest
 import torch
 
 from pocketgpt.data.tasks.tools import calculator, use_calculator
-from pocketgpt.engine import Engine, SamplingParams
+from pocketgpt.engine import Engine, SamplingParams, banned
 from pocketgpt.toolloop import generate_with_tools, parse_call, run_tool
 
 TOOLS = {"calculator": calculator}
@@ -64,23 +65,24 @@ def test_calls_stop_at_the_limit(tiny_model, tokenizer, chat):
 def test_without_a_call_it_is_plain_generation(tiny_model, tokenizer, chat):
     engine = Engine(tiny_model, tokenizer)
     prompt = chat.prompt([{"role": "user", "content": "Hello"}])
-    params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1)
-    plain = engine.generate([prompt], params)
-    looped = generate_with_tools(engine, chat, [prompt], params, TOOLS)
+    # Seeded samples that end at the turn's end like the loop's do, and can never open a call.
+    params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1, stop_tokens=tuple(chat.stop_ids))
+    no_call = [banned([chat.tool_call_token])]
+    plain = engine.generate([prompt], params, no_call)
+    looped = generate_with_tools(engine, chat, [prompt], params, TOOLS, processors=no_call)
+    assert len(looped) == 3 and len({tuple(p.tokens) for p in plain}) > 1  # three different samples
     for p, t in zip(plain, looped):
-        if tokenizer.special_ids["<|tool_call_start|>"] not in p.tokens:
-            assert t.tokens == p.tokens and t.action_mask == [1] * len(p.tokens) and not t.calls
+        assert t.tokens == p.tokens and t.text == p.text and t.finish_reason == p.finish_reason
+        assert t.action_mask == [1] * len(p.tokens) and not t.calls
 
 
 def test_bad_calls_become_error_results_the_model_can_read():
     assert parse_call('{"name": "calculator", "arguments": {"expression": "2+2"}}') == (
         "calculator", {"expression": "2+2"})
-    for bad in ("not json", '["calculator"]', '{"name": "calculator", "arguments": 3}'):
-        try:
+    for bad, why in (("not json", "not valid JSON"), ('["calculator"]', "a tool call is"),
+                     ('{"name": "calculator", "arguments": 3}', "must be a JSON object")):
+        with pytest.raises(ValueError, match=why):
             parse_call(bad)
-            raise AssertionError(bad)
-        except ValueError:
-            pass
     assert run_tool(TOOLS, "python", {}).startswith("error: unknown tool 'python'")
     assert run_tool(TOOLS, "calculator", {"expr": "1"}).startswith("error:")
     assert run_tool(TOOLS, "calculator", {"expression": "1/0"}).startswith("error")

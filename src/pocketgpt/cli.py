@@ -35,6 +35,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. pretrain.train.steps=200 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads (fewer can be faster when the machine is busy)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a stage's training state (optimizer included) when it finishes, to train it further "
+                        "later; by default only its final model stays")
 
 
 def load_run_config(args) -> "RunConfig":  # noqa: F821
@@ -44,9 +47,11 @@ def load_run_config(args) -> "RunConfig":  # noqa: F821
     if getattr(args, "quick", False):
         quick(cfg)
     configlib.load(cfg, args.config, args.overrides)
-    if args.threads:
-        for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
+    for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
+        if args.threads:
             stage.train.threads = args.threads
+        if args.keep_checkpoints:
+            stage.train.keep_checkpoints = True
     return cfg
 
 
@@ -259,14 +264,23 @@ def cmd_sample(args) -> None:
         model = model.to(torch.bfloat16)
     engine = Engine(model, chat.tokenizer)
     if args.chat:
+        if not args.prompt.strip():
+            raise PocketError("--chat needs the user's message: --prompt is empty")
         prompt, stops = chat.prompt([{"role": "user", "content": args.prompt}]), chat.stop_ids
     else:
         prompt, stops = chat.document(args.prompt), chat.document_stops
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+    room = model.cfg.max_seq_len - len(prompt)  # a prompt that leaves none is the engine's to refuse
+    if args.max_tokens is not None and 0 < room < args.max_tokens:
+        raise PocketError(f"--max-tokens {args.max_tokens} does not fit: the prompt takes {len(prompt)} of the "
+                          f"model's {model.cfg.max_seq_len} tokens of context, which leaves {room}")
+    max_tokens = args.max_tokens if args.max_tokens is not None else min(128, room)
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, n=args.n, seed=args.seed, stop_tokens=stops)
-    if args.n == 1:
-        if not args.chat:
-            sys.stdout.write(args.prompt)
+    engine.check(prompt, params)  # before the prompt is echoed: an error is then the only output
+    if args.chat:
+        _sample_chat(engine, chat, prompt, params)
+    elif args.n == 1:
+        sys.stdout.write(args.prompt)
         for piece in engine.stream(prompt, params):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -274,7 +288,26 @@ def cmd_sample(args) -> None:
     else:
         for i, c in enumerate(engine.generate([prompt], params)):
             console.rule(f"sample {i + 1}")
-            console.print((args.prompt if not args.chat else "") + c.text, markup=False)
+            console.print(args.prompt + c.text, markup=False)
+
+
+def _sample_chat(engine, chat, prompt: list[int], params) -> None:
+    """An assistant's replies, its tool calls answered as in evaluation and RL (toolloop.py: the
+    calculator, and search over the built-in world); each call is shown before the answer."""
+    from .data.tasks import default_world
+    from .data.tasks.tools import task_tools
+    from .toolloop import generate_with_tools
+
+    for i, t in enumerate(generate_with_tools(engine, chat, [prompt], params, task_tools(default_world()))):
+        if params.n > 1:
+            console.rule(f"sample {i + 1}")
+        for call in t.calls:
+            result = call["result"] if len(call["result"]) <= 160 else call["result"][:160] + "..."
+            console.print(f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}",
+                          style="dim", markup=False, highlight=False)
+        console.print(t.text, markup=False, highlight=False)
+        if t.finish_reason != "stop":
+            console.print(f"(ended by {t.finish_reason})", style="dim", highlight=False)
 
 
 def cmd_eval_strategy(args) -> None:
@@ -393,6 +426,9 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from .checkpoint import stored_params
+    from .common import human_bytes
+
     run = Path(args.run)
     if not run.exists():
         raise PocketError(f"{run} does not exist")
@@ -409,19 +445,25 @@ def cmd_info(args) -> None:
         if cfg_path.exists():
             cfg = json.loads(cfg_path.read_text())
             m, s = cfg["model"], cfg.get("meta", {}).get("summary", {})
-            what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(s.get('params', 0))} params; "
-                    f"{s.get('steps', '?')} steps, {human(s.get('tokens', 0))} tokens")
+            # Counted from the weights: RL stages' summaries do not record it, and a reward model has a score head.
+            what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(stored_params(run / stage))} params"
+                    + (" (with a score head)" if m.get("score_head") else ""))
+            if "steps" in s:
+                what += f"; {s['steps']} steps, {human(s.get('tokens', 0))} tokens"
+            elif "source" in s:
+                what += f"; imported from {Path(s['source']).name}"
             if "val_loss" in s:
                 what += f", val loss {s['val_loss']:.3f} ({s.get('val_bpb', 0):.3f} bpb)"
             table.add_row(stage, what)
         if ckpts:
-            table.add_row(f"{stage} checkpoints", ", ".join(p.name for p in ckpts))
+            size = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
+            table.add_row(f"{stage} checkpoints", f"{', '.join(c.name for c in ckpts)} ({human_bytes(size)})")
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         n = sum(1 for _ in metrics.open())
         table.add_row("metrics", f"{metrics} ({n} records)")
     size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
-    table.add_row("disk", human(size) + "B")
+    table.add_row("disk", human_bytes(size))
     console.print(table)
 
 
@@ -626,9 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt (base models) or answer it (--chat, for assistants).")
     p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
     p.add_argument("--prompt", default="The ", help="text to continue, or the user's message with --chat")
-    p.add_argument("--chat", action="store_true", help="render the prompt as a user turn of a conversation")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user turn of a conversation; "
+                                                           "the assistant's tool calls are run (calculator, search)")
     p.add_argument("--n", type=int, default=1, help="number of samples (share one prefill)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, help="tokens to generate (default: 128, or what the context leaves)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")

@@ -143,9 +143,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
+    """A count: 1234567 -> '1.23M', 999999 -> '1M' (B is billions: for bytes, use `human_bytes`)."""
     for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000:
+        if abs(n) < 999.5:  # what rounds to 1000 at 3 digits belongs to the next unit
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}P"
+
+
+def human_bytes(n: float) -> str:
+    """A size in binary units, as `du -h` counts: 1234567890 -> '1.1 GiB'."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1023.95:  # what rounds to 1024.0 belongs to the next unit
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} PiB"

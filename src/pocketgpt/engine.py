@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from .common import PocketError
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -194,11 +195,7 @@ class Engine:
     def sequences(self, prompt: list[int], params: SamplingParams, processors=(), keep: bool = False,
                   prompt_index: int = 0, processor_factory=None) -> list[Sequence]:
         """The params.n sequences `submit` would queue, not queued yet (a server first files them)."""
-        if not prompt:
-            raise ValueError("every prompt needs at least one token")
-        if len(prompt) >= self.model.cfg.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len="
-                             f"{self.model.cfg.max_seq_len}")
+        self.check(prompt, params)
         seqs = []
         for k in range(params.n):
             procs = [*processors, processor_factory()] if processor_factory else processors
@@ -208,6 +205,28 @@ class Engine:
             seq.leader = seqs[0] if seqs else None
             seqs.append(seq)
         return seqs
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Bad input is a PocketError that says what is wrong in one line, never an IndexError deep in
+        the model. max_tokens may exceed what the context leaves: a sequence stops at the context's end
+        (finish_reason "length"), as a batch of prompts of different lengths needs."""
+        context, vocab = self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        if not prompt:
+            raise PocketError("the prompt is empty: a prompt needs at least one token")
+        if len(prompt) >= context:
+            raise PocketError(f"the prompt has {len(prompt)} tokens; the model's context is {context}, "
+                              "so nothing is left to generate")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise PocketError(f"the prompt holds token id {bad}, outside the vocabulary (0 to {vocab - 1})")
+        for name, ok, rule in (("max_tokens", params.max_tokens >= 1, "at least 1"),
+                               ("n", params.n >= 1, "at least 1"),
+                               ("temperature", params.temperature >= 0, "at least 0 (0 is greedy)"),
+                               ("top_k", params.top_k >= 0, "at least 0 (0 is off)"),
+                               ("top_p", 0 < params.top_p <= 1, "above 0 and at most 1 (1 is off)"),
+                               ("logprobs", params.logprobs is None or params.logprobs >= 0, "at least 0")):
+            if not ok:
+                raise PocketError(f"{name} must be {rule}, not {getattr(params, name)}")
 
     def enqueue(self, seqs: list[Sequence]) -> None:
         """Hand sequences to the engine (thread-safe: the engine picks them up at its next step)."""

@@ -130,6 +130,8 @@ class LocalLM(LM):
         chat, context = self.chat_template, self.model.cfg.max_seq_len
         submitted = []
         for i, r in enumerate(requests):
+            if not r.messages:
+                raise PocketError(f"request {i} has no messages")
             prompt = chat.prompt(r.messages)
             if len(prompt) >= context:
                 raise PocketError(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
@@ -170,6 +172,8 @@ class LocalLM(LM):
         from ..engine import SamplingParams
 
         chat, context = self.chat_template, self.model.cfg.max_seq_len
+        if max_tokens >= context:
+            raise PocketError(f"max_tokens {max_tokens} leaves no room for a prompt in this model's context of {context}")
         ids = [chat.document(p) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                                 stop_tokens=chat.document_stops, stop_strings=tuple(stop))

@@ -74,6 +74,7 @@ class TrainConfig:
     eval_batches: int = 8
     sample_every: int = 250
     save_every: int = 250
+    keep_checkpoints: bool = False  # keep the training state when the stage finishes (to train it further)
     log_every: int = 10
     seed: int = 0
 
@@ -124,9 +125,13 @@ def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -
     info = init_distributed(device)
     device = local_device(device, info)
     out_dir = Path(run_dir) / name
-    if latest_training_state(out_dir) is not None and not resume:
+    latest = latest_training_state(out_dir)
+    if latest is not None and not resume:
         raise PocketError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
                           f"or delete {out_dir} to start over")
+    if latest is None and (out_dir / "config.json").exists():
+        raise PocketError(f"{out_dir} holds a finished model and no training state (--resume has nothing to "
+                          f"continue): delete {out_dir} to train it again")
     return device, info, out_dir
 
 
@@ -181,10 +186,12 @@ class Trainer:
             console.print(f"[bold]resumed[/] {self.stage} from {path} (step {self.step})")
         return True
 
-    def save(self) -> None:
+    def save(self, finished: bool = False) -> None:
+        """A finished run's state is replaced by the stage's final model, unless the config keeps it."""
         if self.dist.is_main:
             save_training_state(self.out_dir, self.step, self.model, self.optimizer,
-                                {"objective": self.objective.state(), "stage": self.stage})
+                                {"objective": self.objective.state(), "stage": self.stage,
+                                 "replaced_by_model": finished and not self.cfg.keep_checkpoints})
 
     # ------------------------------------------------------------------ the loop
 
@@ -262,7 +269,7 @@ class Trainer:
                         console.print(f"{self.stage} {self.step}/{cfg.steps} {info}")
             except KeyboardInterrupt:
                 interrupted = True
-        self.save()
+        self.save(finished=not interrupted)
         elapsed = time.time() - t0
         return {"stage": self.stage, "steps": self.step, "interrupted": interrupted,
                 "time_s": elapsed, "tokens": (self.step - start_step) * tokens_per_step,
