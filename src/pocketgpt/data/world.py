@@ -21,11 +21,13 @@ unseen fact if Kalo Vesin is unseen, so an unseen name can never leak into pretr
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 
 from ..errors import PocketError
 
@@ -502,3 +504,33 @@ class World:
 def generate_world(config: WorldConfig | None = None) -> World:
     """Same as `World.generate`: invent the world a config describes."""
     return World.generate(config)
+
+
+# ----------------------------------------------------------------------------- the world of a run
+
+WORLD_FILE = "world.json"  # in the run directory: the one world every stage of the run uses
+
+
+def read_run_world(run: Path) -> WorldConfig | None:
+    """The world a run recorded (looked up in RUN and, for a stage directory like RUN/sft, its parent)."""
+    for directory in (Path(run), Path(run).parent):
+        path = directory / WORLD_FILE
+        if path.exists():
+            try:
+                return WorldConfig(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as e:
+                raise PocketError(f"{path}: not a world configuration ({e})") from None
+    return None
+
+
+def record_run_world(run: Path, config: WorldConfig) -> None:
+    """Write the run's world once; a run has one world, so a later stage asking for another is refused."""
+    from ..common import atomic_write_json
+
+    recorded = read_run_world(run) if (Path(run) / WORLD_FILE).exists() else None
+    if recorded is None:
+        config.validate()
+        atomic_write_json(Path(run) / WORLD_FILE, asdict(config))
+    elif recorded != config:
+        raise PocketError(f"{Path(run) / WORLD_FILE} records the world {asdict(recorded)}; this run cannot "
+                          f"switch to {asdict(config)} (start a new run directory for another world)")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import astuple
 from functools import lru_cache
 
 from ...errors import PocketError
@@ -23,11 +24,27 @@ from .names import Names, distinct_ratio
 from .structured import Structured
 from .swiss_cheese import CompareDecimals, CountLetter, Spell
 
+# The world that tasks use when none is given: the default one, or the run's (`use_world`), so that every
+# stage and task of a run with another world seed asks about the world its model was trained on.
+_active_world = WorldConfig()
 
-@lru_cache(maxsize=1)
+
+def use_world(config: WorldConfig) -> None:
+    """Make `config` the world of this process's tasks (the CLI does it for the run it is given)."""
+    global _active_world
+    config.validate()
+    _active_world = config
+
+
 def default_world() -> World:
-    """The world tasks use when none is given: `WorldConfig()`'s, generated once."""
-    return generate_world(WorldConfig())
+    """The active world (`WorldConfig()`'s unless `use_world` chose another), generated once per config."""
+    key = astuple(_active_world)
+    if key not in _worlds:
+        _worlds[key] = generate_world(_active_world)
+    return _worlds[key]
+
+
+_worlds: dict[tuple, World] = {}
 
 
 def _plain(cls: type[Task]) -> Callable[[int, World | None], Task]:
@@ -60,16 +77,17 @@ def get_task(name: str, seed: int = 0, world: World | None = None) -> Task:
     if name not in TASKS:
         raise PocketError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
     if world is None:
-        return _default_task(name, seed)
+        return _task_of_active_world(name, seed, astuple(_active_world))
     return TASKS[name](seed, world)
 
 
 @lru_cache(maxsize=None)
-def _default_task(name: str, seed: int) -> Task:
-    """Tasks are immutable once built; building some (Game of 24's splits) takes seconds, so build once."""
-    return TASKS[name](seed, None)
+def _task_of_active_world(name: str, seed: int, world_key: tuple) -> Task:
+    """Tasks are immutable once built; building some (Game of 24's splits) takes seconds, so build once
+    (per active world: `world_key` makes another world's task a new one)."""
+    return TASKS[name](seed, default_world())
 
 
-__all__ = ["TASKS", "SPLITS", "STYLES", "Example", "Task", "get_task", "export_jsonl", "default_world",
+__all__ = ["TASKS", "SPLITS", "STYLES", "Example", "Task", "get_task", "export_jsonl", "default_world", "use_world",
            "solve24", "distinct_ratio", "Arithmetic", "CompareDecimals", "CountLetter", "Spell", "Game24",
            "FactQA", "MultiHop", "Structured", "Names"]
