@@ -796,14 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = p.add_subparsers(dest="experiment", required=True)
     from .lab import EXPERIMENTS, experiment
 
-    for name, (module, help_text) in EXPERIMENTS.items():
+    for name, (_, help_text) in EXPERIMENTS.items():
         e = lsub.add_parser(name, help=help_text)
-        try:
-            mod = experiment(name)
-        except ModuleNotFoundError as err:  # an experiment not written yet must not break the whole CLI
-            if err.name != module:
-                raise
-            continue
+        mod = experiment(name)
         e.description = mod.__doc__.split("\n\n")[0] if mod.__doc__ else help_text
         mod.add_arguments(e)
         e.set_defaults(func=mod.main)
@@ -825,9 +820,23 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def use_run_world(args) -> None:
+    """A command given a run directory asks its tasks about that run's world (RUN/world.json), not the default."""
+    from .data.tasks import use_world
+    from .data.world import read_run_world
+
+    runs = [getattr(args, "run", None), *(getattr(args, "models", None) or [])]
+    worlds = [w for w in (read_run_world(Path(run)) for run in runs if run) if w is not None]
+    if any(w != worlds[0] for w in worlds):
+        raise PocketError("these runs were trained on different worlds; compare runs of one world")
+    if worlds:
+        use_world(worlds[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        use_run_world(args)
         args.func(args)
     except PocketError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
