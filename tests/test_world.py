@@ -201,3 +201,54 @@ def test_column_steps_show_carries():
     steps = worked_steps(487, "+", 356)
     assert "Ones: 7 + 6 = 13, write 3, carry 1." in steps
     assert any("carry" in s for s in worked_steps(487, "×", 356))
+
+
+# ----------------------------------------------------------------------------- the world of a run
+
+
+@pytest.fixture()
+def default_world_afterwards():
+    from pocketgpt.data.tasks import use_world
+
+    yield
+    use_world(WorldConfig())  # the active world is process-wide: leave the default for the other tests
+
+
+def test_a_run_records_one_world_and_refuses_another(tmp_path):
+    from pocketgpt.common import PocketError
+    from pocketgpt.data.world import read_run_world, record_run_world
+
+    assert read_run_world(tmp_path) is None
+    record_run_world(tmp_path, WorldConfig(seed=7))
+    record_run_world(tmp_path, WorldConfig(seed=7))  # the same world again: fine
+    assert read_run_world(tmp_path) == WorldConfig(seed=7)
+    assert read_run_world(tmp_path / "sft") == WorldConfig(seed=7)  # a stage directory finds its run's
+    with pytest.raises(PocketError, match="cannot switch"):
+        record_run_world(tmp_path, WorldConfig(seed=8))
+    (tmp_path / "world.json").write_text('{"seed": 1, "planets": 3}')
+    with pytest.raises(PocketError, match="not a world configuration"):
+        read_run_world(tmp_path)
+
+
+def test_tasks_follow_the_active_world(default_world_afterwards):
+    from pocketgpt.data.tasks import default_world, get_task, use_world
+
+    default_names = {e.name for e in default_world().entities()}
+    default_question = get_task("factqa_head").examples("test")[0].question
+    use_world(WorldConfig(seed=5))
+    other = {e.name for e in default_world().entities()}
+    assert other == {e.name for e in World.generate(WorldConfig(seed=5)).entities()} != default_names
+    question = get_task("factqa_head").examples("test")[0].question
+    assert question != default_question and any(name in question for name in other)
+    use_world(WorldConfig())
+    assert get_task("factqa_head").examples("test")[0].question == default_question
+
+
+def test_a_command_on_a_run_uses_the_run_world(tmp_path, default_world_afterwards):
+    from pocketgpt.cli import main
+    from pocketgpt.data.tasks import default_world
+    from pocketgpt.data.world import record_run_world
+
+    record_run_world(tmp_path, WorldConfig(seed=9))
+    main(["info", str(tmp_path)])
+    assert {e.name for e in default_world().entities()} == {e.name for e in World.generate(WorldConfig(seed=9)).entities()}
