@@ -5,6 +5,10 @@
 
 A stage whose output is already complete is skipped and a half-finished one resumes from its last
 checkpoint, so re-running the same command after an interruption continues where it stopped.
+
+Under torchrun every process runs every stage (each trains on its share of the global batch); what
+one process writes (the tokenizer, a stage's model) is behind a barrier before any process reads it.
+The evaluation deals the checkpoints out to the processes; rank 0 writes the report card.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import load_model
-from .common import atomic_write_json, console
+from .common import atomic_write_json, console, init_distributed, pick_device
 from .evaluate.harness import SUITE, copying, diversity, evaluate_suite
 from .train.bpe import train_tokenizer
+from .train.data_parallel import barrier
 from .train.grpo import GRPOConfig, grpo
 from .train.loop import TrainConfig
 from .train.ppo import PPOConfig, ppo
@@ -123,28 +128,36 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    info = init_distributed(pick_device(cfg.pretrain.train.device))  # one process unless under torchrun
     times: dict[str, float] = {}
     t_start = time.time()
     worked: set[str] = set()  # stages that did work in this invocation (not all skipped)
     current = "tokenizer"
 
+    def say(text: str) -> None:
+        if info.is_main:
+            console.print(text)
+
     def stage(name: str, title: str):
         nonlocal current
-        console.rule(f"[bold]{title}")
+        if info.is_main:
+            console.rule(f"[bold]{title}")
         times[name], current = time.time(), name
 
     stage("tokenizer", "1. tokenizer")
     if (run_dir / "tokenizer" / "tokenizer.json").exists():
-        console.print("already trained, skipped")
+        say("already trained, skipped")
     else:
         worked.add("tokenizer")
-        report = run_tokenizer(cfg, run_dir)
-        console.print(f"vocab {report['vocab_size']}, trained in {report['train_seconds']:.1f}s")
+        if info.is_main:  # the others wait, then load it
+            report = run_tokenizer(cfg, run_dir)
+            say(f"vocab {report['vocab_size']}, trained in {report['train_seconds']:.1f}s")
+    barrier(info)
 
     def once(stage_dir: str, steps: int, run) -> None:
         """Run a training stage unless its model is complete; a half-finished one resumes."""
         if stage_done(run_dir / stage_dir, steps):
-            console.print(f"{stage_dir}: already finished, skipped")
+            say(f"{stage_dir}: already finished, skipped")
         else:
             worked.add(current)
             run()
@@ -165,12 +178,16 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
 
     stage("eval", "7. evaluation")
     worked.add("eval")
-    run_eval(cfg, run_dir, "base", "fewshot", SUITE)
-    for name in ("sft", "ppo", "grpo"):
-        run_eval(cfg, run_dir, name, "chat", SUITE)
+    evaluations = [("base", "fewshot", SUITE)] + [(name, "chat", SUITE) for name in ("sft", "ppo", "grpo")]
     if cfg.sft_ablation:
-        run_eval(cfg, run_dir, "sft_naive", "chat", {k: v for k, v in SUITE.items() if k.startswith("factqa")})
+        evaluations.append(("sft_naive", "chat", {k: v for k, v in SUITE.items() if k.startswith("factqa")}))
+    for i, (name, mode, tasks) in enumerate(evaluations):  # each checkpoint by one process, round robin
+        if i % info.world_size == info.rank:
+            run_eval(cfg, run_dir, name, mode, tasks)
+    barrier(info)
     times["end"] = time.time()
+    if not info.is_main:
+        return {}
 
     names = list(times)
     durations = {a: times[b] - times[a] for a, b in zip(names, names[1:])}

@@ -62,22 +62,28 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict) -> str:
 
 def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[int]], params: SamplingParams,
                         tools: dict[str, Tool], max_calls: int = 3,
-                        processors: list[LogitsProcessor] = ()) -> list[Transcript]:
+                        processors: list[LogitsProcessor] = (), first_index: int = 0) -> list[Transcript]:
     """Like Engine.generate, but tool calls are executed; row = prompt_index * n + sample.
 
     Every conversation decodes to the end of its turn; a turn that holds a tool call gets the result
     appended to its live cache (`Engine.extend`) and decodes on, while the others keep going. After
     `max_calls` calls a conversation gets no more results and ends with finish_reason "tool_limit".
     max_tokens applies to each turn.
+
+    `first_index`: where these prompts start in a larger batch. With a seed, prompt i samples from
+    the random streams of request first_index + i, so a prompt gets the same answers whichever
+    chunk or process decodes it (RL under torchrun matches one process).
     """
     params = replace(params, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
     before_result, after_result = chat.tool_result_delimiters
-    seqs = [s for i, p in enumerate(prompts) for s in engine.submit(p, params, processors, keep=True, prompt_index=i)]
-    out = [Transcript(prompt_index=s.prompt_index) for s in seqs]
+    seqs = [s for i, p in enumerate(prompts)
+            for s in engine.submit(p, params, processors, keep=True, prompt_index=first_index + i)]
+    out = [Transcript(prompt_index=s.prompt_index - first_index) for s in seqs]
     try:
         for seq, ev in engine.run(seqs):  # run() goes on while any of them, extended ones included, is unfinished
             if ev.done:
-                _turn_ended(engine, chat, seq, out[seq.index], tools, max_calls, before_result, after_result)
+                t = out[seq.index - first_index * params.n]
+                _turn_ended(engine, chat, seq, t, tools, max_calls, before_result, after_result)
     finally:
         for seq in seqs:
             engine.release(seq)

@@ -7,7 +7,9 @@ windows of a stream, so a row may span documents, separated by <|bos|> as in GPT
 Which source feeds which row of global step s is a pure function of (seed, s); each source keeps a
 cursor that moves through its stream and wraps around (one more epoch). The loader's whole state is
 therefore {step, cursors, epochs}: saved with a checkpoint, it resumes the exact same batches. Under
-DDP every rank computes the same global assignment and takes its own slice of rows.
+torchrun every process computes the same global assignment, moves every cursor, and takes its own
+slice of rows: the state is the global position, the same in every process and for any number of
+processes, so a run started with N processes resumes with M (B x M rows per step from then on).
 """
 
 from __future__ import annotations

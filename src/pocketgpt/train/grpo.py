@@ -6,6 +6,11 @@
 
 No reward model and no labeler: the verifier is the teacher, so there is nothing to hack but the
 task itself. The model can discover its own ways of reasoning, as long as the answer checks out.
+
+Under torchrun a step's problems are global (prompts_per_step per process), and each process
+answers its share. A group's advantages need only its own answers, which one process holds; the
+loss is a mean over the valid tokens of the whole step, so it is divided by the count summed over
+processes (`share_of_global_mean`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..common import atomic_write_json, console
+from ..common import DistInfo, PocketError, atomic_write_json, console
 from ..model import GPT
+from .data_parallel import barrier, count_totals, share, share_of_global_mean
 from .loop import TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 from .rl_math import group_advantages, grpo_loss, masked_mean
@@ -36,7 +42,7 @@ class GRPOConfig:
     # Most problems are out of reach at first, and a group with no right answer teaches nothing:
     # many problems per step keep the gradient from hanging on one or two lucky groups (8 problems
     # per step gave +2 to +14 points depending on the seed, 16 gave +14).
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # per process
     group_size: int = 8  # G answers per problem
     temperature: float = 0.7
     max_tokens: int = 192
@@ -48,17 +54,23 @@ class GRPOConfig:
 
 
 class GRPOObjective:
-    def __init__(self, cfg: GRPOConfig, ref: GPT | None, chat, prompts: list[Prompt], device):
-        self.cfg, self.ref, self.chat, self.prompts, self.device = cfg, ref, chat, prompts, device
+    def __init__(self, cfg: GRPOConfig, ref: GPT | None, chat, prompts: list[Prompt], device,
+                 info: DistInfo = DistInfo()):
+        self.cfg, self.ref, self.chat, self.prompts, self.device, self.info = cfg, ref, chat, prompts, device, info
+        if len(prompts) < cfg.prompts_per_step * info.world_size:
+            raise PocketError(f"grpo: {len(prompts)} prompts, fewer than a step's {cfg.prompts_per_step} "
+                              f"x {info.world_size} process(es); raise prompts_per_task")
         self.step = 0
 
     def loss(self, policy: GPT):
         cfg, chat = self.cfg, self.chat
         rng = random.Random(f"{cfg.seed}:{self.step}")
-        batch = rng.sample(self.prompts, min(cfg.prompts_per_step, len(self.prompts)))
+        everyone = rng.sample(self.prompts, cfg.prompts_per_step * self.info.world_size)
+        mine = share(len(everyone), self.info)
+        batch = everyone[mine.start:mine.stop]
+        params = chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.group_size, seed=cfg.seed + self.step)
         with torch.no_grad():
-            outs = sample(policy, chat, batch, chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.group_size,
-                                                           seed=cfg.seed + self.step), dtype=cfg.train.dtype)
+            outs = sample(policy, chat, batch, params, dtype=cfg.train.dtype, first_index=mine.start)
             prompt_of = [batch[c.prompt_index] for c in outs]
             rewards = torch.tensor([float(p.task.verify(p.example, c.text)) for p, c in zip(prompt_of, outs)])
             groups = torch.tensor([c.prompt_index for c in outs])
@@ -72,10 +84,12 @@ class GRPOObjective:
             ref_lp = policy_logprobs(self.ref, ids) if self.ref is not None and cfg.beta > 0 else None
         lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
         loss, stats = grpo_loss(lp, old_lp, advantages, mask, cfg.clip, ref_lp, cfg.beta)
+        loss = loss * share_of_global_mean(mask.sum(), self.info)  # every token of the step counts the same
         self.step += 1
         return loss, {**stats, "reward": rewards.mean().item(), "entropy": masked_mean(entropy.detach(), mask).item(),
                       "response_tokens": mask.sum(1).mean().item(),
-                      "solved_groups": float(sum(rewards[groups == g].max() > 0 for g in groups.unique()))}
+                      # a share, not a count: the loop averages what it logs over processes
+                      "solved_share": float(sum(rewards[groups == g].max() > 0 for g in groups.unique())) / len(batch)}
 
     def tokens_per_micro_step(self) -> int:
         return self.cfg.prompts_per_step * self.cfg.group_size * self.cfg.max_tokens
@@ -87,17 +101,22 @@ class GRPOObjective:
         self.step = state["step"]
 
 
-def held_out_accuracy(policy: GPT, chat, cfg: GRPOConfig) -> dict:
-    """Greedy answers (tools executed) to the first eval_n validation questions of each task, verified."""
+def held_out_accuracy(policy: GPT, chat, cfg: GRPOConfig, info: DistInfo = DistInfo()) -> dict:
+    """Greedy answers (tools executed) to the first eval_n validation questions of each task, verified;
+    each process answers its share of the questions."""
     from ..data.tasks import get_task
 
     out = {}
     for name in cfg.tasks:
         task = get_task(name)
         examples = task.examples("validation")[:cfg.eval_n]
+        mine = share(len(examples), info)
+        examples = examples[mine.start:mine.stop]
         prompts = [Prompt(task, e, chat.prompt([{"role": "user", "content": e.question}])) for e in examples]
         answers = sample(policy, chat, prompts, chat_params(chat, cfg.max_tokens, temperature=0.0))
-        out[f"{name}_accuracy"] = sum(task.verify(e, t.text.strip()) for e, t in zip(examples, answers)) / len(examples)
+        right = sum(task.verify(e, t.text.strip()) for e, t in zip(examples, answers))
+        right, n = count_totals([right, len(examples)], info, next(policy.parameters()).device)
+        out[f"{name}_accuracy"] = right / n
     policy.train()
     return out
 
@@ -105,19 +124,21 @@ def held_out_accuracy(policy: GPT, chat, cfg: GRPOConfig) -> dict:
 def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    device, _, out_dir = stage_setup(tc, run_dir, "grpo", resume)
+    device, info, out_dir = stage_setup(tc, run_dir, "grpo", resume)
     policy, chat, _ = load_model(run_dir / cfg.start, device)
     ref = None
     if cfg.beta > 0:
         ref, _, _ = load_model(run_dir / cfg.start, device)
         ref.requires_grad_(False)
     prompts = task_prompts(chat, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
-    before = held_out_accuracy(policy, chat, cfg)
+    before = held_out_accuracy(policy, chat, cfg, info)
     if cfg.lora.r:
         apply_lora(policy, **asdict(cfg.lora))
-    console.print(f"[bold]grpo[/] from {cfg.start}: held-out " + ", ".join(f"{k} {v:.1%}" for k, v in before.items()))
-    trainer = Trainer(policy, GRPOObjective(cfg, ref, chat, prompts, device), tc, out_dir, "grpo",
-                      run_dir / "metrics.jsonl", device, evaluate=lambda m: held_out_accuracy(m, chat, cfg))
+    if info.is_main:
+        console.print(f"[bold]grpo[/] from {cfg.start}: held-out "
+                      + ", ".join(f"{k} {v:.1%}" for k, v in before.items()))
+    trainer = Trainer(policy, GRPOObjective(cfg, ref, chat, prompts, device, info), tc, out_dir, "grpo",
+                      run_dir / "metrics.jsonl", device, info, evaluate=lambda m: held_out_accuracy(m, chat, cfg, info))
     if resume:
         trainer.resume()
     policy.train()
@@ -125,11 +146,13 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if cfg.lora.r:
         summary["lora"] = trainable_summary(policy)
         policy = merge_lora(policy)
-    after = held_out_accuracy(policy, chat, cfg)
+    after = held_out_accuracy(policy, chat, cfg, info)
     summary.update(before=before, after=after)
-    save_model(policy, out_dir, chat, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),
-                                            "summary": summary})
-    atomic_write_json(out_dir / "grpo_summary.json", summary)
-    console.print("grpo: held-out " + ", ".join(f"{k} {before[k]:.1%} -> {after[k]:.1%}" for k in after)
-                  + f" -> {out_dir}")
+    if info.is_main:
+        save_model(policy, out_dir, chat, {"stage": "grpo", "start": cfg.start, "train": asdict(tc),
+                                           "summary": summary})
+        atomic_write_json(out_dir / "grpo_summary.json", summary)
+        console.print("grpo: held-out " + ", ".join(f"{k} {before[k]:.1%} -> {after[k]:.1%}" for k in after)
+                      + f" -> {out_dir}")
+    barrier(info)  # a later stage or evaluation reads grpo/ on every process
     return summary

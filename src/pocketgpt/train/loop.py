@@ -2,20 +2,24 @@
 
     for step in steps:
         lr = schedule(step)
-        for micro in range(grad_accum):            # gradients summed, synchronised once (DDP)
+        for micro in range(grad_accum):            # gradients summed
             loss = objective.loss(model, ...)      # under bf16 autocast
             (loss / grad_accum).backward()
+        average the gradients over processes       # torchrun: one all-reduce
         clip, optimizer.step()
         every N steps: log metrics, evaluate, print a sample, write a checkpoint
 
 An objective (pretraining, SFT, reward modelling, ...) provides `loss(model)` and, if its data has
 a position, `state()` / `load_state()`; the loop saves that position with each checkpoint, so a run
 killed at any moment resumes exactly where its last checkpoint stood (`resume=True`).
+
+Under torchrun every process runs this loop on its share of the global batch; the gradients are
+averaged by one all-reduce after the backward passes (data_parallel.py), not by DDP's hooks, so an
+objective may call the model, or parts of it (PPO's policy and value model), as often as it needs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -25,9 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import latest_training_state, load_training_state, save_training_state
 from ..common import (
@@ -45,6 +47,7 @@ from ..common import (
     set_threads,
 )
 from ..model import GPT
+from .data_parallel import average_gradients, mean_over_processes
 from .grad_filter import make_grad_filter
 
 
@@ -161,11 +164,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
-        self.wrapped: torch.nn.Module = model
-        if dist_info.enabled:
-            self.wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.compile:
-            self.wrapped = torch.compile(self.wrapped)
+        self.wrapped: torch.nn.Module = torch.compile(model) if cfg.compile else model
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ resume
@@ -207,28 +206,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total, extras = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            sync = micro == cfg.grad_accum - 1
-            ctx = self.wrapped.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
-            with ctx, autocast(self.device, cfg.dtype):
+        for _ in range(cfg.grad_accum):
+            with autocast(self.device, cfg.dtype):
                 loss, metrics = self.objective.loss(self.wrapped)
-            with ctx:
-                (loss / cfg.grad_accum).backward()
+            (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
         if not math.isfinite(total):
             raise PocketError(f"{self.stage}: loss became {total} at step {self.step}; lower the learning rate")
-        if self.grad_filter:  # after DDP's all-reduce: every rank filters the same averaged gradient
+        average_gradients(self.model, self.dist)
+        if self.grad_filter:  # after the all-reduce: every rank filters the same averaged gradient
             self.grad_filter()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dist.enabled:  # logs show the mean over ranks (the gradients already were)
-            t = torch.tensor([total], device=self.device)
-            dist.all_reduce(t)
-            total = t.item() / self.dist.world_size
-        return {"loss": total, "lr": lr, "grad_norm": float(norm), **extras}
+        # Logs show the mean over processes, as the gradients were (every process logs the same keys).
+        averaged = mean_over_processes({"loss": total, **extras}, self.dist, self.device)
+        return {**averaged, "lr": lr, "grad_norm": float(norm)}
 
     def run(self) -> dict:
         cfg = self.cfg

@@ -12,6 +12,11 @@ Each update also takes a next-token loss on a batch of pretraining text (Instruc
 RL on one reward drifts the whole network, and the pretraining loss pulls back what it forgets.
 
 Reward hacking is real: the report shows task accuracy before and after, not only the reward.
+
+Under torchrun a rollout is global: rollout_size completions per process, each process sampling
+and scoring its share of the prompts. Advantages are whitened with the mean and variance of the
+whole rollout, minibatches are the same for any number of processes (`minibatches`), and the
+policy and value losses are means over all the minibatch's tokens, not over one process's tokens.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
-from ..common import atomic_write_json, console
+from ..common import DistInfo, PocketError, atomic_write_json, console
 from ..data.mixture import MixtureLoader, load_streams
 from ..model import GPT
+from .data_parallel import barrier, count_totals, share, share_of_global_mean, sum_over_processes
 from .loop import TrainConfig, Trainer, stage_setup
 from .reward import RM_TASKS
 from .rl_math import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
@@ -41,7 +47,7 @@ class PPOConfig:
         weight_decay=0.0, eval_every=16, save_every=16, sample_every=10**9, log_every=1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
     prompts_per_task: int = 200
-    rollout_size: int = 32  # completions per rollout; minibatches of train.batch_size
+    rollout_size: int = 32  # completions per rollout and process; minibatches of train.batch_size
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_tokens: int = 128
@@ -88,22 +94,43 @@ def score(rm: GPT, sequences: list[list[int]], chat, device) -> torch.Tensor:
     return rm.scores(ids).gather(1, last[:, None]).squeeze(1)
 
 
+def minibatches(n: int, size: int, first: int, seed: str) -> list[torch.Tensor]:
+    """Deal a process's n rollout sequences (global indices first, first+1, ...) into n // size minibatches.
+
+    Each run of M = n // size consecutive sequences gives one sequence to every minibatch, in an
+    order seeded by the run's global index. A process's share is whole runs, so minibatch j is the
+    same set of sequences (spread over the processes) for any number of processes."""
+    if n % size:
+        raise PocketError(f"ppo: rollout_size {n} must be a multiple of train.batch_size {size}")
+    m = n // size
+    assigned: list[list[int]] = [[] for _ in range(m)]
+    for run in range(0, n, m):
+        for i, j in enumerate(random.Random(f"{seed}:{first + run}").sample(range(m), m)):
+            assigned[j].append(run + i)
+    return [torch.tensor(idx) for idx in assigned]
+
+
 class PPOObjective:
     def __init__(self, cfg: PPOConfig, ref: GPT, rm: GPT, chat, prompts: list[Prompt], device,
-                 pretraining: MixtureLoader | None = None):
+                 pretraining: MixtureLoader | None = None, info: DistInfo = DistInfo()):
         self.cfg, self.ref, self.rm, self.chat, self.pretraining = cfg, ref, rm, chat, pretraining
-        self.prompts, self.device = prompts, device
+        self.prompts, self.device, self.info = prompts, device, info
+        if len(prompts) < cfg.rollout_size * info.world_size:
+            raise PocketError(f"ppo: {len(prompts)} prompts, fewer than a rollout of {cfg.rollout_size} "
+                              f"x {info.world_size} process(es); raise prompts_per_task")
         self.rollouts_done = 0
         self.queue: list[tuple[Rollout, torch.Tensor]] = []
         self.stats: dict = {}
 
     @torch.no_grad()
     def rollout(self, pv: PolicyAndValue) -> None:
-        cfg, chat = self.cfg, self.chat
+        cfg, chat, info = self.cfg, self.chat, self.info
         rng = random.Random(f"{cfg.seed}:{self.rollouts_done}")
-        prompts = rng.sample(self.prompts, min(cfg.rollout_size, len(self.prompts)))
+        everyone = rng.sample(self.prompts, cfg.rollout_size * info.world_size)
+        mine = share(len(everyone), info)
+        prompts = everyone[mine.start:mine.stop]
         params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
-        outs = sample(pv.policy, chat, prompts, params, dtype=cfg.train.dtype)
+        outs = sample(pv.policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, self.device,
                             [c.action_mask for c in outs])
@@ -113,12 +140,13 @@ class PPOObjective:
         scores = score(self.rm, seqs, chat, self.device)
         rewards, kl = kl_penalty_rewards(old_lp, ref_lp, mask, scores, cfg.beta)
         advantages, returns = gae(rewards, values, mask, 1.0, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        # Whitened over the whole rollout: its mean and variance summed over processes.
+        advantages = masked_whiten(advantages, mask, total=lambda t: sum_over_processes(t, info))
         ro = Rollout(ids, mask, old_lp, values, advantages, returns)
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-            for start in range(0, len(seqs), cfg.train.batch_size):
-                self.queue.append((ro, order[start:start + cfg.train.batch_size]))
+        for epoch in range(cfg.ppo_epochs):
+            for idx in minibatches(len(seqs), cfg.train.batch_size, mine.start,
+                                   f"{cfg.seed}:{self.rollouts_done}:{epoch}"):
+                self.queue.append((ro, idx))
         correct = [p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)]
         self.stats = {"reward": scores.mean().item(), "kl": kl.mean().item(),
                       "entropy": masked_mean(entropy, mask).item(), "response_tokens": mask.sum(1).mean().item(),
@@ -134,7 +162,9 @@ class PPOObjective:
         values = pv.value.scores(ids)[:, :-1]
         pl, pstats = ppo_policy_loss(lp, ro.old_logprobs[idx], ro.advantages[idx], mask, self.cfg.clip)
         vl, vstats = ppo_value_loss(values, ro.old_values[idx], ro.returns[idx], mask, self.cfg.value_clip)
-        loss, stats = pl + self.cfg.vf_coef * vl, {"policy_loss": pl.item(), "value_loss": vl.item()}
+        # Both are token means: over the minibatch's tokens on all processes, not this one's alone.
+        loss = (pl + self.cfg.vf_coef * vl) * share_of_global_mean(mask.sum(), self.info)
+        stats = {"policy_loss": pl.item(), "value_loss": vl.item()}
         if self.pretraining is not None:
             x, y = self.pretraining.next_batch()
             ptx = pv.policy(x.to(self.device), targets=y.to(self.device))
@@ -157,27 +187,35 @@ class PPOObjective:
 
 
 @torch.no_grad()
-def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: PPOConfig, device) -> dict:
-    """Mean reward, KL to the reference, entropy and accuracy of sampled answers to held-out prompts."""
-    params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=12345)
-    outs = sample(policy, chat, prompts, params, dtype=cfg.train.dtype)
-    seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
-    ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
-    lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
-    kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
-    scores = score(rm, seqs, chat, device)
-    return {"heldout_reward": scores.mean().item(), "heldout_kl": kl.mean().item(),
-            "heldout_entropy": masked_mean(entropy, mask).item(),
-            "heldout_accuracy": sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)) / len(outs)}
+def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: PPOConfig, device,
+             info: DistInfo = DistInfo()) -> dict:
+    """Mean reward, KL to the reference, entropy and accuracy of sampled answers to held-out prompts;
+    each process answers its share of the prompts and the sums are added up."""
+    mine = share(len(prompts), info)
+    prompts = prompts[mine.start:mine.stop]
+    sums = [0.0] * 6  # reward, kl, entropy x tokens, tokens, right answers, answers
+    if prompts:
+        params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=12345)
+        outs = sample(policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start)
+        seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
+        ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
+        lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+        kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
+        sums = [score(rm, seqs, chat, device).sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
+                mask.sum().item(), sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)), len(outs)]
+    reward, kl, entropy, tokens, right, n = count_totals(sums, info, device)
+    return {"heldout_reward": reward / n, "heldout_kl": kl / n, "heldout_entropy": entropy / max(tokens, 1),
+            "heldout_accuracy": right / n}
 
 
-def pretraining_loader(cfg: PPOConfig, run_dir: Path, info, context: int) -> MixtureLoader | None:
+def pretraining_loader(cfg: PPOConfig, run_dir: Path, info: DistInfo, context: int) -> MixtureLoader | None:
     """Batches of the run's pretraining mixture for PPO-ptx; None when it is off or the run has no data."""
     if cfg.ptx_coef <= 0:
         return None
     if not (run_dir / "data").exists():
-        console.print(f"[yellow]ppo: {run_dir / 'data'} holds no pretraining data: PPO runs without the "
-                      "pretraining loss (ptx_coef ignored)[/]")
+        if info.is_main:
+            console.print(f"[yellow]ppo: {run_dir / 'data'} holds no pretraining data: PPO runs without the "
+                          "pretraining loss (ptx_coef ignored)[/]")
         return None
     streams, weights = load_streams(run_dir / "data", "train")
     return MixtureLoader(streams, weights, cfg.ptx_batch_size, min(cfg.ptx_seq_len, context), cfg.seed,
@@ -198,22 +236,27 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     prompts = task_prompts(chat, cfg.tasks, "train", cfg.prompts_per_task, cfg.seed)
     val_prompts = task_prompts(chat, cfg.tasks, "validation", cfg.eval_prompts_per_task, cfg.seed)
 
-    before = held_out(policy, ref, rm, chat, val_prompts, cfg, device)
-    console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    def evaluate(m: PolicyAndValue) -> dict:
+        return held_out(m.policy, ref, rm, chat, val_prompts, cfg, device, info)
+
+    before = evaluate(pv)
+    if info.is_main:
+        console.print("[bold]ppo[/] start (SFT policy): " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
     pretraining = pretraining_loader(cfg, run_dir, info, policy.cfg.max_seq_len)
-    objective = PPOObjective(cfg, ref, rm, chat, prompts, device, pretraining)
-    trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device,
-                      evaluate=lambda m: held_out(m.policy, ref, rm, chat, val_prompts, cfg, device))
+    objective = PPOObjective(cfg, ref, rm, chat, prompts, device, pretraining, info)
+    trainer = Trainer(pv, objective, tc, out_dir, "ppo", run_dir / "metrics.jsonl", device, info, evaluate=evaluate)
     if resume:
         trainer.resume()
     pv.train()
     summary = trainer.run()
-    after = held_out(policy, ref, rm, chat, val_prompts, cfg, device)
+    after = evaluate(pv)
     summary.update(before={k: v for k, v in before.items()}, after=after,
                    kl_within_bound=after["heldout_kl"] < cfg.kl_bound, reward=after["heldout_reward"],
                    kl=after["heldout_kl"])
-    save_model(policy, out_dir, chat, {"stage": "ppo", "train": asdict(tc), "summary": summary,
-                                            "beta": cfg.beta})
-    atomic_write_json(out_dir / "ppo_summary.json", summary)
-    console.print("ppo end: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()) + f" -> {out_dir}")
+    if info.is_main:
+        save_model(policy, out_dir, chat, {"stage": "ppo", "train": asdict(tc), "summary": summary,
+                                           "beta": cfg.beta})
+        atomic_write_json(out_dir / "ppo_summary.json", summary)
+        console.print("ppo end: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items()) + f" -> {out_dir}")
+    barrier(info)  # the next stage reads ppo/ on every process
     return summary

@@ -24,6 +24,7 @@ from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
 from ..tokenizer import Tokenizer
+from .data_parallel import barrier
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
@@ -65,7 +66,7 @@ class LanguageModeling(LoaderObjective):
 @torch.no_grad()
 def evaluate_lm(model: GPT, loader: MixtureLoader, batches: int, token_bytes: torch.Tensor,
                 device: torch.device, dtype: str) -> dict:
-    """Mean loss (nats/token) and bits per byte over `batches` batches; summed over DDP ranks."""
+    """Mean loss (nats/token) and bits per byte over `batches` batches; summed over processes."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
@@ -98,8 +99,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
                                    threads=max(1, torch.get_num_threads()))
         console.print(f"data ready in {time.time() - t0:.1f}s: " + ", ".join(
             f"{n} {human(e['train_tokens'])} tok" for n, e in manifest["sources"].items()))
-    if info.enabled:
-        dist.barrier()
+    barrier(info)
     streams, weights = load_streams(data_dir, "train")
     loader = MixtureLoader(streams, weights, tc.batch_size, tc.seq_len, tc.seed, info.rank, info.world_size)
     val_streams, _ = load_streams(data_dir, "val")
@@ -138,6 +138,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     summary.update(params=model.num_params(), realised_mixture=loader.realised())
     if info.is_main:
         save_model(model, out_dir, chat, {**meta, "summary": summary})
+    barrier(info)  # the next stage reads base/ on every process
     summary["output"] = str(out_dir)
     return summary
 

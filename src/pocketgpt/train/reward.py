@@ -22,9 +22,10 @@ import torch
 
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
-from ..common import PocketError, atomic_write_json, console, read_jsonl
+from ..common import DistInfo, PocketError, atomic_write_json, console, read_jsonl
 from ..data.tasks.base import truthfulness
 from ..model import GPT
+from .data_parallel import barrier, count_totals, gather, share
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .rl_math import pair_accuracy, pairwise_ranking_loss
 from .rollout import chat_params, sample, scored_sequence, task_prompts
@@ -84,19 +85,22 @@ def ranks_from_keys(keys: list[tuple], noise: float, rng: random.Random) -> list
     return ranks
 
 
-def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split: str,
-                        per_task: int) -> list[Comparison]:
+def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split: str, per_task: int,
+                        info: DistInfo = DistInfo()) -> list[Comparison]:
+    """K ranked completions for each prompt of the split. Under torchrun each process samples its
+    share of the prompts and every process gets the whole list, in the order one process makes."""
     prompts = task_prompts(chat, cfg.tasks, split, per_task, cfg.seed)
+    mine = share(len(prompts), info)
     params = chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
-    outs = sample(model, chat, prompts, params, dtype=cfg.train.dtype)
-    rng = random.Random(cfg.seed)
+    outs = sample(model, chat, prompts[mine.start:mine.stop], params, dtype=cfg.train.dtype, first_index=mine.start)
     comparisons = []
-    for i, p in enumerate(prompts):
-        group = outs[i * cfg.k:(i + 1) * cfg.k]
+    for j, i in enumerate(mine):
+        p, group = prompts[i], outs[j * cfg.k:(j + 1) * cfg.k]
         keys = [rubric_key(p.task, p.example, c.text, c.finish_reason == "stop", len(c.tokens)) for c in group]
+        labeler = random.Random(f"{cfg.seed}:{split}:{i}")  # a prompt's noise does not depend on who samples it
         comparisons.append(Comparison([scored_sequence(chat, p.ids + c.tokens, model.cfg.max_seq_len) for c in group],
-                                      ranks_from_keys(keys, cfg.noise, rng)))
-    return comparisons
+                                      ranks_from_keys(keys, cfg.noise, labeler)))
+    return gather(comparisons, info)
 
 
 def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
@@ -121,14 +125,18 @@ def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
 
 
 class ComparisonBatches:
-    """Groups of comparisons, shuffled per epoch; rows are right-padded, the score is read at the last token."""
+    """Groups of comparisons, shuffled per epoch; rows are right-padded, the score is read at the last token.
+
+    A step takes groups_per_batch groups per process from the global order and each process keeps
+    its own slice, so the state (epoch, position) is global: a run resumes with any number of processes.
+    """
 
     def __init__(self, comparisons: list[Comparison], groups_per_batch: int, max_len: int, pad_id: int,
-                 seed: int = 0):
+                 seed: int = 0, info: DistInfo = DistInfo()):
         self.comparisons = [c for c in comparisons if len(set(c.ranks)) > 1]  # all tied: nothing to learn
         if not self.comparisons:
             raise PocketError("no comparison has two different ranks: nothing for the reward model to learn")
-        self.B, self.T, self.pad_id, self.seed = groups_per_batch, max_len, pad_id, seed
+        self.B, self.T, self.pad_id, self.seed, self.info = groups_per_batch, max_len, pad_id, seed, info
         self.epoch, self.pos = 0, 0
 
     def state(self) -> dict:
@@ -141,14 +149,15 @@ class ComparisonBatches:
         order = list(range(len(self.comparisons)))
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         groups = []
-        while len(groups) < self.B:
+        while len(groups) < self.B * self.info.world_size:
             if self.pos >= len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = list(range(len(self.comparisons)))
                 random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
             groups.append(self.comparisons[order[self.pos]])
             self.pos += 1
-        return groups
+        mine = share(len(groups), self.info)
+        return groups[mine.start:mine.stop]
 
     def tensors(self, groups: list[Comparison], device):
         """ids (N, T), index of each row's <|reward|> (N,), prompt id (N,), rank (N,)."""
@@ -178,27 +187,31 @@ class PairwiseRanking(LoaderObjective):
 
 
 @torch.no_grad()
-def held_out_accuracy(model: GPT, comparisons: list[Comparison], max_len: int, pad_id: int, device) -> dict:
+def held_out_accuracy(model: GPT, comparisons: list[Comparison], max_len: int, pad_id: int, device,
+                      info: DistInfo = DistInfo()) -> dict:
+    """Pairwise accuracy over all held-out pairs; each process scores its share of the groups."""
     if not any(len(set(c.ranks)) > 1 for c in comparisons):
         return {"val_pair_accuracy": float("nan")}
     batches = ComparisonBatches(comparisons, 8, max_len, pad_id)
+    mine = share(len(batches.comparisons), info)
     was_training = model.training
     model.eval()
     correct = pairs = 0.0
-    for start in range(0, len(batches.comparisons), 8):
-        ids, last, group, rank = batches.tensors(batches.comparisons[start:start + 8], device)
+    for start in range(mine.start, mine.stop, 8):
+        ids, last, group, rank = batches.tensors(batches.comparisons[start:min(start + 8, mine.stop)], device)
         r = rewards_at(model, ids, last)
         n = ((group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])).sum().item()
         correct += float(pair_accuracy(r, group, rank)) * n
         pairs += n
     model.train(was_training)
+    correct, pairs = count_totals([correct, pairs], info, device)
     return {"val_pair_accuracy": correct / max(pairs, 1)}
 
 
 def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
-    device, _, out_dir = stage_setup(tc, run_dir, "rm", resume)
+    device, info, out_dir = stage_setup(tc, run_dir, "rm", resume)
     policy, chat, _ = load_model(run_dir / "sft", device)
 
     if cfg.data:
@@ -207,24 +220,32 @@ def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -
         n_val = max(1, len(train) // 10)
         train, val = train[n_val:], train[:n_val]
     else:
-        console.print(f"[bold]rm[/]: sampling {cfg.k} completions per prompt from the SFT model and ranking them")
-        train = sampled_comparisons(policy, chat, cfg, "train", cfg.prompts_per_task)
-        val = sampled_comparisons(policy, chat, cfg, "validation", cfg.val_prompts_per_task)
+        if info.is_main:
+            console.print(f"[bold]rm[/]: sampling {cfg.k} completions per prompt from the SFT model and ranking them")
+        train = sampled_comparisons(policy, chat, cfg, "train", cfg.prompts_per_task, info)
+        val = sampled_comparisons(policy, chat, cfg, "validation", cfg.val_prompts_per_task, info)
     useful = [c for c in train if len(set(c.ranks)) > 1]
     stats = {"train_groups": len(train), "train_groups_with_pairs": len(useful), "val_groups": len(val)}
-    atomic_write_json(out_dir / "rm_data.json", stats)
-    console.print(f"rm data: {stats}")
+    if info.is_main:
+        atomic_write_json(out_dir / "rm_data.json", stats)
+        console.print(f"rm data: {stats}")
 
     model = policy.with_score_head()
     del policy
-    batches = ComparisonBatches(train, tc.batch_size, tc.seq_len, chat.pad_id, cfg.seed)
+    batches = ComparisonBatches(train, tc.batch_size, tc.seq_len, chat.pad_id, cfg.seed, info)
+
+    def evaluate(m: GPT) -> dict:
+        return held_out_accuracy(m, val, tc.seq_len, chat.pad_id, device, info)
+
     trainer = Trainer(model, PairwiseRanking(batches, device), tc, out_dir, "rm", run_dir / "metrics.jsonl",
-                      device, evaluate=lambda m: held_out_accuracy(m, val, tc.seq_len, chat.pad_id, device))
+                      device, info, evaluate=evaluate)
     if resume:
         trainer.resume()
     model.train()
     summary = trainer.run()
-    summary.update(held_out_accuracy(model, val, tc.seq_len, chat.pad_id, device), data=stats)
-    save_model(model, out_dir, chat, {"stage": "rm", "train": asdict(tc), "summary": summary})
-    console.print(f"rm: held-out pairwise accuracy {summary['val_pair_accuracy']:.1%} -> {out_dir}")
+    summary.update(evaluate(model), data=stats)
+    if info.is_main:
+        save_model(model, out_dir, chat, {"stage": "rm", "train": asdict(tc), "summary": summary})
+        console.print(f"rm: held-out pairwise accuracy {summary['val_pair_accuracy']:.1%} -> {out_dir}")
+    barrier(info)  # the next stage reads rm/ on every process
     return summary

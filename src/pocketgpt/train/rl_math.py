@@ -19,6 +19,8 @@ without gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -31,20 +33,26 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return torch.where(m, x, 0).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> torch.Tensor:
     """(x - mean) / std over the valid positions of the whole batch (population std).
 
     PPO whitens advantages so their scale does not depend on the reward's scale. With
     shift_mean=False the mean is added back after scaling: the advantages keep their average (the
     batch's overall push up or down) and only their spread is normalised.
+
+    When the batch is spread over processes, `total` adds up partial sums over all of them (an
+    all-reduce), so the mean and variance are those of the whole batch.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    m = mask.bool()
+    valid_sum, count = total(torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)]))
+    count = count.clamp(min=1)
+    mean = valid_sum / count
+    var = total(torch.where(m, (x - mean) ** 2, 0).sum()) / count
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0)
+    return torch.where(m, whitened, 0)
 
 
 # ---------------------------------------------------------------------------- from logits

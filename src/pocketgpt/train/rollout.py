@@ -60,10 +60,13 @@ def chat_params(chat: ChatTemplate, max_tokens: int, temperature: float, n: int 
 
 @torch.no_grad()
 def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: SamplingParams,
-           batch_size: int = 32, dtype: str = "float32") -> list[Transcript]:
+           batch_size: int = 32, dtype: str = "float32", first_index: int = 0) -> list[Transcript]:
     """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
     As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
     action_mask tells the tokens the model chose from those the tools wrote.
+
+    A prompt's random draws follow its index in the global batch (`first_index` + its position
+    here), so under torchrun a process sampling its share gets the answers one process would.
 
     With a reduced `dtype` the answers are decoded by a copy of the weights in that precision
     (bfloat16 decodes ~1.6x faster on a CPU), as RL systems decode with an inference engine; the
@@ -75,7 +78,8 @@ def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: Sampli
     per_batch = max(1, batch_size // params.n)
     outs = []
     for start in range(0, len(prompts), per_batch):
-        for t in generate_with_tools(engine, chat, [p.ids for p in prompts[start:start + per_batch]], params, tools):
+        chunk = [p.ids for p in prompts[start:start + per_batch]]
+        for t in generate_with_tools(engine, chat, chunk, params, tools, first_index=first_index + start):
             t.prompt_index += start
             outs.append(t)
     model.train(was_training)

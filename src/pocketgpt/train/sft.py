@@ -14,19 +14,20 @@ true answer; training a model to state facts it does not know teaches it to make
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
-from ..common import PocketError, atomic_write_json, console, human, read_jsonl
+from ..common import DistInfo, PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
 from ..data.tasks.prompts import fewshot_text
 from ..engine import Engine, SamplingParams
 from ..model import GPT
+from .data_parallel import barrier, gather, share
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
@@ -71,30 +72,38 @@ class SFTConfig:
 
 @torch.no_grad()
 def probe_knowledge(model: GPT, chat: ChatTemplate, task, examples, samples: int, temperature: float,
-                    seed: int = 0, batch_size: int = 64) -> list[float]:
-    """For each fact question, the share of sampled few-shot answers that are right."""
+                    seed: int = 0, batch_size: int = 64, dist_info: DistInfo = DistInfo()) -> list[float]:
+    """For each fact question, the share of sampled few-shot answers that are right.
+
+    The questions go in chunks, each sampled with a seed of its own (seed + where it starts); under
+    torchrun the chunks are dealt out to the processes and the scores gathered: the same scores."""
     engine = Engine(model, chat.tokenizer)
     prompts = [chat.document(fewshot_text(task, e, shots=3)) for e in examples]
-    params = SamplingParams(max_tokens=24, temperature=temperature, n=samples, seed=seed,
+    params = SamplingParams(max_tokens=24, temperature=temperature, n=samples,
                             stop_tokens=chat.document_stops, stop_strings=("\n",))
+    per_chunk = max(1, batch_size // samples)
+    starts = range(0, len(prompts), per_chunk)
+    mine = share(len(starts), dist_info)
     scores = []
-    for start in range(0, len(prompts), max(1, batch_size // samples)):
-        chunk = prompts[start:start + max(1, batch_size // samples)]
-        outs = engine.generate(chunk, params)
+    for start in starts[mine.start:mine.stop]:
+        chunk = prompts[start:start + per_chunk]
+        outs = engine.generate(chunk, replace(params, seed=seed + start))
         for i in range(len(chunk)):
             e = examples[start + i]
             truth = {**e.meta, "tier": "head"}  # judge the value itself, whatever the tier
             right = sum(task.verify(type(e)(e.question, e.answer, truth), c.text.strip())
                         for c in outs[i * samples:(i + 1) * samples])
             scores.append(right / samples)
-    return scores
+    return gather(scores, dist_info)
 
 
 # ----------------------------------------------------------------------------- the conversations
 
 
-def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) -> tuple[list[list[dict]], dict]:
-    """The SFT set: task renderings (+ probed fact QA) + user files; and statistics about it."""
+def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
+                        dist_info: DistInfo = DistInfo()) -> tuple[list[list[dict]], dict]:
+    """The SFT set: task renderings (+ probed fact QA) + user files; and statistics about it. Under
+    torchrun the processes share the knowledge probe and all build the same set."""
     rng = random.Random(cfg.seed)
     convs, stats = [], {"per_task": {}}
     for name, spec in cfg.tasks.items():
@@ -106,7 +115,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) ->
         if spec.get("n"):
             examples = examples[:spec["n"]]
         if name.startswith("factqa"):
-            task_convs, probe = factqa_conversations(cfg, task, examples, base, chat, style)
+            task_convs, probe = factqa_conversations(cfg, task, examples, base, chat, style, dist_info)
             stats["probe"] = probe
         else:
             task_convs = task.render_each(examples, style)
@@ -132,7 +141,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate) ->
 
 
 def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat: ChatTemplate,
-                         style: str = "sentence"):
+                         style: str = "sentence", dist_info: DistInfo = DistInfo()):
     """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
     base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer.
 
@@ -144,7 +153,7 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat:
         info: dict = {"mitigated": False}
     else:
         scores = probe_knowledge(base, chat, task, examples, cfg.probe_samples, cfg.probe_temperature,
-                                 cfg.seed)
+                                 cfg.seed, dist_info=dist_info)
         knows = [score >= cfg.probe_threshold for score in scores]
         share = {t: [k for e, k in zip(examples, knows) if e.meta["tier"] == t] for t in ("head", "tail", "unseen")}
         info = {"mitigated": True, "known_share": {t: sum(v) / max(1, len(v)) for t, v in share.items()}}
@@ -242,7 +251,7 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
     model, chat, base_cfg = load_model(run_dir / "base", device)
     model.cfg.max_seq_len = max(model.cfg.max_seq_len, tc.seq_len)
 
-    convs, stats = build_conversations(cfg, model, chat)
+    convs, stats = build_conversations(cfg, model, chat, info)
     encoded = [chat.render(c) for c in convs]
     # A conversation cut at the end of a row teaches an answer that never ends: leave those out.
     fits = [e for e in encoded if len(e[0]) <= tc.seq_len + 1]
@@ -274,6 +283,7 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
                                                 "mitigate_hallucination": cfg.mitigate_hallucination})
         console.print(f"sft: {summary['steps']} steps, {human(summary['tokens'])} tokens, "
                       f"final loss {summary.get('loss', float('nan')):.3f} -> {out_dir}")
+    barrier(info)  # the next stage reads this one's model on every process
     return summary
 
 
