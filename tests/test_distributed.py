@@ -3,8 +3,8 @@
 Each comparison runs a stage twice from the same start (a tiny model briefly fine-tuned to count a
 letter in a word, right about 40% of the time, so answers differ and rewards vary): once as one process with a global
 batch of 2B, once under `torch.distributed.run --nproc_per_node 2` (gloo) with B per process.
-Same seeds, float32, no dropout: the per-step losses must agree to LOSS_TOL and the final weights
-must differ by less than 1% of how far training moved them. Sampling, whitening, minibatches and
+Same seeds, float32, no dropout: the per-step losses and gradient norms must agree, and the final
+weights must differ by less than WEIGHT_TOL of how far training moved them. Sampling, whitening, minibatches and
 token means are defined over the global batch, so the only differences left are the order of float
 additions. Pretraining and SFT under torchrun are tested in test_pretrain.py.
 """
@@ -29,7 +29,10 @@ from pocketgpt.train.sft import ConversationLoader
 
 LOSS_TOL = 1e-4  # per-step loss, one process vs two (float32: measured differences ~1e-6)
 GRAD_NORM_TOL = 2e-3  # relative, per step (measured up to 4e-4: Adam magnifies rounding in tiny gradients)
-WEIGHT_TOL = 0.01  # largest weight difference, as a share of the largest change training made
+# Weight difference (L2 over all weights) as a share of the change training made (L2). Measured: PPO
+# 9e-7, GRPO 2e-6, RM 2e-4 (its score head starts at 0, so its first gradients into the network are
+# tiny, and Adam divides rounding noise in tiny gradients by their own size).
+WEIGHT_TOL = 2e-3
 
 # Runs a `pocketgpt` command; with KILL_AT_STEP set, every process SIGKILLs itself just before that step.
 DRIVER = """
@@ -184,6 +187,11 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_model(model_dir)[0].state_dict()
 
 
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """L2 distance over the weights both hold (a reward model's scalar head is new)."""
+    return torch.cat([(a[name] - b[name]).flatten().double() for name in a if name in b]).norm().item()
+
+
 def assert_same_training(one: Path, two: Path, stage: str, model_dir: str, start_dir: Path, steps: int):
     a, b = losses(one, stage), losses(two, stage)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))  # one record per step: one process logs
@@ -193,9 +201,8 @@ def assert_same_training(one: Path, two: Path, stage: str, model_dir: str, start
     for step in a:  # the gradients themselves, where a loss near 0 (GRPO's) says little
         assert norms_b[step] == pytest.approx(norms_a[step], rel=GRAD_NORM_TOL), (stage, step)
     w0, wa, wb = weights(start_dir), weights(one / model_dir), weights(two / model_dir)
-    moved = max((wa[k] - w0[k]).abs().max().item() for k in w0)
-    differ = max((wa[k] - wb[k]).abs().max().item() for k in w0)
-    assert moved > 1e-3, f"{stage}: training hardly moved the weights ({moved:.2e}): nothing was compared"
+    moved, differ = distance(wa, w0), distance(wa, wb)
+    assert moved > 1e-2, f"{stage}: training hardly moved the weights ({moved:.2e}): nothing was compared"
     assert differ < WEIGHT_TOL * moved, (stage, differ, moved)
 
 
