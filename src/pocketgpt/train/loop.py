@@ -156,8 +156,11 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, objective: Objective, cfg: TrainConfig, out_dir: str | Path,
                  stage: str, metrics_path: str | Path, device: torch.device, dist_info: DistInfo = DistInfo(),
-                 evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None):
+                 evaluate: Callable[[GPT], dict] | None = None, sample: Callable[[GPT], str] | None = None,
+                 until: Callable[[dict], bool] | None = None):
+        """`until(evaluation)` ends the run early when it returns True (the lab stops a run that has converged)."""
         self.model, self.objective, self.cfg = model, objective, cfg
+        self.until = until
         self.out_dir, self.stage, self.metrics_path = Path(out_dir), stage, Path(metrics_path)
         self.device, self.dist = device, dist_info
         self.evaluate, self.sample = evaluate, sample
@@ -252,6 +255,8 @@ class Trainer:
                         if plain_log:
                             console.print(f"{self.stage} step {self.step}: " +
                                           " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                        if self.until and self.until(ev):
+                            break
                     if self.sample and self.dist.is_main and (self.step % cfg.sample_every == 0):
                         progress.console.print(f"[dim]sample @ {self.step}:[/] {self.sample(self.model)!r}")
                     if self.step % cfg.save_every == 0 and self.step < cfg.steps:
