@@ -117,11 +117,24 @@ def test_tasks_list_and_export(tmp_path, capsys):
 
 
 def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
-    """The main job end to end (tiny settings); run again, every stage is skipped and the report
-    card keeps the time each stage took when it ran."""
+    """The main job end to end (tiny settings) in a world of its own seed; run again, every stage is
+    skipped and the report card keeps the time each stage took when it ran."""
+    from pocketgpt.data.world import World, WorldConfig
+
     command = [sys.executable, "-m", "pocketgpt.cli", "speedrun", "--quick", "--out", str(tmp_path)]
-    first = subprocess.run(command, capture_output=True, text=True)
+    first = subprocess.run(command + ["--set", "world.seed=3"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
+    # every stage and task used world 3: pretraining documents, the evaluation's questions, the report card
+    assert json.loads((tmp_path / "world.json").read_text())["seed"] == 3
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["meta"]["sources"]["world"]["seed"] == 3
+    seed3 = {e.name for e in World.generate(WorldConfig(seed=3)).entities()}
+    seed0 = {e.name for e in World.generate(WorldConfig()).entities()}
+    questions = [json.loads(line)["question"] for line in (tmp_path / "sft" / "eval" / "factqa_head_test.jsonl")
+                 .read_text().splitlines()]
+    assert all(any(name in q for name in seed3 - seed0) for q in questions)
+    assert "World: seed **3**" in (tmp_path / "report.md").read_text()
+    other = subprocess.run(command + ["--set", "world.seed=4"], capture_output=True, text=True)
+    assert other.returncode == 2 and "cannot switch" in other.stderr
     timing = json.loads((tmp_path / "speedrun.json").read_text())
     assert list(timing["stage_seconds"]) == ["tokenizer", "pretrain", "sft", "rm", "ppo", "grpo", "eval"]
     for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):

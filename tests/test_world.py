@@ -222,7 +222,10 @@ def test_a_run_records_one_world_and_refuses_another(tmp_path):
     record_run_world(tmp_path, WorldConfig(seed=7))
     record_run_world(tmp_path, WorldConfig(seed=7))  # the same world again: fine
     assert read_run_world(tmp_path) == WorldConfig(seed=7)
-    assert read_run_world(tmp_path / "sft") == WorldConfig(seed=7)  # a stage directory finds its run's
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.json").write_text("{}")
+    assert read_run_world(tmp_path / "sft") == WorldConfig(seed=7)  # a model directory finds its run's
+    assert read_run_world(tmp_path / "another_run") is None  # a run inside a run's folder does not
     with pytest.raises(PocketError, match="cannot switch"):
         record_run_world(tmp_path, WorldConfig(seed=8))
     (tmp_path / "world.json").write_text('{"seed": 1, "planets": 3}')

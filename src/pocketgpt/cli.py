@@ -41,12 +41,16 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_run_config(args) -> "RunConfig":  # noqa: F821
-    from .speedrun import RunConfig, quick
+    """The configuration a stage command runs with: defaults, --quick, --config, --set, and the run's world."""
+    from .speedrun import RunConfig, quick, settle_world
 
     cfg = RunConfig()
     if getattr(args, "quick", False):
         quick(cfg)
     configlib.load(cfg, args.config, args.overrides)
+    run = getattr(args, "run", None) or getattr(args, "out", None)
+    if run:
+        settle_world(cfg, Path(run))
     for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
         if args.threads:
             stage.train.threads = args.threads
@@ -569,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain a GPT on the data mixture",
                        description="Next-token prediction on the weighted mixture; writes RUN/base/. "
-                                   "Launch with torchrun for several processes (DDP).")
+                                   "Launch with torchrun for several processes (data parallel: each "
+                                   "trains on its share of the batch).")
     p.add_argument("run", help="run directory (must hold a trained tokenizer)")
     p.add_argument("--preset", help="model size: tiny, small (CPU speedrun), medium, gpt2, d20, d26")
     p.add_argument("--steps", type=int, help="optimizer steps")

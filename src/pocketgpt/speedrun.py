@@ -14,12 +14,15 @@ The evaluation deals the checkpoints out to the processes; rank 0 writes the rep
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import load_model
 from .common import atomic_write_json, console, init_distributed, pick_device
+from .data.tasks import use_world
+from .data.world import WorldConfig, read_run_world, record_run_world
 from .evaluate.harness import SUITE, copying, diversity, evaluate_suite
 from .train.bpe import train_tokenizer
 from .train.data_parallel import barrier
@@ -46,7 +49,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; `--config run.toml` fills it with [tokenizer], [pretrain], ... tables."""
+    """Everything a run needs; `--config run.toml` fills it with [world], [tokenizer], [pretrain], ... tables."""
+    world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world every stage and task uses
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -84,6 +88,24 @@ def quick(cfg: RunConfig) -> RunConfig:
     cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.grpo.max_tokens, cfg.grpo.eval_n = 2, 4, 48, 10
     cfg.eval = EvalConfig(n=10)
     return cfg
+
+
+def settle_world(cfg: RunConfig, run_dir: Path) -> WorldConfig:
+    """The run's one world: the first command on a run records it (RUN/world.json), later ones read it back
+    (asking for another is refused); the pretraining world source and every task of this process use it."""
+    recorded = read_run_world(run_dir)
+    if recorded is not None and cfg.world != WorldConfig():
+        record_run_world(run_dir, cfg.world)  # refuses a world other than the recorded one
+    world = recorded or cfg.world
+    if recorded is None and os.environ.get("RANK", "0") == "0":  # one process writes it (torchrun)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_run_world(run_dir, world)
+    cfg.world = world
+    for source in cfg.pretrain.sources.values():
+        if source.get("kind") == "world":
+            source.update(asdict(world))
+    use_world(world)
+    return world
 
 
 def stage_done(model_dir: Path, steps: int) -> bool:
@@ -129,6 +151,10 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = init_distributed(pick_device(cfg.pretrain.train.device))  # one process unless under torchrun
+    world = settle_world(cfg, run_dir)
+    if info.is_main:
+        console.print(f"world: seed {world.seed} ({world.n_countries} countries, {world.n_cities} cities, "
+                      f"{world.n_people} people, {world.n_companies} companies)")
     times: dict[str, float] = {}
     t_start = time.time()
     worked: set[str] = set()  # stages that did work in this invocation (not all skipped)

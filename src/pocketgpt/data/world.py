@@ -512,8 +512,9 @@ WORLD_FILE = "world.json"  # in the run directory: the one world every stage of 
 
 
 def read_run_world(run: Path) -> WorldConfig | None:
-    """The world a run recorded (looked up in RUN and, for a stage directory like RUN/sft, its parent)."""
-    for directory in (Path(run), Path(run).parent):
+    """The world a run recorded (looked up in RUN and, for a model directory like RUN/sft, its run)."""
+    run = Path(run)
+    for directory in (run, run.parent) if (run / "config.json").exists() else (run,):
         path = directory / WORLD_FILE
         if path.exists():
             try:

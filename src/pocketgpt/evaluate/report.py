@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..common import atomic_write_text, human, read_jsonl
 from ..data.tasks.base import is_refusal
+from ..data.world import read_run_world
 
 # Checkpoints in the order a run makes them, with how they are asked.
 CHECKPOINTS = [("base", "base (few-shot)"), ("sft", "SFT"), ("sft_naive", "SFT, no mitigation"),
@@ -163,6 +164,11 @@ def write_report(run: str | Path) -> Path:
     if timing:
         parts.append(f"Speedrun wall time: **{timing['total_seconds'] / 60:.1f} min** "
                      f"({', '.join(f'{k} {v:.0f}s' for k, v in timing['stage_seconds'].items())}).\n")
+    world = read_run_world(run)
+    if world:
+        parts.append(f"World: seed **{world.seed}** ({world.n_countries} countries, {world.n_cities} cities, "
+                     f"{world.n_people} people, {world.n_companies} companies; `--set world.seed=N` makes "
+                     f"another).\n")
     parts.append("## Stages\n")
     parts.append(markdown_table(["stage", "time", "steps", "tokens", "result"], stage_rows(run)) + "\n")
     base = _load(run / "base" / "config.json")
