@@ -290,8 +290,8 @@ def test_game24_propose_and_value_renderings_are_true_to_the_solver():
             for line in reply["content"].splitlines():                # ... with its arithmetic right
                 a, op, b, result = PROPOSAL.match(line).groups()
                 assert evaluate(f"{a}{op}{b}") == int(result)
-            if can_reach_24(state):  # a position that can still win always lists a winning move
-                assert any(can_reach_24(left) for _, left in listed)
+            # a position that can still win always lists a winning move
+            assert not can_reach_24(state) or any(can_reach_24(left) for _, left in listed)
         for ask, reply in zip(value[::2], value[1::2]):
             state = [int(x) for x in ask["content"].split(" can reach")[0].split()[2:]]
             assert parse_value(reply["content"]) == (20.0 if can_reach_24(state) else 0.001)
@@ -363,14 +363,13 @@ def test_multihop_tolerance_and_tools():
 
 def test_structured_checks_schema_and_values():
     t = task("structured")
-    example = t.examples("test")[0]
+    example = next(e for e in t.examples("test") if any(isinstance(v, int) for v in e.meta["values"].values()))
     values = example.meta["values"]
     assert t.verify(example, f"Sure:\n```json\n{json.dumps(values, indent=2)}\n```\n")
     assert not t.verify(example, json.dumps({**values, "extra": "x"}))         # additionalProperties
     assert not t.verify(example, json.dumps(dict(list(values.items())[1:])))  # missing required key
-    numeric = [k for k, v in values.items() if isinstance(v, int)]
-    if numeric:
-        assert not t.verify(example, json.dumps({**values, numeric[0]: str(values[numeric[0]])}))
+    numeric = next(k for k, v in values.items() if isinstance(v, int))
+    assert not t.verify(example, json.dumps({**values, numeric: str(values[numeric])}))  # a number as a string
     assert extract_json("no json here") is None
 
 
