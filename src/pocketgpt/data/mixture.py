@@ -1,8 +1,11 @@
 """The pretraining mixture: tokenize each source once, then draw B x (T+1) rows from them by weight.
 
-Preparation turns every source into two token streams on disk (train and validation): its
-documents in a seeded shuffled order, each preceded by <|bos|>, concatenated. Rows are contiguous
-windows of a stream, so a row may span documents, separated by <|bos|> as in GPT pretraining.
+Preparation shards every source on disk (data/shards.py: streamed, encoded in parallel, resumable)
+and splits it into train and validation: its documents in a seeded shuffled order, each preceded by
+<|bos|>, the last `val_fraction` of them held out (a source of a single document holds out the tail
+of its tokens). A split is a list of pieces of the shards, read as one stream (a `TokenStream`), so
+no corpus is ever loaded into memory. Rows are contiguous windows of a stream, so a row may span
+documents, separated by <|bos|> as in GPT pretraining.
 
 Which source feeds which row of global step s is a pure function of (seed, s); each source keeps a
 cursor that moves through its stream and wraps around (one more epoch). The loader's whole state is
@@ -15,9 +18,9 @@ processes, so a run started with N processes resumes with M (B x M rows per step
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,58 +28,73 @@ import torch
 
 from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_bytes, atomic_write_json
-from .sources import SourceSpec, document_text, read_documents
+from .shards import DEFAULT_SHARD_TOKENS, TokenStream, document_sizes, source_identity, token_dtype, tokenize_source
+from .sources import SourceSpec
 
 MANIFEST = "mixture.json"
+FORMAT = 2  # 1: each split of a source in one NAME.{train,val}.bin file, read whole
 
 
-def _spec_key(specs: list[SourceSpec], chat: ChatTemplate, val_fraction: float, seed: int) -> str:
-    blob = json.dumps([asdict(s) for s in specs] + [chat.tokenizer.fingerprint(), val_fraction, seed], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def prepare_mixture(specs: list[SourceSpec], chat: ChatTemplate, out_dir: str | Path,
-                    val_fraction: float = 0.02, seed: int = 0, threads: int = 2) -> dict:
-    """Tokenize every source into out_dir/{name}.{train,val}.bin; reuse them if nothing changed."""
+def prepare_mixture(specs: list[SourceSpec], chat: ChatTemplate, out_dir: str | Path, val_fraction: float = 0.02,
+                    seed: int = 0, workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+    """Shard every source into out_dir/NAME/ and write its train and validation splits; sources whose
+    shards are already there are reused, and nothing at all is done if the mixture is unchanged."""
     out_dir = Path(out_dir)
-    key = _spec_key(specs, chat, val_fraction, seed)
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PocketError(f"the data mixture names a source more than once: {', '.join(twice)}")
+    identities = {s.name: source_identity(s, chat, shard_tokens) for s in specs}
+    weights = {s.name: s.weight for s in specs}
+    blob = json.dumps([FORMAT, identities, weights, val_fraction, seed], sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") == key:
             return manifest
-    dtype = np.uint16 if chat.tokenizer.vocab_size <= 65536 else np.uint32
-    manifest = {"key": key, "dtype": np.dtype(dtype).name, "sources": {}}
+    for unsharded in out_dir.glob("*.bin"):  # what format 1 wrote: superseded by the shards
+        unsharded.unlink()
+    manifest = {"format": FORMAT, "key": key, "dtype": token_dtype(chat.tokenizer.vocab_size).name,
+                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "sources": {}}
     for spec in specs:
-        docs = read_documents(spec)
-        random.Random(f"{seed}:{spec.name}").shuffle(docs)
-        if len(docs) > 1:
-            n_val = max(1, round(len(docs) * val_fraction))
-            train_docs, val_docs = docs[:-n_val], docs[-n_val:]
-        elif isinstance(docs[0], str):  # a single text: hold out its tail
-            cut = int(len(docs[0]) * (1 - val_fraction))
-            train_docs, val_docs = [docs[0][:cut]], [docs[0][cut:]]
-        else:  # a single conversation cannot be split
-            train_docs = val_docs = docs
-        entry = {"weight": spec.weight, "kind": spec.kind, "documents": len(docs),
-                 "bytes": sum(len(document_text(d).encode("utf-8")) for d in docs)}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            stream = np.fromiter((t for doc in encode_documents(chat, split_docs, threads) for t in doc),
-                                 dtype=dtype)
-            atomic_write_bytes(out_dir / f"{spec.name}.{split}.bin", stream.tobytes())
-            entry[f"{split}_tokens"] = int(stream.size)
-        manifest["sources"][spec.name] = entry
+        source = tokenize_source(spec, chat, out_dir / spec.name, shard_tokens, workers)
+        splits = split_documents(document_sizes(out_dir / spec.name)[:, 0], val_fraction, f"{seed}:{spec.name}")
+        for split, pieces in splits.items():
+            table = io.BytesIO()
+            np.save(table, pieces)
+            atomic_write_bytes(out_dir / spec.name / f"{split}.npy", table.getvalue())
+        manifest["sources"][spec.name] = {
+            "weight": spec.weight, "kind": spec.kind, "documents": source["documents"], "bytes": source["bytes"],
+            "train_tokens": int(splits["train"][1, -1]), "val_tokens": int(splits["val"][1, -1]),
+            "shards": len(source["shards"]), "source_hash": source["source_hash"]}
     atomic_write_json(manifest_path, manifest)
     return manifest
 
 
-def encode_documents(chat: ChatTemplate, docs: list, threads: int) -> list[list[int]]:
-    """Each text as a whole document (ours: <|bos|> + tokens); a conversation rendered by the chat template."""
-    encoded = iter(chat.documents([d for d in docs if isinstance(d, str)], threads=threads))
-    return [next(encoded) if isinstance(d, str) else chat.render(d)[0] for d in docs]
+def split_documents(lengths: np.ndarray, val_fraction: float, seed: str) -> dict[str, np.ndarray]:
+    """Train and validation pieces of a source whose documents have `lengths` tokens, as TokenStream
+    reads them: row 0 where a piece starts in the source, row 1 where it ends in the split's stream.
+
+    The documents are shuffled as `random.Random(seed).shuffle` shuffles a list of them (the order the
+    in-memory mixture used, so a seed gives the batches it gave), and the last `val_fraction` of them
+    (one at least) are held out. A single document is cut instead: the tail of its tokens is held out."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    if len(lengths) == 1:
+        cut = int(lengths[0] * (1 - val_fraction))
+        parts = {"train": (starts, np.array([cut])), "val": (starts + cut, lengths - cut)}
+    else:
+        order = np.arange(len(lengths))
+        random.Random(seed).shuffle(order)  # a Python loop: ~2 s per million documents, once per preparation
+        n_val = max(1, round(len(lengths) * val_fraction))
+        parts = {"train": (starts[order[:-n_val]], lengths[order[:-n_val]]),
+                 "val": (starts[order[-n_val:]], lengths[order[-n_val:]])}
+    return {split: np.stack([piece_starts, np.cumsum(piece_lengths)]).astype(np.int64)
+            for split, (piece_starts, piece_lengths) in parts.items()}
 
 
-def load_streams(data_dir: str | Path, split: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def load_streams(data_dir: str | Path, split: str) -> tuple[dict, dict[str, float]]:
+    """Each source's `split` as a token stream (memory-mapped, nothing read yet), and its weight."""
     data_dir = Path(data_dir)
     manifest_path = data_dir / MANIFEST
     if not manifest_path.exists():
@@ -84,18 +102,22 @@ def load_streams(data_dir: str | Path, split: str) -> tuple[dict[str, np.ndarray
     manifest = json.loads(manifest_path.read_text())
     streams, weights = {}, {}
     for name, entry in manifest["sources"].items():
-        path = data_dir / f"{name}.{split}.bin"
-        if not path.exists():
-            raise PocketError(f"{path} is missing: prepared data is incomplete, delete {data_dir} to redo it")
-        streams[name] = np.memmap(path, dtype=manifest["dtype"], mode="r")
+        if manifest.get("format", 1) == 1:  # a run prepared before sharding still trains on its data
+            path = data_dir / f"{name}.{split}.bin"
+            if not path.exists():
+                raise PocketError(f"{path} is missing: prepared data is incomplete, delete {data_dir} to redo it")
+            streams[name] = np.memmap(path, dtype=manifest["dtype"], mode="r")
+        else:
+            streams[name] = TokenStream.open(data_dir / name, split)
         weights[name] = entry["weight"]
     return streams, weights
 
 
 class MixtureLoader:
-    """Yields (x, y) int64 batches of shape (batch_size, seq_len) for one rank; deterministic and resumable."""
+    """Yields (x, y) int64 batches of shape (batch_size, seq_len) for one rank; deterministic and resumable.
+    A stream is anything with a length and contiguous slices: a TokenStream, or an array in memory."""
 
-    def __init__(self, streams: dict[str, np.ndarray], weights: dict[str, float], batch_size: int,
+    def __init__(self, streams: dict, weights: dict[str, float], batch_size: int,
                  seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         for name, s in streams.items():
             if len(s) < seq_len + 1:

@@ -4,7 +4,10 @@ Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmeti
 conversations in the chat format (`chat`, so the model meets the chat template during pretraining,
 like nanochat's midtraining), and real text present on every machine that has Python: the
 standard library's documentation (`docs`) and source code (`code`). Users add their own: a folder
-of text files, JSONL with a text field, or Parquet with a text column.
+of text files, JSONL with a text field or Parquet with a text column (a file or a folder of them),
+or a Hugging Face dataset on disk (`hf`: what `Dataset.save_to_disk` wrote, or a folder of data
+files; needs the `datasets` package). Every kind streams its documents, so a source may be larger
+than memory.
 
 A document is a string, or for `chat` a conversation (a list of messages) that the mixture renders
 with the tokenizer's chat template.
@@ -12,15 +15,17 @@ with the tokenizer's chat template.
 A source is described by a small dict (from TOML), e.g.
 
     {"kind": "jsonl", "path": "data/chats.jsonl", "field": "text", "weight": 0.3}
+    {"kind": "hf", "path": "~/datasets/fineweb-sample", "field": "text", "split": "train"}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common import PocketError
@@ -31,7 +36,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
 @dataclass
 class SourceSpec:
     name: str
-    kind: str  # docs | code | text | jsonl | parquet | world | math | chat
+    kind: str  # docs | code | text | jsonl | parquet | hf | world | math | chat
     weight: float = 1.0
     path: str = ""
     field: str = "text"
@@ -58,23 +63,45 @@ def document_text(doc: str | list[dict]) -> str:
     return doc if isinstance(doc, str) else "\n".join(m.get("content") or "" for m in doc)
 
 
-def read_documents(spec: SourceSpec) -> list:
-    """All documents of a source, in a stable order, after the size caps; empty sources are an error."""
-    docs, size = [], 0
+def iter_documents(spec: SourceSpec) -> Iterator:
+    """A source's documents one at a time, in a stable order, after the size caps; an empty source is an
+    error (raised once the stream is exhausted)."""
+    count, size = 0, 0
     for doc in KINDS[spec.kind](spec):
         text = document_text(doc)
         if not text.strip():
             continue
         if spec.max_bytes and size >= spec.max_bytes:
             break
-        if spec.max_docs and len(docs) >= spec.max_docs:
+        if spec.max_docs and count >= spec.max_docs:
             break
-        docs.append(doc)
+        yield doc
+        count += 1
         size += len(text.encode("utf-8"))
-    if not docs:
+    if not count:
         where = f" at {spec.path}" if spec.path else ""
         raise PocketError(f"data source {spec.name!r} ({spec.kind}{where}) has no documents")
-    return docs
+
+
+def read_documents(spec: SourceSpec) -> list:
+    """All documents of a source in a list (for sources known to be small; the mixture streams them)."""
+    return list(iter_documents(spec))
+
+
+def source_hash(spec: SourceSpec) -> str:
+    """What a source's documents are made from: its settings (the weight aside: it picks rows, not
+    tokens) and, for files on disk, each file's path, size and modification time, so an edited file
+    counts as a new source without reading the data."""
+    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _source_files(spec)]
+    blob = json.dumps({**asdict(spec), "weight": None, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _source_files(spec: SourceSpec) -> list[Path]:
+    if spec.kind not in FILE_KINDS:
+        return []
+    path = _existing(spec)
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -111,21 +138,24 @@ def _text_files(spec: SourceSpec) -> Iterator[str]:
 
 
 def _jsonl(spec: SourceSpec) -> Iterator[str]:
+    """A JSONL file, or a folder of them (sorted by name), read line by line."""
     path = _existing(spec)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
-                raise PocketError(f"{path}:{lineno}: expected an object with a string field {spec.field!r}")
-            yield record[spec.field]
+    for p in [path] if path.is_file() else sorted(path.glob("*.jsonl")):
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PocketError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
+                    raise PocketError(f"{p}:{lineno}: expected an object with a string field {spec.field!r}")
+                yield record[spec.field]
 
 
 def _parquet(spec: SourceSpec) -> Iterator[str]:
+    """Rows of the text column, read a record batch at a time (a file may be larger than memory)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -133,10 +163,39 @@ def _parquet(spec: SourceSpec) -> Iterator[str]:
     path = _existing(spec)
     files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
     for p in files:
-        table = pq.read_table(p)
-        if spec.field not in table.column_names:
-            raise PocketError(f"{p}: no column {spec.field!r} (columns: {table.column_names})")
-        for value in table.column(spec.field).to_pylist():
+        parquet = pq.ParquetFile(p)
+        if spec.field not in parquet.schema_arrow.names:
+            raise PocketError(f"{p}: no column {spec.field!r} (columns: {parquet.schema_arrow.names})")
+        for batch in parquet.iter_batches(batch_size=1024, columns=[spec.field]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str):
+                    yield value
+
+
+def _hf_dataset(spec: SourceSpec) -> Iterator[str]:
+    """A Hugging Face dataset on disk, never downloaded: a folder `save_to_disk` wrote (its Arrow files
+    are memory-mapped), or a folder of data files `load_dataset` recognises (streamed from the files)."""
+    try:
+        import datasets
+    except ImportError:
+        raise PocketError(f"data source {spec.name!r} (hf) needs the Hugging Face `datasets` package: "
+                          "pip install datasets") from None
+    path = _existing(spec)
+    split = spec.options.get("split", "train")
+    saved = any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    try:
+        ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split,
+                                                                                      streaming=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise PocketError(f"{path}: not a Hugging Face dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PocketError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
+        ds = ds[split]
+    if ds.column_names is not None and spec.field not in ds.column_names:
+        raise PocketError(f"{path}: no column {spec.field!r} (columns: {ds.column_names})")
+    for batch in ds.select_columns([spec.field]).iter(batch_size=1024):
+        for value in batch[spec.field]:
             if isinstance(value, str):
                 yield value
 
@@ -185,7 +244,10 @@ KINDS = {
     "text": _text_files,
     "jsonl": _jsonl,
     "parquet": _parquet,
+    "hf": _hf_dataset,
     "world": _world,
     "math": _math,
     "chat": _chat,
 }
+# The kinds whose documents come from files the user names (their sizes and times enter source_hash).
+FILE_KINDS = ("text", "jsonl", "parquet", "hf")

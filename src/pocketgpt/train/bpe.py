@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..common import PocketError, atomic_write_json
-from ..data.sources import SourceSpec, document_text, read_documents
+from ..data.sources import SourceSpec, document_text, iter_documents
 from ..tokenizer import PATTERNS, BPETokenizer
 
 
@@ -18,7 +18,7 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
     for spec in specs:
         budget = int(max_chars * spec.weight / total_weight)
         docs, size = [], 0
-        for doc in read_documents(spec):
+        for doc in iter_documents(spec):  # streamed: a source may be larger than memory
             if size >= budget:
                 break
             docs.append(document_text(doc)[: budget - size])

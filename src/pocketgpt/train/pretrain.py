@@ -20,6 +20,7 @@ from ..chat import ChatTemplate
 from ..checkpoint import save_model
 from ..common import PocketError, autocast, console, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
+from ..data.shards import DEFAULT_SHARD_TOKENS
 from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
@@ -45,6 +46,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=16, seq_len=256))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     val_fraction: float = 0.02
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per file of the tokenized sources on disk
     sample_prompt: str = "The capital of"
 
     def source_specs(self) -> list[SourceSpec]:
@@ -96,7 +98,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     if info.is_main:
         t0 = time.time()
         manifest = prepare_mixture(cfg.source_specs(), chat, data_dir, cfg.val_fraction, tc.seed,
-                                   threads=max(1, torch.get_num_threads()))
+                                   workers=max(1, torch.get_num_threads()), shard_tokens=cfg.shard_tokens)
         console.print(f"data ready in {time.time() - t0:.1f}s: " + ", ".join(
             f"{n} {human(e['train_tokens'])} tok" for n, e in manifest["sources"].items()))
     barrier(info)
