@@ -26,3 +26,21 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 
 def experiment(name: str) -> ModuleType:
     return importlib.import_module(EXPERIMENTS[name][0])
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: experiments write image files, they never open a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path

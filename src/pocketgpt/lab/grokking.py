@@ -218,10 +218,9 @@ def speedup(baseline: dict, filtered: dict) -> tuple[float | None, bool]:
 
 
 def plot(results: list[dict], s: Settings, path: Path) -> Path:
-    import matplotlib
+    from . import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(results):
@@ -236,10 +235,7 @@ def plot(results: list[dict], s: Settings, path: Path) -> Path:
                title=f"x {symbol} y (mod {s.prime}), {s.train_frac:.0%} of the table for training")
     loss_ax.set(xscale="log", yscale="log", xlabel="optimization steps", ylabel="loss (dashed: train)")
     acc_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_markdown(results: list[dict], s: Settings) -> str:

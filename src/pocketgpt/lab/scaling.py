@@ -132,11 +132,11 @@ def fewshot_abilities(model_dir: str, n: int) -> dict:
 
 
 def plot(rungs: list[dict], fits: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from . import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, key, label in ((axes[0], "non_embedding_params", "non-embedding parameters"),
@@ -158,10 +158,7 @@ def plot(rungs: list[dict], fits: dict, path: Path) -> Path:
     ax.set(xscale="log", xlabel="parameters", ylabel="few-shot accuracy", ylim=(-0.02, 1.02),
            title="abilities against size")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_markdown(rungs: list[dict], fits: dict) -> str:
