@@ -1,8 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pocketgpt.common import PocketError
-from pocketgpt.model import GPT, PRESETS, GPTConfig, preset
+from pocketgpt.model import (
+    GPT,
+    PLAIN_ATTENTION_MAX_LEN,
+    PRESETS,
+    GPTConfig,
+    causal_attention,
+    lm_head_cross_entropy,
+    preset,
+)
 
 
 def test_presets_build_and_count():
@@ -73,3 +82,67 @@ def test_config_errors():
 def test_too_long_sequence(tiny_model):
     with pytest.raises(PocketError, match="max_seq_len"):
         tiny_model(torch.zeros(1, tiny_model.cfg.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(reduction):
+    """The LM head's chunked cross-entropy (4,096 tokens: 4 chunks of 256 rows, some targets ignored)
+    gives the plain cross-entropy's loss and gradients, to fp32 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(900, 32, requires_grad=True)
+    weight = (torch.randn(4096, 32) * 0.3).requires_grad_()
+    targets = torch.randint(0, 4096, (900,))
+    targets[::7] = -1
+    upstream = torch.randn(900) if reduction == "none" else torch.tensor(3.0)  # a non-trivial d(out)/d(loss)
+    expected = F.cross_entropy(x @ weight.T, targets, ignore_index=-1, reduction=reduction)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, weight))
+    got = lm_head_cross_entropy(x, weight, targets, reduction)
+    got_grads = torch.autograd.grad((got * upstream).sum(), (x, weight))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads):  # elementwise, to fp32 rounding of the largest gradient
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_close_as_plain(tiny_model):
+    """Under bf16 autocast both ways round; the chunked loss's gradients are no further from fp32's than
+    the plain loss's are (a few tenths of a percent). 40 x 64 tokens make two chunks of 2,048 rows."""
+    x = torch.randint(0, 512, (40, 65))
+    params = [p for p in tiny_model.parameters()]
+
+    def grads(loss_fn, bf16):
+        tiny_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in params])
+
+    def plain():
+        logits = tiny_model(x[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+    exact_loss, exact = grads(plain, bf16=False)
+    plain_loss, plain_grad = grads(plain, bf16=True)
+    chunked_loss, chunked_grad = grads(lambda: tiny_model(x[:, :-1], targets=x[:, 1:]), bf16=True)
+    torch.testing.assert_close(chunked_loss, exact_loss, rtol=2e-3, atol=0)
+    plain_error, chunked_error = ((g - exact).norm() / exact.norm() for g in (plain_grad, chunked_grad))
+    assert chunked_error < max(1.5 * plain_error, 1e-3)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_plain_causal_attention_equals_sdpa(n_kv_head):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 50, 16)
+    k, v = torch.randn(2, n_kv_head, 50, 16), torch.randn(2, n_kv_head, 50, 16)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4)
+    torch.testing.assert_close(causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences_use_fused_attention_and_agree():
+    """Past PLAIN_ATTENTION_MAX_LEN the model attends with SDPA; both paths give the same logits."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=512, max_seq_len=2 * PLAIN_ATTENTION_MAX_LEN)).eval()
+    x = torch.randint(0, 512, (1, PLAIN_ATTENTION_MAX_LEN + 8))
+    with torch.no_grad():
+        long = model(x)
+        short = model(x[:, :PLAIN_ATTENTION_MAX_LEN])
+    torch.testing.assert_close(long[:, :PLAIN_ATTENTION_MAX_LEN], short, rtol=1e-4, atol=1e-4)

@@ -213,7 +213,109 @@ class CacheView:
                    mask, first if uniform else None)
 
 
+# ----------------------------------------------------------------------------- the loss
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of the LM head: about a million logits (4 MB in fp32), which stay in cache, yet at
+    least 64 rows, so that a chunk's matmuls stay efficient with a large vocabulary."""
+    return max(64, (1 << 20) // vocab_size)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's (bf16) when it is on, else the tensor's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The LM head's cross-entropy, chunk by chunk of rows, with its gradients computed in the forward pass.
+
+    The plain way, `cross_entropy(lm_head(x).float(), y)`, materialises the fp32 logits of the whole
+    batch (B*T x V: 64 MB for 16 x 256 x 4096), keeps them for the backward pass, and its log-softmax
+    and backward stream them through memory several times. Here each chunk gets its logits in the
+    compute dtype (bf16 under autocast) and their log-softmax in fp32, and at once the gradient of
+    the logits (softmax - one-hot, rounded to the compute dtype before its matmuls, as autocast
+    does), which is folded into dx and dW and dropped. The loss is a scalar (a sum or a mean), so
+    the backward pass has nothing left to do but scale them (Liger Kernel's fused linear
+    cross-entropy does the same on GPUs).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, mean: bool):
+        dtype = _compute_dtype(x)
+        xs, w = x.to(dtype), weight.to(dtype)
+        valid = targets != -1
+        scale = 1.0 / valid.sum() if mean else torch.ones((), device=x.device)
+        want_dx, want_dw = ctx.needs_input_grad[:2]
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx = torch.empty_like(xs) if want_dx else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
+        rows = _chunk_rows(weight.shape[0])
+        for start in range(0, x.shape[0], rows):
+            xc, tc, vc = xs[start:start + rows], targets[start:start + rows], valid[start:start + rows]
+            tc = tc.clamp(min=0)[:, None]  # an ignored row reads any logit; vc zeroes its loss and gradient
+            logits = (xc @ w.T).float()
+            lse = logits.logsumexp(-1, keepdim=True)
+            loss += ((lse - logits.gather(1, tc)).squeeze(1) * vc).sum()
+            if want_dx or want_dw:
+                grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
+                grad.scatter_add_(1, tc, -torch.ones_like(lse))
+                grad = grad.mul_(vc[:, None] * scale).to(dtype)
+                if want_dx:
+                    dx[start:start + rows] = grad @ w
+                if want_dw:
+                    dw += grad.T @ xc
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = x.dtype, weight.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (None if dx is None else (dx * grad_loss).to(x_dtype),
+                None if dw is None else (dw * grad_loss).to(w_dtype), None, None)
+
+
+def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          reduction: str = "mean") -> torch.Tensor:
+    """cross_entropy(x @ weight.T, targets), targets == -1 ignored, without the whole batch's fp32 logits.
+
+    A sum or a mean goes through ChunkedCrossEntropy; per-token losses (reduction="none", what
+    evaluation asks for, without gradients) come chunk by chunk from the plain cross-entropy."""
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    if reduction == "none":
+        rows = _chunk_rows(weight.shape[0])
+        return torch.cat([F.cross_entropy(F.linear(xc, weight).float(), tc, ignore_index=-1, reduction="none")
+                          for xc, tc in zip(x.split(rows), targets.split(rows))])
+    if reduction not in ("mean", "sum"):
+        raise PocketError(f"unknown reduction {reduction!r}: mean, sum or none")
+    return ChunkedCrossEntropy.apply(x, weight, targets, reduction == "mean")
+
+
 # ----------------------------------------------------------------------------- the transformer
+
+# PyTorch's fused attention on a CPU (a flash-attention kernel) is built for long sequences. Forward +
+# backward in bf16 on 2 threads, 4,096 tokens a batch in 4 heads of 64 dims, it took 29 ms at 256
+# tokens a row where the plain steps of `causal_attention` took 15 ms, 56 against 45 at 512, and
+# 65 against 117 at 1,024.
+PLAIN_ATTENTION_MAX_LEN = 512
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal bias) v in plain steps. Query heads are grouped over their shared
+    K/V head (GQA) by a view, without copying keys and values.
+
+    The softmax runs in the scores' dtype (bf16 under autocast): PyTorch's kernels, eager and compiled,
+    compute it in fp32 inside and round only the result, as an fp32 softmax cast to bf16 would, at
+    half the memory traffic. The mask is a bias added to the scores (0, or -inf above the diagonal):
+    with a masked_fill instead, the whole attention took twice as long, eager and compiled."""
+    B, H, T, D = q.shape
+    q = q.view(B, k.shape[1], H // k.shape[1], T, D) * D ** -0.5
+    scores = q @ k.unsqueeze(2).transpose(-1, -2)
+    future = torch.full((T, T), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
+    return ((scores + future).softmax(-1) @ v.unsqueeze(2)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -232,9 +334,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        # The tables in q's dtype (bf16 under autocast): fp32 ones would promote q and k to fp32, and
+        # the attention's matmuls would cast them back.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = cfg.n_kv_head != cfg.n_head
-        if cached is None:
+        if cached is None and mask is None and x.device.type == "cpu" and T <= PLAIN_ATTENTION_MAX_LEN:
+            y = causal_attention(q, k, v)
+        elif cached is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:  # append to each row's keys and values, then attend over the row's history
             k_rows, v_rows = cached.cache.k[self.layer, cached.rows], cached.cache.v[self.layer, cached.rows]
@@ -365,11 +472,9 @@ class GPT(nn.Module):
                 rows: slice | None = None, advance: bool = True, reduction: str = "mean"):
         """Logits (B, T, V) without targets; with targets, the cross-entropy (targets == -1 are ignored)."""
         x = self.hidden_states(idx, cache, rows, advance)
-        logits = self.lm_head(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=reduction)
+            return self.lm_head(x)
+        return lm_head_cross_entropy(x, self.lm_head.weight, targets, reduction)
 
     def scores(self, idx: torch.Tensor) -> torch.Tensor:
         """The scalar head at every position (B, T): a reward model reads it at <|reward|>, a value model everywhere."""

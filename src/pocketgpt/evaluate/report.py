@@ -26,10 +26,12 @@ def _load(path: Path) -> dict | None:
 
 
 def stage_rows(run: Path) -> list[list[str]]:
+    """time, steps, tokens, speed (the median step's tokens/s and MFU against the machine's measured
+    bf16 matmul peak) and results of every stage."""
     rows = []
     tok = _load(run / "tokenizer" / "report.json")
     if tok:
-        rows.append(["tokenizer", f"{tok['train_seconds']:.0f}s", "", f"{human(tok['train_chars'])} chars",
+        rows.append(["tokenizer", f"{tok['train_seconds']:.0f}s", "", f"{human(tok['train_chars'])} chars", "",
                      f"vocab {tok['vocab_size']}"])
     for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
         cfg = _load(run / stage / "config.json")
@@ -39,8 +41,11 @@ def stage_rows(run: Path) -> list[list[str]]:
         result = ", ".join(f"{k} {s[k]:.3f}" for k in ("loss", "val_loss", "val_bpb", "pair_accuracy",
                                                        "val_pair_accuracy", "reward", "kl")
                            if isinstance(s.get(k), (int, float)))
+        speed = f"{human(s['tokens_per_s'])} tok/s" if s.get("tokens_per_s") else ""
+        if s.get("mfu"):
+            speed += f", MFU {s['mfu']:.0%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s"
         rows.append([stage, f"{s.get('time_s', 0):.0f}s", str(s.get("steps", "")), human(s.get("tokens", 0)),
-                     result])
+                     speed, result])
     return rows
 
 
@@ -170,7 +175,7 @@ def write_report(run: str | Path) -> Path:
                      f"{world.n_people} people, {world.n_companies} companies; `--set world.seed=N` makes "
                      f"another).\n")
     parts.append("## Stages\n")
-    parts.append(markdown_table(["stage", "time", "steps", "tokens", "result"], stage_rows(run)) + "\n")
+    parts.append(markdown_table(["stage", "time", "steps", "tokens", "speed", "result"], stage_rows(run)) + "\n")
     base = _load(run / "base" / "config.json")
     mixture = base and base.get("meta", {}).get("summary", {}).get("realised_mixture")
     if mixture:

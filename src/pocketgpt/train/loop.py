@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from ..common import (
 from ..model import GPT
 from .data_parallel import average_gradients, mean_over_processes
 from .grad_filter import make_grad_filter
+from .throughput import measured_peak, mfu
 
 
 @dataclass
@@ -70,7 +72,7 @@ class TrainConfig:
     grokfast_alpha: float = 0.98
     grokfast_lambda: float = 2.0
     dtype: str = "bfloat16"  # bfloat16 | float32 (autocast dtype for forward/backward)
-    compile: bool = False
+    compile: bool = False  # torch.compile the training step: pays on fixed shapes (pretraining, SFT) after ~1 min
     threads: int = 0  # CPU threads; 0 = PyTorch's default
     device: str = "auto"
     eval_every: int = 100
@@ -145,7 +147,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        # One fused kernel over every parameter: a third of the per-tensor update's time (4 ms vs 13 for `small`).
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     raise PocketError(f"unknown optimizer {cfg.optimizer!r}: adamw or sgd")
@@ -231,6 +235,10 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         tokens_per_step = self.objective.tokens_per_micro_step() * cfg.grad_accum * self.dist.world_size
+        # MFU against this machine's bf16 matmul peak, measured now (once per process), for a GPT's known FLOPs.
+        flops = self.model.flops_per_token(cfg.seq_len) if isinstance(self.model, GPT) else 0
+        peak = measured_peak(self.model, self.objective.tokens_per_micro_step(), self.device) if flops else 0.0
+        step_seconds: list[float] = []
         start_step, t0 = self.step, time.time()
         progress = _progress(self.dist.is_main)
         plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
@@ -244,7 +252,10 @@ class Trainer:
                     metrics = self.train_step()
                     self.step += 1
                     dt = time.time() - t_step
+                    step_seconds.append(dt)
                     metrics["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+                    if peak:
+                        metrics["mfu"] = mfu(flops, metrics["tokens_per_s"], peak, self.dist)
                     last = metrics
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         self.log(metrics)
@@ -262,6 +273,8 @@ class Trainer:
                     if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                         self.save()
                     info = f"loss {metrics['loss']:.3f} · {human(metrics['tokens_per_s'])} tok/s"
+                    if peak:
+                        info += f" · MFU {metrics['mfu']:.0%}"
                     if "val_loss" in last:
                         info += f" · val {last['val_loss']:.3f}"
                     progress.update(task, completed=self.step, info=info)
@@ -270,11 +283,16 @@ class Trainer:
             except KeyboardInterrupt:
                 interrupted = True
         self.save(finished=not interrupted)
-        elapsed = time.time() - t0
+        # Speed is the median step's: neither compilation (in the first step) nor evaluation counts.
+        step_s = statistics.median(step_seconds) if step_seconds else math.inf
+        speed = {"tokens_per_s": tokens_per_step / step_s}
+        if peak:
+            speed.update(mfu=mfu(flops, speed["tokens_per_s"], peak, self.dist), peak_flops=peak)
+        if cfg.compile and step_seconds:
+            speed["compile_s"] = step_seconds[0] - step_s
         return {"stage": self.stage, "steps": self.step, "interrupted": interrupted,
-                "time_s": elapsed, "tokens": (self.step - start_step) * tokens_per_step,
-                "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
-                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+                "time_s": time.time() - t0, "tokens": (self.step - start_step) * tokens_per_step,
+                **{k: v for k, v in last.items() if isinstance(v, (int, float))}, **speed}
 
 
 def _json_line(r: dict) -> str:

@@ -1,0 +1,68 @@
+import statistics
+
+import pytest
+import torch
+
+from pocketgpt.common import DistInfo
+from pocketgpt.model import GPT, preset
+from pocketgpt.train.loop import TrainConfig, Trainer
+from pocketgpt.train.throughput import matmul_peak, matmul_shapes, measured_peak, mfu
+
+
+def test_matmul_shapes_are_the_models_distinct_weights():
+    model = GPT(preset("tiny", vocab_size=512))  # d 64, 4 heads, 2 K/V heads of 16, d_ff 192
+    assert matmul_shapes(model, 1000) == ((1000, 64, 32), (1000, 64, 64), (1000, 64, 192), (1000, 64, 512),
+                                          (1000, 192, 64))
+    assert {rows for rows, _, _ in matmul_shapes(model, 10**6)} == {4096}  # capped: enough to reach the peak
+
+
+def test_measured_peak_is_cached_per_process():
+    model = GPT(preset("tiny", vocab_size=512))
+    before = matmul_peak.cache_info()
+    peak = measured_peak(model, 256, torch.device("cpu"))
+    again = measured_peak(model, 256, torch.device("cpu"))
+    assert peak == again and peak > 0
+    assert matmul_peak.cache_info().hits >= before.hits + 1
+
+
+def test_mfu_counts_every_process_against_its_own_peak():
+    assert mfu(6e6, 1000, 1e10) == 0.6
+    assert mfu(6e6, 1000, 1e10, DistInfo(rank=0, local_rank=0, world_size=2)) == 0.3
+
+
+class RandomTokens:
+    """Language modelling on a fixed random batch: enough to drive the loop."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 512, (4, 32), generator=g)
+        self.y = torch.randint(0, 512, (4, 32), generator=g)
+
+    def loss(self, model):
+        return model(self.x, targets=self.y), {}
+
+    def tokens_per_micro_step(self) -> int:
+        return self.x.numel()
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+def test_trainer_reports_tokens_per_second_and_mfu(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=512))
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, save_every=100)
+    trainer = Trainer(model, RandomTokens(), cfg, tmp_path / "out", "pretrain", tmp_path / "metrics.jsonl",
+                      torch.device("cpu"))
+    summary = trainer.run()
+    steps = [r for r in trainer.history if "loss" in r]
+    assert len(steps) == 4 and all(0 < r["mfu"] < 1 for r in steps)
+    assert summary["peak_flops"] == measured_peak(model, 128, torch.device("cpu"))
+    # the summary's speed is the median step's (compilation and evaluation do not count), and its MFU follows
+    median_step_s = statistics.median(128 / r["tokens_per_s"] for r in steps)
+    assert summary["tokens_per_s"] == pytest.approx(128 / median_step_s, rel=1e-9)
+    expected = mfu(model.flops_per_token(32), summary["tokens_per_s"], summary["peak_flops"])
+    assert summary["mfu"] == pytest.approx(expected, rel=1e-12)
