@@ -1,6 +1,7 @@
 """The grokking experiment: the table and its split are pinned; a short run writes its curves, plot and summary."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -45,11 +46,14 @@ def test_a_short_run_writes_curves_plot_and_summary(tmp_path):
     report = json.loads((out / "grokking.json").read_text())
     runs = {r["run"]: r for r in report["runs"]}
     assert set(runs) == {"weight_decay", "grokfast"}
-    assert runs["grokfast"]["weight_decay"] == 0.0 and runs["weight_decay"]["weight_decay"] == 1.0
+    assert runs["weight_decay"]["weight_decay"] == 1.0 and runs["weight_decay"]["settings"]["optimizer"] == "adamw"
+    # Grokfast's run: the reference command's L2 term through Adam, and the filter
+    assert runs["grokfast"]["weight_decay"] == 0.005 and runs["grokfast"]["settings"]["optimizer"] == "adam"
     assert [c["step"] for c in runs["weight_decay"]["curve"]][:2] == [10, 20]
     assert runs["weight_decay"]["curve"][-1]["train_acc"] == 1.0  # 13 equations memorised
     assert (out / "grokking.png").stat().st_size > 10_000
-    assert "| weight_decay | 1 |" in (out / "summary.md").read_text()
+    assert "| weight_decay | adamw 1 | - |" in (out / "summary.md").read_text()
+    assert "| grokfast | adam 0.005 | Grokfast (alpha 0.98, lambda 5) |" in (out / "summary.md").read_text()
 
     # the same command again reads the finished runs back; other settings into the same folder are refused
     assert main(["lab", "grokking", str(out), "--operation", "add", "--prime", "5", "--train-frac", "0.5",
@@ -59,14 +63,18 @@ def test_a_short_run_writes_curves_plot_and_summary(tmp_path):
                  "--runs", "grokfast", "--steps", "60", "--eval-every", "10", "--lr", "0.01"]) == 2
 
 
-def test_summary_states_the_delay_and_the_speedup():
+def test_summary_states_the_delay_and_the_speedups():
     curve = [{"step": 10, "train_acc": 1.0, "val_acc": 0.9}]
+    s = Settings()
     runs = [{"run": "weight_decay", "weight_decay": 1.0, "steps": 4000, "steps_to_train_99": 400,
-             "steps_to_val_95": 3000, "final_val_acc": 1.0, "curve": curve},
+             "steps_to_val_95": 3000, "final_val_acc": 1.0, "curve": curve, "settings": asdict(s)},
             {"run": "no_weight_decay", "weight_decay": 0.0, "steps": 20000, "steps_to_train_99": 500,
-             "steps_to_val_95": None, "final_val_acc": 0.3, "curve": curve},
-            {"run": "grokfast", "weight_decay": 0.0, "steps": 700, "steps_to_train_99": 300,
-             "steps_to_val_95": 500, "final_val_acc": 0.99, "curve": curve}]
-    text = summary_markdown(runs, Settings())
+             "steps_to_val_95": None, "final_val_acc": 0.3, "curve": curve, "settings": asdict(s)},
+            {"run": "grokfast", "weight_decay": 0.005, "steps": 700, "steps_to_train_99": 300,
+             "steps_to_val_95": 500, "final_val_acc": 0.99, "curve": curve, "settings": asdict(s)},
+            {"run": "l2_only", "weight_decay": 0.005, "steps": 4000, "steps_to_train_99": 300,
+             "steps_to_val_95": 3500, "final_val_acc": 0.99, "curve": curve, "settings": asdict(s)}]
+    text = summary_markdown(runs, s)
     assert "7.5x later" in text
-    assert "at least 40.0x sooner" in text
+    assert "at least 40.0x sooner in steps than the run without weight decay" in text
+    assert "7.0x sooner in steps than the same L2 term without the filter." in text

@@ -1,0 +1,32 @@
+"""The training loop's configuration: when it evaluates, and which optimizer a name gives."""
+
+import torch
+
+from pocketgpt.train.loop import TrainConfig, make_optimizer
+
+
+def test_log_spaced_evaluation_thins_out_by_decade():
+    cfg = TrainConfig(steps=25_000, eval_every=10, eval_log_spaced=True)
+    steps = [s for s in range(1, 25_001) if cfg.evaluates_at(s)]
+    assert steps[:3] == [10, 20, 30] and steps[98:101] == [990, 1000, 1100]
+    assert steps[-3:] == [23_000, 24_000, 25_000] and 9_900 in steps and 10_000 in steps and 10_500 not in steps
+    assert len(steps) == 99 + 90 + 16  # 10..990, 1000..9900, 10000..25000
+    plain = TrainConfig(steps=1_005, eval_every=100)
+    assert [s for s in range(1, 1_006) if plain.evaluates_at(s)] == [100 * k for k in range(1, 11)] + [1_005]
+
+
+def test_adam_adds_weight_decay_to_the_gradient_adamw_apart_from_it():
+    """With a zero gradient, AdamW shrinks a weight by lr * wd * w; Adam's L2 term becomes the whole
+    normalised update (one lr step against the weight's sign): far stronger once the loss is flat."""
+    results = {}
+    for name in ("adamw", "adam"):
+        layer = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 4.0]]))
+        opt = make_optimizer(layer, TrainConfig(optimizer=name, lr=0.1, weight_decay=0.01))
+        layer.weight.grad = torch.zeros(2, 2)
+        opt.step()
+        results[name] = layer.weight.detach().clone()
+    w = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    torch.testing.assert_close(results["adamw"], w * (1 - 0.1 * 0.01))
+    torch.testing.assert_close(results["adam"], w - 0.1 * torch.sign(w), atol=1e-6, rtol=0)
