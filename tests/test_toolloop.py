@@ -5,7 +5,7 @@ import torch
 
 from pocketgpt.data.tasks.tools import calculator, use_calculator
 from pocketgpt.engine import Engine, SamplingParams, banned
-from pocketgpt.toolloop import generate_with_tools, parse_call, run_tool
+from pocketgpt.toolloop import generate_with_tools, parse_call, run_tool, stream_with_tools
 
 TOOLS = {"calculator": calculator}
 
@@ -52,6 +52,21 @@ def test_a_call_is_executed_and_the_model_goes_on(tiny_model, tokenizer, chat):
     assert [out.tokens[i] for i in injected] == [sp["<|tool_result_start|>"], *result_block,
                                                  sp["<|tool_result_end|>"], sp["<|assistant_start|>"]]
     assert out.action_mask == trained[len(prompt):]
+
+
+def test_streaming_shows_the_text_around_a_call_but_not_the_call(tiny_model, tokenizer, chat):
+    sp = tokenizer.special_ids
+    prompt = chat.prompt([{"role": "user", "content": "What is 123 * 45?"}])
+    first = [*tokenizer.encode("Let me compute."), *call_turn(chat, "123*45")]
+    answer = [*tokenizer.encode("It is 5535."), sp["<|assistant_end|>"]]
+    items = list(stream_with_tools(Engine(tiny_model, tokenizer), chat, prompt,
+                                   SamplingParams(max_tokens=64, temperature=0), TOOLS,
+                                   processors=[Script([first, answer])]))
+    calls = [i for i, item in enumerate(items) if isinstance(item, dict)]
+    assert len(calls) == 1
+    assert items[calls[0]] == {"name": "calculator", "arguments": {"expression": "123*45"}, "result": "5535"}
+    assert "".join(items[:calls[0]]) == "Let me compute."
+    assert "".join(items[calls[0] + 1:]) == "It is 5535."
 
 
 def test_calls_stop_at_the_limit(tiny_model, tokenizer, chat):

@@ -2,17 +2,23 @@
 
 Commands: /reset starts over, /system TEXT sets the system prompt, /temp T the temperature, /quit
 leaves. The conversation is kept until /reset, and a reply that does not fit the context says so.
+The assistant's tool calls are answered as in evaluation and RL (the calculator, and search over the
+run's world): each call is shown, dimmed, with its result, and the reply goes on from there.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from rich.console import Console
 
 from .checkpoint import load_model
 from .common import pick_device, set_threads
+from .data.tasks import default_world
+from .data.tasks.tools import task_tools
 from .engine import Engine, SamplingParams
+from .toolloop import stream_with_tools
 
 HELP = "/reset  /system TEXT  /temp T  /quit"
 
@@ -22,6 +28,7 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
     set_threads(args.threads)
     model, chat, _ = load_model(args.model, pick_device(args.device))
     engine = Engine(model, chat.tokenizer)
+    tools = task_tools(default_world())
     system, temperature = args.system, args.temperature
     messages: list[dict] = []
     console.print(f"chatting with {args.model} ({chat.name} template). {HELP}")
@@ -60,10 +67,20 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
             continue
         params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=temperature,
                                 stop_tokens=chat.stop_ids)
-        reply = []
-        for piece in engine.stream(prompt, params):
-            reply.append(piece)
-            out.write(piece)
-            out.flush()
+        reply: list[str] = []
+        for item in stream_with_tools(engine, chat, prompt, params, tools):
+            if isinstance(item, str):
+                reply.append(item)
+                out.write(item)
+                out.flush()
+                continue
+            # A tool call: the conversation keeps it (and its result) as the OpenAI format does.
+            call = {"type": "function", "function": {"name": item["name"],
+                                                     "arguments": json.dumps(item["arguments"], ensure_ascii=False)}}
+            messages += [{"role": "assistant", "content": "".join(reply), "tool_calls": [call]},
+                         {"role": "tool", "content": item["result"]}]
+            reply = []
+            console.print(f"{item['name']}({json.dumps(item['arguments'], ensure_ascii=False)}) -> {item['result']}",
+                          style="dim", markup=False, highlight=False)
         out.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})

@@ -453,7 +453,7 @@ class TextStream:
         else:
             if ev.token >= 0:
                 self.text += self.decoder.decode(self.tokenizer.decode_bytes([ev.token]), final=ev.done)
-            visible = self.text if ev.done else _hold_back_stop_prefix(self.text, self.params.stop_strings)
+            visible = _before_stop(self.text, self.params.stop_strings, partial=not ev.done)
         if len(visible) <= len(self.emitted):
             return ""
         piece, self.emitted = visible[len(self.emitted):], visible
@@ -471,10 +471,15 @@ def visible_text(tokenizer: Tokenizer, tokens: list[int], params: SamplingParams
     return text
 
 
-def _hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Do not show text that may turn out to be the start of a stop string."""
+def _before_stop(text: str, stops: tuple[str, ...], partial: bool) -> str:
+    """The text before the first stop string (a display may go on decoding past one: the terminal chat hides
+    a tool call's text so); while the text grows (`partial`), also without an end that may start one."""
     for s in stops:
-        for k in range(len(s) - 1, 0, -1):
-            if text.endswith(s[:k]):
-                return text[:-k]
+        if s in text:
+            text = text[:text.index(s)]
+    if partial:
+        for s in stops:
+            for k in range(len(s) - 1, 0, -1):
+                if text.endswith(s[:k]):
+                    return text[:-k]
     return text

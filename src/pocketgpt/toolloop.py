@@ -16,11 +16,11 @@ were sampled, so RL trains on those only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .chat import ChatTemplate
-from .engine import Engine, LogitsProcessor, SamplingParams
+from .engine import Engine, LogitsProcessor, SamplingParams, TextStream
 
 # A tool takes the call's arguments and returns text; errors are text too (the model sees them).
 Tool = Callable[..., str]
@@ -90,6 +90,35 @@ def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[i
     for seq, t in zip(seqs, out):
         t.tokens, t.action_mask = seq.tokens, seq.sampled
     return out
+
+
+def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], params: SamplingParams,
+                      tools: dict[str, Tool], max_calls: int = 3,
+                      processors: list[LogitsProcessor] = ()) -> Iterator[str | dict]:
+    """One reply as it is written, its tool calls answered on the way (the terminal chat): text pieces
+    (str), and for each call {"name", "arguments", "result"} once the result is in the live cache.
+    The call's own text is not shown: the display stops at the tool-call opener as at a stop string."""
+    params = replace(params, n=1, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
+    before_result, after_result = chat.tool_result_delimiters
+    opener = chat.tool_call_markers[0]
+    opener_text = opener if isinstance(opener, str) else engine.tokenizer.decode([opener])
+    shown = replace(params, stop_strings=(*params.stop_strings, opener_text.strip()))
+    (seq,) = engine.submit(prompt, params, processors, keep=True)
+    t = Transcript()
+    text = TextStream(engine.tokenizer, shown)
+    try:
+        for _, ev in engine.run([seq]):
+            piece = text.push(ev)
+            if piece:
+                yield piece
+            if ev.done:
+                calls = len(t.calls)
+                _turn_ended(engine, chat, seq, t, tools, max_calls, before_result, after_result)
+                if len(t.calls) > calls:
+                    yield t.calls[-1]
+                    text = TextStream(engine.tokenizer, shown)  # the next turn
+    finally:
+        engine.release(seq)
 
 
 def _turn_ended(engine: Engine, chat: ChatTemplate, seq, t: Transcript, tools, max_calls: int,

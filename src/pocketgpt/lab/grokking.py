@@ -151,9 +151,10 @@ def run_settings(name: str, s: Settings) -> Settings:
     raise PocketError(f"unknown run {name!r}: {', '.join(RUNS)}")
 
 
-def train_run(name: str, s: Settings, out: Path) -> dict:
+def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     """Train one run into out/name, or continue it if it was interrupted; a finished run is read back.
-    Returns its summary (steps to 99% train and 95% validation accuracy, the curves)."""
+    Returns its summary (steps to 99% train and 95% validation accuracy, the curves). `compile`
+    (torch.compile of the training step) changes the speed, not the settings a result is kept under."""
     import torch
 
     from ..common import atomic_write_json, read_jsonl
@@ -178,7 +179,7 @@ def train_run(name: str, s: Settings, out: Path) -> dict:
                      grad_filter="grokfast" if name == "grokfast" else "none",
                      grokfast_alpha=s.grokfast_alpha, grokfast_lambda=s.grokfast_lambda,
                      eval_every=s.eval_every, eval_log_spaced=True, log_every=s.eval_every, save_every=max(1000, s.eval_every),
-                     sample_every=10 ** 9, seed=s.seed, device="cpu")
+                     sample_every=10 ** 9, seed=s.seed, device="cpu", compile=compile)
     resume = (out / name / "checkpoints").exists()
     device, info, out_dir = stage_setup(tc, out, name, resume)
     torch.manual_seed(s.seed)
@@ -303,6 +304,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grokfast-l2", type=float, default=d.grokfast_l2,
                    help="weight decay of the grokfast and l2_only runs, as Adam's L2 term (0: the filter alone)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (about 1.3x faster here after ~40 s of compiling)")
 
 
 def main(args) -> None:
@@ -319,7 +322,7 @@ def main(args) -> None:
     for n in names:
         run_settings(n, s)  # unknown names fail before any training
     out = Path(args.out)
-    results = [train_run(n, s, out) for n in names]
+    results = [train_run(n, s, out, compile=args.compile) for n in names]
     atomic_write_json(out / "grokking.json", {"settings": asdict(s), "runs": results})
     plot(results, s, out / "grokking.png")
     atomic_write_text(out / "summary.md", summary_markdown(results, s))
