@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pocketgpt.checkpoint import load_model
+from pocketgpt.common import provenance
 from pocketgpt.constrain import Constraints
 from pocketgpt.engine import Engine, SamplingParams
 
@@ -87,6 +88,7 @@ def main():
               "mask_share_of_step": per_mask / per_step}
     print(json.dumps(report, indent=1, ensure_ascii=False))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report["measured"] = provenance()
     Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     tmp.cleanup()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pocketgpt.chat import PocketTemplate
+from pocketgpt.common import provenance
 from pocketgpt.data.sources import SourceSpec, read_documents
 from pocketgpt.engine import Engine, SamplingParams
 from pocketgpt.interop.hf import to_hf_config
@@ -171,6 +172,7 @@ def main():
         report["decode"] = bench_decode(args, tok)
         print("decode", json.dumps(report["decode"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report["measured"] = provenance()
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pocketgpt.checkpoint import load_model
+from pocketgpt.common import provenance
 from pocketgpt.engine import Engine, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -123,6 +124,7 @@ def main():
         report["decode"] = bench_decode(gguf, Path(tmp) / "run", args.new_tokens, args.repeat)
     print("decode", json.dumps(report["decode"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report["measured"] = provenance()
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

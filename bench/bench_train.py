@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,22 +28,13 @@ import time
 import torch
 from rich.table import Table
 
-from pocketgpt.common import atomic_write_json, console
+from pocketgpt.common import atomic_write_json, console, provenance
 from pocketgpt.interop.hf import to_hf_config
 from pocketgpt.model import GPT, preset
 from pocketgpt.train.loop import TrainConfig, make_optimizer
 from pocketgpt.train.throughput import matmul_peak, matmul_shapes
 
 CONTESTANTS = ["ours", "hf", "ours compiled", "hf compiled"]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def make_step(name: str, args, x: torch.Tensor, y: torch.Tensor):
@@ -182,9 +172,7 @@ def main():
     import transformers
 
     report = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "vocab": args.vocab,
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
+              "transformers": transformers.__version__, "measured": provenance(), "results": []}
     for threads in (int(t) for t in args.threads.split(",")):
         result = contest(args, threads)
         result["targets_met"] = targets(result)

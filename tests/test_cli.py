@@ -8,6 +8,7 @@ import torch
 
 from pocketgpt.checkpoint import save_model
 from pocketgpt.cli import build_parser, main
+from pocketgpt.common import provenance_line
 
 
 def test_every_command_has_help(capsys):
@@ -145,6 +146,7 @@ def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
               if line.startswith("| ") and not line.startswith("| stage")]
     assert stages == ["tokenizer", "base", "sft", "sft_naive", "rm", "ppo", "grpo"]  # in pipeline order
     assert "val_pair_accuracy" in report  # the reward model's held-out accuracy
+    assert provenance_line(timing["measured"]) in report  # which code and machine took these figures
 
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pocketgpt.common import human, human_bytes
+from pocketgpt.common import human, human_bytes, provenance, provenance_line
 
 
 @pytest.mark.parametrize("n, text", [
@@ -19,3 +19,20 @@ def test_human_counts(n, text):
 ])
 def test_human_bytes_has_one_unit(n, text):
     assert human_bytes(n) == text
+
+
+def test_provenance_names_the_commit_machine_and_date():
+    import subprocess
+    from pathlib import Path
+
+    import pocketgpt
+
+    p = provenance()
+    head = subprocess.run(["git", "-C", str(Path(pocketgpt.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert p["commit"] is not None and head.startswith(p["commit"])  # the tests run from a checkout
+    assert p["cores"] >= 1 and p["cpu"] and p["torch"] and p["date"].endswith("UTC")
+    line = provenance_line({**p, "commit": "abc123", "uncommitted_changes": True, "cpu": "Some CPU", "cores": 2,
+                            "torch": "2.13.0", "date": "2026-12-02 10:00 UTC", "accelerator": None})
+    assert line == "Measured at commit abc123 with uncommitted changes on Some CPU (2 cores), torch 2.13.0, 2026-12-02 10:00 UTC."
+    assert provenance_line({**p, "commit": None, "pocketgpt": "0.1.0"}).startswith("Measured at pocketgpt 0.1.0 on ")

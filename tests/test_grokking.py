@@ -67,14 +67,17 @@ def test_summary_states_the_delay_and_the_speedups():
     curve = [{"step": 10, "train_acc": 1.0, "val_acc": 0.9}]
     s = Settings()
     runs = [{"run": "weight_decay", "weight_decay": 1.0, "steps": 4000, "steps_to_train_99": 400,
-             "steps_to_val_95": 3000, "final_val_acc": 1.0, "curve": curve, "settings": asdict(s)},
+             "steps_to_val_95": 3000, "final_val_acc": 1.0, "curve": curve, "time_s": 300, "settings": asdict(s)},
             {"run": "no_weight_decay", "weight_decay": 0.0, "steps": 20000, "steps_to_train_99": 500,
-             "steps_to_val_95": None, "final_val_acc": 0.3, "curve": curve, "settings": asdict(s)},
+             "steps_to_val_95": None, "final_val_acc": 0.3, "curve": curve, "time_s": 3000, "settings": asdict(s)},
             {"run": "grokfast", "weight_decay": 0.005, "steps": 700, "steps_to_train_99": 300,
-             "steps_to_val_95": 500, "final_val_acc": 0.99, "curve": curve, "settings": asdict(s)},
+             "steps_to_val_95": 500, "final_val_acc": 0.99, "curve": curve, "time_s": 60, "settings": asdict(s)},
             {"run": "l2_only", "weight_decay": 0.005, "steps": 4000, "steps_to_train_99": 300,
-             "steps_to_val_95": 3500, "final_val_acc": 0.99, "curve": curve, "settings": asdict(s)}]
-    text = summary_markdown(runs, s)
+             "steps_to_val_95": 3500, "final_val_acc": 0.99, "curve": curve, "time_s": 400, "settings": asdict(s)}]
+    measured = {"pocketgpt": "0.1.0", "commit": "abc123", "uncommitted_changes": False, "cpu": "CPU", "cores": 2,
+                "accelerator": None, "torch": "2.13.0", "date": "2026-12-02 10:00 UTC"}
+    text = summary_markdown(runs, s, measured)
+    assert "Measured at commit abc123 on CPU (2 cores)" in text
     assert "7.5x later" in text
     assert "at least 40.0x sooner in steps than the run without weight decay" in text
     assert "7.0x sooner in steps than the same L2 term without the filter." in text

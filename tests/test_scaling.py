@@ -59,4 +59,6 @@ def test_tiny_ladder_end_to_end(tmp_path, tokenizer):
     assert set(report["rungs"][0]["abilities"]) == {"factqa_head", "factqa_tail", "arithmetic", "copying"}
     assert set(report["fits"]) == {"non_embedding_params", "flops"}
     assert (out / "scaling.png").exists() and "| d128x1 |" in (out / "summary.md").read_text()
+    assert [r["reused"] for r in report["rungs"]] == [False, True, False]
+    assert "(pretraining d64x1, d128x1 and the few-shot evaluations;" in (out / "summary.md").read_text()
     assert sorted(p.name for p in (run / "data").iterdir()) == data_before  # the shared data was not rewritten

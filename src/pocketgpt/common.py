@@ -160,3 +160,47 @@ def human_bytes(n: float) -> str:
         if abs(n) < 1023.95:  # what rounds to 1024.0 belongs to the next unit
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} PiB"
+
+
+def provenance(device: torch.device | None = None) -> dict:
+    """Where and with what a measurement was taken: the code's commit (and whether it had uncommitted
+    changes), the machine's processor and cores, the accelerator, torch, and the date. Figures copied
+    into documentation name this, so a reader can tell which code and hardware produced them."""
+    import datetime
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    source = Path(__file__).resolve().parent
+    commit, dirty = None, None
+    try:
+        git = ["git", "-C", str(source)]
+        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # an installed package, or no git: the version says enough
+        pass
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    accelerator = None
+    if device is not None and device.type == "cuda":
+        accelerator = torch.cuda.get_device_name(device)
+    elif device is not None and device.type == "mps":
+        accelerator = "Apple MPS"
+    return {"pocketgpt": __version__, "commit": commit, "uncommitted_changes": dirty, "cpu": cpu,
+            "cores": os.cpu_count(), "accelerator": accelerator, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def provenance_line(p: dict) -> str:
+    """provenance() as one sentence for a report."""
+    code = f"commit {p['commit']}" + (" with uncommitted changes" if p.get("uncommitted_changes") else "") \
+        if p.get("commit") else f"pocketgpt {p['pocketgpt']}"
+    where = f"{p['cpu']} ({p['cores']} cores)" + (f", {p['accelerator']}" if p.get("accelerator") else "")
+    return f"Measured at {code} on {where}, torch {p['torch']}, {p['date']}."

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import load_model
-from .common import atomic_write_json, console, init_distributed, pick_device
+from .common import atomic_write_json, console, init_distributed, pick_device, provenance
 from .data.tasks import use_world
 from .data.world import WorldConfig, read_run_world, record_run_world
 from .evaluate.harness import SUITE, copying, diversity, evaluate_suite
@@ -150,7 +150,8 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = init_distributed(pick_device(cfg.pretrain.train.device))  # one process unless under torchrun
+    device = pick_device(cfg.pretrain.train.device)
+    info = init_distributed(device)  # one process unless under torchrun
     world = settle_world(cfg, run_dir)
     if info.is_main:
         console.print(f"world: seed {world.seed} ({world.n_countries} countries, {world.n_cities} cities, "
@@ -223,7 +224,8 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         if (run_dir / "speedrun.json").exists() else {}
     durations = {name: d if name in worked else previous.get(name, d) for name, d in durations.items()}
     total = sum(durations.values())
-    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": total})
+    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": total,
+                                                  "measured": provenance(device)})
     report_path = write_report(run_dir)
     console.print(f"pipeline {total:.0f}s (this invocation {time.time() - t_start:.0f}s); report card: {report_path}")
     return {"stage_seconds": durations, "report": str(report_path)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..common import atomic_write_text, human, read_jsonl
+from ..common import atomic_write_text, human, provenance_line, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..data.world import read_run_world
 
@@ -169,6 +169,8 @@ def write_report(run: str | Path) -> Path:
     if timing:
         parts.append(f"Speedrun wall time: **{timing['total_seconds'] / 60:.1f} min** "
                      f"({', '.join(f'{k} {v:.0f}s' for k, v in timing['stage_seconds'].items())}).\n")
+        if "measured" in timing:
+            parts.append(provenance_line(timing["measured"]) + "\n")
     world = read_run_world(run)
     if world:
         parts.append(f"World: seed **{world.seed}** ({world.n_countries} countries, {world.n_cities} cities, "

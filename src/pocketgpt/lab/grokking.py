@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..common import PocketError
+from ..common import PocketError, provenance_line
 
 OPERATIONS = {
     "div": lambda x, y, p: x * pow(y, -1, p) % p,  # x / y: y ranges over 1..p-1
@@ -54,7 +54,7 @@ class Settings:
     optimizer: str = "adamw"
     lr: float = 1e-3
     batch_size: int = 512
-    steps: int = 20_000  # at most, per run; a run stops once validation accuracy reaches `stop_at`
+    steps: int = 50_000  # at most, per run; a run stops once validation accuracy reaches `stop_at`
     stop_at: float = 0.99
     eval_every: int = 10  # up to 1,000 steps; then every 100 up to 10,000, and so on (log-spaced)
     seed: int = 0
@@ -252,18 +252,18 @@ def plot(results: list[dict], s: Settings, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def summary_markdown(results: list[dict], s: Settings) -> str:
+def summary_markdown(results: list[dict], s: Settings, measured: dict) -> str:
     lines = [f"# Grokking: x {s.operation} y mod {s.prime}, {s.train_frac:.0%} of the table for training", "",
              "| run | optimizer, weight decay | gradient filter | steps run | 99% train at step | "
-             "95% validation at step | final validation |",
-             "|---|---|---|---|---|---|---|"]
+             "95% validation at step | final validation | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         rs = r["settings"]
         decay = f"{rs['optimizer']} {r['weight_decay']:g}" if r["weight_decay"] else "none"
         grad_filter = (f"Grokfast (alpha {rs['grokfast_alpha']:g}, lambda {rs['grokfast_lambda']:g})"
                        if r["run"] == "grokfast" else "-")
         lines.append(f"| {r['run']} | {decay} | {grad_filter} | {r['steps']} | {r['steps_to_train_99'] or 'never'} | "
-                     f"{r['steps_to_val_95'] or 'never'} | {r['final_val_acc']:.1%} |")
+                     f"{r['steps_to_val_95'] or 'never'} | {r['final_val_acc']:.1%} | {r['time_s'] / 60:.1f} min |")
     by_name = {r["run"]: r for r in results}
     if "weight_decay" in by_name:
         r = by_name["weight_decay"]
@@ -279,6 +279,8 @@ def summary_markdown(results: list[dict], s: Settings) -> str:
                 lines += ["", f"Grokfast reached 95% validation accuracy {'at least ' if bound else ''}{factor:.1f}x "
                               f"sooner in steps than {what}"
                               + (" (which never got there within its budget)." if bound else ".")]
+    lines += ["", "Wall time is the run's last invocation (an interrupted run counts from where it went on). "
+                  + provenance_line(measured)]
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     from rich.table import Table
 
-    from ..common import atomic_write_json, atomic_write_text, console, set_threads
+    from ..common import atomic_write_json, atomic_write_text, console, provenance, set_threads
 
     set_threads(args.threads)
     s = Settings(operation=args.operation, prime=args.prime, train_frac=args.train_frac,
@@ -323,9 +325,11 @@ def main(args) -> None:
         run_settings(n, s)  # unknown names fail before any training
     out = Path(args.out)
     results = [train_run(n, s, out, compile=args.compile) for n in names]
-    atomic_write_json(out / "grokking.json", {"settings": asdict(s), "runs": results})
+    measured = provenance()
+    atomic_write_json(out / "grokking.json", {"settings": asdict(s), "runs": results, "measured": measured})
     plot(results, s, out / "grokking.png")
-    atomic_write_text(out / "summary.md", summary_markdown(results, s))
+    text = summary_markdown(results, s, measured)
+    atomic_write_text(out / "summary.md", text)
     table_ = Table(title=f"grokking: {out}")
     for col in ("run", "steps", "99% train @", "95% val @", "final val", "time"):
         table_.add_column(col)
@@ -333,5 +337,5 @@ def main(args) -> None:
         table_.add_row(r["run"], str(r["steps"]), str(r["steps_to_train_99"] or "never"),
                        str(r["steps_to_val_95"] or "never"), f"{r['final_val_acc']:.1%}", f"{r['time_s']:.0f} s")
     console.print(table_)
-    console.print(summary_markdown(results, s).split("\n\n", 1)[-1].strip())
+    console.print(text.split("\n\n", 1)[-1].strip())
     console.print(f"plot: {out / 'grokking.png'}")

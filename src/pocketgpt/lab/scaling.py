@@ -21,7 +21,7 @@ import re
 import time
 from pathlib import Path
 
-from ..common import PocketError
+from ..common import PocketError, provenance_line
 
 # d_model x n_layer, smallest to the speedrun's `small` preset (256 x 6)
 DEFAULT_LADDER = "64x2,128x3,192x4,256x6"
@@ -108,6 +108,7 @@ def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, thread
     summary = meta["meta"]["summary"]
     tokens = steps * train.batch_size * train.seq_len
     return {"name": name, "d_model": width, "n_layer": layers, "dir": str(model_dir),
+            "reused": model_dir == run / "base",
             "params": model.num_params(), "non_embedding_params": model.num_params(embeddings=False),
             "tokens": tokens, "flops": model.flops_per_token(train.seq_len) * tokens,
             "val_loss": summary["val_loss"], "val_bpb": summary.get("val_bpb"),
@@ -161,7 +162,7 @@ def plot(rungs: list[dict], fits: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def summary_markdown(rungs: list[dict], fits: dict) -> str:
+def summary_markdown(rungs: list[dict], fits: dict, time_s: float, measured: dict) -> str:
     lines = ["# Scaling: one data mixture, one token budget, a ladder of sizes", "",
              "| model | params | non-embedding | tokens | FLOPs | val loss | head facts | tail facts | arithmetic "
              "| copying |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -179,6 +180,10 @@ def summary_markdown(rungs: list[dict], fits: dict) -> str:
     if grown:
         lines += ["", "From the smallest to the largest model: " + ", ".join(
             f"{t} {small[t]['accuracy']:.0%} -> {large[t]['accuracy']:.0%}" for t in grown) + "."]
+    trained = [r["name"] for r in rungs if not r["reused"]]
+    lines += ["", f"The ladder took {time_s / 60:.1f} min (pretraining {', '.join(trained) or 'no rung'} and the "
+                  f"few-shot evaluations; a rung of the run's own size is its base model, reused). "
+                  + provenance_line(measured)]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     from rich.table import Table
 
-    from ..common import atomic_write_json, atomic_write_text, console
+    from ..common import atomic_write_json, atomic_write_text, console, provenance
 
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "lab" / "scaling"
@@ -215,10 +220,11 @@ def main(args) -> None:
         rungs.append(rung)
     fits = {key: fit_power_law([r[key] for r in rungs], [r["val_loss"] for r in rungs])
             for key in ("non_embedding_params", "flops")}
+    time_s, measured = round(time.time() - t0, 1), provenance()
     atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": steps, "rungs": rungs,
-                                             "fits": fits, "time_s": round(time.time() - t0, 1)})
+                                             "fits": fits, "time_s": time_s, "measured": measured})
     plot(rungs, fits, out / "scaling.png")
-    text = summary_markdown(rungs, fits)
+    text = summary_markdown(rungs, fits, time_s, measured)
     atomic_write_text(out / "summary.md", text)
     table = Table(title=f"scaling: {out}")
     for col in ("model", "params", "val loss", *FEWSHOT_TASKS, "copying"):
