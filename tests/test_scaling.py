@@ -60,5 +60,6 @@ def test_tiny_ladder_end_to_end(tmp_path, tokenizer):
     assert set(report["fits"]) == {"non_embedding_params", "flops"}
     assert (out / "scaling.png").exists() and "| d128x1 |" in (out / "summary.md").read_text()
     assert [r["reused"] for r in report["rungs"]] == [False, True, False]
-    assert "(pretraining d64x1, d128x1 and the few-shot evaluations;" in (out / "summary.md").read_text()
+    assert "Pretraining d64x1, d128x1 took " in (out / "summary.md").read_text()
+    assert "(d64x2: the run's own base model, reused)" in (out / "summary.md").read_text()
     assert sorted(p.name for p in (run / "data").iterdir()) == data_before  # the shared data was not rewritten

@@ -162,7 +162,7 @@ def plot(rungs: list[dict], fits: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def summary_markdown(rungs: list[dict], fits: dict, time_s: float, measured: dict) -> str:
+def summary_markdown(rungs: list[dict], fits: dict, measured: dict) -> str:
     lines = ["# Scaling: one data mixture, one token budget, a ladder of sizes", "",
              "| model | params | non-embedding | tokens | FLOPs | val loss | head facts | tail facts | arithmetic "
              "| copying |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,9 +180,12 @@ def summary_markdown(rungs: list[dict], fits: dict, time_s: float, measured: dic
     if grown:
         lines += ["", "From the smallest to the largest model: " + ", ".join(
             f"{t} {small[t]['accuracy']:.0%} -> {large[t]['accuracy']:.0%}" for t in grown) + "."]
-    trained = [r["name"] for r in rungs if not r["reused"]]
-    lines += ["", f"The ladder took {time_s / 60:.1f} min (pretraining {', '.join(trained) or 'no rung'} and the "
-                  f"few-shot evaluations; a rung of the run's own size is its base model, reused). "
+    trained = [r for r in rungs if not r["reused"]]
+    reused = [r["name"] for r in rungs if r["reused"]]
+    lines += ["", f"Pretraining {', '.join(r['name'] for r in trained) or 'no rung'} took "
+                  f"{sum(r['train_time_s'] for r in trained) / 60:.1f} min"
+                  + (f" ({', '.join(reused)}: the run's own base model, reused)" if reused else "")
+                  + f"; the few-shot evaluations {sum(r['eval_time_s'] for r in rungs) / 60:.1f} min. "
                   + provenance_line(measured)]
     return "\n".join(lines) + "\n"
 
@@ -216,15 +219,17 @@ def main(args) -> None:
     for width, layers in ladder:
         console.print(f"[bold]rung d{width}x{layers}[/]")
         rung = train_rung(run, out, width, layers, steps, args.threads)
+        t_eval = time.time()
         rung["abilities"] = fewshot_abilities(rung["dir"], args.n)
+        rung["eval_time_s"] = round(time.time() - t_eval, 1)
         rungs.append(rung)
     fits = {key: fit_power_law([r[key] for r in rungs], [r["val_loss"] for r in rungs])
             for key in ("non_embedding_params", "flops")}
-    time_s, measured = round(time.time() - t0, 1), provenance()
-    atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": steps, "rungs": rungs,
-                                             "fits": fits, "time_s": time_s, "measured": measured})
+    measured = provenance()
+    atomic_write_json(out / "scaling.json", {"ladder": args.ladder, "steps": steps, "rungs": rungs, "fits": fits,
+                                             "time_s": round(time.time() - t0, 1), "measured": measured})
     plot(rungs, fits, out / "scaling.png")
-    text = summary_markdown(rungs, fits, time_s, measured)
+    text = summary_markdown(rungs, fits, measured)
     atomic_write_text(out / "summary.md", text)
     table = Table(title=f"scaling: {out}")
     for col in ("model", "params", "val loss", *FEWSHOT_TASKS, "copying"):
