@@ -32,6 +32,19 @@ def test_greedy_generation_matches_argmax_loop(tiny_model, tokenizer):
     assert out.finish_reason == "length"
 
 
+def test_bf16_prefill_keeps_float32_weights_and_cache_and_nearly_the_logits(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The while statement is used for repeated execution as long as an expression is true")
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=3)
+    exact, fast = (Engine(tiny_model, tokenizer, prefill_dtype=d) for d in ("float32", "bfloat16"))
+    a, b = exact.generate([prompt], params)[0], fast.generate([prompt], params)[0]
+    assert fast.cache.k.dtype == torch.float32 and tiny_model.lm_head.weight.dtype == torch.float32
+    # the first token's log-probabilities come from the bf16 prefill: close to fp32's, not equal
+    first_exact, first_fast = a.logprobs[0], b.logprobs[0]
+    assert first_fast != first_exact and abs(first_fast - first_exact) < 0.05
+    with pytest.raises(PocketError, match="prefill_dtype"):
+        Engine(tiny_model, tokenizer, prefill_dtype="float16")
+
+
 def test_left_padded_batch_equals_single_prompts(tiny_model, tokenizer):
     engine = Engine(tiny_model, tokenizer)
     prompts = [tokenizer.encode("a"), tokenizer.encode("The while statement is used for"), tokenizer.encode("x = 1")]

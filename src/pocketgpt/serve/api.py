@@ -46,10 +46,11 @@ STATIC = Path(__file__).parent / "static"
 SERVABLE = ("base", "sft", "sft_naive", "ppo", "grpo")  # rm is a reward model: no text to generate
 
 
-def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32"
-                 ) -> dict[str, ModelWorker]:
+def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32",
+                 prefill_dtype: str = "float32") -> dict[str, ModelWorker]:
     """A model directory serves one model (named after it); a run directory serves each of its stages.
-    bfloat16 halves the memory the weights take; on a CPU it does not decode faster (0.7-1.1x fp32, measured)."""
+    bfloat16 halves the memory the weights take; on a CPU it does not decode faster (0.7-1.1x fp32, measured).
+    prefill_dtype bfloat16 runs prompts through bf16 matmuls and decodes in `dtype` (Engine)."""
     import torch
 
     path = Path(path)
@@ -61,7 +62,7 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
         model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype))
         if model.cfg.score_head:
             raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
-        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch)
+        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype)
     return workers
 
 

@@ -25,9 +25,10 @@ class Stats:
 
 
 class ModelWorker:
-    def __init__(self, name: str, model: GPT, chat: ChatTemplate, meta: dict, max_batch: int = 32):
+    def __init__(self, name: str, model: GPT, chat: ChatTemplate, meta: dict, max_batch: int = 32,
+                 prefill_dtype: str = "float32"):
         self.name, self.model, self.chat, self.meta = name, model, chat, meta
-        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch)
+        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype)
         self.stats = Stats()
         self._wake = threading.Event()
         self._stop = False
