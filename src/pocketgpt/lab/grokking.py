@@ -9,8 +9,8 @@ jumps to ~100%. Weight decay shortens the wait; without it the plateau lasts ~10
 
 Grokfast's runs follow the reference implementation's command for this task: the EMA filter plus a small
 weight decay applied the way its Adam applies it (an L2 term in the gradient, 0.005). The filter alone
-(`--grokfast-l2 0`) did not generalise on our network within 5,100 steps; the L2 term alone is its own run
-(`l2_only`), so that the summary shows what the filter adds.
+(`--grokfast-l2 0`, lambda 2) did not generalise on our network within 5,100 steps; the L2 term alone is its
+own run (`l2_only`), so that the summary shows what the filter adds.
 
 Running the same command again continues an interrupted run and reads finished ones back.
 
@@ -36,7 +36,7 @@ OPERATIONS = {
     "x2+y2": lambda x, y, p: (x * x + y * y) % p,
 }
 
-# The three runs of the experiment: (name, what it changes in the settings given on the command line)
+# The runs of the experiment: name -> what it changes in the settings given on the command line
 RUNS = {
     "weight_decay": "the paper's setting: AdamW with the given weight decay (1 by default)",
     "no_weight_decay": "the same without weight decay: the long plateau",
@@ -59,7 +59,7 @@ class Settings:
     eval_every: int = 10  # up to 1,000 steps; then every 100 up to 10,000, and so on (log-spaced)
     seed: int = 0
     grokfast_alpha: float = 0.98
-    grokfast_lambda: float = 5.0  # the reference's EMA command uses 2; 5 generalised ~2x sooner here (2 vs 5 tried)
+    grokfast_lambda: float = 5.0  # the reference's EMA command uses 2 (its MA command 5); 5 is what we measured
     grokfast_l2: float = 0.005  # the reference's command: Adam's weight_decay (an L2 term), not AdamW's
 
 
