@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,20 @@ def test_config_errors():
 def test_too_long_sequence(tiny_model):
     with pytest.raises(PocketError, match="max_seq_len"):
         tiny_model(torch.zeros(1, tiny_model.cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_extending_the_context_keeps_the_first_positions_and_reads_longer_sequences(tiny_model):
+    torch.manual_seed(0)
+    model = GPT(replace(tiny_model.cfg))  # a copy: extending changes the config in place
+    model.load_state_dict(tiny_model.state_dict())
+    x = torch.randint(0, model.cfg.vocab_size, (1, 200))
+    with pytest.raises(PocketError, match="exceeds max_seq_len=128"):
+        model(x)
+    before = model(x[:, :128])
+    model.extend_context(256)
+    assert model.cfg.max_seq_len == 256 and model.rope_cos.shape[0] == 256
+    torch.testing.assert_close(model(x[:, :128]), before)  # the first 128 positions are unchanged
+    assert model(x).shape == (1, 200, model.cfg.vocab_size)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -480,6 +480,15 @@ class GPT(nn.Module):
         """The scalar head at every position (B, T): a reward model reads it at <|reward|>, a value model everywhere."""
         return self.score(self.hidden_states(idx)).squeeze(-1).float()
 
+    def extend_context(self, length: int) -> None:
+        """Let the model read sequences of up to `length` tokens: RoPE has no learned positions, so this is
+        its cos/sin tables for more positions (quality past the trained length is another matter)."""
+        if length <= self.cfg.max_seq_len:
+            return
+        self.cfg.max_seq_len = length  # in place: the blocks share this config
+        cos, sin = rope_tables(self.cfg, length)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos), sin.to(self.rope_sin)
+
     def with_score_head(self) -> GPT:
         """A copy of this model with a fresh scalar head (a reward model starts from the SFT model)."""
         new = GPT(replace(self.cfg, score_head=True)).to(self.lm_head.weight.device)

@@ -249,7 +249,7 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
     tc = cfg.train
     device, info, out_dir = stage_setup(tc, run_dir, out_name, resume)
     model, chat, base_cfg = load_model(run_dir / "base", device)
-    model.cfg.max_seq_len = max(model.cfg.max_seq_len, tc.seq_len)
+    model.extend_context(tc.seq_len)
 
     convs, stats = build_conversations(cfg, model, chat, info)
     encoded = [chat.render(c) for c in convs]
