@@ -112,3 +112,19 @@ def test_ddp_two_processes_match_one(tmp_path, tokenizer):
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=2e-3)
     assert a[6] < a[1]
+
+
+def test_compiled_training_follows_the_eager_loss_curve(tmp_path, tokenizer):
+    """`train.compile` changes the speed, not the training: the same steps give the same losses (fp32, so
+    that only the compiled kernels' summation order differs), and the run writes the compile time."""
+    eager, cfg_e = make_run(tmp_path, tokenizer, "eager", steps=6, dtype="float32")
+    assert run_cli(["pretrain", str(eager), "--config", str(cfg_e)]).returncode == 0
+    compiled, cfg_c = make_run(tmp_path, tokenizer, "compiled", steps=6, dtype="float32")
+    done = run_cli(["pretrain", str(compiled), "--config", str(cfg_c), "--set", "pretrain.train.compile=true"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(eager), losses(compiled)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4)
+    _, _, meta = load_model(compiled)
+    assert meta["meta"]["summary"]["compile_s"] > 0
