@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a CPU (0.7-1.1x of float32 measured on the speedrun model)")
     p.add_argument("--bf16-prefill", action="store_true",
                    help="prompts through bf16 matmuls, decoding in float32: a faster time to first token on long "
-                        "prompts (SmolLM2: 2.2x on a 600-token prompt here); logits differ from float32 slightly")
+                        "prompts (SmolLM2: 2.0x on a 600-token prompt here); logits differ from float32 slightly")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_serve)
