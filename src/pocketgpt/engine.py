@@ -167,8 +167,9 @@ class Engine:
                  prefill_dtype: str = "float32"):
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
-        bf16 units to pay (SmolLM2's 600-token prefill 2.0x faster here, reports/bench/interop.json), while one token at a time is not (decoding
-        in bf16 measured 0.7-1.1x of fp32). Logits then differ from fp32 in the third decimal."""
+        bf16 units to pay (SmolLM2's 600-token prefill 2.0x faster here: reports/bench/interop.json), while
+        one token at a time is not (decoding in bf16 measured 0.7-1.1x of fp32). Logits then differ from
+        fp32 in the third decimal."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
         self.model = model.eval()
