@@ -18,7 +18,7 @@ from .common import pick_device, set_threads
 from .data.tasks import default_world
 from .data.tasks.tools import task_tools
 from .engine import Engine, SamplingParams
-from .toolloop import stream_with_tools
+from .toolloop import describe_call, stream_with_tools
 
 HELP = "/reset  /system TEXT  /temp T  /quit"
 
@@ -80,7 +80,6 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
             messages += [{"role": "assistant", "content": "".join(reply), "tool_calls": [call]},
                          {"role": "tool", "content": item["result"]}]
             reply = []
-            console.print(f"{item['name']}({json.dumps(item['arguments'], ensure_ascii=False)}) -> {item['result']}",
-                          style="dim", markup=False, highlight=False)
+            console.print(describe_call(item), style="dim", markup=False, highlight=False)
         out.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})

@@ -300,15 +300,13 @@ def _sample_chat(engine, chat, prompt: list[int], params) -> None:
     calculator, and search over the built-in world); each call is shown before the answer."""
     from .data.tasks import default_world
     from .data.tasks.tools import task_tools
-    from .toolloop import generate_with_tools
+    from .toolloop import describe_call, generate_with_tools
 
     for i, t in enumerate(generate_with_tools(engine, chat, [prompt], params, task_tools(default_world()))):
         if params.n > 1:
             console.rule(f"sample {i + 1}")
         for call in t.calls:
-            result = call["result"] if len(call["result"]) <= 160 else call["result"][:160] + "..."
-            console.print(f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}",
-                          style="dim", markup=False, highlight=False)
+            console.print(describe_call(call), style="dim", markup=False, highlight=False)
         console.print(t.text, markup=False, highlight=False)
         if t.finish_reason != "stop":
             console.print(f"(ended by {t.finish_reason})", style="dim", highlight=False)

@@ -92,6 +92,12 @@ def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[i
     return out
 
 
+def describe_call(call: dict, limit: int = 160) -> str:
+    """A call as a person reads it: name(arguments) -> result, a long result cut at `limit` characters."""
+    result = call["result"] if len(call["result"]) <= limit else call["result"][:limit] + "..."
+    return f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}"
+
+
 def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], params: SamplingParams,
                       tools: dict[str, Tool], max_calls: int = 3,
                       processors: list[LogitsProcessor] = ()) -> Iterator[str | dict]:
