@@ -19,9 +19,9 @@ def multihop_agent(messages, request):
     m = example.meta
     seen = [msg["content"] for msg in messages if msg["role"] == "tool"]
     if len(seen) == 0:
-        return [Generation("I need the population of A.", "tool_calls", 0, calls(("search", {"query": m["a"]})))]
+        return [Generation("I need the population of A.", "tool_calls", 0, calls(("search", {"query": f"population of {m['a']}"})))]
     if len(seen) == 1:
-        return [Generation("", "tool_calls", 0, calls(("search", {"query": m["b"]})))]
+        return [Generation("", "tool_calls", 0, calls(("search", {"query": f"population of {m['b']}"})))]
     if len(seen) == 2:
         pops = [int(s.split("The population of ")[1].split(".")[0].split()[-1]) for s in seen]
         return [Generation("", "tool_calls", 0, calls(("calculator", {"expression": f"{pops[0]}/{pops[1]}"})))]

@@ -1,6 +1,6 @@
 import json
 
-from pocketgpt.evaluate.report import stage_rows
+from pocketgpt.evaluate.report import publish_report, stage_rows
 
 
 def test_stage_rows_show_speed_and_mfu(tmp_path):
@@ -16,3 +16,18 @@ def test_stage_rows_show_speed_and_mfu(tmp_path):
     assert rows["base"][1:5] == ["300s", "1000", "4.1M", "11.8K tok/s, MFU 54% of 859 GFLOP/s"]
     assert rows["sft"][4] == "7.3K tok/s"
     assert rows["base"][5] == "loss 1.150"
+
+
+def test_publish_copies_the_card_its_images_and_timings(tmp_path):
+    """A published card is self-contained: every image it shows and the speedrun's timings sit beside it."""
+    run, dest = tmp_path / "run", tmp_path / "reports" / "speedrun"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "pretrain", "step": s, "loss": 5.0 / s}) + "\n"
+                                               for s in (1, 2, 3)))
+    (run / "speedrun.json").write_text(json.dumps({"stage_seconds": {"pretrain": 60.0}, "total_seconds": 60.0}))
+    card = publish_report(run, dest)
+    text = card.read_text()
+    assert "Speedrun wall time: **1.0 min**" in text
+    assert "![loss](plots/loss.png)" in text
+    assert (dest / "plots" / "loss.png").read_bytes() == (run / "plots" / "loss.png").read_bytes()
+    assert json.loads((dest / "speedrun.json").read_text())["total_seconds"] == 60.0

@@ -11,6 +11,7 @@ from pocketgpt.train.sft import (
     SFTConfig,
     build_conversations,
     factqa_conversations,
+    redrawn,
     sft,
 )
 
@@ -101,6 +102,19 @@ def test_build_conversations_counts(chat, tmp_path):
     convs, stats = build_conversations(cfg, None, chat)
     assert stats["per_task"] == {"arithmetic": 10, "spell": 5, str(extra): 1}
     assert sum(len(c) for c in convs) == 2 * 16 and len(convs) < 16  # some were joined into two exchanges
+
+
+def test_more_renderings_than_examples_are_new_draws():
+    """Asking for more retrieval conversations than there are facts draws the facts again with other
+    passages: the extra conversations differ from the first ones, and each still answers its own fact."""
+    task = get_task("factqa")
+    facts = task.examples("train")[:20]
+    again = redrawn(facts, 50)
+    assert len(again) == 50 and again[:20] == facts
+    assert [e.meta["draw"] for e in again[20:]] == [1] * 20 + [2] * 10
+    first, second = task.render(again[0], "rag"), task.render(again[20], "rag")
+    assert first[0]["content"] != second[0]["content"]
+    assert first[0]["content"].endswith(facts[0].question) and second[0]["content"].endswith(facts[0].question)
 
 
 def reply_nll(model, chat, conversations) -> float:

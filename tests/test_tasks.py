@@ -15,7 +15,7 @@ from pocketgpt.data.tasks.game24 import uses_and_makes_24
 from pocketgpt.data.tasks.names import distinct_ratio
 from pocketgpt.data.tasks.structured import extract_json
 from pocketgpt.data.tasks.swiss_cheese import spelled
-from pocketgpt.data.tasks.tools import calculator
+from pocketgpt.data.tasks.tools import SNIPPET_SENTENCES, calculator, search
 from pocketgpt.data.world import World, WorldConfig
 
 NAMES = sorted(TASKS)
@@ -177,8 +177,11 @@ def test_unseen_tool_rendering_searches_then_answers():
     example = t.examples("test")[0]
     call, result, final = t.render(example, "tool")[1:]
     assert call["tool_calls"][0]["function"]["name"] == "search"
-    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"query": example.meta["entity"]}
+    query = json.loads(call["tool_calls"][0]["function"]["arguments"])["query"]
+    assert example.meta["entity"] in query
+    # the snippet: the sentence that states the value, not the whole article
     assert result["role"] == "tool" and example.meta["value"] in result["content"]
+    assert result["content"].count(". ") <= 1
     assert final == {"role": "assistant", "content": example.meta["value"]}
 
 
@@ -423,3 +426,15 @@ def test_factqa_rag_rendering_answers_only_from_its_passages():
         assert (str(example.meta["value"]) in reply["content"]) == holds
         refusals += reply["content"] == "I don't know."
     assert 10 < refusals < 35
+
+
+def test_search_returns_the_snippet_that_answers_the_query():
+    world = task("multihop").world
+    city = world.entities("city")[0]
+    population = world.lookup(city.name, "population")
+    snippet = search(world, f"population of {city.name}")
+    assert f"The population of {city.name} is {population}." in snippet
+    assert len([s for s in snippet.split(". ") if s]) <= SNIPPET_SENTENCES
+    article = world.search(city.name)[0]["text"]
+    assert article.startswith(search(world, city.name))  # a bare name: the article's opening
+    assert search(world, "zzzz") == "no results"

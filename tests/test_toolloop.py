@@ -112,3 +112,19 @@ def test_a_long_result_is_cut_to_leave_room_for_the_answer(tiny_model, tokenizer
                               tools, processors=[Script(turns)])[0]
     assert len(prompt) + len(out.tokens) <= tiny_model.cfg.max_seq_len
     assert out.text == "ok" and out.finish_reason == "stop"
+
+
+def test_more_conversations_than_rows_all_finish(tiny_model, tokenizer, chat):
+    """Finished conversations give their row to waiting ones (the loop keeps rows for tool results):
+    ten prompts on a two-row engine all get their answers, the same as on an engine with room for all."""
+    prompts = [chat.prompt([{"role": "user", "content": f"Hello {i}"}]) for i in range(10)]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, stop_tokens=tuple(chat.stop_ids))
+    no_call = [banned([chat.tool_call_token])]
+    done = []
+    narrow = generate_with_tools(Engine(tiny_model, tokenizer, max_batch=2), chat, prompts, params, TOOLS,
+                                 processors=no_call, on_done=lambda: done.append(1))
+    wide = generate_with_tools(Engine(tiny_model, tokenizer, max_batch=16), chat, prompts, params, TOOLS,
+                               processors=no_call)
+    assert len(done) == 10
+    assert [t.tokens for t in narrow] == [t.tokens for t in wide]
+    assert all(t.tokens for t in narrow)

@@ -248,9 +248,9 @@ def cmd_rag(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .evaluate.report import write_report
+    from .evaluate.report import publish_report, write_report
 
-    path = write_report(args.run)
+    path = publish_report(args.run, args.publish) if args.publish else write_report(args.run)
     console.print(path.read_text(), markup=False, highlight=False)
     console.print(f"written to {path}")
 
@@ -666,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write the report card (report.md + plots) of a run")
     p.add_argument("run")
+    p.add_argument("--publish", metavar="DIR",
+                   help="also copy the card, the images it shows and the speedrun's timings into DIR (to commit)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="generate text from a model",

@@ -427,11 +427,13 @@ class Engine:
             yield ev
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 processors: list[LogitsProcessor] = ()) -> list[Completion]:
-        """All completions, row = prompt_index * n + sample; stop strings and tokens are cut off the text."""
+                 processors: list[LogitsProcessor] = (), on_done: Callable[[], None] | None = None) -> list[Completion]:
+        """All completions, row = prompt_index * n + sample; stop strings and tokens are cut off the text.
+        `on_done` is called as each one finishes (a progress bar)."""
         seqs = [s for i, p in enumerate(prompts) for s in self.submit(p, params, processors, prompt_index=i)]
-        for _ in self.run(seqs):
-            pass
+        for _, ev in self.run(seqs):
+            if ev.done and on_done:
+                on_done()
         return [s.completion(self) for s in seqs]
 
     def visible_text(self, tokens: list[int], params: SamplingParams) -> str:

@@ -62,7 +62,8 @@ def run_tool(tools: dict[str, Tool], name: str, arguments: dict) -> str:
 
 def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[int]], params: SamplingParams,
                         tools: dict[str, Tool], max_calls: int = 3,
-                        processors: list[LogitsProcessor] = (), first_index: int = 0) -> list[Transcript]:
+                        processors: list[LogitsProcessor] = (), first_index: int = 0,
+                        on_done: Callable[[], None] | None = None) -> list[Transcript]:
     """Like Engine.generate, but tool calls are executed; row = prompt_index * n + sample.
 
     Every conversation decodes to the end of its turn; a turn that holds a tool call gets the result
@@ -72,7 +73,8 @@ def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[i
 
     `first_index`: where these prompts start in a larger batch. With a seed, prompt i samples from
     the random streams of request first_index + i, so a prompt gets the same answers whichever
-    chunk or process decodes it (RL under torchrun matches one process).
+    chunk or process decodes it (RL under torchrun matches one process). `on_done` is called as each
+    conversation ends (a progress bar).
     """
     params = replace(params, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
     before_result, after_result = chat.tool_result_delimiters
@@ -84,6 +86,10 @@ def generate_with_tools(engine: Engine, chat: ChatTemplate, prompts: list[list[i
             if ev.done:
                 t = out[seq.index - first_index * params.n]
                 _turn_ended(engine, chat, seq, t, tools, max_calls, before_result, after_result)
+                if seq.done:  # no tool result was appended: the conversation is over
+                    engine.release(seq)  # its row goes to a waiting prompt (rows are kept for results)
+                    if on_done:
+                        on_done()
     finally:
         for seq in seqs:
             engine.release(seq)

@@ -84,7 +84,7 @@ def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test
     examples = task.examples(split)[:n] if n else task.examples(split)
     if not examples:
         raise PocketError(f"task {task.name!r} has no {split} examples")
-    engine = Engine(model, chat.tokenizer)
+    engine = Engine(model, chat.tokenizer, max_batch=batch_size)
     if mode == "fewshot":
         prompts = [chat.document(fewshot_text(task, e, shots)) for e in examples]
         params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=chat.document_stops,
@@ -102,22 +102,16 @@ def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test
                         console=console)
     with progress:
         bar = progress.add_task("eval", total=len(examples))
-        # Similar lengths together: less padding per batch. Results go back to example order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        outputs: dict[int, tuple[str, str, list]] = {}
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = [prompts[i] for i in idx]
-            if mode == "chat":  # an assistant's tool calls are executed; the verdict is on its answer
-                done = generate_with_tools(engine, chat, batch, params, tools)
-            else:
-                done = engine.generate(batch, params)
-            for i, c in zip(idx, done):
-                outputs[i] = (c.text.strip(), c.finish_reason, c.calls if mode == "chat" else [])
-            progress.advance(bar, len(idx))
+        # Every question at once: the engine keeps `batch_size` rows decoding and starts the next
+        # question as soon as a row finishes.
+        if mode == "chat":  # an assistant's tool calls are executed; the verdict is on its answer
+            done = generate_with_tools(engine, chat, prompts, params, tools, on_done=lambda: progress.advance(bar))
+        else:
+            done = engine.generate(prompts, params, on_done=lambda: progress.advance(bar))
     correct = 0
     for i, e in enumerate(examples):
-        text, finish, calls = outputs[i]
+        c = done[i]
+        text, finish, calls = c.text.strip(), c.finish_reason, (c.calls if mode == "chat" else [])
         ok = task.verify(e, text)
         correct += ok
         rows.append({"index": i, "question": e.question, "answer": e.answer, "output": text, "tool_calls": calls,

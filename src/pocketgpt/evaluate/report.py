@@ -1,6 +1,7 @@
 """The report card: one Markdown page and a few plots that say what a run did and how good it got.
 
     pocketgpt report runs/speedrun   ->  runs/speedrun/report.md, runs/speedrun/plots/*.png
+    pocketgpt report runs/speedrun --publish reports/speedrun   (the card, its images and timings, to commit)
 
 Tables: the stages (time, steps, tokens, losses), the data mixture as realised, task accuracy with
 one column per checkpoint (base few-shot, SFT, ...), and hallucination with and without the
@@ -10,9 +11,10 @@ mitigation. Plots: loss curves per stage, and whatever else the metrics hold (re
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from ..common import atomic_write_text, human, provenance_line, read_jsonl
+from ..common import atomic_write_bytes, atomic_write_text, human, provenance_line, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..data.world import read_run_world
 
@@ -272,3 +274,17 @@ def write_report(run: str | Path) -> Path:
     path = run / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def publish_report(run: str | Path, dest: str | Path) -> Path:
+    """Write the run's report card, then copy it with the images it shows and the speedrun's timings into
+    `dest`: a folder that can be committed and quoted (the README's figures come from one such card)."""
+    run, dest = Path(run), Path(dest)
+    card = write_report(run)
+    text = card.read_text()
+    for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        atomic_write_bytes(dest / rel, (run / rel).read_bytes())
+    if (run / "speedrun.json").exists():
+        atomic_write_bytes(dest / "speedrun.json", (run / "speedrun.json").read_bytes())
+    atomic_write_text(dest / "report.md", text)
+    return dest / "report.md"

@@ -188,7 +188,8 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
-        self.wrapped: torch.nn.Module = torch.compile(model) if cfg.compile else model
+        # Inductor's MPS backend is still partial: Apple GPUs train eagerly.
+        self.wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and device.type != "mps" else model
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ resume

@@ -43,7 +43,10 @@ DEFAULT_SOURCES: dict[str, dict] = {
 class PretrainConfig:
     preset: str = "small"
     model: dict = field(default_factory=dict)  # overrides of the preset, e.g. {n_layer = 4}
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, batch_size=16, seq_len=256))
+    # Compiled, a step runs ~1.4x faster here after ~50 s of compiling; the speedrun spends that on 1,500
+    # steps where it used to afford 1,000 (validation loss 1.216 -> 1.194; see README "Training speed").
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=16, seq_len=256,
+                                                                   compile=True))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     val_fraction: float = 0.02
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per file of the tokenized sources on disk

@@ -36,7 +36,7 @@ RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multiho
 @dataclass
 class RewardConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=200, batch_size=6, seq_len=256, lr=6e-4, warmup_steps=10, eval_every=100, save_every=50,
+        steps=120, batch_size=6, seq_len=256, lr=6e-4, warmup_steps=10, eval_every=60, save_every=40,
         sample_every=10**9, min_lr_frac=0.1))
     tasks: list = field(default_factory=lambda: list(RM_TASKS))
     # Data matters more than steps, and pairs are cheapest as more completions per prompt (K(K-1)/2

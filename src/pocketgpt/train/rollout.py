@@ -73,15 +73,11 @@ def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: Sampli
     losses still score the sampled tokens with the full-precision model."""
     was_training = model.training
     decoder = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
-    engine = Engine(decoder, chat.tokenizer)
-    tools = task_tools(default_world())
-    per_batch = max(1, batch_size // params.n)
-    outs = []
-    for start in range(0, len(prompts), per_batch):
-        chunk = [p.ids for p in prompts[start:start + per_batch]]
-        for t in generate_with_tools(engine, chat, chunk, params, tools, first_index=first_index + start):
-            t.prompt_index += start
-            outs.append(t)
+    # All prompts go to the engine at once: it keeps `batch_size` rows decoding and starts the next
+    # prompt as soon as a row finishes, where fixed chunks would wait for their longest answer.
+    engine = Engine(decoder, chat.tokenizer, max_batch=batch_size)
+    outs = generate_with_tools(engine, chat, [p.ids for p in prompts], params, task_tools(default_world()),
+                               first_index=first_index)
     model.train(was_training)
     return outs
 

@@ -13,6 +13,7 @@ true answer; training a model to state facts it does not know teaches it to make
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,7 +55,7 @@ class SFTConfig:
     # twice in 300 steps of 16 packed rows
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
-        save_every=50, min_lr_frac=0.0))
+        save_every=50, min_lr_frac=0.0, compile=True))
     # task -> {"style", "n", "also": {style: n}}; a config file merges into these, `skip = true` leaves a task out
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
@@ -120,7 +121,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
         else:
             task_convs = task.render_each(examples, style)
         for extra, count in spec.get("also", {}).items():  # more renderings of the same examples, in another style
-            task_convs += task.render_each(examples[:count], extra)
+            task_convs += task.render_each(redrawn(examples, count), extra)
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
     for path in cfg.data:
@@ -138,6 +139,13 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
     rng.shuffle(convs)
     stats["conversations"] = len(convs)
     return convs, stats
+
+
+def redrawn(examples: list[Example], count: int) -> list[Example]:
+    """`count` examples: the first ones, or, past the end, the same ones again as new draws (meta "draw"
+    = 1, 2, ...) that a rendering with random parts (other passages, other distractors) makes differently."""
+    return [replace(e, meta={**e.meta, "draw": i // len(examples)}) if i >= len(examples) else e
+            for i, e in zip(range(count), itertools.cycle(examples))]
 
 
 def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat: ChatTemplate,

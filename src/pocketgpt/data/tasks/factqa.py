@@ -58,7 +58,8 @@ class FactQA(Task):
             return super().render(example, style)
         from ...rag.answer import passages_prompt  # the one place the prompt is written
 
-        rng = random.Random(f"{example.question}:rag")
+        draw = example.meta.get("draw", 0)  # SFT asks for several draws of one fact (train/sft.py: redrawn)
+        rng = random.Random(f"{example.question}:rag" + (f":{draw}" if draw else ""))
         m = example.meta
         gold = self._passage(m["entity"], rng, holding=str(m["value"]))
         other = rng.choice([e for e in self.world.entities() if e.name != m["entity"]])
@@ -102,4 +103,7 @@ class FactQA(Task):
         return [Example(q.format(e=example.meta["entity"]), example.answer, example.meta) for q in attribute.questions]
 
     def tool(self, example: Example) -> list[dict]:
-        return [*use_search(self.world, example.meta["entity"]), assistant(example.meta["value"])]
+        # The query in the encyclopedia's own words ("The capital of Velmo is"), so the snippet holds the value.
+        attribute = ATTRIBUTE[(example.meta["kind"], example.meta["attribute"])]
+        query = attribute.statements[0].format(e=example.meta["entity"], v="").strip()
+        return [*use_search(self.world, query), assistant(example.meta["value"])]

@@ -66,5 +66,5 @@ class MultiHop(Task):
 
     def tool(self, example: Example) -> list[dict]:
         m = example.meta
-        return [*use_search(self.world, m["a"]), *use_search(self.world, m["b"]),
+        return [*use_search(self.world, f"population of {m['a']}"), *use_search(self.world, f"population of {m['b']}"),
                 *use_calculator(f"{m['population_a']}/{m['population_b']}"), assistant(example.answer)]

@@ -3,14 +3,16 @@
 Training data and inference agree on what a tool returns: the tool loop (toolloop.py) answers a
 `calculator` or `search` call with these same functions (`task_tools`).
 
-    calculator("123*45")           # '5535'
-    search(world, "Dorin")         # the text of the best-matching encyclopedia article
+    calculator("123*45")                       # '5535'
+    search(world, "population of Dorin")       # 'Dorin is a city in Velmo. The population of Dorin is 52000.'
+    search(world, "Dorin")                     # the article's opening sentences
     use_calculator("123*45")       # [assistant message with tool_calls, tool message '5535']
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from ..world import World
 from .base import decimal_string
@@ -25,10 +27,22 @@ def calculator(expression: str) -> str:
         return f"error: {error}"
 
 
+SNIPPET_SENTENCES = 2
+
+
 def search(world: World, query: str) -> str:
-    """The text of the world's best retrieval article for the query."""
+    """A snippet of the best article for the query, as a search engine shows one: its sentences that
+    share the most words with the query beyond the title (all of them name it), in the article's order.
+    Whole articles filled a 256-token context after two searches, before the model could answer."""
     hits = world.search(query, k=1)
-    return hits[0]["text"] if hits else "no results"
+    if not hits:
+        return "no results"
+    title = set(re.findall(r"\w+", hits[0]["title"].lower()))
+    words = set(re.findall(r"\w+", query.lower())) - title
+    sentences = [x.strip() for x in re.split(r"(?<=\.)\s+", hits[0]["text"]) if x.strip()]
+    overlap = [len(words & set(re.findall(r"\w+", x.lower()))) for x in sentences]
+    best = sorted(range(len(sentences)), key=lambda i: -overlap[i])[:SNIPPET_SENTENCES]  # stable: earlier first
+    return " ".join(sentences[i] for i in sorted(best))
 
 
 # What each tool takes, as OpenAI function specs: sent with a request so a model (or a server's
