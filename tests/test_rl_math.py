@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pocketgpt.model import lm_head_logprobs
 from pocketgpt.train.rl_math import (
     entropy_from_logits,
     gae,
@@ -18,7 +19,6 @@ from pocketgpt.train.rl_math import (
     pairwise_ranking_loss,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
 )
 
 
@@ -58,12 +58,35 @@ def test_masked_whiten():
 # ---------------------------------------------------------------------------- from logits
 
 def test_token_logprobs_and_entropy():
-    logits = t([[[0.0, math.log(3)], [math.log(3), 0.0]]])  # probabilities (1/4, 3/4) and (3/4, 1/4)
-    close(token_logprobs(logits, torch.tensor([[1, 1]])), [[math.log(3 / 4), math.log(1 / 4)]])
-    close(token_logprobs(logits, torch.tensor([[0, 0]])), [[math.log(1 / 4), math.log(3 / 4)]])
+    """The LM head's chunked log-probabilities on a hand case: x = one-hot rows, so logits = weight.T rows."""
+    logits = t([[0.0, math.log(3)], [math.log(3), 0.0]])  # probabilities (1/4, 3/4) and (3/4, 1/4)
+    x, weight = torch.eye(2), logits.T.contiguous()
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(entropy_from_logits(logits), [[h, h]])
+    lp, entropy = lm_head_logprobs(x, weight, torch.tensor([1, 1]))
+    close(lp, [math.log(3 / 4), math.log(1 / 4)])
+    close(entropy, [h, h])
+    close(lm_head_logprobs(x, weight, torch.tensor([0, 0]))[0], [math.log(1 / 4), math.log(3 / 4)])
+    close(entropy_from_logits(logits[None]), [[h, h]])
     close(entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4: log 4
+
+
+@pytest.mark.parametrize("rows", [3, 300])  # one chunk, and several (64 rows each at this vocabulary)
+def test_chunked_logprobs_match_autograd_of_the_plain_head(rows):
+    """Values and gradients (through an uneven upstream gradient, as an RL loss gives) equal the plain
+    log_softmax of the whole batch's logits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50_000, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50_000, (rows,), generator=g)
+    upstream = torch.randn(rows, generator=g)
+    lp, _ = lm_head_logprobs(x, weight, targets)
+    (lp * upstream).sum().backward()
+    got = lp.detach(), x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    plain = (x @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (plain * upstream).sum().backward()
+    for a, b in zip(got, (plain.detach(), x.grad, weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- reward model

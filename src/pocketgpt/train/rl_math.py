@@ -58,17 +58,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 # ---------------------------------------------------------------------------- from logits
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[b, t]) under logits[b, t] (already aligned: logits[:, t] predicts tokens[:, t]).
-
-    log_softmax(z)[y] = z[y] - logsumexp(z): one gather and one reduction, without materialising
-    a second (B, T, V) tensor. Computed in float32 even under bf16 autocast, since PPO ratios are
-    exponentials of differences of these numbers. Padding must still hold valid token ids.
-    """
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the next-token distribution at each position: (B, T, V) -> (B, T)."""
     logp = F.log_softmax(logits.float(), dim=-1)

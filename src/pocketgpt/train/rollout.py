@@ -21,9 +21,8 @@ from ..chat import ChatTemplate
 from ..data.tasks import Example, Task, default_world, get_task
 from ..data.tasks.tools import task_tools
 from ..engine import Engine, SamplingParams
-from ..model import GPT
+from ..model import GPT, lm_head_logprobs
 from ..toolloop import Transcript, generate_with_tools
-from .rl_math import entropy_from_logits, token_logprobs
 
 
 @dataclass
@@ -96,8 +95,9 @@ def collate(sequences: list[list[int]], prompt_lens: list[int], pad_id: int, dev
 
 
 def policy_logprobs(model: GPT, ids: torch.Tensor, with_entropy: bool = False):
-    """Log-probabilities of each next token (B, T-1), and optionally the entropy at each position."""
-    logits = model(ids)[:, :-1].float()
-    lp = token_logprobs(logits, ids[:, 1:])
-    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+    """Log-probabilities of each next token (B, T-1), and optionally the entropy at each position (for
+    logging: no gradient). The LM head runs chunk by chunk (model.lm_head_logprobs): the whole batch's
+    fp32 logits made GRPO's step peak near 10 GB."""
+    lp, entropy = lm_head_logprobs(model.hidden_states(ids)[:, :-1], model.lm_head.weight, ids[:, 1:])
+    return (lp, entropy) if with_entropy else lp
 
