@@ -65,7 +65,9 @@ def test_token_logprobs_and_entropy():
     lp, entropy = lm_head_logprobs(x, weight, torch.tensor([1, 1]))
     close(lp, [math.log(3 / 4), math.log(1 / 4)])
     close(entropy, [h, h])
-    close(lm_head_logprobs(x, weight, torch.tensor([0, 0]))[0], [math.log(1 / 4), math.log(3 / 4)])
+    lp, entropy = lm_head_logprobs(x, weight, torch.tensor([0, 0]), with_entropy=False)
+    close(lp, [math.log(1 / 4), math.log(3 / 4)])
+    assert entropy is None
     close(entropy_from_logits(logits[None]), [[h, h]])
     close(entropy_from_logits(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4: log 4
 

@@ -288,7 +288,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     pass: it recomputes each chunk's logits there. The entropy is for logging: it has no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets):
+    def forward(ctx, x, weight, targets, with_entropy: bool):
         dtype = _compute_dtype(x)
         xs, w = x.to(dtype), weight.to(dtype)
         rows = _chunk_rows(weight.shape[0])
@@ -296,10 +296,11 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, x.shape[0], rows):
             logp = (xs[start:start + rows] @ w.T).float().log_softmax(-1)
             logprobs.append(logp.gather(1, targets[start:start + rows, None]).squeeze(1))
-            entropies.append(-(logp.exp() * logp).sum(-1))
+            if with_entropy:
+                entropies.append(-(logp.exp() * logp).sum(-1))
         ctx.save_for_backward(xs, w, targets)
         ctx.dtypes = x.dtype, weight.dtype
-        entropy = torch.cat(entropies)
+        entropy = torch.cat(entropies) if with_entropy else torch.empty(0, device=x.device)
         ctx.mark_non_differentiable(entropy)
         return torch.cat(logprobs), entropy
 
@@ -320,13 +321,14 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             if want_dw:
                 dw += grad.T @ xc
         x_dtype, w_dtype = ctx.dtypes
-        return (None if dx is None else dx.to(x_dtype), None if dw is None else dw.to(w_dtype), None)
+        return (None if dx is None else dx.to(x_dtype), None if dw is None else dw.to(w_dtype), None, None)
 
 
-def lm_head_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(targets), entropy) per position, in fp32, for x (..., d) and targets (...) of valid ids."""
-    lp, entropy = ChunkedTokenLogprobs.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1))
-    return lp.view(targets.shape), entropy.view(targets.shape)
+def lm_head_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(targets), entropy or None) per position, in fp32, for x (..., d) and targets (...) of valid ids."""
+    lp, entropy = ChunkedTokenLogprobs.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), with_entropy)
+    return lp.view(targets.shape), (entropy.view(targets.shape) if with_entropy else None)
 
 
 def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

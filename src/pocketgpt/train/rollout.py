@@ -98,6 +98,6 @@ def policy_logprobs(model: GPT, ids: torch.Tensor, with_entropy: bool = False):
     """Log-probabilities of each next token (B, T-1), and optionally the entropy at each position (for
     logging: no gradient). The LM head runs chunk by chunk (model.lm_head_logprobs): the whole batch's
     fp32 logits made GRPO's step peak near 10 GB."""
-    lp, entropy = lm_head_logprobs(model.hidden_states(ids)[:, :-1], model.lm_head.weight, ids[:, 1:])
+    lp, entropy = lm_head_logprobs(model.hidden_states(ids)[:, :-1], model.lm_head.weight, ids[:, 1:], with_entropy)
     return (lp, entropy) if with_entropy else lp
 
