@@ -4,7 +4,8 @@
 
 - training tokens/s: our GPT vs Hugging Face `LlamaForCausalLM` of the same shape, bf16 autocast,
   forward + backward + AdamW step, same batch, same threads;
-- decode tokens/s at batch 1 (200 new tokens, greedy): our Engine vs HF `generate` on identical weights;
+- decode tokens/s at batch 1 (200 new tokens, greedy): our Engine, eager and compiled, vs HF `generate`
+  on identical weights;
 - tokenizer: BPE training time, rustbpe (ours) vs HF tokenizers; encode MB/s, tiktoken (ours) vs HF.
 
 Needs `pip install -e '.[bench]'`. Run it on an idle machine: the numbers are only comparable within one run.
@@ -76,36 +77,48 @@ def bench_train(args) -> dict:
 
 
 def bench_decode(args, tok: Tokenizer) -> dict:
+    """Batch-1 greedy decoding of the same weights: our engine, eager and with the compiled decode step
+    (`Engine(compile=True)`, warmed up first: compiling is a one-off cost, reported apart), against
+    transformers' `generate`."""
     ours, hf = make_pair(args.preset, tok.vocab_size, 512)
     ours.eval(), hf.eval()
     prompt = PocketTemplate(tok).document("def main():\n    ")
     n = args.new_tokens
+    params = SamplingParams(max_tokens=n, temperature=0)
+    ids = torch.tensor([prompt])
     results = {}
     for dtype in ("float32", "bfloat16"):
         o, h = ours.to(getattr(torch, dtype)), hf.to(getattr(torch, dtype))
-        engine = Engine(o, tok)
-        params = SamplingParams(max_tokens=n, temperature=0)
-        ids = torch.tensor([prompt])
+        engines = {"eager": Engine(o, tok), "compiled": Engine(o, tok, compile=True)}
 
-        def run_ours():
+        def run_ours(engine):
             out = engine.generate([prompt], params)[0]
             assert len(out.tokens) == n
+            return out.tokens
 
         def run_hf():
             with torch.inference_mode():
                 out = h.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             assert out.shape[1] == len(prompt) + n
+            return out[0, len(prompt):].tolist()
 
-        run_ours(), run_hf()
-        t_ours, t_hf = timed(run_ours, args.repeat), timed(run_hf, args.repeat)
-        # same weights, same greedy decoding: the two must agree on the tokens (fp32 only; bf16 rounding differs)
+        t0 = time.perf_counter()
+        run_ours(engines["compiled"])
+        compile_s = time.perf_counter() - t0
+        run_ours(engines["eager"]), run_hf()
+        t_hf = timed(run_hf, args.repeat)
+        row = {"tokens_per_s_hf": n / t_hf, "compile_seconds": compile_s}
+        for name, engine in engines.items():
+            t = timed(lambda e=engine: run_ours(e), args.repeat)
+            row[f"tokens_per_s_{name}"] = n / t
+            row[f"speedup_{name}"] = t_hf / t
+        # same weights, same greedy decoding: the tokens must agree (fp32 only; bf16 rounding differs)
         if dtype == "float32":
-            with torch.inference_mode():
-                hf_tokens = h.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                       pad_token_id=0)[0, len(prompt):].tolist()
-            same = sum(a == b for a, b in zip(engine.generate([prompt], params)[0].tokens, hf_tokens))
-            results["greedy_tokens_agree"] = f"{same}/{n}"
-        results[dtype] = {"tokens_per_s_ours": n / t_ours, "tokens_per_s_hf": n / t_hf, "speedup": t_hf / t_ours}
+            hf_tokens = run_hf()
+            for name, engine in engines.items():
+                same = sum(a == b for a, b in zip(run_ours(engine), hf_tokens))
+                results[f"greedy_tokens_agree_{name}"] = f"{same}/{n}"
+        results[dtype] = row
     return results
 
 

@@ -37,7 +37,7 @@ def test_bf16_prefill_keeps_float32_weights_and_cache_and_nearly_the_logits(tiny
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=3)
     exact, fast = (Engine(tiny_model, tokenizer, prefill_dtype=d) for d in ("float32", "bfloat16"))
     a, b = exact.generate([prompt], params)[0], fast.generate([prompt], params)[0]
-    assert fast.cache.k.dtype == torch.float32 and tiny_model.lm_head.weight.dtype == torch.float32
+    assert fast.cache.k[0].dtype == torch.float32 and tiny_model.lm_head.weight.dtype == torch.float32
     # the first token's log-probabilities come from the bf16 prefill: close to fp32's, not equal
     first_exact, first_fast = a.logprobs[0], b.logprobs[0]
     assert first_fast != first_exact and abs(first_fast - first_exact) < 0.05
@@ -147,3 +147,28 @@ def test_a_prompt_that_leaves_one_token_of_room_gets_one_token(tiny_model, token
     """max_tokens beyond what the context leaves is no error: the sequence stops at the context's end."""
     out = Engine(tiny_model, tokenizer).generate([[1] * 127], SamplingParams(max_tokens=50, temperature=0))[0]
     assert len(out.tokens) == 1 and out.finish_reason == "length"
+
+
+def test_compiled_decode_step_matches_eager_and_compiles_only_in_warmup(tiny_model, tokenizer):
+    """The compiled decode step writes the same tokens as the eager one, as the batch shrinks from many rows
+    (matmuls) through a few to one (reductions), with rows of different lengths and shared prefills; after
+    `warmup`, no batch compiles again."""
+    from torch._dynamo.utils import counters
+
+    prompts = [tokenizer.encode(t) for t in ("a", "The while statement is used for", "x = 1", "def f(x):",
+                                             "import os", "The return statement leaves the current function")]
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0) for i in range(len(prompts))]
+    sampled = SamplingParams(max_tokens=9, temperature=1.0, n=2, seed=3)
+
+    def run(engine):
+        seqs = [s for i, (p, sp) in enumerate(zip(prompts, params)) for s in engine.submit(p, sp, prompt_index=i)]
+        seqs += engine.submit(prompts[1], sampled, prompt_index=len(prompts))
+        list(engine.run(seqs))
+        return [s.tokens for s in seqs]
+
+    compiled = Engine(tiny_model, tokenizer, max_batch=8, compile=True)
+    assert compiled.warmup() > 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert run(compiled) == run(Engine(tiny_model, tokenizer, max_batch=8))
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warmup
+    assert Engine(tiny_model, tokenizer).warmup() == 0.0

@@ -32,13 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run, *extra) -> tuple[subprocess.Popen, str]:
+def start_server(run, *extra, compile: bool = False) -> tuple[subprocess.Popen, str]:
+    """`pocketgpt serve` on a free port; without `compile` (most tests need no fast decoding, and compiling
+    would dominate their time)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
-                             "--api-key", KEY, "--threads", "1", *extra],
+                             "--api-key", KEY, "--threads", "1", "--compile" if compile else "--no-compile", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    limit = 300 if compile else 60
+    deadline = time.time() + limit
+    while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -48,7 +52,7 @@ def start_server(run, *extra) -> tuple[subprocess.Popen, str]:
             raise AssertionError(f"the server exited: {proc.stdout.read()}")
         time.sleep(0.1)
     proc.kill()
-    raise AssertionError("the server did not start within 60 s")
+    raise AssertionError(f"the server did not start within {limit} s")
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
@@ -65,7 +69,9 @@ def server(request, tmp_path_factory, chat, smollm2_gguf):
 
         import_model(smollm2_gguf, run)
         model = "base"
-    proc, url = start_server(run)
+    # The tiny run is served as users serve by default, with the compiled decode step (the imported
+    # model's compile takes minutes, too long for a test).
+    proc, url = start_server(run, compile=request.param == "tiny")
     try:
         yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120), url, model, request.param
     finally:

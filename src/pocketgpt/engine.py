@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import queue
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import PocketError, autocast
-from .model import GPT
+from .model import GPT, ROW_LINEAR_MAX_ROWS
 from .tokenizer import Tokenizer
 
 # processor(generated_so_far, logits (V,)) -> logits: a grammar mask, a forced token, a bias
@@ -164,18 +165,30 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, prefill_chunk: int = 512,
-                 prefill_dtype: str = "float32"):
+                 prefill_dtype: str = "float32", compile: bool = False):
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
         bf16 units to pay (SmolLM2's 600-token prefill 2.0x faster here: reports/bench/interop.json), while
         one token at a time is not (decoding in bf16 measured 0.7-1.1x of fp32). Logits then differ from
-        fp32 in the third decimal."""
+        fp32 in the third decimal.
+
+        `compile=True`: the decode step (`GPT.decode_step`) goes through `torch.compile`, one fused graph
+        instead of ~300 small kernels per token: the `small` model decodes ~4x faster at batch 1
+        (bench/bench_foundation.py). The first steps at a new batch size compile (seconds to tens of
+        seconds, three or four times in all): worth it for a server or a long evaluation, not a quick sample."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prefill_dtype = prefill_dtype
+        self.compiled = compile
+        self._decode_step = model.decode_step
+        if compile:
+            # Every size dynamic (one graph serves all lengths and capacities); each model and kind of
+            # batch (1 row, a few, many: see model.ROW_LINEAR_MAX_ROWS) is one entry of the cache.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._decode_step = torch.compile(model.decode_step, dynamic=True)
         self.cache = model.make_cache(rows=1, capacity=64)
         self.rows: list[Sequence | None] = []  # the sequence in each occupied cache row, packed from row 0
         self.waiting: list[Sequence] = []  # submitted, not yet admitted to a row
@@ -189,6 +202,21 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.running or not self.inbox.empty())
+
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Compile the decode step now for each kind of batch it will meet (one row, a few, many), not
+        while the first requests wait; returns the seconds it took (0 without compile)."""
+        if not self.compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        for rows in sorted({1, min(2, self.max_batch), min(ROW_LINEAR_MAX_ROWS + 1, self.max_batch)}):
+            # Sizes that differ from each other: equal sizes at tracing would be assumed equal for good.
+            cache = self.model.make_cache(rows + 3, 64)
+            cache.lengths += 4
+            ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self._decode_step(ids, cache.lengths[:rows].clone(), cache.k, cache.v, 5)
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ submitting
 
@@ -398,10 +426,13 @@ class Engine:
         if not decoding:
             return
         n = max(s.row for s in decoding) + 1
-        ids = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
         for s in decoding:
-            ids[s.row, 0] = s.unfed
-        logits = self.model(ids, cache=self.cache, rows=slice(0, n), advance=False)[:, -1]
+            ids[s.row] = s.unfed
+        positions = self.cache.lengths[:n].clone()
+        span = int(positions.max()) + 1
+        self.cache.reserve(n, span)
+        logits = self._decode_step(ids, positions, self.cache.k, self.cache.v, span)
         rows = torch.tensor([s.row for s in decoding], device=self.device)
         self.cache.lengths[rows] += 1
         for s in decoding:

@@ -138,29 +138,36 @@ class KVCache:
 
     def __init__(self, cfg: GPTConfig, rows: int, capacity: int, device, dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.k = self.v = torch.zeros(0)
+        # One tensor per layer, (rows, kv_heads, capacity, head_dim): separate tensors, so that a compiled
+        # decode step writes each in place (a view of one shared tensor would be copied whole per write).
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
         self._allocate(rows, capacity)
 
     def _allocate(self, rows: int, capacity: int) -> None:
         cfg = self.cfg
-        k = torch.zeros((cfg.n_layer, rows, cfg.n_kv_head, capacity, cfg.head_dim), device=self.device, dtype=self.dtype)
-        v = torch.zeros_like(k)
-        old_rows, old_cap = (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
-        if old_rows:
-            k[:, :old_rows, :, :old_cap] = self.k
-            v[:, :old_rows, :, :old_cap] = self.v
+        old_rows, old_cap = (self.rows, self.capacity) if self.k else (0, 0)
+
+        def grown(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros((rows, cfg.n_kv_head, capacity, cfg.head_dim), device=self.device, dtype=self.dtype)
+            if old is not None:
+                new[:old_rows, :, :old_cap] = old
+            return new
+
+        self.k = [grown(self.k[i] if self.k else None) for i in range(cfg.n_layer)]
+        self.v = [grown(self.v[i] if self.v else None) for i in range(cfg.n_layer)]
         lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         lengths[:old_rows] = self.lengths
-        self.k, self.v, self.lengths = k, v, lengths
+        self.lengths = lengths
 
     @property
     def rows(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reserve(self, rows: int, capacity: int) -> None:
         """Make room for `rows` rows of `capacity` tokens (one more than written: a decode step may write
@@ -172,14 +179,14 @@ class KVCache:
 
     def move_row(self, src: int, dst: int) -> None:
         """Row `src` becomes row `dst` (rows stay packed when a sequence leaves)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for t in (*self.k, *self.v):
+            t[dst] = t[src]
         self.lengths[dst] = self.lengths[src]
 
     def copy_row(self, src: int, dst: int, n: int) -> None:
         """n samples of one prompt share its prefill: copy the first n keys and values of a row."""
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst] = n
 
 
@@ -371,6 +378,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return ((scores + future).softmax(-1) @ v.unsqueeze(2)).view(B, H, T, D)
 
 
+# A matrix-vector product reads every weight once for one row of input. The BLAS kernel behind
+# F.linear reads the decode step's weights at ~12 GB/s here; the same product written as a
+# multiply-and-sum, which inductor turns into a vectorised, threaded reduction, reads them at ~50 GB/s
+# (bench/bench_foundation.py). From ~8 rows on, the BLAS kernel, which reuses each weight across rows, wins.
+ROW_LINEAR_MAX_ROWS = 4
+
+
+def _row_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) for a few rows x (B, d_in): as a reduction inside a compiled graph, F.linear otherwise."""
+    if not torch.compiler.is_compiling() or x.shape[0] > ROW_LINEAR_MAX_ROWS:
+        return layer(x)
+    w = layer.weight
+    y = (w.float() * x.float()[:, None, :]).sum(-1).to(x.dtype)  # fp32 accumulation, as a matmul does
+    return y if layer.bias is None else y + layer.bias
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over its cached keys: q (B, H, hd), k/v (B, KV, S, hd), mask (B, S) -> (B, H, hd).
+    Compiled, plain products and sums (query heads grouped over their K/V head by a view), which inductor
+    fuses into a few reductions: SDPA's kernel cost more than the arithmetic at this size (55 us a call
+    against a whole 0.6 ms decode step of the `small` model)."""
+    B, H, hd = q.shape
+    KV = k.shape[1]
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
+                                              enable_gqa=KV != H)[:, :, 0]
+    qg = q.view(B, KV, H // KV, 1, hd).float()
+    scores = (qg * k[:, :, None].float()).sum(-1) / math.sqrt(hd)  # (B, KV, G, S)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    y = (p[..., None] * v[:, :, None].float()).sum(-2)  # (B, KV, G, hd)
+    return y.reshape(B, H, hd).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -397,7 +438,7 @@ class Attention(nn.Module):
         elif cached is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:  # append to each row's keys and values, then attend over the row's history
-            k_rows, v_rows = cached.cache.k[self.layer, cached.rows], cached.cache.v[self.layer, cached.rows]
+            k_rows, v_rows = cached.cache.k[self.layer][cached.rows], cached.cache.v[self.layer][cached.rows]
             if cached.start is not None:
                 k_rows[:, :, cached.start:cached.start + T] = k
                 v_rows[:, :, cached.start:cached.start + T] = v
@@ -528,6 +569,36 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)
         return lm_head_cross_entropy(x, self.lm_head.weight, targets, reduction)
+
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], span: int) -> torch.Tensor:
+        """One new token for each of B cache rows: ids (B,) go at `positions` (B,), each row's keys and
+        values are written there, and the next-token logits (B, V) come back.
+
+        The same arithmetic as `forward` with a cache, written for `torch.compile`: tensors in, tensors
+        out, no Python decisions on values, so the whole step becomes one graph of fused kernels. Rows
+        attend over their first `span` keys, masked at their own position (rows may differ in length).
+        """
+        cfg = self.cfg
+        B = ids.shape[0]
+        rows = torch.arange(B, device=ids.device)
+        x = self.model.embed_tokens(ids)  # (B, d)
+        # A row that only rides along may sit at the end of the context: its throwaway key needs some angle.
+        angle = positions.clamp(max=cfg.max_seq_len - 1)
+        cos, sin = self.rope_cos[angle][:, None, :], self.rope_sin[angle][:, None, :]  # (B, 1, hd)
+        mask = torch.arange(span, device=ids.device)[None, :] <= positions[:, None]  # (B, span)
+        for i, block in enumerate(self.model.layers):
+            attn, h = block.self_attn, block.input_layernorm(x)
+            q = apply_rope(_row_linear(h, attn.q_proj).view(B, cfg.n_head, cfg.head_dim), cos, sin)
+            k = apply_rope(_row_linear(h, attn.k_proj).view(B, cfg.n_kv_head, cfg.head_dim), cos, sin)
+            v = _row_linear(h, attn.v_proj).view(B, cfg.n_kv_head, cfg.head_dim)
+            keys[i][rows, :, positions] = k.to(keys[i].dtype)
+            values[i][rows, :, positions] = v.to(values[i].dtype)
+            y = _decode_attention(q, keys[i][:B, :, :span], values[i][:B, :, :span], mask)
+            x = x + _row_linear(y.reshape(B, -1), attn.o_proj)
+            h, mlp = block.post_attention_layernorm(x), block.mlp
+            x = x + _row_linear(F.silu(_row_linear(h, mlp.gate_proj)) * _row_linear(h, mlp.up_proj), mlp.down_proj)
+        return _row_linear(self.model.norm(x), self.lm_head)
 
     def scores(self, idx: torch.Tensor) -> torch.Tensor:
         """The scalar head at every position (B, T): a reward model reads it at <|reward|>, a value model everywhere."""

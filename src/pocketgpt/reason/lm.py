@@ -87,8 +87,10 @@ class LM(ABC):
         return self.chat_batch([Request(messages, **options)])[0]
 
     @staticmethod
-    def load(path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32") -> LocalLM:
-        return LocalLM(path, device, max_batch, prefill_dtype)
+    def load(path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32",
+             compile: bool = False) -> LocalLM:
+        """`compile`: the engine's compiled decode step (several times faster decoding, after a one-off compile)."""
+        return LocalLM(path, device, max_batch, prefill_dtype, compile)
 
     @staticmethod
     def openai(base_url: str, api_key: str = "none", model: str | None = None, concurrency: int = 8) -> OpenAILM:
@@ -99,14 +101,16 @@ class LocalLM(LM):
     """A run or model directory, decoded by our continuous-batching engine: a batch of requests is one
     running batch, and n samples of a request share their prompt's prefill."""
 
-    def __init__(self, path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32"):
+    def __init__(self, path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32",
+                 compile: bool = False):
         from ..checkpoint import load_model, resolve_model_dir
         from ..common import pick_device
         from ..engine import Engine
 
         directory = resolve_model_dir(path)
         self.model, self.chat_template, self.config = load_model(directory, pick_device(device))
-        self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype)
+        self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype,
+                             compile=compile)
         self.name, self.usage = str(directory), Usage()
         self._constraints = None
 

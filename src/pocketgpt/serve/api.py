@@ -47,10 +47,11 @@ SERVABLE = ("base", "sft", "sft_naive", "ppo", "grpo")  # rm is a reward model: 
 
 
 def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32",
-                 prefill_dtype: str = "float32") -> dict[str, ModelWorker]:
+                 prefill_dtype: str = "float32", compile: bool = False) -> dict[str, ModelWorker]:
     """A model directory serves one model (named after it); a run directory serves each of its stages.
-    bfloat16 halves the memory the weights take; on a CPU it does not decode faster (0.7-1.1x fp32, measured).
-    prefill_dtype bfloat16 runs prompts through bf16 matmuls and decodes in `dtype` (Engine)."""
+    bfloat16 halves the memory the weights take and the bytes each decode step reads. prefill_dtype
+    bfloat16 runs prompts through bf16 matmuls and decodes in `dtype`; compile compiles the decode step
+    before the server starts (Engine)."""
     import torch
 
     path = Path(path)
@@ -62,7 +63,7 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
         model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype))
         if model.cfg.score_head:
             raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
-        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype)
+        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype, compile)
     return workers
 
 

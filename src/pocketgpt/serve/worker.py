@@ -26,9 +26,13 @@ class Stats:
 
 class ModelWorker:
     def __init__(self, name: str, model: GPT, chat: ChatTemplate, meta: dict, max_batch: int = 32,
-                 prefill_dtype: str = "float32"):
+                 prefill_dtype: str = "float32", compile: bool = False):
         self.name, self.model, self.chat, self.meta = name, model, chat, meta
-        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype)
+        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype, compile=compile)
+        if compile:
+            with console.status(f"{name}: compiling the decode step (once per model and kind of batch)"):
+                seconds = self.engine.warmup()
+            console.print(f"{name}: decode step compiled in {seconds:.0f} s")
         self.stats = Stats()
         self._wake = threading.Event()
         self._stop = False
