@@ -1,15 +1,23 @@
 """Serving under load: concurrent streaming clients against `pocketgpt serve` on localhost.
 
-    python bench/bench_serve.py [--run RUN] [--clients 1,8,32,100] [--max-tokens 64]
+    python bench/bench_serve.py [--run RUN] [--clients 1,8,32,100] [--max-tokens 64] [--bf16]
+    python bench/bench_serve.py --run RUN --llama-server PATH --gguf FILE   # llama.cpp's server beside ours
 
 For each client count, that many clients each stream one chat completion at once (bounded: one
-request per client, a time limit per run). Reported per level: requests/s, time to first token p50 / p99,
-aggregate generated tokens/s, 5xx count, streams that did not end with [DONE], and the server's peak
-memory; then the continuous-batching speed-up: aggregate tokens/s at N clients over 1 client.
+request per client, a time limit per run). Every reply runs to max_tokens (`ignore_eos`, the
+extension vLLM and llama.cpp's server share), so both servers and every level decode the same
+amount. Reported per level: requests/s, time to first token p50 / p99, aggregate generated tokens/s,
+5xx count, streams that did not end with [DONE], and the server's peak memory; then the
+continuous-batching speed-up: aggregate tokens/s at N clients over 1 client (requests served one at
+a time).
+
+With --llama-server (a `llama-server` binary: ../shared/ANCHORS.md says how to build it) and --gguf
+(the file RUN was imported from), the same levels run against llama.cpp's server on that file in the
+same run, started per level with one slot per client (`-np N`) and the same threads, and the ratio
+of aggregate tokens/s is reported per level.
 
 Without --run, a `small`-preset model (the speedrun's shape) with random weights is served: speed
-depends on shapes, not on what the weights learned; temperature 1 and a random model make replies
-run to max_tokens, so every level decodes the same amount. Writes bench/out/serve.json.
+depends on shapes, not on what the weights learned. Writes bench/out/serve.json.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from pocketgpt.common import provenance
 
 
 def free_port() -> int:
@@ -58,10 +68,10 @@ def peak_rss_mb(pid: int) -> float:
 
 async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, seed: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": f"Tell me a story about the number {seed}."}],
-            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
+            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    ttft, tokens, done = None, 0, False
+    ttft, tokens, pieces, done = None, 0, 0, False
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -76,9 +86,12 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
             chunk = json.loads(data)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
-                ttft = time.perf_counter() - t0
-    return {"status": 200, "ttft": ttft, "tokens": tokens, "complete": done}
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices") or []):
+                pieces += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    # Usage counts tokens; without it (a server that does not send it), the streamed pieces do.
+    return {"status": 200, "ttft": ttft, "tokens": tokens or pieces, "complete": done}
 
 
 async def level(url: str, model: str, clients: int, max_tokens: int, timeout: float) -> dict:
@@ -100,6 +113,72 @@ async def level(url: str, model: str, clients: int, max_tokens: int, timeout: fl
             "incomplete_streams": sum(1 for r in ok if not r["complete"])}
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {seconds:.0f} s")
+
+
+def run_levels(url: str, model: str, clients: list[int], args, pid: int) -> list[dict]:
+    levels = []
+    for n in clients:
+        result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))
+        result["server_peak_mb"] = peak_rss_mb(pid)
+        levels.append(result)
+        print(json.dumps(result))
+    return levels
+
+
+def speedups(levels: list[dict]) -> dict[str, float]:
+    """Aggregate tokens/s at each level over one client's: what continuous batching buys."""
+    base = next((lv for lv in levels if lv["clients"] == 1), None)
+    return {str(lv["clients"]): lv["tokens_per_s"] / base["tokens_per_s"] for lv in levels} if base else {}
+
+
+def bench_ours(run: Path, clients: list[int], args) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    server = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
+                               "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                               "--compile" if args.compile else "--no-compile", *(["--bf16"] if args.bf16 else [])],
+                              env=env)
+    try:
+        wait_healthy(url, server, args.start_timeout)
+        model = args.model or httpx.get(url + "/v1/models").json()["data"][-1]["id"]
+        levels = run_levels(url, model, clients, args, server.pid)
+        return {"model": model, "levels": levels, "batching_speedup": speedups(levels)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bench_llama_server(binary: str, gguf: str, clients: list[int], args) -> dict:
+    """llama.cpp's server on the same file: one start per level, one slot per client, 512 tokens a slot."""
+    levels = []
+    for n in clients:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-t", str(args.threads),
+                                   "-np", str(n), "-c", str(512 * n), "--log-disable"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_healthy(url, server, args.start_timeout)
+            levels += run_levels(url, "gguf", [n], args, server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return {"binary": binary, "gguf": gguf, "levels": levels, "batching_speedup": speedups(levels)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run or model directory to serve (default: a random small-preset model)")
@@ -109,43 +188,34 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="serve bf16 weights")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve with the compiled decode step (the server's default)")
+    p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary, run beside ours")
+    p.add_argument("--gguf", metavar="FILE", help="the GGUF file for llama-server (the one RUN was imported from)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one level may take")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     p.add_argument("--out", default="bench/out/serve.json")
     args = p.parse_args()
+    if bool(args.llama_server) != bool(args.gguf):
+        p.error("--llama-server and --gguf go together")
+    clients = [int(x) for x in args.clients.split(",")]
     tmp = tempfile.TemporaryDirectory()
-    run = Path(args.run) if args.run else small_random_run(Path(tmp.name) / "run")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
-                               "--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                               *(["--bf16"] if args.bf16 else [])], env=env)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        model = args.model or httpx.get(url + "/v1/models").json()["data"][-1]["id"]
-        report = {"run": str(args.run or "random small preset"), "model": model, "threads": args.threads,
-                  "dtype": "bfloat16" if args.bf16 else "float32",
-                  "max_batch": args.max_batch, "max_tokens": args.max_tokens, "levels": []}
-        for n in (int(x) for x in args.clients.split(",")):
-            result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))
-            result["server_peak_mb"] = peak_rss_mb(server.pid)
-            report["levels"].append(result)
-            print(json.dumps(result))
-        base = next((lv for lv in report["levels"] if lv["clients"] == 1), None)
-        if base:
-            report["batching_speedup"] = {str(lv["clients"]): lv["tokens_per_s"] / base["tokens_per_s"]
-                                          for lv in report["levels"]}
-            print("continuous-batching speed-up over one client:", report["batching_speedup"])
+        run = Path(args.run) if args.run else small_random_run(Path(tmp.name) / "run")
+        report = {"run": str(args.run or "random small preset"), "threads": args.threads,
+                  "dtype": "bfloat16" if args.bf16 else "float32", "compiled": args.compile,
+                  "max_batch": args.max_batch, "max_tokens": args.max_tokens, "ours": bench_ours(run, clients, args)}
+        print("continuous-batching speed-up over one client:", report["ours"]["batching_speedup"])
+        if args.llama_server:
+            report["llama_server"] = bench_llama_server(args.llama_server, args.gguf, clients, args)
+            report["ours_over_llama_server"] = {
+                str(a["clients"]): a["tokens_per_s"] / b["tokens_per_s"]
+                for a, b in zip(report["ours"]["levels"], report["llama_server"]["levels"])}
+            print("ours / llama-server, aggregate tokens/s:", report["ours_over_llama_server"])
+        report["measured"] = provenance()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
         tmp.cleanup()
 
 

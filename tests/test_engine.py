@@ -110,6 +110,25 @@ def test_top_k_and_top_p():
     assert int(sample_next(logits, SamplingParams(temperature=0), g)) == 3
 
 
+def test_sampling_follows_the_distribution_per_row_with_its_own_generator():
+    """Frequencies match softmax(logits / T) (a zero-probability token never comes up), and a seeded row
+    draws the same tokens whatever else shares its batch."""
+    from pocketgpt.engine import sample_rows
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).repeat(8000, 1)
+    params = SamplingParams(temperature=2.0)
+    picks = sample_rows(logits, [params] * 8000, [None] * 8000)
+    freq = torch.bincount(picks, minlength=4).float() / 8000
+    expected = torch.softmax(logits[0] / 2.0, dim=-1)
+    assert freq[3] == 0 and torch.allclose(freq, expected, atol=0.02)
+    g_alone, g_crowded = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    alone = [int(sample_rows(logits[:1], [params], [g_alone])[0]) for _ in range(30)]
+    crowded = [sample_rows(logits[:3], [params, SamplingParams(temperature=0), params], [None, None, g_crowded])
+               for _ in range(30)]
+    assert alone == [int(c[2]) for c in crowded] and len(set(alone)) == 3
+    assert all(int(c[1]) == 2 for c in crowded)  # the greedy row
+
+
 def test_banned_tokens_are_never_sampled(tiny_model, chat):
     from pocketgpt.engine import Engine, SamplingParams, banned
 

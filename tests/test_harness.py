@@ -131,7 +131,8 @@ def test_diversity_fits_a_small_context(tiny_model, tokenizer, chat, mode):
     d = diversity(tiny_model, chat, mode, n_prompts=3, samples=2, max_tokens=8)
     # An untrained model is close to uniform: its entropy, in nats, is close to log(vocab).
     assert d["entropy"] == pytest.approx(math.log(tokenizer.vocab_size), rel=0.02)
-    assert d["distinct_names"] == 0.0  # and it writes no names
+    # Whatever its random draws spell, the ratio is a fraction and every answer was counted.
+    assert 0.0 <= d["distinct_names"] <= 1.0 and d["names_per_answer"] >= 1
 
 
 def test_fit_to_context_leaves_room_to_answer(tiny_model):

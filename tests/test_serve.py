@@ -99,6 +99,18 @@ def test_chat_non_streaming_and_n(server):
     assert sorted(c.index for c in two.choices) == [0, 1]
 
 
+def test_ignore_eos_decodes_to_max_tokens(server):
+    """vLLM's and llama.cpp's benchmark extension: the reply goes on past the end of its turn."""
+    client, _, model, kind = server
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    if kind == "smollm2":  # it answers in a few words and stops, unless told to ignore the end of its turn
+        short = client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0)
+        assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+
+
 def test_chat_streaming_with_usage(server):
     client, _, model, _ = server
     messages = [{"role": "user", "content": "Count to five."}]

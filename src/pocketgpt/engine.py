@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import PocketError, autocast
-from .model import GPT, ROW_LINEAR_MAX_ROWS
+from .model import GPT, ROW_LINEAR_MAX_ROWS, decode_block
 from .tokenizer import Tokenizer
 
 # processor(generated_so_far, logits (V,)) -> logits: a grammar mask, a forced token, a bias
@@ -133,9 +133,11 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids, each row with its own temperature, top-k, top-p and generator.
 
-    Sampling is the Gumbel-max trick: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p, so the
-    whole batch is one argmax, and each row's randomness is one vector from its own generator (None:
-    torch's global one), which keeps a seeded request reproducible whoever it shares the batch with.
+    Sampling is by the inverse of the cumulative distribution: one uniform number u per row, from the
+    row's own generator (None: torch's global one), picks the token whose slice of the cumulative
+    probabilities holds u. A seeded request is so reproducible whoever shares its batch, and the whole
+    batch is one softmax, one cumsum and one search: for 32 rows of SmolLM2's 49k vocabulary, a
+    uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
     """
     tokens = logits.argmax(dim=-1)
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -151,16 +153,20 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         rank = torch.arange(V, device=x.device)[None, :]
         drop = (rank >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs > top_p[:, None])  # keep the token crossing p
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    # Uniform draws, made exponential by -log: torch.rand is ~7x faster than exponential_ per call.
-    uniform = torch.empty_like(x)
-    shared = [j for j, i in enumerate(hot) if generators[i] is None]
-    if shared:
-        uniform[shared] = torch.rand(len(shared), V, device=x.device)
-    for j, i in enumerate(hot):
-        if generators[i] is not None:
-            uniform[j] = torch.rand(V, device=x.device, generator=generators[i])
-    tokens[hot] = (torch.softmax(x, dim=-1) / -torch.log(uniform)).argmax(dim=-1)
+    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, device=x.device, generator=generators[i]) for i in hot])
+    # side="right": the first token whose cumulative probability exceeds u * total; a token of probability
+    # zero owns an empty slice and is never picked.
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=V - 1)
+    tokens[hot] = picked
     return tokens
+
+
+# Models up to this depth compile their decode step as one graph; deeper ones compile one block's graph,
+# shared by every block. A whole-step graph of SmolLM2's 30 blocks with dynamic sizes took over ten minutes
+# to compile here (sympy simplifying index expressions, block after block); one block takes seconds, and
+# a call per block costs little next to a deep model's step.
+WHOLE_STEP_MAX_LAYERS = 8
 
 
 class Engine:
@@ -169,26 +175,33 @@ class Engine:
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
         bf16 units to pay (SmolLM2's 600-token prefill 2.0x faster here: reports/bench/interop.json), while
-        one token at a time is not (decoding in bf16 measured 0.7-1.1x of fp32). Logits then differ from
+        one token at a time gains less. Logits then differ from
         fp32 in the third decimal.
 
         `compile=True`: the decode step (`GPT.decode_step`) goes through `torch.compile`, one fused graph
-        instead of ~300 small kernels per token: the `small` model decodes ~4x faster at batch 1
-        (bench/bench_foundation.py). The first steps at a new batch size compile (seconds to tens of
-        seconds, three or four times in all): worth it for a server or a long evaluation, not a quick sample."""
+        instead of ~300 small kernels per token: the `small` model decodes ~5x faster than transformers'
+        `generate` at batch 1 (bench/bench_foundation.py). Each kind of batch (one row, a few, many)
+        compiles at its first step, or all at once in `warmup`: ~15 s each for the `small` model, a
+        minute or more for SmolLM2 (less once inductor's on-disk cache holds them). Worth it for a
+        server or a long evaluation, not for a quick sample."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prefill_dtype = prefill_dtype
-        self.compiled = compile
+        self.compiled, self._compiled_kinds = compile, set()
         self._decode_step = model.decode_step
         if compile:
             # Every size dynamic (one graph serves all lengths and capacities); each model and kind of
             # batch (1 row, a few, many: see model.ROW_LINEAR_MAX_ROWS) is one entry of the cache.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._decode_step = torch.compile(model.decode_step, dynamic=True)
+            if model.cfg.n_layer <= WHOLE_STEP_MAX_LAYERS:
+                self._decode_step = torch.compile(model.decode_step, dynamic=True)
+            else:
+                self._block = torch.compile(decode_block, dynamic=True)
+                self._head = torch.compile(model.decode_head, dynamic=True)
+                self._decode_step = self._block_by_block
         self.cache = model.make_cache(rows=1, capacity=64)
         self.rows: list[Sequence | None] = []  # the sequence in each occupied cache row, packed from row 0
         self.waiting: list[Sequence] = []  # submitted, not yet admitted to a row
@@ -205,18 +218,37 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Compile the decode step now for each kind of batch it will meet (one row, a few, many), not
-        while the first requests wait; returns the seconds it took (0 without compile)."""
-        if not self.compiled:
-            return 0.0
+        """Compile the decode step now for every kind of batch it may meet (one row, a few, many), before
+        requests wait on it (a server); otherwise each kind compiles at its first decode step. Returns
+        the seconds it took (0 without compile)."""
         t0 = time.perf_counter()
         for rows in sorted({1, min(2, self.max_batch), min(ROW_LINEAR_MAX_ROWS + 1, self.max_batch)}):
-            # Sizes that differ from each other: equal sizes at tracing would be assumed equal for good.
-            cache = self.model.make_cache(rows + 3, 64)
+            self._compile_for(rows)
+        return time.perf_counter() - t0 if self.compiled else 0.0
+
+    def _block_by_block(self, ids: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                        values: list[torch.Tensor], span: int) -> torch.Tensor:
+        """GPT.decode_step with one compiled graph for every block (and one for the head) instead of one
+        graph for the whole step: a deep model compiles in a fraction of the time, and pays a call per block."""
+        x, rope, mask = self.model.decode_inputs(ids, positions, span)
+        for block, k, v in zip(self.model.model.layers, keys, values):
+            x = self._block(block, x, rope, mask, positions, k, v)
+        return self._head(x)
+
+    def _compile_for(self, rows: int) -> None:
+        """Compile the decode step for batches like `rows` (1, up to ROW_LINEAR_MAX_ROWS, more: the
+        step's code differs between them) on a scratch cache, unless done."""
+        kind = min(rows, 2) if rows <= ROW_LINEAR_MAX_ROWS else ROW_LINEAR_MAX_ROWS + 1
+        if not self.compiled or kind in self._compiled_kinds:
+            return
+        # Without "duck sizing": sizes equal while tracing (a capacity of 64 and a head size of 64) would
+        # be taken as equal for good, and the first cache that grows would compile again.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            cache = self.model.make_cache(kind + 3, 64)
             cache.lengths += 4
-            ids = torch.zeros(rows, dtype=torch.long, device=self.device)
-            self._decode_step(ids, cache.lengths[:rows].clone(), cache.k, cache.v, 5)
-        return time.perf_counter() - t0
+            ids = torch.zeros(kind, dtype=torch.long, device=self.device)
+            self._decode_step(ids, cache.lengths[:kind].clone(), cache.k, cache.v, 5)
+        self._compiled_kinds.add(kind)
 
     # ------------------------------------------------------------------ submitting
 
@@ -426,6 +458,7 @@ class Engine:
         if not decoding:
             return
         n = max(s.row for s in decoding) + 1
+        self._compile_for(n)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         for s in decoding:
             ids[s.row] = s.unfed

@@ -476,6 +476,26 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                 positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One block of the decode step (GPT.decode_step): x (B, d) -> (B, d), writing each row's new key and
+    value into this block's cache tensors at `positions` and attending over the first mask.shape[1]."""
+    cfg, attn, mlp = block.self_attn.cfg, block.self_attn, block.mlp
+    B, span = x.shape[0], mask.shape[1]
+    cos, sin = rope
+    h = block.input_layernorm(x)
+    q = apply_rope(_row_linear(h, attn.q_proj).view(B, cfg.n_head, cfg.head_dim), cos, sin)
+    k = apply_rope(_row_linear(h, attn.k_proj).view(B, cfg.n_kv_head, cfg.head_dim), cos, sin)
+    v = _row_linear(h, attn.v_proj).view(B, cfg.n_kv_head, cfg.head_dim)
+    rows = torch.arange(B, device=x.device)
+    keys[rows, :, positions] = k.to(keys.dtype)
+    values[rows, :, positions] = v.to(values.dtype)
+    y = _decode_attention(q, keys[:B, :, :span], values[:B, :, :span], mask)
+    x = x + _row_linear(y.reshape(B, -1), attn.o_proj)
+    h = block.post_attention_layernorm(x)
+    return x + _row_linear(F.silu(_row_linear(h, mlp.gate_proj)) * _row_linear(h, mlp.up_proj), mlp.down_proj)
+
+
 class Backbone(nn.Module):
     """Hugging Face calls this `model`: embeddings, the blocks and the final norm."""
 
@@ -576,28 +596,25 @@ class GPT(nn.Module):
         values are written there, and the next-token logits (B, V) come back.
 
         The same arithmetic as `forward` with a cache, written for `torch.compile`: tensors in, tensors
-        out, no Python decisions on values, so the whole step becomes one graph of fused kernels. Rows
-        attend over their first `span` keys, masked at their own position (rows may differ in length).
+        out, no Python decisions on values, so the whole step becomes one graph of fused kernels (the
+        engine may instead compile `decode_block` once for every block: see Engine). Rows attend over
+        their first `span` keys, masked at their own position (rows may differ in length).
         """
-        cfg = self.cfg
-        B = ids.shape[0]
-        rows = torch.arange(B, device=ids.device)
-        x = self.model.embed_tokens(ids)  # (B, d)
+        x, rope, mask = self.decode_inputs(ids, positions, span)
+        for block, k, v in zip(self.model.layers, keys, values):
+            x = decode_block(block, x, rope, mask, positions, k, v)
+        return self.decode_head(x)
+
+    def decode_inputs(self, ids: torch.Tensor, positions: torch.Tensor, span: int):
+        """The decode step's embeddings (B, d), rotary tables (cos, sin: (B, 1, hd)) and mask (B, span)."""
         # A row that only rides along may sit at the end of the context: its throwaway key needs some angle.
-        angle = positions.clamp(max=cfg.max_seq_len - 1)
-        cos, sin = self.rope_cos[angle][:, None, :], self.rope_sin[angle][:, None, :]  # (B, 1, hd)
-        mask = torch.arange(span, device=ids.device)[None, :] <= positions[:, None]  # (B, span)
-        for i, block in enumerate(self.model.layers):
-            attn, h = block.self_attn, block.input_layernorm(x)
-            q = apply_rope(_row_linear(h, attn.q_proj).view(B, cfg.n_head, cfg.head_dim), cos, sin)
-            k = apply_rope(_row_linear(h, attn.k_proj).view(B, cfg.n_kv_head, cfg.head_dim), cos, sin)
-            v = _row_linear(h, attn.v_proj).view(B, cfg.n_kv_head, cfg.head_dim)
-            keys[i][rows, :, positions] = k.to(keys[i].dtype)
-            values[i][rows, :, positions] = v.to(values[i].dtype)
-            y = _decode_attention(q, keys[i][:B, :, :span], values[i][:B, :, :span], mask)
-            x = x + _row_linear(y.reshape(B, -1), attn.o_proj)
-            h, mlp = block.post_attention_layernorm(x), block.mlp
-            x = x + _row_linear(F.silu(_row_linear(h, mlp.gate_proj)) * _row_linear(h, mlp.up_proj), mlp.down_proj)
+        angle = positions.clamp(max=self.cfg.max_seq_len - 1)
+        rope = self.rope_cos[angle][:, None, :], self.rope_sin[angle][:, None, :]
+        mask = torch.arange(span, device=ids.device)[None, :] <= positions[:, None]
+        return self.model.embed_tokens(ids), rope, mask
+
+    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode step's logits (B, V) from the last block's output."""
         return _row_linear(self.model.norm(x), self.lm_head)
 
     def scores(self, idx: torch.Tensor) -> torch.Tensor:

@@ -298,7 +298,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         max_tokens = budget(w, prompt, req.token_limit)
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                n=req.n, seed=req.seed, stop_tokens=w.chat.stop_ids, stop_strings=req.stops(),
+                                n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.stop_ids,
+                                stop_strings=req.stops(),
                                 logprobs=k)
         factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
         use_tools = bool(req.tools) and req.tool_choice != "none"
@@ -393,7 +394,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             raise APIError(400, "the prompt is empty", "prompt")
         max_tokens = budget(w, prompt, req.max_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                n=req.n, seed=req.seed, stop_tokens=w.chat.document_stops, stop_strings=req.stops(),
+                                n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.document_stops,
+                                stop_strings=req.stops(),
                                 logprobs=req.logprobs)
         admit(w, req.n)
         seqs, events = w.submit(prompt, params)

@@ -89,6 +89,8 @@ class SamplingFields(Open):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's and llama.cpp's extension for benchmarks: go on past the end-of-turn token up to max_tokens.
+    ignore_eos: bool = False
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
