@@ -501,11 +501,15 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    import signal
+    import threading
+
     import uvicorn
 
     from .common import pick_device, set_threads
     from .serve.api import create_app, load_workers
     from .serve.protocol import Limits
+    from .serve.worker import run_engines
 
     set_threads(args.threads)
     # The engine's thread and the event loop's take turns on the GIL; by default a waiting thread gets it
@@ -521,11 +525,28 @@ def cmd_serve(args) -> None:
                      api_key=args.api_key, votes=votes)
     console.print(f"serving {', '.join(workers)} from {args.run} on http://{args.host}:{args.port} "
                   f"(chat page at /, OpenAI API at /v1)")
+    # The engines run in this (the main) thread and the HTTP server beside it: serve/worker.py says why.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    stop = threading.Event()
+
+    def serve_http():
+        try:
+            server.run()
+        finally:
+            stop.set()  # the server ended (a port already in use, say): so does the engine loop
+
+    http = threading.Thread(target=serve_http, name="http", daemon=True)
+    http.start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        run_engines(list(workers.values()), stop)
+    except KeyboardInterrupt:
+        pass
     finally:
-        for w in workers.values():
-            w.close()
+        server.should_exit = True
+        http.join(timeout=10)
+    if not server.started:
+        raise PocketError(f"the HTTP server did not start on {args.host}:{args.port} (is the port in use?)")
 
 
 def cmd_chat(args) -> None:

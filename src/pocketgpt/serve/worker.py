@@ -1,6 +1,12 @@
-"""One model behind the server: its engine runs in a thread of its own, so the event loop never
-waits for the model. Requests cross over by the engine's thread-safe `submit`; each step's tokens
-come back in one hand-over to the event loop, which puts them on their requests' asyncio queues."""
+"""The models behind the server. Their engines are stepped by `run_engines` in one thread and the
+HTTP event loop runs in another, so the event loop never waits for a model. Requests cross over by
+the engine's thread-safe `submit`; each step's tokens come back in one hand-over to the event loop,
+which puts them on their requests' asyncio queues.
+
+`pocketgpt serve` steps the engines in the process's main thread and runs the event loop beside it.
+The other way round cost half the decoding speed: PyTorch's OpenMP work from a second thread, once
+the main thread has had a team of OpenMP threads, ran an elementwise kernel in 50-85 us instead of
+5-7 us here (SmolLM2 decoded at 30 tokens/s in a thread against 72-80 in the main thread)."""
 
 from __future__ import annotations
 
@@ -34,14 +40,11 @@ class ModelWorker:
                 seconds = self.engine.warmup()
             console.print(f"{name}: decode step compiled in {seconds:.0f} s")
         self.stats = Stats()
-        self._wake = threading.Event()
-        self._stop = False
+        self.wake = threading.Event()  # set when a request arrives; run_engines shares one among its workers
         self._constraints = None
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._queues: dict[int, tuple[asyncio.Queue, float]] = {}  # sequence id -> its request's queue
         self._started: set[int] = set()
-        self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
-        self.thread.start()
 
     @property
     def constraints(self):
@@ -60,21 +63,20 @@ class ModelWorker:
     def waiting(self) -> int:
         return len(self.engine.waiting) + self.engine.inbox.qsize()
 
-    def _loop(self) -> None:
-        while not self._stop:
-            if not self.engine.busy:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                events = self.engine.step()
-            except Exception as e:  # a bug must not leave every client waiting forever: end their requests
-                console.print(f"[red]engine error, {len(self.engine.running) + len(self.engine.waiting)} "
-                              f"requests ended: {e!r}[/]")
-                events = self.engine.abort_all()
-            if events and self._loop_ref is not None:
-                # One hand-over per step, not per token: each call wakes the event loop (a syscall).
-                self._loop_ref.call_soon_threadsafe(self._dispatch, events)
+    def step(self) -> bool:
+        """One engine step, its tokens handed to the event loop; False when there was nothing to do."""
+        if not self.engine.busy:
+            return False
+        try:
+            events = self.engine.step()
+        except Exception as e:  # a bug must not leave every client waiting forever: end their requests
+            console.print(f"[red]engine error, {len(self.engine.running) + len(self.engine.waiting)} "
+                          f"requests ended: {e!r}[/]")
+            events = self.engine.abort_all()
+        if events and self._loop_ref is not None:
+            # One hand-over per step, not per token: each call wakes the event loop (a syscall).
+            self._loop_ref.call_soon_threadsafe(self._dispatch, events)
+        return True
 
     def _dispatch(self, events) -> None:
         """In the event loop: each (sequence, event) to its request's queue; time to first token noted."""
@@ -92,11 +94,6 @@ class ModelWorker:
                 del self._queues[seq.id]
                 self._started.discard(seq.id)
 
-    def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self.thread.join(timeout=5)
-
     def submit(self, prompt: list[int], params: SamplingParams, processor_factory=None) -> tuple[list[Sequence],
                                                                                                    asyncio.Queue]:
         """Queue n samples; their events arrive on the returned asyncio queue as (sequence, event)."""
@@ -108,5 +105,20 @@ class ModelWorker:
             self._queues[seq.id] = (events, t0)
         self.engine.enqueue(seqs)  # only now may the engine thread see them: their queues exist
         self.stats.requests += 1
-        self._wake.set()
+        self.wake.set()
         return seqs, events
+
+
+def run_engines(workers: list[ModelWorker], stop: threading.Event) -> None:
+    """Step every worker's engine in turn until `stop` is set; sleep while none has work. Runs in the
+    thread that calls it: `serve` calls it from the main thread (see the module's docstring)."""
+    wake = threading.Event()
+    for w in workers:
+        w.wake = wake
+    while not stop.is_set():
+        wake.clear()  # before looking for work: a request arriving from here on ends the wait below
+        busy = False
+        for w in workers:
+            busy = w.step() or busy
+        if not busy:
+            wake.wait(0.05)
