@@ -12,9 +12,11 @@ continuous-batching speed-up: aggregate tokens/s at N clients over 1 client (req
 a time).
 
 With --llama-server (a `llama-server` binary: ../shared/ANCHORS.md says how to build it) and --gguf
-(the file RUN was imported from), the same levels run against llama.cpp's server on that file in the
-same run, started per level with one slot per client (`-np N`) and the same threads, and the ratio
-of aggregate tokens/s is reported per level.
+(the file RUN was imported from), each round of a level on our server is followed at once by the
+same round on llama.cpp's server on that file (started with one slot per client, `-np N`, and the
+same threads), and the median ratio of aggregate tokens/s is reported per level. `--rounds R` runs
+each level R times and reports the median round: this machine's speed drifts by tens of percent
+between minutes.
 
 Without --run, a `small`-preset model (the speedrun's shape) with random weights is served: speed
 depends on shapes, not on what the weights learned. Writes bench/out/serve.json.
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,14 +131,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
     raise SystemExit(f"the server was not ready within {seconds:.0f} s")
 
 
-def run_levels(url: str, model: str, clients: list[int], args, pid: int) -> list[dict]:
-    levels = []
-    for n in clients:
-        result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))
-        result["server_peak_mb"] = peak_rss_mb(pid)
-        levels.append(result)
-        print(json.dumps(result))
-    return levels
+def median_level(rounds: list[dict]) -> dict:
+    """The round with the median aggregate tokens/s, with every round's figure beside it."""
+    ordered = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]}
 
 
 def speedups(levels: list[dict]) -> dict[str, float]:
@@ -143,40 +143,60 @@ def speedups(levels: list[dict]) -> dict[str, float]:
     return {str(lv["clients"]): lv["tokens_per_s"] / base["tokens_per_s"] for lv in levels} if base else {}
 
 
-def bench_ours(run: Path, clients: list[int], args) -> dict:
+@contextlib.contextmanager
+def server_process(command: list[str], url: str, seconds: float, env: dict | None = None):
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(url, proc, seconds)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def ours_command(run: Path, port: int, args) -> list[str]:
+    return [sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
+            "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+            "--compile" if args.compile else "--no-compile", *(["--bf16"] if args.bf16 else [])]
+
+
+def llama_command(port: int, clients: int, args) -> list[str]:
+    """llama.cpp's server on the same file: one slot per client, 512 tokens a slot, the same threads."""
+    return [args.llama_server, "-m", args.gguf, "--port", str(port), "-t", str(args.threads),
+            "-np", str(clients), "-c", str(512 * clients)]
+
+
+def measure(run: Path, clients: list[int], args) -> dict:
+    """Every level, `rounds` times; with llama-server, each of our rounds is followed at once by its
+    round on the same level, so that a drift of the machine's speed touches both sides alike."""
+    ours: dict[int, list] = {n: [] for n in clients}
+    theirs: dict[int, list] = {n: [] for n in clients}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen([sys.executable, "-m", "pocketgpt.cli", "serve", str(run), "--port", str(port),
-                               "--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                               "--compile" if args.compile else "--no-compile", *(["--bf16"] if args.bf16 else [])],
-                              env=env)
-    try:
-        wait_healthy(url, server, args.start_timeout)
+    with server_process(ours_command(run, port, args), url, args.start_timeout, env) as proc:
         model = args.model or httpx.get(url + "/v1/models").json()["data"][-1]["id"]
-        levels = run_levels(url, model, clients, args, server.pid)
-        return {"model": model, "levels": levels, "batching_speedup": speedups(levels)}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def bench_llama_server(binary: str, gguf: str, clients: list[int], args) -> dict:
-    """llama.cpp's server on the same file: one start per level, one slot per client, 512 tokens a slot."""
-    levels = []
-    for n in clients:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-t", str(args.threads),
-                                   "-np", str(n), "-c", str(512 * n), "--log-disable"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(url, server, args.start_timeout)
-            levels += run_levels(url, "gguf", [n], args, server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    return {"binary": binary, "gguf": gguf, "levels": levels, "batching_speedup": speedups(levels)}
+        for n in clients:
+            for _ in range(args.rounds):
+                result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))
+                ours[n].append({**result, "server_peak_mb": peak_rss_mb(proc.pid)})
+                print("ours", json.dumps(ours[n][-1]))
+                if args.llama_server:
+                    their_port = free_port()
+                    their_url = f"http://127.0.0.1:{their_port}"
+                    with server_process(llama_command(their_port, n, args), their_url, args.start_timeout) as lp:
+                        result = asyncio.run(level(their_url, "gguf", n, args.max_tokens, args.timeout))
+                        theirs[n].append({**result, "server_peak_mb": peak_rss_mb(lp.pid)})
+                    print("llama-server", json.dumps(theirs[n][-1]))
+    report = {"ours": {"model": model, "levels": [median_level(ours[n]) for n in clients]}}
+    report["ours"]["batching_speedup"] = speedups(report["ours"]["levels"])
+    if args.llama_server:
+        report["llama_server"] = {"binary": args.llama_server, "gguf": args.gguf,
+                                  "levels": [median_level(theirs[n]) for n in clients]}
+        report["ours_over_llama_server"] = {
+            str(n): statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours[n], theirs[n]))
+            for n in clients}
+    return report
 
 
 def main():
@@ -192,6 +212,7 @@ def main():
                    help="serve with the compiled decode step (the server's default)")
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary, run beside ours")
     p.add_argument("--gguf", metavar="FILE", help="the GGUF file for llama-server (the one RUN was imported from)")
+    p.add_argument("--rounds", type=int, default=1, help="times each level runs (the median is reported)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one level may take")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     p.add_argument("--out", default="bench/out/serve.json")
@@ -203,15 +224,11 @@ def main():
     try:
         run = Path(args.run) if args.run else small_random_run(Path(tmp.name) / "run")
         report = {"run": str(args.run or "random small preset"), "threads": args.threads,
-                  "dtype": "bfloat16" if args.bf16 else "float32", "compiled": args.compile,
-                  "max_batch": args.max_batch, "max_tokens": args.max_tokens, "ours": bench_ours(run, clients, args)}
+                  "dtype": "bfloat16" if args.bf16 else "float32", "compiled": args.compile, "rounds": args.rounds,
+                  "max_batch": args.max_batch, "max_tokens": args.max_tokens, **measure(run, clients, args)}
         print("continuous-batching speed-up over one client:", report["ours"]["batching_speedup"])
         if args.llama_server:
-            report["llama_server"] = bench_llama_server(args.llama_server, args.gguf, clients, args)
-            report["ours_over_llama_server"] = {
-                str(a["clients"]): a["tokens_per_s"] / b["tokens_per_s"]
-                for a, b in zip(report["ours"]["levels"], report["llama_server"]["levels"])}
-            print("ours / llama-server, aggregate tokens/s:", report["ours_over_llama_server"])
+            print("ours / llama-server, aggregate tokens/s (median over rounds):", report["ours_over_llama_server"])
         report["measured"] = provenance()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

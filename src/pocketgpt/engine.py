@@ -139,10 +139,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     batch is one softmax, one cumsum and one search: for 32 rows of SmolLM2's 49k vocabulary, a
     uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
     """
-    tokens = logits.argmax(dim=-1)
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
-    if not hot:
-        return tokens
+    if len(hot) < len(params):
+        tokens = logits.argmax(dim=-1)
+        if not hot:
+            return tokens
+    else:  # nobody is greedy: no argmax over the whole batch
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     x = logits[hot].float() / torch.tensor([params[i].temperature for i in hot], device=logits.device)[:, None]
     V = x.shape[-1]
     top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in hot], device=x.device)
