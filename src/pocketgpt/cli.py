@@ -709,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="for reproducible samples")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
-    p.add_argument("--bf16", action="store_true", help="bf16 weights: half the memory; not faster decoding on "
-                   "a CPU (0.7-1.1x of float32 measured on the speedrun model)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights: half the memory and the bytes each "
+                   "decoding step reads")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score a model on tasks: accuracy with a 95%% confidence interval",
