@@ -33,15 +33,19 @@ def test_chat_keeps_the_conversation_until_reset(tmp_path, chat, monkeypatch):
     chat_loop(args, read=lambda _: next(lines), out=out)
 
     assert len(prompts) == 3 and [t for _, t in prompts] == [0.7, 0.0, 0.0]
-    first_reply = out.getvalue().split("\n")[0]
+    engine = Engine(model.eval(), chat.tokenizer)
+    greedy = [engine.generate([p], SamplingParams(max_tokens=8, temperature=0, stop_tokens=chat.stop_ids))[0].text
+              for p, _ in prompts[1:]]
+    # The output is the three replies, each ended by a newline (a sampled reply may hold newlines too).
+    text = out.getvalue()
+    after_first = "\n" + greedy[0] + "\n" + greedy[1] + "\n"
+    assert text.endswith(after_first)
+    first_reply = text[:-len(after_first)]
     second = chat.prompt([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first_reply},
                           {"role": "user", "content": "again"}])
     assert prompts[1][0] == second  # the first exchange is part of the second prompt
     fresh = chat.prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "fresh"}])
     assert prompts[2][0] == fresh  # /reset forgot it; /system applies to what follows
-    greedy = Engine(model.eval(), chat.tokenizer).generate(
-        [second], SamplingParams(max_tokens=8, temperature=0, stop_tokens=chat.stop_ids))[0].text
-    assert out.getvalue().split("\n")[1] == greedy
 
 
 def test_a_tool_call_is_run_shown_and_kept_in_the_conversation(tmp_path, chat, tokenizer, monkeypatch, capsys):
