@@ -815,8 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts (SmolLM2: 2.0x on a 600-token prompt here); logits differ from float32 slightly")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decode step with torch.compile before serving (default on: several times "
-                        "faster decoding; the start takes ~20 s for the speedrun's model, minutes for SmolLM2 on "
-                        "a first run, less once inductor's cache holds it)")
+                        "faster decoding; the start takes ~20-50 s, less once inductor's on-disk cache holds the "
+                        "compiled code)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_serve)

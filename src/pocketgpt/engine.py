@@ -140,12 +140,10 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
     """
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
-    if len(hot) < len(params):
-        tokens = logits.argmax(dim=-1)
-        if not hot:
-            return tokens
-    else:  # nobody is greedy: no argmax over the whole batch
-        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    greedy = len(hot) < len(params)  # an argmax over the batch only when some row needs it
+    tokens = logits.argmax(dim=-1) if greedy else torch.empty(len(params), dtype=torch.long, device=logits.device)
+    if not hot:
+        return tokens
     x = logits[hot].float() / torch.tensor([params[i].temperature for i in hot], device=logits.device)[:, None]
     V = x.shape[-1]
     top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in hot], device=x.device)
@@ -177,15 +175,14 @@ class Engine:
                  prefill_dtype: str = "float32", compile: bool = False):
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
-        bf16 units to pay (SmolLM2's 600-token prefill 2.0x faster here: reports/bench/interop.json), while
-        one token at a time gains less. Logits then differ from
-        fp32 in the third decimal.
+        bf16 units to pay (SmolLM2's 600-token prefill 2.4x faster here: reports/bench/interop.json).
+        Logits then differ from fp32 in the third decimal.
 
         `compile=True`: the decode step (`GPT.decode_step`) goes through `torch.compile`, one fused graph
         instead of ~300 small kernels per token: the `small` model decodes ~5x faster than transformers'
         `generate` at batch 1 (bench/bench_foundation.py). Each kind of batch (one row, a few, many)
-        compiles at its first step, or all at once in `warmup`: ~15 s each for the `small` model, a
-        minute or more for SmolLM2 (less once inductor's on-disk cache holds them). Worth it for a
+        compiles at its first step, or all at once in `warmup`: 5-20 s each for the `small` model, 20-30 s
+        for all three of SmolLM2's (less once inductor's on-disk cache holds them). Worth it for a
         server or a long evaluation, not for a quick sample."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
