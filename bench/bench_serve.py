@@ -3,13 +3,13 @@
     python bench/bench_serve.py [--run RUN] [--clients 1,8,32,100] [--max-tokens 64] [--bf16]
     python bench/bench_serve.py --run RUN --llama-server PATH --gguf FILE   # llama.cpp's server beside ours
 
-For each client count, that many clients each stream one chat completion at once (bounded: one
-request per client, a time limit per run). Every reply runs to max_tokens (`ignore_eos`, the
-extension vLLM and llama.cpp's server share), so both servers and every level decode the same
-amount. Reported per level: requests/s, time to first token p50 / p99, aggregate generated tokens/s,
-5xx count, streams that did not end with [DONE], and the server's peak memory; then the
-continuous-batching speed-up: aggregate tokens/s at N clients over 1 client (requests served one at
-a time).
+Every level serves the same requests (`--requests`, 64 by default, or one per client if there are more
+clients), with that many clients at once: a client sends its next request when its reply has ended. Every
+reply runs to max_tokens (`ignore_eos`, the extension vLLM and llama.cpp's server share), so both servers
+and every level decode the same amount. Reported per level: requests/s, time to first token p50 / p99,
+aggregate generated tokens/s, 5xx count, streams that did not end with [DONE], and the server's peak
+memory; then the continuous-batching speed-up: aggregate tokens/s at N clients over 1 client (the same
+requests served one at a time).
 
 With --llama-server (a `llama-server` binary: ../shared/ANCHORS.md says how to build it) and --gguf
 (the file RUN was imported from), each round of a level on our server is followed at once by the
@@ -98,12 +98,24 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, max_tokens
     return {"status": 200, "ttft": ttft, "tokens": tokens or pieces, "complete": done}
 
 
-async def level(url: str, model: str, clients: int, max_tokens: int, timeout: float) -> dict:
+async def level(url: str, model: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    """`requests` requests, `clients` at a time: a client sends its next request when its reply has ended.
+    Every level serves the same requests (ids 0 to requests - 1), so its tokens/s over one client's is
+    what concurrency buys on the same work."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    todo = iter(range(requests))  # shared by the clients: each takes the next id (one event loop, no lock)
+    results: list = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in todo:
+            try:
+                results.append(await one_client(client, url, model, max_tokens, i))
+            except (httpx.HTTPError, ValueError) as e:
+                results.append(e)
+
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_client(client, url, model, max_tokens, i) for i in range(clients)),
-                                       return_exceptions=True)
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if isinstance(r, dict)]
     ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
@@ -111,7 +123,7 @@ async def level(url: str, model: str, clients: int, max_tokens: int, timeout: fl
     def pct(q):
         return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
 
-    return {"clients": clients, "seconds": wall, "requests_per_s": len(ok) / wall,
+    return {"clients": clients, "requests": requests, "seconds": wall, "requests_per_s": len(ok) / wall,
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
             "errors_5xx": sum(1 for r in ok if r["status"] >= 500), "errors_other": len(results) - len(ok),
             "incomplete_streams": sum(1 for r in ok if not r["complete"])}
@@ -178,14 +190,15 @@ def measure(run: Path, clients: list[int], args) -> dict:
         model = args.model or httpx.get(url + "/v1/models").json()["data"][-1]["id"]
         for n in clients:
             for _ in range(args.rounds):
-                result = asyncio.run(level(url, model, n, args.max_tokens, args.timeout))
+                result = asyncio.run(level(url, model, n, max(n, args.requests), args.max_tokens, args.timeout))
                 ours[n].append({**result, "server_peak_mb": peak_rss_mb(proc.pid)})
                 print("ours", json.dumps(ours[n][-1]))
                 if args.llama_server:
                     their_port = free_port()
                     their_url = f"http://127.0.0.1:{their_port}"
                     with server_process(llama_command(their_port, n, args), their_url, args.start_timeout) as lp:
-                        result = asyncio.run(level(their_url, "gguf", n, args.max_tokens, args.timeout))
+                        result = asyncio.run(level(their_url, "gguf", n, max(n, args.requests), args.max_tokens,
+                                                   args.timeout))
                         theirs[n].append({**result, "server_peak_mb": peak_rss_mb(lp.pid)})
                     print("llama-server", json.dumps(theirs[n][-1]))
     report = {"ours": {"model": model, "levels": [median_level(ours[n]) for n in clients]}}
@@ -204,6 +217,8 @@ def main():
     p.add_argument("--run", help="run or model directory to serve (default: a random small-preset model)")
     p.add_argument("--model", help="model id to request (default: the last one the server lists)")
     p.add_argument("--clients", default="1,8,32,100")
+    p.add_argument("--requests", type=int, default=64,
+                   help="requests per level (at least one per client); every level serves the same ones")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=32)

@@ -45,13 +45,33 @@ def test_bf16_prefill_keeps_float32_weights_and_cache_and_nearly_the_logits(tiny
         Engine(tiny_model, tokenizer, prefill_dtype="float16")
 
 
-def test_left_padded_batch_equals_single_prompts(tiny_model, tokenizer):
+def test_prompts_arriving_together_prefill_in_one_pass_and_decode_as_they_would_alone(tiny_model, tokenizer,
+                                                                                       monkeypatch):
     engine = Engine(tiny_model, tokenizer)
-    prompts = [tokenizer.encode("a"), tokenizer.encode("The while statement is used for"), tokenizer.encode("x = 1")]
-    params = SamplingParams(max_tokens=10, temperature=0)
+    prompts = [tokenizer.encode(t) for t in ("The while statement is used for", "x = y + 1", "import os",
+                                             "The return statement")]  # 10, 9, 7 and 6 tokens
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=0)
+    passes = []
+    forward = tiny_model.hidden_states
+    monkeypatch.setattr(tiny_model, "hidden_states", lambda ids, *a, **k: passes.append(ids.shape) or forward(ids, *a, **k))
     batched = engine.generate(prompts, params)
+    assert passes == [(4, 10)]  # the four prompts, right-padded, in one pass
     for p, b in zip(prompts, batched):
-        assert engine.generate([p], params)[0].tokens == b.tokens
+        alone = engine.generate([p], params)[0]
+        assert alone.tokens == b.tokens
+        assert alone.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_prefill_groups_pad_at_most_half_what_they_hold(tiny_model, tokenizer):
+    """A long prompt beside short ones is its own pass: padding every short one to its length would cost
+    more than the passes it saves."""
+    engine = Engine(tiny_model, tokenizer)
+    engine.waiting = [s for p in ([1] * 3, [2] * 4, [3] * 60, [4] * 2, [5] * 3)
+                      for s in engine.sequences(p, SamplingParams(max_tokens=1))]
+    seqs = list(engine.waiting)
+    engine._admit()  # rows 0 to 4, in that order
+    groups = engine._prefill_groups([(s, s.prompt) for s in seqs])
+    assert [[len(c) for _, c in g] for g in groups] == [[3, 4], [60], [2, 3]]
 
 
 def test_n_samples_share_prefill_and_are_reproducible(tiny_model, tokenizer):

@@ -1,6 +1,7 @@
 """`pocketgpt serve`, started as a user starts it, driven by the official `openai` client: a tiny run
 of ours and the imported SmolLM2. Then every validation rule: the right 4xx, in OpenAI's shape."""
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from pocketgpt.checkpoint import save_model
 from pocketgpt.model import GPT, preset
+from pocketgpt.serve.api import by_sequence, drain
 
 openai = pytest.importorskip("openai")
 
@@ -355,3 +357,25 @@ def test_a_server_without_a_vote_file_says_so():
 
     r = TestClient(create_app({})).get("/arena/leaderboard")
     assert r.status_code == 404 and "--arena-db" in r.json()["error"]["message"]
+
+
+def test_events_waiting_for_a_stream_leave_as_one_chunk_per_sample():
+    """A stream that fell behind the engine takes everything waiting at once, grouped per sample in order
+    of arrival: one chunk per sample instead of one per token."""
+    class Seq:
+        def __init__(self, id):
+            self.id = id
+
+    a, b = Seq(1), Seq(2)
+
+    async def go():
+        queue = asyncio.Queue()
+        for item in [(a, "a1"), (b, "b1"), (a, "a2")]:
+            queue.put_nowait(item)
+        first = await drain(queue)
+        queue.put_nowait((b, "b2"))
+        return first, await drain(queue)
+
+    first, second = asyncio.run(go())
+    assert by_sequence(first) == [(a, ["a1", "a2"]), (b, ["b1"])]
+    assert by_sequence(second) == [(b, ["b2"])]

@@ -75,6 +75,40 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def drain(queue: asyncio.Queue) -> list:
+    """Everything on the queue, waiting for the first item if it is empty."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def by_sequence(events: list) -> list[tuple[object, list]]:
+    """(sequence, event) pairs grouped per sequence, in order of first arrival."""
+    groups: dict[int, tuple[object, list]] = {}
+    for seq, ev in events:
+        groups.setdefault(seq.id, (seq, []))[1].append(ev)
+    return list(groups.values())
+
+
+class APIKeyCheck:
+    """Requests to the API without `Authorization: Bearer <key>` get a 401. Plain ASGI: starlette's
+    BaseHTTPMiddleware would relay every chunk of a streamed reply through a task and a stream of its own."""
+
+    GUARDED = ("/v1/", "/tokenize", "/detokenize", "/arena/")
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(self.GUARDED) and \
+                dict(scope["headers"]).get(b"authorization") != self.expected:
+            reply = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                          code="invalid_api_key").body(), status_code=401)
+            return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, api_key: str | None = None,
                votes: VoteStore | None = None) -> FastAPI:
     """The app; `votes` is where the arena tab's votes go (none: the arena endpoints answer 404)."""
@@ -103,13 +137,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     async def bad_input(_, e: PocketError):
         return JSONResponse(APIError(400, str(e)).body(), status_code=400)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        guarded = request.url.path.startswith(("/v1/", "/tokenize", "/detokenize", "/arena/"))
-        if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                         code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyCheck, api_key=api_key)
 
     def worker_for(name: str) -> ModelWorker:
         if name not in workers:
@@ -338,6 +367,20 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                         "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish_reason}]})
 
+        def token_logprobs(seq, events) -> dict | None:
+            """The chunk's logprobs: one entry per sampled token of `events` (a stop token is not content)."""
+            if k is None:
+                return None
+            content = []
+            for ev in events:
+                if ev.token < 0 or (ev.done and seq.finish_reason == "stop" and ev.token in params.stop_tokens):
+                    continue
+                entry = {**logprob_entries(w, seq, [ev.token])[-1], "logprob": ev.logprob}
+                entry["top_logprobs"] = [{**logprob_entries(w, seq, [a])[0], "logprob": v, "top_logprobs": None}
+                                         for a, v in (ev.top or [])]
+                content.append(entry)
+            return {"content": content} if content else None
+
         async def stream():
             streams = {s.index: TextStream(w.chat.tokenizer, params) for s in seqs}
             try:
@@ -345,29 +388,27 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                     yield chunk(s.index, {"role": "assistant", "content": ""})
                 finished = 0
                 while finished < len(seqs):  # by events, not by s.done: a fast model finishes before we read
-                    seq, ev = await events.get()
-                    finished += ev.done
-                    piece = streams[seq.index].push(ev)
-                    if use_tools:  # a call is only known when the turn ends: the turn is sent whole then
-                        if ev.done:
-                            found = tool_call_of(w, seq)
-                            text = w.engine.visible_text(seq.turn, params)
-                            delta = ({"content": found[0] or None, "tool_calls": [{**c, "index": 0} for c in found[1]]}
-                                     if found else {"content": text})
-                            yield chunk(seq.index, delta, finish(seq, found))
-                        continue
-                    is_stop = ev.done and seq.finish_reason == "stop" and ev.token in params.stop_tokens
-                    lp = None
-                    if k is not None and ev.token >= 0 and not is_stop:
-                        lp = {"content": logprob_entries(w, seq, [ev.token])[-1:]}
-                        lp["content"][0]["logprob"] = ev.logprob
-                        lp["content"][0]["top_logprobs"] = [
-                            {**logprob_entries(w, seq, [a])[0], "logprob": v, "top_logprobs": None}
-                            for a, v in (ev.top or [])]
-                    if piece or lp:
-                        yield chunk(seq.index, {"content": piece}, None, lp)
-                    if ev.done:
-                        yield chunk(seq.index, {}, seq.finish_reason)
+                    # What arrived since the last chunk goes out as one chunk per sample: a client that keeps
+                    # up gets a chunk per token, and under load fewer, larger chunks leave the server's time
+                    # to decoding instead of framing (vLLM's output collector merges the same way).
+                    for seq, evs in by_sequence(await drain(events)):
+                        done = evs[-1].done
+                        finished += done
+                        piece = "".join(streams[seq.index].push(ev) for ev in evs)
+                        if use_tools:  # a call is only known when the turn ends: the turn is sent whole then
+                            if done:
+                                found = tool_call_of(w, seq)
+                                text = w.engine.visible_text(seq.turn, params)
+                                delta = ({"content": found[0] or None,
+                                          "tool_calls": [{**c, "index": 0} for c in found[1]]}
+                                         if found else {"content": text})
+                                yield chunk(seq.index, delta, finish(seq, found))
+                            continue
+                        lp = token_logprobs(seq, evs)
+                        if piece or lp:
+                            yield chunk(seq.index, {"content": piece}, None, lp)
+                        if done:
+                            yield chunk(seq.index, {}, seq.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                                "choices": [], "usage": usage()})
@@ -426,13 +467,15 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             try:
                 finished = 0
                 while finished < len(seqs):
-                    seq, ev = await events.get()
-                    finished += ev.done
-                    piece = streams[seq.index].push(ev)
-                    if piece or ev.done:
-                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                                   "choices": [{"index": seq.index, "text": piece, "logprobs": None,
-                                                "finish_reason": seq.finish_reason if ev.done else None}]})
+                    for seq, evs in by_sequence(await drain(events)):  # as in chat: one chunk per sample
+                        done = evs[-1].done
+                        finished += done
+                        piece = "".join(streams[seq.index].push(ev) for ev in evs)
+                        if piece or done:
+                            yield sse({"id": rid, "object": "text_completion", "created": created,
+                                       "model": req.model,
+                                       "choices": [{"index": seq.index, "text": piece, "logprobs": None,
+                                                    "finish_reason": seq.finish_reason if done else None}]})
                 yield sse("[DONE]")
             finally:
                 for s in seqs:
