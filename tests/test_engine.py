@@ -149,14 +149,15 @@ def test_sampling_follows_the_distribution_per_row_with_its_own_generator():
     assert all(int(c[1]) == 2 for c in crowded)  # the greedy row
 
 
-def test_banned_tokens_are_never_sampled(tiny_model, chat):
-    from pocketgpt.engine import Engine, SamplingParams, banned
-
+def test_banned_tokens_are_never_sampled_in_their_own_rows_only(tiny_model, chat):
     engine = Engine(tiny_model, chat.tokenizer)
-    favourite = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1, temperature=0))[0].tokens[0]
-    outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=20, temperature=1.0, n=4, seed=0),
-                           processors=[banned([favourite])])
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    favourite = engine.generate([[1, 2, 3]], greedy)[0].tokens[0]
+    banning = SamplingParams(max_tokens=20, temperature=1.0, n=4, seed=0, banned_tokens=(favourite,))
+    free = engine.submit([1, 2, 3], greedy)
+    outs = engine.generate([[1, 2, 3]], banning)  # steps the engine: `free` decodes in the same batches
     assert all(favourite not in c.tokens for c in outs) and sum(len(c.tokens) for c in outs) > 0
+    assert free[0].tokens == [favourite]
     assert chat.tool_call_token == chat.tool_call_markers[0] and isinstance(chat.tool_call_token, int)
 
 

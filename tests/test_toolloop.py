@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pocketgpt.data.tasks.tools import calculator, use_calculator
-from pocketgpt.engine import Engine, SamplingParams, banned
+from pocketgpt.engine import Engine, SamplingParams
 from pocketgpt.toolloop import generate_with_tools, parse_call, run_tool, stream_with_tools
 
 TOOLS = {"calculator": calculator}
@@ -81,10 +81,10 @@ def test_without_a_call_it_is_plain_generation(tiny_model, tokenizer, chat):
     engine = Engine(tiny_model, tokenizer)
     prompt = chat.prompt([{"role": "user", "content": "Hello"}])
     # Seeded samples that end at the turn's end like the loop's do, and can never open a call.
-    params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1, stop_tokens=tuple(chat.stop_ids))
-    no_call = [banned([chat.tool_call_token])]
-    plain = engine.generate([prompt], params, no_call)
-    looped = generate_with_tools(engine, chat, [prompt], params, TOOLS, processors=no_call)
+    params = SamplingParams(max_tokens=12, temperature=0.8, n=3, seed=1, stop_tokens=tuple(chat.stop_ids),
+                            banned_tokens=(chat.tool_call_token,))
+    plain = engine.generate([prompt], params)
+    looped = generate_with_tools(engine, chat, [prompt], params, TOOLS)
     assert len(looped) == 3 and len({tuple(p.tokens) for p in plain}) > 1  # three different samples
     for p, t in zip(plain, looped):
         assert t.tokens == p.tokens and t.text == p.text and t.finish_reason == p.finish_reason
@@ -118,13 +118,12 @@ def test_more_conversations_than_rows_all_finish(tiny_model, tokenizer, chat):
     """Finished conversations give their row to waiting ones (the loop keeps rows for tool results):
     ten prompts on a two-row engine all get their answers, the same as on an engine with room for all."""
     prompts = [chat.prompt([{"role": "user", "content": f"Hello {i}"}]) for i in range(10)]
-    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, stop_tokens=tuple(chat.stop_ids))
-    no_call = [banned([chat.tool_call_token])]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, stop_tokens=tuple(chat.stop_ids),
+                            banned_tokens=(chat.tool_call_token,))
     done = []
     narrow = generate_with_tools(Engine(tiny_model, tokenizer, max_batch=2), chat, prompts, params, TOOLS,
-                                 processors=no_call, on_done=lambda: done.append(1))
-    wide = generate_with_tools(Engine(tiny_model, tokenizer, max_batch=16), chat, prompts, params, TOOLS,
-                               processors=no_call)
+                                 on_done=lambda: done.append(1))
+    wide = generate_with_tools(Engine(tiny_model, tokenizer, max_batch=16), chat, prompts, params, TOOLS)
     assert len(done) == 10
     assert [t.tokens for t in narrow] == [t.tokens for t in wide]
     assert all(t.tokens for t in narrow)

@@ -36,18 +36,6 @@ from .tokenizer import Tokenizer
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
-def banned(token_ids: list[int]) -> LogitsProcessor:
-    """A processor under which these tokens are never sampled (a tool call where no tool is offered)."""
-    def process(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
-        logits[token_ids] = float("-inf")
-        return logits
-    return process
-
-
-def chained(first: LogitsProcessor, second: LogitsProcessor) -> LogitsProcessor:
-    return lambda generated, logits: second(generated, first(generated, logits))
-
-
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -59,6 +47,9 @@ class SamplingParams:
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and k alternatives
+    # Never sampled (a tool call where no tool is offered): one masked write for the whole batch, where a
+    # logits processor would cost a Python call per row and step.
+    banned_tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -445,11 +436,15 @@ class Engine:
             return []
         raw = torch.stack([s.logits.float() for s in ready])
         logits = raw
-        if any(s.processors for s in ready):
+        bans = [(i, t) for i, seq in enumerate(ready) for t in seq.params.banned_tokens]
+        if bans or any(s.processors for s in ready):
             logits = raw.clone()
-            for i, seq in enumerate(ready):
-                for proc in seq.processors:
-                    logits[i] = proc(seq.turn, logits[i])
+        if bans:
+            rows, tokens = zip(*bans)
+            logits[list(rows), list(tokens)] = float("-inf")
+        for i, seq in enumerate(ready):
+            for proc in seq.processors:
+                logits[i] = proc(seq.turn, logits[i])
         tokens = sample_rows(logits, [s.params for s in ready], [s.generator for s in ready]).tolist()
         events = []
         for i, (seq, token) in enumerate(zip(ready, tokens)):

@@ -129,7 +129,7 @@ class LocalLM(LM):
         return self._constraints.json_schema(r.json_schema).processor
 
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
-        from ..engine import SamplingParams, banned
+        from ..engine import SamplingParams
 
         chat, context = self.chat_template, self.model.cfg.max_seq_len
         submitted = []
@@ -139,13 +139,12 @@ class LocalLM(LM):
             prompt = chat.prompt(r.messages)
             if len(prompt) >= context:
                 raise PocketError(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
-            params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
-                                    n=r.n, seed=r.seed, stop_tokens=chat.stop_ids, stop_strings=r.stop)
             # No tools offered: the model may not call one (a tool-trained model otherwise would).
             opener = chat.tool_call_token
-            no_calls = [banned([opener])] if not r.tools and opener is not None else []
-            seqs = self.engine.submit(prompt, params, no_calls, prompt_index=i,
-                                      processor_factory=self._processor_factory(r))
+            params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
+                                    n=r.n, seed=r.seed, stop_tokens=chat.stop_ids, stop_strings=r.stop,
+                                    banned_tokens=(opener,) if not r.tools and opener is not None else ())
+            seqs = self.engine.submit(prompt, params, prompt_index=i, processor_factory=self._processor_factory(r))
             submitted.append((prompt, params, seqs))
         for _ in self.engine.run([s for _, _, seqs in submitted for s in seqs]):
             pass

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import load_model
 from ..common import PocketError
-from ..engine import SamplingParams, TextStream, banned, chained
+from ..engine import SamplingParams, TextStream
 from ..evaluate.arena import Battle, VoteStore, leaderboard
 from ..toolloop import parse_call
 from .protocol import (
@@ -326,16 +326,14 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         prompt = w.chat.prompt(req.plain_messages())
         max_tokens = budget(w, prompt, req.token_limit)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.stop_ids,
-                                stop_strings=req.stops(),
-                                logprobs=k)
-        factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
         use_tools = bool(req.tools) and req.tool_choice != "none"
         opener = w.chat.tool_call_token
-        if not use_tools and opener is not None:  # no tool on offer: the model may not open a call
-            inner, ban = factory, banned([opener])
-            factory = (lambda: chained(ban, inner())) if inner else (lambda: ban)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.stop_ids,
+                                stop_strings=req.stops(), logprobs=k,
+                                # no tool on offer: the model may not open a call
+                                banned_tokens=(opener,) if not use_tools and opener is not None else ())
+        factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
         admit(w, req.n)
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
