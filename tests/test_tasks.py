@@ -422,7 +422,7 @@ def test_factqa_rag_rendering_answers_only_from_its_passages():
         assert ask["content"].startswith("Passages:\n[") and ask["content"].endswith(f"Question: {example.question}")
         passages = ask["content"].split("\n\n")[0]
         slug = example.meta["entity"].lower().replace(" ", "-")
-        holds = any(f"/{slug}#" in line and str(example.meta["value"]) in line for line in passages.splitlines())
+        holds = any(f"/{slug}@" in line and str(example.meta["value"]) in line for line in passages.splitlines())
         assert (str(example.meta["value"]) in reply["content"]) == holds
         refusals += reply["content"] == "I don't know."
     assert 10 < refusals < 35

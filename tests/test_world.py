@@ -134,6 +134,22 @@ def test_retrieval_corpus_covers_every_entity(world):
         assert f.value in article[f.entity]
 
 
+def test_passages_are_whole_sentences_that_cover_every_article(world):
+    """Three whole sentences each, starting every two: every sentence, so every fact, is in a passage."""
+    for article in world.retrieval_corpus():
+        passages = world.passages(article["title"])
+        assert passages and all(p["article"] == article["id"] and p["id"].startswith(article["id"] + "@")
+                                for p in passages)
+        for p in passages:
+            assert p["text"] in article["text"] and p["text"].endswith(".")
+            assert 1 <= p["text"].count(". ") + 1 <= 3
+        assert " ".join(p["text"] for p in passages[::2]).startswith(article["text"][:40])
+        for f in world.facts:
+            if f.entity == article["title"]:
+                assert any(f.value in p["text"] for p in passages)
+    assert len({p["id"] for p in world.passages()}) == len(world.passages())
+
+
 def test_search_finds_the_entity(world):
     for entity in world.entities(tier="unseen"):
         assert world.search(f"Tell me about {entity.name}")[0]["title"] == entity.name

@@ -217,7 +217,7 @@ def cmd_rag(args) -> None:
         if args.world:
             from .data.tasks import default_world
 
-            docs = {a["id"]: a["text"] for a in default_world().retrieval_corpus()}
+            docs = {p["id"]: p["text"] for p in default_world().passages()}  # as the matrix's index (rag/world.py)
         elif args.folder:
             docs = read_folder(args.folder)
         else:
@@ -672,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Chunks by tokens, BM25 and MiniLM embeddings, written atomically; a second run "
                                     "over unchanged documents does no work, a changed document alone is redone.")
     r.add_argument("folder", nargs="?", help="the documents")
-    r.add_argument("--world", action="store_true", help="index the built-in world's encyclopedia instead")
+    r.add_argument("--world", action="store_true",
+                   help="index the built-in world's encyclopedia instead (its passages of three sentences)")
     r.add_argument("--out", required=True, help="the index directory")
     r.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default 128)")
     r.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks (default 32)")

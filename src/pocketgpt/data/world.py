@@ -486,6 +486,23 @@ class World:
         """Articles `{"id", "title", "text"}` for every entity, unseen ones included."""
         return [dict(a) for a in self._articles]
 
+    @cached_property
+    def _passages(self) -> list[dict]:
+        """Every article cut into windows of three whole sentences, each starting two sentences after
+        the last: what retrieval indexes (rag/world.py) and what SFT's retrieval renderings show, so that
+        the model reads at test time passages like those it learned from."""
+        passages = []
+        for article in self._articles:
+            sentences = [x if x.endswith(".") else x + "." for x in article["text"].split(". ")]
+            for start in range(0, max(1, len(sentences) - 1), 2):
+                passages.append({"id": f"{article['id']}@{start}", "article": article["id"],
+                                 "title": article["title"], "text": " ".join(sentences[start:start + 3])})
+        return passages
+
+    def passages(self, title: str | None = None) -> list[dict]:
+        """Passages `{"id", "article", "title", "text"}` (see _passages), all or one entity's."""
+        return [dict(p) for p in self._passages if title is None or p["title"] == title]
+
     def search(self, query: str, k: int = 1) -> list[dict]:
         """The k best articles for a query by word overlap; a word in the title counts triple.
 

@@ -1,5 +1,7 @@
 """The built-in example corpus: the world's encyclopedia (one article per entity, unseen ones
-included), indexed once per process in small chunks that fit a small model's context."""
+included), indexed once per process as passages of three whole sentences (World.passages), the
+passages SFT's retrieval renderings show: a chunk cut mid-sentence reads unlike anything the model
+learned from."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ from functools import lru_cache
 from ..data.tasks import default_world
 from .index import Index, build_index
 
-CHUNK, OVERLAP = 48, 8  # embedding tokens: two passages and a question fit a 256-token context
+CHUNK, OVERLAP = 96, 8  # embedding tokens: more than a passage holds, so each passage is one chunk
 
 
 @lru_cache(maxsize=1)
 def world_index() -> Index:
-    documents = {a["id"]: a["text"] for a in default_world().retrieval_corpus()}
+    documents = {p["id"]: p["text"] for p in default_world().passages()}
     return build_index(documents, tempfile.mkdtemp(prefix="pocketgpt-world-") + "/index", CHUNK, OVERLAP)[0]

@@ -61,26 +61,23 @@ class FactQA(Task):
         draw = example.meta.get("draw", 0)  # SFT asks for several draws of one fact (train/sft.py: redrawn)
         rng = random.Random(f"{example.question}:rag" + (f":{draw}" if draw else ""))
         m = example.meta
-        gold = self._passage(m["entity"], rng, holding=str(m["value"]))
+        statement = ATTRIBUTE[(m["kind"], m["attribute"])].statements[0].format(e=m["entity"], v=m["value"])
+        gold = self._passage(m["entity"], rng, holding=statement)  # the article's own sentence for the fact
         other = rng.choice([e for e in self.world.entities() if e.name != m["entity"]])
         passages = [self._passage(other.name, rng), gold if rng.random() < 2 / 3 else
                     self._passage(rng.choice([e for e in self.world.entities() if e.name != m["entity"]]).name, rng)]
         rng.shuffle(passages)
         holds = gold in passages
-        attribute = ATTRIBUTE[(m["kind"], m["attribute"])]
-        answer = attribute.statements[0].format(e=m["entity"], v=m["value"]) if holds else REFUSAL
+        answer = statement if holds else REFUSAL
         return [{"role": "user", "content": passages_prompt(example.question, passages)}, assistant(answer)]
 
     def _passage(self, entity: str, rng: random.Random, holding: str | None = None) -> tuple[str, str]:
-        """A chunk-sized window (3 sentences) of an entity's article, as (chunk id, text); with `holding`,
-        a window that contains that text."""
-        article = next(a for a in self.world.retrieval_corpus() if a["title"] == entity)
-        sentences = [x.strip() + "." for x in article["text"].split(". ") if x.strip()]
-        sentences[-1] = sentences[-1].rstrip(".") + "."
-        starts = [i for i in range(max(1, len(sentences) - 2))
-                  if holding is None or any(holding.lower() in x.lower() for x in sentences[i:i + 3])]
-        start = rng.choice(starts or [0])
-        return f"{article['id']}#{start}", " ".join(sentences[start:start + 3])
+        """One of an entity's passages (World.passages: what retrieval returns, with its chunk id), as
+        (chunk id, text); with `holding`, one that contains that text."""
+        passages = self.world.passages(entity)
+        holders = [p for p in passages if holding is None or holding.lower() in p["text"].lower()]
+        chosen = rng.choice(holders or passages)
+        return f"{chosen['id']}#0", chosen["text"]
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """Whether the answer states the true value (for unseen entities `check` also accepts an honest
