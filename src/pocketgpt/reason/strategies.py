@@ -127,9 +127,8 @@ def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
                         max_tokens=64) for e, found in zip(examples, hits)]
     answers = []
     for e, found, gens in zip(examples, hits, lm.chat_batch(requests)):
-        article = {p["id"]: p["article"] for p in task.world.passages(e.meta["entity"])}
-        gold = any(article.get(h.chunk.document) and str(e.meta["value"]).lower() in h.chunk.text.lower()
-                   for h in found)
+        own = {p["id"] for p in task.world.passages(e.meta["entity"])}  # the entity's passages (documents)
+        gold = any(h.chunk.document in own and str(e.meta["value"]).lower() in h.chunk.text.lower() for h in found)
         answers.append(Answer(gens[0].text, [gens[0].text], {}, [{"passages": [h.chunk.id for h in found]}],
                               {f"recall@{s.passages}": float(gold)}))
     return answers

@@ -276,20 +276,17 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                 if not s.done:
                     s.cancel()
 
+    def token_entry(w: ModelWorker, t: int, lp: float, top: list[tuple[int, float]] | None) -> dict:
+        """One token in OpenAI's logprobs shape; `top` None: an entry inside another's top_logprobs."""
+        table = w.chat.tokenizer.token_bytes()
+        b = table[t] if t < len(table) else b""
+        e = {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+        if top is not None:
+            e["top_logprobs"] = [token_entry(w, a, v, None) for a, v in top]
+        return e
+
     def logprob_entries(w: ModelWorker, seq, tokens: list[int]) -> list[dict]:
-        tok = w.chat.tokenizer
-        table = tok.token_bytes()
-
-        def entry(t: int, lp: float) -> dict:
-            b = table[t] if t < len(table) else b""
-            return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
-
-        out = []
-        for i, t in enumerate(tokens):
-            e = entry(t, seq.logprobs[i])
-            e["top_logprobs"] = [entry(a, lp) for a, lp in seq.top_logprobs[i]]
-            out.append(e)
-        return out
+        return [token_entry(w, t, seq.logprobs[i], seq.top_logprobs[i]) for i, t in enumerate(tokens)]
 
     def content_tokens(w: ModelWorker, seq) -> list[int]:
         toks = seq.turn
@@ -373,10 +370,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             for ev in events:
                 if ev.token < 0 or (ev.done and seq.finish_reason == "stop" and ev.token in params.stop_tokens):
                     continue
-                entry = {**logprob_entries(w, seq, [ev.token])[-1], "logprob": ev.logprob}
-                entry["top_logprobs"] = [{**logprob_entries(w, seq, [a])[0], "logprob": v, "top_logprobs": None}
-                                         for a, v in (ev.top or [])]
-                content.append(entry)
+                content.append(token_entry(w, ev.token, ev.logprob, ev.top or []))
             return {"content": content} if content else None
 
         async def stream():
