@@ -11,6 +11,7 @@ from pocketgpt.train.sft import (
     SFTConfig,
     build_conversations,
     factqa_conversations,
+    fitted,
     redrawn,
     sft,
 )
@@ -54,6 +55,21 @@ def test_the_loss_covers_exactly_the_assistant_reply(chat):
         assert row_y == [-1] * (start - 1) + reply + [-1] * (T - len(ids) + 1)
         assert row_x[len(ids):] == [chat.pad_id] * (T - len(ids))
     assert len(seen) == len(kept)  # every conversation once, none lost to packing
+
+
+def test_a_long_conversation_keeps_the_exchanges_that_fit(chat):
+    ask = lambda i: {"role": "user", "content": f"question {i}"}  # noqa: E731
+    answer = lambda i: {"role": "assistant", "content": f"answer {i} " * 8}  # noqa: E731
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}}]}
+    three = [ask(0), answer(0), ask(1), answer(1), ask(2), answer(2)]
+    two = len(chat.render(three[:4])[0])
+    assert fitted(chat, three, 10_000) == (chat.render(three), False)
+    assert fitted(chat, three, two) == (chat.render(three[:4]), True)  # cut after a finished answer
+    assert fitted(chat, three, two - 1) == (chat.render(three[:2]), True)
+    assert fitted(chat, three, len(chat.render(three[:2])[0]) - 1) == (None, False)  # not even the first fits
+    with_call = [ask(0), answer(0), ask(1), call, {"role": "tool", "tool_call_id": "c", "content": "2"}, answer(1)]
+    assert fitted(chat, with_call, len(chat.render(with_call)[0]) - 1) == (chat.render(with_call[:2]), True)
 
 
 def test_loader_state_resumes_exactly(chat):

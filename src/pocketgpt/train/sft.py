@@ -252,6 +252,25 @@ class MaskedLanguageModeling(LoaderObjective):
 # ----------------------------------------------------------------------------- the stage
 
 
+def fitted(chat: ChatTemplate, conversation: list[dict], limit: int) -> tuple[tuple | None, bool]:
+    """The conversation rendered (tokens, loss mask) within `limit` tokens, and whether it was cut.
+
+    A conversation cut mid-answer teaches an answer that never ends; one cut after a finished answer is
+    still a whole conversation. So a long one (a merged pair, the Game of 24's several positions) keeps
+    the exchanges that fit, up to its last final answer (not a tool call, whose result would be missing);
+    (None, False) when even the first does not fit."""
+    encoded = chat.render(conversation)
+    if len(encoded[0]) <= limit:
+        return encoded, False
+    answers = [i + 1 for i, m in enumerate(conversation) if m["role"] == "assistant" and not m.get("tool_calls")]
+    for end in reversed(answers):
+        if end < len(conversation):
+            encoded = chat.render(conversation[:end])
+            if len(encoded[0]) <= limit:
+                return encoded, True
+    return None, False
+
+
 def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -260,15 +279,16 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
     model.extend_context(tc.seq_len)
 
     convs, stats = build_conversations(cfg, model, chat, info)
-    encoded = [chat.render(c) for c in convs]
-    # A conversation cut at the end of a row teaches an answer that never ends: leave those out.
-    fits = [e for e in encoded if len(e[0]) <= tc.seq_len + 1]
-    stats["too_long"], encoded = len(encoded) - len(fits), fits
+    rendered = [fitted(chat, c, tc.seq_len + 1) for c in convs]
+    encoded = [e for e, _ in rendered if e is not None]
+    stats["too_long"] = len(convs) - len(encoded)
+    stats["shortened"] = sum(cut for e, cut in rendered if e is not None)
     if info.is_main:
         atomic_write_json(out_dir / "sft_data.json", stats)
         console.print(f"[bold]sft[/]: {stats['conversations']} conversations; "
                       + ", ".join(f"{k} {v}" for k, v in stats["per_task"].items())
-                      + f"; {stats['too_long']} longer than a row left out")
+                      + f"; {stats['shortened']} cut after the last exchange that fits a row, "
+                      f"{stats['too_long']} longer than a row even so left out")
         if "probe" in stats and stats["probe"].get("mitigated"):
             console.print("knowledge probe (share of facts the base model knows): " + ", ".join(
                 f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
