@@ -304,7 +304,8 @@ class Trainer:
         # Speed is the median step's: neither compilation (in the first step) nor evaluation counts.
         step_s = statistics.median(step_seconds) if step_seconds else math.inf
         speed = {"tokens_per_s": tokens_per_step / step_s}
-        if peak:
+        if peak:  # measured again at the end, the higher kept (see measured_peak)
+            peak = measured_peak(self.model, self.objective.tokens_per_micro_step(), self.device, again=True)
             speed.update(mfu=mfu(flops, speed["tokens_per_s"], peak, self.dist), peak_flops=peak)
         if cfg.compile and step_seconds:
             speed["compile_s"] = step_seconds[0] - step_s
