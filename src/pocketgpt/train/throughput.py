@@ -2,7 +2,7 @@
 
 MFU, model FLOPs utilisation (PaLM, appendix B), is the FLOPs a step needs over the FLOPs the hardware
 could have done in its time: FLOPs/token x tokens/s / peak FLOP/s. The peak is not a datasheet's: it
-is measured once per process, on this machine, as the best rate of bf16 matmuls of the model's own
+is measured on this machine when a stage starts (once per process) and again when it ends, the higher kept, as the best rate of bf16 matmuls of the model's own
 shapes (a micro-batch of tokens times each weight matrix) in about a second. On a CPU shared with
 other work it is measured under the load the run sees, so the ratio stays meaningful when the
 absolute figures are not.
@@ -10,7 +10,6 @@ absolute figures are not.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
@@ -27,12 +26,10 @@ def matmul_shapes(model: nn.Module, rows: int) -> tuple[tuple[int, int, int], ..
     return tuple(sorted((min(rows, PEAK_ROWS), i, o) for i, o in shapes))
 
 
-@functools.cache
 def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: int, seconds: float = 1.0,
                 repeats: int = 20) -> float:
     """FLOP/s: the best rate of bf16 matmuls of `shapes` on `device`, `repeats` of each or about `seconds`
-    in all, whichever comes first (cached per process: `threads` is in the key because the peak
-    depends on it)."""
+    in all, whichever comes first."""
     device_ = torch.device(device)
 
     def sync():
@@ -57,7 +54,8 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: 
     return best
 
 
-_best_peaks: dict[tuple, float] = {}  # (shapes, device, threads) -> the best peak this process measured
+# (shapes, device, threads) -> the best peak this process measured (threads: the peak depends on them)
+_best_peaks: dict[tuple, float] = {}
 
 
 def measured_peak(model: nn.Module, rows: int, device: torch.device, again: bool = False) -> float:
@@ -65,10 +63,8 @@ def measured_peak(model: nn.Module, rows: int, device: torch.device, again: bool
     measures once more and keeps the higher: a shared CPU's speed drifts (several-fold here from one
     second to the next), and one slow second at the start put a stage's MFU above 100%."""
     key = (matmul_shapes(model, rows), str(device), torch.get_num_threads())
-    if key not in _best_peaks:
-        _best_peaks[key] = matmul_peak(*key)
-    if again:
-        _best_peaks[key] = max(_best_peaks[key], matmul_peak.__wrapped__(*key))
+    if again or key not in _best_peaks:
+        _best_peaks[key] = max(_best_peaks.get(key, 0.0), matmul_peak(*key))
     return _best_peaks[key]
 
 
