@@ -2,8 +2,9 @@
 
 MFU, model FLOPs utilisation (PaLM, appendix B), is the FLOPs a step needs over the FLOPs the hardware
 could have done in its time: FLOPs/token x tokens/s / peak FLOP/s. The peak is not a datasheet's: it
-is measured on this machine when a stage starts (once per process) and again when it ends, the higher kept, as the best rate of bf16 matmuls of the model's own
-shapes (a micro-batch of tokens times each weight matrix) in about a second. On a CPU shared with
+is measured on this machine, as the best rate of bf16 matmuls of the model's own shapes (a micro-batch
+of tokens times each weight matrix) in about a second, when a stage starts (once per process) and again
+when it ends, the higher kept. On a CPU shared with
 other work it is measured under the load the run sees, so the ratio stays meaningful when the
 absolute figures are not.
 """
