@@ -3,6 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
 
 from pocketgpt.common import PocketError
 from pocketgpt.model import (
@@ -10,6 +12,7 @@ from pocketgpt.model import (
     PLAIN_ATTENTION_MAX_LEN,
     PRESETS,
     GPTConfig,
+    _projections,
     causal_attention,
     lm_head_cross_entropy,
     preset,
@@ -151,6 +154,37 @@ def test_plain_causal_attention_equals_sdpa(n_kv_head):
     k, v = torch.randn(2, n_kv_head, 50, 16), torch.randn(2, n_kv_head, 50, 16)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4)
     torch.testing.assert_close(causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_projections_stack_their_weights_and_agree(bias):
+    """In a compiled graph the projections that read one input become one matmul (one for the input's
+    gradient too); outputs and gradients are those of the layers one by one, biases included."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, n, bias=bias) for n in (16, 8, 8)]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def run(fn):
+        outs = fn(x, *layers)
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for layer in layers for p in layer.parameters()]
+        x.grad = None
+        for layer in layers:
+            layer.zero_grad()
+        return outs, grads
+
+    eager_outs, eager_grads = run(_projections)
+    graphs = []
+
+    def count_mm(gm, inputs):
+        graphs.append(sum(str(n.target) in ("aten.mm.default", "aten.addmm.default") for n in gm.graph.nodes))
+        return make_boxed_func(gm)
+
+    compiled_outs, compiled_grads = run(torch.compile(
+        _projections, backend=lambda gm, inputs: aot_module_simplified(gm, inputs, fw_compiler=count_mm)))
+    assert graphs == [1, 2]  # forward: one matmul for three layers; backward: one for x, one for the weights
+    for a, b in zip(eager_outs + tuple(eager_grads), compiled_outs + tuple(compiled_grads), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_long_sequences_use_fused_attention_and_agree():

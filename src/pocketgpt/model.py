@@ -418,6 +418,20 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return y.reshape(B, H, hd).to(q.dtype)
 
 
+def _projections(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """layer(x) for each of `layers`, which all read x: in a compiled graph (the training step), as one
+    matmul against their weights stacked, which the backward pass turns into one matmul for x's
+    gradient too. On the `small` model that trained 11% faster (4,096 tokens a step, 2 threads); eager,
+    stacking the weights every call cost as much as it saved, and decoding reads them once per token.
+    Adapted layers (LoRA) go one by one."""
+    if not torch.compiler.is_compiling() or any(type(layer) is not nn.Linear for layer in layers) \
+            or len({layer.bias is None for layer in layers}) > 1:
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -431,9 +445,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cached: CacheView | None, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = _projections(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         # The tables in q's dtype (bf16 under autocast): fp32 ones would promote q and k to fp32, and
         # the attention's matmuls would cast them back.
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -466,7 +481,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _projections(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
