@@ -2,7 +2,7 @@
 
 import pytest
 
-from pocketgpt.common import human, human_bytes, provenance, provenance_line
+from pocketgpt.common import human, human_bytes, markdown_table, provenance, provenance_line, wilson_interval
 
 
 @pytest.mark.parametrize("n, text", [
@@ -36,3 +36,16 @@ def test_provenance_names_the_commit_machine_and_date():
                             "torch": "2.13.0", "date": "2026-12-02 10:00 UTC", "accelerator": None})
     assert line == "Measured at commit abc123 with uncommitted changes on Some CPU (2 cores), torch 2.13.0, 2026-12-02 10:00 UTC."
     assert provenance_line({**p, "commit": None, "pocketgpt": "0.1.0"}).startswith("Measured at pocketgpt 0.1.0 on ")
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(1 - hi) and lo == pytest.approx(0.2366, abs=1e-3)
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pocketgpt.common import PocketError, read_jsonl
+from pocketgpt.common import PocketError, read_jsonl, wilson_interval
 from pocketgpt.data.tasks import default_world, get_task
 from pocketgpt.data.tasks.tools import task_tools
 from pocketgpt.engine import Engine, SamplingParams
@@ -17,18 +17,8 @@ from pocketgpt.evaluate.harness import (
     fewshot_text,
     fit_to_context,
     model_mode,
-    wilson_interval,
 )
 from pocketgpt.toolloop import generate_with_tools
-
-
-def test_wilson_interval():
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(1 - hi) and lo == pytest.approx(0.2366, abs=1e-3)
-    assert wilson_interval(10, 10)[1] == 1.0
-    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_prompts_use_train_demos_only(chat):

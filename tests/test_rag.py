@@ -9,7 +9,7 @@ import pytest
 from pocketgpt.cli import main
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import default_world
-from pocketgpt.rag.answer import passages_prompt
+from pocketgpt.data.tasks.prompts import passages_prompt
 from pocketgpt.rag.index import Embedder, build_index, load_index
 
 

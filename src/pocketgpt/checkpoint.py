@@ -36,11 +36,10 @@ from safetensors import SafetensorError, safe_open
 from .chat import ChatTemplate
 from .common import PocketError, atomic_write_json
 from .model import GPT, GPTConfig
+from .stages import DEFAULT_ORDER
 from .tokenizer import Tokenizer
 
 FORMAT = "pocketgpt-model-v1"
-# Where `load_model(run_dir)` looks, most post-trained first.
-STAGES = ("grpo", "ppo", "sft", "base")
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -176,12 +175,12 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    for stage in STAGES:
+    for stage in DEFAULT_ORDER:
         if (path / stage / "config.json").exists():
             return path / stage
     if not path.exists():
         raise PocketError(f"{path} does not exist")
-    raise PocketError(f"{path} holds no model: expected config.json or one of the stages {STAGES}")
+    raise PocketError(f"{path} holds no model: expected config.json or one of the stages {DEFAULT_ORDER}")
 
 
 def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32

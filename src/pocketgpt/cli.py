@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import config as configlib
 from .common import PocketError, human, shutdown_distributed
+from .stages import STAGES
 
 console = Console()
 
@@ -441,7 +442,7 @@ def cmd_info(args) -> None:
     if tok_report.exists():
         r = json.loads(tok_report.read_text())
         table.add_row("tokenizer", f"vocab {r['vocab_size']}, trained on {human(r['train_chars'])} chars")
-    for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
+    for stage in (s.name for s in STAGES):
         cfg_path = run / stage / "config.json"
         ckpts = sorted((run / stage / "checkpoints").glob("step_*"))
         if cfg_path.exists():

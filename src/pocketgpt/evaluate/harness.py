@@ -15,7 +15,6 @@ as earlier turns. Either way the model's text goes to the task's exact verifier.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..chat import ChatTemplate
-from ..common import PocketError, atomic_write_text, console
+from ..common import PocketError, atomic_write_text, console, wilson_interval
 from ..data.tasks import Task, default_world
 from ..data.tasks.prompts import chat_messages, fewshot_text
 from ..data.tasks.tools import task_tools
@@ -52,16 +51,6 @@ class EvalResult:
     def line(self) -> str:
         return (f"{self.task:>18} {self.split:>10}  {self.accuracy:6.1%}  "
                 f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  ({self.mode}, {self.shots}-shot, {self.style})")
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% confidence interval of a proportion (Wilson: sane at 0% and 100%, unlike p +- 2 sigma)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -14,13 +14,13 @@ import json
 import re
 from pathlib import Path
 
-from ..common import atomic_write_bytes, atomic_write_text, human, provenance_line, read_jsonl
+from ..common import atomic_write_bytes, atomic_write_text, human, markdown_table, provenance_line, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..data.world import read_run_world
+from ..stages import POLICIES, STAGES
 
-# Checkpoints in the order a run makes them, with how they are asked.
-CHECKPOINTS = [("base", "base (few-shot)"), ("sft", "SFT"), ("sft_naive", "SFT, no mitigation"),
-               ("ppo", "PPO"), ("grpo", "GRPO")]
+# The checkpoints that answer, in the order a run makes them, with the card's names for them.
+CHECKPOINTS = [(s.name, s.label) for s in POLICIES]
 
 
 def _load(path: Path) -> dict | None:
@@ -35,7 +35,7 @@ def stage_rows(run: Path) -> list[list[str]]:
     if tok:
         rows.append(["tokenizer", f"{tok['train_seconds']:.0f}s", "", f"{human(tok['train_chars'])} chars", "",
                      f"vocab {tok['vocab_size']}"])
-    for stage in ("base", "sft", "sft_naive", "rm", "ppo", "grpo"):
+    for stage in (s.name for s in STAGES):
         cfg = _load(run / stage / "config.json")
         if not cfg:
             continue
@@ -124,12 +124,6 @@ def plot_leaderboard(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def plot_metrics(run: Path) -> list[Path]:
     """One PNG per metric family: training loss, validation loss, and any RL curves present."""
     metrics_path = run / "metrics.jsonl"
@@ -210,21 +204,9 @@ def write_report(run: str | Path) -> Path:
         parts.append(markdown_table(["checkpoint", "token entropy (nats)", "distinct names"],
                                     [[label, f"{d['entropy']:.3f}", f"{d['distinct_names']:.1%}"]
                                      for label, d in div]) + "\n")
-    lab_diversity = _load(run / "lab" / "diversity" / "diversity.json")
-    if lab_diversity:
-        from ..lab.diversity import diversity_table, verdicts
-
-        s = lab_diversity["settings"]
-        parts.append("## Diversity over seeds (`pocketgpt lab diversity`)\n")
-        parts.append(f"Names task, {s['prompts']} prompts x {s['samples']} samples at temperature {s['temperature']} "
-                     f"per seed; mean ± half the 95% t-interval over {len(s['seeds'])} seeds "
-                     "(definitions: lab/diversity/summary.md).\n")
-        parts.append(markdown_table(*diversity_table(lab_diversity)) + "\n")
-        lines = verdicts(lab_diversity)
-        if lines:
-            parts.append("\n".join(f"- {line}" for line in lines) + "\n")
-        if (run / "lab" / "diversity" / "diversity.png").exists():
-            parts.append("![diversity](lab/diversity/diversity.png)\n")
+    lab_diversity = run / "lab" / "diversity" / "card.md"  # the lab writes its section of the card
+    if lab_diversity.exists():
+        parts.append(lab_diversity.read_text())
     copy = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("copying")) for stage, label in CHECKPOINTS]
     copy = [(label, c) for label, c in copy if c]
     if copy:

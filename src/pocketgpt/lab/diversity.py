@@ -39,9 +39,9 @@ import random
 import re
 from pathlib import Path
 
+from ..common import markdown_table
 from ..errors import PocketError
-
-STAGES = ("base", "sft", "ppo", "grpo")
+from ..stages import POLICIES
 
 # metric -> (column label, what it measures); the order of the table and the plot
 METRICS = {
@@ -291,8 +291,6 @@ def plot_diversity(results: dict, path: Path) -> Path:
 
 
 def summary_markdown(results: dict) -> str:
-    from ..evaluate.report import markdown_table
-
     s = results["settings"]
     parts = [f"# Diversity on the names task\n\n{s['prompts']} test prompts per seed, {s['samples']} samples each, "
              f"temperature {s['temperature']}, at most {s['max_tokens']} tokens, seeds {s['seeds']}; the base model "
@@ -310,12 +308,27 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(parts)
 
 
+def card_markdown(results: dict) -> str:
+    """This experiment's section of the run's report card (`pocketgpt report` includes it as written)."""
+    s = results["settings"]
+    parts = ["## Diversity over seeds (`pocketgpt lab diversity`)\n",
+             f"Names task, {s['prompts']} prompts x {s['samples']} samples at temperature {s['temperature']} "
+             f"per seed; mean ± half the 95% t-interval over {len(s['seeds'])} seeds "
+             "(definitions: lab/diversity/summary.md).\n",
+             markdown_table(*diversity_table(results)) + "\n"]
+    lines = verdicts(results)
+    if lines:
+        parts.append("\n".join(f"- {line}" for line in lines) + "\n")
+    parts.append("![diversity](lab/diversity/diversity.png)\n")
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------- command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory with stage folders (base, sft, ppo, grpo, ...)")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages; missing ones are skipped")
+    p.add_argument("--stages", default=",".join(s.name for s in POLICIES if not s.ablation), help="comma-separated stages; missing ones are skipped")
     p.add_argument("--prompts", type=int, default=20, help="test prompts per seed")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (at least 2: the intervals are over seeds)")
@@ -333,7 +346,6 @@ def main(args) -> None:
 
     from ..common import atomic_write_json, atomic_write_text, console, set_threads
     from ..evaluate.harness import model_mode
-    from ..evaluate.report import CHECKPOINTS
     from ..reason.lm import LM
 
     run = Path(args.run)
@@ -355,7 +367,7 @@ def main(args) -> None:
         raise PocketError(f"none of the stages {', '.join(wanted)} is in {run}")
     out = Path(args.out) if args.out else run / "lab" / "diversity"
     seeds = list(range(args.seeds))
-    labels = dict(CHECKPOINTS)
+    labels = {s.name: s.label for s in POLICIES}
 
     stages, records = {}, []
     progress = Progress(TextColumn("[bold]diversity {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -386,6 +398,7 @@ def main(args) -> None:
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     plot_diversity(results, out / "diversity.png")
     atomic_write_text(out / "summary.md", summary_markdown(results))
+    atomic_write_text(out / "card.md", card_markdown(results))
 
     header, rows = diversity_table(results)
     table = Table(title=f"diversity: {out}")

@@ -365,8 +365,15 @@ def run_world(run: Path):
 
 def main(args: argparse.Namespace) -> None:
     from ..checkpoint import load_model
-    from ..common import PocketError, atomic_write_json, atomic_write_text, console, pick_device, set_threads
-    from ..evaluate.report import markdown_table
+    from ..common import (
+        PocketError,
+        atomic_write_json,
+        atomic_write_text,
+        console,
+        markdown_table,
+        pick_device,
+        set_threads,
+    )
     from ..tokenizer import BPETokenizer
 
     if args.n < 1:

@@ -1,11 +1,11 @@
 """Answering from retrieved passages: the context window as working memory.
 
-    passages_prompt(question, hits)    # "Passages:\n[Lisin#0] Lisin is a city ...\n\nQuestion: ...\n..."
     ask(lm, index, "When was Lisin founded?", k=3)   # -> RAGAnswer(text, cited chunk ids, hits)
 
-The prompt numbers each passage by its chunk id and asks the model to answer from them and to say
-"I don't know" when they do not hold the answer; SFT teaches exactly this rendering (data/tasks
-renders "rag"), so our small models learn to read their context instead of their memory.
+The prompt (data/tasks/prompts.py: passages_prompt) numbers each passage by its chunk id and asks the
+model to answer from them and to say "I don't know" when they do not hold the answer; SFT teaches
+exactly this rendering (fact questions render "rag"), so our small models learn to read their context
+instead of their memory.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..data.tasks.prompts import passages_prompt
 from ..reason.lm import LM
 from .index import Hit, Index
-
-INSTRUCTION = "Answer from the passages. If they do not say, answer \"I don't know.\""
-
-
-def passages_prompt(question: str, passages: list[tuple[str, str]]) -> str:
-    """(chunk id, text) passages, then the question."""
-    body = "\n".join(f"[{cid}] {text}" for cid, text in passages)
-    return f"Passages:\n{body}\n\n{INSTRUCTION}\nQuestion: {question}"
 
 
 @dataclass

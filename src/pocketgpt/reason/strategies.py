@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..common import PocketError
+from ..common import PocketError, wilson_interval
 from ..data.tasks import Example, Task, default_world
-from ..data.tasks.prompts import chat_messages
+from ..data.tasks.prompts import chat_messages, passages_prompt
 from ..data.tasks.tools import SPECS, task_tools
 from .lm import LM, Request, Usage
 from .react import react
@@ -115,7 +115,6 @@ def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> lis
 def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
     """Retrieve passages from the world's encyclopedia and answer from them (rag/); the gold passage's
     recall (its entity's article, holding the value) is scored beside the answer."""
-    from ..rag.answer import passages_prompt
     from ..rag.world import world_index
 
     if not all("entity" in e.meta and "value" in e.meta for e in examples):
@@ -175,8 +174,6 @@ class StrategyResult:
 def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n: int | None = None,
                       settings: Settings | None = None, label: str = "") -> tuple[StrategyResult, list[dict]]:
     """Accuracy of a strategy on a task's split, with its cost; and one row per example."""
-    from ..evaluate.harness import wilson_interval
-
     examples = task.examples(split)[:n] if n else task.examples(split)
     before = Usage(**asdict(lm.usage))
     answers = ask(lm, task, examples, strategy, settings)

@@ -30,6 +30,7 @@ from ..checkpoint import load_model
 from ..common import PocketError
 from ..engine import SamplingParams, TextStream
 from ..evaluate.arena import Battle, VoteStore, leaderboard
+from ..stages import POLICIES
 from ..toolloop import parse_call
 from .protocol import (
     APIError,
@@ -43,7 +44,7 @@ from .protocol import (
 from .worker import ModelWorker
 
 STATIC = Path(__file__).parent / "static"
-SERVABLE = ("base", "sft", "sft_naive", "ppo", "grpo")  # rm is a reward model: no text to generate
+SERVABLE = tuple(s.name for s in POLICIES)  # the reward model scores text: nothing to generate
 
 
 def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32",

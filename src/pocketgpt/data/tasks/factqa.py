@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from ...errors import PocketError
 from ..world import ATTRIBUTE, TIERS, World, show_value
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
+from .prompts import passages_prompt
 from .tools import use_search
 
 REFUSAL = "I don't know."
@@ -56,8 +57,6 @@ class FactQA(Task):
         right passage is missing, so the model learns to read its context, not to recite)."""
         if style != "rag":
             return super().render(example, style)
-        from ...rag.answer import passages_prompt  # the one place the prompt is written
-
         draw = example.meta.get("draw", 0)  # SFT asks for several draws of one fact (train/sft.py: redrawn)
         rng = random.Random(f"{example.question}:rag" + (f":{draw}" if draw else ""))
         m = example.meta

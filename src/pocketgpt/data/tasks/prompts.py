@@ -31,3 +31,13 @@ def chat_messages(task: Task, example: Example, shots: int, style: str, think: b
         messages += task.render(d, style)
     question = f"{example.question}\n{ZERO_SHOT_COT}" if think else example.question
     return messages + [{"role": "user", "content": question}]
+
+
+PASSAGES_INSTRUCTION = "Answer from the passages. If they do not say, answer \"I don't know.\""
+
+
+def passages_prompt(question: str, passages: list[tuple[str, str]]) -> str:
+    """(chunk id, text) passages, then the question: how retrieval-augmented answering asks (rag/answer.py),
+    and how SFT renders a fact question in the "rag" style."""
+    body = "\n".join(f"[{cid}] {text}" for cid, text in passages)
+    return f"Passages:\n{body}\n\n{PASSAGES_INSTRUCTION}\nQuestion: {question}"

@@ -1,0 +1,31 @@
+"""The stages of a run, in the order a run makes them; each is a folder of the run directory.
+
+Everything that walks a run reads this one list: the report card, `pocketgpt runs`, the server's model
+ids, the model `load_model(run_dir)` picks, the diversity lab. A new stage is added here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its folder in the run directory, and its model id when served
+    label: str  # how the report card names it
+    writes_text: bool = True  # a policy that generates (the reward model scores text instead)
+    ablation: bool = False  # a comparison beside the pipeline, never a run's default model
+
+
+STAGES = (
+    Stage("base", "base (few-shot)"),
+    Stage("sft", "SFT"),
+    Stage("sft_naive", "SFT, no mitigation", ablation=True),
+    Stage("rm", "reward model", writes_text=False),
+    Stage("ppo", "PPO"),
+    Stage("grpo", "GRPO"),
+)
+# The stages that generate text: evaluated on the tasks, served, compared.
+POLICIES = tuple(s for s in STAGES if s.writes_text)
+# The model a run directory stands for: its most post-trained policy.
+DEFAULT_ORDER = tuple(s.name for s in reversed(POLICIES) if not s.ablation)
