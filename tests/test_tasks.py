@@ -1,6 +1,7 @@
 """The task suite: splits, verifiers (right, wrong, malformed), renderings, tools, export."""
 
 import json
+import re
 from fractions import Fraction
 from functools import lru_cache
 
@@ -8,13 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pocketgpt.data.tasks import SPLITS, TASKS, FactQA, export_jsonl, get_task, solve24
+from pocketgpt.data.tasks import SPLITS, TASKS, FactQA, default_world, export_jsonl, get_task, solve24
 from pocketgpt.data.tasks.base import ANSWERING, decimal_string, final_answer, numbers
 from pocketgpt.data.tasks.expr import evaluate, parse
 from pocketgpt.data.tasks.game24 import uses_and_makes_24
 from pocketgpt.data.tasks.names import distinct_ratio
 from pocketgpt.data.tasks.structured import extract_json
-from pocketgpt.data.tasks.swiss_cheese import spelled
+from pocketgpt.data.tasks.swiss_cheese import evaluated_words, spelled, spelling_documents
 from pocketgpt.data.tasks.tools import SNIPPET_SENTENCES, calculator, search
 from pocketgpt.data.world import World, WorldConfig
 
@@ -231,6 +232,25 @@ def test_count_letter_cot_spells_then_counts():
     t = task("count_letter")
     example = next(e for e in t.examples("test") if e.meta["count"] >= 2)
     assert spelled(example.meta["word"]) in t.cot(example)
+
+
+def test_spelling_drills_spell_right_and_never_an_evaluated_word_or_a_world_name():
+    docs = list(spelling_documents(n=200, seed=3))
+    assert docs == list(spelling_documents(n=200, seed=3)) and docs != list(spelling_documents(n=200, seed=4))
+    lines = [line for d in docs for line in d.split("\n")]
+    assert len(lines) == 200 * 8
+    words = []
+    for line in lines:
+        word, spelling = re.fullmatch(r"The word (\w+) is spelled ([a-z-]+)\.", line).groups()
+        assert spelling == spelled(word)
+        words.append(word)
+    held_out = evaluated_words()
+    assert len(held_out) > 500
+    assert not set(words) & held_out
+    world = default_world()
+    names = {part.lower() for e in world.entities() for part in e.name.split()}
+    assert not set(words) & names
+    assert len(set(words)) > 1000  # English and invented words, many of them
 
 
 def test_sound_working_wants_every_step_of_the_reference():

@@ -36,7 +36,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
 @dataclass
 class SourceSpec:
     name: str
-    kind: str  # docs | code | text | jsonl | parquet | hf | world | math | chat
+    kind: str  # docs | code | text | jsonl | parquet | hf | world | math | spelling | chat
     weight: float = 1.0
     path: str = ""
     field: str = "text"
@@ -212,6 +212,12 @@ def _math(spec: SourceSpec) -> Iterator[str]:
     yield from math_documents(**{"n": 2000, "seed": 0, **spec.options})
 
 
+def _spelling(spec: SourceSpec) -> Iterator[str]:
+    from .tasks.swiss_cheese import spelling_documents
+
+    yield from spelling_documents(**{"n": 3000, "seed": 0, **spec.options})
+
+
 # The tasks' train splits in the renderings an assistant uses; facts only where well attested (head).
 DEFAULT_CHAT_TASKS = {"factqa": "sentence", "arithmetic": ["cot", "tool"], "compare_decimals": "cot",
                       "count_letter": "cot", "spell": "direct", "multihop": "cot", "structured": "direct"}
@@ -247,6 +253,7 @@ KINDS = {
     "hf": _hf_dataset,
     "world": _world,
     "math": _math,
+    "spelling": _spelling,
     "chat": _chat,
 }
 # The kinds whose documents come from files the user names (their sizes and times enter source_hash).

@@ -5,7 +5,8 @@
 - spell:            "Spell the word strawberry letter by letter." -> "s-t-r-a-w-b-e-r-r-y".
 
 Their chain-of-thought renderings make the hidden steps explicit: align the decimals digit by
-digit; spell the word, then count.
+digit; spell the word, then count. Spelling a word the model never saw spelled needs the letters of
+each of its tokens; `spelling_documents` is a pretraining source of spelled words that teaches them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,33 @@ def _word(rng: random.Random) -> str:
 def spelled(word: str) -> str:
     """The canonical spelling format: lowercase letters joined by hyphens."""
     return "-".join(word.lower())
+
+
+def evaluated_words() -> set[str]:
+    """The words that spell and count_letter ask about in their validation and test splits."""
+    return {e.meta["word"] for task in (Spell(), CountLetter()) for split in ("validation", "test")
+            for e in task.examples(split)}
+
+
+def spelling_documents(n: int = 3000, words_per_doc: int = 8, seed: int = 0) -> Iterator[str]:
+    """Pretraining drills, a word per line: "The word dolphin is spelled d-o-l-p-h-i-n." Half the words
+    are English (from Python's own documentation), half invented like the world's names. None is a word
+    the spelling tasks evaluate on, nor one of the world's names (an unseen entity stays unseen). Seeing
+    many words spelled that share a token is how the model learns that token's letters, and so how to
+    spell words it has never seen spelled."""
+    from pydoc_data.topics import topics
+
+    from . import default_world
+
+    world = default_world()
+    names = [e.name for e in world.entities()] + list(world.fact_table().values())
+    held_out = evaluated_words() | {w.lower() for name in names for w in re.findall(r"[^\W\d_]+", name)}
+    english = sorted({w for text in topics.values() for w in re.findall(r"\b[a-z]{3,12}\b", text)} - held_out)
+    rng = random.Random(seed)
+    invented = [w for w in (name.lower() for name in make_names(rng, n * words_per_doc // 2)) if w not in held_out]
+    for _ in range(n):
+        words = [rng.choice(english) if rng.random() < 0.5 else rng.choice(invented) for _ in range(words_per_doc)]
+        yield "\n".join(f"The word {w} is spelled {spelled(w)}." for w in words)
 
 
 # ---------------------------------------------------------------------------------------------
