@@ -17,8 +17,8 @@ def test_toml_and_overrides(tmp_path):
     cfg = configlib.load(RunConfig(), path, ["pretrain.train.steps=9", "pretrain.sources.code.weight=0"])
     assert cfg.pretrain.preset == "tiny" and cfg.pretrain.train.steps == 9
     assert cfg.pretrain.train.lr == 1.0 and isinstance(cfg.pretrain.train.lr, float)
-    assert set(cfg.pretrain.sources) == {"world", "math", "chat", "docs", "code", "extra"}  # tables merge
-    assert [s.name for s in cfg.pretrain.source_specs()] == ["world", "math", "chat", "docs", "extra"]  # 0: out
+    assert set(cfg.pretrain.sources) == {"world", "math", "spelling", "chat", "docs", "code", "extra"}  # tables merge
+    assert [s.name for s in cfg.pretrain.source_specs()] == ["world", "math", "spelling", "chat", "docs", "extra"]  # 0: out
 
 
 def test_errors_name_the_problem(tmp_path):
