@@ -127,7 +127,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     Sampling is by the inverse of the cumulative distribution: one uniform number u per row, from the
     row's own generator (None: torch's global one), picks the token whose slice of the cumulative
     probabilities holds u. A seeded request is so reproducible whoever shares its batch, and the whole
-    batch is one softmax, one cumsum and one search: for 32 rows of SmolLM2's 49k vocabulary, a
+    batch is one exponential, one cumsum and one search: for 32 rows of SmolLM2's 49k vocabulary, a
     uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
     """
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -135,21 +135,26 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     tokens = logits.argmax(dim=-1) if greedy else torch.empty(len(params), dtype=torch.long, device=logits.device)
     if not hot:
         return tokens
-    x = logits[hot].float() / torch.tensor([params[i].temperature for i in hot], device=logits.device)[:, None]
+    x = (logits if len(hot) == len(params) else logits[hot]).float()
+    temperatures = [params[i].temperature for i in hot]
+    if any(t != 1 for t in temperatures):
+        x = x / torch.tensor(temperatures, device=logits.device)[:, None]
     V = x.shape[-1]
-    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in hot], device=x.device)
-    top_p = torch.tensor([params[i].top_p for i in hot], device=x.device)
-    if (top_k < V).any() or (top_p < 1).any():
+    if any(0 < params[i].top_k < V or params[i].top_p < 1 for i in hot):
+        top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in hot], device=x.device)
+        top_p = torch.tensor([params[i].top_p for i in hot], device=x.device)
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         probs = torch.softmax(sorted_x, dim=-1)
         rank = torch.arange(V, device=x.device)[None, :]
         drop = (rank >= top_k[:, None]) | (probs.cumsum(dim=-1) - probs > top_p[:, None])  # keep the token crossing p
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    cdf = torch.exp(x - x.amax(dim=-1, keepdim=True)).cumsum(dim=-1)  # unnormalised: u is scaled to its total
     u = torch.cat([torch.rand(1, device=x.device, generator=generators[i]) for i in hot])
     # side="right": the first token whose cumulative probability exceeds u * total; a token of probability
     # zero owns an empty slice and is never picked.
     picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=V - 1)
+    if not greedy:
+        return picked
     tokens[hot] = picked
     return tokens
 
@@ -434,7 +439,7 @@ class Engine:
         ready = [s for s in self.running if s.logits is not None and not s.pending and not s.done]
         if not ready:
             return []
-        raw = torch.stack([s.logits.float() for s in ready])
+        raw = torch.stack([s.logits for s in ready]).float()
         logits = raw
         bans = [(i, t) for i, seq in enumerate(ready) for t in seq.params.banned_tokens]
         if bans or any(s.processors for s in ready):
@@ -498,9 +503,10 @@ class Engine:
             return
         n = max(s.row for s in decoding) + 1
         self._compile_for(n)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        unfed = [0] * n
         for s in decoding:
-            ids[s.row] = s.unfed
+            unfed[s.row] = s.unfed
+        ids = torch.tensor(unfed, device=self.device)  # one tensor from a list: a write per row cost more
         positions = self.cache.lengths[:n].clone()
         span = int(positions.max()) + 1
         self.cache.reserve(n, span)

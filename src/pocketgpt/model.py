@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .common import PocketError
 
@@ -385,8 +386,44 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 ROW_LINEAR_MAX_ROWS = 4
 
 
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _packs(x: torch.Tensor, layer: nn.Linear) -> bool:
+    return (_ONEDNN_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and layer.bias is None
+            and type(layer) is nn.Linear)
+
+
+# Weights in oneDNN's blocked layout, reordered once per weight (and again if it changes in place).
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@torch.library.custom_op("pocketgpt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (bf16, CPU) with the weight in oneDNN's blocked layout, kept beside the weight.
+
+    A plain bf16 matmul reorders its weight into that layout on every call, which at 32 decode rows is a
+    good part of the product: a compiled whole-step graph avoids it by folding the weights in ("freezing"),
+    but a deep model's decode graph is one block's, shared by all blocks, with the weights as inputs.
+    Packed once, SmolLM2 decoded 32 rows ~8% faster here (median of three A/B pairs); the price is a second copy of the
+    weights. An opaque op to the compiler, so it sees the weight itself, not a traced stand-in."""
+    entry = _PACKED.get(weight)
+    if entry is None or entry[0] != weight._version:
+        # 32: the batch size oneDNN chooses its layout for (any number of rows may use it)
+        entry = _PACKED[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight, 32))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def _row_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """layer(x) for a few rows x (B, d_in): as a reduction inside a compiled graph, F.linear otherwise."""
+    """layer(x) for the decode step's rows x (B, d_in): inside a compiled graph, a few rows as a reduction and
+    many bf16 rows on a CPU through the weight packed once (packed_linear); F.linear otherwise."""
+    if torch.compiler.is_compiling() and x.shape[0] > ROW_LINEAR_MAX_ROWS and _packs(x, layer):
+        return packed_linear(x, layer.weight)
     if not torch.compiler.is_compiling() or x.shape[0] > ROW_LINEAR_MAX_ROWS:
         return layer(x)
     w = layer.weight
