@@ -215,7 +215,7 @@ def test_many_bf16_decode_rows_use_packed_weights_that_follow_the_weights():
         caches = [model.make_cache(rows, 16) for _ in range(2)]
         with torch.inference_mode():
             eager = decode_block(block, x, rope, mask, positions, caches[0].k[0], caches[0].v[0])
-            fast = compiled(block, x, rope, mask, positions, caches[1].k[0], caches[1].v[0])
+            fast = compiled(block, x, rope, mask, positions, caches[1].k[0], caches[1].v[0], packed=True)
         return eager.float(), fast.float()
 
     def off(a, b):  # relative distance: bf16 products in another order differ in the third digit

@@ -232,8 +232,8 @@ class Engine:
         graph for the whole step: a deep model compiles in a fraction of the time, and pays a call per block."""
         x, rope, mask = self.model.decode_inputs(ids, positions, span)
         for block, k, v in zip(self.model.model.layers, keys, values):
-            x = self._block(block, x, rope, mask, positions, k, v)
-        return self._head(x)
+            x = self._block(block, x, rope, mask, positions, k, v, packed=True)
+        return self._head(x, packed=True)
 
     def _compile_for(self, rows: int) -> None:
         """Compile the decode step for batches like `rows` (1, up to ROW_LINEAR_MAX_ROWS, more: the
