@@ -305,14 +305,16 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         return before, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                          "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
 
+    def constrained(req: ChatCompletionRequest) -> bool:
+        return req.forced_tool is not None or (req.response_format is not None and req.response_format.type != "text")
+
     def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
-        """The constraint a request asks for, compiled once per schema (llguidance), one processor per sample."""
+        """The constraint a `constrained` request asks for, compiled once per schema (llguidance), one
+        processor per sample."""
         if req.forced_tool is not None:
             tools = [t.function for t in req.tools if req.forced_tool in ("*", t.function.name)]
             return w.constraints.tool_call([(t.name, t.parameters or {"type": "object"}) for t in tools]).processor
         fmt = req.response_format
-        if fmt is None or fmt.type == "text":
-            return None
         if fmt.type == "json_object":
             return w.constraints.json_object().processor
         return w.constraints.json_schema(fmt.json_schema.schema_).processor
@@ -331,7 +333,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                                 stop_strings=req.stops(), logprobs=k,
                                 # no tool on offer: the model may not open a call
                                 banned_tokens=(opener,) if not use_tools and opener is not None else ())
-        factory = await asyncio.to_thread(processor_factory, w, req)  # llguidance builds off the event loop
+        # llguidance builds off the event loop; a request without a constraint skips the hop to a thread
+        factory = await asyncio.to_thread(processor_factory, w, req) if constrained(req) else None
         admit(w, req.n)
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
