@@ -810,8 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--bf16", action="store_true", help="bf16 weights: half the memory, and with the compiled "
-                   "decode step faster decoding (the weights are what each step reads)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 weights: half the memory; with the compiled decode step, faster decoding of a model "
+                        "whose weights dominate a step (SmolLM2) and of many clients at once, but a little slower "
+                        "for one client of a model as small as the speedrun's (bench/bench_serve.py measures both)")
     p.add_argument("--bf16-prefill", action="store_true",
                    help="prompts through bf16 matmuls, decoding in float32: a faster time to first token on long "
                         "prompts (SmolLM2: 2.0x on a 600-token prompt here); logits differ from float32 slightly")
