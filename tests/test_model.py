@@ -202,9 +202,9 @@ def test_long_sequences_use_fused_attention_and_agree():
 
 @pytest.mark.skipif(not model_module._ONEDNN_BF16, reason="needs oneDNN with bf16 matmuls")
 def test_many_bf16_decode_rows_use_packed_weights_that_follow_the_weights():
-    """A compiled decode block at many bf16 rows multiplies by weights packed once (packed_linear) when asked
-    (a graph with its weights folded in leaves packing to inductor), and agrees with the eager block, also
-    after a weight changed in place (the pack is redone)."""
+    """A compiled decode block at many bf16 rows multiplies by weights packed once (packed_linear; gate and up
+    stacked into one) when asked (a graph with its weights folded in leaves packing to inductor), and agrees
+    with the eager block, also after a weight changed in place, the second of a stack (the pack is redone)."""
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
     block, rows = model.model.layers[0], model_module.ROW_LINEAR_MAX_ROWS + 4
@@ -230,7 +230,7 @@ def test_many_bf16_decode_rows_use_packed_weights_that_follow_the_weights():
     assert block.mlp.gate_proj.weight in model_module._PACKED
     assert off(fast, eager) < 0.02
     with torch.no_grad():
-        block.mlp.down_proj.weight.mul_(-20)
+        block.mlp.up_proj.weight.mul_(-20)
     changed, fast_changed = both()
     assert off(changed, eager) > 0.2
     assert off(fast_changed, changed) < 0.02

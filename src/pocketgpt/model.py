@@ -399,34 +399,46 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @torch.library.custom_op("pocketgpt::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (bf16, CPU) with the weight in oneDNN's blocked layout, kept beside the weight.
+def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """x @ cat(weights).T (bf16, CPU) with the weights stacked once into oneDNN's blocked layout, kept beside them.
 
     A plain bf16 matmul reorders its weight into that layout on every call, which at 32 decode rows is a
     good part of the product: a compiled whole-step graph avoids it by folding the weights in ("freezing"),
     but a deep model's decode graph is one block's, shared by all blocks, with the weights as inputs.
     Packed once, SmolLM2 decoded 32 rows ~8% faster here (median of three A/B pairs); the price is a second copy of the
-    weights. An opaque op to the compiler, so it sees the weight itself, not a traced stand-in."""
-    entry = _PACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
+    weights. Weights that read the same input (q, k, v; gate, up) are stacked into one product: fewer, larger
+    calls. An opaque op to the compiler, so it sees the weights themselves, not traced stand-ins."""
+    stamp = tuple((id(w), w._version) for w in weights)
+    entry = _PACKED.get(weights[0])
+    if entry is None or entry[0] != stamp:
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
         # 32: the batch size oneDNN chooses its layout for (any number of rows may use it)
-        entry = _PACKED[weight] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight, 32))
+        entry = _PACKED[weights[0]] = (stamp, torch.ops.mkldnn._reorder_linear_weight(stacked, 32))
     return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
 
 
 @packed_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
-def _row_linear(x: torch.Tensor, layer: nn.Linear, packed: bool = False) -> torch.Tensor:
-    """layer(x) for the decode step's rows x (B, d_in): inside a compiled graph, a few rows as a reduction and,
-    with `packed`, many bf16 rows on a CPU through the weight packed once (packed_linear); F.linear otherwise.
+def _row_linears(x: torch.Tensor, *layers: nn.Linear, packed: bool = False) -> tuple[torch.Tensor, ...]:
+    """layer(x) for each of `layers`, which all read the decode step's rows x (B, d_in): with `packed`,
+    inside a compiled graph, many bf16 rows on a CPU go through one product with the layers' weights
+    stacked and packed once (packed_linear); otherwise each layer by _row_linear.
     `packed` is for graphs that take the weights as inputs: a graph with its weights folded in is packed by
     inductor itself, without the custom op's ~12 us a call (the `small` model's 32-row bf16 step ran ~10%
     faster that way here)."""
-    if packed and torch.compiler.is_compiling() and x.shape[0] > ROW_LINEAR_MAX_ROWS and _packs(x, layer):
-        return packed_linear(x, layer.weight)
+    if packed and torch.compiler.is_compiling() and x.shape[0] > ROW_LINEAR_MAX_ROWS \
+            and all(_packs(x, layer) for layer in layers):
+        y = packed_linear(x, [layer.weight for layer in layers])
+        return y.split([layer.out_features for layer in layers], -1) if len(layers) > 1 else (y,)
+    return tuple(_row_linear(x, layer) for layer in layers)
+
+
+def _row_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) for the decode step's rows x (B, d_in): inside a compiled graph, a few rows as a reduction;
+    F.linear otherwise."""
     if not torch.compiler.is_compiling() or x.shape[0] > ROW_LINEAR_MAX_ROWS:
         return layer(x)
     w = layer.weight
@@ -436,20 +448,16 @@ def _row_linear(x: torch.Tensor, layer: nn.Linear, packed: bool = False) -> torc
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query per row over its cached keys: q (B, H, hd), k/v (B, KV, S, hd), mask (B, S) -> (B, H, hd).
-    Compiled, for a few rows: plain products and sums (query heads grouped over their K/V head by a
-    view), which inductor fuses into a few reductions; SDPA's kernel cost more than the arithmetic at
-    this size (55 us a call against a whole 0.6 ms decode step of the `small` model)."""
+    Compiled: plain products and sums (query heads grouped over their K/V head by a view), which inductor
+    fuses into a few reductions that read the keys and values where the cache holds them. SDPA's kernel
+    cost more than the arithmetic at this size (55 us a call against a whole 0.6 ms decode step of the
+    `small` model); batched matmuls copied each block's cached keys and values first (SmolLM2's 32-row
+    bf16 step 5-10% slower, fp32 ~5%; the `small` model's the same either way)."""
     B, H, hd = q.shape
     KV = k.shape[1]
     if not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
                                               enable_gqa=KV != H)[:, :, 0]
-    if B > ROW_LINEAR_MAX_ROWS:  # many rows: batched matmuls (SmolLM2 at 32 rows: 45 -> 41.5 ms a step)
-        qg = q.view(B, KV, H // KV, hd)
-        scores = torch.matmul(qg, k.to(q.dtype).transpose(-1, -2)).float() / math.sqrt(hd)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        y = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v.to(q.dtype))
-        return y.reshape(B, H, hd)
     qg = q.view(B, KV, H // KV, 1, hd).float()
     scores = (qg * k[:, :, None].float()).sum(-1) / math.sqrt(hd)  # (B, KV, G, S)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
@@ -543,22 +551,23 @@ def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
                  packed: bool = False) -> torch.Tensor:
     """One block of the decode step (GPT.decode_step): x (B, d) -> (B, d), writing each row's new key and
     value into this block's cache tensors at `positions` and attending over the first mask.shape[1].
-    `packed`: many bf16 rows multiply by weights packed once (see _row_linear)."""
+    `packed`: many bf16 rows multiply by weights packed once (see _row_linears)."""
     cfg, attn, mlp = block.self_attn.cfg, block.self_attn, block.mlp
     B, span = x.shape[0], mask.shape[1]
     cos, sin = rope
     h = block.input_layernorm(x)
-    q = apply_rope(_row_linear(h, attn.q_proj, packed).view(B, cfg.n_head, cfg.head_dim), cos, sin)
-    k = apply_rope(_row_linear(h, attn.k_proj, packed).view(B, cfg.n_kv_head, cfg.head_dim), cos, sin)
-    v = _row_linear(h, attn.v_proj, packed).view(B, cfg.n_kv_head, cfg.head_dim)
+    q, k, v = _row_linears(h, attn.q_proj, attn.k_proj, attn.v_proj, packed=packed)
+    q = apply_rope(q.reshape(B, cfg.n_head, cfg.head_dim), cos, sin)
+    k = apply_rope(k.reshape(B, cfg.n_kv_head, cfg.head_dim), cos, sin)
+    v = v.reshape(B, cfg.n_kv_head, cfg.head_dim)
     rows = torch.arange(B, device=x.device)
     keys[rows, :, positions] = k.to(keys.dtype)
     values[rows, :, positions] = v.to(values.dtype)
     y = _decode_attention(q, keys[:B, :, :span], values[:B, :, :span], mask)
-    x = x + _row_linear(y.reshape(B, -1), attn.o_proj, packed)
+    x = x + _row_linears(y.reshape(B, -1), attn.o_proj, packed=packed)[0]
     h = block.post_attention_layernorm(x)
-    gated = F.silu(_row_linear(h, mlp.gate_proj, packed)) * _row_linear(h, mlp.up_proj, packed)
-    return x + _row_linear(gated, mlp.down_proj, packed)
+    gate, up = _row_linears(h, mlp.gate_proj, mlp.up_proj, packed=packed)
+    return x + _row_linears(F.silu(gate) * up, mlp.down_proj, packed=packed)[0]
 
 
 class Backbone(nn.Module):
@@ -679,8 +688,8 @@ class GPT(nn.Module):
         return self.model.embed_tokens(ids), rope, mask
 
     def decode_head(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        """The decode step's logits (B, V) from the last block's output (`packed`: see _row_linear)."""
-        return _row_linear(self.model.norm(x), self.lm_head, packed)
+        """The decode step's logits (B, V) from the last block's output (`packed`: see _row_linears)."""
+        return _row_linears(self.model.norm(x), self.lm_head, packed=packed)[0]
 
     def scores(self, idx: torch.Tensor) -> torch.Tensor:
         """The scalar head at every position (B, T): a reward model reads it at <|reward|>, a value model everywhere."""
