@@ -130,6 +130,42 @@ def test_top_k_and_top_p():
     assert int(sample_next(logits, SamplingParams(temperature=0), g)) == 3
 
 
+def test_top_k_and_top_p_over_a_large_vocabulary_keep_what_a_full_sort_keeps():
+    """The filter sorts only the largest candidates, more while a row's nucleus may reach past them: peaked
+    and flat rows, top_k above the first candidates, and a row without a filter beside filtered ones keep
+    exactly the tokens a full sort keeps."""
+    from pocketgpt.engine import FILTER_CANDIDATES, _filter_top, sample_rows
+
+    torch.manual_seed(0)
+    V = 3000
+    scales = torch.tensor([8.0, 4.0, 1.0, 0.05, 8.0, 0.05, 1.0])[:, None]  # peaked ... nearly flat
+    logits = torch.randn(len(scales), V) * scales
+    params = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.5, top_k=3), SamplingParams(top_p=0.95),
+              SamplingParams(top_p=0.9), SamplingParams(top_k=FILTER_CANDIDATES * 3), SamplingParams(),
+              SamplingParams(top_k=FILTER_CANDIDATES + 1, top_p=0.999)]
+
+    def kept_by_full_sort(row, p):
+        values, order = torch.sort(row, descending=True)
+        probs = torch.softmax(values, -1)
+        keep = (probs.cumsum(-1) - probs <= p.top_p) & (torch.arange(V) < (p.top_k or V))
+        return set(order[keep].tolist())
+
+    expected = [kept_by_full_sort(row, p) for row, p in zip(logits, params)]
+    assert len(expected[3]) > FILTER_CANDIDATES * 4  # a flat row: the search goes past the first two rounds
+    assert len(expected[5]) == V
+    seen = [set() for _ in params]
+    for seed in range(300):
+        generators = [torch.Generator().manual_seed(seed * 10 + i) for i in range(len(params))]
+        for row, token in enumerate(sample_rows(logits, params, generators).tolist()):
+            seen[row].add(token)
+    assert all(seen[row] <= expected[row] for row in range(len(params)))
+    assert len(seen[1]) == len(expected[1]) == 1 and len(seen[5]) > 250  # the unfiltered row ranges widely
+    top_k = torch.tensor([p.top_k or V for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    filtered = _filter_top(logits, top_k, top_p)
+    assert [set(torch.nonzero(r > float("-inf")).flatten().tolist()) for r in filtered] == expected
+
+
 def test_sampling_follows_the_distribution_per_row_with_its_own_generator():
     """Frequencies match softmax(logits / T) (a zero-probability token never comes up), and a seeded row
     draws the same tokens whatever else shares its batch."""
