@@ -132,7 +132,7 @@ def _filter_top(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> to
     4x as many while a row's kept set may reach further, up to the whole row."""
     V = x.shape[-1]
     log_total = torch.logsumexp(x, dim=-1, keepdim=True)
-    k = min(V, max(FILTER_CANDIDATES, int(top_k[top_k < V].max()) if bool((top_k < V).any()) else 0))
+    k = min(V, max(FILTER_CANDIDATES, int(top_k.where(top_k < V, 0).max())))  # every row's top_k among them
     while True:
         values, order = torch.topk(x, k, dim=-1)  # sorted, largest first
         probs = torch.exp(values - log_total)
