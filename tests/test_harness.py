@@ -142,7 +142,11 @@ def test_copy_probes_need_only_copying():
         question = p_expr.splitlines()[-1].removesuffix(": type")
         assert typed == question.replace(" ", "").replace("×", "*")  # the line's own sum, retyped
         assert p_result.startswith(p_expr) and f"shows {result}, so {question} =" in p_result
+    for prompt, word in probes["list"]:
+        listed, again = prompt.removeprefix("List: ").split("\nAgain: ")
+        words, shown = listed.split(", "), again.removesuffix(",").split(", ")
+        assert words[:len(shown)] == shown and words[len(shown)] == word  # the word after the repeated part
 
 
 def test_copying_scores_a_model(tiny_model, tokenizer, chat):
-    assert copying(tiny_model, chat, n=4) == {"expression": 0.0, "result": 0.0}  # an untrained model cannot copy
+    assert copying(tiny_model, chat, n=4) == {"expression": 0.0, "result": 0.0, "list": 0.0}  # untrained: no copying

@@ -475,8 +475,7 @@ class World:
         articles = []
         for entity in self._entities:
             about = [f for f in self.facts if entity.name in (f.entity, f.value)]
-            sentences = [ATTRIBUTE[(f.kind, f.attribute)].statements[0].format(e=f.entity, v=f.value)
-                         for f in about]
+            sentences = [statement(f) for f in about]
             text = " ".join([INTROS[entity.kind][0].format(e=entity.name), *sentences])
             slug = entity.name.lower().replace(" ", "-")
             articles.append({"id": f"{entity.kind}/{slug}", "title": entity.name, "text": text})
@@ -516,6 +515,11 @@ class World:
             scored.append((sum(3 * (w in title) + (w in text) for w in words), article))
         ranked = sorted(scored, key=lambda pair: pair[0], reverse=True)  # stable: ties keep corpus order
         return [dict(article) for score, article in ranked[:k] if score > 0]
+
+
+def statement(fact: Fact) -> str:
+    """A fact in its canonical sentence, as the encyclopedia states it: "The capital of Velmo is Dorin."."""
+    return ATTRIBUTE[(fact.kind, fact.attribute)].statements[0].format(e=fact.entity, v=fact.value)
 
 
 def generate_world(config: WorldConfig | None = None) -> World:

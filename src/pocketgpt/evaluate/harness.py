@@ -199,13 +199,19 @@ def diversity(model: GPT, chat: ChatTemplate, mode: str, n_prompts: int = 16, sa
 
 
 def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, expected continuation) pairs from calculator drills (mathtext.py) with random operands:
-    "expression" asks to type the line's sum ("98 + 13: type" -> "98+13"), "result" to copy the
-    calculator's answer ("... shows 111, so 98 + 13 =" -> "111")."""
+    """(prompt, expected continuation) pairs that only copying answers:
+    - "expression" and "result", from calculator drills (mathtext.py) with random operands: type the
+      line's sum ("98 + 13: type" -> "98+13"), copy the calculator's answer ("... shows 111, so 98 + 13
+      =" -> "111"): the format pretraining drills, so a small model may learn it by position;
+    - "list": a list of invented words, then the list again, cut off ("List: kalo, vesin, tefis\nAgain:
+      kalo, vesin," -> "tefis"): a format no training set holds, which only a model that looks a word up in
+      its context and copies what followed (an induction head, Olsson et al. 2022) continues. Answering
+      from retrieved passages rests on that."""
     from ..data.mathtext import calculator_drill
+    from ..data.world import make_names
 
     rng = random.Random(f"copy-probe:{seed}")
-    probes: dict[str, list[tuple[str, str]]] = {"expression": [], "result": []}
+    probes: dict[str, list[tuple[str, str]]] = {"expression": [], "result": [], "list": []}
     for _ in range(n):
         *earlier, line = calculator_drill(rng, lines=3).splitlines()
         context = "\n".join(earlier) + "\n"
@@ -215,14 +221,18 @@ def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
         probes["expression"].append((f"{context}{question}: type", typed))
         probes["result"].append((f"{context}{question}: type {typed}, the calculator shows {result}, so {question} =",
                                  result))
+        words = [w.lower() for w in make_names(rng, rng.randint(6, 12))]
+        k = rng.randint(2, len(words) - 1)
+        probes["list"].append((f"List: {', '.join(words)}\nAgain: {', '.join(words[:k])},", words[k]))
     return probes
 
 
 @torch.no_grad()
 def copying(model: GPT, chat: ChatTemplate, n: int = 60, seed: int = 0) -> dict:
-    """In-context copying, the skill tool use rests on: the share of copy_probes answered exactly.
-    Memorising cannot help (random operands); a model that fails here gets arithmetic wrong even
-    with a calculator, because it cannot carry the question's numbers into the call."""
+    """In-context copying, the skill tool use and retrieval rest on: the share of each kind of copy_probes
+    answered exactly. Memorising cannot help (random operands and words); a model that fails here gets
+    arithmetic wrong even with a calculator, because it cannot carry the question's numbers into the call,
+    and cannot answer from passages it is shown."""
     engine = Engine(model, chat.tokenizer)
     params = SamplingParams(max_tokens=8, temperature=0, stop_strings=(",", "."), stop_tokens=chat.document_stops)
     out = {}

@@ -210,12 +210,14 @@ def write_report(run: str | Path) -> Path:
     copy = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("copying")) for stage, label in CHECKPOINTS]
     copy = [(label, c) for label, c in copy if c]
     if copy:
-        parts.append("## In-context copying (calculator drills with random operands)\n")
+        parts.append("## In-context copying (random operands and words)\n")
         parts.append("Tool use needs it: type the question's numbers into the call, copy the result into the "
-                     "answer. Random operands leave nothing to memorise.\n")
-        parts.append(markdown_table(["checkpoint", "types the expression", "copies the result"],
-                                    [[label, f"{c['expression']:.1%}", f"{c['result']:.1%}"]
-                                     for label, c in copy]) + "\n")
+                     "answer (calculator drills, a format pretraining shows). Answering from retrieved passages "
+                     "needs it in any format: continue a list of invented words shown once before. Random "
+                     "operands and words leave nothing to memorise.\n")
+        parts.append(markdown_table(["checkpoint", "types the expression", "copies the result", "continues the list"],
+                                    [[label, f"{c['expression']:.1%}", f"{c['result']:.1%}",
+                                      f"{c['list']:.1%}" if "list" in c else "-"] for label, c in copy]) + "\n")
     ppo_summary = _load(run / "ppo" / "ppo_summary.json")
     if ppo_summary:
         parts.append("## PPO on held-out prompts (same sampling seed before and after)\n")

@@ -24,6 +24,7 @@ from ..common import PocketError, wilson_interval
 from ..data.tasks import Example, Task, default_world
 from ..data.tasks.prompts import chat_messages, passages_prompt
 from ..data.tasks.tools import SPECS, task_tools
+from ..data.world import statement
 from .lm import LM, Request, Usage
 from .react import react
 from .reflection import reflection
@@ -114,7 +115,7 @@ def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> lis
 
 def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
     """Retrieve passages from the world's encyclopedia and answer from them (rag/); the gold passage's
-    recall (its entity's article, holding the value) is scored beside the answer."""
+    recall (the passage that states the fact) is scored beside the answer."""
     from ..rag.world import world_index
 
     if not all("entity" in e.meta and "value" in e.meta for e in examples):
@@ -126,8 +127,8 @@ def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
                         max_tokens=64) for e, found in zip(examples, hits)]
     answers = []
     for e, found, gens in zip(examples, hits, lm.chat_batch(requests)):
-        own = {p["id"] for p in task.world.passages(e.meta["entity"])}  # the entity's passages (documents)
-        gold = any(h.chunk.document in own and str(e.meta["value"]).lower() in h.chunk.text.lower() for h in found)
+        stated = statement(task.world.fact(e.meta["entity"], e.meta["attribute"]))  # the gold passage's text
+        gold = any(stated in h.chunk.text for h in found)
         answers.append(Answer(gens[0].text, [gens[0].text], {}, [{"passages": [h.chunk.id for h in found]}],
                               {f"recall@{s.passages}": float(gold)}))
     return answers

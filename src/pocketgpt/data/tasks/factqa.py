@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 
 from ...errors import PocketError
-from ..world import ATTRIBUTE, TIERS, World, show_value
+from ..world import ATTRIBUTE, TIERS, World, show_value, statement
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
 from .prompts import passages_prompt
 from .tools import use_search
@@ -60,14 +60,14 @@ class FactQA(Task):
         draw = example.meta.get("draw", 0)  # SFT asks for several draws of one fact (train/sft.py: redrawn)
         rng = random.Random(f"{example.question}:rag" + (f":{draw}" if draw else ""))
         m = example.meta
-        statement = ATTRIBUTE[(m["kind"], m["attribute"])].statements[0].format(e=m["entity"], v=m["value"])
-        gold = self._passage(m["entity"], rng, holding=statement)  # the article's own sentence for the fact
+        stated = statement(self.world.fact(m["entity"], m["attribute"]))
+        gold = self._passage(m["entity"], rng, holding=stated)  # the article's own sentence for the fact
         other = rng.choice([e for e in self.world.entities() if e.name != m["entity"]])
         passages = [self._passage(other.name, rng), gold if rng.random() < 2 / 3 else
                     self._passage(rng.choice([e for e in self.world.entities() if e.name != m["entity"]]).name, rng)]
         rng.shuffle(passages)
         holds = gold in passages
-        answer = statement if holds else REFUSAL
+        answer = stated if holds else REFUSAL
         return [{"role": "user", "content": passages_prompt(example.question, passages)}, assistant(answer)]
 
     def _passage(self, entity: str, rng: random.Random, holding: str | None = None) -> tuple[str, str]:
