@@ -211,6 +211,7 @@ def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
     from ..data.world import make_names
 
     rng = random.Random(f"copy-probe:{seed}")
+    list_rng = random.Random(f"copy-probe-list:{seed}")  # its own draws: the calculator probes stay as they were
     probes: dict[str, list[tuple[str, str]]] = {"expression": [], "result": [], "list": []}
     for _ in range(n):
         *earlier, line = calculator_drill(rng, lines=3).splitlines()
@@ -221,8 +222,8 @@ def copy_probes(n: int = 60, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
         probes["expression"].append((f"{context}{question}: type", typed))
         probes["result"].append((f"{context}{question}: type {typed}, the calculator shows {result}, so {question} =",
                                  result))
-        words = [w.lower() for w in make_names(rng, rng.randint(6, 12))]
-        k = rng.randint(2, len(words) - 1)
+        words = [w.lower() for w in make_names(list_rng, list_rng.randint(6, 12))]
+        k = list_rng.randint(2, len(words) - 1)
         probes["list"].append((f"List: {', '.join(words)}\nAgain: {', '.join(words[:k])},", words[k]))
     return probes
 
