@@ -423,21 +423,22 @@ def _(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _row_linears(x: torch.Tensor, *layers: nn.Linear, packed: bool = False) -> tuple[torch.Tensor, ...]:
-    """layer(x) for each of `layers`, which all read the decode step's rows x (B, d_in): with `packed`,
-    inside a compiled graph, many bf16 rows on a CPU go through one product with the layers' weights
-    stacked and packed once (packed_linear); otherwise many rows go through one product with the weights
-    stacked too (_projections), and a few rows through each layer by _row_linear.
-    `packed` is for graphs that take the weights as inputs: a graph with its weights folded in is packed by
-    inductor itself, without the custom op's ~12 us a call (the `small` model's 32-row bf16 step ran ~10%
-    faster that way here), and folds the stacked weights into one packed constant: its 32-row bf16 step made
-    25 oneDNN calls instead of 43, which took 1.6 ms a step instead of 3.4 here."""
-    if packed and torch.compiler.is_compiling() and x.shape[0] > ROW_LINEAR_MAX_ROWS \
-            and all(_packs(x, layer) for layer in layers):
+    """layer(x) for each of `layers`, which all read the decode step's rows x (B, d_in). A few rows go
+    through each layer by _row_linear. Many rows go through one product with the layers' weights stacked:
+    in a graph with its weights folded in, inductor folds the stack into one constant and packs it for
+    oneDNN itself (the `small` model's 32-row bf16 step made 25 oneDNN calls instead of 43, which took
+    1.6 ms a step instead of 3.4 here). `packed` is for graphs that take the weights as inputs (a deep model's
+    block): stacking there would copy the weights every step, so many bf16 rows on a CPU go through
+    packed_linear, which stacks and packs them once (without freezing's folding, and at the custom op's
+    ~12 us a call: the `small` model's 32-row bf16 step ran ~10% faster folded), and others layer by layer."""
+    if x.shape[0] <= ROW_LINEAR_MAX_ROWS:
+        return tuple(_row_linear(x, layer) for layer in layers)
+    if not packed:
+        return _projections(x, *layers)
+    if torch.compiler.is_compiling() and all(_packs(x, layer) for layer in layers):
         y = packed_linear(x, [layer.weight for layer in layers])
         return y.split([layer.out_features for layer in layers], -1) if len(layers) > 1 else (y,)
-    if x.shape[0] > ROW_LINEAR_MAX_ROWS:
-        return _projections(x, *layers)
-    return tuple(_row_linear(x, layer) for layer in layers)
+    return tuple(layer(x) for layer in layers)
 
 
 def _row_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
