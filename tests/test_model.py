@@ -200,6 +200,29 @@ def test_long_sequences_use_fused_attention_and_agree():
     torch.testing.assert_close(long[:, :PLAIN_ATTENTION_MAX_LEN], short, rtol=1e-4, atol=1e-4)
 
 
+def test_a_folded_decode_graph_reads_many_rows_with_one_product_per_input():
+    """The whole-step decode graph (weights folded in) at many rows makes one product per input the
+    block reads, q/k/v stacked and gate/up stacked: 4 a block and the head, not 7 a block and the head."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pocketgpt.engine import Engine
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=64)).eval()
+    engine, rows = Engine(model, None, max_batch=8, compile=True), model_module.ROW_LINEAR_MAX_ROWS + 4
+    engine.warmup()
+    cache = model.make_cache(rows, 16)
+    cache.lengths += 3
+    ids = torch.zeros(rows, dtype=torch.long)
+    with torch.inference_mode():
+        engine._decode_step(ids, cache.lengths.clone(), cache.k, cache.v, 4)  # folds its constants at first run
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine._decode_step(ids, cache.lengths.clone(), cache.k, cache.v, 4)
+    products = sum(e.count for e in prof.key_averages()
+                   if e.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "mkl::_mkl_linear"))
+    assert products == 4 * model.cfg.n_layer + 1
+
+
 @pytest.mark.skipif(not model_module._ONEDNN_BF16, reason="needs oneDNN with bf16 matmuls")
 def test_many_bf16_decode_rows_use_packed_weights_that_follow_the_weights():
     """A compiled decode block at many bf16 rows multiplies by weights packed once (packed_linear; gate and up
