@@ -423,14 +423,14 @@ def _(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _row_linears(x: torch.Tensor, *layers: nn.Linear, packed: bool = False) -> tuple[torch.Tensor, ...]:
-    """layer(x) for each of `layers`, which all read the decode step's rows x (B, d_in). A few rows go
-    through each layer by _row_linear. Many rows go through one product with the layers' weights stacked:
-    in a graph with its weights folded in, inductor folds the stack into one constant and packs it for
-    oneDNN itself (the `small` model's 32-row bf16 step made 25 oneDNN calls instead of 43, which took
-    1.6 ms a step instead of 3.4 here). `packed` is for graphs that take the weights as inputs (a deep model's
-    block): stacking there would copy the weights every step, so many bf16 rows on a CPU go through
-    packed_linear, which stacks and packs them once (without freezing's folding, and at the custom op's
-    ~12 us a call: the `small` model's 32-row bf16 step ran ~10% faster folded), and others layer by layer."""
+    """layer(x) for each of `layers`, which all read the decode step's rows x (B, d_in).
+    - A few rows: each layer by _row_linear.
+    - Many rows, weights folded into the graph (the default): one product with the weights stacked, which
+      inductor folds into one constant and packs for oneDNN (the `small` model's 32-row bf16 step made 25
+      oneDNN calls instead of 43: 1.6 ms a step instead of 3.4 here).
+    - Many rows, `packed` (a deep model's block graph, which takes the weights as inputs: stacking them
+      there would copy them every step): bf16 on a CPU through packed_linear, which stacks and packs them
+      once; otherwise layer by layer."""
     if x.shape[0] <= ROW_LINEAR_MAX_ROWS:
         return tuple(_row_linear(x, layer) for layer in layers)
     if not packed:
