@@ -4,12 +4,13 @@
 
 For each thread count, four contestants train the same model (the `small` preset: 6 layers,
 d_model 256, vocab 4096) on the same batch (16 x 256 tokens) from the same initial weights, each
-step a forward, a backward and the training loop's AdamW step (fused) under bf16 autocast: ours
+step a forward, a backward and the training loop's AdamW step (fused) under the training's autocast
+(`--dtype auto`, as the stages: bf16 where the CPU multiplies it in hardware, else fp32): ours
 and Hugging Face's (attending with its default, PyTorch's SDPA), each eager and under
 `torch.compile`. They take turns, a few steps each per round (the last one timed: the first ones
 refill the caches the others emptied), so a load that comes and goes on a shared machine hits all
 of them alike; the figures are medians over the rounds, and the ratios medians of the per-round
-ratios. MFU is against the bf16 matmul peak of the model's own shapes, measured in every round too
+ratios. MFU is against the matmul peak in that dtype of the model's own shapes, measured in every round too
 (the peak under the load that round saw). Compilation starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR),
 as on a new machine: its time is the first step's.
 
@@ -28,7 +29,7 @@ import time
 import torch
 from rich.table import Table
 
-from pocketgpt.common import atomic_write_json, console, provenance
+from pocketgpt.common import atomic_write_json, autocast, compute_dtype, console, provenance
 from pocketgpt.interop.hf import to_hf_config
 from pocketgpt.model import GPT, preset
 from pocketgpt.train.loop import TrainConfig, make_optimizer
@@ -57,7 +58,7 @@ def make_step(name: str, args, x: torch.Tensor, y: torch.Tensor):
     wrapped = torch.compile(model) if name.endswith("compiled") else model
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), args.dtype):
             loss = loss_fn(wrapped)
         loss.backward()
         optimizer.step()
@@ -90,7 +91,7 @@ def contest(args, threads: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in CONTESTANTS}
     peaks = []
     for _ in range(args.rounds):
-        peaks.append(matmul_peak(shapes, "cpu", threads, seconds=0.5))  # this round's
+        peaks.append(matmul_peak(shapes, "cpu", threads, args.dtype, seconds=0.5))  # this round's
         for name in CONTESTANTS:
             for _ in range(args.steps_per_turn - 1):
                 steps[name]()
@@ -111,7 +112,7 @@ def contest(args, threads: int) -> dict:
             "compile_s": first[name]["first_step_s"] - step_s if name.endswith("compiled") else 0.0,
         }
     return {
-        "threads": threads, "rounds": args.rounds, "steps_per_turn": args.steps_per_turn, "tokens_per_step": tokens, "flops_per_token": flops_per_token,
+        "threads": threads, "dtype": args.dtype, "rounds": args.rounds, "steps_per_turn": args.steps_per_turn, "tokens_per_step": tokens, "flops_per_token": flops_per_token,
         "peak_flops_median": statistics.median(peaks), "peak_flops_max": max(peaks),
         "load_before": load_before, "load_after": os.getloadavg(),
         "contestants": contestants,
@@ -122,7 +123,7 @@ def contest(args, threads: int) -> dict:
             "ours compiled / ours eager": median_ratio("ours", "ours compiled"),
             "hf compiled / hf eager": median_ratio("hf", "hf compiled"),
         },
-        # Same weights, same batch: the first losses agree to bf16 rounding, or the race is not fair.
+        # Same weights, same batch: the first losses agree to rounding, or the race is not fair.
         "first_loss_gap": max(abs(first[a]["first_loss"] - first["ours"]["first_loss"]) for a in CONTESTANTS),
     }
 
@@ -139,7 +140,7 @@ def show(result: dict) -> None:
     load = ", ".join(f"{a:.1f}" for a in result["load_before"]) + " -> " + \
         ", ".join(f"{a:.1f}" for a in result["load_after"])
     table = Table(title=f"training, {result['threads']} thread(s): median of {result['rounds']} rounds; "
-                        f"load {load}; bf16 matmul peak {result['peak_flops_median'] / 1e9:.0f} GFLOP/s")
+                        f"load {load}; {result['dtype']} matmul peak {result['peak_flops_median'] / 1e9:.0f} GFLOP/s")
     for col in ("contestant", "tokens/s", "step", "MFU", "first step (compile)", "first loss"):
         table.add_column(col, justify="left" if col == "contestant" else "right")
     for name, c in result["contestants"].items():
@@ -165,8 +166,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps-per-turn", type=int, default=2, help="steps per contestant per round; the last is timed")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="autocast dtype of every contestant (auto: bf16 where the CPU multiplies it in hardware)")
     p.add_argument("--out", default="bench/out/train.json")
     args = p.parse_args()
+    args.dtype = compute_dtype(args.dtype, torch.device("cpu"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
     import transformers

@@ -33,7 +33,7 @@ max_bytes = 150000
 """
 
 
-def make_run(tmp_path, tokenizer, name, steps=12, batch=8, save_every=5, eval_every=100, dtype="bfloat16"):
+def make_run(tmp_path, tokenizer, name, steps=12, batch=8, save_every=5, eval_every=100, dtype="auto"):
     run = tmp_path / name
     tokenizer.save(run / "tokenizer" / "tokenizer.json")
     cfg = run / "run.toml"

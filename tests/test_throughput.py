@@ -20,13 +20,13 @@ def test_matmul_shapes_are_the_models_distinct_weights():
 def test_measured_peak_is_cached_per_process(monkeypatch):
     model = GPT(preset("tiny", vocab_size=512))
     monkeypatch.setattr(throughput, "_best_peaks", {})  # this test's peaks stay its own
-    peak = measured_peak(model, 256, torch.device("cpu"))
+    peak = measured_peak(model, 256, torch.device("cpu"), "float32")
     measured = []
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a: measured.append(a) or peak / 2)
-    assert measured_peak(model, 256, torch.device("cpu")) == peak > 0 and not measured  # not measured again
-    assert measured_peak(model, 256, torch.device("cpu"), again=True) == peak and len(measured) == 1  # lower: kept
+    assert measured_peak(model, 256, torch.device("cpu"), "float32") == peak > 0 and not measured  # not measured again
+    assert measured_peak(model, 256, torch.device("cpu"), "float32", again=True) == peak and len(measured) == 1  # lower: kept
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a: peak * 2)
-    assert measured_peak(model, 256, torch.device("cpu"), again=True) == peak * 2  # higher: taken
+    assert measured_peak(model, 256, torch.device("cpu"), "float32", again=True) == peak * 2  # higher: taken
 
 
 def test_mfu_counts_every_process_against_its_own_peak():
@@ -61,12 +61,13 @@ def test_trainer_reports_tokens_per_second_and_mfu(tmp_path):
     cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, save_every=100)
     trainer = Trainer(model, RandomTokens(), cfg, tmp_path / "out", "pretrain", tmp_path / "metrics.jsonl",
                       torch.device("cpu"))
-    first = measured_peak(model, 128, torch.device("cpu"))
+    first = measured_peak(model, 128, torch.device("cpu"), trainer.dtype)
     summary = trainer.run()
     steps = [r for r in trainer.history if "loss" in r]
     assert len(steps) == 4 and all(0 < r["mfu"] < 1 for r in steps)
     # measured again at the end, the higher kept: what later calls return
-    assert summary["peak_flops"] >= first and summary["peak_flops"] == measured_peak(model, 128, torch.device("cpu"))
+    assert summary["peak_flops"] >= first and summary["peak_flops"] == measured_peak(
+        model, 128, torch.device("cpu"), trainer.dtype)
     # the summary's speed is the median step's (compilation and evaluation do not count), and its MFU follows
     median_step_s = statistics.median(128 / r["tokens_per_s"] for r in steps)
     assert summary["tokens_per_s"] == pytest.approx(128 / median_step_s, rel=1e-9)

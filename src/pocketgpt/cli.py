@@ -260,12 +260,13 @@ def cmd_sample(args) -> None:
     import torch
 
     from .checkpoint import load_model
-    from .common import pick_device, set_threads
+    from .common import pick_device, set_threads, warn_if_bf16_is_emulated
     from .engine import Engine, SamplingParams
 
     set_threads(args.threads)
     model, chat, _ = load_model(args.model, pick_device(args.device))
     if args.bf16:
+        warn_if_bf16_is_emulated(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
     engine = Engine(model, chat.tokenizer)
     if args.chat:
@@ -381,7 +382,7 @@ def cmd_eval(args) -> None:
         raise PocketError("give a run or model directory (or --server URL)")
 
     from .checkpoint import load_model, resolve_model_dir
-    from .common import atomic_write_json, pick_device, set_threads
+    from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_emulated
     from .data.sources import SourceSpec, read_documents
     from .data.tasks import TASKS
     from .evaluate.harness import SUITE, bits_per_byte, evaluate_suite, model_mode
@@ -390,6 +391,7 @@ def cmd_eval(args) -> None:
     model_dir = resolve_model_dir(args.model)
     model, chat, cfg = load_model(model_dir, pick_device(args.device))
     if args.bf16:
+        warn_if_bf16_is_emulated(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
     mode = model_mode(cfg) if args.mode == "auto" else args.mode
     if args.task == "all":
@@ -507,7 +509,7 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
-    from .common import pick_device, set_threads
+    from .common import pick_device, set_threads, warn_if_bf16_is_emulated
     from .serve.api import create_app, load_workers
     from .serve.protocol import Limits
     from .serve.worker import run_engines
@@ -517,6 +519,8 @@ def cmd_serve(args) -> None:
     # after 5 ms, longer than a decode step, so each streamed token waited on the hand-over. 0.5 ms:
     # 1.4x the tokens/s of one client here (bench/bench_serve.py).
     sys.setswitchinterval(0.0005)
+    if args.bf16 or args.bf16_prefill:
+        warn_if_bf16_is_emulated(pick_device(args.device))
     workers = load_workers(args.run, pick_device(args.device), args.max_batch, "bfloat16" if args.bf16 else "float32",
                            "bfloat16" if args.bf16_prefill else "float32", compile=args.compile)
     from .evaluate.arena import VoteStore

@@ -39,6 +39,7 @@ from ..common import (
     append_jsonl,
     atomic_write_text,
     autocast,
+    compute_dtype,
     console,
     human,
     init_distributed,
@@ -71,7 +72,7 @@ class TrainConfig:
     grad_filter: str = "none"  # none | grokfast (train/grad_filter.py)
     grokfast_alpha: float = 0.98
     grokfast_lambda: float = 2.0
-    dtype: str = "bfloat16"  # bfloat16 | float32 (autocast dtype for forward/backward)
+    dtype: str = "auto"  # auto | bfloat16 | float32: autocast dtype for forward/backward (auto: bf16 where native)
     compile: bool = False  # torch.compile the training step: pays on fixed shapes (pretraining, SFT) after ~1 min
     threads: int = 0  # CPU threads; 0 = PyTorch's default
     device: str = "auto"
@@ -184,6 +185,7 @@ class Trainer:
         self.until = until
         self.out_dir, self.stage, self.metrics_path = Path(out_dir), stage, Path(metrics_path)
         self.device, self.dist = device, dist_info
+        self.dtype = compute_dtype(cfg.dtype, device)  # "auto" settles here: a resumed run may pick differently
         self.evaluate, self.sample = evaluate, sample
         self.optimizer = make_optimizer(model, cfg)
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
@@ -232,7 +234,7 @@ class Trainer:
             group["lr"] = lr
         total, extras = 0.0, {}
         for _ in range(cfg.grad_accum):
-            with autocast(self.device, cfg.dtype):
+            with autocast(self.device, self.dtype):
                 loss, metrics = self.objective.loss(self.wrapped)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
@@ -253,9 +255,11 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         tokens_per_step = self.objective.tokens_per_micro_step() * cfg.grad_accum * self.dist.world_size
-        # MFU against this machine's bf16 matmul peak, measured now (once per process), for a GPT's known FLOPs.
+        # MFU against this machine's matmul peak in the training's dtype, measured now (once per process),
+        # for a GPT's known FLOPs.
         flops = self.model.flops_per_token(cfg.seq_len) if isinstance(self.model, GPT) else 0
-        peak = measured_peak(self.model, self.objective.tokens_per_micro_step(), self.device) if flops else 0.0
+        micro_tokens = self.objective.tokens_per_micro_step()
+        peak = measured_peak(self.model, micro_tokens, self.device, self.dtype) if flops else 0.0
         step_seconds: list[float] = []
         start_step, t0 = self.step, time.time()
         progress = _progress(self.dist.is_main)
@@ -305,11 +309,11 @@ class Trainer:
         step_s = statistics.median(step_seconds) if step_seconds else math.inf
         speed = {"tokens_per_s": tokens_per_step / step_s}
         if peak:  # measured again at the end, the higher kept (see measured_peak)
-            peak = measured_peak(self.model, self.objective.tokens_per_micro_step(), self.device, again=True)
+            peak = measured_peak(self.model, micro_tokens, self.device, self.dtype, again=True)
             speed.update(mfu=mfu(flops, speed["tokens_per_s"], peak, self.dist), peak_flops=peak)
         if cfg.compile and step_seconds:
             speed["compile_s"] = step_seconds[0] - step_s
-        return {"stage": self.stage, "steps": self.step, "interrupted": interrupted,
+        return {"stage": self.stage, "steps": self.step, "interrupted": interrupted, "dtype": self.dtype,
                 "time_s": time.time() - t0, "tokens": (self.step - start_step) * tokens_per_step,
                 **{k: v for k, v in last.items() if isinstance(v, (int, float))}, **speed}
 

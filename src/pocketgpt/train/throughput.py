@@ -2,8 +2,9 @@
 
 MFU, model FLOPs utilisation (PaLM, appendix B), is the FLOPs a step needs over the FLOPs the hardware
 could have done in its time: FLOPs/token x tokens/s / peak FLOP/s. The peak is not a datasheet's: it
-is measured on this machine, as the best rate of bf16 matmuls of the model's own shapes (a micro-batch
-of tokens times each weight matrix) in about a second, when a stage starts (once per process) and again
+is measured on this machine, as the best rate of matmuls in the training's dtype (bf16 where the hardware
+has it, else fp32) of the model's own shapes (a micro-batch of tokens times each weight matrix) in about
+a second, when a stage starts (once per process) and again
 when it ends, the higher kept. On a CPU shared with
 other work it is measured under the load the run sees, so the ratio stays meaningful when the
 absolute figures are not.
@@ -27,9 +28,9 @@ def matmul_shapes(model: nn.Module, rows: int) -> tuple[tuple[int, int, int], ..
     return tuple(sorted((min(rows, PEAK_ROWS), i, o) for i, o in shapes))
 
 
-def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: int, seconds: float = 1.0,
-                repeats: int = 20) -> float:
-    """FLOP/s: the best rate of bf16 matmuls of `shapes` on `device`, `repeats` of each or about `seconds`
+def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: int, dtype: str,
+                seconds: float = 1.0, repeats: int = 20) -> float:
+    """FLOP/s: the best rate of `dtype` matmuls of `shapes` on `device`, `repeats` of each or about `seconds`
     in all, whichever comes first."""
     device_ = torch.device(device)
 
@@ -39,8 +40,8 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: 
 
     best = 0.0
     for rows, n_in, n_out in shapes:
-        a = torch.randn(rows, n_in, dtype=torch.bfloat16, device=device_)
-        b = torch.randn(n_in, n_out, dtype=torch.bfloat16, device=device_)
+        a = torch.randn(rows, n_in, dtype=getattr(torch, dtype), device=device_)
+        b = torch.randn(n_in, n_out, dtype=getattr(torch, dtype), device=device_)
         a @ b  # warm-up: the first call picks and prepares a kernel
         deadline = time.perf_counter() + seconds / len(shapes)
         for _ in range(repeats):
@@ -55,15 +56,15 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...], device: str, threads: 
     return best
 
 
-# (shapes, device, threads) -> the best peak this process measured (threads: the peak depends on them)
+# (shapes, device, threads, dtype) -> the best peak this process measured (threads: the peak depends on them)
 _best_peaks: dict[tuple, float] = {}
 
 
-def measured_peak(model: nn.Module, rows: int, device: torch.device, again: bool = False) -> float:
-    """This process's bf16 matmul peak for `model`'s shapes with `rows` tokens a micro-step. `again`
+def measured_peak(model: nn.Module, rows: int, device: torch.device, dtype: str, again: bool = False) -> float:
+    """This process's `dtype` matmul peak for `model`'s shapes with `rows` tokens a micro-step. `again`
     measures once more and keeps the higher: a shared CPU's speed drifts (several-fold here from one
     second to the next), and one slow second at the start put a stage's MFU above 100%."""
-    key = (matmul_shapes(model, rows), str(device), torch.get_num_threads())
+    key = (matmul_shapes(model, rows), str(device), torch.get_num_threads(), dtype)
     if again or key not in _best_peaks:
         _best_peaks[key] = max(_best_peaks.get(key, 0.0), matmul_peak(*key))
     return _best_peaks[key]
