@@ -43,9 +43,14 @@ def test_provenance_names_the_commit_machine_and_date():
                           capture_output=True, text=True).stdout.strip()
     assert p["commit"] is not None and head.startswith(p["commit"])  # the tests run from a checkout
     assert p["cores"] >= 1 and p["cpu"] and p["torch"] and p["date"].endswith("UTC")
+    assert p["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and isinstance(p["bf16_native"], bool)
     line = provenance_line({**p, "commit": "abc123", "uncommitted_changes": True, "cpu": "Some CPU", "cores": 2,
-                            "torch": "2.13.0", "date": "2026-12-02 10:00 UTC", "accelerator": None})
-    assert line == "Measured at commit abc123 with uncommitted changes on Some CPU (2 cores), torch 2.13.0, 2026-12-02 10:00 UTC."
+                            "torch": "2.13.0", "date": "2026-12-02 10:00 UTC", "accelerator": None,
+                            "cpu_isa": "AVX2", "bf16_native": False})
+    assert line == ("Measured at commit abc123 with uncommitted changes on Some CPU (2 cores, AVX2, bf16 emulated), "
+                    "torch 2.13.0, 2026-12-02 10:00 UTC.")
+    older = {k: v for k, v in p.items() if k not in ("cpu_isa", "bf16_native")}  # reports written before the ISA
+    assert provenance_line({**older, "cpu": "Some CPU", "cores": 2}).split(" on ")[1].startswith("Some CPU (2 cores),")
     assert provenance_line({**p, "commit": None, "pocketgpt": "0.1.0"}).startswith("Measured at pocketgpt 0.1.0 on ")
 
 

@@ -239,7 +239,10 @@ def provenance(device: torch.device | None = None) -> dict:
         accelerator = torch.cuda.get_device_name(device)
     elif device is not None and device.type == "mps":
         accelerator = "Apple MPS"
+    # Two machines both called "AMD EPYC" here differed 100-fold in bf16 matmuls: the vector ISA and
+    # whether bf16 is native say which kind a figure came from.
     return {"pocketgpt": __version__, "commit": commit, "uncommitted_changes": dirty, "cpu": cpu,
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(), "bf16_native": bf16_is_native(device or torch.device("cpu")),
             "cores": os.cpu_count(), "accelerator": accelerator, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -248,5 +251,6 @@ def provenance_line(p: dict) -> str:
     """provenance() as one sentence for a report."""
     code = f"commit {p['commit']}" + (" with uncommitted changes" if p.get("uncommitted_changes") else "") \
         if p.get("commit") else f"pocketgpt {p['pocketgpt']}"
-    where = f"{p['cpu']} ({p['cores']} cores)" + (f", {p['accelerator']}" if p.get("accelerator") else "")
+    kind = f", {p['cpu_isa']}, bf16 {'native' if p['bf16_native'] else 'emulated'}" if "cpu_isa" in p else ""
+    where = f"{p['cpu']} ({p['cores']} cores{kind})" + (f", {p['accelerator']}" if p.get("accelerator") else "")
     return f"Measured at {code} on {where}, torch {p['torch']}, {p['date']}."
