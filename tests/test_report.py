@@ -5,15 +5,15 @@ from pocketgpt.evaluate.report import publish_report, stage_rows
 
 def test_stage_rows_show_speed_and_mfu(tmp_path):
     """A stage's row carries the median step's tokens/s and the MFU against the peak measured in its run;
-    a stage trained before MFU was recorded shows its speed alone."""
+    a stage trained before MFU and the dtype were recorded shows its speed alone."""
     summaries = {"base": {"time_s": 300.0, "steps": 1000, "tokens": 4_096_000, "tokens_per_s": 11_820.0,
-                          "mfu": 0.54, "peak_flops": 859e9, "loss": 1.15},
+                          "mfu": 0.54, "peak_flops": 859e9, "loss": 1.15, "dtype": "bfloat16"},
                  "sft": {"time_s": 100.0, "steps": 300, "tokens": 1_228_800, "tokens_per_s": 7_300.0, "loss": 0.44}}
     for stage, summary in summaries.items():
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "config.json").write_text(json.dumps({"meta": {"summary": summary}}))
     rows = {row[0]: row for row in stage_rows(tmp_path)}
-    assert rows["base"][1:5] == ["300s", "1000", "4.1M", "11.8K tok/s, MFU 54% of 859 GFLOP/s"]
+    assert rows["base"][1:5] == ["300s", "1000", "4.1M", "11.8K tok/s in bfloat16, MFU 54% of 859 GFLOP/s"]
     assert rows["sft"][4] == "7.3K tok/s"
     assert rows["base"][5] == "loss 1.150"
 
