@@ -223,13 +223,17 @@ def test_a_folded_decode_graph_reads_many_rows_with_one_product_per_input():
     assert products == 4 * model.cfg.n_layer + 1
 
 
-@pytest.mark.skipif(not model_module._ONEDNN_BF16, reason="needs oneDNN with bf16 matmuls")
-def test_many_bf16_decode_rows_use_packed_weights_that_follow_the_weights():
-    """A compiled decode block at many bf16 rows multiplies by weights packed once (packed_linear; gate and up
+@pytest.mark.parametrize("dtype", [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not model_module._ONEDNN_BF16,
+                                                         reason="needs oneDNN with bf16 matmuls")),
+])
+def test_many_decode_rows_use_packed_weights_that_follow_the_weights(dtype):
+    """A compiled decode block at many rows multiplies by weights packed once (packed_linear; gate and up
     stacked into one) when asked (a graph with its weights folded in leaves packing to inductor), and agrees
     with the eager block, also after a weight changed in place, the second of a stack (the pack is redone)."""
     torch.manual_seed(0)
-    model = GPT(preset("tiny", vocab_size=64)).to(torch.bfloat16).eval()
+    model = GPT(preset("tiny", vocab_size=64)).to(dtype).eval()
     block, rows = model.model.layers[0], model_module.ROW_LINEAR_MAX_ROWS + 4
     positions = torch.arange(rows) + 2
     x, rope, mask = model.decode_inputs(torch.arange(rows), positions, int(positions.max()) + 1)

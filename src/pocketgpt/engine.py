@@ -210,8 +210,8 @@ class Engine:
         server or a long evaluation, not for a quick sample. A model of up to WHOLE_STEP_MAX_LAYERS
         layers is compiled with its weights folded in: the engine decodes with the weights it had when it
         compiled, so a model whose weights will change (training) needs an engine without compile. A deeper
-        model's bf16 weights are packed for oneDNN at the first many-row step (model.packed_linear), which
-        costs a second copy of them."""
+        model's bf16 or fp32 weights are packed for oneDNN at the first many-row step (model.packed_linear),
+        which costs a second copy of them."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
         self.model = model.eval()

@@ -386,12 +386,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 ROW_LINEAR_MAX_ROWS = 4
 
 
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _packs(x: torch.Tensor, layer: nn.Linear) -> bool:
-    return (_ONEDNN_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and layer.bias is None
-            and type(layer) is nn.Linear)
+    """Whether packed_linear takes this product: a plain bias-free layer on a CPU with oneDNN, in fp32, or
+    in bf16 where oneDNN has it."""
+    dtype_ok = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16)
+    return _ONEDNN and x.device.type == "cpu" and dtype_ok and layer.bias is None and type(layer) is nn.Linear
 
 
 # Weights in oneDNN's blocked layout, reordered once per weight (and again if it changes in place).
@@ -400,13 +403,15 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 @torch.library.custom_op("pocketgpt::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """x @ cat(weights).T (bf16, CPU) with the weights stacked once into oneDNN's blocked layout, kept beside them.
+    """x @ cat(weights).T (bf16 or fp32, CPU) with the weights stacked once into oneDNN's blocked layout, kept
+    beside them.
 
-    A plain bf16 matmul reorders its weight into that layout on every call, which at 32 decode rows is a
-    good part of the product: a compiled whole-step graph avoids it by folding the weights in ("freezing"),
+    A plain matmul reorders its weight into that layout on every call, which at 32 decode rows is a good
+    part of the product: a compiled whole-step graph avoids it by folding the weights in ("freezing"),
     but a deep model's decode graph is one block's, shared by all blocks, with the weights as inputs.
-    Packed once, SmolLM2 decoded 32 rows ~8% faster here (median of three A/B pairs); the price is a second copy of the
-    weights. Weights that read the same input (q, k, v; gate, up) are stacked into one product: fewer, larger
+    Packed once, SmolLM2 decoded 32 rows ~8% faster in bf16 on an AMX machine (median of three A/B pairs),
+    and in fp32 on an AVX2 one 8 rows ~2x and 32 rows ~1.6x faster (its 49,152-token head most of all);
+    the price is a second copy of the weights. Weights that read the same input (q, k, v; gate, up) are stacked into one product: fewer, larger
     calls. An opaque op to the compiler, so it sees the weights themselves, not traced stand-ins."""
     stamp = tuple((id(w), w._version) for w in weights)
     entry = _PACKED.get(weights[0])
@@ -429,8 +434,9 @@ def _row_linears(x: torch.Tensor, *layers: nn.Linear, packed: bool = False) -> t
       inductor folds into one constant and packs for oneDNN (the `small` model's 32-row bf16 step made 25
       oneDNN calls instead of 43: 1.6 ms a step instead of 3.4 here).
     - Many rows, `packed` (a deep model's block graph, which takes the weights as inputs: stacking them
-      there would copy them every step): bf16 on a CPU through packed_linear, which stacks and packs them
-      once; otherwise layer by layer."""
+      there would copy them every step): bf16 or fp32 on a CPU through packed_linear, which stacks and packs
+      them once; otherwise layer by layer. (In the `small` model's folded fp32 graph, packed_linear gained
+      nothing: its products are small, and the op is called through Python.)"""
     if x.shape[0] <= ROW_LINEAR_MAX_ROWS:
         return tuple(_row_linear(x, layer) for layer in layers)
     if not packed:
