@@ -242,7 +242,8 @@ def provenance(device: torch.device | None = None) -> dict:
     # Two machines both called "AMD EPYC" here differed 100-fold in bf16 matmuls: the vector ISA and
     # whether bf16 is native say which kind a figure came from.
     return {"pocketgpt": __version__, "commit": commit, "uncommitted_changes": dirty, "cpu": cpu,
-            "cpu_isa": torch.backends.cpu.get_cpu_capability(), "bf16_native": bf16_is_native(device or torch.device("cpu")),
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": bf16_is_native(device or torch.device("cpu")),
             "cores": os.cpu_count(), "accelerator": accelerator, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 

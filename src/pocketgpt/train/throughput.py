@@ -4,9 +4,8 @@ MFU, model FLOPs utilisation (PaLM, appendix B), is the FLOPs a step needs over 
 could have done in its time: FLOPs/token x tokens/s / peak FLOP/s. The peak is not a datasheet's: it
 is measured on this machine, as the best rate of matmuls in the training's dtype (bf16 where the hardware
 has it, else fp32) of the model's own shapes (a micro-batch of tokens times each weight matrix) in about
-a second, when a stage starts (once per process) and again
-when it ends, the higher kept. On a CPU shared with
-other work it is measured under the load the run sees, so the ratio stays meaningful when the
+a second, when a stage starts (once per process) and again when it ends, the higher kept. On a CPU
+shared with other work it is measured under the load the run sees, so the ratio stays meaningful when the
 absolute figures are not.
 """
 
