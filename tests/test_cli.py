@@ -22,6 +22,19 @@ def test_every_command_has_help(capsys):
     assert "resume" in out and "temperature" in out
 
 
+def test_speedrun_takes_its_run_directory_like_every_command(monkeypatch, capsys):
+    from pocketgpt import speedrun as speedrun_module
+
+    ran = []
+    monkeypatch.setattr(speedrun_module, "speedrun", lambda cfg, run_dir: ran.append(str(run_dir)))
+    for argv in (["speedrun", "runs/a"], ["speedrun", "--out", "runs/b"], ["speedrun"], ["speedrun", "runs/c", "--out", "runs/c"]):
+        assert main(argv) == 0
+    assert ran == ["runs/a", "runs/b", "runs/speedrun", "runs/c"]
+    assert main(["speedrun", "runs/a", "--out", "runs/b"]) == 2
+    assert "two run directories given: runs/a and --out runs/b" in capsys.readouterr().err
+    assert ran == ["runs/a", "runs/b", "runs/speedrun", "runs/c"]
+
+
 def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "pocketgpt.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "speedrun" in done.stdout
@@ -122,7 +135,7 @@ def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
     skipped and the report card keeps the time each stage took when it ran."""
     from pocketgpt.data.world import World, WorldConfig
 
-    command = [sys.executable, "-m", "pocketgpt.cli", "speedrun", "--quick", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "pocketgpt.cli", "speedrun", str(tmp_path), "--quick"]
     first = subprocess.run(command + ["--set", "world.seed=3"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     # every stage and task used world 3: pretraining documents, the evaluation's questions, the report card

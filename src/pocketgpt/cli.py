@@ -66,7 +66,9 @@ def load_run_config(args) -> "RunConfig":  # noqa: F821
 def cmd_speedrun(args) -> None:
     from .speedrun import speedrun
 
-    speedrun(load_run_config(args), args.out)
+    if args.run and args.out and args.run != args.out:
+        raise PocketError(f"two run directories given: {args.run} and --out {args.out}")
+    speedrun(load_run_config(args), args.run or args.out or "runs/speedrun")
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -580,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("speedrun", help="run every stage on the built-in data (resumable)",
                        description="tokenizer -> pretrain -> ... -> report, in one run directory. "
                                    "Finished stages are skipped, an interrupted one resumes.")
-    p.add_argument("--out", default="runs/speedrun", help="run directory (default: runs/speedrun)")
+    # The run directory comes first, as for every other command; --out is the older spelling of it.
+    p.add_argument("run", nargs="?", help="run directory (default: runs/speedrun)")
+    p.add_argument("--out", help="the run directory, as an option")
     p.add_argument("--quick", action="store_true", help="a smoke-test run: tiny model, a minute or two")
     add_config_args(p)
     p.set_defaults(func=cmd_speedrun)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -75,7 +75,7 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
     """Evaluate every cell; write each cell's answers as it finishes and `matrix.json` at the end
     (and after every cell, so an interrupted matrix keeps what it measured)."""
     out_dir = Path(out_dir)
-    results = {"model": lm.name, "split": split, "settings": {**settings.__dict__}, "cells": []}
+    results = {"model": lm.name, "split": split, "settings": asdict(settings), "cells": []}
     progress = Progress(TextColumn("[bold]matrix {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=not console.is_terminal, transient=True)
     with progress:
