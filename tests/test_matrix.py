@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 from conftest import ScriptedLM
 
+from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
 from pocketgpt.evaluate.report import write_report
 from pocketgpt.reason.lm import Generation
@@ -31,6 +33,34 @@ def test_matrix_writes_every_cell_and_the_report_shows_them(tmp_path):
     assert len(rows) == 5 and all(sum(r["votes"].values()) == 3 for r in rows)
     report = write_report(tmp_path).read_text()
     assert "## Reasoning strategies: SFT" in report and "| arithmetic | CoT-SC | 100.0% |" in report
+
+
+def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):
+    """Cells measured for the same model, split, settings and n are kept (an interrupted matrix continues,
+    cells asked for in several runs gather); a different n starts over."""
+    calls = []
+
+    def counting(messages, request):
+        calls.append(request.n)
+        return knows_arithmetic(messages, request)
+
+    direct, cot = Cell("arithmetic", "direct", "direct"), Cell("compare_decimals", "CoT", "cot")
+    out = tmp_path / "matrix"
+    run_matrix(ScriptedLM(counting), out, n=4, cells=[direct], log=lambda *a, **k: None)
+    assert len(calls) == 4
+    results = run_matrix(ScriptedLM(counting), out, n=4, cells=[cot, direct], log=lambda *a, **k: None)
+    assert len(calls) == 8  # only the new cell asked the model
+    saved = json.loads((out / "matrix.json").read_text())
+    assert [(c["task"], c["label"]) for c in saved["cells"]] == [("compare_decimals", "CoT"), ("arithmetic", "direct")]
+    assert saved == json.loads(json.dumps(results, default=str)) and saved["cells"][1]["accuracy"] == 1.0
+    results = run_matrix(ScriptedLM(counting), out, n=4, cells=[cot], log=lambda *a, **k: None)
+    assert len(calls) == 8 and [c["label"] for c in results["cells"]] == ["CoT", "direct"]  # the other cell stays
+    run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
+    assert len(calls) == 11  # another n: measured again
+    assert [c["n"] for c in json.loads((out / "matrix.json").read_text())["cells"]] == [3]
+    (out / "matrix.json").write_text("{")
+    with pytest.raises(PocketError, match="matrix.json is not valid JSON"):
+        run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
 
 
 def test_the_matrix_holds_the_comparisons_of_the_talk():

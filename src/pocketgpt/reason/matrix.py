@@ -72,16 +72,26 @@ SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 
 
 def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: int | None = None,
                cells: list[Cell] = MATRIX, split: str = "test", log=console.print) -> dict:
-    """Evaluate every cell; write each cell's answers as it finishes and `matrix.json` at the end
-    (and after every cell, so an interrupted matrix keeps what it measured)."""
+    """Evaluate every cell; write each cell's answers as it finishes and `matrix.json` after every cell.
+
+    A matrix run again into the same directory, for the same model, split, settings and n, keeps the
+    cells already measured there: an interrupted matrix continues where it stopped, and cells asked for
+    in several runs (`--cells`) gather in one matrix.json. Anything else measured there is started over."""
     out_dir = Path(out_dir)
-    results = {"model": lm.name, "split": split, "settings": asdict(settings), "cells": []}
+    results = {"model": lm.name, "split": split, "settings": asdict(settings), "n": n, "cells": []}
+    measured = _measured_cells(out_dir / "matrix.json", results)
     progress = Progress(TextColumn("[bold]matrix {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=not console.is_terminal, transient=True)
     with progress:
         bar = progress.add_task("", total=len(cells))
         for cell in cells:
             progress.update(bar, description=f"{cell.task}: {cell.label}")
+            earlier = measured.pop((cell.task, cell.label), None)
+            if earlier is not None:
+                log(f"{cell.task:>18} {cell.label:>18}  measured before: {earlier['accuracy']:.1%}", highlight=False)
+                results["cells"].append(earlier)
+                progress.advance(bar)
+                continue
             start = time.perf_counter()
             try:
                 result, rows = evaluate_strategy(lm, get_task(cell.task), cell.strategy, split,
@@ -99,7 +109,30 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
             atomic_write_text(out_dir / "cells" / f"{name}.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
             results["cells"].append({**result.to_dict(), "seconds": seconds})
-            atomic_write_text(out_dir / "matrix.json", json.dumps(results, indent=2, default=str) + "\n")
+            _write(out_dir, results, measured)
             progress.advance(bar)
+    _write(out_dir, results, measured)
+    results["cells"] += measured.values()  # what earlier runs measured and this one did not ask for
     return results
+
+
+def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
+    """The finished cells of an earlier matrix.json made like `results` (same model, split, settings, n),
+    by (task, label); none if there is no such file or it was made otherwise."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PocketError(f"{path} is not valid JSON: delete it to measure the matrix again") from None
+    if any(earlier.get(key) != json.loads(json.dumps(results[key], default=str))
+           for key in ("model", "split", "settings", "n")):
+        return {}
+    return {(c["task"], c["label"]): c for c in earlier.get("cells", []) if "error" not in c}
+
+
+def _write(out_dir: Path, results: dict, measured: dict) -> None:
+    """matrix.json: this run's cells, then those measured earlier that it has not reached or not asked for."""
+    cells = results["cells"] + list(measured.values())
+    atomic_write_text(out_dir / "matrix.json", json.dumps({**results, "cells": cells}, indent=2, default=str) + "\n")
 
