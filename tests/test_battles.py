@@ -43,6 +43,7 @@ def test_arena_command_rates_checkpoints_and_votes(tmp_path, chat, capsys):
     board = json.loads((run / "arena" / "leaderboard.json").read_text())
     assert board["battles"] == 6 and {r["model"] for r in board["rows"]} == {"sft", "ppo"}
     assert all(r["ci_low"] <= r["rating"] <= r["ci_high"] for r in board["rows"])
+    assert board["measured"]["date"] and board["measured"]["cpu_isa"]
     assert len((run / "arena" / "battles.jsonl").read_text().splitlines()) == 6
     assert (run / "arena" / "leaderboard.png").stat().st_size > 0
 

@@ -117,6 +117,7 @@ def test_end_to_end_on_a_tiny_run(tokenizer, chat, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * 2 * 2 and all(len(s["replies"]) == 2 for s in samples)
     assert (out / "diversity.png").stat().st_size > 0 and "| base (few-shot) |" in (out / "summary.md").read_text()
+    assert "Measured at " in (out / "summary.md").read_text() and results["measured"]["date"]
 
     report = write_report(run).read_text()
     assert "## Diversity over seeds" in report and "![diversity](lab/diversity/diversity.png)" in report

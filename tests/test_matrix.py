@@ -33,6 +33,7 @@ def test_matrix_writes_every_cell_and_the_report_shows_them(tmp_path):
     assert len(rows) == 5 and all(sum(r["votes"].values()) == 3 for r in rows)
     report = write_report(tmp_path).read_text()
     assert "## Reasoning strategies: SFT" in report and "| arithmetic | CoT-SC | 100.0% |" in report
+    assert saved["measured"]["cpu_isa"] and "Measured at" in report.split("## Reasoning strategies")[1]
 
 
 def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):

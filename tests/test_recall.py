@@ -187,6 +187,7 @@ def test_the_experiment_on_a_tiny_run_of_ours(tmp_path, tiny_model, chat):
     assert all(len(f["ranks"]) == tiny_model.cfg.n_layer + 1 for f in result["facts"])
     assert (out / "rank_by_layer.png").stat().st_size > 0
     assert "head facts (3)" in (out / "summary.md").read_text()
+    assert (out / "summary.md").read_text().splitlines()[-1].startswith("Measured at ") and result["measured"]["date"]
     with pytest.raises(PocketError, match="no stage 'sft'"):
         run_lab(str(tmp_path / "run"), "--stage", "sft")
     with pytest.raises(PocketError, match="--window"):

@@ -157,7 +157,7 @@ def cmd_rl_stage(args) -> None:
 
 def cmd_arena(args) -> None:
     """`arena`: battles between checkpoints (or the votes people cast on the chat page), rated."""
-    from .common import atomic_write_json, atomic_write_text, set_threads
+    from .common import atomic_write_json, atomic_write_text, provenance, set_threads
     from .evaluate.arena import VoteStore, leaderboard
 
     set_threads(args.threads)
@@ -193,7 +193,7 @@ def cmd_arena(args) -> None:
     out = Path(args.out) if args.out else Path(args.models[0]).resolve().parent / "arena"
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out / "leaderboard.json", {"battles": len(battles), "judge": args.judge or "rubric",
-                                                 "rows": rows})
+                                                 "rows": rows, "measured": provenance()})
     from .evaluate.report import plot_leaderboard, write_report
 
     plot_leaderboard(rows, out / "leaderboard.png")

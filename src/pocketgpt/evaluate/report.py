@@ -240,6 +240,8 @@ def write_report(run: str | Path) -> Path:
             parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
                          f"(`pocketgpt eval {run}/{stage} --matrix`).\n")
             parts.append(markdown_table(*matrix_table(matrix)) + "\n")
+            if "measured" in matrix:
+                parts.append(provenance_line(matrix["measured"]) + "\n")
     arena = _load(run / "arena" / "leaderboard.json")
     if arena:
         parts.append(f"## Arena ({arena['battles']} battles, judged by {arena['judge']})\n")
@@ -251,6 +253,8 @@ def write_report(run: str | Path) -> Path:
                                       f"{r['ci_low']:.0f} - {r['ci_high']:.0f}", f"{r['style_controlled']:.0f}",
                                       f"{r['elo']:.0f}", str(r["battles"]), f"{r['win_rate']:.1%}"]
                                      for r in arena["rows"]]) + "\n")
+        if "measured" in arena:
+            parts.append(provenance_line(arena["measured"]) + "\n")
         if (run / "arena" / "leaderboard.png").exists():
             parts.append("![arena](arena/leaderboard.png)\n")
     plots = plot_metrics(run)

@@ -39,7 +39,7 @@ import random
 import re
 from pathlib import Path
 
-from ..common import markdown_table
+from ..common import markdown_table, provenance_line
 from ..errors import PocketError
 from ..stages import POLICIES
 
@@ -305,6 +305,8 @@ def summary_markdown(results: dict) -> str:
     if lines:
         parts.append("## RL against base (intervals that do not overlap)\n\n" + "\n".join(f"- {v}" for v in lines) + "\n")
     parts.append("![diversity](diversity.png)\n")
+    if "measured" in results:
+        parts.append(provenance_line(results["measured"]) + "\n")
     return "\n".join(parts)
 
 
@@ -344,7 +346,7 @@ def main(args) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from ..common import atomic_write_json, atomic_write_text, console, set_threads
+    from ..common import atomic_write_json, atomic_write_text, console, pick_device, provenance, set_threads
     from ..evaluate.harness import model_mode
     from ..reason.lm import LM
 
@@ -392,7 +394,7 @@ def main(args) -> None:
         "metrics": {key: text for key, (_, text) in METRICS.items()},
         "entropy": "computed from the local checkpoints' full next-token distributions (temperature 1), "
                    "the replies re-encoded and scored in one teacher-forced pass",
-        "stages": stages, "skipped": skipped,
+        "stages": stages, "skipped": skipped, "measured": provenance(pick_device(args.device)),
     }
     atomic_write_json(out / "diversity.json", results)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

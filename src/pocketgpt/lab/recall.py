@@ -372,6 +372,8 @@ def main(args: argparse.Namespace) -> None:
         console,
         markdown_table,
         pick_device,
+        provenance,
+        provenance_line,
         set_threads,
     )
     from ..tokenizer import BPETokenizer
@@ -405,9 +407,11 @@ def main(args: argparse.Namespace) -> None:
     plots = [plot_ranks(stats, title, out / "rank_by_layer.png")]
     if stats["knockout"]["n"]:
         plots.append(plot_knockout(stats, window, title, out / "knockout.png"))
+    measured = provenance(model.lm_head.weight.device)
     atomic_write_json(out / "recall.json", {
         "run": str(run), "stage": args.stage, "fact_set": "world" if ours else "real", "n_layer": n_layer,
-        "window": window, "kept": kept and {"kept": kept[0], "of": kept[1]}, **stats, "facts": records})
+        "window": window, "kept": kept and {"kept": kept[0], "of": kept[1]}, **stats, "facts": records,
+        "measured": measured})
     header = ["layer", *(f"{g} median rank" for g in stats["groups"]), *(f"{g} top-1" for g in stats["groups"])]
     rows = [["embedding" if layer == 0 else f"block {layer}",
              *(f"{g['median_rank'][layer]:g}" for g in stats["groups"].values()),
@@ -417,7 +421,8 @@ def main(args: argparse.Namespace) -> None:
         METHOD,
         "\n".join(f"- {line}" for line in lines),
         markdown_table(header, rows),
-        " ".join(f"![{p.stem}]({p.name})" for p in plots)]) + "\n")
+        " ".join(f"![{p.stem}]({p.name})" for p in plots),
+        provenance_line(measured)]) + "\n")
 
     console.print(summary_table(stats, n_layer))
     for line in lines:

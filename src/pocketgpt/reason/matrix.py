@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from ..common import PocketError, atomic_write_text, console
+from ..common import PocketError, atomic_write_text, console, provenance
 from ..data.tasks import get_task
 from .lm import LM
 from .strategies import Settings, evaluate_strategy
@@ -78,7 +78,8 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
     cells already measured there: an interrupted matrix continues where it stopped, and cells asked for
     in several runs (`--cells`) gather in one matrix.json. Anything else measured there is started over."""
     out_dir = Path(out_dir)
-    results = {"model": lm.name, "split": split, "settings": asdict(settings), "n": n, "cells": []}
+    results = {"model": lm.name, "split": split, "settings": asdict(settings), "n": n, "cells": [],
+               "measured": provenance()}  # where and when this (last) run measured
     measured = _measured_cells(out_dir / "matrix.json", results)
     progress = Progress(TextColumn("[bold]matrix {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=not console.is_terminal, transient=True)
