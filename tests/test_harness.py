@@ -109,6 +109,8 @@ def test_eval_cli(tiny_model, tokenizer, chat, tmp_path, capsys):
         rows = read_jsonl(tmp_path / "base" / "eval" / f"{name}_test.jsonl")
         assert len(rows) == results[name]["n"] == 4 and results[name]["mode"] == "fewshot"
         assert results[name]["accuracy"] == sum(r["correct"] for r in rows) / 4
+    # where and when it was measured, so that figures quoted from it can say so
+    assert results["measured"]["torch"] == torch.__version__ and results["measured"]["cores"] >= 1
     # an untrained model pays about log2(vocab) bits per token: several bits per byte
     assert 1 < results["bpb/docs"] < 2 * math.log2(tokenizer.vocab_size)
 

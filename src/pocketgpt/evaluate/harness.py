@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..chat import ChatTemplate
-from ..common import PocketError, atomic_write_text, console, wilson_interval
+from ..common import PocketError, atomic_write_text, console, provenance, wilson_interval
 from ..data.tasks import Task, default_world
 from ..data.tasks.prompts import chat_messages, fewshot_text
 from ..data.tasks.tools import task_tools
@@ -161,6 +161,7 @@ def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: d
                                out_path=out_dir / f"{name}_{split}.jsonl")
         log(result.line())
         summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
+    summary["measured"] = provenance(next(model.parameters()).device)  # where and when this (last) run measured
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
 
