@@ -68,6 +68,6 @@ def test_the_matrix_holds_the_comparisons_of_the_talk():
     rows = {(c.task, c.strategy) for c in MATRIX}
     for wanted in [("game24", "direct"), ("game24", "cot"), ("game24", "self_consistency"), ("game24", "tot"),
                    ("arithmetic", "react"), ("arithmetic", "reflection"), ("multihop", "react"),
-                   ("structured", "constrained")]:
+                   ("compare_decimals", "self_consistency"), ("structured", "constrained")]:
         assert wanted in rows
     assert [c.overrides.get("beam") for c in MATRIX if c.strategy == "tot" and not c.overrides.get("oracle")][:2] == [1, 5]
