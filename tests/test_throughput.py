@@ -17,6 +17,21 @@ def test_matmul_shapes_are_the_models_distinct_weights():
     assert {rows for rows, _, _ in matmul_shapes(model, 10**6)} == {4096}  # capped: enough to reach the peak
 
 
+def test_a_lora_model_is_measured_by_its_frozen_base_and_its_adapters():
+    from pocketgpt.train.lora import apply_lora
+
+    model = GPT(preset("tiny", vocab_size=512))
+    shapes, full = matmul_shapes(model, 1000), model.flops_per_token(64)
+    attention = 12 * model.cfg.n_layer * model.cfg.d_model * 64
+    weights = (full - attention) // 6  # every matmul weight trains: 6 FLOPs each
+    apply_lora(model, r=4)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    # The peak is measured on the base layers' shapes (LoRA's layers are not nn.Linear) ...
+    assert matmul_shapes(model, 1000) == shapes
+    # ... and a frozen weight costs no gradient of its own: 4 FLOPs, the adapters 6.
+    assert model.flops_per_token(64) == 4 * weights + 6 * adapters + attention
+
+
 def test_measured_peak_is_cached_per_process(monkeypatch):
     model = GPT(preset("tiny", vocab_size=512))
     monkeypatch.setattr(throughput, "_best_peaks", {})  # this test's peaks stay its own

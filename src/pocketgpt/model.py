@@ -731,12 +731,18 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 per matmul weight (forward + backward) + attention's 12*L*d*T."""
+        """Training FLOPs per token: per matmul weight 2 forward and 2 for its input's gradient, and 2 more
+        for its own gradient if it trains (6 each in full training; 4 for the frozen base weights of LoRA,
+        which would otherwise put its MFU above 100%), plus attention's 12*L*d*T."""
         cfg = self.cfg
         T = seq_len or cfg.max_seq_len
         # The input embedding is a lookup (free); the output projection is a matmul even when tied.
-        matmul = self.num_params(embeddings=False) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
-        return 6 * matmul + 12 * cfg.n_layer * cfg.d_model * T
+        embedding = self.model.embed_tokens.weight
+        weights = [p for p in self.parameters() if p is not embedding]
+        if cfg.tie_embeddings:
+            weights.append(self.lm_head.weight)
+        matmul = sum((6 if p.requires_grad else 4) * p.numel() for p in weights)
+        return matmul + 12 * cfg.n_layer * cfg.d_model * T
 
     def make_cache(self, rows: int = 1, capacity: int = 64, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -22,8 +22,10 @@ PEAK_ROWS = 4096  # more rows than this add nothing to a matmul's rate but time
 
 
 def matmul_shapes(model: nn.Module, rows: int) -> tuple[tuple[int, int, int], ...]:
-    """(rows, in, out) of every distinct weight matrix of the model's linear layers."""
-    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    """(rows, in, out) of every distinct weight matrix of the model's linear layers (nn.Linear, and LoRA's
+    layers, which are not: without them a LoRA model's peak was its LM head's matmul alone)."""
+    shapes = {(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
     return tuple(sorted((min(rows, PEAK_ROWS), i, o) for i, o in shapes))
 
 
