@@ -52,16 +52,36 @@ def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):
     results = run_matrix(ScriptedLM(counting), out, n=4, cells=[cot, direct], log=lambda *a, **k: None)
     assert len(calls) == 8  # only the new cell asked the model
     saved = json.loads((out / "matrix.json").read_text())
-    assert [(c["task"], c["label"]) for c in saved["cells"]] == [("compare_decimals", "CoT"), ("arithmetic", "direct")]
-    assert saved == json.loads(json.dumps(results, default=str)) and saved["cells"][1]["accuracy"] == 1.0
+    # in the order of the matrix's rows, whatever order they were asked or measured in
+    assert [(c["task"], c["label"]) for c in saved["cells"]] == [("arithmetic", "direct"), ("compare_decimals", "CoT")]
+    assert saved == json.loads(json.dumps(results, default=str)) and saved["cells"][0]["accuracy"] == 1.0
     results = run_matrix(ScriptedLM(counting), out, n=4, cells=[cot], log=lambda *a, **k: None)
-    assert len(calls) == 8 and [c["label"] for c in results["cells"]] == ["CoT", "direct"]  # the other cell stays
+    assert len(calls) == 8 and [c["label"] for c in results["cells"]] == ["direct", "CoT"]  # the other cell stays
     run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
     assert len(calls) == 11  # another n: measured again
     assert [c["n"] for c in json.loads((out / "matrix.json").read_text())["cells"]] == [3]
     (out / "matrix.json").write_text("{")
     with pytest.raises(PocketError, match="matrix.json is not valid JSON"):
         run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
+
+
+def test_cells_gathered_from_several_runs_say_where_each_was_measured(tmp_path, monkeypatch):
+    import pocketgpt.reason.matrix as matrix_module
+    from pocketgpt.common import provenance
+
+    direct, cot = Cell("arithmetic", "direct", "direct"), Cell("compare_decimals", "CoT", "cot")
+    out = tmp_path / "sft" / "matrix"
+    monkeypatch.setattr(matrix_module, "provenance", lambda: {**provenance(), "commit": "aaaaaaaaaaaa"})
+    run_matrix(ScriptedLM(knows_arithmetic), out, n=2, cells=[direct], log=lambda *a, **k: None)
+    old = json.loads((out / "matrix.json").read_text())  # as written before cells recorded it: the run's record
+    (out / "matrix.json").write_text(json.dumps({**old, "cells": [{k: v for k, v in c.items() if k != "measured"}
+                                                                  for c in old["cells"]]}))
+    monkeypatch.setattr(matrix_module, "provenance", lambda: {**provenance(), "commit": "bbbbbbbbbbbb"})
+    saved = run_matrix(ScriptedLM(knows_arithmetic), out, n=2, cells=[cot], log=lambda *a, **k: None)
+    assert [c["measured"]["commit"] for c in saved["cells"]] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    assert saved["measured"]["commit"] == "bbbbbbbbbbbb"  # the last run
+    card = write_report(tmp_path).read_text().split("## Reasoning strategies")[1]
+    assert "- 1 cell: Measured at commit aaaaaaaaaaaa" in card and "- 1 cell: Measured at commit bbbbbbbbbbbb" in card
 
 
 def test_the_matrix_holds_the_comparisons_of_the_talk():

@@ -91,5 +91,5 @@ def test_a_cell_the_model_cannot_take_is_skipped_with_its_reason(run, tmp_path):
     local = LM.load(run, device="cpu")  # a 1024-token context
     cells = [Cell("game24", "IO, 40 demos", "direct", {"shots": 40}), Cell("compare_decimals", "CoT", "cot")]
     run_matrix(local, tmp_path, n=1, cells=cells, log=lambda *a, **k: None)
-    skipped, done = json.loads((tmp_path / "matrix.json").read_text())["cells"]
+    done, skipped = json.loads((tmp_path / "matrix.json").read_text())["cells"]  # the matrix's own row first
     assert "context is 1024" in skipped["error"] and done["n"] == 1

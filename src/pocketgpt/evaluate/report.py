@@ -88,6 +88,20 @@ def hallucination(run: Path, stage: str) -> dict | None:
     }
 
 
+def matrix_provenance(results: dict) -> str:
+    """Where and when the matrix's cells were measured: one line, or one per run when a matrix gathered
+    cells of several runs (`--cells`, a continued run)."""
+    runs: dict[str, tuple[dict, int]] = {}
+    for cell in results["cells"]:
+        p = cell.get("measured", results.get("measured"))
+        if p:
+            key = json.dumps(p, sort_keys=True)
+            runs[key] = (p, runs.get(key, (p, 0))[1] + 1)
+    if len(runs) <= 1:
+        return "".join(provenance_line(p) + "\n" for p, _ in runs.values())
+    return "".join(f"- {n} cell{'s' * (n > 1)}: {provenance_line(p)}\n" for p, n in runs.values())
+
+
 def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The strategy matrix (reason/matrix.py writes it): one line per task and strategy."""
     header = ["task", "strategy", "accuracy", "95% interval", "n", "model calls", "tokens / question", "other"]
@@ -240,8 +254,7 @@ def write_report(run: str | Path) -> Path:
             parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
                          f"(`pocketgpt eval {run}/{stage} --matrix`).\n")
             parts.append(markdown_table(*matrix_table(matrix)) + "\n")
-            if "measured" in matrix:
-                parts.append(provenance_line(matrix["measured"]) + "\n")
+            parts.append(matrix_provenance(matrix))
     arena = _load(run / "arena" / "leaderboard.json")
     if arena:
         parts.append(f"## Arena ({arena['battles']} battles, judged by {arena['judge']})\n")

@@ -112,17 +112,17 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
             name = f"{cell.task}__{cell.label}".replace(" ", "_").replace("/", "_").replace(",", "").replace("=", "")
             atomic_write_text(out_dir / "cells" / f"{name}.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-            results["cells"].append({**result.to_dict(), "seconds": seconds})
+            results["cells"].append({**result.to_dict(), "seconds": seconds, "measured": results["measured"]})
             _write(out_dir, results, measured)
             progress.advance(bar)
     _write(out_dir, results, measured)
-    results["cells"] += measured.values()  # what earlier runs measured and this one did not ask for
-    return results
+    return json.loads((out_dir / "matrix.json").read_text())  # with what earlier runs measured and this one did not ask for
 
 
 def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
     """The finished cells of an earlier matrix.json made like `results` (same model, split, settings, n),
-    by (task, label); none if there is no such file or it was made otherwise."""
+    by (task, label); none if there is no such file or it was made otherwise. Each keeps where and when it
+    was measured (a file from before cells recorded it: its run's record)."""
     if not path.exists():
         return {}
     try:
@@ -132,11 +132,14 @@ def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
     if any(earlier.get(key) != json.loads(json.dumps(results[key], default=str))
            for key in ("model", "split", "settings", "n")):
         return {}
-    return {(c["task"], c["label"]): c for c in earlier.get("cells", []) if "error" not in c}
+    run = {"measured": earlier["measured"]} if "measured" in earlier else {}
+    return {(c["task"], c["label"]): {**run, **c} for c in earlier.get("cells", []) if "error" not in c}
 
 
 def _write(out_dir: Path, results: dict, measured: dict) -> None:
-    """matrix.json: this run's cells, then those measured earlier that it has not reached or not asked for."""
-    cells = results["cells"] + list(measured.values())
+    """matrix.json: this run's cells and those measured earlier that it has not reached or not asked for,
+    in the order of MATRIX (cells of no such row after them, in the order they came)."""
+    order = {(c.task, c.label): i for i, c in enumerate(MATRIX)}
+    cells = sorted(results["cells"] + list(measured.values()), key=lambda c: order.get((c["task"], c["label"]), len(order)))
     atomic_write_text(out_dir / "matrix.json", json.dumps({**results, "cells": cells}, indent=2, default=str) + "\n")
 
