@@ -594,6 +594,11 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.tokenizer, self.params = tokenizer, params
+        # A token's bytes by lookup, not through tiktoken's decode: that call releases the GIL, and a server's
+        # event loop then waited for the engine's thread to hand it back, token after token (py-spy, 32
+        # streaming clients: 118 of the loop thread's 426 samples in here, ~35 us a call against 0.4 us
+        # alone; 16 samples with the lookup).
+        self.token_bytes = tokenizer.token_bytes()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.tokens: list[int] = []
         self.text, self.emitted = "", ""
@@ -605,7 +610,7 @@ class TextStream:
             visible = visible_text(self.tokenizer, self.tokens, self.params)
         else:
             if ev.token >= 0:
-                self.text += self.decoder.decode(self.tokenizer.decode_bytes([ev.token]), final=ev.done)
+                self.text += self.decoder.decode(self.token_bytes[ev.token], final=ev.done)
             visible = _before_stop(self.text, self.params.stop_strings, partial=not ev.done)
         if len(visible) <= len(self.emitted):
             return ""
