@@ -115,8 +115,7 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
             results["cells"].append({**result.to_dict(), "seconds": seconds, "measured": results["measured"]})
             _write(out_dir, results, measured)
             progress.advance(bar)
-    _write(out_dir, results, measured)
-    return json.loads((out_dir / "matrix.json").read_text())  # with what earlier runs measured and this one did not ask for
+    return _write(out_dir, results, measured)  # with what earlier runs measured and this one did not ask for
 
 
 def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
@@ -136,10 +135,12 @@ def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
     return {(c["task"], c["label"]): {**run, **c} for c in earlier.get("cells", []) if "error" not in c}
 
 
-def _write(out_dir: Path, results: dict, measured: dict) -> None:
+def _write(out_dir: Path, results: dict, measured: dict) -> dict:
     """matrix.json: this run's cells and those measured earlier that it has not reached or not asked for,
-    in the order of MATRIX (cells of no such row after them, in the order they came)."""
+    in the order of MATRIX (cells of no such row after them, in the order they came); returns what it wrote."""
     order = {(c.task, c.label): i for i, c in enumerate(MATRIX)}
     cells = sorted(results["cells"] + list(measured.values()), key=lambda c: order.get((c["task"], c["label"]), len(order)))
-    atomic_write_text(out_dir / "matrix.json", json.dumps({**results, "cells": cells}, indent=2, default=str) + "\n")
+    written = json.loads(json.dumps({**results, "cells": cells}, default=str))
+    atomic_write_text(out_dir / "matrix.json", json.dumps(written, indent=2) + "\n")
+    return written
 
