@@ -58,6 +58,13 @@ def test_json_schema_is_held(lm):
         assert 0 <= json.loads(g.text)["a"] <= 9
 
 
+def test_a_choice_is_held_verbatim(lm):
+    # Quotes, backslashes and Chinese must survive the grammar's string literals, on both backends.
+    options = ('He said "hi".', "a\\b", "你好。", "The capital of Velmo is Dorin.")
+    texts = [g.text for g in lm.chat(HELLO, n=8, temperature=1.0, max_tokens=40, seed=3, choices=options)]
+    assert all(t in options for t in texts) and len(set(texts)) > 1
+
+
 def test_both_backends_give_the_same_greedy_answers(run, served):
     local, remote = LM.load(run, device="cpu"), LM.openai(served + "/v1", api_key=KEY, model="sft")
     for content in ("Hello", "What is 2 + 2?", "你好"):

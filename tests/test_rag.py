@@ -1,5 +1,6 @@
 """Retrieval: token chunks, the three retrievers on the world's encyclopedia, an index that is not
-rebuilt when nothing changed, one clear error for a corrupt index, and the commands."""
+rebuilt when nothing changed, one clear error for a corrupt index, answers that quote a passage, and
+the commands."""
 
 import json
 
@@ -10,6 +11,7 @@ from pocketgpt.cli import main
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import default_world
 from pocketgpt.data.tasks.prompts import passages_prompt
+from pocketgpt.rag.answer import ask, sentences
 from pocketgpt.rag.index import Embedder, build_index, load_index
 
 
@@ -83,6 +85,24 @@ def test_a_corrupt_index_is_one_clear_error(tmp_path, world_docs, embedder, dama
 def test_passages_prompt_names_each_chunk():
     prompt = passages_prompt("When was Lisin founded?", [("city/lisin#0", "Lisin was founded in 1610.")])
     assert "[city/lisin#0] Lisin was founded in 1610." in prompt and prompt.endswith("Question: When was Lisin founded?")
+
+
+def test_sentences_split_at_stops_not_inside_numbers():
+    assert sentences("Lisin has 2.5 million people. Is it big? Yes!\n# Notes\n小明有书。他读书。") == [
+        "Lisin has 2.5 million people.", "Is it big?", "Yes!", "# Notes", "小明有书。", "他读书。"]
+
+
+def test_a_quoting_answer_is_held_to_the_passages_and_cites_the_one_it_quotes(world_index, scripted):
+    def reply(messages, request):
+        from pocketgpt.reason.lm import Generation
+
+        assert request.choices and all(c in messages[0]["content"] for c in request.choices)
+        return [Generation(request.choices[-1], "stop")]  # a model that picks the last sentence offered
+
+    question = "When was Lisin founded?"
+    answer = ask(scripted(reply), world_index, question, k=3, quote=True)
+    holders = [h.chunk.id for h in answer.hits if answer.text in sentences(h.chunk.text)]
+    assert answer.cited == holders and len(holders) >= 1 and len(answer.hits) == 3
 
 
 def test_rag_commands(tmp_path, capsys):

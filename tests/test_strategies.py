@@ -39,6 +39,20 @@ def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
     assert result.scores["schema_valid"] == 1.0 and all(r["scores"]["schema_valid"] == 1.0 for r in rows)
 
 
+def test_quoting_rag_answers_with_a_sentence_of_the_retrieved_passages(lm):  # noqa: F811
+    from pocketgpt.rag.answer import sentences
+    from pocketgpt.rag.world import world_index
+
+    task = get_task("factqa_unseen")
+    examples = task.examples("test")[:3]
+    answers = ask(lm, task, examples, "rag", Settings(quote=True, passages=2))
+    index = world_index()
+    for e, a in zip(examples, answers):
+        shown = {c.id: c for c in index.chunks}
+        quotable = [s for cid in a.trace[0]["passages"] for s in sentences(shown[cid].text)]
+        assert a.text in quotable  # a random tiny model too: the constraint, not the model, spells it
+
+
 def test_strategies_refuse_tasks_they_do_not_fit(lm):  # noqa: F811
     with pytest.raises(PocketError, match="Game of 24"):
         ask(lm, get_task("arithmetic"), get_task("arithmetic").examples("test")[:1], "tot")

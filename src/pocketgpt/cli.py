@@ -243,7 +243,7 @@ def cmd_rag(args) -> None:
     index = load_index(args.index)
     lm = LM.openai(args.server, args.api_key or "none", args.server_model) if args.server else \
         LM.load(resolve_model_dir(args.model), args.device)
-    answer = ask(lm, index, args.question, args.k, args.retriever)
+    answer = ask(lm, index, args.question, args.k, args.retriever, quote=args.quote)
     for h in answer.hits:
         console.print(f"[dim][{h.chunk.id}] {h.chunk.text[:160]}[/dim]")
     console.print(answer.text, markup=False)
@@ -336,7 +336,8 @@ def cmd_eval_strategy(args) -> None:
         lm = LM.load(model_dir, args.device)
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, rounds=args.rounds,
-                        max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
+                        max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
+                        quote=args.quote)
     if args.matrix:
         if args.out:
             out_dir = Path(args.out)
@@ -696,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key")
     r.add_argument("--k", type=int, default=3, help="passages in the prompt (default 3)")
     r.add_argument("--retriever", choices=("bm25", "dense", "hybrid"), default="hybrid")
+    r.add_argument("--quote", action="store_true",
+                   help="answer with one sentence of the passages, verbatim, citing its chunk (a small model "
+                        "that picks the right sentence but cannot copy a rare name still answers right)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_rag)
 
@@ -757,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
     p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")
+    p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
     p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")

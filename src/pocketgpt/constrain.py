@@ -1,4 +1,5 @@
-"""Constrained output: JSON schemas, regular expressions and Lark grammars, as logits processors.
+"""Constrained output: JSON schemas, regular expressions, Lark grammars and a choice among given
+strings, as logits processors.
 
 At every step llguidance computes which tokens can continue a valid output (a bitmask over the
 vocabulary, built from the bytes of every token: `Tokenizer.token_bytes`, so imported tokenizers
@@ -90,6 +91,10 @@ class Constraints:
     def tool_call(self, tools: list[tuple[str, dict]]) -> Constraint:
         return self.lark(tool_call_grammar(self.chat, tools))
 
+    def choice(self, options: list[str]) -> Constraint:
+        """Exactly one of `options`, verbatim (vLLM's guided_choice): the model picks, token by token."""
+        return self.lark(choice_grammar(options))
+
 
 def compact(schema: dict) -> str:
     """The schema as llguidance reads it, asking for compact JSON (", " and ": ", no other whitespace):
@@ -113,6 +118,13 @@ def tool_call_grammar(chat: ChatTemplate, tools: list[tuple[str, dict]]) -> str:
         rules.append(f'call{i}: {open_} {head} args{i} "}}" {close}')
         rules.append(f"args{i}: %json {compact(schema)}")
     return "\n".join(rules)
+
+
+def choice_grammar(options: list[str]) -> str:
+    """A Lark grammar whose only sentences are `options` (JSON string literals are Lark's too)."""
+    if not options or not all(isinstance(o, str) and o for o in options):
+        raise PocketError("a choice needs at least one option, and no option may be empty")
+    return "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in dict.fromkeys(options))
 
 
 class Constraint:

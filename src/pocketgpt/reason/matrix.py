@@ -62,12 +62,15 @@ MATRIX: list[Cell] = [
     Cell("structured", "constrained", "constrained"),
     Cell("factqa_head", "closed book", "direct"),
     Cell("factqa_head", "RAG", "rag"),
+    Cell("factqa_head", "RAG, quoting", "rag", {"quote": True}),
     Cell("factqa_tail", "closed book", "direct"),
     Cell("factqa_tail", "RAG", "rag"),
+    Cell("factqa_tail", "RAG, quoting", "rag", {"quote": True}),
     Cell("factqa_unseen", "closed book", "direct"),
     Cell("factqa_unseen", "RAG (BM25)", "rag", {"retriever": "bm25"}),
     Cell("factqa_unseen", "RAG (embeddings)", "rag", {"retriever": "dense"}),
     Cell("factqa_unseen", "RAG", "rag"),
+    Cell("factqa_unseen", "RAG, quoting", "rag", {"quote": True}),
 ]
 SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100,
          "factqa_head": 100, "factqa_tail": 100, "factqa_unseen": 100}

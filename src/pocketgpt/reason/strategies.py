@@ -9,7 +9,8 @@ OpenAI-compatible server) and reports its cost (model calls and tokens) next to 
     tot               Tree of Thoughts on the Game of 24: BFS with a beam, or DFS (tot.py)
     react             thought / tool call / observation, with self-consistency as the fallback (react.py)
     constrained       the answer held to the task's JSON schema by constrained decoding
-    rag               passages retrieved from the world's encyclopedia, then the answer from them (rag/)
+    rag               passages retrieved from the world's encyclopedia, then the answer from them (rag/);
+                      `quote`: the answer is one of their sentences, verbatim
 
     lm = LM.load("runs/speedrun/sft")
     result, rows = evaluate_strategy(lm, get_task("game24"), "tot", settings=Settings(beam=5), n=50)
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..common import PocketError, wilson_interval
 from ..data.tasks import Example, Task, default_world
-from ..data.tasks.prompts import chat_messages, passages_prompt
+from ..data.tasks.prompts import chat_messages
 from ..data.tasks.tools import SPECS, task_tools
 from ..data.world import statement
 from .lm import LM, Request, Usage
@@ -54,6 +55,7 @@ class Settings:
     tools: tuple[str, ...] = ("calculator", "search")  # ReAct's tools (python too, with root)
     retriever: str = "hybrid"  # rag: bm25, dense or hybrid
     passages: int = 2  # rag: retrieved chunks in the prompt
+    quote: bool = False  # rag: the answer is one of the passages' sentences, verbatim (rag/answer.py)
 
 
 def _sampled(lm: LM, task: Task, examples: list[Example], s: Settings, style: str, n: int,
@@ -114,17 +116,17 @@ def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> lis
 
 
 def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    """Retrieve passages from the world's encyclopedia and answer from them (rag/); the gold passage's
-    recall (the passage that states the fact) is scored beside the answer."""
+    """Retrieve passages from the world's encyclopedia and answer from them (rag/), in the model's own
+    words or, with `quote`, by quoting one of their sentences; the gold passage's recall (the passage
+    that states the fact) is scored beside the answer."""
+    from ..rag.answer import rag_request
     from ..rag.world import world_index
 
     if not all("entity" in e.meta and "value" in e.meta for e in examples):
         raise PocketError(f"rag answers questions about the world's entities; task {task.name!r} has none")
     index = world_index()
     hits = [index.search(e.question, s.passages, s.retriever) for e in examples]
-    requests = [Request([{"role": "user", "content": passages_prompt(e.question, [(h.chunk.id, h.chunk.text)
-                                                                                  for h in found])}],
-                        max_tokens=64) for e, found in zip(examples, hits)]
+    requests = [rag_request(e.question, found, s.quote, max_tokens=64) for e, found in zip(examples, hits)]
     answers = []
     for e, found, gens in zip(examples, hits, lm.chat_batch(requests)):
         stated = statement(task.world.fact(e.meta["entity"], e.meta["attribute"]))  # the gold passage's text

@@ -37,6 +37,7 @@ class Limits:
     max_tokens: int = 4096
     max_n: int = 8
     max_top_logprobs: int = 20
+    max_choices: int = 256  # guided_choice's strings
     max_queued: int = 256  # sequences waiting for a cache row, per model
 
 
@@ -113,6 +114,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # vLLM's extension: the reply is exactly one of these strings (quoting a passage, a label, yes/no)
+    guided_choice: list[str] | None = None
 
     def check(self, limits: Limits) -> None:
         self.check_common(limits)
@@ -147,6 +150,16 @@ class ChatCompletionRequest(SamplingFields):
                 name = (self.tool_choice.get("function") or {}).get("name")
                 if name not in {t.function.name for t in self.tools}:
                     raise APIError(400, f"tool_choice names a tool that is not given: {name!r}", "tool_choice")
+        if self.guided_choice is not None:
+            if not self.guided_choice or not all(self.guided_choice):
+                raise APIError(400, "guided_choice takes a non-empty list of non-empty strings", "guided_choice")
+            if len(self.guided_choice) > limits.max_choices:
+                raise APIError(400, f"guided_choice takes at most {limits.max_choices} strings", "guided_choice")
+            if sum(map(len, self.guided_choice)) > limits.max_total_chars:
+                raise APIError(400, f"guided_choice holds more than {limits.max_total_chars} characters", "guided_choice")
+            if (fmt is not None and fmt.type != "text") or self.forced_tool is not None:
+                raise APIError(400, "guided_choice cannot be combined with response_format or a required tool call",
+                               "guided_choice")
 
     @staticmethod
     def text_of(m: Message, i: int) -> str:
