@@ -57,6 +57,11 @@ def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):
     assert saved == json.loads(json.dumps(results, default=str)) and saved["cells"][0]["accuracy"] == 1.0
     results = run_matrix(ScriptedLM(counting), out, n=4, cells=[cot], log=lambda *a, **k: None)
     assert len(calls) == 8 and [c["label"] for c in results["cells"]] == ["direct", "CoT"]  # the other cell stays
+    saved = json.loads((out / "matrix.json").read_text())  # as written before `quote` was a setting
+    del saved["settings"]["quote"]
+    (out / "matrix.json").write_text(json.dumps(saved))
+    run_matrix(ScriptedLM(counting), out, n=4, cells=[cot, direct], log=lambda *a, **k: None)
+    assert len(calls) == 8  # a setting added since counts as its default: nothing measured again
     run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
     assert len(calls) == 11  # another n: measured again
     assert [c["n"] for c in json.loads((out / "matrix.json").read_text())["cells"]] == [3]

@@ -131,6 +131,10 @@ def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
         earlier = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise PocketError(f"{path} is not valid JSON: delete it to measure the matrix again") from None
+    # A setting added since that file was written counts as its default, which is what that run used.
+    defaults = json.loads(json.dumps(asdict(Settings()), default=str))
+    if isinstance(earlier.get("settings"), dict):
+        earlier["settings"] = {**defaults, **earlier["settings"]}
     if any(earlier.get(key) != json.loads(json.dumps(results[key], default=str))
            for key in ("model", "split", "settings", "n")):
         return {}
