@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from test_lm import run  # noqa: F401  (a tiny run directory)
 
 from pocketgpt.cli import main
 from pocketgpt.common import PocketError
@@ -120,3 +121,20 @@ def test_rag_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["rag", "index", "--out", str(tmp_path / "x"), "--bogus"])
     assert main(["rag", "index", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) != 0
+
+
+def test_rag_ask_quotes_a_sentence_and_cites_its_chunk(tmp_path, capsys, run):  # noqa: F811
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "dentist.md").write_text("# Dentist\nThe appointment is on Tuesday at 3 pm. Bring the card.")
+    (folder / "todo.txt").write_text("Buy milk and eggs. The car needs new tires.")
+    assert main(["rag", "index", str(folder), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["rag", "ask", str(tmp_path / "idx"), "When is the dentist?", "--model", str(run), "--quote",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("[dentist.md#0] ") for line in lines)  # the passages, with their ids
+    by_chunk = {"dentist.md#0": ["# Dentist", "The appointment is on Tuesday at 3 pm.", "Bring the card."],
+                "todo.txt#0": ["Buy milk and eggs.", "The car needs new tires."]}
+    answer, cites = lines[-2], lines[-1]
+    assert cites == "cites: " + ", ".join(cid for cid, said in by_chunk.items() if answer in said)

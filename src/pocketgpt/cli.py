@@ -245,7 +245,7 @@ def cmd_rag(args) -> None:
         LM.load(resolve_model_dir(args.model), args.device)
     answer = ask(lm, index, args.question, args.k, args.retriever, quote=args.quote)
     for h in answer.hits:
-        console.print(f"[dim][{h.chunk.id}] {h.chunk.text[:160]}[/dim]")
+        console.print(f"[{h.chunk.id}] {h.chunk.text[:160]}", style="dim", markup=False, highlight=False)
     console.print(answer.text, markup=False)
     console.print(f"cites: {', '.join(answer.cited)}")
 
