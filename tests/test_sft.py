@@ -113,11 +113,30 @@ def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, chat):
 def test_build_conversations_counts(chat, tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
-    cfg = SFTConfig(tasks={"arithmetic": {"style": "cot", "n": 10}, "spell": {"style": "direct", "n": 5}},
-                    data=[str(extra)], multi_turn_fraction=0.5)
+    cfg = SFTConfig(tasks={"arithmetic": {"style": "cot", "n": 10}, "spell": {"style": "direct", "n": 5},
+                           "factqa_unseen": {"n": 3, "practice": 4}},
+                    data=[str(extra)], multi_turn_fraction=0.5, mitigate_hallucination=False)
     convs, stats = build_conversations(cfg, None, chat)
-    assert stats["per_task"] == {"arithmetic": 10, "spell": 5, str(extra): 1}
-    assert sum(len(c) for c in convs) == 2 * 16 and len(convs) < 16  # some were joined into two exchanges
+    assert stats["per_task"] == {"arithmetic": 10, "spell": 5, "factqa_unseen": stats["per_task"]["factqa_unseen"],
+                                 "factqa_unseen (practice worlds)": 4, str(extra): 1}
+    total = 15 + stats["per_task"]["factqa_unseen"] + 4 + 1
+    assert sum(len(c) for c in convs) == 2 * total and len(convs) < total  # some were joined into two exchanges
+
+
+def test_reading_practice_is_about_other_worlds_and_answered_from_its_passages():
+    from pocketgpt.data.tasks import default_world
+    from pocketgpt.data.tasks.factqa import REFUSAL, practice_reading
+
+    world = default_world()
+    convs = practice_reading(world, 300)
+    ours = {e.name for e in world.entities()}
+    assert len(convs) == 300 and len({c[0]["content"] for c in convs}) == 300
+    for user, answer in convs:
+        question = user["content"].rsplit("Question: ", 1)[1]
+        assert not any(name in question for name in ours)  # nothing the model memorised answers it
+        said = answer["content"]
+        assert said == REFUSAL or said in user["content"].split("\n\nAnswer from")[0]  # a passage's sentence
+    assert 0.5 < sum(a["content"] != REFUSAL for _, a in convs) / 300 < 0.85  # the passage is there 2/3 of the time
 
 
 def test_more_renderings_than_examples_are_new_draws():

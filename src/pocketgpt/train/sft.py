@@ -24,7 +24,7 @@ from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
-from ..data.tasks.factqa import REFUSAL
+from ..data.tasks.factqa import REFUSAL, practice_reading
 from ..data.tasks.prompts import fewshot_text
 from ..engine import Engine, SamplingParams
 from ..model import GPT
@@ -32,12 +32,14 @@ from .data_parallel import barrier, gather, share
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
-# task -> (rendering, examples from its train split; 0 = all of them). A list of styles takes turns:
+# task -> (rendering, examples from its train split; 0 = all of them). Fact QA also reads passages about
+# its own world ("rag") and, as practice, about worlds nothing memorised can answer (factqa.py:
+# practice_reading), where the passages are the only way to the answer. A list of styles takes turns:
 # arithmetic is shown both worked out and with the calculator, and RL finds out which one pays; the
 # Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions), and "check"
 # teaches the self-check that reflection asks (reason/).
 DEFAULT_SFT_TASKS: dict[str, dict] = {
-    "factqa": {"style": "sentence", "n": 0, "also": {"rag": 600}},
+    "factqa": {"style": "sentence", "n": 0, "also": {"rag": 600}, "practice": 1200},
     "arithmetic": {"style": ["cot", "tool", "cot", "tool", "check"], "n": 1000},
     "compare_decimals": {"style": ["cot", "cot", "check"], "n": 300},
     "count_letter": {"style": "cot", "n": 200},
@@ -56,7 +58,8 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
         save_every=50, min_lr_frac=0.0, compile=True))
-    # task -> {"style", "n", "also": {style: n}}; a config file merges into these, `skip = true` leaves a task out
+    # task -> {"style", "n", "also": {style: n}, "practice": n}; a config file merges into these, `skip = true`
+    # leaves a task out
     tasks: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SFT_TASKS.items()})
     data: list = field(default_factory=list)  # extra JSONL files of {"messages": [...]}
     mitigate_hallucination: bool = True
@@ -124,6 +127,9 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
             task_convs += task.render_each(redrawn(examples, count), extra)
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
+        if spec.get("practice"):  # retrieval conversations about other worlds: reading practice
+            convs += practice_reading(task.world, spec["practice"], cfg.seed)
+            stats["per_task"][f"{name} (practice worlds)"] = spec["practice"]
     for path in cfg.data:
         records = read_jsonl(path)
         for lineno, r in enumerate(records, 1):
