@@ -53,7 +53,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 
 @dataclass
 class SFTConfig:
-    # ~4,300 conversations by default (task renderings, ToT roles, self-checks, retrieval), each seen about
+    # ~4,900 conversations by default (task renderings, ToT roles, self-checks, retrieval, reading practice), each seen about
     # twice in 300 steps of 16 packed rows
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
