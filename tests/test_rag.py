@@ -12,7 +12,7 @@ from pocketgpt.cli import main
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import default_world
 from pocketgpt.data.tasks.prompts import passages_prompt
-from pocketgpt.rag.answer import ask, sentences
+from pocketgpt.rag.answer import NOT_FOUND, ask, rag_request, sentences
 from pocketgpt.rag.index import Embedder, build_index, load_index
 
 
@@ -104,6 +104,10 @@ def test_a_quoting_answer_is_held_to_the_passages_and_cites_the_one_it_quotes(wo
     answer = ask(scripted(reply), world_index, question, k=3, quote=True)
     holders = [h.chunk.id for h in answer.hits if answer.text in sentences(h.chunk.text)]
     assert answer.cited == holders and len(holders) >= 1 and len(answer.hits) == 3
+
+
+def test_with_nothing_retrieved_a_quoting_answer_can_only_say_it_does_not_know():
+    assert rag_request("When was Lisin founded?", [], quote=True).choices == (NOT_FOUND,)
 
 
 def test_rag_commands(tmp_path, capsys):

@@ -48,7 +48,8 @@ def rag_request(question: str, hits: list[Hit], quote: bool = False, max_tokens:
     prompt = passages_prompt(question, [(h.chunk.id, h.chunk.text) for h in hits])
     if not quote:
         return Request([{"role": "user", "content": prompt}], max_tokens=max_tokens)
-    choices = tuple(dict.fromkeys(s for h in hits for s in sentences(h.chunk.text)))
+    # With nothing retrieved there is nothing to quote, and one thing left to say.
+    choices = tuple(dict.fromkeys(s for h in hits for s in sentences(h.chunk.text))) or (NOT_FOUND,)
     longest = max(len(c.encode()) for c in choices)  # a token holds at least one byte: room for any choice
     return Request([{"role": "user", "content": prompt}], max_tokens=max(max_tokens, longest + 1), choices=choices)
 
@@ -56,8 +57,6 @@ def rag_request(question: str, hits: list[Hit], quote: bool = False, max_tokens:
 def ask(lm: LM, index: Index, question: str, k: int = 3, retriever: str = "hybrid", max_tokens: int = 128,
         quote: bool = False) -> RAGAnswer:
     hits = index.search(question, k, retriever)
-    if quote and not hits:
-        return RAGAnswer(NOT_FOUND, [], hits)  # nothing to quote
     [gen] = lm.chat_batch([rag_request(question, hits, quote, max_tokens)])[0]
     text = gen.text.strip()
     shown = [h.chunk.id for h in hits]
