@@ -185,6 +185,25 @@ def test_sampling_follows_the_distribution_per_row_with_its_own_generator():
     assert all(int(c[1]) == 2 for c in crowded)  # the greedy row
 
 
+def test_sampling_over_logits_wider_than_float32_keeps_the_distribution_and_its_zeros(monkeypatch):
+    """Logits spanning hundreds of nats (a real vocabulary's tail; exp underflows past -87) sample as
+    softmax says, top_p keeps the same nucleus, and a -inf token never comes up, even from the draws at the
+    float edges (u = 0, u just below 1) where the tail's floor could reach it."""
+    import pocketgpt.engine as engine
+
+    row = torch.tensor([float("-inf"), -300.0, -95.0, -90.0, 0.0, 1.0, 2.0, -120.0, float("-inf")])
+    logits = row.repeat(20000, 1)
+    picks = engine.sample_rows(logits, [SamplingParams()] * 20000, [None] * 20000)
+    freq = torch.bincount(picks, minlength=len(row)).double() / 20000
+    expected = torch.softmax(row.double(), dim=-1)
+    assert torch.allclose(freq, expected, atol=0.015) and freq[[0, 1, 2, 3, 7, 8]].sum() == 0
+    kept = engine._filter_top(logits[:1], torch.tensor([len(row)]), torch.tensor([0.7]))
+    assert torch.nonzero(kept[0] > float("-inf")).flatten().tolist() == [5, 6]
+    for edge in (0.0, 1.0 - 2.0 ** -24):
+        monkeypatch.setattr(engine.torch, "rand", lambda *a, edge=edge, **k: torch.full((1,), edge))
+        assert int(engine.sample_rows(logits[:1], [SamplingParams()], [None])[0]) in (4, 5, 6)
+
+
 def test_banned_tokens_are_never_sampled_in_their_own_rows_only(tiny_model, chat):
     engine = Engine(tiny_model, chat.tokenizer)
     greedy = SamplingParams(max_tokens=1, temperature=0)
