@@ -175,6 +175,24 @@ def test_completions(server):
     assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].logprobs.token_logprobs) >= 1
 
 
+def test_a_repeated_beginning_comes_from_the_prefix_cache(server):
+    """The second request with the same system prompt reports the reused tokens as cached_tokens (vLLM's
+    usage field) and greedy decoding answers as it did when the whole prompt was prefilled."""
+    client, url, model, _ = server
+    system = {"role": "system", "content": "You answer questions about geography briefly and politely, in one "
+                                           "sentence, and you say so when you do not know the answer."}
+    ask = lambda question: client.chat.completions.create(  # noqa: E731
+        model=model, messages=[system, {"role": "user", "content": question}], max_tokens=6, temperature=0)
+    first, second, again = ask("What is the capital of Peru?"), ask("Where is Mali?"), ask("What is the capital of Peru?")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16
+    assert again.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens_details.cached_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    rate = next(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                if line.startswith(f'pocketgpt_prefix_cache_hit_rate{{model="{model}"}}'))
+    assert 0 < rate < 1
+
+
 def test_tokenize_detokenize_metrics(server):
     _, url, model, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -525,7 +525,8 @@ def cmd_serve(args) -> None:
     if args.bf16 or args.bf16_prefill:
         warn_if_bf16_is_emulated(pick_device(args.device))
     workers = load_workers(args.run, pick_device(args.device), args.max_batch, "bfloat16" if args.bf16 else "float32",
-                           "bfloat16" if args.bf16_prefill else "float32", compile=args.compile)
+                           "bfloat16" if args.bf16_prefill else "float32", compile=args.compile,
+                           prefix_cache_mb=args.prefix_cache)
     from .evaluate.arena import VoteStore
 
     votes = VoteStore(args.arena_db) if args.arena_db else None
@@ -821,6 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(rate them with `pocketgpt arena --votes FILE`)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per model")
     p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
+    p.add_argument("--prefix-cache", type=float, default=256, metavar="MB",
+                   help="keep the keys and values of prompt beginnings (a system prompt, a conversation's earlier "
+                        "turns) up to MB megabytes per model and reuse them instead of prefilling again "
+                        "(default 256; 0 turns it off). Usage reports the reused tokens as cached_tokens")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--bf16", action="store_true",

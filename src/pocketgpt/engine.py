@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .common import PocketError, autocast
 from .model import GPT, ROW_LINEAR_MAX_ROWS, decode_block
+from .prefix_cache import BLOCK, PrefixCache, block_keys
 from .tokenizer import Tokenizer
 
 # processor(generated_so_far, logits (V,)) -> logits: a grammar mask, a forced token, a bias
@@ -96,6 +97,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.generator: torch.Generator | None = None
+        self.block_keys: list[int] = []  # the prefix cache's keys of its first blocks, as far as computed
+        self.cached = 0  # prompt tokens the prefix cache supplied
 
     @property
     def done(self) -> bool:
@@ -215,7 +218,7 @@ WHOLE_STEP_MAX_LAYERS = 8
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, prefill_chunk: int = 512,
-                 prefill_dtype: str = "float32", compile: bool = False):
+                 prefill_dtype: str = "float32", compile: bool = False, prefix_cache_mb: float = 0):
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
         bf16 units to pay (SmolLM2's 600-token prefill 2.4x faster here: reports/bench/interop.json).
@@ -230,7 +233,11 @@ class Engine:
         layers is compiled with its weights folded in: the engine decodes with the weights it had when it
         compiled, so a model whose weights will change (training) needs an engine without compile. A deeper
         model's bf16 or fp32 weights are packed for oneDNN at the first many-row step (model.packed_linear),
-        which costs a second copy of them."""
+        which costs a second copy of them.
+
+        `prefix_cache_mb > 0`: the keys and values of prompt beginnings seen before (a system prompt, the
+        earlier turns of a conversation) are kept, up to that many megabytes, and copied instead of
+        prefilled again (prefix_cache.py)."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
         self.model = model.eval()
@@ -250,6 +257,7 @@ class Engine:
                 self._head = torch.compile(model.decode_head, dynamic=True)
                 self._decode_step = self._block_by_block
         self.cache = model.make_cache(rows=1, capacity=64)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.rows: list[Sequence | None] = []  # the sequence in each occupied cache row, packed from row 0
         self.waiting: list[Sequence] = []  # submitted, not yet admitted to a row
         self.running: list[Sequence] = []  # admitted and not finished (prefilling, decoding or sampling)
@@ -369,10 +377,13 @@ class Engine:
         self.running.append(seq)
 
     @torch.inference_mode()
-    def release(self, seq: Sequence) -> None:
-        """Free a sequence's cache row; the last occupied row moves into it, so rows stay packed."""
+    def release(self, seq: Sequence, file: bool = True) -> None:
+        """Free a sequence's cache row (its blocks filed in the prefix cache first, unless `file` is
+        False); the last occupied row moves into it, so rows stay packed."""
         if seq.row is None:
             return
+        if file:
+            self._file_blocks(seq)
         last = len(self.rows) - 1
         if seq.row != last:
             moved = self.rows[last]
@@ -404,11 +415,10 @@ class Engine:
         engine starts clean instead of retrying what failed."""
         while not self.inbox.empty():
             self.waiting += self.inbox.get()
-        events = [(seq, self._finish(seq, "error", None)) for seq in [*self.waiting, *self.running]]
-        for seq in list(self.rows):
+        for seq in list(self.rows):  # before _finish: rows a failed step may have left half written are not filed
             if seq is not None:
-                self.release(seq)
-        return events
+                self.release(seq, file=False)
+        return [(seq, self._finish(seq, "error", None)) for seq in [*self.waiting, *self.running]]
 
     def _admit(self) -> None:
         while self.waiting and len(self.rows) < self.max_batch:
@@ -418,6 +428,19 @@ class Engine:
             self.running.append(seq)
             self.cache.reserve(len(self.rows), 64)
             self.cache.lengths[seq.row] = 0
+            if self.prefix_cache is not None and seq.leader is None and seq.pending == seq.prompt:
+                seq.block_keys = block_keys(seq.prompt, [])
+                seq.cached = self.prefix_cache.restore(self.cache, seq.row, seq.prompt, seq.block_keys)
+                self.cache.lengths[seq.row] = seq.cached
+                seq.pending = seq.prompt[seq.cached:]
+
+    def _file_blocks(self, seq: Sequence) -> None:
+        """File the full blocks of what a sequence's cache row holds in the prefix cache."""
+        if self.prefix_cache is None or seq.row is None:
+            return
+        fed = (seq.prompt + seq.tokens)[:int(self.cache.lengths[seq.row])]
+        seq.block_keys = block_keys(fed, seq.block_keys[:len(fed) // BLOCK])
+        self.prefix_cache.store(self.cache, seq.row, fed, seq.block_keys)
 
     def _prefill(self) -> None:
         """Feed pending tokens, at most `prefill_chunk` in all, oldest sequence first. A sample whose
@@ -480,6 +503,7 @@ class Engine:
         last = hidden[torch.arange(len(group), device=self.device), lengths - 1]
         logits = self.model.lm_head(last.to(self.model.lm_head.weight.dtype))
         for i, (seq, _) in enumerate(group):
+            self._file_blocks(seq)
             if not seq.pending:
                 seq.logits = logits[i]
                 seq.first_logits = logits[i]  # kept for the n-1 siblings that share this prefill

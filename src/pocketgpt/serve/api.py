@@ -48,12 +48,21 @@ STATIC = Path(__file__).parent / "static"
 SERVABLE = tuple(s.name for s in POLICIES)  # the reward model scores text: nothing to generate
 
 
+def usage_of(prompt: list[int], seqs) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt tokens the prefix cache supplied (as vLLM reports them)."""
+    done = sum(len(s.turn) for s in seqs)
+    return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done,
+            "prompt_tokens_details": {"cached_tokens": max(s.cached for s in seqs)}}
+
+
 def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dtype: str = "float32",
-                 prefill_dtype: str = "float32", compile: bool = False) -> dict[str, ModelWorker]:
+                 prefill_dtype: str = "float32", compile: bool = False,
+                 prefix_cache_mb: float = 0) -> dict[str, ModelWorker]:
     """A model directory serves one model (named after it); a run directory serves each of its stages.
     bfloat16 halves the memory the weights take and the bytes each decode step reads. prefill_dtype
     bfloat16 runs prompts through bf16 matmuls and decodes in `dtype`; compile compiles the decode step
-    before the server starts (Engine)."""
+    before the server starts (Engine); prefix_cache_mb keeps prompt beginnings' keys and values for reuse
+    (prefix_cache.py)."""
     import torch
 
     path = Path(path)
@@ -65,7 +74,7 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
         model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype))
         if model.cfg.score_head:
             raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
-        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype, compile)
+        workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype, compile, prefix_cache_mb)
     return workers
 
 
@@ -189,6 +198,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             ("generated_tokens_total", "counter", "tokens generated", lambda w: w.stats.tokens),
             ("tokens_per_second", "gauge", "tokens generated per second since start",
              lambda w: w.stats.tokens / max(1e-9, time.time() - w.stats.started)),
+            ("prefix_cache_hit_rate", "gauge", "share of prompt tokens the prefix cache supplied",
+             lambda w: (c.hit_tokens / max(1, c.lookup_tokens)) if (c := w.engine.prefix_cache) else 0.0),
         ]:
             lines += [f"# HELP pocketgpt_{metric} {help_text}", f"# TYPE pocketgpt_{metric} {kind}"]
             lines += [f'pocketgpt_{metric}{{model="{n}"}} {value(w)}' for n, w in workers.items()]
@@ -343,10 +354,6 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
 
-        def usage() -> dict:
-            done = sum(len(s.turn) for s in seqs)
-            return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
-
         def finish(seq, calls) -> str:
             return "tool_calls" if calls else seq.finish_reason
 
@@ -363,7 +370,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                 choices.append({"index": s.index, "message": message, "logprobs": lp,
                                 "finish_reason": finish(s, found)})
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                    "choices": choices, "usage": usage()}
+                    "choices": choices, "usage": usage_of(prompt, seqs)}
 
         def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -411,7 +418,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                             yield chunk(seq.index, {}, seq.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                               "choices": [], "usage": usage()})
+                               "choices": [], "usage": usage_of(prompt, seqs)})
                 yield sse("[DONE]")
             finally:  # the client went away (or the stream ended): nothing keeps decoding for nobody
                 for s in seqs:
@@ -454,13 +461,11 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
 
         if not req.stream:
             await collect(request, seqs, events)
-            done = sum(len(s.turn) for s in seqs)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                     "choices": [{"index": s.index, "text": w.engine.visible_text(s.turn, params),
                                  "logprobs": logprobs_of(s, content_tokens(w, s)), "finish_reason": s.finish_reason}
                                 for s in seqs],
-                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": done,
-                              "total_tokens": len(prompt) + done}}
+                    "usage": usage_of(prompt, seqs)}
 
         async def stream():
             streams = {s.index: TextStream(w.chat.tokenizer, params) for s in seqs}

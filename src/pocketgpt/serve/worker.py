@@ -32,9 +32,10 @@ class Stats:
 
 class ModelWorker:
     def __init__(self, name: str, model: GPT, chat: ChatTemplate, meta: dict, max_batch: int = 32,
-                 prefill_dtype: str = "float32", compile: bool = False):
+                 prefill_dtype: str = "float32", compile: bool = False, prefix_cache_mb: float = 0):
         self.name, self.model, self.chat, self.meta = name, model, chat, meta
-        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype, compile=compile)
+        self.engine = Engine(model, chat.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype, compile=compile,
+                             prefix_cache_mb=prefix_cache_mb)
         if compile:
             with console.status(f"{name}: compiling the decode step (once per model and kind of batch)"):
                 seconds = self.engine.warmup()
