@@ -27,7 +27,9 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
     console = Console(stderr=True)
     set_threads(args.threads)
     model, chat, _ = load_model(args.model, pick_device(args.device))
-    engine = Engine(model, chat.tokenizer)
+    # Each turn's prompt is the conversation so far: the prefix cache keeps it, so a turn prefills only
+    # the new message instead of everything again.
+    engine = Engine(model, chat.tokenizer, prefix_cache_mb=64)
     tools = task_tools(default_world())
     system, temperature = args.system, args.temperature
     messages: list[dict] = []
