@@ -1,7 +1,8 @@
 """Generation as a scheduler: sequences join and leave a running batch at any step (continuous batching).
 
     submit(prompt, params) -> Sequence(s)           waiting: not yet in the cache
-    step():  admit waiting sequences into free cache rows (n samples of a prompt share its prefill)
+    step():  admit waiting sequences into free cache rows (n samples of a prompt share its prefill;
+                      with a prefix cache, a beginning seen before is copied in, not prefilled)
              prefill: feed up to `prefill_chunk` prompt tokens (long prompts take several steps,
                       so the sequences already decoding never stall behind them)
              sample:  every sequence with fresh logits picks its next token (its own temperature,
