@@ -134,7 +134,7 @@ def test_top_k_and_top_p_over_a_large_vocabulary_keep_what_a_full_sort_keeps():
     """The filter sorts only the largest candidates, more while a row's nucleus may reach past them: peaked
     and flat rows, top_k above the first candidates, and a row without a filter beside filtered ones keep
     exactly the tokens a full sort keeps."""
-    from pocketgpt.engine import FILTER_CANDIDATES, _filter_top, sample_rows
+    from pocketgpt.engine import FILTER_CANDIDATES, _nucleus, sample_rows
 
     torch.manual_seed(0)
     V = 3000
@@ -162,8 +162,8 @@ def test_top_k_and_top_p_over_a_large_vocabulary_keep_what_a_full_sort_keeps():
     assert len(seen[1]) == len(expected[1]) == 1 and len(seen[5]) > 250  # the unfiltered row ranges widely
     top_k = torch.tensor([p.top_k or V for p in params])
     top_p = torch.tensor([p.top_p for p in params])
-    filtered = _filter_top(logits, top_k, top_p)
-    assert [set(torch.nonzero(r > float("-inf")).flatten().tolist()) for r in filtered] == expected
+    values, order = _nucleus(logits, top_k, top_p)
+    assert [set(ids[v > float("-inf")].tolist()) for v, ids in zip(values, order)] == expected
 
 
 def test_sampling_follows_the_distribution_per_row_with_its_own_generator():
@@ -197,8 +197,8 @@ def test_sampling_over_logits_wider_than_float32_keeps_the_distribution_and_its_
     freq = torch.bincount(picks, minlength=len(row)).double() / 20000
     expected = torch.softmax(row.double(), dim=-1)
     assert torch.allclose(freq, expected, atol=0.015) and freq[[0, 1, 2, 3, 7, 8]].sum() == 0
-    kept = engine._filter_top(logits[:1], torch.tensor([len(row)]), torch.tensor([0.7]))
-    assert torch.nonzero(kept[0] > float("-inf")).flatten().tolist() == [5, 6]
+    values, order = engine._nucleus(logits[:1], torch.tensor([len(row)]), torch.tensor([0.7]))
+    assert order[0][values[0] > float("-inf")].tolist() == [6, 5]
     for edge in (0.0, 1.0 - 2.0 ** -24):
         monkeypatch.setattr(engine.torch, "rand", lambda *a, edge=edge, **k: torch.full((1,), edge))
         assert int(engine.sample_rows(logits[:1], [SamplingParams()], [None])[0]) in (4, 5, 6)

@@ -143,10 +143,11 @@ def stable_exp(x: torch.Tensor) -> torch.Tensor:
 FILTER_CANDIDATES = 64
 
 
-def _filter_top(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """x (B, V) with -inf outside each row's top_k largest and outside its nucleus: the fewest largest whose
-    probabilities sum past top_p (the token that crosses it kept). Only the largest few are sorted: then
-    4x as many while a row's kept set may reach further, up to the whole row."""
+def _nucleus(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates: the largest logits of x (B, V), sorted, with -inf for those outside its top_k
+    or outside its nucleus (the fewest largest whose probabilities sum past top_p, the token that crosses it
+    kept); and their token ids. Only the largest few are sorted: then 4x as many while a row's kept set may
+    reach further, up to the whole row."""
     V = x.shape[-1]
     log_total = x.amax(dim=-1, keepdim=True) + stable_exp(x).sum(dim=-1, keepdim=True).log()
     k = min(V, max(FILTER_CANDIDATES, int(top_k.where(top_k < V, 0).max())))  # every row's top_k among them
@@ -161,7 +162,22 @@ def _filter_top(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> to
         k = min(V, k * 4)
     rank = torch.arange(k, device=x.device)[None, :]
     drop = (rank >= top_k[:, None]) | (before > top_p[:, None])
-    return torch.full_like(x, float("-inf")).scatter(-1, order, values.masked_fill(drop, float("-inf")))
+    return values.masked_fill(drop, float("-inf")), order
+
+
+def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of x (B, N), the column whose slice of the cumulative probabilities holds u (B,) in [0, 1)."""
+    cdf = stable_exp(x).cumsum(dim=-1)  # unnormalised: u is scaled to its total
+    # side="right": the first column whose cumulative probability exceeds u * total; a column of probability
+    # zero owns an empty slice and is never picked.
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
+    # The float edges of a draw (u = 0 meeting stable_exp's floor, u * total rounding up to the total) can
+    # land on a column of probability zero (-inf: banned, outside a grammar), about once in 10^7 draws:
+    # such a row takes its most likely column instead, so a constraint holds on every token.
+    impossible = x.gather(1, picked[:, None])[:, 0] == float("-inf")
+    if bool(impossible.any()):
+        picked = torch.where(impossible, x.argmax(dim=-1), picked)
+    return picked
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
@@ -173,6 +189,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     probabilities holds u. A seeded request is so reproducible whoever shares its batch, and the whole
     batch is one exponential, one cumsum and one search: for 32 rows of SmolLM2's 49k vocabulary, a
     uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
+    A row with top-k or top-p draws among its sorted candidates only (_nucleus), not over the vocabulary.
     """
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
     greedy = len(hot) < len(params)  # an argmax over the batch only when some row needs it
@@ -183,27 +200,20 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     temperatures = [params[i].temperature for i in hot]
     if any(t != 1 for t in temperatures):
         x = x / torch.tensor(temperatures, device=logits.device)[:, None]
+    u = torch.cat([torch.rand(1, device=x.device, generator=generators[i]) for i in hot])
     V = x.shape[-1]
     filtered = [row for row, i in enumerate(hot) if 0 < params[i].top_k < V or params[i].top_p < 1]
-    if filtered:
+    if not filtered:
+        picked = _draw(x, u)
+    else:
+        picked = torch.empty(len(hot), dtype=torch.long, device=x.device)
+        free = [row for row in range(len(hot)) if row not in set(filtered)]
+        if free:
+            picked[free] = _draw(x[free], u[free])
         top_k = torch.tensor([k if 0 < (k := params[hot[row]].top_k) < V else V for row in filtered], device=x.device)
         top_p = torch.tensor([params[hot[row]].top_p for row in filtered], device=x.device)
-        if len(filtered) == len(hot):
-            x = _filter_top(x, top_k, top_p)
-        else:
-            x = x.clone() if x is logits else x
-            x[filtered] = _filter_top(x[filtered], top_k, top_p)
-    cdf = stable_exp(x).cumsum(dim=-1)  # unnormalised: u is scaled to its total
-    u = torch.cat([torch.rand(1, device=x.device, generator=generators[i]) for i in hot])
-    # side="right": the first token whose cumulative probability exceeds u * total; a token of probability
-    # zero owns an empty slice and is never picked.
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=V - 1)
-    # The float edges of a draw (u = 0 meeting stable_exp's floor, u * total rounding up to the total) can
-    # land on a token of probability zero (-inf: banned, outside a grammar), about once in 10^7 draws:
-    # such a row takes its most likely token instead, so a constraint holds on every token.
-    impossible = x.gather(1, picked[:, None])[:, 0] == float("-inf")
-    if bool(impossible.any()):
-        picked = torch.where(impossible, x.argmax(dim=-1), picked)
+        values, order = _nucleus(x[filtered] if len(filtered) < len(hot) else x, top_k, top_p)
+        picked[filtered] = order.gather(1, _draw(values, u[filtered])[:, None])[:, 0]
     if not greedy:
         return picked
     tokens[hot] = picked
