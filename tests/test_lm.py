@@ -1,6 +1,7 @@
 """The LM protocol: the same calls, the same answers, through our engine and through our server."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -63,6 +64,12 @@ def test_a_choice_is_held_verbatim(lm):
     options = ('He said "hi".', "a\\b", "你好。", "The capital of Velmo is Dorin.")
     texts = [g.text for g in lm.chat(HELLO, n=8, temperature=1.0, max_tokens=40, seed=3, choices=options)]
     assert all(t in options for t in texts) and len(set(texts)) > 1
+
+
+def test_a_regex_holds_the_reply(lm):
+    # A random model answers "at once" only because the pattern allows nothing else (the direct strategy).
+    texts = [g.text for g in lm.chat(HELLO, n=8, temperature=1.0, max_tokens=8, seed=3, regex=r"-?[0-9]{1,4}")]
+    assert all(re.fullmatch(r"-?[0-9]{1,4}", t) for t in texts) and len(set(texts)) > 1
 
 
 def test_both_backends_give_the_same_greedy_answers(run, served):

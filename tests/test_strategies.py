@@ -39,6 +39,16 @@ def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
     assert result.scores["schema_valid"] == 1.0 and all(r["scores"]["schema_valid"] == 1.0 for r in rows)
 
 
+@pytest.mark.parametrize("name", ["arithmetic", "game24"])
+def test_a_direct_answer_is_given_at_once_in_the_tasks_answer_form(lm, name):  # noqa: F811
+    """"direct" means no working: the reply is held to the task's answer form, a bare number or expression."""
+    import re
+
+    task = get_task(name)
+    answers = ask(lm, task, task.examples("test")[:3], "direct", Settings(shots=1, max_tokens=16))
+    assert all(re.fullmatch(task.answer_pattern, a.text) for a in answers)
+
+
 def test_quoting_rag_answers_with_a_sentence_of_the_retrieved_passages(lm):  # noqa: F811
     from pocketgpt.rag.answer import sentences
     from pocketgpt.rag.world import world_index

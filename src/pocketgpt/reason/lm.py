@@ -53,6 +53,7 @@ class Request:
     seed: int | None = None
     json_schema: dict | None = None  # hold the output to this schema (constrained decoding)
     choices: tuple[str, ...] | None = None  # the reply is exactly one of these strings (vLLM's guided_choice)
+    regex: str | None = None  # the reply matches this regular expression (vLLM's guided_regex)
     tools: list[dict] | None = None  # OpenAI function specs the model may call; a call ends the turn
     tool_choice: str = "auto"  # "required": the turn must be a call (held to the tools' schemas)
 
@@ -116,9 +117,10 @@ class LocalLM(LM):
         self._constraints = None
 
     def _processor_factory(self, r: Request):
-        """The request's constraint, as the server builds it: a forced tool call, a JSON schema or a choice."""
+        """The request's constraint, as the server builds it: a forced tool call, a JSON schema, a choice or a
+        regular expression."""
         forced = bool(r.tools) and r.tool_choice == "required"
-        if r.json_schema is None and r.choices is None and not forced:
+        if r.json_schema is None and r.choices is None and r.regex is None and not forced:
             return None
         if self._constraints is None:
             from ..constrain import Constraints
@@ -129,6 +131,8 @@ class LocalLM(LM):
                                                  or {"type": "object"}) for t in r.tools]).processor
         if r.choices is not None:
             return self._constraints.choice(list(r.choices)).processor
+        if r.regex is not None:
+            return self._constraints.regex(r.regex).processor
         return self._constraints.json_schema(r.json_schema).processor
 
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
@@ -226,8 +230,10 @@ class OpenAILM(LM):
         if r.json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": r.json_schema}}
-        if r.choices is not None:  # not in OpenAI's API: vLLM's extension, which our server speaks too
+        if r.choices is not None:  # not in OpenAI's API: vLLM's extensions, which our server speaks too
             kwargs["extra_body"] = {"guided_choice": list(r.choices)}
+        if r.regex is not None:
+            kwargs["extra_body"] = {"guided_regex": r.regex}
         resp = self._send(self.client.chat.completions.create, model=self.model, messages=r.messages, n=r.n,
                           temperature=r.temperature, max_tokens=r.max_tokens, stop=list(r.stop) or None,
                           seed=r.seed, **kwargs)

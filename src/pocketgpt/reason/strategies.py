@@ -2,7 +2,8 @@
 check itself, search, and act with tools. Each works on any `LM` (a local run or an
 OpenAI-compatible server) and reports its cost (model calls and tokens) next to its accuracy.
 
-    direct            the question alone (or after solved examples in the direct rendering)
+    direct            the question alone (or after solved examples in the direct rendering), the reply
+                      held to the task's answer form where it has one (an arithmetic result: digits)
     cot               worked examples as earlier turns, or zero-shot "Let's think step by step."
     self_consistency  k samples of the step-by-step answer at a temperature; the majority answer wins
     reflection        the model checks its answer and samples again when it says "no" (reflection.py)
@@ -61,9 +62,11 @@ class Settings:
 def _sampled(lm: LM, task: Task, examples: list[Example], s: Settings, style: str, n: int,
              temperature: float, json_schema: bool = False) -> list[list[str]]:
     think = s.think and style != "direct"
+    regex = task.answer_pattern if style == "direct" and not json_schema else None
     requests = [Request(chat_messages(task, e, s.shots, style, think), n=n, temperature=temperature,
                         max_tokens=s.max_tokens, seed=s.seed + i if temperature > 0 else None,
-                        json_schema=e.meta["schema"] if json_schema else None) for i, e in enumerate(examples)]
+                        json_schema=e.meta["schema"] if json_schema else None, regex=regex)
+                for i, e in enumerate(examples)]
     return [[g.text for g in gens] for gens in lm.chat_batch(requests)]
 
 

@@ -4,7 +4,7 @@ to a pocketgpt run as they would to OpenAI, vLLM or llama.cpp's server.
     GET  /v1/models                a run directory serves each stage as a model id (base, sft, ppo, grpo...)
     POST /v1/chat/completions      messages -> the chat template's prompt -> the engine; streaming (SSE),
                                    n, logprobs, response_format (constrained decoding), tools,
-                                   guided_choice (vLLM's: one of given strings)
+                                   guided_choice (vLLM's: one of given strings), guided_regex
     POST /v1/completions           plain text continuation, for base models
     POST /tokenize, /detokenize    the tokenizer, as vLLM exposes it (+ each token's text, for the page)
     GET  /health, /metrics         liveness; Prometheus text (running, waiting, tokens/s, time to first token)
@@ -318,7 +318,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                          "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
 
     def constrained(req: ChatCompletionRequest) -> bool:
-        return (req.forced_tool is not None or req.guided_choice is not None
+        return (req.forced_tool is not None or req.guided_choice is not None or req.guided_regex is not None
                 or (req.response_format is not None and req.response_format.type != "text"))
 
     def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
@@ -329,6 +329,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             return w.constraints.tool_call([(t.name, t.parameters or {"type": "object"}) for t in tools]).processor
         if req.guided_choice is not None:
             return w.constraints.choice(req.guided_choice).processor
+        if req.guided_regex is not None:
+            return w.constraints.regex(req.guided_regex).processor
         fmt = req.response_format
         if fmt.type == "json_object":
             return w.constraints.json_object().processor

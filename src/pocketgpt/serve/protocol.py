@@ -116,6 +116,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     # vLLM's extension: the reply is exactly one of these strings (quoting a passage, a label, yes/no)
     guided_choice: list[str] | None = None
+    guided_regex: str | None = None  # vLLM's too: the reply matches this regular expression
 
     def check(self, limits: Limits) -> None:
         self.check_common(limits)
@@ -160,6 +161,13 @@ class ChatCompletionRequest(SamplingFields):
             if (fmt is not None and fmt.type != "text") or self.forced_tool is not None:
                 raise APIError(400, "guided_choice cannot be combined with response_format or a required tool call",
                                "guided_choice")
+        if self.guided_regex is not None:
+            if not self.guided_regex or len(self.guided_regex) > limits.max_message_chars:
+                raise APIError(400, f"guided_regex takes a pattern of 1 to {limits.max_message_chars} characters",
+                               "guided_regex")
+            if (fmt is not None and fmt.type != "text") or self.forced_tool is not None or self.guided_choice is not None:
+                raise APIError(400, "guided_regex cannot be combined with response_format, guided_choice or a "
+                               "required tool call", "guided_regex")
 
     @staticmethod
     def text_of(m: Message, i: int) -> str:

@@ -21,6 +21,7 @@ QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?
 class Arithmetic(Task):
     name = "arithmetic"
     styles = ("direct", "cot", "tool", "check")
+    answer_pattern = r"-?[0-9]{1,12}"
 
     def __init__(self, seed: int = 0, digits: int = 3, word_fraction: float = 0.25):
         if digits < 2:

@@ -58,6 +58,10 @@ class Task:
     styles: tuple[str, ...] = ("direct",)
     sizes = {"train": 1000, "validation": 200, "test": 300}
     unique_working = True  # one right way to work each example out (`cot`), so any other step is wrong
+    # A direct answer's form (a regular expression): the `direct` strategy holds the reply to it by
+    # constrained decoding, so that "direct" means answering at once even from a model trained to work
+    # every answer out. None: a direct reply is free text.
+    answer_pattern: str | None = None
     max_misses = 2000  # stop drawing after this many repeats in a row: the problem space is used up
 
     def __init__(self, seed: int = 0):

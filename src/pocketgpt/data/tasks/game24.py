@@ -247,6 +247,7 @@ class Game24(Task):
     styles = ("direct", "cot", "propose", "value")
     sizes = UNLIMITED  # bounded: there are 1362 solvable puzzles
     unique_working = False  # a puzzle has many solutions; `check` verifies the one given
+    answer_pattern = r"[0-9+\-*/() ]{1,40}"
 
     def generate(self, rng: random.Random) -> Iterator[Example]:
         puzzles = list(itertools.combinations_with_replacement(range(1, 14), 4))
