@@ -96,3 +96,28 @@ def test_the_matrix_holds_the_comparisons_of_the_talk():
                    ("compare_decimals", "self_consistency"), ("structured", "constrained")]:
         assert wanted in rows
     assert [c.overrides.get("beam") for c in MATRIX if c.strategy == "tot" and not c.overrides.get("oracle")][:2] == [1, 5]
+
+
+def test_the_talks_orderings_are_compared_question_by_question(tmp_path):
+    """CoT right where direct is wrong on every question: the paired difference is +100% with an interval
+    above zero, in matrix.json and on the report card; rows that asked other questions are not paired."""
+    from pocketgpt.reason.matrix import comparisons, paired_difference
+
+    def works_it_out(messages, request):  # right unless held to a bare number (the direct rows)
+        return knows_arithmetic(messages, request) if request.regex is None else [Generation("0", "stop")] * request.n
+
+    out = tmp_path / "sft" / "matrix"
+    cells = [Cell("arithmetic", "direct", "direct"), Cell("arithmetic", "CoT", "cot")]
+    saved = run_matrix(ScriptedLM(works_it_out), out, n=20, cells=cells, log=lambda *a, **k: None)
+    [c] = saved["comparisons"]
+    assert (c["first"], c["second"], c["n"], c["wins"], c["losses"]) == ("CoT", "direct", 20, 20, 0)
+    assert c["difference"] == 1.0 and 0 < c["ci_low"] <= c["ci_high"] == 1.0
+    assert "| arithmetic | CoT vs direct | +100.0% |" in write_report(tmp_path).read_text()
+    same = paired_difference([True, False, True, False], [True, False, True, False])
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0 and same["wins"] == same["losses"] == 0
+    mixed = paired_difference([True, False] * 10, [False, True] * 10)
+    assert mixed["ci_low"] < 0 < mixed["ci_high"] and mixed["wins"] == mixed["losses"] == 10
+    path = out / "cells" / "arithmetic__direct.jsonl"
+    path.write_text("".join(line.replace('"question": "', '"question": "other ') + "\n"
+                            for line in path.read_text().splitlines()))
+    assert comparisons(out, saved["cells"]) == []

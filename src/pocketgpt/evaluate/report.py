@@ -117,6 +117,16 @@ def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def comparison_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The matrix's paired comparisons (reason/matrix.py: ORDERINGS): one line per ordering of the talk."""
+    header = ["task", "comparison", "difference", "95% interval (paired)", "only the first right",
+              "only the second right", "n"]
+    rows = [[c["task"], f"{c['first']} vs {c['second']}", f"{c['difference']:+.1%}",
+             f"{c['ci_low']:+.1%} - {c['ci_high']:+.1%}", str(c["wins"]), str(c["losses"]), str(c["n"])]
+            for c in results.get("comparisons", [])]
+    return header, rows
+
+
 def plot_leaderboard(rows: list[dict], path: Path) -> Path:
     """Ratings with their 95% intervals, best at the top."""
     import matplotlib
@@ -254,6 +264,10 @@ def write_report(run: str | Path) -> Path:
             parts.append("Each strategy asks the same checkpoint; model calls and tokens are its cost "
                          f"(`pocketgpt eval {run}/{stage} --matrix`).\n")
             parts.append(markdown_table(*matrix_table(matrix)) + "\n")
+            if matrix.get("comparisons"):
+                parts.append("The talk's orderings, question by question: a difference whose interval excludes "
+                             "zero is one the matrix shows.\n")
+                parts.append(markdown_table(*comparison_table(matrix)) + "\n")
             parts.append(matrix_provenance(matrix))
     arena = _load(run / "arena" / "leaderboard.json")
     if arena:

@@ -9,8 +9,9 @@ chain of thought vs a calculator, and a vote on top; the vote again on 9.11 vs 9
 model's single chain of thought is right often enough for a vote to have something to gather; on
 multi-hop questions, closed book vs ReAct; on JSON extraction, unconstrained vs constrained decoding;
 reflection where the model can check itself; and facts closed book vs retrieved passages (RAG), with
-each retriever's recall. The result is `matrix.json` (every cell) plus one JSONL of answers and traces
-per cell; the run's report card shows the table (evaluate/report.py reads `RUN/matrix/matrix.json`).
+each retriever's recall. The result is `matrix.json` (every cell, and the talk's orderings compared
+question by question with a paired interval) plus one JSONL of answers and traces per cell; the run's
+report card shows both tables (evaluate/report.py reads `RUN/matrix/matrix.json`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ MATRIX: list[Cell] = [
     Cell("factqa_unseen", "RAG", "rag"),
     Cell("factqa_unseen", "RAG, quoting", "rag", {"quote": True}),
 ]
+# The talk's orderings, each compared question by question (the same questions in both rows): the row
+# said to do better, then the row below it. A paired comparison sees what two overlapping intervals hide.
+ORDERINGS = [("game24", "ToT b=5", "CoT-SC"), ("game24", "CoT-SC", "CoT"), ("game24", "CoT", "IO"),
+             ("arithmetic", "calculator", "CoT"), ("arithmetic", "CoT", "direct"), ("arithmetic", "CoT-SC", "CoT"),
+             ("compare_decimals", "CoT-SC", "CoT"), ("multihop", "ReAct", "closed book"),
+             ("structured", "constrained", "unconstrained"), ("factqa_unseen", "RAG, quoting", "closed book")]
 SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100,
          "factqa_head": 100, "factqa_tail": 100, "factqa_unseen": 100}
 
@@ -112,13 +119,49 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
                 continue
             seconds = time.perf_counter() - start
             log(f"{result.line()}  {seconds:.0f}s", highlight=False)
-            name = f"{cell.task}__{cell.label}".replace(" ", "_").replace("/", "_").replace(",", "").replace("=", "")
-            atomic_write_text(out_dir / "cells" / f"{name}.jsonl",
+            atomic_write_text(cell_path(out_dir, cell.task, cell.label),
                               "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
             results["cells"].append({**result.to_dict(), "seconds": seconds, "measured": results["measured"]})
             _write(out_dir, results, measured)
             progress.advance(bar)
     return _write(out_dir, results, measured)  # with what earlier runs measured and this one did not ask for
+
+
+def cell_path(out_dir: Path, task: str, label: str) -> Path:
+    """Where a cell's answers and traces go: one JSON line per question."""
+    name = f"{task}__{label}".replace(" ", "_").replace("/", "_").replace(",", "").replace("=", "")
+    return Path(out_dir) / "cells" / f"{name}.jsonl"
+
+
+def paired_difference(first: list[bool], second: list[bool], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Accuracy of `first` minus accuracy of `second` on the same questions, with a 95% bootstrap interval
+    (the questions resampled with replacement, seeded), and how many only the first (wins) or only the
+    second (losses) got right."""
+    import numpy as np
+
+    d = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+
+
+def comparisons(out_dir: Path, cells: list[dict]) -> list[dict]:
+    """The talk's orderings (ORDERINGS) whose two rows are among `cells` (the matrix's measured cells, whose
+    answers are in `out_dir`), each paired question by question; an ordering whose rows asked different
+    questions is left out."""
+    measured = {(c["task"], c["label"]) for c in cells if "error" not in c}
+    found = []
+    for task, first, second in ORDERINGS:
+        paths = cell_path(out_dir, task, first), cell_path(out_dir, task, second)
+        if not {(task, first), (task, second)} <= measured or not all(p.exists() for p in paths):
+            continue
+        a, b = ([json.loads(line) for line in p.read_text().splitlines()] for p in paths)
+        if [r["question"] for r in a] != [r["question"] for r in b] or not a:
+            continue
+        found.append({"task": task, "first": first, "second": second, "n": len(a),
+                      **paired_difference([r["correct"] for r in a], [r["correct"] for r in b])})
+    return found
 
 
 def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
@@ -147,7 +190,7 @@ def _write(out_dir: Path, results: dict, measured: dict) -> dict:
     in the order of MATRIX (cells of no such row after them, in the order they came); returns what it wrote."""
     order = {(c.task, c.label): i for i, c in enumerate(MATRIX)}
     cells = sorted(results["cells"] + list(measured.values()), key=lambda c: order.get((c["task"], c["label"]), len(order)))
-    written = json.loads(json.dumps({**results, "cells": cells}, default=str))
+    written = json.loads(json.dumps({**results, "cells": cells, "comparisons": comparisons(out_dir, cells)}, default=str))
     atomic_write_text(out_dir / "matrix.json", json.dumps(written, indent=2) + "\n")
     return written
 
