@@ -2,6 +2,7 @@
 a Python package) driven by Selenium against `pocketgpt serve` on a tiny run."""
 
 import os
+import re
 import shutil
 import time
 
@@ -89,6 +90,8 @@ def test_send_a_message_and_see_it_stream(page):
     assert final  # the reply arrived...
     assert len(seen - {"", final}) >= 1  # ...in pieces: the page showed partial text before the end
     assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .actions button")  # regenerate is offered
+    usage = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .usage").text  # what it cost, the cache's part too
+    assert re.fullmatch(r"[1-9]\d* prompt tokens \(\d+ cached\), [1-9]\d* generated", usage)
 
 
 def test_stop_a_generation(page):

@@ -207,7 +207,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         picked = _draw(x, u)
     else:
         picked = torch.empty(len(hot), dtype=torch.long, device=x.device)
-        free = [row for row in range(len(hot)) if row not in set(filtered)]
+        kept = set(filtered)
+        free = [row for row in range(len(hot)) if row not in kept]
         if free:
             picked[free] = _draw(x[free], u[free])
         top_k = torch.tensor([k if 0 < (k := params[hot[row]].top_k) < V else V for row in filtered], device=x.device)

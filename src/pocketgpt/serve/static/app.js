@@ -89,6 +89,10 @@ function renderMessages() {
       html += `<div class="tool">→ ${escapeHtml(call.function.name)}(${escapeHtml(call.function.arguments)})</div>`;
     }
     if (m.error) html += `<div class="error">${escapeHtml(m.error)}</div>`;
+    if (m.usage) {  // what the reply cost; the cached part came from the server's prefix cache
+      const cached = (m.usage.prompt_tokens_details || {}).cached_tokens || 0;
+      html += `<div class="usage">${m.usage.prompt_tokens} prompt tokens (${cached} cached), ${m.usage.completion_tokens} generated</div>`;
+    }
     div.innerHTML = `<div class="content">${html}</div>`;
     const actions = document.createElement("div");
     actions.className = "actions";
