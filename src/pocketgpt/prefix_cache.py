@@ -73,9 +73,10 @@ class PrefixCache:
         n = min(self.match(tokens, keys), (len(tokens) - 1) // BLOCK)
         if n == 0:
             return 0
-        blocks = [self.blocks[key] for key in keys[:n]]
+        blocks = []
         for key in keys[:n]:
-            self.blocks.move_to_end(key)
+            self.blocks.move_to_end(key)  # used: the last to go
+            blocks.append(self.blocks[key])
         k, v = torch.cat([b.k for b in blocks], dim=2), torch.cat([b.v for b in blocks], dim=2)
         cache.reserve(cache.rows, n * BLOCK)
         for layer in range(len(cache.k)):

@@ -230,10 +230,10 @@ class OpenAILM(LM):
         if r.json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": r.json_schema}}
-        if r.choices is not None:  # not in OpenAI's API: vLLM's extensions, which our server speaks too
-            kwargs["extra_body"] = {"guided_choice": list(r.choices)}
-        if r.regex is not None:
-            kwargs["extra_body"] = {"guided_regex": r.regex}
+        # guided_choice and guided_regex are not in OpenAI's API: vLLM's extensions, which our server speaks too
+        guided = {"guided_choice": list(r.choices) if r.choices is not None else None, "guided_regex": r.regex}
+        if any(v is not None for v in guided.values()):
+            kwargs["extra_body"] = {k: v for k, v in guided.items() if v is not None}
         resp = self._send(self.client.chat.completions.create, model=self.model, messages=r.messages, n=r.n,
                           temperature=r.temperature, max_tokens=r.max_tokens, stop=list(r.stop) or None,
                           seed=r.seed, **kwargs)
