@@ -1,7 +1,9 @@
 """ReAct: the agent loop's own logic on a scripted model (its calls, observations, budget, fallback)."""
 
+import pytest
 from conftest import ScriptedLM
 
+from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
 from pocketgpt.data.tasks.tools import SPECS, calculator, task_tools
 from pocketgpt.reason.lm import Generation
@@ -77,6 +79,31 @@ def test_out_of_steps_falls_back_to_self_consistency():
     assert len([s for s in answer.trace if "action" in s]) == 2 and answer.trace[-1] == {"fallback": "self_consistency"}
     assert task.verify(example, answer.text) and len(answer.samples) == 3
     assert lm.requests[-1].n == 3 and lm.requests[-1].temperature > 0
+
+
+def test_several_sampled_paths_vote_a_slip_away():
+    """Three trajectories per question, each with a seed of its own at every step; the one that miscopies
+    an operand into its call is outvoted by the two that do not."""
+    task = get_task("arithmetic")
+    examples = [e for e in task.examples("test") if e.meta["kind"] == "column"][:2]
+
+    def agent(messages, request):
+        seen = [m["content"] for m in messages if m["role"] == "tool"]
+        if seen:
+            return [Generation(f"Answer: {seen[0]}", "stop")]
+        m = next(e.meta for e in examples if e.question == messages[-1]["content"])
+        a = m["a"] + 1 if request.seed % 3 == 0 else m["a"]  # every third trajectory slips
+        return [Generation("", "tool_calls", 0, calls(("calculator", {"expression": f"{a} {m['op']} {m['b']}"})))]
+
+    lm = ScriptedLM(agent)
+    answers = react(lm, task, examples, {"calculator": calculator}, [SPECS["calculator"]], paths=3, seed=0)
+    for e, a in zip(examples, answers):
+        assert task.verify(e, a.text) and len(a.samples) == 3 and [p["path"] for p in a.trace] == [0, 1, 2]
+        assert sorted(a.votes.values()) == [1, 2]  # the slip got one vote, the right answer two
+    first_step = lm.requests[:6]
+    assert all(r.temperature > 0 for r in first_step) and len({r.seed for r in lm.requests}) == len(lm.requests)
+    with pytest.raises(PocketError, match="paths must be at least 1"):
+        react(lm, task, examples, {"calculator": calculator}, [SPECS["calculator"]], paths=0)
 
 
 def test_the_python_tool_runs_sandboxed_inside_the_loop():

@@ -322,6 +322,20 @@ def test_game24_propose_and_value_renderings_are_true_to_the_solver():
     assert labels == {"sure", "impossible"}
 
 
+def test_game24_a_puzzle_drawn_again_proposes_at_other_positions():
+    """SFT's extra propose conversations (`redrawn` puzzles) must not repeat the first draw's positions."""
+    from dataclasses import replace
+
+    t = task("game24")
+    examples = t.examples("train")[:20]
+    first = [t.render(e, "propose") for e in examples]
+    again = [t.render(replace(e, meta={**e.meta, "draw": 1}), "propose") for e in examples]
+    assert first == [t.render(e, "propose") for e in examples]  # a draw renders the same every time
+    asked = [[m["content"] for m in c if m["role"] == "user"] for c in first + again]
+    differ = sum(a != b for a, b in zip(asked[:len(examples)], asked[len(examples):]))
+    assert differ >= len(examples) // 2  # the start position is shared; the later ones mostly are not
+
+
 def test_game24_move_parsing_and_composition():
     from pocketgpt.data.tasks.game24 import can_reach_24, compose, parse_proposals, parse_value, value_reply
 

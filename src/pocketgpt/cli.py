@@ -337,7 +337,7 @@ def cmd_eval_strategy(args) -> None:
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, rounds=args.rounds,
                         max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
-                        quote=args.quote)
+                        paths=args.paths, quote=args.quote)
     if args.matrix:
         if args.out:
             out_dir = Path(args.out)
@@ -762,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
     p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")
+    p.add_argument("--paths", type=int, default=1, help="react: sampled trajectories per question, their answers "
+                                                        "voted on (default 1: one greedy trajectory)")
     p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
     p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")

@@ -5,7 +5,8 @@
 
 The rows are the comparisons "State of GPT" makes: on the Game of 24, input-output vs chain of
 thought vs self-consistency vs Tree of Thoughts (the paper's ordering); on arithmetic, direct vs
-chain of thought vs a calculator, and a vote on top; the vote again on 9.11 vs 9.9, where a small
+chain of thought vs a calculator, and a vote on top of each (five chains; five calculator paths, whose
+slips, a miscopied operand, differ from path to path); the vote again on 9.11 vs 9.9, where a small
 model's single chain of thought is right often enough for a vote to have something to gather; on
 multi-hop questions, closed book vs ReAct; on JSON extraction, unconstrained vs constrained decoding;
 reflection where the model can check itself; and facts closed book vs retrieved passages (RAG), with
@@ -52,6 +53,7 @@ MATRIX: list[Cell] = [
     Cell("arithmetic", "direct", "direct", IO),
     Cell("arithmetic", "CoT", "cot", WORKED),
     Cell("arithmetic", "calculator", "react", {"tools": ("calculator",)}),
+    Cell("arithmetic", "calculator-SC", "react", {"tools": ("calculator",), "paths": 5}),
     Cell("arithmetic", "CoT-SC", "self_consistency", WORKED),
     Cell("arithmetic", "reflection", "reflection", WORKED),
     Cell("compare_decimals", "CoT", "cot", WORKED),
@@ -77,6 +79,7 @@ MATRIX: list[Cell] = [
 # said to do better, then the row below it. A paired comparison sees what two overlapping intervals hide.
 ORDERINGS = [("game24", "ToT b=5", "CoT-SC"), ("game24", "CoT-SC", "CoT"), ("game24", "CoT", "IO"),
              ("arithmetic", "calculator", "CoT"), ("arithmetic", "CoT", "direct"), ("arithmetic", "CoT-SC", "CoT"),
+             ("arithmetic", "calculator-SC", "calculator"),
              ("compare_decimals", "CoT-SC", "CoT"), ("multihop", "ReAct", "closed book"),
              ("structured", "constrained", "unconstrained"), ("factqa_unseen", "RAG, quoting", "closed book")]
 SIZES = {"game24": 100, "arithmetic": 100, "compare_decimals": 100, "multihop": 100, "structured": 100,

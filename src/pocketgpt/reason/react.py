@@ -9,25 +9,52 @@ engine and any server. Every conversation of a batch advances one step per round
 call), up to `max_steps` actions. As in the paper, a question that runs out of steps (or of
 context) without an answer backs off to self-consistency: k chain-of-thought samples and a vote.
 Observations are cut to `max_observation_chars`, as the paper's search keeps the first sentences.
+
+With `paths` > 1 every question is worked along that many trajectories, sampled at `temperature`, and
+their answers are voted on: self-consistency on top of acting, so one slip (a miscopied operand, a
+wrong query) is outvoted by the trajectories that did not make it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..common import PocketError
 from ..data.tasks import Example, Task
 from ..data.tasks.prompts import chat_messages
 from ..toolloop import run_tool
 from .lm import LM, Request, tool_call_messages
-from .vote import Answer, vote
+from .vote import Answer, majority, vote
 
 Tool = Callable[..., str]
 
 
 def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], specs: list[dict],
           max_steps: int = 4, shots: int = 0, max_tokens: int = 96, max_observation_chars: int = 400,
-          fallback_k: int = 5, temperature: float = 0.7, seed: int = 0) -> list[Answer]:
-    """Answer each example by acting with tools; a trace of (thought, action, observation) per answer."""
+          fallback_k: int = 5, temperature: float = 0.7, seed: int = 0, paths: int = 1) -> list[Answer]:
+    """Answer each example by acting with tools; a trace of (thought, action, observation) per answer,
+    or with `paths` > 1 one such trace per trajectory and the vote over their answers."""
+    if paths < 1:
+        raise PocketError(f"paths must be at least 1, not {paths}")
+    if paths == 1:
+        return _trajectories(lm, task, examples, tools, specs, max_steps, shots, max_tokens, max_observation_chars,
+                             fallback_k, temperature, seed, sampled=False)
+    walked = _trajectories(lm, task, [e for e in examples for _ in range(paths)], tools, specs, max_steps, shots,
+                           max_tokens, max_observation_chars, fallback_k, temperature, seed, sampled=True)
+    answers = []
+    for start in range(0, len(walked), paths):
+        mine = walked[start:start + paths]
+        pick, votes = majority([a.text for a in mine])
+        answers.append(Answer(mine[pick].text, [a.text for a in mine], votes,
+                              [{"path": p, "steps": a.trace} for p, a in enumerate(mine)]))
+    return answers
+
+
+def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], specs: list[dict],
+                  max_steps: int, shots: int, max_tokens: int, max_observation_chars: int, fallback_k: int,
+                  temperature: float, seed: int, sampled: bool) -> list[Answer]:
+    """One trajectory per example, all advancing together: greedy, or `sampled` at `temperature` with a
+    seed of its own per trajectory and step (so the paths of one question part ways)."""
     style = "tool" if "tool" in task.styles else "direct"
     conversations = [chat_messages(task, e, shots, style) for e in examples]
     traces: list[list[dict]] = [[] for _ in examples]
@@ -36,7 +63,9 @@ def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], s
     for step in range(max_steps + 1):  # max_steps actions, then one last turn to answer
         if not active:
             break
-        replies = _ask(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs) for i in active])
+        replies = _ask(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs,
+                                    temperature=temperature if sampled else 0.0,
+                                    seed=seed + step * len(examples) + i if sampled else None) for i in active])
         still = []
         for i, gens in zip(active, replies):
             g = gens[0] if gens else None
@@ -65,8 +94,6 @@ def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], s
 def _ask(lm: LM, requests: list[Request]) -> list[list]:
     """The batch's replies; a request the model cannot take (its conversation outgrew the context)
     gets no reply instead of failing the batch."""
-    from ..common import PocketError
-
     try:
         return lm.chat_batch(requests)
     except PocketError:

@@ -8,7 +8,8 @@ OpenAI-compatible server) and reports its cost (model calls and tokens) next to 
     self_consistency  k samples of the step-by-step answer at a temperature; the majority answer wins
     reflection        the model checks its answer and samples again when it says "no" (reflection.py)
     tot               Tree of Thoughts on the Game of 24: BFS with a beam, or DFS (tot.py)
-    react             thought / tool call / observation, with self-consistency as the fallback (react.py)
+    react             thought / tool call / observation, with self-consistency as the fallback (react.py);
+                      `paths`: several sampled trajectories per question and a vote over their answers
     constrained       the answer held to the task's JSON schema by constrained decoding
     rag               passages retrieved from the world's encyclopedia, then the answer from them (rag/);
                       `quote`: the answer is one of their sentences, verbatim
@@ -53,6 +54,7 @@ class Settings:
     max_expansions: int = 12  # ToT depth-first: proposals per puzzle
     rounds: int = 2  # reflection: retries after the first answer
     max_steps: int = 4  # ReAct: tool calls before the fallback
+    paths: int = 1  # ReAct: trajectories per question, sampled and voted on when more than one
     tools: tuple[str, ...] = ("calculator", "search")  # ReAct's tools (python too, with root)
     retriever: str = "hybrid"  # rag: bm25, dense or hybrid
     passages: int = 2  # rag: retrieved chunks in the prompt
@@ -109,7 +111,7 @@ def act(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
     if unknown:
         raise PocketError(f"unknown tool {unknown[0]!r}; available: {', '.join(available)}")
     return react(lm, task, examples, {t: available[t] for t in s.tools}, [specs[t] for t in s.tools],
-                 s.max_steps, s.shots, fallback_k=s.k, temperature=s.temperature, seed=s.seed)
+                 s.max_steps, s.shots, fallback_k=s.k, temperature=s.temperature, seed=s.seed, paths=s.paths)
 
 
 def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:

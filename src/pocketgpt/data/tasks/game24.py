@@ -270,10 +270,12 @@ class Game24(Task):
 
     def render(self, example: Example, style: str = "direct") -> list[dict]:
         """propose and value: several exchanges about different positions of the puzzle in one
-        conversation (more positions per puzzle; the first exchange is exactly what the search asks)."""
+        conversation (more positions per puzzle; the first exchange is exactly what the search asks).
+        A puzzle drawn again (meta "draw" > 0, sft.py's `redrawn`) visits other positions."""
         if style not in ("propose", "value"):
             return super().render(example, style)
-        rng = random.Random(f"{example.question}:{style}")
+        draw = example.meta.get("draw", 0)
+        rng = random.Random(f"{example.question}:{style}" + (f":{draw}" if draw else ""))
         messages = []
         if style == "propose":
             for size in (4, rng.choice((3, 2))):
