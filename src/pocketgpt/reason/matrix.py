@@ -5,8 +5,8 @@
 
 The rows are the comparisons "State of GPT" makes: on the Game of 24, input-output vs chain of
 thought vs self-consistency vs Tree of Thoughts (the paper's ordering); on arithmetic, direct vs
-chain of thought vs a calculator, and a vote on top of each (five chains; five calculator paths, whose
-slips, a miscopied operand, differ from path to path); the vote again on 9.11 vs 9.9, where a small
+chain of thought vs a calculator, and a vote on top of each (five chains; five calculator paths,
+which outvote a slip only where slips differ from path to path); the vote again on 9.11 vs 9.9, where a small
 model's single chain of thought is right often enough for a vote to have something to gather; on
 multi-hop questions, closed book vs ReAct; on JSON extraction, unconstrained vs constrained decoding;
 reflection where the model can check itself; and facts closed book vs retrieved passages (RAG), with

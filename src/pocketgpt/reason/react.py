@@ -11,8 +11,9 @@ context) without an answer backs off to self-consistency: k chain-of-thought sam
 Observations are cut to `max_observation_chars`, as the paper's search keeps the first sentences.
 
 With `paths` > 1 every question is worked along that many trajectories, sampled at `temperature`, and
-their answers are voted on: self-consistency on top of acting, so one slip (a miscopied operand, a
-wrong query) is outvoted by the trajectories that did not make it.
+their answers are voted on: self-consistency on top of acting. It pays where slips (a miscopied
+operand, a wrong query) differ from path to path; a model whose slips repeat gains nothing
+(DEVELOPERS.md measures both on arithmetic).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..data.tasks import Example, Task
 from ..data.tasks.prompts import chat_messages
 from ..toolloop import run_tool
 from .lm import LM, Request, tool_call_messages
-from .vote import Answer, majority, vote
+from .vote import Answer, vote
 
 Tool = Callable[..., str]
 
@@ -41,13 +42,9 @@ def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], s
                              fallback_k, temperature, seed, sampled=False)
     walked = _trajectories(lm, task, [e for e in examples for _ in range(paths)], tools, specs, max_steps, shots,
                            max_tokens, max_observation_chars, fallback_k, temperature, seed, sampled=True)
-    answers = []
-    for start in range(0, len(walked), paths):
-        mine = walked[start:start + paths]
-        pick, votes = majority([a.text for a in mine])
-        answers.append(Answer(mine[pick].text, [a.text for a in mine], votes,
-                              [{"path": p, "steps": a.trace} for p, a in enumerate(mine)]))
-    return answers
+    groups = [walked[start:start + paths] for start in range(0, len(walked), paths)]
+    return [vote([a.text for a in mine], [{"path": p, "steps": a.trace} for p, a in enumerate(mine)])
+            for mine in groups]
 
 
 def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], specs: list[dict],
