@@ -6,6 +6,7 @@ from test_lm import lm, run, served  # noqa: F401  (the two backends, as fixture
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
 from pocketgpt.reason import LM
+from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.strategies import STRATEGIES, Settings, ask, evaluate_strategy
 
 # Each strategy on a task it fits, with what it costs in model calls for 2 questions (tot: a search).
@@ -37,6 +38,21 @@ def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
     task = get_task("structured")
     result, rows = evaluate_strategy(lm, task, "constrained", n=4, settings=Settings(max_tokens=256))
     assert result.scores["schema_valid"] == 1.0 and all(r["scores"]["schema_valid"] == 1.0 for r in rows)
+
+
+def test_a_finer_measure_averages_over_the_replies_it_applies_to(scripted):
+    """A worked reply's "columns read right" is not diluted by a bare answer that has no columns."""
+    task = get_task("arithmetic")
+    first, second = task.examples("test")[:2]
+    assert first.meta["kind"] == second.meta["kind"] == "column"
+
+    def reply(messages, request):  # the first question worked out, the second answered bare
+        text = task.cot(first) if first.question in messages[-1]["content"] else second.answer
+        return [Generation(text, "stop")]
+
+    result, rows = evaluate_strategy(scripted(reply), task, "cot", n=2)
+    assert [r["scores"] for r in rows] == [{"columns_read_right": 1.0, "steps_true": 1.0}, {}]
+    assert result.scores == {"columns_read_right": 1.0, "steps_true": 1.0} and result.accuracy == 1.0
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "game24"])

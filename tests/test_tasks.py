@@ -198,6 +198,37 @@ def test_arithmetic_tool_and_cot():
     assert langs == {"en", "zh"}
 
 
+def test_arithmetic_reads_a_working_back_column_by_column():
+    """A worked reply is graded by where it failed: reading the operands' digits, or the sums."""
+    t = task("arithmetic")
+    example = next(e for e in t.examples("test") if e.meta["kind"] == "column" and e.meta["op"] == "+"
+                   and min(e.meta["a"], e.meta["b"]) >= 100)
+    a, b = example.meta["a"], example.meta["b"]
+    reference = t.cot(example)
+    assert t.scores(example, reference) == {"columns_read_right": 1.0, "steps_true": 1.0}
+    # The same working with the first column's ones digit of a misread (and its sum kept true).
+    lines = reference.splitlines()
+    ones = lines[1]
+    wrong = (a % 10 + 1) % 10
+    total = wrong + b % 10
+    lines[1] = f"Ones: {wrong} + {b % 10} = {total}, write {total % 10}" + (", carry 1." if total > 9 else ".")
+    misread = t.scores(example, "\n".join(lines))
+    columns = sum(line.split(":")[0] in ("Ones", "Tens", "Hundreds", "Thousands") for line in lines)
+    assert ones != lines[1] and misread["columns_read_right"] == (columns - 1) / columns
+    # A false sum read from the right digits.
+    lines = reference.splitlines()
+    lines[1] = lines[1].replace(f"= {a % 10 + b % 10},", f"= {a % 10 + b % 10 + 1},", 1)
+    false_sum = t.scores(example, "\n".join(lines))
+    assert false_sum["columns_read_right"] == 1.0 and false_sum["steps_true"] < 1.0
+    # A bare answer has no working to read; a subtraction with borrows and a product read back whole.
+    assert t.scores(example, example.answer) == {}
+    assert t.scores(example, "Ones: " + " + ".join(["9"] * 300) + " = 5")["steps_true"] == 0.0  # never an error
+    for op in ("-", "×"):
+        other = next(e for e in t.examples("test") if e.meta["kind"] == "column" and e.meta["op"] == op
+                     and min(e.meta["a"], e.meta["b"]) >= 10)
+        assert t.scores(other, t.cot(other)) == {"columns_read_right": 1.0, "steps_true": 1.0}
+
+
 def test_a_list_of_styles_takes_turns():
     t = task("arithmetic")
     examples = t.examples("train")[:4]

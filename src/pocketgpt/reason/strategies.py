@@ -166,7 +166,7 @@ class StrategyResult:
     calls: int
     prompt_tokens: int
     completion_tokens: int
-    scores: dict[str, float] = field(default_factory=dict)  # the task's finer measures, averaged
+    scores: dict[str, float] = field(default_factory=dict)  # the task's finer measures, averaged where they apply
     label: str = ""  # the matrix row's name ("tot b=5"), when it differs from the strategy
 
     def line(self) -> str:
@@ -190,8 +190,10 @@ def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n:
             for e, a in zip(examples, answers)]
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
-    names = rows[0]["scores"].keys() if rows else ()
-    scores = {k: sum(r["scores"][k] for r in rows) / len(rows) for k in names}
+    # A measure averages over the replies it applies to (a direct answer has no working to read).
+    names = dict.fromkeys(k for r in rows for k in r["scores"])
+    scores = {k: sum(r["scores"][k] for r in rows if k in r["scores"]) / sum(k in r["scores"] for r in rows)
+              for k in names}
     u = lm.usage
     return StrategyResult(task.name, strategy, len(rows), correct, correct / max(1, len(rows)), lo, hi,
                           u.calls - before.calls, u.prompt_tokens - before.prompt_tokens,

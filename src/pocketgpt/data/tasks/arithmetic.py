@@ -2,17 +2,20 @@
 
 The Swiss-cheese case for tokens-to-think: a model that must answer 487 × 356 in one go usually
 fails, the same model writing out the column steps (`mathtext.worked_steps`) usually succeeds,
-and with a calculator it cannot fail.
+and with a calculator it cannot fail. `scores` reads a worked reply back to say where it failed:
+reading the operands' digits into the columns, or the digit sums themselves.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 
 from ...errors import PocketError
-from ..mathtext import OPS, apply, random_operands, word_problem, worked_steps
+from ..mathtext import OPS, PLACES, apply, random_operands, word_problem, worked_steps
 from .base import Example, Task, assistant, final_answer, numbers
+from .expr import evaluate
 from .tools import use_calculator
 
 QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.")
@@ -53,6 +56,18 @@ class Arithmetic(Task):
         found = numbers(final_answer(output))
         return bool(found) and found[-1] == example.meta["answer"]
 
+    def scores(self, example: Example, output: str) -> dict[str, float]:
+        """For a worked reply: the share of its column lines that read the operands' digits right,
+        and the share of the sums it states that are true (each only where the reply has some)."""
+        out = {}
+        read, columns = columns_read(output, self.cot(example))
+        if columns:
+            out["columns_read_right"] = read / columns
+        right, steps = true_steps(output)
+        if steps:
+            out["steps_true"] = right / steps
+        return out
+
     def cot(self, example: Example) -> str:
         m = example.meta
         if m["kind"] == "word":
@@ -65,3 +80,61 @@ class Arithmetic(Task):
         # tokens, so the model copies rather than transliterates, the easiest thing for a small model.
         m = example.meta
         return [*use_calculator(f"{m['a']} {m['op']} {m['b']}"), assistant(example.answer)]
+
+
+PLACE_LINE = re.compile(r"^(%s): " % "|".join(p.capitalize() for p in PLACES))
+BORROWED = re.compile(r" - 1 \(borrowed\) = -?\d+; -?\d+")  # "6 - 1 (borrowed) = 5; 5 - 2" -> "6 - 2"
+CARRIED = re.compile(r" \+ \d+ \(carry\)")
+EQUATION = re.compile(r"(?<![\d.])(\d+(?: [-+×] \d+)+) = (-?\d+)(?!\d|\.\d)")
+
+
+def _column_reading(line: str) -> str:
+    """What a column line reads from the numbers being worked on: the line up to its first result,
+    without the carry or borrow (those follow from earlier columns, not from reading)."""
+    line = CARRIED.sub("", BORROWED.sub("", line))
+    return re.split(r" = |,", line, maxsplit=1)[0]
+
+
+def _column_lines(text: str) -> list[tuple[str, str]]:
+    """(place, what it reads) for each column line, the place numbered by occurrence: a
+    multiplication adds its partial products column by column after working them out."""
+    seen: dict[str, int] = {}
+    out = []
+    for line in text.splitlines():
+        m = PLACE_LINE.match(line.strip())
+        if m:
+            seen[m.group(1)] = seen.get(m.group(1), 0) + 1
+            out.append((f"{m.group(1)}#{seen[m.group(1)]}", _column_reading(line.strip())))
+    return out
+
+
+def columns_read(reply: str, reference: str) -> tuple[int, int]:
+    """Of a reply's column lines ("Tens: 8 + 9 = 17, ..."), how many read the same digits as the
+    reference working's line for that column; a column the reference does not have reads wrong.
+
+    Column arithmetic fails first here when the tokenizer writes "695" as one token: the model must
+    know the token's tens digit, which nothing in the text spells out."""
+    want = dict(_column_lines(reference))
+    lines = _column_lines(reply)
+    return sum(want.get(place) == reading for place, reading in lines), len(lines)
+
+
+def true_steps(reply: str) -> tuple[int, int]:
+    """Of the sums a working states ("8 + 9 + 1 = 18", "7 × 6 + 4 = 46"), how many are true. The
+    conclusion ("So ...") and the answer line are not steps."""
+    right = total = 0
+    for line in reply.splitlines():
+        line = line.strip()
+        if line.startswith(("So ", "Answer", "答案")):
+            continue
+        for expression, stated in EQUATION.findall(re.sub(r" \((?:carry|borrowed)\)", "", line)):
+            total += 1
+            right += _true(expression, stated)
+    return right, total
+
+
+def _true(expression: str, stated: str) -> bool:
+    try:
+        return evaluate(expression) == int(stated)
+    except ValueError:  # longer than the parser takes: model output is graded, never an error
+        return False

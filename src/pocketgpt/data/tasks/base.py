@@ -132,7 +132,8 @@ class Task:
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """Finer measures than right/wrong where a task has them (a JSON answer's schema validity and
-        share of right fields); none by default."""
+        share of right fields); none by default. A measure that does not apply to a reply (a bare
+        answer has no working to read) is left out, and averages skip it."""
         return {}
 
     def sound_working(self, example: Example, output: str) -> bool:
