@@ -112,8 +112,10 @@ def columns_read(reply: str, reference: str) -> tuple[int, int]:
     """Of a reply's column lines ("Tens: 8 + 9 = 17, ..."), how many read the same digits as the
     reference working's line for that column; a column the reference does not have reads wrong.
 
-    Column arithmetic fails first here when the tokenizer writes "695" as one token: the model must
-    know the token's tens digit, which nothing in the text spells out."""
+    Reading a column means finding one digit of each operand earlier in the context, by its place:
+    in-context retrieval, which a small model without induction heads does not do. Our 5.9M model
+    fails here first, and as badly with a tokenizer that gives every digit its own token
+    (DEVELOPERS.md: "Why chain of thought does not help our model's arithmetic")."""
     want = dict(_column_lines(reference))
     lines = _column_lines(reply)
     return sum(want.get(place) == reading for place, reading in lines), len(lines)
