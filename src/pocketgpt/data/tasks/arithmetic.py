@@ -1,9 +1,9 @@
 """Arithmetic: multi-digit + − × and one-step word problems in English and Chinese.
 
 The Swiss-cheese case for tokens-to-think: a model that must answer 487 × 356 in one go usually
-fails, the same model writing out the column steps (`mathtext.worked_steps`) usually succeeds,
-and with a calculator it cannot fail. `scores` reads a worked reply back to say where it failed:
-reading the operands' digits into the columns, or the digit sums themselves.
+fails; one that has learnt to write out the column steps (`mathtext.worked_steps`) can succeed; with
+a calculator it cannot fail. `scores` reads a worked reply back to say where it failed: reading the
+operands' digits into the columns, or the digit sums themselves (our 5.9M model fails at both).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ PLACE_LINE = re.compile(r"^(%s): " % "|".join(p.capitalize() for p in PLACES))
 BORROWED = re.compile(r" - 1 \(borrowed\) = -?\d+; -?\d+")  # "6 - 1 (borrowed) = 5; 5 - 2" -> "6 - 2"
 CARRIED = re.compile(r" \+ \d+ \(carry\)")
 EQUATION = re.compile(r"(?<![\d.])(\d+(?: [-+×] \d+)+) = (-?\d+)(?!\d|\.\d)")
+LABELS = re.compile(r" \((?:carry|borrowed)\)")  # "1 + 1 (carry) = 2" states the sum 1 + 1 = 2
 
 
 def _column_reading(line: str) -> str:
@@ -129,7 +130,7 @@ def true_steps(reply: str) -> tuple[int, int]:
         line = line.strip()
         if line.startswith(("So ", "Answer", "答案")):
             continue
-        for expression, stated in EQUATION.findall(re.sub(r" \((?:carry|borrowed)\)", "", line)):
+        for expression, stated in EQUATION.findall(LABELS.sub("", line)):
             total += 1
             right += _true(expression, stated)
     return right, total
