@@ -3,11 +3,12 @@
 import random
 import re
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 
 from pocketgpt.data import world as world_module
-from pocketgpt.data.mathtext import OPS, apply, calculator_drill, math_documents, worked_steps
+from pocketgpt.data.mathtext import OPS, apply, calculator_drill, fact_documents, math_documents, worked_steps
 from pocketgpt.data.tasks.tools import calculator
 from pocketgpt.data.world import ATTRIBUTE, TIERS, World, WorldConfig
 
@@ -203,6 +204,27 @@ def test_calculator_drills_copy_and_compute_exactly():
         assert (int(m[4]), int(m[6]), int(m[8]), int(m[10])) == (a, b, a, b) and m[9] == op
         assert m[5] == ("*" if op == "×" else op)
         assert int(m[7]) == int(m[11]) == apply(a, op, b) == int(calculator(f"{m[4]}{m[5]}{m[6]}"))
+
+
+def test_number_facts_are_true_and_cover_both_notations():
+    docs = fact_documents(300, seed=0)
+    assert docs == fact_documents(300, seed=0) != fact_documents(300, seed=1)
+    exact = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b, "*": lambda a, b: a * b,
+             "÷": lambda a, b: Fraction(a, b), "/": lambda a, b: Fraction(a, b)}
+    symbols, column_steps = set(), 0
+    for doc in docs:
+        header, *facts = doc.splitlines()
+        assert len(facts) == 12 and not re.search(r"\d", header)
+        for line in facts:
+            m = re.fullmatch(r"(\d+) ([-+×÷*/]) (\d+)(?: \+ (\d))? = (\d+)", line)
+            assert m, line
+            a, op, b, carry = int(m[1]), m[2], int(m[3]), int(m[4] or 0)
+            assert a >= b or m[4], line  # larger operand first, as the Game of 24 writes a move
+            assert exact[op](a, b) + carry == int(m[5]), line
+            symbols.add(op)
+            column_steps += bool(m[4])
+        assert not ({"×", "÷"} & set(doc) and {"*", "/"} & set(doc))  # one notation per drill
+    assert symbols == set(exact) and column_steps > 0
 
 
 def test_worked_steps_reach_the_right_result():

@@ -7,6 +7,7 @@ rendering uses the very same steps (`worked_steps`), so what the model saw in pr
 it is asked to produce later.
 
     math_documents(3, seed=0)        # ['Xiao Ming has 25 books. A friend gives ...', ...]
+    fact_documents(1, seed=0)        # ['Number facts.\n9 + 7 = 16\n12 × 3 = 36\n...']
     worked_steps(487, "×", 356)      # ['Multiply 487 by each digit ...', ..., 'So 487 × 356 = 173372.']
     word_problem(random.Random(0))   # WordProblem(question='小丽有18个橘子，送给同学5个。...', answer=13, ...)
 """
@@ -230,3 +231,49 @@ def math_documents(n: int, seed: int = 0) -> list[str]:
             intro = rng.choice(INTROS).format(p=f"{a} {op} {b}")
             docs.append("\n".join([intro, *worked_steps(a, op, b)]))
     return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Number facts: the pretraining source of one-step sums and products.
+
+FACT_HEADERS = ("Number facts.", "Sums and products to know by heart:", "Quick practice, one fact a line.",
+                "口算练习：")
+
+
+def number_facts(rng: random.Random, lines: int = 12) -> str:
+    """A drill of one-step facts, one per line, each written larger operand first.
+
+    Both places our model meets small-number arithmetic need facts that worked column arithmetic
+    states too rarely to learn (DEVELOPERS.md measures both): a column step ("7 × 6 + 4 = 46",
+    "8 + 9 + 1 = 18") and a Game of 24 move ("12 / 3 = 4", "8 * 3 = 24"), whose numbers run to 13
+    on the table and to 24 after a move. A document writes × and ÷ as the arithmetic task does, or
+    * and / as the Game of 24 does.
+    """
+    times, divide = rng.choice((("×", "÷"), ("*", "/")))
+    out = [rng.choice(FACT_HEADERS)]
+    for _ in range(lines):
+        kind = rng.random()
+        if kind < 0.25:  # a column step: two digits and the carry
+            x, y = rng.randint(0, 9), rng.randint(0, 9)
+            if rng.random() < 0.5:
+                out.append(f"{x} + {y} + 1 = {x + y + 1}")
+            else:
+                carry = rng.randint(1, 8)
+                out.append(f"{x} {times} {y} + {carry} = {x * y + carry}")
+            continue
+        b = rng.randint(1, 13)
+        a = rng.randint(1, 24 if kind < 0.5 else 13)
+        a, b = max(a, b), min(a, b)
+        op = rng.choice(("+", "-", times, divide))
+        if op == divide:  # only exact quotients: a = b × q
+            q = rng.randint(1, 13)
+            out.append(f"{b * q} {divide} {b} = {q}")
+        else:
+            out.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}")
+    return "\n".join(out)
+
+
+def fact_documents(n: int, seed: int = 0) -> list[str]:
+    """n drills of number facts (`number_facts`)."""
+    rng = random.Random(f"facts:{seed}")
+    return [number_facts(rng) for _ in range(n)]

@@ -1,9 +1,10 @@
 """Named text sources: each yields documents (strings). A mixture draws from several by weight.
 
-Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmetic (`math`), task
-conversations in the chat format (`chat`, so the model meets the chat template during pretraining,
-like nanochat's midtraining), and real text present on every machine that has Python: the
-standard library's documentation (`docs`) and source code (`code`). Users add their own: a folder
+Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmetic (`math`), drills of
+one-step number facts (`facts`, not in the default mixture), task conversations in the chat format
+(`chat`, so the model meets the chat template during pretraining, like nanochat's midtraining), and
+real text present on every machine that has Python: the standard library's documentation (`docs`)
+and source code (`code`). Users add their own: a folder
 of text files, JSONL with a text field or Parquet with a text column (a file or a folder of them),
 or a Hugging Face dataset on disk (`hf`: what `Dataset.save_to_disk` wrote, or a folder of data
 files; needs the `datasets` package). Every kind streams its documents, so a source may be larger
@@ -36,7 +37,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
 @dataclass
 class SourceSpec:
     name: str
-    kind: str  # docs | code | text | jsonl | parquet | hf | world | math | spelling | chat
+    kind: str  # docs | code | text | jsonl | parquet | hf | world | math | facts | spelling | chat
     weight: float = 1.0
     path: str = ""
     field: str = "text"
@@ -212,6 +213,12 @@ def _math(spec: SourceSpec) -> Iterator[str]:
     yield from math_documents(**{"n": 2000, "seed": 0, **spec.options})
 
 
+def _facts(spec: SourceSpec) -> Iterator[str]:
+    from .mathtext import fact_documents
+
+    yield from fact_documents(**{"n": 3000, "seed": 0, **spec.options})
+
+
 def _spelling(spec: SourceSpec) -> Iterator[str]:
     from .tasks.swiss_cheese import spelling_documents
 
@@ -253,6 +260,7 @@ KINDS = {
     "hf": _hf_dataset,
     "world": _world,
     "math": _math,
+    "facts": _facts,
     "spelling": _spelling,
     "chat": _chat,
 }
