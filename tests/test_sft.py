@@ -123,22 +123,6 @@ def test_build_conversations_counts(chat, tmp_path):
     assert sum(len(c) for c in convs) == 2 * total and len(convs) < total  # some were joined into two exchanges
 
 
-def test_reading_practice_is_about_other_worlds_and_answered_from_its_passages():
-    from pocketgpt.data.tasks import default_world
-    from pocketgpt.data.tasks.factqa import REFUSAL, practice_reading
-
-    world = default_world()
-    convs = practice_reading(world, 300)
-    ours = {e.name for e in world.entities()}
-    assert len(convs) == 300 and len({c[0]["content"] for c in convs}) == 300
-    for user, answer in convs:
-        question = user["content"].rsplit("Question: ", 1)[1]
-        assert not any(name in question for name in ours)  # nothing the model memorised answers it
-        said = answer["content"]
-        assert said == REFUSAL or said in user["content"].split("\n\nAnswer from")[0]  # a passage's sentence
-    assert 0.5 < sum(a["content"] != REFUSAL for _, a in convs) / 300 < 0.85  # the passage is there 2/3 of the time
-
-
 def test_more_renderings_than_examples_are_new_draws():
     """Asking for more retrieval conversations than there are facts draws the facts again with other
     passages: the extra conversations differ from the first ones, and each still answers its own fact."""

@@ -24,7 +24,8 @@ from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
-from ..data.tasks.factqa import REFUSAL, practice_reading
+from ..data.tasks.factqa import REFUSAL
+from ..data.tasks.practice import practice_conversations
 from ..data.tasks.prompts import fewshot_text
 from ..engine import Engine, SamplingParams
 from ..model import GPT
@@ -33,8 +34,8 @@ from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
 # task -> (rendering, examples from its train split; 0 = all of them). Fact QA also reads passages about
-# its own world ("rag") and, as practice, about worlds nothing memorised can answer (factqa.py:
-# practice_reading), where the passages are the only way to the answer. A list of styles takes turns:
+# its own world ("rag") and, as practice, about worlds nothing memorised can answer (tasks/practice.py),
+# where the passages are the only way to the answer. A list of styles takes turns:
 # arithmetic is shown both worked out and with the calculator, and RL finds out which one pays; the
 # Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions), and "check"
 # teaches the self-check that reflection asks (reason/).
@@ -127,8 +128,8 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
             task_convs += task.render_each(redrawn(examples, count), extra)
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
-        if spec.get("practice"):  # retrieval conversations about other worlds: reading practice
-            convs += practice_reading(task.world, spec["practice"], cfg.seed)
+        if spec.get("practice"):  # conversations about other worlds, answered only from the context
+            convs += practice_conversations(task, task.world, spec["practice"], cfg.seed)
             stats["per_task"][f"{name} (practice worlds)"] = spec["practice"]
     for path in cfg.data:
         records = read_jsonl(path)

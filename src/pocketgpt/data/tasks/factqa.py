@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import replace
 
 from ...errors import PocketError
-from ..world import ATTRIBUTE, TIERS, World, generate_world, show_value, statement
+from ..world import ATTRIBUTE, TIERS, World, show_value, statement
 from .base import UNLIMITED, Example, Task, assistant, final_answer, is_refusal, mentions
 from .prompts import passages_prompt
 from .tools import use_search
@@ -23,6 +22,7 @@ REFUSAL = "I don't know."
 
 class FactQA(Task):
     styles = ("direct", "tool", "sentence", "rag")
+    practice_style = "rag"  # reading practice: the sentence that answers, picked from the passages
     sizes = UNLIMITED  # bounded by the world's facts
 
     def __init__(self, world: World, seed: int = 0, tier: str | None = None):
@@ -104,24 +104,3 @@ class FactQA(Task):
         attribute = ATTRIBUTE[(example.meta["kind"], example.meta["attribute"])]
         query = attribute.statements[0].format(e=example.meta["entity"], v="").strip()
         return [*use_search(self.world, query), assistant(example.meta["value"])]
-
-
-PRACTICE_WORLDS = 10  # worlds the reading practice is drawn from (~2,500 fact questions)
-
-
-def practice_reading(world: World, count: int, seed: int = 0) -> list[list[dict]]:
-    """`count` retrieval conversations ("rag" renderings) about practice worlds: other seeds of the world
-    generator, whose entities share no name with `world`'s. Nothing the model memorised answers them, so
-    the only way to the answer is the passages: the model learns to pick the sentence that answers the
-    question, where retrieval conversations about its own world also let it answer from memory."""
-    taken = {e.name for e in world.entities()}
-    convs = []
-    for i in range(PRACTICE_WORLDS):
-        practice = generate_world(replace(world.config, seed=world.config.seed + 1000 + i))
-        task = FactQA(practice, seed=seed)
-        for split in ("train", "validation", "test"):
-            convs += [task.render(e, "rag") for e in task.examples(split) if e.meta["entity"] not in taken]
-    random.Random(f"practice:{seed}").shuffle(convs)
-    if count > len(convs):
-        raise PocketError(f"reading practice: {count} conversations asked for, {len(convs)} available")
-    return convs[:count]

@@ -23,6 +23,7 @@ MIN_RATIO = Fraction(23, 20)  # below ~1.15 "how many times larger" stops being 
 class MultiHop(Task):
     name = "multihop"
     styles = ("direct", "cot", "tool")
+    practice_style = "tool"  # names copied from the question into searches, populations into the calculator
     sizes = UNLIMITED  # bounded by the pairs of places
 
     def __init__(self, world: World, seed: int = 0):
