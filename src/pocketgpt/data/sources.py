@@ -4,11 +4,10 @@ Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmeti
 one-step number facts (`facts`, not in the default mixture), task conversations in the chat format
 (`chat`, so the model meets the chat template during pretraining, like nanochat's midtraining), and
 real text present on every machine that has Python: the standard library's documentation (`docs`)
-and source code (`code`). Users add their own: a folder
-of text files, JSONL with a text field or Parquet with a text column (a file or a folder of them),
-or a Hugging Face dataset on disk (`hf`: what `Dataset.save_to_disk` wrote, or a folder of data
-files; needs the `datasets` package). Every kind streams its documents, so a source may be larger
-than memory.
+and source code (`code`). Users add their own: a folder of text files, JSONL with a text field or
+Parquet with a text column (a file or a folder of them), or a Hugging Face dataset on disk (`hf`:
+what `Dataset.save_to_disk` wrote, or a folder of data files; needs the `datasets` package). Every
+kind streams its documents, so a source may be larger than memory.
 
 A document is a string, or for `chat` a conversation (a list of messages) that the mixture renders
 with the tokenizer's chat template.

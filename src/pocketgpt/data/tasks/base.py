@@ -62,6 +62,9 @@ class Task:
     # constrained decoding, so that "direct" means answering at once even from a model trained to work
     # every answer out. None: a direct reply is free text.
     answer_pattern: str | None = None
+    # The rendering SFT also draws from other worlds (tasks/practice.py), where only the context answers;
+    # None: the task has no such practice.
+    practice_style: str | None = None
     max_misses = 2000  # stop drawing after this many repeats in a row: the problem space is used up
 
     def __init__(self, seed: int = 0):

@@ -17,13 +17,13 @@ from ...errors import PocketError
 from ..world import World, generate_world
 from .base import Task
 
-PRACTICE_WORLDS = 10  # worlds the practice is drawn from (~2,500 fact questions, ~14,000 multi-hop ones)
+PRACTICE_WORLDS = 10  # worlds the practice is drawn from (~2,500 fact questions)
 
 
 def practice_conversations(task: Task, world: World, count: int, seed: int = 0) -> list[list[dict]]:
     """`count` conversations in `task`'s practice style about practice worlds, none naming an entity of
     `world`."""
-    if not getattr(task, "practice_style", None):
+    if task.practice_style is None:
         raise PocketError(f"task {task.name!r} has no practice rendering (practice worlds)")
     ours = re.compile(r"\b(?:" + "|".join(re.escape(e.name) for e in world.entities()) + r")\b")
     convs = []
