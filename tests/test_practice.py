@@ -14,7 +14,7 @@ from pocketgpt.data.tasks.tools import calculator
 
 def test_reading_practice_is_about_other_worlds_and_answered_from_its_passages():
     task = get_task("factqa")
-    convs = practice_conversations(task, task.world, 300)
+    convs = practice_conversations(task, 300)
     ours = {e.name for e in default_world().entities()}
     assert len(convs) == 300 and len({c[0]["content"] for c in convs}) == 300
     for user, answer in convs:
@@ -27,7 +27,7 @@ def test_reading_practice_is_about_other_worlds_and_answered_from_its_passages()
 
 def test_tool_practice_copies_the_questions_names_and_the_searched_populations():
     task = get_task("multihop")
-    convs = practice_conversations(task, task.world, 200)
+    convs = practice_conversations(task, 200)
     ours = {e.name for e in default_world().entities()}
     assert len(convs) == 200 and len({c[0]["content"] for c in convs}) == 200
     for user, call_a, found_a, call_b, found_b, call_calc, result, answer in convs:
@@ -44,4 +44,4 @@ def test_tool_practice_copies_the_questions_names_and_the_searched_populations()
 def test_a_task_without_a_practice_rendering_is_refused():
     task = get_task("spell")
     with pytest.raises(PocketError, match="no practice rendering"):
-        practice_conversations(task, default_world(), 10)
+        practice_conversations(task, 10)

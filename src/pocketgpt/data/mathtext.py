@@ -264,12 +264,12 @@ def number_facts(rng: random.Random, lines: int = 12) -> str:
         b = rng.randint(1, 13)
         a = rng.randint(1, 24 if kind < 0.5 else 13)
         a, b = max(a, b), min(a, b)
-        op = rng.choice(("+", "-", times, divide))
-        if op == divide:  # only exact quotients: a = b × q
+        op = rng.choice(("+", "-", "×", "÷"))
+        if op == "÷":  # only exact quotients: a = b × q
             q = rng.randint(1, 13)
             out.append(f"{b * q} {divide} {b} = {q}")
         else:
-            out.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}")
+            out.append(f"{a} {times if op == '×' else op} {b} = {apply(a, op, b)}")
     return "\n".join(out)
 
 

@@ -129,7 +129,7 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
         stats["per_task"][name] = len(task_convs)
         convs += task_convs
         if spec.get("practice"):  # conversations about other worlds, answered only from the context
-            convs += practice_conversations(task, task.world, spec["practice"], cfg.seed)
+            convs += practice_conversations(task, spec["practice"], cfg.seed)
             stats["per_task"][f"{name} (practice worlds)"] = spec["practice"]
     for path in cfg.data:
         records = read_jsonl(path)

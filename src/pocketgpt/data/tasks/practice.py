@@ -14,17 +14,18 @@ import re
 from dataclasses import replace
 
 from ...errors import PocketError
-from ..world import World, generate_world
+from ..world import generate_world
 from .base import Task
 
 PRACTICE_WORLDS = 10  # worlds the practice is drawn from (~2,500 fact questions)
 
 
-def practice_conversations(task: Task, world: World, count: int, seed: int = 0) -> list[list[dict]]:
+def practice_conversations(task: Task, count: int, seed: int = 0) -> list[list[dict]]:
     """`count` conversations in `task`'s practice style about practice worlds, none naming an entity of
-    `world`."""
+    the task's own world."""
     if task.practice_style is None:
         raise PocketError(f"task {task.name!r} has no practice rendering (practice worlds)")
+    world = task.world
     ours = re.compile(r"\b(?:" + "|".join(re.escape(e.name) for e in world.entities()) + r")\b")
     convs = []
     for i in range(PRACTICE_WORLDS):
