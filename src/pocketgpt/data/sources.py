@@ -1,7 +1,8 @@
 """Named text sources: each yields documents (strings). A mixture draws from several by weight.
 
 Built-in sources: the synthetic world's encyclopedia (`world`), worked arithmetic (`math`), drills of
-one-step number facts (`facts`, not in the default mixture), task conversations in the chat format
+one-step number facts (`facts`) and of repeating what was just said (`repeats`, both not in the default
+mixture), spelled words (`spelling`), task conversations in the chat format
 (`chat`, so the model meets the chat template during pretraining, like nanochat's midtraining), and
 real text present on every machine that has Python: the standard library's documentation (`docs`)
 and source code (`code`). Users add their own: a folder of text files, JSONL with a text field or
@@ -218,6 +219,12 @@ def _facts(spec: SourceSpec) -> Iterator[str]:
     yield from fact_documents(**{"n": 3000, "seed": 0, **spec.options})
 
 
+def _repeats(spec: SourceSpec) -> Iterator[str]:
+    from .repeats import repeat_documents
+
+    yield from repeat_documents(**{"n": 3000, "seed": 0, **spec.options})
+
+
 def _spelling(spec: SourceSpec) -> Iterator[str]:
     from .tasks.swiss_cheese import spelling_documents
 
@@ -260,6 +267,7 @@ KINDS = {
     "world": _world,
     "math": _math,
     "facts": _facts,
+    "repeats": _repeats,
     "spelling": _spelling,
     "chat": _chat,
 }

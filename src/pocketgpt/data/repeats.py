@@ -1,0 +1,69 @@
+"""Repeat drills: text that says again what it said a few lines before.
+
+Answering from a passage, typing a question's names into a search, reading a number's digits off the
+question: each copies a token from the context by finding where it stood before and taking what came
+after it. Transformers learn this with "induction heads" (Olsson et al. 2022), which natural text
+forms only after tens of millions of tokens (~32M at our batch, the README's estimate; the speedrun
+reads 6.1M). These drills make the repetition dense: every line below repeats something random seen
+a moment earlier, so nothing but looking back can predict it.
+
+    repeat_documents(1, seed=0)   # ['Ticket 6281-4048-7802 belongs to Lankir.\nLankir shows ticket 6281-...']
+
+The words are invented (the world's own names left out, so an unseen entity stays unseen) and the
+numbers random. None of the formats is the copying probe's ("List: ... Again: ..."): the probe
+measures whether the skill carries over to a format never seen.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+from .world import make_names
+
+
+def _echo(rng: random.Random, words: list[str]) -> str:
+    seq = " ".join(rng.sample(words, rng.randint(3, 7)))
+    return f"Say after me: {seq}.\n{seq.capitalize()}."
+
+
+def _lookup(rng: random.Random, words: list[str]) -> str:
+    """Associative recall: pairs, then some of them asked for in another order."""
+    keys = [w.capitalize() for w in rng.sample(words, rng.randint(3, 6))]
+    lockers = {k: rng.randint(1, 99) for k in keys}
+    shown = ", ".join(f"{k} {v}" for k, v in lockers.items())
+    asked = rng.sample(keys, rng.randint(2, len(keys)))
+    return f"Lockers: {shown}.\n" + " ".join(f"{k} has locker {lockers[k]}." for k in asked)
+
+
+def _roll_call(rng: random.Random, words: list[str]) -> str:
+    names = [w.capitalize() for w in rng.sample(words, rng.randint(4, 9))]
+    return f"Seating order: {', '.join(names)}.\nChecked in, in order: {', '.join(names)}."
+
+
+def _ticket(rng: random.Random, words: list[str]) -> str:
+    code = "-".join(str(rng.randint(0, 9999)).zfill(rng.choice((2, 3, 4))) for _ in range(rng.randint(2, 4)))
+    holder = rng.choice(words).capitalize()
+    return f"Ticket {code} belongs to {holder}.\n{holder} shows ticket {code} at the gate."
+
+
+def _story(rng: random.Random, words: list[str]) -> str:
+    a, b, thing = (w.capitalize() for w in rng.sample(words, 3))
+    return (f"{a} gave {b} a {thing.lower()} for the journey.\n"
+            f"Later {b} thanked {a} for the {thing.lower()}.")
+
+
+FORMATS: tuple[Callable[[random.Random, list[str]], str], ...] = (_echo, _lookup, _roll_call, _ticket, _story)
+
+
+def repeat_documents(n: int = 3000, episodes: int = 4, seed: int = 0) -> list[str]:
+    """n documents of `episodes` drills each, the formats mixed, a fresh draw of words for each."""
+    from .tasks import default_world
+
+    world = default_world()
+    world_words = {w.lower() for name in [e.name for e in world.entities()] + list(world.fact_table().values())
+                   for w in re.findall(r"[^\W\d_]+", str(name))}
+    rng = random.Random(f"repeats:{seed}")
+    words = [w.lower() for w in make_names(rng, 4000, reserved=frozenset(world_words))]
+    return ["\n\n".join(rng.choice(FORMATS)(rng, words) for _ in range(episodes)) for _ in range(n)]
