@@ -49,9 +49,9 @@ def _ticket(rng: random.Random, words: list[str]) -> str:
 
 
 def _story(rng: random.Random, words: list[str]) -> str:
-    a, b, thing = (w.capitalize() for w in rng.sample(words, 3))
-    return (f"{a} gave {b} a {thing.lower()} for the journey.\n"
-            f"Later {b} thanked {a} for the {thing.lower()}.")
+    a, b, thing = rng.sample(words, 3)
+    a, b = a.capitalize(), b.capitalize()
+    return f"{a} gave {b} a {thing} for the journey.\nLater {b} thanked {a} for the {thing}."
 
 
 FORMATS: tuple[Callable[[random.Random, list[str]], str], ...] = (_echo, _lookup, _roll_call, _ticket, _story)
