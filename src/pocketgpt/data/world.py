@@ -414,6 +414,12 @@ class World:
     def fact_table(self) -> dict[tuple[str, str], str]:
         return {key: f.value for key, f in self._facts.items()}
 
+    def words(self) -> set[str]:
+        """Every word of the entities' names and the facts' values, lowercased: what a drill of invented
+        words leaves out, so that an unseen entity stays unseen."""
+        names = [e.name for e in self.entities()] + list(self.fact_table().values())
+        return {w.lower() for name in names for w in re.findall(r"[^\W\d_]+", name)}
+
     def fact(self, entity: str, attribute: str) -> Fact:
         try:
             return self._facts[(entity, attribute)]

@@ -62,9 +62,7 @@ def spelling_documents(n: int = 3000, words_per_doc: int = 8, seed: int = 0) -> 
 
     from . import default_world
 
-    world = default_world()
-    names = [e.name for e in world.entities()] + list(world.fact_table().values())
-    held_out = evaluated_words() | {w.lower() for name in names for w in re.findall(r"[^\W\d_]+", name)}
+    held_out = evaluated_words() | default_world().words()
     english = sorted({w for text in topics.values() for w in re.findall(r"\b[a-z]{3,12}\b", text)} - held_out)
     rng = random.Random(seed)
     invented = [w for w in (name.lower() for name in make_names(rng, n * words_per_doc // 2)) if w not in held_out]
