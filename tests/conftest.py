@@ -70,6 +70,17 @@ def tiny_model(tokenizer) -> GPT:
     return GPT(preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
 
 
+@pytest.fixture()
+def smeared_model(tokenizer) -> GPT:
+    """The tiny model with smeared keys, each K/V head mixing in its own share of the previous key."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tokenizer.vocab_size, smear_keys=True)).eval()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.self_attn.key_smear.normal_(std=2.0)
+    return model
+
+
 class ScriptedLM:
     """An `LM` whose replies a test writes: `reply(messages, request)` returns the Generations of one
     request. It exercises a strategy's own logic (search, tool loop, retries) exactly; the strategies

@@ -5,21 +5,27 @@ from pocketgpt.common import PocketError
 from pocketgpt.engine import Engine, SamplingParams, sample_next
 
 
-def test_cached_decoding_equals_uncached(tiny_model):
+@pytest.fixture(params=["tiny_model", "smeared_model"])
+def model(request):
+    """A plain Llama, and one with smeared keys (the cache keeps plain keys; the mix is taken where they are read)."""
+    return request.getfixturevalue(request.param)
+
+
+def test_cached_decoding_equals_uncached(model):
     torch.manual_seed(1)
     x = torch.randint(0, 512, (2, 30))
-    full = tiny_model(x)
-    cache = tiny_model.make_cache(2)
-    prefill = tiny_model(x[:, :10], cache=cache)
-    steps = [tiny_model(x[:, t:t + 1], cache=cache) for t in range(10, 30)]
+    full = model(x)
+    cache = model.make_cache(2)
+    prefill = model(x[:, :10], cache=cache)
+    steps = [model(x[:, t:t + 1], cache=cache) for t in range(10, 30)]
     torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_prefill_equals_uncached(tiny_model):
+def test_chunked_prefill_equals_uncached(model):
     x = torch.randint(0, 512, (1, 24))
-    cache = tiny_model.make_cache(1)
-    parts = [tiny_model(x[:, a:b], cache=cache) for a, b in [(0, 7), (7, 15), (15, 24)]]
-    torch.testing.assert_close(torch.cat(parts, dim=1), tiny_model(x), atol=1e-5, rtol=1e-5)
+    cache = model.make_cache(1)
+    parts = [model(x[:, a:b], cache=cache) for a, b in [(0, 7), (7, 15), (15, 24)]]
+    torch.testing.assert_close(torch.cat(parts, dim=1), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_generation_matches_argmax_loop(tiny_model, tokenizer):
@@ -244,7 +250,7 @@ def test_a_prompt_that_leaves_one_token_of_room_gets_one_token(tiny_model, token
     assert len(out.tokens) == 1 and out.finish_reason == "length"
 
 
-def test_compiled_decode_step_matches_eager_and_compiles_only_in_warmup(tiny_model, tokenizer):
+def test_compiled_decode_step_matches_eager_and_compiles_only_in_warmup(model, tokenizer):
     """The compiled decode step writes the same tokens as the eager one, as the batch shrinks from many rows
     (matmuls) through a few to one (reductions), with rows of different lengths and shared prefills; after
     `warmup`, no batch compiles again."""
@@ -261,9 +267,9 @@ def test_compiled_decode_step_matches_eager_and_compiles_only_in_warmup(tiny_mod
         list(engine.run(seqs))
         return [s.tokens for s in seqs]
 
-    compiled = Engine(tiny_model, tokenizer, max_batch=8, compile=True)
+    compiled = Engine(model, tokenizer, max_batch=8, compile=True)
     assert compiled.warmup() > 0
     graphs = counters["stats"]["unique_graphs"]
-    assert run(compiled) == run(Engine(tiny_model, tokenizer, max_batch=8))
+    assert run(compiled) == run(Engine(model, tokenizer, max_batch=8))
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warmup
-    assert Engine(tiny_model, tokenizer).warmup() == 0.0
+    assert Engine(model, tokenizer).warmup() == 0.0

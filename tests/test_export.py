@@ -252,7 +252,7 @@ def test_refuses_non_empty_destination(tiny_model, chat, tmp_path):
     assert (export_hf(tmp_path / "model", tmp_path / "empty") / "model.safetensors").exists()
 
 
-def test_failure_leaves_nothing_behind(tiny_model, chat, tmp_path, monkeypatch):
+def test_failure_leaves_nothing_behind(tiny_model, smeared_model, chat, tmp_path, monkeypatch):
     save_model(tiny_model, tmp_path / "model", chat)
     before = sorted(os.listdir(tmp_path))
 
@@ -269,4 +269,7 @@ def test_failure_leaves_nothing_behind(tiny_model, chat, tmp_path, monkeypatch):
     save_model(tiny_model.with_score_head(), tmp_path / "rm", chat)
     with pytest.raises(PocketError, match="export of reward models is not supported"):
         export_hf(tmp_path / "rm", tmp_path / "hf")
-    assert sorted(os.listdir(tmp_path)) == sorted(before + ["rm"])
+    save_model(smeared_model, tmp_path / "smeared", chat)
+    with pytest.raises(PocketError, match="smears its keys"):
+        export_hf(tmp_path / "smeared", tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["rm", "smeared"])

@@ -18,6 +18,7 @@ from pocketgpt.model import (
     decode_block,
     lm_head_cross_entropy,
     preset,
+    smear,
 )
 
 
@@ -147,6 +148,38 @@ def test_chunked_loss_under_bf16_autocast_is_as_close_as_plain(tiny_model):
     torch.testing.assert_close(chunked_loss, exact_loss, rtol=2e-3, atol=0)
     plain_error, chunked_error = ((g - exact).norm() / exact.norm() for g in (plain_grad, chunked_grad))
     assert chunked_error < max(1.5 * plain_error, 1e-3)
+
+
+def test_smeared_keys_mix_each_key_with_the_one_before():
+    k = torch.randn(2, 3, 5, 4)
+    own, previous, even = smear(k, torch.tensor([30.0, -30.0, 0.0]))[:, [0, 1, 2]].unbind(1)
+    torch.testing.assert_close(own, k[:, 0])
+    torch.testing.assert_close(previous[:, 1:], k[:, 1, :-1])
+    assert previous[:, 0].abs().max() < 1e-10  # position 0 has nothing before it
+    torch.testing.assert_close(even[:, 1:], (k[:, 2, 1:] + k[:, 2, :-1]) / 2)
+
+
+def test_a_smeared_key_model_trains_its_shares_and_every_attention_path_agrees():
+    """The plain attention, SDPA (a long sequence, or a mask from the lab) and the cache read the same keys."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=512, smear_keys=True, max_seq_len=2 * PLAIN_ATTENTION_MAX_LEN))
+    x = torch.randint(0, 512, (2, 24))
+    model(x[:, :-1], targets=x[:, 1:]).backward()
+    shares = [block.self_attn.key_smear for block in model.model.layers]
+    assert all(s.shape == (2,) and s.grad.abs().min() > 0 for s in shares)
+    with torch.no_grad():
+        for s in shares:
+            s.normal_()
+    plain = model(x)
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[None, None].expand(2, 1, 24, 24)
+    masked = model.lm_head(model.hidden_states(x, attn_masks={0: causal, 1: causal}))
+    torch.testing.assert_close(masked, plain, rtol=1e-4, atol=1e-5)
+    long = torch.randint(0, 512, (1, PLAIN_ATTENTION_MAX_LEN + 8))  # past the plain path's length: SDPA
+    torch.testing.assert_close(model(long)[:, :24], model(long[:, :24]), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for s in shares:
+            s.fill_(30.0)  # every key its own: a plain Llama
+    assert not torch.allclose(model(x), plain, atol=1e-3)  # so the shares do change the model
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])

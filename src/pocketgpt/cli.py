@@ -856,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("lab", help="the seeds' science, reproduced: grokking, scaling, recall, diversity")
+    p = sub.add_parser("lab", help="the seeds' science, reproduced: grokking, scaling, recall, diversity, induction")
     lsub = p.add_subparsers(dest="experiment", required=True)
     from .lab import EXPERIMENTS, experiment
 

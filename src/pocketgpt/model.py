@@ -37,6 +37,9 @@ class GPTConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     score_head: bool = False  # a scalar head on the hidden states: reward models and PPO's value model
+    # Each key mixes in the key one position before it, by a learned share per K/V head (Olsson et al. 2022's
+    # "smeared key"): an induction head then needs one layer, not two. Not Llama: export refuses it.
+    smear_keys: bool = False
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -357,6 +360,21 @@ def lm_head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 # ----------------------------------------------------------------------------- the transformer
 
+
+def smear(k: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Smeared keys: k (B, KV, S, hd) -> sigmoid(keep) * k_t + (1 - sigmoid(keep)) * k_{t-1}, per K/V head
+    (position 0 has no predecessor: zeros).
+
+    Why: copying from the context ("the token that followed this one last time") takes an induction
+    head, which in a plain transformer is two heads in two layers: one that copies the previous token
+    into each position, and one whose query looks for it. Learning the pair is a plateau: the `small`
+    model trained on nothing but repeated random tokens stayed at chance for 1,500 steps, the
+    speedrun's whole pretraining. With the previous key already mixed into each key, one head does it,
+    and the same run copied 56% of the repeats by step 200 (DEVELOPERS.md, "Smeared keys"). The cache
+    keeps the plain keys; the mix is taken where they are read, so rows of any length stay exact."""
+    share = torch.sigmoid(keep).to(k.dtype)[:, None, None]
+    return share * k + (1 - share) * F.pad(k[:, :, :-1], (0, 0, 1, 0))
+
 # PyTorch's fused attention on a CPU (a flash-attention kernel) is built for long sequences. Forward +
 # backward in bf16 on 2 threads, 4,096 tokens a batch in 4 heads of 64 dims, it took 29 ms at 256
 # tokens a row where the plain steps of `causal_attention` took 15 ms, 56 against 45 at 512, and
@@ -500,6 +518,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+        if cfg.smear_keys:  # logits of each K/V head's share of its own key; 0: half its own, half the previous
+            self.key_smear = nn.Parameter(torch.zeros(cfg.n_kv_head))
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        """The keys attention compares queries with: k itself, or smeared (k: a row's keys from position 0)."""
+        return smear(k, self.key_smear) if self.cfg.smear_keys else k
 
     def forward(self, x, cos, sin, cached: CacheView | None, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
@@ -514,9 +538,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = cfg.n_kv_head != cfg.n_head
         if cached is None and mask is None and x.device.type == "cpu" and T <= PLAIN_ATTENTION_MAX_LEN:
-            y = causal_attention(q, k, v)
+            y = causal_attention(q, self.keys(k), v)
         elif cached is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, self.keys(k), v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)
         else:  # append to each row's keys and values, then attend over the row's history
             k_rows, v_rows = cached.cache.k[self.layer][cached.rows], cached.cache.v[self.layer][cached.rows]
             if cached.start is not None:
@@ -525,7 +550,7 @@ class Attention(nn.Module):
             else:
                 k_rows[cached.row_index, :, cached.positions] = k.transpose(1, 2).to(k_rows.dtype)
                 v_rows[cached.row_index, :, cached.positions] = v.transpose(1, 2).to(v_rows.dtype)
-            k, v = k_rows[:, :, :cached.span].to(q.dtype), v_rows[:, :, :cached.span].to(q.dtype)
+            k, v = self.keys(k_rows[:, :, :cached.span].to(q.dtype)), v_rows[:, :, :cached.span].to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cached.mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -574,7 +599,7 @@ def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.
     rows = torch.arange(B, device=x.device)
     keys[rows, :, positions] = k.to(keys.dtype)
     values[rows, :, positions] = v.to(values.dtype)
-    y = _decode_attention(q, keys[:B, :, :span], values[:B, :, :span], mask)
+    y = _decode_attention(q, attn.keys(keys[:B, :, :span]), values[:B, :, :span], mask)
     x = x + _row_linears(y.reshape(B, -1), attn.o_proj, packed=packed)[0]
     h = block.post_attention_layernorm(x)
     gate, up = _row_linears(h, mlp.gate_proj, mlp.up_proj, packed=packed)

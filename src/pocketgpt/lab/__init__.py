@@ -4,6 +4,7 @@
     pocketgpt lab scaling   OUT      a ladder of model sizes: loss power law, abilities that emerge
     pocketgpt lab recall    RUN      logit lens + attention knockout: where a fact is recalled
     pocketgpt lab diversity RUN      what SFT and RL do to the diversity of samples
+    pocketgpt lab induction OUT      copying from the context: a plateau with plain keys, none with smeared ones
 
 Each experiment is a module here with `add_arguments(parser)` and `main(args)`; it writes its plots
 (`*.png`), its numbers (`*.json`) and a short `summary.md` into its output directory. An experiment
@@ -21,6 +22,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "scaling": ("pocketgpt.lab.scaling", "a ladder of model sizes: loss against compute, abilities against size"),
     "recall": ("pocketgpt.lab.recall", "logit lens and attention knockout on fact prompts, layer by layer"),
     "diversity": ("pocketgpt.lab.diversity", "sample diversity of base, SFT, PPO and GRPO on name generation"),
+    "induction": ("pocketgpt.lab.induction", "repeated random tokens: when copying from the context is learnt"),
 }
 
 
