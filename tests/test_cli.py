@@ -50,16 +50,19 @@ def test_sample_and_info(tmp_path, tiny_model, chat, capsys):
     assert "2 layers" in capsys.readouterr().out
 
 
-def test_info_counts_parameters_in_the_weights_and_bytes_on_disk(tmp_path, tiny_model, chat, capsys, monkeypatch):
+def test_info_counts_parameters_in_the_weights_and_bytes_on_disk(tmp_path, tiny_model, smeared_model, chat, capsys,
+                                                                  monkeypatch):
     from pocketgpt import cli
     from pocketgpt.common import human, human_bytes
 
     monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
+    save_model(smeared_model, tmp_path / "base", chat, {"summary": {"steps": 4, "tokens": 9}})
     save_model(tiny_model, tmp_path / "sft", chat, {"summary": {"steps": 3, "tokens": 5}})  # no "params" in it
     save_model(tiny_model.with_score_head(), tmp_path / "rm", chat, {"summary": {"steps": 2, "tokens": 7}})
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     n = tiny_model.num_params()
+    assert f"base │ 2 layers, d=64, {human(n + 4)} params, smeared keys; 4 steps" in out
     assert f"sft  │ 2 layers, d=64, {human(n)} params; 3 steps" in out
     assert f"rm   │ 2 layers, d=64, {human(n + 64)} params (with a score head); 2 steps" in out
     size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())

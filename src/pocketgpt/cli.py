@@ -455,6 +455,7 @@ def cmd_info(args) -> None:
             m, s = cfg["model"], cfg.get("meta", {}).get("summary", {})
             # Counted from the weights: RL stages' summaries do not record it, and a reward model has a score head.
             what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(stored_params(run / stage))} params"
+                    + (", smeared keys" if m.get("smear_keys") else "")
                     + (" (with a score head)" if m.get("score_head") else ""))
             if "steps" in s:
                 what += f"; {s['steps']} steps, {human(s.get('tokens', 0))} tokens"
