@@ -14,7 +14,12 @@ that trains uses the shared `train.loop.Trainer` with a small objective, not a t
 from __future__ import annotations
 
 import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
+
+from ..common import PocketError
 
 # name -> (module, one-line help); modules are imported only when their command runs
 EXPERIMENTS: dict[str, tuple[str, str]] = {
@@ -46,3 +51,47 @@ def save_figure(fig, path):
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
     return path
+
+
+def finished_run(out: Path, name: str, settings: dict) -> dict | None:
+    """A training run's result.json, if the run finished (the same command run again reads it back); a
+    PocketError if it was run with other settings, so that one folder never mixes two experiments."""
+    path = out / name / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result["settings"] != settings:
+        raise PocketError(f"{out / name} was run with other settings ({result['settings']}): "
+                          f"choose another output directory or delete it")
+    return result
+
+
+def publish(out: Path, name: str, data: dict, plot: Callable[[Path], Path], summary: Callable[[dict], str]) -> str:
+    """An experiment's outputs: OUT/NAME.json (data plus where it was measured), OUT/NAME.png and summary.md.
+    `summary(measured)` writes the summary's text, which is returned."""
+    from ..common import atomic_write_json, atomic_write_text, provenance
+
+    measured = provenance()
+    atomic_write_json(out / f"{name}.json", {**data, "measured": measured})
+    plot(out / f"{name}.png")
+    text = summary(measured)
+    atomic_write_text(out / "summary.md", text)
+    return text
+
+
+class DrawCounter:
+    """For an objective that draws a fresh seeded batch each step: its data position is the number of draws,
+    so a resumed run draws exactly the batches an uninterrupted one would have."""
+
+    draws = 0
+
+    def next_draw(self, seed: int) -> int:
+        """The seed of the next batch: one stream per run seed, one value per draw."""
+        self.draws += 1
+        return seed * 1_000_003 + self.draws - 1
+
+    def state(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state(self, state: dict) -> None:
+        self.draws = state["draws"]

@@ -20,13 +20,13 @@ Each run is the shared Trainer with a four-token objective: "x op y =" and the l
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..common import PocketError, provenance_line
+from . import DrawCounter, finished_run, publish
 
 OPERATIONS = {
     "div": lambda x, y, p: x * pow(y, -1, p) % p,  # x / y: y ranges over 1..p-1
@@ -103,29 +103,22 @@ def answer_targets(answers):
     return targets
 
 
-class TableObjective:
-    """Minibatches drawn from the training equations; the position is the step count, so resuming is exact."""
+class TableObjective(DrawCounter):
+    """Minibatches drawn from the training equations (resumed exactly: see DrawCounter)."""
 
     def __init__(self, inputs, answers, batch_size: int, seed: int):
         self.inputs, self.targets = inputs, answer_targets(answers)
-        self.batch_size, self.seed, self.draws = batch_size, seed, 0
+        self.batch_size, self.seed = batch_size, seed
 
     def loss(self, model):
         import torch
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.draws)
-        self.draws += 1
+        g = torch.Generator().manual_seed(self.next_draw(self.seed))
         rows = torch.randint(len(self.inputs), (self.batch_size,), generator=g)
         return model(self.inputs[rows], self.targets[rows]), {}
 
     def tokens_per_micro_step(self) -> int:
         return self.batch_size * 4
-
-    def state(self) -> dict:
-        return {"draws": self.draws}
-
-    def load_state(self, state: dict) -> None:
-        self.draws = state["draws"]
 
 
 def measure(model, inputs, answers) -> tuple[float, float]:
@@ -162,13 +155,9 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     from ..train.loop import TrainConfig, Trainer, stage_setup
 
     s = run_settings(name, s)
-    result_path = out / name / "result.json"
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        if result["settings"] != asdict(s):
-            raise PocketError(f"{out / name} was run with other settings ({result['settings']}): "
-                              f"choose another output directory or delete it")
-        return result
+    finished = finished_run(out, name, asdict(s))
+    if finished is not None:
+        return finished
     rows = table(s.operation, s.prime)
     train_rows, val_rows = split_table(rows, s.train_frac, s.seed)
     train_x, train_y = encode(train_rows, s.prime)
@@ -212,7 +201,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
             "steps_to_val_95": first_step(curve, "val_acc", 0.95),
             "final_train_acc": curve[-1]["train_acc"] if curve else None,
             "final_val_acc": curve[-1]["val_acc"] if curve else None, "curve": curve}
-    atomic_write_json(result_path, result)
+    atomic_write_json(out / name / "result.json", result)
     return result
 
 
@@ -313,7 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     from rich.table import Table
 
-    from ..common import atomic_write_json, atomic_write_text, console, provenance, set_threads
+    from ..common import console, set_threads
 
     set_threads(args.threads)
     s = Settings(operation=args.operation, prime=args.prime, train_frac=args.train_frac,
@@ -325,11 +314,8 @@ def main(args) -> None:
         run_settings(n, s)  # unknown names fail before any training
     out = Path(args.out)
     results = [train_run(n, s, out, compile=args.compile) for n in names]
-    measured = provenance()
-    atomic_write_json(out / "grokking.json", {"settings": asdict(s), "runs": results, "measured": measured})
-    plot(results, s, out / "grokking.png")
-    text = summary_markdown(results, s, measured)
-    atomic_write_text(out / "summary.md", text)
+    text = publish(out, "grokking", {"settings": asdict(s), "runs": results}, lambda path: plot(results, s, path),
+                   lambda measured: summary_markdown(results, s, measured))
     table_ = Table(title=f"grokking: {out}")
     for col in ("run", "steps", "99% train @", "95% val @", "final val", "time"):
         table_.add_column(col)

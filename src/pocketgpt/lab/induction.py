@@ -19,13 +19,13 @@ Running the same command again continues an interrupted run and reads finished o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common import PocketError, provenance_line
+from . import DrawCounter, finished_run, publish
 
 RUNS = {
     "plain": "Llama's attention: every key is its own position's",
@@ -66,25 +66,18 @@ def repeated_rows(s: Settings, rows: int, seed: int):
     return ids[:, :-1], targets
 
 
-class RepeatObjective:
-    """Fresh repeated rows every step; the position is the step count, so resuming is exact."""
+class RepeatObjective(DrawCounter):
+    """Fresh repeated rows every step (resumed exactly: see DrawCounter)."""
 
     def __init__(self, s: Settings):
-        self.s, self.draws = s, 0
+        self.s = s
 
     def loss(self, model):
-        inputs, targets = repeated_rows(self.s, self.s.batch_size, seed=self.s.seed * 1_000_003 + self.draws)
-        self.draws += 1
+        inputs, targets = repeated_rows(self.s, self.s.batch_size, seed=self.next_draw(self.s.seed))
         return model(inputs, targets), {}
 
     def tokens_per_micro_step(self) -> int:
         return self.s.batch_size * self.s.seq_len
-
-    def state(self) -> dict:
-        return {"draws": self.draws}
-
-    def load_state(self, state: dict) -> None:
-        self.draws = state["draws"]
 
 
 def measure(model, inputs, targets) -> tuple[float, float]:
@@ -110,13 +103,9 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
 
     if name not in RUNS:
         raise PocketError(f"unknown run {name!r}: {', '.join(RUNS)}")
-    result_path = out / name / "result.json"
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        if result["settings"] != asdict(s):
-            raise PocketError(f"{out / name} was run with other settings ({result['settings']}): "
-                              f"choose another output directory or delete it")
-        return result
+    finished = finished_run(out, name, asdict(s))
+    if finished is not None:
+        return finished
     tc = TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr, dtype="float32",
                      eval_every=s.eval_every, log_every=s.eval_every, save_every=max(100, s.eval_every),
                      sample_every=10 ** 9, seed=s.seed, device="cpu", compile=compile)
@@ -145,7 +134,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     if name == "smeared":  # how much of its own key each head kept, layer by layer
         result["own_key_share"] = [[round(v, 3) for v in torch.sigmoid(b.self_attn.key_smear).tolist()]
                                    for b in model.model.layers]
-    atomic_write_json(result_path, result)
+    atomic_write_json(out / name / "result.json", result)
     return result
 
 
@@ -219,7 +208,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> None:
     from rich.table import Table
 
-    from ..common import atomic_write_json, atomic_write_text, console, provenance, set_threads
+    from ..common import console, set_threads
 
     set_threads(args.threads)
     s = Settings(preset=args.preset, vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -232,11 +221,8 @@ def main(args) -> None:
         raise PocketError(f"unknown runs {unknown}: {', '.join(RUNS)}")
     out = Path(args.out)
     results = [train_run(n, s, out, compile=args.compile) for n in names]
-    measured = provenance()
-    atomic_write_json(out / "induction.json", {"settings": asdict(s), "runs": results, "measured": measured})
-    plot(results, s, out / "induction.png")
-    text = summary_markdown(results, s, measured)
-    atomic_write_text(out / "summary.md", text)
+    publish(out, "induction", {"settings": asdict(s), "runs": results}, lambda path: plot(results, s, path),
+            lambda measured: summary_markdown(results, s, measured))
     table = Table(title=f"induction: {out}")
     for col in ("run", "steps", "50% copied @", "90% copied @", "final copy accuracy", "time"):
         table.add_column(col)
