@@ -9,6 +9,7 @@ import pytest
 
 from pocketgpt.checkpoint import load_model
 from pocketgpt.common import read_jsonl
+from pocketgpt.train.pretrain import CopyWarmup
 
 CONFIG = """
 [pretrain]
@@ -33,12 +34,12 @@ max_bytes = 150000
 """
 
 
-def make_run(tmp_path, tokenizer, name, steps=12, batch=8, save_every=5, eval_every=100, dtype="auto"):
+def make_run(tmp_path, tokenizer, name, steps=12, batch=8, save_every=5, eval_every=100, dtype="auto", extra=""):
     run = tmp_path / name
     tokenizer.save(run / "tokenizer" / "tokenizer.json")
     cfg = run / "run.toml"
-    cfg.write_text(CONFIG.format(steps=steps, batch=batch, save_every=save_every, eval_every=eval_every,
-                                 dtype=dtype))
+    text = CONFIG.format(steps=steps, batch=batch, save_every=save_every, eval_every=eval_every, dtype=dtype)
+    cfg.write_text(text.replace('preset = "tiny"\n', 'preset = "tiny"\n' + extra))  # extra: [pretrain] keys
     return run, cfg
 
 
@@ -98,6 +99,46 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path, tokenizer):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in range(6, 13):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_copy_warmup_comes_before_the_mixture_and_resumes_exactly(tmp_path, tokenizer):
+    """Six steps of repeated random segments, then the mixture: the mixture sees only the remaining steps'
+    rows, copy accuracy is reported, and a run killed inside the warm-up resumes onto the same curve."""
+    extra = "copy_warmup = 6\nmodel = {smear_keys = true}\n"
+    whole, cfg_a = make_run(tmp_path, tokenizer, "whole", eval_every=6, extra=extra)
+    done = run_cli(["pretrain", str(whole), "--config", str(cfg_a)])
+    assert done.returncode == 0, done.stderr
+    summary = load_model(whole)[2]["meta"]["summary"]
+    assert summary["copy_warmup_tokens"] == 6 * 8 * 64
+    assert sum(s["tokens"] for s in summary["realised_mixture"].values()) == (12 - 6) * 8 * 64
+    copy_evals = [r for r in read_jsonl(whole / "metrics.jsonl") if "copy_acc" in r]
+    assert [r["step"] for r in copy_evals] == [6, 12] and all(0 <= r["copy_acc"] <= 1 for r in copy_evals)
+
+    broken, cfg_b = make_run(tmp_path, tokenizer, "broken", eval_every=6, extra=extra)
+    assert run_cli(["pretrain", str(broken), "--config", str(cfg_b)], kill_at_step=7).returncode == -9
+    resumed = run_cli(["pretrain", str(broken), "--config", str(cfg_b), "--resume"])  # from step 5, in the warm-up
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(whole), losses(broken)
+    for step in range(6, 13):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_copy_warmup_draws_ordinary_tokens_and_each_process_its_own_rows(tokenizer):
+    specials = set(tokenizer.special_ids.values())
+    a = CopyWarmup(2, rows=4, seq_len=64, tokenizer=tokenizer, seed=0)
+    b = CopyWarmup(2, rows=4, seq_len=64, tokenizer=tokenizer, seed=1)
+    assert specials and set(a.tokens.tolist()) == set(range(tokenizer.vocab_size)) - specials
+    x, y = a.next_batch()
+    assert x.shape == y.shape == (4, 64) and not set(x.flatten().tolist()) & specials
+    assert not (b.next_batch()[0] == x).all()
+    assert (a.held_out()[0] == b.held_out()[0]).all()  # every process evaluates the same rows
+    assert a.pending() and a.next_batch() and not a.pending()
+
+
+def test_copy_warmup_must_leave_steps_for_the_mixture(tmp_path, tokenizer):
+    run, cfg = make_run(tmp_path, tokenizer, "all_warmup", extra="copy_warmup = 12\n")
+    done = run_cli(["pretrain", str(run), "--config", str(cfg)])
+    assert done.returncode == 2 and "copy_warmup" in done.stderr
 
 
 def test_ddp_two_processes_match_one(tmp_path, tokenizer):

@@ -3,7 +3,11 @@ than the copying probe's, with none of the world's names."""
 
 import re
 
-from pocketgpt.data.repeats import FORMATS, repeat_documents
+import pytest
+import torch
+
+from pocketgpt.common import PocketError
+from pocketgpt.data.repeats import FORMATS, repeat_documents, repeated_token_rows
 from pocketgpt.data.tasks import default_world
 from pocketgpt.evaluate.harness import copy_probes
 
@@ -36,3 +40,19 @@ def test_no_world_names_and_not_the_probe_format():
     assert not names & words
     probe, _ = copy_probes(1)["list"][0]
     assert probe.startswith("List: ") and "List:" not in text and "Again:" not in text
+
+
+def test_repeated_token_rows_draw_only_the_given_tokens_and_target_one_segment_back():
+    tokens = torch.tensor([5, 9, 11, 40])
+    inputs, targets = repeated_token_rows(6, 32, tokens, min_segment=3, max_segment=8, seed=0)
+    assert inputs.shape == targets.shape == (6, 32)
+    assert set(inputs.unique().tolist()) <= set(tokens.tolist())
+    for row, target in zip(inputs, targets):
+        known = (target != -1).nonzero().flatten()
+        n = int(known[0]) + 1  # the segment's length: the first target is where the second copy starts
+        assert 3 <= n <= 8 and (target[:n - 1] == -1).all()
+        assert (target[n - 1:-1] == row[n:]).all() and (row[n:] == row[:-n]).all()
+    assert (repeated_token_rows(6, 32, tokens, 3, 8, seed=0)[0] == inputs).all()
+    assert not (repeated_token_rows(6, 32, tokens, 3, 8, seed=1)[0] == inputs).all()
+    with pytest.raises(PocketError, match="segments"):
+        repeated_token_rows(1, 32, tokens, min_segment=8, max_segment=40, seed=0)

@@ -1,4 +1,4 @@
-"""Repeat drills: text that says again what it said a few lines before.
+"""Repeat drills: text that says again what it said a few lines before, and rows of random tokens repeated.
 
 Answering from a passage, typing a question's names into a search, reading a number's digits off the
 question: each copies a token from the context by finding where it stood before and taking what came
@@ -12,6 +12,10 @@ a moment earlier, so nothing but looking back can predict it.
 The words are invented (the world's own names left out, so an unseen entity stays unseen) and the
 numbers random. None of the formats is the copying probe's ("List: ... Again: ..."): the probe
 measures whether the skill carries over to a format never seen.
+
+In text, the drills alone did not make the head form within the speedrun (DEVELOPERS.md). The purest
+form of the task does, with smeared keys, in ~200 steps: rows of one random token segment repeated to
+fill the row (`repeated_token_rows`), the lab's induction experiment and pretraining's copy warm-up.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import torch
+
+from ..errors import PocketError
 from .world import make_names
 
 
@@ -63,3 +70,21 @@ def repeat_documents(n: int = 3000, episodes: int = 4, seed: int = 0) -> list[st
     rng = random.Random(f"repeats:{seed}")
     words = [w.lower() for w in make_names(rng, 4000, reserved=frozenset(default_world().words()))]
     return ["\n\n".join(rng.choice(FORMATS)(rng, words) for _ in range(episodes)) for _ in range(n)]
+
+
+def repeated_token_rows(rows: int, seq_len: int, tokens: torch.Tensor, min_segment: int, max_segment: int,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of `rows` rows: one segment of min_segment..max_segment ids drawn from `tokens` each,
+    repeated to fill seq_len + 1 ids. Targets are -1 (ignored) inside the first copy, where nothing predicts
+    them; after it, each is the id one segment back, which only looking back can predict."""
+    if not 2 <= min_segment <= max_segment < seq_len:
+        raise PocketError(f"segments must be 2 <= min ({min_segment}) <= max ({max_segment}) < seq_len ({seq_len})")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(rows, seq_len + 1, dtype=torch.long)
+    targets = torch.full((rows, seq_len), -1, dtype=torch.long)
+    for r in range(rows):
+        n = int(torch.randint(min_segment, max_segment + 1, (1,), generator=g))
+        segment = tokens[torch.randint(len(tokens), (n,), generator=g)]
+        ids[r] = segment.repeat(seq_len // n + 1)[:seq_len + 1]
+        targets[r, n - 1:] = ids[r, n:]
+    return ids[:, :-1], targets

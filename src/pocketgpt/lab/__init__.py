@@ -77,21 +77,3 @@ def publish(out: Path, name: str, data: dict, plot: Callable[[Path], Path], summ
     text = summary(measured)
     atomic_write_text(out / "summary.md", text)
     return text
-
-
-class DrawCounter:
-    """For an objective that draws a fresh seeded batch each step: its data position is the number of draws,
-    so a resumed run draws exactly the batches an uninterrupted one would have."""
-
-    draws = 0
-
-    def next_draw(self, seed: int) -> int:
-        """The seed of the next batch: one stream per run seed, one value per draw."""
-        self.draws += 1
-        return seed * 1_000_003 + self.draws - 1
-
-    def state(self) -> dict:
-        return {"draws": self.draws}
-
-    def load_state(self, state: dict) -> None:
-        self.draws = state["draws"]

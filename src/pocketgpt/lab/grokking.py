@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..common import PocketError, provenance_line
-from . import DrawCounter, finished_run, publish
+from ..train.loop import DrawCounter
+from . import finished_run, publish
 
 OPERATIONS = {
     "div": lambda x, y, p: x * pow(y, -1, p) % p,  # x / y: y ranges over 1..p-1

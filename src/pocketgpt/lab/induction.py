@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common import PocketError, provenance_line
-from . import DrawCounter, finished_run, publish
+from ..train.loop import DrawCounter
+from . import finished_run, publish
 
 RUNS = {
     "plain": "Llama's attention: every key is its own position's",
@@ -48,22 +49,12 @@ class Settings:
 
 
 def repeated_rows(s: Settings, rows: int, seed: int):
-    """(inputs, targets) of `rows` rows: one random segment each, repeated to fill seq_len + 1 tokens. Targets
-    are -1 (ignored) inside the first copy, where nothing predicts them; after it, each is the token one
-    segment back."""
+    """(inputs, targets): `rows` rows of one random segment each, repeated (data.repeats.repeated_token_rows)."""
     import torch
 
-    if not 2 <= s.min_segment <= s.max_segment < s.seq_len:
-        raise PocketError(f"segments must be 2 <= min ({s.min_segment}) <= max ({s.max_segment}) < seq_len ({s.seq_len})")
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.empty(rows, s.seq_len + 1, dtype=torch.long)
-    targets = torch.full((rows, s.seq_len), -1, dtype=torch.long)
-    for r in range(rows):
-        n = int(torch.randint(s.min_segment, s.max_segment + 1, (1,), generator=g))
-        segment = torch.randint(s.vocab_size, (n,), generator=g)
-        ids[r] = segment.repeat(s.seq_len // n + 1)[:s.seq_len + 1]
-        targets[r, n - 1:] = ids[r, n:]
-    return ids[:, :-1], targets
+    from ..data.repeats import repeated_token_rows
+
+    return repeated_token_rows(rows, s.seq_len, torch.arange(s.vocab_size), s.min_segment, s.max_segment, seed)
 
 
 class RepeatObjective(DrawCounter):
@@ -80,19 +71,6 @@ class RepeatObjective(DrawCounter):
         return self.s.batch_size * self.s.seq_len
 
 
-def measure(model, inputs, targets) -> tuple[float, float]:
-    """(copy accuracy, loss) on the predictable positions: the greedy next token against the repeat."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        loss = model(inputs, targets).item()
-        predicted = model(inputs).argmax(-1)
-    model.train()
-    predictable = targets != -1
-    return (predicted == targets)[predictable].float().mean().item(), loss
-
-
 def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     """Train one run into out/name, or continue it; a finished run is read back. Returns its summary."""
     import torch
@@ -100,6 +78,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     from ..common import atomic_write_json, read_jsonl
     from ..model import GPT, preset
     from ..train.loop import TrainConfig, Trainer, stage_setup
+    from ..train.pretrain import measure_copying
 
     if name not in RUNS:
         raise PocketError(f"unknown run {name!r}: {', '.join(RUNS)}")
@@ -116,8 +95,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     held_out = repeated_rows(s, 32, seed=-1 - s.seed)  # never a training draw (those seeds are >= 0)
 
     def evaluate(m) -> dict:
-        accuracy, loss = measure(m, *held_out)
-        return {"copy_acc": accuracy, "copy_loss": loss}
+        return measure_copying(m, *held_out)
 
     metrics_path = out_dir / "metrics.jsonl"
     trainer = Trainer(model, RepeatObjective(s), tc, out_dir, name, metrics_path, device, info, evaluate=evaluate)

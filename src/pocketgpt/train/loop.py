@@ -134,6 +134,24 @@ class LoaderObjective:
         self.loader.load_state(state)
 
 
+class DrawCounter:
+    """For an objective that draws a fresh seeded batch each step: its data position is the number of draws,
+    so a resumed run draws exactly the batches an uninterrupted one would have."""
+
+    draws = 0
+
+    def next_draw(self, seed: int) -> int:
+        """The seed of the next batch: one stream per run seed, one value per draw."""
+        self.draws += 1
+        return seed * 1_000_003 + self.draws - 1
+
+    def state(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state(self, state: dict) -> None:
+        self.draws = state["draws"]
+
+
 def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -> tuple[torch.device, DistInfo, Path]:
     """Threads, device (one per torchrun process) and the stage's output directory, refusing to clobber a run."""
     set_threads(tc.threads)

@@ -4,6 +4,11 @@ The stage prepares the data (tokenized streams on disk, once), builds the model 
 and hands the shared training loop an objective that is just `model(x, targets=y)`. It reports
 validation loss and bits per byte (a loss that does not depend on the tokenizer) as it goes and a
 greedy sample every so often, so one can watch the text get coherent.
+
+An optional copy warm-up (`copy_warmup` steps) first trains on rows of random token segments repeated,
+where only looking back predicts anything. With smeared keys (`model.smear_keys`) the induction head,
+which copying from the context rests on, forms there in a few hundred steps; in the mixture alone it
+did not form within the speedrun (DEVELOPERS.md, "Smeared keys").
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from ..chat import ChatTemplate
 from ..checkpoint import save_model
 from ..common import PocketError, autocast, console, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
+from ..data.repeats import repeated_token_rows
 from ..data.shards import DEFAULT_SHARD_TOKENS
 from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, preset
 from ..tokenizer import Tokenizer
 from .data_parallel import barrier
-from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
+from .loop import DrawCounter, LoaderObjective, TrainConfig, Trainer, stage_setup
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
 # worked arithmetic, spelled words (tokens hide their letters: with the drills, SFT's model spelled
@@ -54,6 +60,9 @@ class PretrainConfig:
     val_fraction: float = 0.02
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per file of the tokenized sources on disk
     sample_prompt: str = "The capital of"
+    # Steps of repeated random token segments before the mixture (part of train.steps, so the mixture gets
+    # that many fewer). With model.smear_keys the lab's head formed in ~200 (`pocketgpt lab induction`).
+    copy_warmup: int = 0
 
     def source_specs(self) -> list[SourceSpec]:
         specs = [SourceSpec.from_dict(name, d) for name, d in self.sources.items()]
@@ -63,12 +72,66 @@ class PretrainConfig:
         return specs
 
 
+class CopyWarmup(DrawCounter):
+    """`batches` micro-batches of random token segments (the lab's induction rows), each repeated to fill its
+    row; the ids are the tokenizer's ordinary tokens, never a special one. Each process draws its own rows."""
+
+    def __init__(self, batches: int, rows: int, seq_len: int, tokenizer: Tokenizer, seed: int):
+        self.batches, self.rows, self.seq_len, self.seed = batches, rows, seq_len, seed
+        # The lab's 8-64 tokens (`pocketgpt lab induction`), shorter in short rows: each row holds 4 copies or more.
+        self.max_segment = max(2, min(64, seq_len // 4))
+        self.min_segment = min(8, self.max_segment)
+        specials = set(tokenizer.special_ids.values())
+        self.tokens = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])
+
+    def pending(self) -> bool:
+        return self.draws < self.batches
+
+    def rows_drawn(self, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return repeated_token_rows(rows, self.seq_len, self.tokens, self.min_segment, self.max_segment, seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows_drawn(self.rows, self.next_draw(self.seed))
+
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """32 rows no training draw gives (those seeds are >= 0), the same on every process."""
+        return self.rows_drawn(32, seed=-1)
+
+
 class LanguageModeling(LoaderObjective):
-    """The pretraining objective: cross-entropy of every next token in a packed row."""
+    """The pretraining objective: cross-entropy of every next token in a packed row. A copy warm-up's batches
+    come first; the mixture's position does not move during them."""
+
+    def __init__(self, loader: MixtureLoader, device: torch.device, warmup: CopyWarmup | None = None):
+        super().__init__(loader, device)
+        self.warmup = warmup
 
     def loss(self, model):
-        x, y = self.loader.next_batch()
+        warming_up = self.warmup is not None and self.warmup.pending()
+        x, y = self.warmup.next_batch() if warming_up else self.loader.next_batch()
         return model(x.to(self.device), targets=y.to(self.device)), {}
+
+    def state(self) -> dict:
+        return {**self.loader.state(), "copy_draws": self.warmup.draws if self.warmup else 0}
+
+    def load_state(self, state: dict) -> None:
+        state = dict(state)
+        copy_draws = state.pop("copy_draws", 0)  # absent from checkpoints written before the warm-up existed
+        if self.warmup is not None:
+            self.warmup.draws = copy_draws
+        self.loader.load_state(state)
+
+
+@torch.no_grad()
+def measure_copying(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Copy accuracy (the greedy next token against the repeat) and loss over the predictable positions."""
+    was_training = model.training
+    model.eval()
+    loss = model(inputs, targets).item()
+    predicted = model(inputs).argmax(-1)
+    model.train(was_training)
+    predictable = targets != -1
+    return {"copy_acc": (predicted == targets)[predictable].float().mean().item(), "copy_loss": loss}
 
 
 @torch.no_grad()
@@ -117,11 +180,23 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, tc.seq_len)
     model = GPT(model_cfg).to(device)
     token_bytes = torch.tensor(tokenizer.byte_lengths(), device=device)
+    warmup = None
+    if cfg.copy_warmup > 0:
+        if cfg.copy_warmup >= tc.steps:
+            raise PocketError(f"pretrain.copy_warmup ({cfg.copy_warmup}) leaves no step of train.steps "
+                              f"({tc.steps}) for the mixture")
+        warmup = CopyWarmup(cfg.copy_warmup * tc.grad_accum, tc.batch_size, tc.seq_len, tokenizer,
+                            seed=tc.seed * 100_003 + info.rank)
+        held_out = [t.to(device) for t in warmup.held_out()]
 
     def evaluate(m: GPT) -> dict:
         val = MixtureLoader(val_streams, weights, tc.batch_size, tc.seq_len, tc.seed + 1,
                             info.rank, info.world_size)
-        return evaluate_lm(m, val, tc.eval_batches, token_bytes, device, tc.dtype)
+        metrics = evaluate_lm(m, val, tc.eval_batches, token_bytes, device, tc.dtype)
+        if warmup is not None:  # whether the head forms in the warm-up, and whether the mixture keeps it
+            with autocast(device, tc.dtype):
+                metrics.update(measure_copying(m, *held_out))
+        return metrics
 
     def sample(m: GPT) -> str:
         m.eval()
@@ -131,8 +206,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         m.train()
         return text
 
-    meta = {"stage": "base", "preset": cfg.preset, "train": asdict(tc), "sources": cfg.sources}
-    trainer = Trainer(model, LanguageModeling(loader, device), tc, out_dir, "pretrain",
+    meta = {"stage": "base", "preset": cfg.preset, "train": asdict(tc), "sources": cfg.sources,
+            "copy_warmup": cfg.copy_warmup}
+    trainer = Trainer(model, LanguageModeling(loader, device, warmup), tc, out_dir, "pretrain",
                       run_dir / "metrics.jsonl", device, info, evaluate, sample)
     if resume:
         trainer.resume()
@@ -144,6 +220,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
                       f"{info.world_size} process(es), device {device}, {torch.get_num_threads()} threads")
     summary = trainer.run()
     summary.update(params=model.num_params(), realised_mixture=loader.realised())
+    if warmup is not None:
+        summary["copy_warmup_tokens"] = warmup.draws * tc.batch_size * tc.seq_len
     if info.is_main:
         save_model(model, out_dir, chat, {**meta, "summary": summary})
     barrier(info)  # the next stage reads base/ on every process
