@@ -1,6 +1,6 @@
 import json
 
-from pocketgpt.evaluate.report import publish_report, stage_rows
+from pocketgpt.evaluate.report import publish_report, stage_rows, write_report
 
 
 def test_stage_rows_show_speed_and_mfu(tmp_path):
@@ -31,3 +31,20 @@ def test_publish_copies_the_card_its_images_and_timings(tmp_path):
     assert "![loss](plots/loss.png)" in text
     assert (dest / "plots" / "loss.png").read_bytes() == (run / "plots" / "loss.png").read_bytes()
     assert json.loads((dest / "speedrun.json").read_text())["total_seconds"] == 60.0
+
+
+def test_card_says_what_the_model_is_and_what_came_before_the_mixture(tmp_path):
+    model = {"n_layer": 6, "d_model": 256, "n_head": 4, "vocab_size": 4096, "smear_keys": True}
+    summary = {"params": 5_870_000, "copy_warmup_tokens": 1_228_800,
+               "realised_mixture": {"world": {"weight": 1.0, "share": 1.0, "tokens": 4_915_200, "epochs": 2.0}}}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"model": model, "meta": {"preset": "small", "copy_warmup": 300, "summary": summary}}))
+    text = write_report(tmp_path).read_text()
+    assert ("Model: `small`, 5.87M parameters (6 layers, d_model 256, 4 heads, vocab 4096); smeared keys "
+            "(`model.smear_keys`).") in text
+    assert "Before the mixture: 1.23M tokens of random token segments" in text and "copy_warmup = 300`" in text
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"model": {**model, "smear_keys": False}, "meta": {"preset": "small", "summary": {"params": 5_870_000}}}))
+    text = write_report(tmp_path).read_text()
+    assert "smeared" not in text and "Before the mixture" not in text

@@ -184,6 +184,16 @@ def plot_metrics(run: Path) -> list[Path]:
     return out
 
 
+def model_line(base: dict) -> str:
+    """The pretrained model's shape, and what departs from Llama's architecture."""
+    m, meta = base["model"], base.get("meta", {})
+    params = meta.get("summary", {}).get("params")
+    size = f", {human(params)} parameters" if params else ""
+    extras = "; smeared keys (`model.smear_keys`)" if m.get("smear_keys") else ""
+    return (f"Model: `{meta.get('preset', 'custom')}`{size} ({m['n_layer']} layers, d_model {m['d_model']}, "
+            f"{m['n_head']} heads, vocab {m['vocab_size']}){extras}.")
+
+
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     parts = [f"# pocketgpt report card: `{run}`\n"]
@@ -198,15 +208,21 @@ def write_report(run: str | Path) -> Path:
         parts.append(f"World: seed **{world.seed}** ({world.n_countries} countries, {world.n_cities} cities, "
                      f"{world.n_people} people, {world.n_companies} companies; `--set world.seed=N` makes "
                      f"another).\n")
+    base = _load(run / "base" / "config.json")
+    if base:
+        parts.append(model_line(base) + "\n")
     parts.append("## Stages\n")
     parts.append(markdown_table(["stage", "time", "steps", "tokens", "speed", "result"], stage_rows(run)) + "\n")
-    base = _load(run / "base" / "config.json")
-    mixture = base and base.get("meta", {}).get("summary", {}).get("realised_mixture")
-    if mixture:
+    summary = (base or {}).get("meta", {}).get("summary", {})
+    if summary.get("realised_mixture"):
         parts.append("## Pretraining mixture (as realised)\n")
         parts.append(markdown_table(["source", "weight", "share of rows", "tokens", "epochs"], [
             [n, f"{m['weight']:.2f}", f"{m['share']:.2f}", human(m["tokens"]), f"{m['epochs']:.2f}"]
-            for n, m in mixture.items()]) + "\n")
+            for n, m in summary["realised_mixture"].items()]) + "\n")
+        if summary.get("copy_warmup_tokens"):
+            parts.append(f"Before the mixture: {human(summary['copy_warmup_tokens'])} tokens of random token "
+                         f"segments, each repeated to fill its row (`pretrain.copy_warmup = "
+                         f"{base['meta']['copy_warmup']}` steps).\n")
     header, rows = accuracy_table(run)
     if rows:
         parts.append("## Task accuracy (test split, ± half the 95% interval)\n")
