@@ -7,8 +7,9 @@ greedy sample every so often, so one can watch the text get coherent.
 
 An optional copy warm-up (`copy_warmup` steps) first trains on rows of random token segments repeated,
 where only looking back predicts anything. With smeared keys (`model.smear_keys`) the induction head,
-which copying from the context rests on, forms there in a few hundred steps; in the mixture alone it
-did not form within the speedrun (DEVELOPERS.md, "Smeared keys").
+which copying from the context rests on, forms there in a few hundred steps. In the whole speedrun it
+cost more than it bought (SFT's calculator calls lost their first operand, spelling went from 29% to
+1%; DEVELOPERS.md, "Smeared keys"), so it is off by default: a lever for experiments.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class PretrainConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per file of the tokenized sources on disk
     sample_prompt: str = "The capital of"
     # Steps of repeated random token segments before the mixture (part of train.steps, so the mixture gets
-    # that many fewer). With model.smear_keys the lab's head formed in ~200 (`pocketgpt lab induction`).
+    # that many fewer). With model.smear_keys, 300 copied 98.5% of held-out repeats and cost the tasks.
     copy_warmup: int = 0
 
     def source_specs(self) -> list[SourceSpec]:
