@@ -40,6 +40,26 @@ def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
     assert result.scores["schema_valid"] == 1.0 and all(r["scores"]["schema_valid"] == 1.0 for r in rows)
 
 
+def test_a_vote_is_scored_against_one_of_its_samples(scripted):
+    """Each voted answer keeps every sample's verdict and the vote's over the first k; the result has the
+    accuracy of one sample and the curve as samples are added (the self-consistency paper's figure)."""
+    task = get_task("arithmetic")
+    first, second = task.examples("test")[:2]
+
+    def reply(messages, request):  # first question: wrong, right, right; second: right, right, wrong
+        right = first.answer if first.question in messages[-1]["content"] else second.answer
+        pattern = [False, True, True] if first.question in messages[-1]["content"] else [True, True, False]
+        return [Generation(f"Answer: {right if ok else 0}", "stop") for ok in pattern[:request.n]]
+
+    result, rows = evaluate_strategy(scripted(reply), task, "self_consistency", n=2, settings=Settings(k=3))
+    assert [r["samples_correct"] for r in rows] == [[False, True, True], [True, True, False]]
+    assert [r["vote_by_k"] for r in rows] == [[False, False, True], [True, True, True]]
+    assert result.accuracy == 1.0 and result.one_sample == pytest.approx(2 / 3)
+    assert result.vote_curve == [0.5, 0.5, 1.0] and "one sample=66.7%" in result.line()
+    greedy, rows = evaluate_strategy(scripted(reply), task, "cot", n=2)  # one reply each: no vote to score
+    assert greedy.one_sample is None and greedy.vote_curve == [] and "samples_correct" not in rows[0]
+
+
 def test_a_finer_measure_averages_over_the_replies_it_applies_to(scripted):
     """A worked reply's "columns read right" is not diluted by a bare answer that has no columns."""
     task = get_task("arithmetic")

@@ -1,6 +1,6 @@
 """The majority vote of self-consistency."""
 
-from pocketgpt.reason.vote import majority, vote
+from pocketgpt.reason.vote import majority, vote, vote_curve
 
 
 def test_majority_vote_counts_normalised_answers():
@@ -20,3 +20,11 @@ def test_vote_keeps_samples_and_trace():
     answer = vote(["Answer: 8", "Answer: 7", "Answer: 7"], [{"step": 1}])
     assert answer.text == "Answer: 7" and len(answer.samples) == 3 and answer.trace == [{"step": 1}]
     assert vote([]).text == ""
+
+
+def test_vote_curve_follows_the_vote_as_samples_are_added():
+    texts = ["Answer: 7", "Answer: 8", "Answer: 8", "Answer: 7", "Answer: 7"]
+    correct = [t.endswith("8") for t in texts]  # 8 is right
+    # one sample (7: wrong); a tie of 7 and 8 goes to the first given (7); 8 leads; a tie again; 7 leads
+    assert vote_curve(texts, correct) == [False, False, True, False, False]
+    assert vote_curve(["", "Answer: 8"], [False, True]) == [False, True]  # a sample with no answer does not vote

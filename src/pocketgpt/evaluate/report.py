@@ -111,6 +111,9 @@ def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
             rows.append([c["task"], c["label"], "skipped", c["error"], "", "", "", ""])
             continue
         other = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in c.get("scores", {}).items())
+        if c.get("vote_curve"):  # one sample, then the vote over the first 2, 3, ... samples
+            curve = " / ".join(f"{v:.0%}" for v in [c["one_sample"], *c["vote_curve"][1:]])
+            other = ", ".join(filter(None, [other, f"vote of 1 / 2 / ... samples: {curve}"]))
         tokens = (c["prompt_tokens"] + c["completion_tokens"]) / max(1, c["n"])
         rows.append([c["task"], c["label"] or c["strategy"], f"{c['accuracy']:.1%}",
                      f"{c['ci_low']:.1%} - {c['ci_high']:.1%}", str(c["n"]), str(c["calls"]), f"{tokens:.0f}", other])

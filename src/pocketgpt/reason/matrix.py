@@ -10,8 +10,9 @@ which outvote a slip only where slips differ from path to path); the vote again 
 model's single chain of thought is right often enough for a vote to have something to gather; on
 multi-hop questions, closed book vs ReAct; on JSON extraction, unconstrained vs constrained decoding;
 reflection where the model can check itself; and facts closed book vs retrieved passages (RAG), with
-each retriever's recall. The result is `matrix.json` (every cell, and the talk's orderings compared
-question by question with a paired interval) plus one JSONL of answers and traces per cell; the run's
+each retriever's recall. Every vote is also compared with one of its own samples, drawn alone (the
+self-consistency paper's first point), beside the greedy chain of thought it is listed with. The result is
+`matrix.json` (every cell, and the talk's orderings compared question by question with a paired interval) plus one JSONL of answers and traces per cell; the run's
 report card shows both tables (evaluate/report.py reads `RUN/matrix/matrix.json`).
 """
 
@@ -27,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from ..common import PocketError, atomic_write_text, console, provenance
 from ..data.tasks import get_task
 from .lm import LM
-from .strategies import Settings, evaluate_strategy
+from .strategies import Settings, evaluate_strategy, one_sample
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ def cell_path(out_dir: Path, task: str, label: str) -> Path:
     return Path(out_dir) / "cells" / f"{name}.jsonl"
 
 
-def paired_difference(first: list[bool], second: list[bool], resamples: int = 10_000, seed: int = 0) -> dict:
+def paired_difference(first: list[float], second: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
     """Accuracy of `first` minus accuracy of `second` on the same questions, with a 95% bootstrap interval
-    (the questions resampled with replacement, seeded), and how many only the first (wins) or only the
-    second (losses) got right."""
+    (the questions resampled with replacement, seeded), and on how many questions the first did better
+    (wins) or worse (losses). A question's accuracy is 1 or 0 (right or wrong), or a chance (one sample's)."""
     import numpy as np
 
     d = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
@@ -164,6 +165,14 @@ def comparisons(out_dir: Path, cells: list[dict]) -> list[dict]:
             continue
         found.append({"task": task, "first": first, "second": second, "n": len(a),
                       **paired_difference([r["correct"] for r in a], [r["correct"] for r in b])})
+    for c in cells:  # every vote against one of its own samples (the paper's first point: one sampled path)
+        path = cell_path(out_dir, c["task"], c["label"])
+        if c.get("one_sample") is None or "error" in c or not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if rows and all("samples_correct" in r for r in rows):
+            found.append({"task": c["task"], "first": c["label"], "second": f"{c['label']}, one sample",
+                          "n": len(rows), **paired_difference([r["correct"] for r in rows], [one_sample(r) for r in rows])})
     return found
 
 

@@ -21,7 +21,7 @@ OpenAI-compatible server) and reports its cost (model calls and tokens) next to 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..common import PocketError, wilson_interval
 from ..data.tasks import Example, Task, default_world
@@ -32,7 +32,7 @@ from .lm import LM, Request, Usage
 from .react import react
 from .reflection import reflection
 from .tot import tree_of_thoughts
-from .vote import Answer, majority, vote
+from .vote import Answer, majority, vote, vote_curve
 
 __all__ = ["STRATEGIES", "Answer", "Settings", "StrategyResult", "ask", "evaluate_strategy", "majority"]
 
@@ -168,9 +168,15 @@ class StrategyResult:
     completion_tokens: int
     scores: dict[str, float] = field(default_factory=dict)  # the task's finer measures, averaged where they apply
     label: str = ""  # the matrix row's name ("tot b=5"), when it differs from the strategy
+    # Where every answer is a vote over k samples: the accuracy of one sample (the mean over the k), and of
+    # the vote over the first 1, 2, ..., k samples (the self-consistency paper's curve).
+    one_sample: float | None = None
+    vote_curve: list[float] = field(default_factory=list)
 
     def line(self) -> str:
         extra = "".join(f"  {k}={v:.1%}" for k, v in self.scores.items())
+        if self.one_sample is not None:
+            extra += f"  one sample={self.one_sample:.1%}"
         return (f"{self.task:>18} {self.label or self.strategy:>18}  {self.accuracy:6.1%}  "
                 f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  calls={self.calls}  "
                 f"tokens={self.prompt_tokens + self.completion_tokens}{extra}")
@@ -186,7 +192,8 @@ def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n:
     before = Usage(**asdict(lm.usage))
     answers = ask(lm, task, examples, strategy, settings)
     rows = [{"question": e.question, "answer": e.answer, "output": a.text, "correct": task.verify(e, a.text),
-             "scores": {**task.scores(e, a.text), **a.scores}, "votes": a.votes, "trace": a.trace}
+             "scores": {**task.scores(e, a.text), **a.scores}, "votes": a.votes, "trace": a.trace,
+             **_sample_verdicts(task, e, a)}
             for e, a in zip(examples, answers)]
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
@@ -195,6 +202,24 @@ def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n:
     scores = {k: sum(r["scores"][k] for r in rows if k in r["scores"]) / sum(k in r["scores"] for r in rows)
               for k in names}
     u = lm.usage
-    return StrategyResult(task.name, strategy, len(rows), correct, correct / max(1, len(rows)), lo, hi,
-                          u.calls - before.calls, u.prompt_tokens - before.prompt_tokens,
-                          u.completion_tokens - before.completion_tokens, scores, label), rows
+    result = StrategyResult(task.name, strategy, len(rows), correct, correct / max(1, len(rows)), lo, hi,
+                            u.calls - before.calls, u.prompt_tokens - before.prompt_tokens,
+                            u.completion_tokens - before.completion_tokens, scores, label)
+    if rows and len({len(r.get("samples_correct", [])) for r in rows}) == 1 and "samples_correct" in rows[0]:
+        result = replace(result, one_sample=sum(one_sample(r) for r in rows) / len(rows),
+                         vote_curve=[sum(r["vote_by_k"][k] for r in rows) / len(rows)
+                                     for k in range(len(rows[0]["vote_by_k"]))])
+    return result, rows
+
+
+def one_sample(row: dict) -> float:
+    """The chance that one of a voted question's samples, drawn alone, is right."""
+    return sum(row["samples_correct"]) / len(row["samples_correct"])
+
+
+def _sample_verdicts(task: Task, example: Example, answer: Answer) -> dict:
+    """For an answer voted over several samples: each sample's verdict, and the vote's over the first k."""
+    if len(answer.samples) < 2:
+        return {}
+    correct = [bool(task.verify(example, t)) for t in answer.samples]
+    return {"samples_correct": correct, "vote_by_k": vote_curve(answer.samples, correct)}

@@ -32,6 +32,13 @@ def majority(texts: list[str]) -> tuple[int, dict[str, int]]:
     return answers.index(winner), dict(votes)
 
 
+def vote_curve(texts: list[str], correct: list[bool]) -> list[bool]:
+    """Whether the vote over the first k samples is right, for k = 1 .. all of them (`correct`: each sample's
+    own verdict). Averaged over questions it is the self-consistency paper's accuracy against the number of
+    sampled paths, whose first point is one sample."""
+    return [correct[majority(texts[:k])[0]] for k in range(1, len(texts) + 1)]
+
+
 def vote(texts: list[str], trace: list[dict] | None = None) -> Answer:
     """Self-consistency over replies: the majority answer, with all samples and the vote."""
     pick, votes = majority(texts)
