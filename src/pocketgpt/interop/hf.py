@@ -58,7 +58,8 @@ def hf_config_dict(cfg: GPTConfig) -> dict:
     """The config.json transformers reads for the same architecture: Llama, or Qwen2 when q/k/v have biases."""
     if cfg.smear_keys:
         raise PocketError("this model smears its keys (model.smear_keys = true), which neither Llama nor Qwen2 "
-                          "can express: transformers and llama.cpp would compute a different model")
+                          "can express: transformers and llama.cpp would compute a different model. The speedrun "
+                          "smears them by default; train with --set 'pretrain.model={smear_keys=false}' to export")
     kind = "qwen2" if cfg.attention_bias else "llama"
     d = {
         "model_type": kind, "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
