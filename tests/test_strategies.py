@@ -59,6 +59,16 @@ def test_a_vote_is_scored_against_one_of_its_samples(scripted):
     greedy, rows = evaluate_strategy(scripted(reply), task, "cot", n=2)  # one reply each: no vote to score
     assert greedy.one_sample is None and greedy.vote_curve == [] and "samples_correct" not in rows[0]
 
+    def retries(messages, request):  # a wrong greedy answer, rejected; a right sampled one, accepted
+        if "Is the proposed answer right?" in messages[-1]["content"]:
+            return [Generation("No" if "Answer: 0" in messages[-1]["content"] else "Yes", "stop")]
+        right = first.answer if first.question in messages[-1]["content"] else second.answer
+        return [Generation("Answer: 0" if request.temperature == 0 else f"Answer: {right}", "stop")]
+
+    checked, rows = evaluate_strategy(scripted(retries), task, "reflection", n=2, settings=Settings(rounds=2))
+    assert checked.accuracy == 1.0 and checked.one_sample is None and "samples_correct" not in rows[0]
+    assert [len(r["trace"]) for r in rows] == [2, 2]  # two attempts each, the second accepted: not a vote
+
 
 def test_a_finer_measure_averages_over_the_replies_it_applies_to(scripted):
     """A worked reply's "columns read right" is not diluted by a bare answer that has no columns."""

@@ -1,6 +1,6 @@
 """The majority vote of self-consistency."""
 
-from pocketgpt.reason.vote import majority, vote, vote_curve
+from pocketgpt.reason.vote import Answer, majority, vote, vote_curve
 
 
 def test_majority_vote_counts_normalised_answers():
@@ -19,6 +19,7 @@ def test_majority_without_answers_and_with_one_winner():
 def test_vote_keeps_samples_and_trace():
     answer = vote(["Answer: 8", "Answer: 7", "Answer: 7"], [{"step": 1}])
     assert answer.text == "Answer: 7" and len(answer.samples) == 3 and answer.trace == [{"step": 1}]
+    assert answer.voted and not Answer("Answer: 8", ["Answer: 7", "Answer: 8"]).voted  # a retry accepted: no vote
     assert vote([]).text == ""
 
 

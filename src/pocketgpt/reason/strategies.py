@@ -219,7 +219,7 @@ def one_sample(row: dict) -> float:
 
 def _sample_verdicts(task: Task, example: Example, answer: Answer) -> dict:
     """For an answer voted over several samples: each sample's verdict, and the vote's over the first k."""
-    if len(answer.samples) < 2:
+    if not answer.voted or len(answer.samples) < 2:
         return {}
     correct = [bool(task.verify(example, t)) for t in answer.samples]
     return {"samples_correct": correct, "vote_by_k": vote_curve(answer.samples, correct)}

@@ -16,6 +16,7 @@ class Answer:
     votes: dict[str, int] = field(default_factory=dict)  # normalised final answer -> samples that gave it
     trace: list[dict] = field(default_factory=list)  # the steps of a search or an agent, for reading
     scores: dict[str, float] = field(default_factory=dict)  # the strategy's own measures (retrieval recall)
+    voted: bool = False  # the text won a majority vote over the samples (not, say, a retry the model accepted)
 
 
 def majority(texts: list[str]) -> tuple[int, dict[str, int]]:
@@ -42,4 +43,4 @@ def vote_curve(texts: list[str], correct: list[bool]) -> list[bool]:
 def vote(texts: list[str], trace: list[dict] | None = None) -> Answer:
     """Self-consistency over replies: the majority answer, with all samples and the vote."""
     pick, votes = majority(texts)
-    return Answer(texts[pick] if texts else "", texts, votes, trace or [])
+    return Answer(texts[pick] if texts else "", texts, votes, trace or [], voted=True)
