@@ -125,21 +125,23 @@ def test_the_talks_orderings_are_compared_question_by_question(tmp_path):
 
 def test_every_vote_is_compared_with_one_of_its_own_samples(tmp_path):
     """A vote right where four of its five samples are wrong (each another way): +80% over one sample, in matrix.json and on
-    the report card, beside its curve; a cell without votes gets no such comparison."""
+    the report card, beside its curve; a cell without votes, or reflection's, gets no such comparison."""
 
     def right_first(messages, request):  # of the n samples only the first is right, and each says another number
         [right] = knows_arithmetic(messages, request)[:1]
         return [right] + [Generation(f"Answer: {i}", "stop") for i in range(1, request.n)]
 
     out = tmp_path / "sft" / "matrix"
-    cells = [Cell("arithmetic", "CoT", "cot", WORKED), Cell("arithmetic", "CoT-SC", "self_consistency", WORKED)]
+    cells = [Cell("arithmetic", "CoT", "cot", WORKED), Cell("arithmetic", "CoT-SC", "self_consistency", WORKED),
+             Cell("arithmetic", "reflection", "reflection", WORKED)]  # it accepts no attempt: their vote answers
     saved = run_matrix(ScriptedLM(right_first), out, n=10, cells=cells, log=lambda *a, **k: None)
     voted = next(c for c in saved["cells"] if c["label"] == "CoT-SC")
     assert voted["accuracy"] == 1.0 and voted["one_sample"] == pytest.approx(1 / 5)
     assert voted["vote_curve"] == [1.0] * 5  # every answer has one vote: the first given, the right one, wins
     [c] = [c for c in saved["comparisons"] if c["second"] == "CoT-SC, one sample"]
     assert c["difference"] == pytest.approx(0.8) and c["wins"] == 10 and c["losses"] == 0 and c["ci_low"] > 0
-    assert not any(c["second"] == "CoT, one sample" for c in saved["comparisons"])
+    assert next(c for c in saved["cells"] if c["label"] == "reflection")["one_sample"] == 1.0
+    assert [c["second"] for c in saved["comparisons"] if c["second"].endswith("one sample")] == ["CoT-SC, one sample"]
     card = write_report(tmp_path).read_text()
     assert "| arithmetic | CoT-SC vs CoT-SC, one sample | +80.0% |" in card
     assert "vote of 1 / 2 / ... samples: 20% / 100% / 100% / 100% / 100%" in card

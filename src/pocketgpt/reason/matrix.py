@@ -165,9 +165,11 @@ def comparisons(out_dir: Path, cells: list[dict]) -> list[dict]:
             continue
         found.append({"task": task, "first": first, "second": second, "n": len(a),
                       **paired_difference([r["correct"] for r in a], [r["correct"] for r in b])})
-    for c in cells:  # every vote against one of its own samples (the paper's first point: one sampled path)
+    # Every self-consistency vote against one of its own samples (the paper's first point: one sampled path).
+    # Reflection votes too when the model accepts none of its attempts, but its first attempt is greedy.
+    for c in cells:
         path = cell_path(out_dir, c["task"], c["label"])
-        if c.get("one_sample") is None or "error" in c or not path.exists():
+        if c.get("one_sample") is None or c["strategy"] == "reflection" or not path.exists():
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         if rows and all("samples_correct" in r for r in rows):
