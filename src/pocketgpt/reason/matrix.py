@@ -11,9 +11,10 @@ model's single chain of thought is right often enough for a vote to have somethi
 multi-hop questions, closed book vs ReAct; on JSON extraction, unconstrained vs constrained decoding;
 reflection where the model can check itself; and facts closed book vs retrieved passages (RAG), with
 each retriever's recall. Every vote is also compared with one of its own samples, drawn alone (the
-self-consistency paper's first point), beside the greedy chain of thought it is listed with. The result is
-`matrix.json` (every cell, and the talk's orderings compared question by question with a paired interval) plus one JSONL of answers and traces per cell; the run's
-report card shows both tables (evaluate/report.py reads `RUN/matrix/matrix.json`).
+self-consistency paper's first point), beside the greedy chain of thought it is listed with. The result
+is `matrix.json` (every cell, and the talk's orderings compared question by question with a paired
+interval) plus one JSONL of answers and traces per cell; the run's report card shows both tables
+(evaluate/report.py reads `RUN/matrix/matrix.json`).
 """
 
 from __future__ import annotations

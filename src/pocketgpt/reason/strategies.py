@@ -205,7 +205,8 @@ def evaluate_strategy(lm: LM, task: Task, strategy: str, split: str = "test", n:
     result = StrategyResult(task.name, strategy, len(rows), correct, correct / max(1, len(rows)), lo, hi,
                             u.calls - before.calls, u.prompt_tokens - before.prompt_tokens,
                             u.completion_tokens - before.completion_tokens, scores, label)
-    if rows and len({len(r.get("samples_correct", [])) for r in rows}) == 1 and "samples_correct" in rows[0]:
+    voted = [len(r.get("samples_correct", [])) for r in rows]
+    if voted and voted[0] > 1 and len(set(voted)) == 1:  # every answer a vote over the same number of samples
         result = replace(result, one_sample=sum(one_sample(r) for r in rows) / len(rows),
                          vote_curve=[sum(r["vote_by_k"][k] for r in rows) / len(rows)
                                      for k in range(len(rows[0]["vote_by_k"]))])

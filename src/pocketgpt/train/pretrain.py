@@ -52,9 +52,9 @@ DEFAULT_SOURCES: dict[str, dict] = {
 @dataclass
 class PretrainConfig:
     preset: str = "small"
-    # Overrides of the preset, e.g. {n_layer = 4}. Smeared keys are on: the speedrun's SFT model then used its
-    # tools (ReAct above closed book on multi-hop, 25% against 8%) and copied retrieved facts where plain keys
-    # did not (DEVELOPERS.md, "Smeared keys"); {smear_keys = false} trains a model `pocketgpt export` takes.
+    # Overrides of the preset, e.g. {n_layer = 4}. Smeared keys are on: with them the speedrun's SFT model used
+    # its tools (ReAct above closed book on multi-hop, 18% against 5%; 25% against 8% in an earlier run) where
+    # plain keys did not (DEVELOPERS.md, "Smeared keys"); {smear_keys = false} trains a model export takes.
     model: dict = field(default_factory=lambda: {"smear_keys": True})
     # Compiled, a step runs ~1.4x faster here after ~50 s of compiling; the speedrun spends that on 1,500
     # steps where it used to afford 1,000 (validation loss 1.216 -> 1.194; see README "Training speed").
