@@ -6,7 +6,7 @@ from conftest import ScriptedLM
 from pocketgpt.data.tasks import get_task
 from pocketgpt.data.tasks.game24 import can_reach_24, move_line, moves, propose_prompt, uses_and_makes_24, value_prompt
 from pocketgpt.reason.lm import Generation
-from pocketgpt.reason.tot import tree_of_thoughts
+from pocketgpt.reason.tot import Node, Searcher, tree_of_thoughts
 
 
 def table_of(prompt: str) -> list[int]:
@@ -72,6 +72,31 @@ def test_dfs_prunes_positions_valued_impossible_and_gives_up_empty():
 def test_unparseable_proposals_end_the_search_without_an_answer():
     lm = ScriptedLM(lambda messages, r: [Generation("I like turtles", "stop")] * r.n)
     assert [a.text for a in tree_of_thoughts(lm, PUZZLES[:2])] == ["", ""]
+
+
+def sampling_proposer(messages, request):
+    """Greedy, it proposes only a move that cannot reach 24; each sample proposes one of the two best moves
+    (sample i the (i % 2)-th), so samples repeat each other."""
+    prompt = messages[-1]["content"]
+    state = table_of(prompt)
+    if not prompt.startswith("Input: "):
+        return [Generation("sure" if can_reach_24(state) else "impossible", "stop") for _ in range(request.n)]
+    ranked = sorted(moves(state), key=lambda m: can_reach_24(m[4]), reverse=True)
+    if request.temperature == 0:
+        return [Generation(move_line(*ranked[-1]), "stop")]
+    return [Generation(move_line(*ranked[i % 2]), "stop") for i in range(request.n)]
+
+
+def test_several_proposals_are_sampled_and_their_moves_merged_once():
+    lm = ScriptedLM(sampling_proposer)
+    children = Searcher(lm, proposals=4).children([Node((4, 4, 6, 8))])[0]
+    ranked = sorted(moves((4, 4, 6, 8)), key=lambda m: can_reach_24(m[4]), reverse=True)
+    assert [c.lines[-1] for c in children] == [move_line(*ranked[0]), move_line(*ranked[1])]
+    assert lm.requests[0].n == 4 and lm.requests[0].temperature == 0.7
+    greedy = tree_of_thoughts(ScriptedLM(sampling_proposer), PUZZLES, beam=1)
+    sampled = tree_of_thoughts(ScriptedLM(sampling_proposer), PUZZLES, beam=1, proposals=4)
+    assert not any(uses_and_makes_24(a.text.split("Answer: ")[-1], p) for a, p in zip(greedy, PUZZLES))
+    assert all(uses_and_makes_24(a.text.split("Answer: ")[-1], p) for a, p in zip(sampled, PUZZLES))
 
 
 def test_unknown_search():

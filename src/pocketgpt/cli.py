@@ -335,8 +335,8 @@ def cmd_eval_strategy(args) -> None:
         model_dir = resolve_model_dir(args.model)
         lm = LM.load(model_dir, args.device)
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
-                        beam=args.beam, search=args.search, oracle=args.oracle, rounds=args.rounds,
-                        max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
+                        beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
+                        rounds=args.rounds, max_steps=args.max_steps, tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()),
                         paths=args.paths, quote=args.quote)
     if args.matrix:
         if args.out:
@@ -760,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=5, help="tot: positions kept after each move (default 5)")
     p.add_argument("--search", choices=("bfs", "dfs"), default="bfs", help="tot: breadth- or depth-first")
     p.add_argument("--oracle", action="store_true", help="tot: the exact solver judges positions (an ablation)")
+    p.add_argument("--proposals", type=int, default=1, help="tot: proposals per position, sampled at --temperature "
+                                                            "and their moves merged (default 1: one greedy proposal)")
     p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
     p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")

@@ -1,7 +1,8 @@
 """Tree of Thoughts on the Game of 24 (Yao et al. 2023): search over partial solutions instead of
 writing one left to right, with the model itself proposing moves and judging positions.
 
-    propose  "Input: 4 4 6 8\nPossible next steps:" -> "4 + 8 = 12 (left: 4 6 12)\n..."  (one greedy call)
+    propose  "Input: 4 4 6 8\nPossible next steps:" -> "4 + 8 = 12 (left: 4 6 12)\n..."  (one greedy call, or
+             `proposals` samples whose moves are merged)
     value    "Evaluate if 4 6 12 can reach 24 (sure/likely/impossible)" -> votes of `value_samples`
              samples, weighted sure 20 / likely 1 / impossible 0.001 and summed, as in the paper
 
@@ -45,9 +46,10 @@ class Searcher:
     """The model's two roles, batched over many positions, with the value cache."""
 
     def __init__(self, lm: LM, value_samples: int = 3, temperature: float = 0.7, oracle: bool = False,
-                 seed: int = 0, shots: int = 0, checked: bool = True, max_tokens: int = 160):
+                 seed: int = 0, shots: int = 0, checked: bool = True, max_tokens: int = 160, proposals: int = 1):
         self.lm, self.value_samples, self.temperature = lm, value_samples, temperature
         self.oracle, self.seed, self.checked, self.max_tokens = oracle, seed, checked, max_tokens
+        self.proposals = proposals
         self.values: dict[tuple[int, ...], float] = {}
         # Solved examples of each role as earlier turns, for a model not trained on them (the paper
         # prompts with 1 proposal example and 8 value examples).
@@ -56,12 +58,16 @@ class Searcher:
                       for role in ("propose", "value")}
 
     def children(self, nodes: list[Node]) -> list[list[Node]]:
-        """Each node's proposed moves, in the order the model listed them."""
+        """Each node's proposed moves, in the order the model listed them. With several proposals (sampled
+        at the search's temperature, as the paper's proposer is) their moves are merged, each once."""
+        sampled = self.proposals > 1
         requests = [Request([*self.demos["propose"], {"role": "user", "content": propose_prompt(n.state)}],
-                            max_tokens=self.max_tokens)
-                    for n in nodes]
+                            n=self.proposals, temperature=self.temperature if sampled else 0.0,
+                            seed=self.seed + i if sampled else None, max_tokens=self.max_tokens)
+                    for i, n in enumerate(nodes)]
         replies = self.lm.chat_batch(requests) if requests else []
-        return [[Node(left, (*node.lines, line)) for line, left in parse_proposals(gens[0].text, node.state, self.checked)]
+        return [[Node(left, (*node.lines, line))
+                 for line, left in parse_proposals("\n".join(g.text for g in gens), node.state, self.checked)]
                 for node, gens in zip(nodes, replies)]
 
     def valued(self, nodes: list[Node]) -> list[Node]:
@@ -126,10 +132,10 @@ def dfs(searcher: Searcher, puzzles: list[list[int]], max_expansions: int) -> li
 
 def tree_of_thoughts(lm: LM, puzzles: list[list[int]], search: str = "bfs", beam: int = 5,
                      value_samples: int = 3, temperature: float = 0.7, oracle: bool = False, seed: int = 0,
-                     max_expansions: int = 12, shots: int = 0, checked: bool = True) -> list[Answer]:
+                     max_expansions: int = 12, shots: int = 0, checked: bool = True, proposals: int = 1) -> list[Answer]:
     """Solve each puzzle by search; the answer is the best finished path, written as its moves and
     "Answer: <expression>" (the expression composed from the moves, for the task's verifier)."""
-    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots, checked)
+    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots, checked, proposals=proposals)
     if search == "bfs":
         ends = bfs(searcher, puzzles, beam)
     elif search == "dfs":
