@@ -163,26 +163,23 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     if info.is_main:
         console.print(f"world: seed {world.seed} ({world.n_countries} countries, {world.n_cities} cities, "
                       f"{world.n_people} people, {world.n_companies} companies)")
-    times: dict[str, float] = {}
     t_start = time.time()
-    worked: set[str] = set()  # stages that did work in this invocation (not all skipped)
-    current = "tokenizer"
+    clock = StageClock(run_dir / "speedrun.json", device, write=info.is_main)
 
     def say(text: str) -> None:
         if info.is_main:
             console.print(text)
 
     def stage(name: str, title: str):
-        nonlocal current
         if info.is_main:
             console.rule(f"[bold]{title}")
-        times[name], current = time.time(), name
+        clock.start(name)
 
     stage("tokenizer", "1. tokenizer")
     if (run_dir / "tokenizer" / "tokenizer.json").exists():
         say("already trained, skipped")
     else:
-        worked.add("tokenizer")
+        clock.worked()
         if info.is_main:  # the others wait, then load it
             report = run_tokenizer(cfg, run_dir)
             say(f"vocab {report['vocab_size']}, trained in {report['train_seconds']:.1f}s")
@@ -193,7 +190,7 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         if stage_done(run_dir / stage_dir, steps):
             say(f"{stage_dir}: already finished, skipped")
         else:
-            worked.add(current)
+            clock.worked()
             run()
 
     stage("pretrain", "2. pretrain")
@@ -211,7 +208,7 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     once("grpo", cfg.grpo.train.steps, lambda: grpo(cfg.grpo, run_dir, resume=True))
 
     stage("eval", "7. evaluation")
-    worked.add("eval")
+    clock.worked()
     evaluations = [("base", "fewshot", SUITE)] + [(name, "chat", SUITE) for name in ("sft", "ppo", "grpo")]
     if cfg.sft_ablation:
         evaluations.append(("sft_naive", "chat", {k: v for k, v in SUITE.items() if k.startswith("factqa")}))
@@ -219,20 +216,51 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         if i % info.world_size == info.rank:
             run_eval(cfg, run_dir, name, mode, tasks)
     barrier(info)
-    times["end"] = time.time()
+    clock.stop()
     if not info.is_main:
         return {}
-
-    names = list(times)
-    durations = {a: times[b] - times[a] for a, b in zip(names, names[1:])}
-    # A resumed run keeps what the skipped stages took when they ran: the report card's wall time
-    # is the cost of the whole pipeline, not of the last invocation.
-    previous = json.loads((run_dir / "speedrun.json").read_text())["stage_seconds"] \
-        if (run_dir / "speedrun.json").exists() else {}
-    durations = {name: d if name in worked else previous.get(name, d) for name, d in durations.items()}
-    total = sum(durations.values())
-    atomic_write_json(run_dir / "speedrun.json", {"stage_seconds": durations, "total_seconds": total,
-                                                  "measured": provenance(device)})
     report_path = write_report(run_dir)
-    console.print(f"pipeline {total:.0f}s (this invocation {time.time() - t_start:.0f}s); report card: {report_path}")
-    return {"stage_seconds": durations, "report": str(report_path)}
+    console.print(f"pipeline {clock.total:.0f}s (this invocation {time.time() - t_start:.0f}s); "
+                  f"report card: {report_path}")
+    return {"stage_seconds": clock.stage_seconds, "report": str(report_path)}
+
+
+class StageClock:
+    """The seconds each stage of the pipeline took, in RUN/speedrun.json, written as each stage ends: an
+    interrupted run keeps what its finished stages took, and a resumed run counts a stage it skips at
+    what it took when it ran. So the report card's wall time is the cost of the whole pipeline, not of
+    the last invocation. (A stage that resumed from a checkpoint counts only its resumed part.)"""
+
+    def __init__(self, path: Path, device, write: bool = True):
+        self.path, self.device, self.write = path, device, write
+        self.previous: dict[str, float] = json.loads(path.read_text())["stage_seconds"] if path.exists() else {}
+        self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+        self.started = 0.0
+        self.did_work = False
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self.current, self.started, self.did_work = name, time.time(), False
+
+    def worked(self) -> None:
+        """The current stage did work in this invocation (it was not skipped as complete)."""
+        self.did_work = True
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        took = time.time() - self.started
+        self.seconds[self.current] = took if self.did_work else self.previous.get(self.current, took)
+        self.current = None
+        if self.write:
+            atomic_write_json(self.path, {"stage_seconds": self.stage_seconds, "total_seconds": self.total,
+                                          "measured": provenance(self.device)})
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        return {**self.previous, **self.seconds}
+
+    @property
+    def total(self) -> float:
+        return sum(self.stage_seconds.values())
