@@ -70,6 +70,19 @@ def test_a_vote_is_scored_against_one_of_its_samples(scripted):
     assert [len(r["trace"]) for r in rows] == [2, 2]  # two attempts each, the second accepted: not a vote
 
 
+def test_self_consistency_votes_on_the_tasks_answer_key(scripted):
+    """-N and N are different answers (a vote on words would merge them and keep the first reply)."""
+    task = get_task("arithmetic")
+    right = task.examples("test")[0].meta["answer"]  # the question evaluate_strategy asks with n=1
+    assert right != 0
+
+    def reply(messages, request):
+        return [Generation(f"Answer: {a}", "stop") for a in (-right, right, right)]
+
+    result, rows = evaluate_strategy(scripted(reply), task, "self_consistency", n=1, settings=Settings(k=3))
+    assert result.accuracy == 1.0 and rows[0]["votes"] == {str(-right): 1, str(right): 2}
+
+
 def test_a_finer_measure_averages_over_the_replies_it_applies_to(scripted):
     """A worked reply's "columns read right" is not diluted by a bare answer that has no columns."""
     task = get_task("arithmetic")

@@ -131,6 +131,32 @@ def test_malformed_answers_fail_without_raising(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_the_vote_key_agrees_where_the_verifier_reads_the_same_answer(name):
+    """A reply and the same answer reworded get one key; a wrong answer gets another; no answer gets ""."""
+    t = task(name)
+    for example in t.examples("test")[:20]:
+        right = t.answer_key(example, f"Answer: {example.answer}")
+        assert right and right == t.answer_key(example, f"Some working.\nAnswer: {example.answer}.")
+        assert t.answer_key(example, wrong_answer(name, example)) != right, example.question
+        assert t.answer_key(example, "") == ""
+
+
+def test_vote_keys_keep_signs_operators_and_the_named_number():
+    arithmetic, decimals, game24 = task("arithmetic"), task("compare_decimals"), task("game24")
+    sum_ = arithmetic.examples("test")[0]
+    # words alone would make these one answer ("5"), and the two expressions one answer ("13 9 10 4")
+    assert arithmetic.answer_key(sum_, "Answer: -5") != arithmetic.answer_key(sum_, "Answer: 5")
+    assert arithmetic.answer_key(sum_, "Answer: 1,234.") == arithmetic.answer_key(sum_, "so it is 1234") == "1234"
+    puzzle = game24.examples("test")[0]
+    assert game24.answer_key(puzzle, "Answer: (13-9)*(10-4)") == game24.answer_key(puzzle, "Answer: (13 - 9) × (10 - 4) = 24")
+    assert game24.answer_key(puzzle, "Answer: (13-9)*(10-4)") != game24.answer_key(puzzle, "Answer: (13+9)*(10-4)")
+    pair = next(e for e in decimals.examples("test") if len(e.meta["larger"]) < 6)
+    larger = pair.meta["larger"]
+    assert decimals.answer_key(pair, f"Answer: {larger}") == decimals.answer_key(pair, f"{larger}0 is larger") == larger
+    assert decimals.answer_key(pair, "Answer: 123.456") == ""  # names neither number: no vote
+
+
+@pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
 def test_verifiers_never_raise_on_any_text(name, text):

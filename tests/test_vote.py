@@ -1,5 +1,6 @@
 """The majority vote of self-consistency."""
 
+from pocketgpt.data.tasks.base import last_number
 from pocketgpt.reason.vote import Answer, majority, vote, vote_curve
 
 
@@ -29,3 +30,11 @@ def test_vote_curve_follows_the_vote_as_samples_are_added():
     # one sample (7: wrong); a tie of 7 and 8 goes to the first given (7); 8 leads; a tie again; 7 leads
     assert vote_curve(texts, correct) == [False, False, True, False, False]
     assert vote_curve(["", "Answer: 8"], [False, True]) == [False, True]  # a sample with no answer does not vote
+
+
+def test_the_key_decides_which_answers_agree():
+    texts = ["Answer: 5", "Answer: -5", "Answer: -5"]
+    assert majority(texts) == (0, {"5": 3})  # as words, -5 is 5: all three agree
+    assert majority(texts, key=last_number) == (1, {"5": 1, "-5": 2})
+    assert vote(texts, key=last_number).text == "Answer: -5"
+    assert vote_curve(texts, [False, True, True], key=last_number) == [False, False, True]

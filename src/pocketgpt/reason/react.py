@@ -19,6 +19,7 @@ operand, a wrong query) differ from path to path; a model whose slips repeat gai
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from ..common import PocketError
 from ..data.tasks import Example, Task
@@ -43,8 +44,8 @@ def react(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], s
     walked = _trajectories(lm, task, [e for e in examples for _ in range(paths)], tools, specs, max_steps, shots,
                            max_tokens, max_observation_chars, fallback_k, temperature, seed, sampled=True)
     groups = [walked[start:start + paths] for start in range(0, len(walked), paths)]
-    return [vote([a.text for a in mine], [{"path": p, "steps": a.trace} for p, a in enumerate(mine)])
-            for mine in groups]
+    return [vote([a.text for a in mine], [{"path": p, "steps": a.trace} for p, a in enumerate(mine)],
+                 partial(task.answer_key, e)) for e, mine in zip(examples, groups)]
 
 
 def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, Tool], specs: list[dict],
@@ -84,7 +85,8 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
         requests = [Request(chat_messages(task, examples[i], 0, cot), n=fallback_k, temperature=temperature,
                             max_tokens=256, seed=seed + i) for i in unanswered]
         for i, gens in zip(unanswered, lm.chat_batch(requests)):
-            answers[i] = vote([g.text for g in gens], [*traces[i], {"fallback": "self_consistency"}])
+            answers[i] = vote([g.text for g in gens], [*traces[i], {"fallback": "self_consistency"}],
+                              partial(task.answer_key, examples[i]))
     return [answers[i] for i in range(len(examples))]
 
 

@@ -11,6 +11,8 @@ The task's verifier never enters the loop: it only scores the final answer.
 
 from __future__ import annotations
 
+from functools import partial
+
 from ..data.tasks import Example, Task
 from ..data.tasks.base import check_prompt
 from ..data.tasks.prompts import chat_messages
@@ -53,5 +55,5 @@ def reflection(lm: LM, task: Task, examples: list[Example], rounds: int = 2, sho
         if not pending:
             break
     for i in pending:
-        answers[i] = vote(attempts[i], traces[i])
+        answers[i] = vote(attempts[i], traces[i], partial(task.answer_key, examples[i]))
     return [answers[i] for i in range(len(examples))]

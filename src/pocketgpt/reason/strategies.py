@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 from ..common import PocketError, wilson_interval
 from ..data.tasks import Example, Task, default_world
@@ -86,7 +87,8 @@ def cot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
 
 
 def self_consistency(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    return [vote(t) for t in _sampled(lm, task, examples, s, _cot_style(task), s.k, s.temperature)]
+    samples = _sampled(lm, task, examples, s, _cot_style(task), s.k, s.temperature)
+    return [vote(t, key=partial(task.answer_key, e)) for e, t in zip(examples, samples)]
 
 
 def reflect(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
@@ -224,4 +226,4 @@ def _sample_verdicts(task: Task, example: Example, answer: Answer) -> dict:
     if not answer.voted or len(answer.samples) < 2:
         return {}
     correct = [bool(task.verify(example, t)) for t in answer.samples]
-    return {"samples_correct": correct, "vote_by_k": vote_curve(answer.samples, correct)}
+    return {"samples_correct": correct, "vote_by_k": vote_curve(answer.samples, correct, partial(task.answer_key, example))}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from ...errors import PocketError
 from ..mathtext import OPS, PLACES, apply, random_operands, word_problem, worked_steps
-from .base import Example, Task, assistant, final_answer, numbers
+from .base import Example, Task, assistant, final_answer, last_number, numbers
 from .expr import evaluate
 from .tools import use_calculator
 
@@ -55,6 +55,9 @@ class Arithmetic(Task):
     def check(self, example: Example, output: str) -> bool:
         found = numbers(final_answer(output))
         return bool(found) and found[-1] == example.meta["answer"]
+
+    def answer_key(self, example: Example, output: str) -> str:
+        return last_number(output)
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """For a worked reply: the share of its column lines that read the operands' digits right,

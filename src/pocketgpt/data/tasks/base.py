@@ -85,6 +85,12 @@ class Task:
         """What identifies a problem, for splitting and de-duplication."""
         return example.question
 
+    def answer_key(self, example: Example, output: str) -> str:
+        """What self-consistency votes on: two replies agree when their keys are equal, so a key reads the
+        reply as `check` does ("" for a reply that gives no answer: it does not vote). Here the final answer's
+        words; a task whose answer is a number or an expression keys it exactly."""
+        return answer_words(output)
+
     def cot(self, example: Example) -> str:
         """The step-by-step assistant reply, ending in a line "Answer: ..."."""
         raise NotImplementedError
@@ -262,6 +268,18 @@ def numbers(text: str) -> list[Fraction]:
     """Every number in the text, in order, exactly: "1,234,000" -> 1234000, "−2.5" -> -5/2."""
     text = THOUSANDS.sub("", text.replace("\u2212", "-"))
     return [Fraction(m) for m in NUMBER.findall(text) if len(m) <= 60]  # no giant digit strings
+
+
+def answer_words(output: str) -> str:
+    """A reply's final answer as lowercase words ("Answer: 1,234." -> "1234"): the default vote key."""
+    return normalize(final_answer(output))
+
+
+def last_number(output: str) -> str:
+    """The last number of a reply's final answer, exactly ("Answer: -1,234." -> "-1234"; none: ""): the
+    vote's key where `check` reads that number (words alone would make -5 and 5 the same answer)."""
+    found = numbers(final_answer(output))
+    return str(found[-1]) if found else ""
 
 
 def normalize(text: str) -> str:

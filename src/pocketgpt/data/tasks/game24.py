@@ -29,7 +29,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from .base import UNLIMITED, Example, Task, assistant, final_answer
-from .expr import parse
+from .expr import SYMBOLS, parse
 
 TARGET = 24
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -115,6 +115,12 @@ def uses_and_makes_24(expression: str, numbers: Sequence[int]) -> bool:
 
 
 EXPRESSION = re.compile(r"[\d\s+\-*/×÷−().]*\d[\d\s+\-*/×÷−().]*")
+
+
+def answer_expression(output: str) -> str:
+    """The longest arithmetic run in a reply's final answer ("(13-9)*(10-4) = 24" -> the left side)."""
+    runs = EXPRESSION.findall(final_answer(output))
+    return max(runs, key=len).strip() if runs else ""
 
 
 def moves(state: Sequence[int]) -> list[tuple[int, str, int, int, tuple[int, ...]]]:
@@ -261,9 +267,13 @@ class Game24(Task):
                 yield Example(question, expression, {"numbers": list(puzzle), "steps": steps})
 
     def check(self, example: Example, output: str) -> bool:
-        """The longest arithmetic run in the final answer ("(13-9)*(10-4) = 24" -> the left side)."""
-        runs = EXPRESSION.findall(final_answer(output))
-        return bool(runs) and uses_and_makes_24(max(runs, key=len), example.meta["numbers"])
+        expression = answer_expression(output)
+        return bool(expression) and uses_and_makes_24(expression, example.meta["numbers"])
+
+    def answer_key(self, example: Example, output: str) -> str:
+        """The expression as `check` reads it, without spaces: "(13 - 9) * (10 - 4)" and "(13-9)*(10-4)"
+        agree, "13*9" and "13+9" do not (the words-only key would merge them)."""
+        return "".join(answer_expression(output).translate(SYMBOLS).split())
 
     def cot(self, example: Example) -> str:
         return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 from ..world import World, rarest
-from .base import UNLIMITED, Example, Task, assistant, decimal_string, final_answer, numbers
+from .base import UNLIMITED, Example, Task, assistant, decimal_string, final_answer, last_number, numbers
 from .tools import use_calculator, use_search
 
 QUESTIONS = ("How many times larger is the population of {a} than that of {b}?",
@@ -53,6 +53,9 @@ class MultiHop(Task):
             return False
         exact = Fraction(example.meta["population_a"], example.meta["population_b"])
         return abs(found[-1] - exact) <= Fraction(1, 20) or found[-1] == Fraction(example.answer)
+
+    def answer_key(self, example: Example, output: str) -> str:
+        return last_number(output)
 
     def cot(self, example: Example) -> str:
         m = example.meta

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 from ..world import make_names
-from .base import Example, Task, final_answer, numbers
+from .base import Example, Task, final_answer, last_number, numbers
 
 # Real words, many with doubled letters (where counting goes wrong).
 WORDS = tuple("""
@@ -106,9 +106,17 @@ class CompareDecimals(Task):
 
     def check(self, example: Example, output: str) -> bool:
         """The final answer must name the larger number and not the smaller one."""
-        x, y, larger = (Fraction(example.meta[k]) for k in ("x", "y", "larger"))
-        named = {n for n in numbers(final_answer(output)) if n in (x, y)}
-        return named == {larger}
+        return self._named(example, output) == {example.meta["larger"]}
+
+    def answer_key(self, example: Example, output: str) -> str:
+        """The candidates the answer names ("9.9 is larger" and "Answer: 9.90" agree)."""
+        return " ".join(sorted(self._named(example, output)))
+
+    @staticmethod
+    def _named(example: Example, output: str) -> set[str]:
+        """Which of the two numbers (as the question writes them) the final answer names."""
+        said = numbers(final_answer(output))
+        return {v for v in (example.meta["x"], example.meta["y"]) if Fraction(v) in said}
 
     def cot(self, example: Example) -> str:
         x, y, larger = example.meta["x"], example.meta["y"], example.meta["larger"]
@@ -151,6 +159,9 @@ class CountLetter(Task):
     def check(self, example: Example, output: str) -> bool:
         found = numbers(final_answer(output))
         return bool(found) and found[-1] == example.meta["count"]
+
+    def answer_key(self, example: Example, output: str) -> str:
+        return last_number(output)
 
     def cot(self, example: Example) -> str:
         word, letter, count = example.meta["word"], example.meta["letter"], example.meta["count"]
