@@ -13,7 +13,7 @@ from fractions import Fraction
 
 from ..world import World, rarest
 from .base import UNLIMITED, Example, Task, assistant, decimal_string, final_answer, last_number, numbers
-from .tools import use_calculator, use_search
+from .tools import calculator, use_calculator, use_search
 
 QUESTIONS = ("How many times larger is the population of {a} than that of {b}?",
              "How many times more people live in {a} than in {b}?")
@@ -69,6 +69,11 @@ class MultiHop(Task):
         ])
 
     def tool(self, example: Example) -> list[dict]:
+        """Search, search, divide, and answer with the calculator's result as it reads ("6.763889"), not
+        rounded: rounding means reading digits inside a token, which our small models get wrong (the
+        speedrun's SFT model divided right in 76 of 100 traces and rounded right in 18), and the
+        result is within the check's tolerance as it stands."""
         m = example.meta
+        expression = f"{m['population_a']}/{m['population_b']}"
         return [*use_search(self.world, f"population of {m['a']}"), *use_search(self.world, f"population of {m['b']}"),
-                *use_calculator(f"{m['population_a']}/{m['population_b']}"), assistant(example.answer)]
+                *use_calculator(expression), assistant(calculator(expression))]
