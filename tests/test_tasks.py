@@ -453,6 +453,9 @@ def test_multihop_tolerance_and_tools():
     tools = [m["name"] for m in messages if m["role"] == "tool"]
     assert tools == ["search", "search", "calculator"]
     assert str(example.meta["population_a"]) in messages[2]["content"]
+    # the answer is the calculator's result as it reads (a copy), not a rounding of it
+    assert messages[-1] == {"role": "assistant", "content": messages[-2]["content"]}
+    assert messages[-1]["content"] != example.answer and t.verify(example, messages[-1]["content"])
 
 
 def test_structured_checks_schema_and_values():
