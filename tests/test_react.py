@@ -40,6 +40,7 @@ def test_an_agent_that_searches_and_computes_answers_multihop():
         assert [step["action"]["name"] for step in a.trace] == ["search", "search", "calculator"]
         assert a.trace[0]["thought"] == "I need the population of A."
         assert str(e.meta["population_a"]) in a.trace[0]["observation"]
+        assert a.scores == {"searched_both": 1.0, "calculator_right": 1.0}  # each hand-off measured
     # Each request carries the tool specs and the whole conversation so far (calls tied to results by id).
     last = lm.requests[-1]
     assert last.tools == [SPECS["search"], SPECS["calculator"]]
@@ -121,3 +122,19 @@ def test_the_python_tool_runs_sandboxed_inside_the_loop():
     [answer] = ask(ScriptedLM(agent), task, [example], "react", Settings(tools=("python",)))
     # 42, and the sandbox's four variables (PATH, HOME, TMPDIR, LANG): none of the caller's
     assert answer.trace[0]["observation"].strip() == "42 4" and answer.text == "Answer: 42"
+
+
+def test_the_trace_says_where_a_trajectory_went_wrong():
+    """A wrong place searched and a wrong division score 0 on their hand-offs; a sum worked out by hand
+    scores "did not call the calculator", one the calculator gave scores right."""
+    multihop, arithmetic = get_task("multihop"), get_task("arithmetic")
+    e = multihop.examples("test")[0]
+    trace = [{"action": {"name": "search", "arguments": {"query": f"population of {e.meta['a']}"}}, "observation": ""},
+             {"action": {"name": "search", "arguments": "not an object"}, "observation": ""},
+             {"action": {"name": "calculator", "arguments": {"expression": "1/1"}}, "observation": "1"}]
+    assert multihop.trace_scores(e, trace) == {"searched_both": 0.0, "calculator_right": 0.0}
+    sum_ = arithmetic.examples("test")[0]
+    assert arithmetic.trace_scores(sum_, []) == {"called_calculator": 0.0, "calculator_right": 0.0}
+    call = [{"action": {"name": "calculator", "arguments": {}}, "observation": str(sum_.meta["answer"])}]
+    assert arithmetic.trace_scores(sum_, call) == {"called_calculator": 1.0, "calculator_right": 1.0}
+    assert get_task("spell").trace_scores(sum_, call) == {}  # a task without tool steps measures none

@@ -91,6 +91,11 @@ class Task:
         words; a task whose answer is a number or an expression keys it exactly."""
         return answer_words(output)
 
+    def trace_scores(self, example: Example, trace: list[dict]) -> dict[str, float]:
+        """Where a tool-using trajectory (ReAct's steps: {"action": {"name", "arguments"}, "observation"})
+        went right or wrong before its answer, each measure 0 or 1; none by default."""
+        return {}
+
     def cot(self, example: Example) -> str:
         """The step-by-step assistant reply, ending in a line "Answer: ..."."""
         raise NotImplementedError
@@ -268,6 +273,18 @@ def numbers(text: str) -> list[Fraction]:
     """Every number in the text, in order, exactly: "1,234,000" -> 1234000, "−2.5" -> -5/2."""
     text = THOUSANDS.sub("", text.replace("\u2212", "-"))
     return [Fraction(m) for m in NUMBER.findall(text) if len(m) <= 60]  # no giant digit strings
+
+
+def tool_steps(trace: list[dict], tool: str) -> list[tuple[dict, str]]:
+    """(arguments, observation) of each call to `tool` in a trajectory (arguments the model did not write as
+    a JSON object count as none)."""
+    out = []
+    for step in trace:
+        action = step.get("action") or {}
+        if action.get("name") == tool:
+            arguments = action.get("arguments")
+            out.append((arguments if isinstance(arguments, dict) else {}, str(step.get("observation", ""))))
+    return out
 
 
 def answer_words(output: str) -> str:
