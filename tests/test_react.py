@@ -126,15 +126,23 @@ def test_the_python_tool_runs_sandboxed_inside_the_loop():
 
 def test_the_trace_says_where_a_trajectory_went_wrong():
     """A wrong place searched and a wrong division score 0 on their hand-offs; a sum worked out by hand
-    scores "did not call the calculator", one the calculator gave scores right."""
+    scores "did not call the calculator", one the calculator gave scores right; an answer that states
+    another number than the calculator's last result did not copy it."""
     multihop, arithmetic = get_task("multihop"), get_task("arithmetic")
     e = multihop.examples("test")[0]
     trace = [{"action": {"name": "search", "arguments": {"query": f"population of {e.meta['a']}"}}, "observation": ""},
              {"action": {"name": "search", "arguments": "not an object"}, "observation": ""},
              {"action": {"name": "calculator", "arguments": {"expression": "1/1"}}, "observation": "1"}]
-    assert multihop.trace_scores(e, trace) == {"searched_both": 0.0, "calculator_right": 0.0}
+    assert multihop.trace_scores(e, trace, "1") == {"searched_both": 0.0, "calculator_right": 0.0,
+                                                    "answer_copies_calculator": 1.0}
     sum_ = arithmetic.examples("test")[0]
-    assert arithmetic.trace_scores(sum_, []) == {"called_calculator": 0.0, "calculator_right": 0.0}
-    call = [{"action": {"name": "calculator", "arguments": {}}, "observation": str(sum_.meta["answer"])}]
-    assert arithmetic.trace_scores(sum_, call) == {"called_calculator": 1.0, "calculator_right": 1.0}
-    assert get_task("spell").trace_scores(sum_, call) == {}  # a task without tool steps measures none
+    assert arithmetic.trace_scores(sum_, [], "Answer: 12") == {"called_calculator": 0.0, "calculator_right": 0.0}
+    result = str(sum_.meta["answer"])
+    call = [{"action": {"name": "calculator", "arguments": {}}, "observation": result}]
+    assert arithmetic.trace_scores(sum_, call, result) == {"called_calculator": 1.0, "calculator_right": 1.0,
+                                                           "answer_copies_calculator": 1.0}
+    # 3.987281 answered as 3.137281: one chunk of digits miscopied (DEVELOPERS.md)
+    division = [{"action": {"name": "calculator", "arguments": {}}, "observation": "3.987281"}]
+    assert arithmetic.trace_scores(sum_, division, "3.137281")["answer_copies_calculator"] == 0.0
+    assert arithmetic.trace_scores(sum_, division, "Answer: 3.987281")["answer_copies_calculator"] == 1.0
+    assert get_task("spell").trace_scores(sum_, call, result) == {}  # a task without tool steps measures none

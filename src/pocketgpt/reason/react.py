@@ -88,7 +88,7 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
             answers[i] = vote([g.text for g in gens], [*traces[i], {"fallback": "self_consistency"}],
                               partial(task.answer_key, examples[i]))
     for i, answer in answers.items():  # where the trajectory went wrong, beside whether its answer is right
-        answer.scores = {**answer.scores, **task.trace_scores(examples[i], traces[i])}
+        answer.scores = {**answer.scores, **task.trace_scores(examples[i], traces[i], answer.text)}
     return [answers[i] for i in range(len(examples))]
 
 

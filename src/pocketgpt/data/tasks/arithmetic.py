@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from ...errors import PocketError
 from ..mathtext import OPS, PLACES, apply, random_operands, word_problem, worked_steps
-from .base import Example, Task, assistant, final_answer, last_number, numbers, tool_steps
+from .base import Example, Task, assistant, copies_calculator, final_answer, last_number, numbers, tool_steps
 from .expr import evaluate
 from .tools import use_calculator
 
@@ -59,12 +59,14 @@ class Arithmetic(Task):
     def answer_key(self, example: Example, output: str) -> str:
         return last_number(output)
 
-    def trace_scores(self, example: Example, trace: list[dict]) -> dict[str, float]:
-        """Whether the model reached for the calculator at all, and whether a call gave the result (offered
-        it, the speedrun's SFT model worked over half the sums out by hand instead)."""
+    def trace_scores(self, example: Example, trace: list[dict], output: str) -> dict[str, float]:
+        """Whether the model reached for the calculator at all (offered it, the speedrun's SFT model worked
+        over half the sums out by hand instead), whether a call gave the result, and whether the answer
+        copies it (14 of a GRPO model's 32 misses miscopied it: DEVELOPERS.md)."""
         results = [observation for _, observation in tool_steps(trace, "calculator")]
         right = any(numbers(r) == [example.meta["answer"]] for r in results)
-        return {"called_calculator": float(bool(results)), "calculator_right": float(right)}
+        return {"called_calculator": float(bool(results)), "calculator_right": float(right),
+                **copies_calculator(trace, output)}
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """For a worked reply: the share of its column lines that read the operands' digits right,

@@ -91,9 +91,9 @@ class Task:
         words; a task whose answer is a number or an expression keys it exactly."""
         return answer_words(output)
 
-    def trace_scores(self, example: Example, trace: list[dict]) -> dict[str, float]:
+    def trace_scores(self, example: Example, trace: list[dict], output: str) -> dict[str, float]:
         """Where a tool-using trajectory (ReAct's steps: {"action": {"name", "arguments"}, "observation"})
-        went right or wrong before its answer, each measure 0 or 1; none by default."""
+        and its answer `output` went right or wrong, each measure 0 or 1; none by default."""
         return {}
 
     def cot(self, example: Example) -> str:
@@ -285,6 +285,15 @@ def tool_steps(trace: list[dict], tool: str) -> list[tuple[dict, str]]:
             arguments = action.get("arguments")
             out.append((arguments if isinstance(arguments, dict) else {}, str(step.get("observation", ""))))
     return out
+
+
+def copies_calculator(trace: list[dict], output: str) -> dict[str, float]:
+    """Whether the answer states the calculator's last result, the same number (a trajectory that never
+    called it has nothing to copy, and no such measure)."""
+    results = [observation for _, observation in tool_steps(trace, "calculator")]
+    if not results:
+        return {}
+    return {"answer_copies_calculator": float(bool(last_number(results[-1])) and last_number(output) == last_number(results[-1]))}
 
 
 def answer_words(output: str) -> str:

@@ -12,7 +12,18 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 from ..world import World, rarest
-from .base import UNLIMITED, Example, Task, assistant, decimal_string, final_answer, last_number, numbers, tool_steps
+from .base import (
+    UNLIMITED,
+    Example,
+    Task,
+    assistant,
+    copies_calculator,
+    decimal_string,
+    final_answer,
+    last_number,
+    numbers,
+    tool_steps,
+)
 from .tools import calculator, use_calculator, use_search
 
 QUESTIONS = ("How many times larger is the population of {a} than that of {b}?",
@@ -59,14 +70,15 @@ class MultiHop(Task):
     def answer_key(self, example: Example, output: str) -> str:
         return last_number(output)
 
-    def trace_scores(self, example: Example, trace: list[dict]) -> dict[str, float]:
-        """The hand-offs before the answer: both places searched by name, and a calculator result within the
-        check's tolerance of the ratio (DEVELOPERS.md, "ReAct on multi-hop questions")."""
+    def trace_scores(self, example: Example, trace: list[dict], output: str) -> dict[str, float]:
+        """The four hand-offs: both places searched by name, a calculator result within the check's tolerance
+        of the ratio, and the answer copying the calculator (DEVELOPERS.md, "ReAct on multi-hop questions")."""
         queries = [str(arguments.get("query", "")) for arguments, _ in tool_steps(trace, "search")]
         divided = any(found and self._close(example, found[-1])
                       for found in (numbers(r) for _, r in tool_steps(trace, "calculator")))
         searched = all(any(name in q for q in queries) for name in (example.meta["a"], example.meta["b"]))
-        return {"searched_both": float(searched), "calculator_right": float(divided)}
+        return {"searched_both": float(searched), "calculator_right": float(divided),
+                **copies_calculator(trace, output)}
 
     def cot(self, example: Example) -> str:
         m = example.meta
