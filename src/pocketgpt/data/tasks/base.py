@@ -293,7 +293,8 @@ def copies_calculator(trace: list[dict], output: str) -> dict[str, float]:
     results = [observation for _, observation in tool_steps(trace, "calculator")]
     if not results:
         return {}
-    return {"answer_copies_calculator": float(bool(last_number(results[-1])) and last_number(output) == last_number(results[-1]))}
+    result = last_number(results[-1])
+    return {"answer_copies_calculator": float(bool(result) and last_number(output) == result)}
 
 
 def answer_words(output: str) -> str:
