@@ -40,7 +40,8 @@ def test_an_agent_that_searches_and_computes_answers_multihop():
         assert [step["action"]["name"] for step in a.trace] == ["search", "search", "calculator"]
         assert a.trace[0]["thought"] == "I need the population of A."
         assert str(e.meta["population_a"]) in a.trace[0]["observation"]
-        assert a.scores == {"searched_both": 1.0, "calculator_right": 1.0}  # each hand-off measured
+        # each hand-off measured, the last one the answer copying the calculator's result
+        assert a.scores == {"searched_both": 1.0, "calculator_right": 1.0, "answer_copies_calculator": 1.0}
     # Each request carries the tool specs and the whole conversation so far (calls tied to results by id).
     last = lm.requests[-1]
     assert last.tools == [SPECS["search"], SPECS["calculator"]]
