@@ -384,18 +384,27 @@ def smear(k: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 PLAIN_ATTENTION_MAX_LEN = 512
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_bias(length: int, device=None) -> torch.Tensor:
+    """(length, length): 0 where a query may see a key, -inf above the diagonal (the future)."""
+    return torch.full((length, length), float("-inf"), device=device).triu(1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal bias) v in plain steps. Query heads are grouped over their shared
     K/V head (GQA) by a view, without copying keys and values.
 
     The softmax runs in the scores' dtype (bf16 under autocast): PyTorch's kernels, eager and compiled,
     compute it in fp32 inside and round only the result, as an fp32 softmax cast to bf16 would, at
     half the memory traffic. The mask is a bias added to the scores (0, or -inf above the diagonal):
-    with a masked_fill instead, the whole attention took twice as long, eager and compiled."""
+    with a masked_fill instead, the whole attention took twice as long, eager and compiled. `bias` is
+    the model's stored one (GPT.causal_bias, at least T x T): built inside a compiled graph, the bias
+    is recomputed from indices in the softmax's loop, which then took 4.3-4.9 ms a layer where reading a
+    stored one took 1.9-2.4 (bf16, a training batch of 16 x 256 tokens, AMX, 2 threads)."""
     B, H, T, D = q.shape
     q = q.view(B, k.shape[1], H // k.shape[1], T, D) * D ** -0.5
     scores = q @ k.unsqueeze(2).transpose(-1, -2)
-    future = torch.full((T, T), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
+    future = (causal_bias(T, q.device) if bias is None else bias[:T, :T]).to(scores.dtype)
     return ((scores + future).softmax(-1) @ v.unsqueeze(2)).view(B, H, T, D)
 
 
@@ -527,7 +536,8 @@ class Attention(nn.Module):
         """The keys attention compares queries with: k itself, or smeared (k: a row's keys from position 0)."""
         return smear(k, self.key_smear) if self.cfg.smear_keys else k
 
-    def forward(self, x, cos, sin, cached: CacheView | None, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, cached: CacheView | None, mask: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None):
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = _projections(x, self.q_proj, self.k_proj, self.v_proj)
@@ -540,7 +550,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = cfg.n_kv_head != cfg.n_head
         if cached is None and mask is None and x.device.type == "cpu" and T <= PLAIN_ATTENTION_MAX_LEN:
-            y = causal_attention(q, self.keys(k), v)
+            y = causal_attention(q, self.keys(k), v, bias)
         elif cached is None:
             y = F.scaled_dot_product_attention(q, self.keys(k), v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=gqa)
@@ -579,8 +589,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cached, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cached, mask)
+    def forward(self, x, cos, sin, cached, mask=None, bias=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cached, mask, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -631,6 +641,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_bias", causal_bias(PLAIN_ATTENTION_MAX_LEN), persistent=False)
         if self.lm_head.weight.device.type != "meta":  # on "meta", weights come from a file (from_weights)
             self.apply(self._init_weights)
             # GPT-2's trick: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
@@ -656,6 +667,7 @@ class GPT(nn.Module):
         device = model.model.embed_tokens.weight.device
         cos, sin = rope_tables(cfg, cfg.max_seq_len, device)
         model.rope_cos, model.rope_sin = cos, sin
+        model.causal_bias = causal_bias(PLAIN_ATTENTION_MAX_LEN, device)
         return model
 
     # ------------------------------------------------------------------ forward
@@ -686,7 +698,7 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(idx)
         stream = [x] if all_layers else None
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, cached, attn_masks.get(i))
+            x = block(x, cos, sin, cached, attn_masks.get(i), self.causal_bias)
             if all_layers:
                 stream.append(x)
         if cached is not None and advance:
