@@ -189,6 +189,10 @@ def test_plain_causal_attention_equals_sdpa(n_kv_head):
     k, v = torch.randn(2, n_kv_head, 50, 16), torch.randn(2, n_kv_head, 50, 16)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4)
     torch.testing.assert_close(causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+    # the model's stored mask is larger than the sequence: its top-left corner is the one that applies
+    stored = GPT(preset("tiny", vocab_size=64)).causal_bias
+    assert stored.shape[0] > 50
+    torch.testing.assert_close(causal_attention(q, k, v, stored), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias", [False, True])
