@@ -40,7 +40,9 @@ def main_raising(argv):
 
 
 def test_tiny_ladder_end_to_end(tmp_path, tokenizer):
-    run, cfg = make_run(tmp_path, tokenizer, "run", steps=4)
+    # fp32: on a 2-core AMX Xeon, this one-head model's compiled bf16 step at one thread turned the loss
+    # to NaN after its first update (eager bf16 and compiled fp32 train; see DEVELOPERS.md, "Known issues")
+    run, cfg = make_run(tmp_path, tokenizer, "run", steps=4, dtype="float32")
     # the tiny preset (64 wide, 2 layers) with one 64-wide head: the ladder's "64x2"
     assert run_cli(["pretrain", str(run), "--config", str(cfg), "--set", "pretrain.model.n_head=1",
                     "--set", "pretrain.model.n_kv_head=1"]).returncode == 0
