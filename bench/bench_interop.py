@@ -4,9 +4,11 @@
 
 - import: `pocketgpt import` of the GGUF file vs transformers' `from_pretrained(..., gguf_file=...)`,
   each in a fresh process: wall time and peak resident memory (ru_maxrss of that process);
-- decode tokens/s at batch 1 (greedy, a chat prompt): our Engine on the imported weights, eager and
-  with the compiled decode step (compiling reported apart), vs transformers' `generate` on the weights
-  transformers itself read from the same file, fp32 and bf16, and how many greedy tokens agree;
+- decode tokens/s at batch 1 (greedy, a chat prompt): our Engine on the imported weights, eager (dense
+  weights) and with the compiled decode step (compiling reported apart), which reads the file's 4- and
+  8-bit weights as stored (blocks.py; the same step on the dense weights beside it), vs transformers'
+  `generate` on the weights transformers itself read from the same file, fp32 and bf16, and how many
+  greedy tokens agree;
 - prefill tokens/s of a long prompt (the time to the first token): our Engine in fp32 and with
   `prefill_dtype="bfloat16"` (decoding stays fp32) vs transformers' forward pass in fp32.
 
@@ -80,14 +82,19 @@ def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
-    ours, chat, _ = load_model(run)
-    prompt = chat.prompt([{"role": "user", "content": "Write a short story about a robot who learns to paint."}])
-    ids = torch.tensor([prompt])
-    params = SamplingParams(max_tokens=new_tokens, temperature=0)
-    results = {"prompt_tokens": len(prompt), "new_tokens": new_tokens}
+    results = {"new_tokens": new_tokens}
     for dtype in ("float32", "bfloat16"):
-        o, h = ours.to(getattr(torch, dtype)), theirs.to(getattr(torch, dtype))
-        engines = {"eager": Engine(o, chat.tokenizer), "compiled": Engine(o, chat.tokenizer, compile=True)}
+        h = theirs.to(getattr(torch, dtype))
+        dense, chat, _ = load_model(run, dtype=getattr(torch, dtype))
+        blocks, _, _ = load_model(run, dtype=getattr(torch, dtype), blocks=True)
+        prompt = chat.prompt([{"role": "user", "content": "Write a short story about a robot who learns to paint."}])
+        ids = torch.tensor([prompt])
+        params = SamplingParams(max_tokens=new_tokens, temperature=0)
+        results["prompt_tokens"] = len(prompt)
+        # eager: the dense weights; compiled: the file's 4- and 8-bit blocks (blocks.py), the default for
+        # an imported GGUF; compiled_dense: the same compiled step reading the dense weights
+        engines = {"eager": Engine(dense, chat.tokenizer), "compiled": Engine(blocks, chat.tokenizer, compile=True),
+                   "compiled_dense": Engine(dense, chat.tokenizer, compile=True)}
 
         def run_theirs():
             with torch.inference_mode():
@@ -98,6 +105,7 @@ def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:
         t0 = time.perf_counter()
         engines["compiled"].generate([prompt], params)  # compiles the batch-1 decode step
         row = {"compile_seconds": time.perf_counter() - t0}
+        engines["compiled_dense"].generate([prompt], params)
         theirs_tokens = run_theirs()
         row["tokens_per_s_transformers"] = new_tokens / timed(run_theirs, repeat)
         for name, engine in engines.items():

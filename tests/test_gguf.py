@@ -17,7 +17,7 @@ from conftest import smollm2_path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from pocketgpt.common import PocketError
-from pocketgpt.interop.gguf import GGUFContents, iter_gguf_tensors, read_gguf, undo_llama_permute
+from pocketgpt.interop.gguf import GGUFContents, iter_gguf_blocks, iter_gguf_tensors, read_gguf, undo_llama_permute
 
 Q = gguf.GGMLQuantizationType
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -505,3 +505,20 @@ def test_rope_scaling_keys(tmp_path, keys, expected):
             read_gguf(path)
     else:
         assert read_gguf(path).hf_config["rope_scaling"] == expected
+
+
+def test_blocks_are_the_dense_tensors_as_stored(tmp_path):
+    """iter_gguf_blocks keeps the 4- and 8-bit tensors as blocks that give iter_gguf_tensors' weights back
+    exactly, with the query/key rows reordered as the dense ones are; other types are not kept."""
+    path = tmp_path / "tiny.gguf"
+    types = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_1, "blk.0.attn_k.weight": Q.Q4_0,
+             "blk.0.ffn_down.weight": Q.Q4_1, "blk.1.ffn_up.weight": Q.Q8_0, "blk.1.attn_v.weight": Q.F16}
+    write_tiny(path, hidden=64, ffn=128, types=types)
+    contents = read_gguf(path)
+    dense = dict(iter_gguf_tensors(contents))
+    blocks = dict(iter_gguf_blocks(contents))
+    assert sorted(blocks) == sorted(["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                     "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                                     "model.layers.1.mlp.up_proj.weight"])
+    for name, w in blocks.items():
+        assert torch.equal(w.dequantize(), dense[name]), name

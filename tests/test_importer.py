@@ -107,11 +107,16 @@ def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, smollm2_gguf):
-    """SmolLM2-135M-Instruct imported by us, and the same file loaded by transformers (the oracle)."""
+def smollm2_run(tmp_path_factory, smollm2_gguf):
     run = tmp_path_factory.mktemp("smollm2") / "run"
     import_model(smollm2_gguf, run)
-    ours, chat, _ = load_model(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_run, smollm2_gguf):
+    """SmolLM2-135M-Instruct imported by us, and the same file loaded by transformers (the oracle)."""
+    ours, chat, _ = load_model(smollm2_run)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     return ours, chat, theirs.eval(), tok
@@ -167,6 +172,43 @@ def test_smollm2_answers_a_chat_question(smollm2):
     out = Engine(ours, chat.tokenizer).generate([prompt], SamplingParams(max_tokens=30, temperature=0,
                                                                          stop_tokens=chat.stop_ids))[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_smollm2_decodes_from_its_4_and_8_bit_blocks_as_from_its_dense_weights(smollm2_run):
+    """The compiled decode step reads the file's Q4_1 layers and Q8_0 head as stored (blocks.py): the
+    same greedy reply as the dense weights."""
+    from pocketgpt.blocks import has_blocks
+    from pocketgpt.engine import Engine, SamplingParams
+
+    dense, chat, cfg = load_model(smollm2_run)
+    assert not any(has_blocks(m) for m in dense.modules())  # only for whoever asks: training must not see them
+    model, _, _ = load_model(smollm2_run, blocks=True)
+    layers = [m for m in model.modules() if has_blocks(m)]
+    assert len(layers) == 7 * model.cfg.n_layer + 1  # every projection, and the head tied to the embedding
+    assert sum(m.offset is None for m in layers) == 1 and has_blocks(model.lm_head)
+    assert cfg["meta"]["summary"]["block_weights"] == {"4-bit": 7 * model.cfg.n_layer, "8-bit": 1}
+    prompt = chat.prompt([{"role": "user", "content": "Name three colours."}])
+    params = SamplingParams(max_tokens=24, temperature=0, stop_tokens=chat.stop_ids)
+    expected = Engine(dense, chat.tokenizer).generate([prompt], params)[0].tokens
+    assert Engine(model, chat.tokenizer, compile=True).generate([prompt], params)[0].tokens == expected
+
+
+def test_a_corrupt_or_missing_blocks_file_is_named(tmp_path, smollm2_run):
+    import os
+    import shutil
+
+    broken = tmp_path / "base"
+    broken.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        os.link(smollm2_run / "base" / name, broken / name)
+    with pytest.raises(PocketError, match="blocks.safetensors, which is missing"):
+        load_model(broken, blocks=True)
+    shutil.copy(smollm2_run / "base" / "blocks.safetensors", broken / "blocks.safetensors")
+    with open(broken / "blocks.safetensors", "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"\x00" * 10)
+    with pytest.raises(PocketError, match="blocks.safetensors: weights do not match the hash"):
+        load_model(broken, blocks=True)
 
 
 def test_an_imported_model_goes_through_the_stages(tmp_path, hf_tokenizer):

@@ -3,6 +3,8 @@
 A model directory (e.g. runs/speedrun/base/) holds
 
     model.safetensors   weights under Hugging Face Llama names (a tied lm_head is not stored twice)
+    blocks.safetensors  an imported GGUF's 4- and 8-bit weights as they were stored, for decoding
+                        (blocks.py); only in a directory `pocketgpt import` made from such a file
     config.json         model config, the weights' SHA-256, the tokenizer's fingerprint, the chat
                         template's spec (none: ours), stage metadata
     tokenizer.json      the tokenizer (ours or Hugging Face's), so the directory is self-contained
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .blocks import BlockWeight, attach, from_tensors, to_tensors
 from .chat import ChatTemplate
 from .common import PocketError, atomic_write_json
 from .model import GPT, GPTConfig
@@ -40,6 +43,7 @@ from .stages import DEFAULT_ORDER
 from .tokenizer import Tokenizer
 
 FORMAT = "pocketgpt-model-v1"
+BLOCKS_FILE = "blocks.safetensors"
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,17 +58,20 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: GPT, directory: str | Path, chat: ChatTemplate | None = None,
-               meta: dict | None = None) -> Path:
-    """Write weights first, then config.json (which names the weights' hash): config last means complete."""
+               meta: dict | None = None, blocks: dict[str, BlockWeight] | None = None) -> Path:
+    """Write weights first, then config.json (which names the weights' hash): config last means complete.
+    `blocks`: the source's block-quantized weights for decoding (blocks.py), by weight name."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sha = write_safetensors(state_dict_for_saving(model), directory / "model.safetensors")
+    blocks_sha = write_safetensors(to_tensors(blocks), directory / BLOCKS_FILE) if blocks else None
     if chat is not None:
         chat.tokenizer.save(directory / "tokenizer.json")
     atomic_write_json(directory / "config.json", {
         "format": FORMAT,
         "model": model.cfg.to_dict(),
         "weights_sha256": sha,
+        "blocks_sha256": blocks_sha,
         "tokenizer_fingerprint": chat.tokenizer.fingerprint() if chat else None,
         "chat_template": chat.spec() if chat else None,
         "meta": meta or {},
@@ -183,10 +190,13 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise PocketError(f"{path} holds no model: expected config.json or one of the stages {DEFAULT_ORDER}")
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32, blocks: bool = False
                ) -> tuple[GPT, ChatTemplate, dict]:
     """Load a model directory (or the best stage of a run directory): model, chat template (which
-    holds the tokenizer), config. Weights are cast to `dtype` (None: as stored)."""
+    holds the tokenizer), config. Weights are cast to `dtype` (None: as stored).
+    `blocks`: for inference only, give the layers the block-quantized weights the directory keeps (an
+    imported GGUF's), which the decode step then reads (blocks.py); a model that is trained must not
+    have them, since they would not follow its weights."""
     directory = resolve_model_dir(path)
     cfg = read_config(directory)
     tokenizer = Tokenizer.load(directory / "tokenizer.json")
@@ -200,7 +210,14 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
     model = GPT.from_weights(model_cfg, weights)
     if dtype is not None:  # the RoPE tables too: a step computes in one dtype
         model = model.to(dtype)
-    return model.to(device).eval(), chat, cfg
+    model = model.to(device).eval()
+    if blocks and cfg.get("blocks_sha256"):  # after the casts: the blocks' scales stay fp32
+        tied = {"lm_head.weight": "model.embed_tokens.weight"} if model_cfg.tie_embeddings else {}
+        path = directory / BLOCKS_FILE
+        if not path.exists():
+            raise PocketError(f"{directory}: config.json names {BLOCKS_FILE}, which is missing")
+        attach(model, from_tensors(read_safetensors(path, cfg["blocks_sha256"])), str(path), tied)
+    return model, chat, cfg
 
 
 def check_tokenizer(tokenizer: Tokenizer, cfg: dict, where) -> None:

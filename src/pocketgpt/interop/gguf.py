@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ..blocks import BlockWeight, from_gguf
 from ..common import PocketError
 from ..tokenizer import bytes_to_unicode
 
@@ -147,6 +148,25 @@ def iter_gguf_tensors(contents: GGUFContents) -> Iterator[tuple[str, torch.Tenso
             weight = undo_llama_permute(weight, n_head)
         elif contents.architecture in _PERMUTED and ".attn_k." in name:
             weight = undo_llama_permute(weight, n_kv_head)
+        yield hf_name, weight
+
+
+def iter_gguf_blocks(contents: GGUFContents) -> Iterator[tuple[str, BlockWeight]]:
+    """Yield (Hugging Face name, blocks) for each 4- or 8-bit weight, as stored (blocks.py), one at a time,
+    with the same query/key row reordering undone as for the dense weights."""
+    path, config = contents.path, contents.hf_config
+    tensors = {t.name: t for t in _open(path).tensors}
+    heads = {".attn_q.": config["num_attention_heads"], ".attn_k.": config["num_key_value_heads"]}
+    for hf_name in contents.tensor_names:
+        t = tensors[_gguf_name(hf_name)]
+        if len(t.shape) != 2:
+            continue
+        weight = from_gguf(t.tensor_type.name, np.array(t.data), tuple(int(d) for d in reversed(t.shape)))
+        if weight is None:
+            continue
+        n_head = next((n for part, n in heads.items() if part in t.name), None)
+        if contents.architecture in _PERMUTED and n_head is not None:
+            weight = weight.take_rows(undo_llama_permute(torch.arange(weight.shape[0]), n_head))
         yield hf_name, weight
 
 

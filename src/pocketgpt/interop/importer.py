@@ -3,7 +3,8 @@
     SRC (config + weights + tokenizer + chat template)
       -> our GPTConfig (interop/hf.py refuses what our model cannot compute exactly)
       -> weights under our (= Llama's) names, checked against the config's shapes
-      -> RUN/base/: model.safetensors, config.json, tokenizer.json (Hugging Face's), the chat template's spec
+      -> RUN/base/: model.safetensors, config.json, tokenizer.json (Hugging Face's), the chat template's spec,
+         and for a GGUF its 4- and 8-bit weights as stored (blocks.safetensors: what decoding reads, blocks.py)
 
 Everything is read and checked before anything is written, and RUN/base is built under a temporary
 name and renamed when complete: a bad source leaves RUN untouched. Nothing is downloaded.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..blocks import BlockWeight
 from ..chat import ChatMLTemplate, ChatTemplate
 from ..checkpoint import check_state_dict, check_tokenizer, save_model
 from ..common import PocketError, console
@@ -39,6 +41,7 @@ class Source:
     tokenizer_json: str
     tokenizer_config: dict
     tensors: Iterator[tuple[str, torch.Tensor]]
+    blocks: Iterator[tuple[str, BlockWeight]] = iter(())  # a GGUF's 4- and 8-bit weights as stored
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -95,11 +98,11 @@ def read_hf_folder(folder: Path) -> Source:
 
 
 def read_gguf_file(path: Path) -> Source:
-    from .gguf import iter_gguf_tensors, read_gguf
+    from .gguf import iter_gguf_blocks, iter_gguf_tensors, read_gguf
 
     contents = read_gguf(path)
     return Source(str(path), contents.hf_config, contents.tokenizer_json, contents.tokenizer_config,
-                  iter_gguf_tensors(contents))
+                  iter_gguf_tensors(contents), iter_gguf_blocks(contents))
 
 
 def read_source(src: str | Path) -> Source:
@@ -187,15 +190,21 @@ def import_model(src: str | Path, run_dir: str | Path, dtype: str | None = None)
     check_tokenizer(tokenizer, {"model": cfg.to_dict()}, source.where)
     weights = load_weights(source, cfg, getattr(torch, dtype) if dtype else None)
     model = GPT.from_weights(cfg, weights)
+    # Kept for the linear layers only: an untied embedding is looked up, never multiplied by.
+    linear = {n for n, _ in model.named_parameters() if n.endswith("proj.weight")} | {"lm_head.weight"}
+    if cfg.tie_embeddings:
+        linear.add("model.embed_tokens.weight")
+    blocks = {name: w for name, w in source.blocks if name in linear}
     summary = {"source": str(Path(src).resolve()), "family": source.hf_config.get("model_type"),
                "params": model.num_params(), "dtype": str(next(iter(weights.values())).dtype).replace("torch.", ""),
-               "chat_template": chat.spec()}
+               "chat_template": chat.spec(),
+               "block_weights": {f"{bits}-bit": sum(w.bits == bits for w in blocks.values()) for bits in (4, 8)}}
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".import_"))
     try:
         save_model(model, tmp, chat, {"stage": "imported", "summary": summary,
-                                      "hf_config": source.hf_config})
+                                      "hf_config": source.hf_config}, blocks=blocks)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
