@@ -191,6 +191,10 @@ def test_smollm2_decodes_from_its_4_and_8_bit_blocks_as_from_its_dense_weights(s
     params = SamplingParams(max_tokens=24, temperature=0, stop_tokens=chat.stop_ids)
     expected = Engine(dense, chat.tokenizer).generate([prompt], params)[0].tokens
     assert Engine(model, chat.tokenizer, compile=True).generate([prompt], params)[0].tokens == expected
+    # bf16: the cache and the prefill round to bf16, the products do not (its rows decode in fp32)
+    bf16, _, _ = load_model(smollm2_run, dtype=torch.bfloat16, blocks=True)
+    assert has_blocks(bf16.lm_head) and bf16.lm_head.weight.dtype == torch.bfloat16
+    assert Engine(bf16, chat.tokenizer, compile=True).generate([prompt], params)[0].tokens[:8] == expected[:8]
 
 
 def test_a_corrupt_or_missing_blocks_file_is_named(tmp_path, smollm2_run):

@@ -5,7 +5,8 @@ w = q * d + m (Q4_0: m = -8 d; Q8_0: 8-bit signed codes and no offset). Importin
 into the model's dense fp32 (or bf16) weights, which everything computes with: training, prefill,
 export. Decoding one row at a time reads every weight once per token, so its speed is the speed at
 which it reads them: SmolLM2-135M's dense fp32 weights are 540 MB a token. The same weights as
-blocks are 4.7-8.5 bits each: the importer keeps them beside the dense ones (blocks.safetensors),
+blocks are 4.5 to 8.5 bits each in the file (6 and 9 here, where the scales are fp32), 112 MB for
+SmolLM2's Q4_1 layers and Q8_0 head: the importer keeps them beside the dense ones (blocks.safetensors),
 and the decode step's few-row products (model._row_linear) read them instead, dequantizing inside
 the reduction and accumulating in fp32. The values are the dense weights' exactly (checked when
 attached), so the result is the dense product's up to the order of summation.

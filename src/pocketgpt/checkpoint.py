@@ -211,7 +211,7 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
     if dtype is not None:  # the RoPE tables too: a step computes in one dtype
         model = model.to(dtype)
     model = model.to(device).eval()
-    if blocks and cfg.get("blocks_sha256"):  # after the casts: the blocks' scales stay fp32
+    if blocks and cfg.get("blocks_sha256"):  # after the cast: checked against the weights as they will be used
         tied = {"lm_head.weight": "model.embed_tokens.weight"} if model_cfg.tie_embeddings else {}
         path = directory / BLOCKS_FILE
         if not path.exists():
