@@ -84,6 +84,9 @@ def bench_decode(gguf: Path, run: Path, new_tokens: int, repeat: int) -> dict:
     theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     results = {"new_tokens": new_tokens}
     for dtype in ("float32", "bfloat16"):
+        # Compiled graphs of one function share a cache whose guards are checked in turn at every call: each
+        # dtype starts from an empty one, as a process serving one model does.
+        torch._dynamo.reset()
         h = theirs.to(getattr(torch, dtype))
         dense, chat, _ = load_model(run, dtype=getattr(torch, dtype))
         blocks, _, _ = load_model(run, dtype=getattr(torch, dtype), blocks=True)
