@@ -197,6 +197,14 @@ def test_smollm2_decodes_from_its_4_and_8_bit_blocks_as_from_its_dense_weights(s
     assert Engine(bf16, chat.tokenizer, compile=True).generate([prompt], params)[0].tokens[:8] == expected[:8]
 
 
+def test_info_says_which_weights_are_kept_for_decoding(smollm2_run, capsys, monkeypatch):
+    from pocketgpt import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
+    assert cli.main(["info", str(smollm2_run)]) == 0
+    assert "its 4-bit (210) and 8-bit (1) weights kept as stored for decoding" in capsys.readouterr().out
+
+
 def test_a_corrupt_or_missing_blocks_file_is_named(tmp_path, smollm2_run):
     import os
     import shutil

@@ -460,7 +460,7 @@ def cmd_info(args) -> None:
             if "steps" in s:
                 what += f"; {s['steps']} steps, {human(s.get('tokens', 0))} tokens"
             elif "source" in s:
-                what += f"; imported from {Path(s['source']).name}"
+                what += f"; imported from {Path(s['source']).name}" + _blocks_kept(s)
             if "val_loss" in s:
                 what += f", val loss {s['val_loss']:.3f} ({s.get('val_bpb', 0):.3f} bpb)"
             table.add_row(stage, what)
@@ -476,6 +476,13 @@ def cmd_info(args) -> None:
     console.print(table)
 
 
+def _blocks_kept(summary: dict) -> str:
+    """An import summary's block weights (blocks.py), as a clause: ", its 4-bit (210) and 8-bit (1) weights
+    kept as stored for decoding"; empty when none were kept."""
+    kept = [f"{bits} ({n})" for bits, n in summary.get("block_weights", {}).items() if n]
+    return f", its {' and '.join(kept)} weights kept as stored for decoding" if kept else ""
+
+
 def cmd_import(args) -> None:
     from .interop.importer import import_model
 
@@ -484,6 +491,8 @@ def cmd_import(args) -> None:
     for k in ("source", "family", "params", "dtype"):
         table.add_row(k, human(summary[k]) if k == "params" else str(summary[k]))
     table.add_row("chat template", summary["chat_template"]["name"])
+    if any(summary["block_weights"].values()):
+        table.add_row("for decoding", _blocks_kept(summary).removeprefix(", "))
     table.add_row("time", f"{summary['seconds']:.1f}s")
     table.add_row("written to", str(Path(args.run) / "base"))
     console.print(table)
