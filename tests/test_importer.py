@@ -177,7 +177,7 @@ def test_smollm2_answers_a_chat_question(smollm2):
 def test_smollm2_decodes_from_its_4_and_8_bit_blocks_as_from_its_dense_weights(smollm2_run):
     """The compiled decode step reads the file's Q4_1 layers and Q8_0 head as stored (blocks.py): the
     same greedy reply as the dense weights."""
-    from pocketgpt.blocks import has_blocks
+    from pocketgpt.blocks import fp32_norm_weight, has_blocks
     from pocketgpt.engine import Engine, SamplingParams
 
     dense, chat, cfg = load_model(smollm2_run)
@@ -194,6 +194,8 @@ def test_smollm2_decodes_from_its_4_and_8_bit_blocks_as_from_its_dense_weights(s
     # bf16: the cache and the prefill round to bf16, the products do not (its rows decode in fp32)
     bf16, _, _ = load_model(smollm2_run, dtype=torch.bfloat16, blocks=True)
     assert has_blocks(bf16.lm_head) and bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.model.norm.weight_bits.dtype == torch.int32  # its fp32 rows' norm weight, kept through casts
+    assert torch.equal(fp32_norm_weight(bf16.model.norm), bf16.model.norm.weight.float())
     assert Engine(bf16, chat.tokenizer, compile=True).generate([prompt], params)[0].tokens[:8] == expected[:8]
 
 

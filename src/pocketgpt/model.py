@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .blocks import has_blocks
+from .blocks import fp32_norm_weight, has_blocks
 from .blocks import row_linear as block_row_linear
 from .common import PocketError
 
@@ -600,7 +600,8 @@ class Block(nn.Module):
 
 def _norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """norm(x) in x's dtype: the decode step's rows may be fp32 in a bf16 model (decode_block)."""
-    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+    weight = fp32_norm_weight(norm) if x.dtype == torch.float32 else norm.weight.to(x.dtype)
+    return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
 
 
 def decode_block(block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
