@@ -43,9 +43,11 @@ def test_blocks_give_ggufs_dequantized_weights_back(kind):
     assert torch.equal(again.dequantize(), dense) and again.bits == w.bits
 
 
-def test_only_4_and_8_bit_types_with_rows_that_halve_into_blocks_are_kept():
+def test_only_4_and_8_bit_types_are_kept_and_4_bit_rows_must_halve_into_blocks():
     raw, _ = quantized("Q4_1", 4, 96)  # 96 columns: three blocks, not two halves of whole blocks
     assert from_gguf("Q4_1", raw, (4, 96)) is None
+    raw8, dense8 = quantized("Q8_0", 4, 96)  # 8 bits need whole blocks only
+    assert torch.equal(from_gguf("Q8_0", raw8, (4, 96)).dequantize(), dense8)
     assert from_gguf("F16", np.zeros((4, 128), np.float16).view(np.uint8), (4, 128)) is None
 
 

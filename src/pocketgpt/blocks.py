@@ -47,7 +47,6 @@ class BlockWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The dense fp32 weight, computed as gguf's dequantization computes it (a product, then a sum)."""
-        rows, cols = self.shape
         scale = self.scale.repeat_interleave(BLOCK, dim=1)
         if self.offset is None:
             return self.codes.float() * scale
@@ -64,9 +63,10 @@ class BlockWeight:
 
 def from_gguf(kind: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockWeight | None:
     """A GGUF tensor's raw blocks (uint8, as gguf's reader maps them) in our layout; None when the type
-    is not one kept here or the row length does not split into our 4-bit halves (K a multiple of 64)."""
+    is not one kept here or, for 4 bits, the row does not split into two halves of whole blocks (K a
+    multiple of 64)."""
     rows, cols = shape
-    if kind not in ("Q4_0", "Q4_1", "Q8_0") or cols % (2 * BLOCK):
+    if kind not in ("Q4_0", "Q4_1", "Q8_0") or cols % (BLOCK if kind == "Q8_0" else 2 * BLOCK):
         return None
     blocks = np.ascontiguousarray(raw).reshape(rows, cols // BLOCK, -1)
     scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
