@@ -18,6 +18,7 @@ from pocketgpt.data.tasks.structured import extract_json
 from pocketgpt.data.tasks.swiss_cheese import evaluated_words, spelled, spelling_documents
 from pocketgpt.data.tasks.tools import SNIPPET_SENTENCES, calculator, search
 from pocketgpt.data.world import World, WorldConfig
+from pocketgpt.errors import PocketError
 
 NAMES = sorted(TASKS)
 MALFORMED = ["", "   \n ", "asdf qwer", "Answer:", "Answer: ????", "∑∫√ 🙂 ｆｕｌｌ", "\x00\x01\x02",
@@ -399,9 +400,15 @@ def test_game24_move_parsing_and_composition():
     listed = parse_proposals("4 + 8 = 12 (left: 4 6 12)\n9 + 1 = 10\nI think 4 * 4 = 9\n4 + 4 = 9 (wrong)\n"
                              "4 + 8 = 12 (left: 4 6 12)", [4, 4, 6, 8])
     assert listed == [("4 + 8 = 12 (left: 4 6 12)", (4, 6, 12)), ("4 + 4 = 9 (left: 6 8 9)", (6, 8, 9))]
-    checked = parse_proposals("4 + 4 = 9\n8 / 4 = 2\n6 / 4 = 1\n4 * 6 = 24", [4, 4, 6, 8], checked=True)
-    # the false sum and the inexact division are dropped
+    slips = "4 + 4 = 9\n8 / 4 = 2\n6 / 4 = 1\n4 * 6 = 24\n4 - 8 = 4"
+    checked = parse_proposals(slips, [4, 4, 6, 8], arithmetic="checked")
+    # the false sum, the inexact division and the negative difference are dropped
     assert [line for line, _ in checked] == ["8 / 4 = 2 (left: 2 4 6)", "4 * 6 = 24 (left: 4 8 24)"]
+    computed = parse_proposals(slips, [4, 4, 6, 8], arithmetic="calculator")
+    # the calculator writes each result: the false sum is corrected, the others as above
+    assert computed == [("4 + 4 = 8 (left: 6 8 8)", (6, 8, 8)), *checked]
+    with pytest.raises(PocketError, match="unknown move arithmetic"):
+        parse_proposals(slips, [4, 4, 6, 8], arithmetic="guessed")
     assert compose([4, 4, 6, 8], ["4 + 8 = 12", "6 - 4 = 2", "12 * 2 = 24"]) == "(4+8)*(6-4)"
     assert compose([4, 4, 6, 8], ["5 + 8 = 13"]) is None and compose([4, 4, 6, 8], ["4 + 8 = 12"]) is None
     assert parse_value("6 * 4 = 24\nsure") == 20 and parse_value("likely") == 1 and parse_value("??") == 0

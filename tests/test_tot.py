@@ -102,3 +102,24 @@ def test_several_proposals_are_sampled_and_their_moves_merged_once():
 def test_unknown_search():
     with pytest.raises(ValueError, match="unknown search"):
         tree_of_thoughts(ScriptedLM(player()), PUZZLES[:1], search="astar")
+
+
+def slipping_player(messages, request):
+    """The player above, except that every move it proposes claims a result one too high: it picks
+    the right numbers and operations and gets each sum wrong, as our small model often does."""
+    prompt = messages[-1]["content"]
+    if not prompt.startswith("Input: "):
+        return player()(messages, request)
+    listed = sorted(moves(table_of(prompt)), key=lambda m: can_reach_24(m[4]))[-8:]
+    return [Generation("\n".join(f"{a} {op} {b} = {result + 1}" for a, op, b, result, _ in listed), "stop")]
+
+
+# What becomes of false claims: the calculator writes the right results, and the model's choice of
+# numbers and operations solves every puzzle; checked, no move survives and no path ends; taken as
+# written, paths end at a claimed 24 whose expression does not make 24.
+@pytest.mark.parametrize("arithmetic, answered, solved", [("calculator", True, True), ("checked", False, False),
+                                                          ("claimed", True, False)])
+def test_move_arithmetic_decides_what_becomes_of_a_false_claim(arithmetic, answered, solved):
+    answers = tree_of_thoughts(ScriptedLM(slipping_player), PUZZLES, beam=2, arithmetic=arithmetic)
+    assert [bool(a.text) for a in answers] == [answered] * len(PUZZLES)
+    assert [uses_and_makes_24(a.text.split("Answer: ")[-1], p) for a, p in zip(answers, PUZZLES)] == [solved] * len(PUZZLES)

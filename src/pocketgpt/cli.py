@@ -336,7 +336,7 @@ def cmd_eval_strategy(args) -> None:
         lm = LM.load(model_dir, args.device)
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
-                        rounds=args.rounds, max_steps=args.max_steps, paths=args.paths, quote=args.quote,
+                        move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps, paths=args.paths, quote=args.quote,
                         tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
     if args.matrix:
         if args.out:
@@ -587,6 +587,7 @@ def cmd_config(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketgpt", description="Build a ChatGPT-style assistant end to end.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .data.tasks.game24 import MOVE_ARITHMETIC
     from .reason.strategies import STRATEGIES
 
     sub = parser.add_subparsers(dest="command", required=True)
@@ -771,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true", help="tot: the exact solver judges positions (an ablation)")
     p.add_argument("--proposals", type=int, default=1, help="tot: proposals per position, sampled at --temperature "
                                                             "and their moves merged (default 1: one greedy proposal)")
+    p.add_argument("--move-arithmetic", choices=MOVE_ARITHMETIC, default="calculator",
+                   help="tot: the result of a proposed move 'a op b = c': the calculator writes it (default; the "
+                        "model picks the numbers and the operation), 'checked' drops a false claim, 'claimed' "
+                        "takes it as written")
     p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
     p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")

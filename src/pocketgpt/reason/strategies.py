@@ -51,7 +51,7 @@ class Settings:
     search: str = "bfs"  # ToT: bfs or dfs
     value_samples: int = 3  # ToT: votes per position
     oracle: bool = False  # ToT ablation: the exact solver judges positions instead of the model
-    checked_moves: bool = True  # ToT: drop proposed moves whose arithmetic is false (a calculator's check)
+    move_arithmetic: str = "calculator"  # ToT: a proposed move's result by "calculator", "checked" or "claimed"
     proposals: int = 1  # ToT: proposals per position (more are sampled at `temperature`, their moves merged)
     max_expansions: int = 12  # ToT depth-first: proposals per puzzle
     rounds: int = 2  # reflection: retries after the first answer
@@ -100,7 +100,7 @@ def tot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
         raise PocketError(f"tot searches Game of 24 positions; task {task.name!r} has no propose/value steps")
     return tree_of_thoughts(lm, [e.meta["numbers"] for e in examples], s.search, s.beam, s.value_samples,
                             s.temperature, s.oracle, s.seed, s.max_expansions, s.shots,
-                            s.checked_moves, s.proposals)
+                            s.move_arithmetic, s.proposals)
 
 
 def act(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:

@@ -12,10 +12,13 @@ budget of expansions. Every puzzle of a batch searches at once: each round's pro
 round's value questions, go to the model as one batch, and a position's value is asked once and
 remembered (the paper's value cache).
 
-Each proposed line is a claim, "a op b = c". With `checked` (the default) a false claim is dropped
-as a calculator would show it: a small model slips in arithmetic ("12 + 3 = 24"), and an unchecked
-slip that lands on 24 looks like a win to any judge. The model still chooses every move and values
-every position; `checked=False` is the row that shows what the slips cost.
+Each proposed line is a claim, "a op b = c", and a small model slips in its arithmetic ("13 - 9 = 2",
+"12 * 9 = 24"): of its first eight lines, one or two hold. By default (`arithmetic="calculator"`)
+the model picks the two numbers and the operation and a calculator writes the result, as the
+arithmetic task's tool rendering does; the model still chooses every move and values every
+position. `"checked"` keeps the model's own arithmetic and drops a false claim, as a calculator
+would show it; `"claimed"` takes every claim as written (an unchecked slip that lands on 24 looks
+like a win to any judge). The matrix shows all three.
 
 `oracle=True` replaces the model's values by the exact solver's verdict: an ablation that shows
 how much better the search would be with a perfect judge, never the headline figure.
@@ -46,9 +49,10 @@ class Searcher:
     """The model's two roles, batched over many positions, with the value cache."""
 
     def __init__(self, lm: LM, value_samples: int = 3, temperature: float = 0.7, oracle: bool = False,
-                 seed: int = 0, shots: int = 0, checked: bool = True, max_tokens: int = 160, proposals: int = 1):
+                 seed: int = 0, shots: int = 0, arithmetic: str = "calculator", max_tokens: int = 160,
+                 proposals: int = 1):
         self.lm, self.value_samples, self.temperature = lm, value_samples, temperature
-        self.oracle, self.seed, self.checked, self.max_tokens = oracle, seed, checked, max_tokens
+        self.oracle, self.seed, self.arithmetic, self.max_tokens = oracle, seed, arithmetic, max_tokens
         self.proposals = proposals
         self.values: dict[tuple[int, ...], float] = {}
         # Solved examples of each role as earlier turns, for a model not trained on them (the paper
@@ -67,7 +71,7 @@ class Searcher:
                     for i, n in enumerate(nodes)]
         replies = self.lm.chat_batch(requests) if requests else []
         return [[Node(left, (*node.lines, line))
-                 for line, left in parse_proposals("\n".join(g.text for g in gens), node.state, self.checked)]
+                 for line, left in parse_proposals("\n".join(g.text for g in gens), node.state, self.arithmetic)]
                 for node, gens in zip(nodes, replies)]
 
     def valued(self, nodes: list[Node]) -> list[Node]:
@@ -132,10 +136,11 @@ def dfs(searcher: Searcher, puzzles: list[list[int]], max_expansions: int) -> li
 
 def tree_of_thoughts(lm: LM, puzzles: list[list[int]], search: str = "bfs", beam: int = 5,
                      value_samples: int = 3, temperature: float = 0.7, oracle: bool = False, seed: int = 0,
-                     max_expansions: int = 12, shots: int = 0, checked: bool = True, proposals: int = 1) -> list[Answer]:
+                     max_expansions: int = 12, shots: int = 0, arithmetic: str = "calculator",
+                     proposals: int = 1) -> list[Answer]:
     """Solve each puzzle by search; the answer is the best finished path, written as its moves and
     "Answer: <expression>" (the expression composed from the moves, for the task's verifier)."""
-    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots, checked, proposals=proposals)
+    searcher = Searcher(lm, value_samples, temperature, oracle, seed, shots, arithmetic, proposals=proposals)
     if search == "bfs":
         ends = bfs(searcher, puzzles, beam)
     elif search == "dfs":

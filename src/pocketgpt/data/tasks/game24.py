@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
+from ...errors import PocketError
 from .base import UNLIMITED, Example, Task, assistant, final_answer
 from .expr import SYMBOLS, parse
 
@@ -171,20 +172,34 @@ PROPOSAL = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*=\s*(\d+)")
 VALUE_WEIGHTS = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}  # the ToT paper's vote weights
 
 
-def parse_proposals(text: str, state: Sequence[int], checked: bool = False) -> list[tuple[str, tuple[int, ...]]]:
-    """The moves a proposal lists, as (its line, the numbers left), in order, without repeats.
+# What becomes of the result a proposed move claims ("a op b = c"); see parse_proposals.
+MOVE_ARITHMETIC = ("calculator", "checked", "claimed")
 
-    The numbers left are the table minus the two operands plus the *claimed* result: a wrong sum is
-    the model's mistake and stays in the state (the final verdict catches it). A line whose operands
-    are not on the table is not a move and is skipped; with `checked`, so is a line whose claim is
-    false ("12 + 3 = 24"), as a calculator would show."""
+
+def parse_proposals(text: str, state: Sequence[int], arithmetic: str = "claimed") -> list[tuple[str, tuple[int, ...]]]:
+    """The moves a proposal lists, as (its line, the numbers left), in order, without repeats. A line
+    whose operands are not on the table is not a move and is skipped. The result it claims is:
+
+    - "claimed": taken as written: a wrong sum is the model's mistake and stays in the state (the final
+      verdict catches it);
+    - "checked": dropped with its line when false ("12 + 3 = 24"), as a calculator would show;
+    - "calculator": replaced by the exact one: the model picks the two numbers and the operation, the
+      calculator does the sum, as in the arithmetic task's tool rendering (a move that does not give a
+      whole, non-negative number is skipped)."""
+    if arithmetic not in MOVE_ARITHMETIC:
+        raise PocketError(f"unknown move arithmetic {arithmetic!r}; use one of {', '.join(MOVE_ARITHMETIC)}")
     out, seen = [], set()
     for line in text.splitlines():
         m = PROPOSAL.match(line)
         if not m:
             continue
         a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
-        if checked and not _holds(a, op, b, result):
+        exact = _exact(a, op, b)
+        if arithmetic == "calculator":
+            if exact is None or exact.denominator != 1 or exact < 0:
+                continue
+            result = int(exact)
+        elif arithmetic == "checked" and exact != result:
             continue
         left = list(state)
         if a not in left:
@@ -216,9 +231,9 @@ def value_reply(state: Sequence[int]) -> str:
     return verdict
 
 
-def _holds(a: int, op: str, b: int, result: int) -> bool:
-    exact = {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b) if b else None}[op]
-    return exact == result
+def _exact(a: int, op: str, b: int) -> Fraction | None:
+    """a op b as an exact fraction (None: division by zero)."""
+    return Fraction({"+": a + b, "-": a - b, "*": a * b}[op]) if op != "/" else Fraction(a, b) if b else None
 
 
 def parse_value(text: str) -> float:
