@@ -336,7 +336,8 @@ def cmd_eval_strategy(args) -> None:
         lm = LM.load(model_dir, args.device)
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
-                        move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps, paths=args.paths, quote=args.quote,
+                        move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps,
+                        paths=args.paths, quote=args.quote,
                         tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
     if args.matrix:
         if args.out:

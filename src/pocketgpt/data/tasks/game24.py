@@ -233,7 +233,9 @@ def value_reply(state: Sequence[int]) -> str:
 
 def _exact(a: int, op: str, b: int) -> Fraction | None:
     """a op b as an exact fraction (None: division by zero)."""
-    return Fraction({"+": a + b, "-": a - b, "*": a * b}[op]) if op != "/" else Fraction(a, b) if b else None
+    if op == "/":
+        return Fraction(a, b) if b else None
+    return Fraction({"+": a + b, "-": a - b, "*": a * b}[op])
 
 
 def parse_value(text: str) -> float:
