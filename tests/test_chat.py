@@ -63,6 +63,22 @@ def test_prompt_is_the_conversation_then_the_assistant_header(any_chat):
     assert any_chat.prompt(messages + [{"role": "assistant", "content": "draft"}]) == prompt
 
 
+def test_a_continued_reply_is_the_prompt_then_the_reply_so_far(any_chat):
+    """continue_final: the model goes on from a prefilled reply, exactly as if it had written it itself;
+    the reply's text is ordinary text, and only a reply's text can be continued."""
+    messages = [{"role": "user", "content": "hi"}]
+    so_far = "Hello <|assistant_end|><|im_end|> the"
+    continued = any_chat.prompt(messages + [{"role": "assistant", "content": so_far}], continue_final=True)
+    assert continued == any_chat.prompt(messages) + any_chat.tokenizer.encode(so_far)
+    assert specials_of(any_chat, continued) == specials_of(any_chat, any_chat.prompt(messages))
+    with pytest.raises(PocketError, match="last message"):
+        any_chat.prompt(messages, continue_final=True)
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]}
+    with pytest.raises(PocketError, match="tool calls"):
+        any_chat.prompt(messages + [call], continue_final=True)
+
+
 def test_tool_calls_are_trained_tool_results_are_not(any_chat):
     call = {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*34"}'}}
     messages = [{"role": "user", "content": "what is 12*34?"},

@@ -113,6 +113,34 @@ def test_ignore_eos_decodes_to_max_tokens(server):
         assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
 
 
+def test_a_prefilled_reply_is_continued(server):
+    """vLLM's continue_final_message: the model goes on from the reply so far; greedy, the continuation
+    of the head of a reply is the rest of that reply. (Held to words: the tiny model's raw reply writes
+    special tokens, which a prefilled reply would take as the plain text they are.)"""
+    client, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def tokens(text: str) -> list[int]:
+        return httpx.post(url + "/tokenize", json={"model": model, "prompt": text}, headers=auth).json()["tokens"]
+
+    def text_of(ids: list[int]) -> str:
+        return httpx.post(url + "/detokenize", json={"model": model, "tokens": ids}, headers=auth).json()["prompt"]
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    words = {"guided_regex": "[A-Za-z ,.]+"}
+    whole = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                           extra_body=words)
+    text = whole.choices[0].message.content
+    ids = tokens(text)
+    # the longest head of the reply (at most half of it) that is the same tokens on its own as in the reply
+    head = next(text_of(ids[:k]) for k in range(len(ids) // 2, 0, -1) if tokens(text_of(ids[:k])) == ids[:k])
+    rest = client.chat.completions.create(
+        model=model, messages=messages + [{"role": "assistant", "content": head}], temperature=0, max_tokens=12,
+        extra_body={**words, "continue_final_message": True, "add_generation_prompt": False})
+    assert (head + rest.choices[0].message.content)[:len(text)] == text
+    assert rest.usage.prompt_tokens == whole.usage.prompt_tokens + len(tokens(head))
+
+
 def test_chat_streaming_with_usage(server):
     client, _, model, _ = server
     messages = [{"role": "user", "content": "Count to five."}]
@@ -223,6 +251,11 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9"}, 400, None),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9]+", "guided_choice": ["1"]}, 400,
      "guided_regex"),
+    ({"messages": [{"role": "user", "content": "x"}], "continue_final_message": True, "add_generation_prompt": False},
+     400, "messages"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}, 400,
+     "add_generation_prompt"),
+    ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False}, 400, "add_generation_prompt"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),

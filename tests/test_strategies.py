@@ -34,6 +34,16 @@ def test_every_strategy_on_both_backends(lm, strategy):  # noqa: F811
     assert result.prompt_tokens > 0 and result.completion_tokens > 0
 
 
+@pytest.mark.parametrize("strategy", ["cot", "self_consistency"])
+def test_game24_chains_with_a_calculator_on_both_backends(lm, strategy):  # noqa: F811
+    """The chain continues its own reply between the calculator's results (continue_final), locally and
+    through the server."""
+    task = get_task("game24")
+    before = lm.usage.calls
+    answers = ask(lm, task, task.examples("test")[:2], strategy, Settings(shots=1, k=2))
+    assert len(answers) == 2 and all(a.text for a in answers) and lm.usage.calls > before
+
+
 def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811
     task = get_task("structured")
     result, rows = evaluate_strategy(lm, task, "constrained", n=4, settings=Settings(max_tokens=256))

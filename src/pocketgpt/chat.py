@@ -101,11 +101,18 @@ class ChatTemplate(ABC):
     def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """OpenAI-style messages -> (ids, mask); mask[i] is 1 where ids[i] is written by the assistant."""
 
-    def prompt(self, messages: list[dict]) -> list[int]:
-        """The prompt for the assistant's next turn (a trailing assistant message is dropped)."""
-        if messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        return self.render(messages)[0] + self.assistant_header
+    def prompt(self, messages: list[dict], continue_final: bool = False) -> list[int]:
+        """The prompt for the assistant's next turn (a trailing assistant message is dropped). With
+        `continue_final` the trailing assistant message is the turn so far, which the model continues
+        (vLLM's continue_final_message; a prefilled reply): its text goes in as ordinary text, unclosed."""
+        if not (messages and messages[-1].get("role") == "assistant"):
+            if continue_final:
+                raise PocketError("continue_final needs the last message to be the assistant's reply so far")
+            return self.render(messages)[0] + self.assistant_header
+        if continue_final and messages[-1].get("tool_calls"):
+            raise PocketError("continue_final continues a reply's text; the last message holds tool calls")
+        head = self.render(messages[:-1])[0] + self.assistant_header
+        return head + self.tokenizer.encode(messages[-1].get("content") or "") if continue_final else head
 
     @property
     @abstractmethod

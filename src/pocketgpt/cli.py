@@ -774,9 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposals", type=int, default=1, help="tot: proposals per position, sampled at --temperature "
                                                             "and their moves merged (default 1: one greedy proposal)")
     p.add_argument("--move-arithmetic", choices=MOVE_ARITHMETIC, default="calculator",
-                   help="tot: the result of a proposed move 'a op b = c': the calculator writes it (default; the "
-                        "model picks the numbers and the operation), 'checked' drops a false claim, 'claimed' "
-                        "takes it as written")
+                   help="Game of 24 (tot, cot, self_consistency): the result of a move 'a op b = c': the "
+                        "calculator writes it (default; the model picks the numbers and the operation), "
+                        "'checked' drops a false claim (tot), 'claimed' takes it as written (cot: the chain in "
+                        "one go)")
     p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
     p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")

@@ -56,6 +56,9 @@ class Request:
     regex: str | None = None  # the reply matches this regular expression (vLLM's guided_regex)
     tools: list[dict] | None = None  # OpenAI function specs the model may call; a call ends the turn
     tool_choice: str = "auto"  # "required": the turn must be a call (held to the tools' schemas)
+    # The last message is the assistant's reply so far, and the model goes on from its text (vLLM's
+    # continue_final_message): a strategy writes part of the turn itself, such as a calculator's result.
+    continue_final: bool = False
 
 
 def tool_call_messages(generation: Generation, results: list[str], step: int = 0) -> list[dict]:
@@ -143,7 +146,7 @@ class LocalLM(LM):
         for i, r in enumerate(requests):
             if not r.messages:
                 raise PocketError(f"request {i} has no messages")
-            prompt = chat.prompt(r.messages)
+            prompt = chat.prompt(r.messages, r.continue_final)
             if len(prompt) >= context:
                 raise PocketError(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
             # No tools offered: the model may not call one (a tool-trained model otherwise would).
@@ -230,10 +233,13 @@ class OpenAILM(LM):
         if r.json_schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": r.json_schema}}
-        # guided_choice and guided_regex are not in OpenAI's API: vLLM's extensions, which our server speaks too
-        guided = {"guided_choice": list(r.choices) if r.choices is not None else None, "guided_regex": r.regex}
-        if any(v is not None for v in guided.values()):
-            kwargs["extra_body"] = {k: v for k, v in guided.items() if v is not None}
+        # guided_choice, guided_regex and continue_final_message are not in OpenAI's API: vLLM's extensions,
+        # which our server speaks too
+        extra = {"guided_choice": list(r.choices) if r.choices is not None else None, "guided_regex": r.regex}
+        if r.continue_final:  # vLLM's names for a prefilled reply, which our server takes too
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+        if any(v is not None for v in extra.values()):
+            kwargs["extra_body"] = {k: v for k, v in extra.items() if v is not None}
         resp = self._send(self.client.chat.completions.create, model=self.model, messages=r.messages, n=r.n,
                           temperature=r.temperature, max_tokens=r.max_tokens, stop=list(r.stop) or None,
                           seed=r.seed, **kwargs)

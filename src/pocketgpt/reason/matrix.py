@@ -47,6 +47,8 @@ MATRIX: list[Cell] = [
     Cell("game24", "IO", "direct", IO),
     Cell("game24", "CoT", "cot", WORKED),
     Cell("game24", "CoT-SC", "self_consistency", WORKED),
+    Cell("game24", "CoT, own arithmetic", "cot", {**WORKED, "move_arithmetic": "claimed"}),
+    Cell("game24", "CoT-SC, own arithmetic", "self_consistency", {**WORKED, "move_arithmetic": "claimed"}),
     Cell("game24", "ToT b=1", "tot", {"beam": 1}),
     Cell("game24", "ToT b=5", "tot", {"beam": 5}),
     Cell("game24", "ToT DFS", "tot", {"search": "dfs"}),

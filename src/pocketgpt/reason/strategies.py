@@ -4,7 +4,8 @@ OpenAI-compatible server) and reports its cost (model calls and tokens) next to 
 
     direct            the question alone (or after solved examples in the direct rendering), the reply
                       held to the task's answer form where it has one (an arithmetic result: digits)
-    cot               worked examples as earlier turns, or zero-shot "Let's think step by step."
+    cot               worked examples as earlier turns, or zero-shot "Let's think step by step."; on the
+                      Game of 24 the lines' results written by a calculator, as ToT's are (chain.py)
     self_consistency  k samples of the step-by-step answer at a temperature; the majority answer wins
     reflection        the model checks its answer and samples again when it says "no" (reflection.py)
     tot               Tree of Thoughts on the Game of 24: BFS with a beam, or DFS (tot.py)
@@ -29,6 +30,7 @@ from ..data.tasks import Example, Task, default_world
 from ..data.tasks.prompts import chat_messages
 from ..data.tasks.tools import SPECS, task_tools
 from ..data.world import statement
+from .chain import calculator_chains
 from .lm import LM, Request, Usage
 from .react import react
 from .reflection import reflection
@@ -51,7 +53,9 @@ class Settings:
     search: str = "bfs"  # ToT: bfs or dfs
     value_samples: int = 3  # ToT: votes per position
     oracle: bool = False  # ToT ablation: the exact solver judges positions instead of the model
-    move_arithmetic: str = "calculator"  # ToT: a proposed move's result by "calculator", "checked" or "claimed"
+    # Game of 24: a move's result by "calculator" (ToT's proposals and CoT's lines), or the model's own,
+    # "checked" (ToT drops a false claim) or "claimed" (taken as written; CoT's lines in one go)
+    move_arithmetic: str = "calculator"
     proposals: int = 1  # ToT: proposals per position (more are sampled at `temperature`, their moves merged)
     max_expansions: int = 12  # ToT depth-first: proposals per puzzle
     rounds: int = 2  # reflection: retries after the first answer
@@ -82,12 +86,20 @@ def direct(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Ans
     return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, "direct", 1, 0.0)]
 
 
+def _chains(lm: LM, task: Task, examples: list[Example], s: Settings, n: int, temperature: float) -> list[list[str]]:
+    """Worked replies; on the Game of 24 each move's result written by the calculator, as Tree of Thoughts
+    has it (chain.py), unless `move_arithmetic` leaves the arithmetic to the model."""
+    if task.name == "game24" and s.move_arithmetic == "calculator":
+        return calculator_chains(lm, task, examples, n, temperature, s.shots, s.think, s.seed)
+    return _sampled(lm, task, examples, s, _cot_style(task), n, temperature)
+
+
 def cot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, _cot_style(task), 1, 0.0)]
+    return [Answer(t[0], t) for t in _chains(lm, task, examples, s, 1, 0.0)]
 
 
 def self_consistency(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    samples = _sampled(lm, task, examples, s, _cot_style(task), s.k, s.temperature)
+    samples = _chains(lm, task, examples, s, s.k, s.temperature)
     return [vote(t, key=partial(task.answer_key, e)) for e, t in zip(examples, samples)]
 
 

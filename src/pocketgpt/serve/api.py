@@ -4,7 +4,8 @@ to a pocketgpt run as they would to OpenAI, vLLM or llama.cpp's server.
     GET  /v1/models                a run directory serves each stage as a model id (base, sft, ppo, grpo...)
     POST /v1/chat/completions      messages -> the chat template's prompt -> the engine; streaming (SSE),
                                    n, logprobs, response_format (constrained decoding), tools,
-                                   guided_choice (vLLM's: one of given strings), guided_regex
+                                   guided_choice (vLLM's: one of given strings), guided_regex,
+                                   continue_final_message (vLLM's: go on from a prefilled reply)
     POST /v1/completions           plain text continuation, for base models
     POST /tokenize, /detokenize    the tokenizer, as vLLM exposes it (+ each token's text, for the page)
     GET  /health, /metrics         liveness; Prometheus text (running, waiting, tokens/s, time to first token)
@@ -340,7 +341,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         w = worker_for(req.model)
         req.check(limits)
-        prompt = w.chat.prompt(req.plain_messages())
+        prompt = w.chat.prompt(req.plain_messages(), req.continue_final_message)
         max_tokens = budget(w, prompt, req.token_limit)
         k = (req.top_logprobs or 0) if req.logprobs else None
         use_tools = bool(req.tools) and req.tool_choice != "none"

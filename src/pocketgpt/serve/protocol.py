@@ -117,6 +117,9 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extension: the reply is exactly one of these strings (quoting a passage, a label, yes/no)
     guided_choice: list[str] | None = None
     guided_regex: str | None = None  # vLLM's too: the reply matches this regular expression
+    # vLLM's too: the last message is the reply so far, and the model goes on from it (a prefilled reply)
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True  # vLLM's: must be false with continue_final_message
 
     def check(self, limits: Limits) -> None:
         self.check_common(limits)
@@ -151,6 +154,17 @@ class ChatCompletionRequest(SamplingFields):
                 name = (self.tool_choice.get("function") or {}).get("name")
                 if name not in {t.function.name for t in self.tools}:
                     raise APIError(400, f"tool_choice names a tool that is not given: {name!r}", "tool_choice")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(400, "continue_final_message needs add_generation_prompt to be false (a reply "
+                               "is either continued or started)", "add_generation_prompt")
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise APIError(400, "continue_final_message needs the last message to be the assistant's "
+                               "reply so far (text, no tool calls)", "messages")
+        elif not self.add_generation_prompt:
+            raise APIError(400, "add_generation_prompt false is only supported with continue_final_message",
+                           "add_generation_prompt")
         if self.guided_choice is not None:
             if not self.guided_choice or not all(self.guided_choice):
                 raise APIError(400, "guided_choice takes a non-empty list of non-empty strings", "guided_choice")
