@@ -416,6 +416,18 @@ def test_game24_move_parsing_and_composition():
     assert not can_reach_24([3, 3, 8, 8]) and can_reach_24([4, 4, 6, 8])  # 8/(3-8/3) needs a fraction
 
 
+def test_game24_scores_say_where_a_chain_fails():
+    t = task("game24")
+    example = next(e for e in t.examples("test") if e.meta["numbers"] == [3, 9, 12, 13])
+    assert t.scores(example, t.cot(example)) == {"three_moves_on_the_table": 1.0, "moves_true": 1.0}
+    # a false sum stays on the table as stated, and a move may use it: three moves, half of them true
+    assert t.scores(example, "3 + 9 = 13\n13 - 13 = 0\n0 * 12 = 0\n5 + 5 = 10") == {
+        "three_moves_on_the_table": 1.0, "moves_true": 0.75}
+    # a number that is not on the table (the second 3) ends the game
+    assert t.scores(example, "3 + 3 = 6 (left: 6 9 12 13)\nAnswer: 6")["three_moves_on_the_table"] == 0.0
+    assert t.scores(example, "Answer: (13-9)*6") == {"three_moves_on_the_table": 0.0}  # no sums to read
+
+
 @pytest.mark.parametrize("name", ["arithmetic", "compare_decimals"])
 def test_check_rendering_labels_the_reply_it_shows(name):
     from pocketgpt.data.tasks.base import check_prompt

@@ -4,7 +4,8 @@
     pocketgpt eval --server http://127.0.0.1:8000/v1 --matrix --shots 2 --out runs/smollm2/matrix
 
 The rows are the comparisons "State of GPT" makes: on the Game of 24, input-output vs chain of
-thought vs self-consistency vs Tree of Thoughts (the paper's ordering); on arithmetic, direct vs
+thought vs self-consistency vs Tree of Thoughts (the paper's ordering; chains and search alike with a
+calculator for the moves' results, and rows with the model's own arithmetic); on arithmetic, direct vs
 chain of thought vs a calculator, and a vote on top of each (five chains; five calculator paths,
 which outvote a slip only where slips differ from path to path); the vote again on 9.11 vs 9.9, where a small
 model's single chain of thought is right often enough for a vote to have something to gather; on

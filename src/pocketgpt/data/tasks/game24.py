@@ -193,7 +193,7 @@ def parse_proposals(text: str, state: Sequence[int], arithmetic: str = "claimed"
         m = PROPOSAL.match(line)
         if not m:
             continue
-        a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
+        a, op, b, result = _move(m)
         exact = _exact(a, op, b)
         if arithmetic == "calculator":
             if exact is None or exact.denominator != 1 or exact < 0:
@@ -231,6 +231,11 @@ def value_reply(state: Sequence[int]) -> str:
     return verdict
 
 
+def _move(line: re.Match) -> tuple[int, str, int, int]:
+    """A matched move line (PROPOSAL) as (a, op, b, the result it states), × and ÷ read as * and /."""
+    return int(line[1]), line[2].replace("×", "*").replace("÷", "/"), int(line[3]), int(line[4])
+
+
 def _exact(a: int, op: str, b: int) -> Fraction | None:
     """a op b as an exact fraction (None: division by zero)."""
     if op == "/":
@@ -253,7 +258,7 @@ def compose(numbers: Sequence[int], lines: Sequence[str]) -> str | None:
         m = PROPOSAL.match(line)
         if not m:
             return None
-        a, op, b, result = int(m[1]), m[2].replace("×", "*").replace("÷", "/"), int(m[3]), int(m[4])
+        a, op, b, result = _move(m)
         picked = []
         for want in (a, b):
             k = next((k for k, (v, _) in enumerate(table) if v == want), None)
@@ -294,6 +299,26 @@ class Game24(Task):
 
     def cot(self, example: Example) -> str:
         return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])
+
+    def scores(self, example: Example, output: str) -> dict[str, float]:
+        """Whether a reply's first three moves ("13 - 9 = 4 ...") make a whole game on the table (each takes
+        two numbers that are there, the result as stated goes back; a reply without moves makes none), and
+        where it writes moves, the share of their results that are true: where a chain fails, in its choice
+        of numbers or in its sums."""
+        lines = [m for m in map(PROPOSAL.match, output.splitlines()) if m]
+        if not lines:
+            return {"three_moves_on_the_table": 0.0}
+        table, legal = list(example.meta["numbers"]), 0
+        for a, _, b, result in map(_move, lines[:3]):
+            rest = list(table)
+            for want in (a, b):
+                if want in rest:
+                    rest.remove(want)
+            if len(rest) != len(table) - 2:
+                break
+            table, legal = rest + [result], legal + 1
+        true = [_exact(a, op, b) == result for a, op, b, result in map(_move, lines)]
+        return {"three_moves_on_the_table": float(legal == 3), "moves_true": sum(true) / len(true)}
 
     def render(self, example: Example, style: str = "direct") -> list[dict]:
         """propose and value: several exchanges about different positions of the puzzle in one
