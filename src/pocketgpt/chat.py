@@ -105,13 +105,12 @@ class ChatTemplate(ABC):
         """The prompt for the assistant's next turn (a trailing assistant message is dropped). With
         `continue_final` the trailing assistant message is the turn so far, which the model continues
         (vLLM's continue_final_message; a prefilled reply): its text goes in as ordinary text, unclosed."""
-        if not (messages and messages[-1].get("role") == "assistant"):
-            if continue_final:
-                raise PocketError("continue_final needs the last message to be the assistant's reply so far")
-            return self.render(messages)[0] + self.assistant_header
+        ends_with_reply = bool(messages) and messages[-1].get("role") == "assistant"
+        if continue_final and not ends_with_reply:
+            raise PocketError("continue_final needs the last message to be the assistant's reply so far")
         if continue_final and messages[-1].get("tool_calls"):
             raise PocketError("continue_final continues a reply's text; the last message holds tool calls")
-        head = self.render(messages[:-1])[0] + self.assistant_header
+        head = self.render(messages[:-1] if ends_with_reply else messages)[0] + self.assistant_header
         return head + self.tokenizer.encode(messages[-1].get("content") or "") if continue_final else head
 
     @property

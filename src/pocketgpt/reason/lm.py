@@ -236,7 +236,7 @@ class OpenAILM(LM):
         # guided_choice, guided_regex and continue_final_message are not in OpenAI's API: vLLM's extensions,
         # which our server speaks too
         extra = {"guided_choice": list(r.choices) if r.choices is not None else None, "guided_regex": r.regex}
-        if r.continue_final:  # vLLM's names for a prefilled reply, which our server takes too
+        if r.continue_final:
             extra.update(continue_final_message=True, add_generation_prompt=False)
         if any(v is not None for v in extra.values()):
             kwargs["extra_body"] = {k: v for k, v in extra.items() if v is not None}
