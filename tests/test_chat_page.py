@@ -112,6 +112,25 @@ def test_stop_a_generation(page):
     assert len(stored) == 2 and stored[1]["messages"][0]["content"] == "Hello there"
 
 
+def test_continue_a_reply_cut_short(page):
+    """A reply that ran into max tokens is offered "Continue", which asks the server for more of the same
+    reply (continue_final_message) and adds it to that reply, not to a new one."""
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    set_value(driver, "max-tokens", "12")
+    driver.find_element(By.ID, "input").send_keys("Tell me a long story")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: not sending(d) and assistant_text(d))
+    cut = driver.execute_script("return JSON.parse(localStorage.getItem('pocketgpt.conversations'))[0].messages")
+    assert [m["role"] for m in cut] == ["user", "assistant"] and cut[1]["finish_reason"] == "length"
+    buttons = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .actions button")
+    next(b for b in buttons if b.text == "Continue").click()
+    wait.until(lambda d: not sending(d) and len(assistant_text(d)) > len(cut[1]["content"]))
+    stored = driver.execute_script("return JSON.parse(localStorage.getItem('pocketgpt.conversations'))[0].messages")
+    assert len(stored) == 2 and stored[1]["content"].startswith(cut[1]["content"])
+    assert stored[1]["usage"]["prompt_tokens"] > cut[1]["usage"]["prompt_tokens"]  # the reply so far was sent
+
+
 def test_tokenizer_view(page, chat):
     driver, wait = page
     driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab=tokenizer]").click()

@@ -97,7 +97,11 @@ function renderMessages() {
     const actions = document.createElement("div");
     actions.className = "actions";
     if (m.role === "user") actions.appendChild(button("Edit", () => editMessage(i)));
-    if (m.role === "assistant" && i === current.messages.length - 1) actions.appendChild(button("Regenerate", regenerate));
+    if (m.role === "assistant" && i === current.messages.length - 1) {
+      actions.appendChild(button("Regenerate", regenerate));
+      // a reply cut short (by max tokens, or by Stop) goes on from where it is: the server's continue_final_message
+      if (m.content && !m.tool_calls && (m.finish_reason === "length" || m.stopped)) actions.appendChild(button("Continue", carryOn));
+    }
     div.appendChild(actions);
     box.appendChild(div);
   });
@@ -121,7 +125,8 @@ async function send(text) {
   await complete();
 }
 
-async function complete() {
+// Ask for the next assistant turn, or with `continued` for more of the last one (a reply cut short).
+async function complete(continued = false) {
   const messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value.trim() });
   for (const m of current.messages) {
@@ -142,8 +147,10 @@ async function complete() {
       return;
     }
   }
-  const reply = { role: "assistant", content: "" };
-  current.messages.push(reply);
+  if (continued) Object.assign(body, { continue_final_message: true, add_generation_prompt: false });
+  const reply = continued ? current.messages.at(-1) : { role: "assistant", content: "" };
+  if (!continued) current.messages.push(reply);
+  delete reply.finish_reason; delete reply.stopped; delete reply.error;
   renderMessages();
   const contentDiv = $("messages").lastChild.querySelector(".content");
   controller = new AbortController();
@@ -173,6 +180,7 @@ async function complete() {
           const delta = choice.delta || {};
           if (delta.content) reply.content += delta.content;
           if (delta.tool_calls) reply.tool_calls = delta.tool_calls.map(({ index, ...c }) => c);
+          if (choice.finish_reason) reply.finish_reason = choice.finish_reason;
         }
         if (chunk.usage) reply.usage = chunk.usage;
         contentDiv.innerHTML = markdown(reply.content) +
@@ -181,7 +189,8 @@ async function complete() {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") reply.error = e.message;
+    if (e.name === "AbortError") reply.stopped = true;
+    else reply.error = e.message;
   } finally {
     controller = null;
     $("send").hidden = false; $("stop").hidden = true;
@@ -190,6 +199,11 @@ async function complete() {
 }
 
 function stop() { if (controller) controller.abort(); }
+
+function carryOn() {
+  if (!current || controller) return;
+  complete(true);
+}
 
 function regenerate() {
   if (!current || controller) return;
