@@ -308,15 +308,12 @@ class Game24(Task):
         lines = [m for m in map(PROPOSAL.match, output.splitlines()) if m]
         if not lines:
             return {"three_moves_on_the_table": 0.0}
-        table, legal = list(example.meta["numbers"]), 0
-        for a, _, b, result in map(_move, lines[:3]):
-            rest = list(table)
-            for want in (a, b):
-                if want in rest:
-                    rest.remove(want)
-            if len(rest) != len(table) - 2:
+        table, legal = example.meta["numbers"], 0
+        for m in lines[:3]:
+            moved = parse_proposals(m.string, table, "claimed")  # [] when a number is not on the table
+            if not moved:
                 break
-            table, legal = rest + [result], legal + 1
+            table, legal = moved[0][1], legal + 1
         true = [_exact(a, op, b) == result for a, op, b, result in map(_move, lines)]
         return {"three_moves_on_the_table": float(legal == 3), "moves_true": sum(true) / len(true)}
 
