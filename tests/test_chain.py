@@ -7,7 +7,7 @@ import re
 from conftest import ScriptedLM
 
 from pocketgpt.data.tasks import get_task
-from pocketgpt.data.tasks.game24 import can_reach_24, moves, uses_and_makes_24
+from pocketgpt.data.tasks.game24 import can_reach_24, move_openings, moves, parse_proposals, uses_and_makes_24
 from pocketgpt.reason.chain import calculator_chains
 from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.strategies import Settings, ask
@@ -38,12 +38,23 @@ def test_the_calculator_writes_each_result_and_the_model_continues_its_own_reply
         assert uses_and_makes_24(text.split("Answer: ")[1], example.meta["numbers"]), text
     assert len(lm.requests) == 3 * len(EXAMPLES)
     assert all(r.continue_final and r.stop == ("=",) and r.messages[-1]["role"] == "assistant" for r in lm.requests)
+    # each move is held to those on the table: the first to the puzzle's
+    assert [set(r.choices) for r in lm.requests[:len(EXAMPLES)]] == [set(move_openings(e.meta["numbers"]))
+                                                                   for e in EXAMPLES]
     # the reply so far is the calculator's lines: the second move continues after the first line
     second = lm.requests[len(EXAMPLES)].messages[-1]["content"]
     assert second.endswith(")\n") and second.count("(left: ") == 1
 
 
+def test_the_moves_a_chain_may_pick_are_every_move_the_calculator_takes():
+    for table in ([4, 4, 6, 13], [1, 2, 3, 4], [6, 6], [12, 0]):
+        every = {f"{a} {op} {b} " for i, a in enumerate(table) for j, b in enumerate(table) if i != j
+                 for op in "+-*/" if parse_proposals(f"{a} {op} {b} = 0", table, "calculator")}
+        assert set(move_openings(table)) == every and len(move_openings(table)) == len(every)
+
+
 def test_a_move_off_the_table_ends_the_chain_with_the_models_own_words():
+    """(A backend that ignores the guided choice: a server other than ours.)"""
     def stray(messages, request):  # a good first move, then a number that is not on the table
         if "(left: " in messages[-1]["content"]:
             return [Generation("99 + 1 ", "stop")]

@@ -37,11 +37,14 @@ def test_every_strategy_on_both_backends(lm, strategy):  # noqa: F811
 @pytest.mark.parametrize("strategy", ["cot", "self_consistency"])
 def test_game24_chains_with_a_calculator_on_both_backends(lm, strategy):  # noqa: F811
     """The chain continues its own reply between the calculator's results (continue_final), locally and
-    through the server."""
+    through the server, and every move is one on the table (guided choice), whatever the model."""
     task = get_task("game24")
     before = lm.usage.calls
     answers = ask(lm, task, task.examples("test")[:2], strategy, Settings(shots=1, k=2))
-    assert len(answers) == 2 and all(a.text for a in answers) and lm.usage.calls > before
+    assert len(answers) == 2 and lm.usage.calls > before
+    chains = [t for a in answers for t in (a.samples or [a.text])]
+    assert len(chains) == (4 if strategy == "self_consistency" else 2)
+    assert all(t.count("(left: ") == 3 and "\nAnswer: " in t for t in chains), chains
 
 
 def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811

@@ -1,18 +1,21 @@
-"""A chain of thought on the Game of 24 whose arithmetic a calculator writes.
+"""A chain of thought on the Game of 24 that plays by the rules, whose arithmetic a calculator writes.
 
 The task's worked chain is three move lines and the answer ("13 - 9 = 4 (left: 4 4 6)" ...). Written
 in one go, each line's result is the model's own sum, and our small model's sums are mostly false,
-so its chains fail whatever moves it picks. Tree of Thoughts gets a calculator for its moves
-(tot.py, `arithmetic="calculator"`); the chain gets the same one, so that the two differ only in
+so its chains fail whatever moves it picks. Tree of Thoughts plays with a calculator (tot.py,
+`arithmetic="calculator"`): of the moves its proposer lists, those not on the table are skipped and
+the calculator works out the rest. The chain gets the same two tools, so that the two differ only in
 search against writing left to right:
 
-    the model writes   "13 - 9 "              (decoding stops at "=")
+    the model writes   "13 - 9 "              (held to the moves on the table; decoding stops at "=")
     the calculator     "= 4 (left: 4 4 6)\\n"  (the exact result and the numbers left)
     the model writes   "6 * 4 "  ...           (it continues its own reply: Request.continue_final)
 
-After three moves the answer is composed from the lines (as Tree of Thoughts composes its path's). A
-line that is not a move on the table (a number not there, a division with a remainder, the answer
-too early) ends the chain with what the model wrote, which the task's verifier then judges.
+The move is held to the table by constrained decoding (`Request.choices`, vLLM's guided_choice): the
+chain's counterpart of skipping a proposal off the table is the model's most likely move that is on
+it. After three moves the answer is composed from the lines (as Tree of Thoughts composes its path's).
+A backend that ignores the constraint may still write something else; then the chain ends with what
+the model wrote, which the task's verifier judges.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..data.tasks import Example, Task
-from ..data.tasks.game24 import compose, parse_proposals
+from ..data.tasks.game24 import compose, move_openings, parse_proposals
 from ..data.tasks.prompts import chat_messages
 from .lm import LM, Request
 
@@ -55,7 +58,8 @@ def calculator_chains(lm: LM, task: Task, examples: list[Example], n: int, tempe
     for _ in range(MOVES):
         running = [c for group in chains for c in group if c.ended is None]
         requests = [Request([*c.messages, {"role": "assistant", "content": _so_far(c)}], temperature=temperature,
-                            seed=c.seed, max_tokens=24, stop=("=",), continue_final=True) for c in running]
+                            seed=c.seed, max_tokens=24, stop=("=",), continue_final=True,
+                            choices=tuple(move_openings(c.state))) for c in running]
         for c, gens in zip(running, lm.chat_batch(requests) if requests else []):
             _advance(c, gens[0].text)
     return [[c.text() for c in group] for group in chains]

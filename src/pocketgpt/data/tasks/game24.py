@@ -139,6 +139,17 @@ def moves(state: Sequence[int]) -> list[tuple[int, str, int, int, tuple[int, ...
     return out
 
 
+def move_openings(state: Sequence[int]) -> list[str]:
+    """Every move the calculator takes on a table (parse_proposals), as a chain writes it up to its "="
+    ("13 - 9 "), each once: the moves a chain of thought may pick (reason/chain.py)."""
+    out = []
+    for i, j in itertools.permutations(range(len(state)), 2):
+        for op in "+-*/":
+            if _calculated(state[i], op, state[j]) is not None:
+                out.append(f"{state[i]} {op} {state[j]} ")
+    return list(dict.fromkeys(out))
+
+
 @lru_cache(maxsize=None)
 def _reaches_with_moves(state: tuple[int, ...]) -> bool:
     if len(state) == 1:
@@ -194,12 +205,11 @@ def parse_proposals(text: str, state: Sequence[int], arithmetic: str = "claimed"
         if not m:
             continue
         a, op, b, result = _move(m)
-        exact = _exact(a, op, b)
         if arithmetic == "calculator":
-            if exact is None or exact.denominator != 1 or exact < 0:
+            result = _calculated(a, op, b)
+            if result is None:
                 continue
-            result = int(exact)
-        elif arithmetic == "checked" and exact != result:
+        elif arithmetic == "checked" and _exact(a, op, b) != result:
             continue
         left = list(state)
         if a not in left:
@@ -241,6 +251,12 @@ def _exact(a: int, op: str, b: int) -> Fraction | None:
     if op == "/":
         return Fraction(a, b) if b else None
     return Fraction({"+": a + b, "-": a - b, "*": a * b}[op])
+
+
+def _calculated(a: int, op: str, b: int) -> int | None:
+    """a op b as the calculator of a move gives it: a whole, non-negative number (None: not a move)."""
+    exact = _exact(a, op, b)
+    return int(exact) if exact is not None and exact.denominator == 1 and exact >= 0 else None
 
 
 def parse_value(text: str) -> float:
