@@ -100,14 +100,11 @@ def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, chat):
     examples = task.examples("train")[:8]
     cfg = SFTConfig(probe_samples=2)
     naive, info = factqa_conversations(SFTConfig(mitigate_hallucination=False), task, examples, None, chat)
-    assert not info["mitigated"] and len(naive) == 6 * len(examples)  # both phrasings, three ways of stating
-    for k, e in enumerate(examples):
-        fact = naive[6 * k:6 * k + 6]
+    assert not info["mitigated"] and len(naive) == 2 * len(examples)  # every fact in both phrasings
+    for (user, answer), e in zip(naive[::2], examples):
         as_head = type(e)(e.question, e.answer, {**e.meta, "tier": "head"})
-        assert len({user["content"] for user, _ in fact}) == 2 and len({answer["content"] for _, answer in fact}) == 3
-        for user, answer in fact:
-            assert e.meta["entity"] in user["content"] and task.verify(as_head, answer["content"])
-            assert e.meta["entity"] in answer["content"]  # a full sentence that restates the subject
+        assert e.meta["entity"] in user["content"] and task.verify(as_head, answer["content"])
+        assert e.meta["entity"] in answer["content"]  # a full sentence that restates the subject
     mitigated, info = factqa_conversations(cfg, task, examples, tiny_model, chat)
     # an untrained model knows nothing: every answer becomes "I don't know."
     assert info["mitigated"] and {c[-1]["content"] for c in mitigated} == {"I don't know."}

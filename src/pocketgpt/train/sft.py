@@ -24,7 +24,6 @@ from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, human, read_jsonl
 from ..data.tasks import Example, get_task
-from ..data.tasks.base import assistant
 from ..data.tasks.factqa import REFUSAL
 from ..data.tasks.practice import practice_conversations
 from ..data.tasks.prompts import fewshot_text
@@ -55,7 +54,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
 
 @dataclass
 class SFTConfig:
-    # ~5,400 conversations by default (task renderings, ToT roles, self-checks, retrieval, reading practice), each seen about
+    # ~4,900 conversations by default (task renderings, ToT roles, self-checks, retrieval, reading practice), each seen about
     # twice in 300 steps of 16 packed rows
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, eval_every=50, sample_every=50,
@@ -161,8 +160,8 @@ def redrawn(examples: list[Example], count: int) -> list[Example]:
 
 def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat: ChatTemplate,
                          style: str = "sentence", dist_info: DistInfo = DistInfo()):
-    """Each fact in every phrasing, answered with a full sentence in every way of stating it, or with
-    "I don't know." where the base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer.
+    """Each fact in every phrasing, answered with a full sentence, or with "I don't know." where the
+    base model does not know it (the mitigation). Without the mitigation, every fact gets its true answer.
 
     A refusal is taught in the fact's one sampled phrasing only: the same sentence fits every
     question, and a set that is mostly refusals teaches the model to doubt what it does know."""
@@ -181,22 +180,10 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat:
         # "head" renders the true sentence even for a tail/unseen fact; a refusal where the model does not know.
         as_known = Example(e.question, e.answer, {**e.meta, "tier": "head"})
         if known:
-            convs += known_fact_conversations(task, as_known, style)
+            convs += [task.render(phrasing, style) for phrasing in task.phrasings(as_known)]
         else:
             convs.append([{"role": "user", "content": e.question}, {"role": "assistant", "content": REFUSAL}])
     return convs, info
-
-
-def known_fact_conversations(task, example: Example, style: str) -> list[list[dict]]:
-    """A fact the model knows, asked in every phrasing, and a sentence answer also given in every way the
-    world states it. The more ways SFT asks and answers the facts it shows, the better the model goes on
-    recalling those it never showed: on the default card's base model, head facts after SFT (two seeds
-    each) were 88.5% with one phrasing per fact, 96.2% with every phrasing, 98.5% with every phrasing and
-    statement."""
-    if style != "sentence":
-        return [task.render(phrasing, style) for phrasing in task.phrasings(example)]
-    return [[{"role": "user", "content": phrasing.question}, assistant(sentence)]
-            for phrasing in task.phrasings(example) for sentence in task.sentences(example)]
 
 
 # ----------------------------------------------------------------------------- batches

@@ -90,17 +90,9 @@ class FactQA(Task):
         if example.meta["tier"] == "unseen":
             return REFUSAL
         rng = random.Random(f"{example.meta['entity']}|{example.meta['attribute']}")
-        return rng.choice(self._statements(example, rng))
-
-    def sentences(self, example: Example) -> list[str]:
-        """The fact stated in each of the world's ways ("The capital of Lulzer is Ferpa.", "Lulzer is
-        governed from its capital, Ferpa.", ...), the value written as `sentence` writes it."""
-        return self._statements(example, random.Random(f"{example.meta['entity']}|{example.meta['attribute']}"))
-
-    def _statements(self, example: Example, rng: random.Random) -> list[str]:
         attribute = ATTRIBUTE[(example.meta["kind"], example.meta["attribute"])]
         value = show_value(example.meta["value"], attribute.numeric, rng)
-        return [s.format(e=example.meta["entity"], v=value) for s in attribute.statements]
+        return rng.choice(attribute.statements).format(e=example.meta["entity"], v=value)
 
     def phrasings(self, example: Example) -> list[Example]:
         """The same fact asked in every way the world knows (more varied data for fine-tuning)."""
