@@ -6,6 +6,8 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pocketgpt.checkpoint import load_model
 from pocketgpt.common import read_jsonl
@@ -169,3 +171,18 @@ def test_compiled_training_follows_the_eager_loss_curve(tmp_path, tokenizer):
         assert b[step] == pytest.approx(a[step], abs=1e-4)
     _, _, meta = load_model(compiled)
     assert meta["meta"]["summary"]["compile_s"] > 0
+
+
+def test_a_compiled_run_trains_the_same_model_every_time(tmp_path, tokenizer):
+    """The same seed, the same model: the compiled step's kernels are deterministic by default
+    (`train.deterministic`); with `train.deterministic=false` the two runs' weights differ, since two threads
+    sum the embedding's gradient in an order that changes from run to run."""
+    weights = []
+    for name in ("first", "second"):
+        run, cfg = make_run(tmp_path, tokenizer, name, steps=4, batch=16)
+        done = run_cli(["pretrain", str(run), "--config", str(cfg), "--set", "pretrain.train.compile=true",
+                        "--set", "pretrain.train.threads=2"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        weights.append(load_file(run / "base" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
