@@ -75,7 +75,7 @@ class TrainConfig:
     grokfast_lambda: float = 2.0
     dtype: str = "auto"  # auto | bfloat16 | float32: autocast dtype for forward/backward (auto: bf16 where native)
     compile: bool = False  # torch.compile the training step: pays on fixed shapes (pretraining, SFT) after ~1 min
-    deterministic: bool = True  # the same seed trains the same model on the same machine (see Trainer)
+    deterministic: bool = True  # the same seed trains the same model on the same machine (use_deterministic_kernels)
     threads: int = 0  # CPU threads; 0 = PyTorch's default
     device: str = "auto"
     eval_every: int = 100
@@ -176,8 +176,9 @@ def use_deterministic_kernels() -> None:
     embedding's gradient with atomic adds across threads, in an order that changes from run to run: two
     runs of the same speedrun pretrained different models (validation loss 1.217 and 1.189 after 2,400
     steps), so a seed meant nothing. Measured on the `small` step, compiled, bf16, 2 threads: no slower.
-    The mode also fills every new tensor with NaN by default (to expose reads of uninitialised memory),
-    which does cost time and is left off. cuBLAS needs a fixed workspace to be deterministic."""
+    The mode also fills every new tensor with NaN by default (to expose reads of uninitialised memory): a
+    write of every buffer for nothing here, left off. cuBLAS needs a fixed workspace to be deterministic.
+    The mode is process-wide: it stays on for what the process does next."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
