@@ -2,7 +2,7 @@
 
 import torch
 
-from pocketgpt.train.loop import TrainConfig, make_optimizer
+from pocketgpt.train.loop import TrainConfig, make_optimizer, use_deterministic_kernels
 
 
 def test_log_spaced_evaluation_thins_out_by_decade():
@@ -30,3 +30,16 @@ def test_adam_adds_weight_decay_to_the_gradient_adamw_apart_from_it():
     w = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
     torch.testing.assert_close(results["adamw"], w * (1 - 0.1 * 0.01))
     torch.testing.assert_close(results["adam"], w - 0.1 * torch.sign(w), atol=1e-6, rtol=0)
+
+
+def test_each_stage_sets_the_deterministic_mode_either_way():
+    """The mode is process-wide: a stage with `deterministic = false` after one with it on (a speedrun runs
+    every stage in one process) gets PyTorch's fastest kernels, not the earlier stage's choice."""
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        use_deterministic_kernels(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        use_deterministic_kernels(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        use_deterministic_kernels(was)

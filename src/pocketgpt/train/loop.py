@@ -171,16 +171,17 @@ def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -
     return device, info, out_dir
 
 
-def use_deterministic_kernels() -> None:
-    """Kernels that give the same result on every run. Without them a compiled step sums the token
-    embedding's gradient with atomic adds across threads, in an order that changes from run to run: two
-    runs of the same speedrun pretrained different models (validation loss 1.217 and 1.189 after 2,400
-    steps), so a seed meant nothing. Measured on the `small` step, compiled, bf16, 2 threads: no slower.
-    The mode also fills every new tensor with NaN by default (to expose reads of uninitialised memory): a
-    write of every buffer for nothing here, left off. cuBLAS needs a fixed workspace to be deterministic.
-    The mode is process-wide: it stays on for what the process does next."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+def use_deterministic_kernels(on: bool = True) -> None:
+    """Kernels that give the same result on every run (`on`), or whichever PyTorch finds fastest. Without
+    them a compiled step sums the token embedding's gradient with atomic adds across threads, in an order
+    that changes from run to run: two runs of the same speedrun pretrained different models (validation
+    loss 1.217 and 1.189 after 2,400 steps), so a seed meant nothing. Measured on the `small` step,
+    compiled, bf16, 2 threads: no slower. The mode also fills every new tensor with NaN by default (to
+    expose reads of uninitialised memory): a write of every buffer for nothing here, left off. cuBLAS needs
+    a fixed workspace to be deterministic. The mode is process-wide, so each stage sets it either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
@@ -223,8 +224,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
-        if cfg.deterministic:
-            use_deterministic_kernels()
+        use_deterministic_kernels(cfg.deterministic)
         # Inductor's MPS backend is still partial: Apple GPUs train eagerly.
         self.wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and device.type != "mps" else model
         self.history: list[dict] = []
