@@ -15,7 +15,7 @@ from pocketgpt.data.tasks.expr import evaluate, parse
 from pocketgpt.data.tasks.game24 import uses_and_makes_24
 from pocketgpt.data.tasks.names import distinct_ratio
 from pocketgpt.data.tasks.structured import extract_json
-from pocketgpt.data.tasks.swiss_cheese import counted, counting_line, evaluated_words, spelled, spelling_documents
+from pocketgpt.data.tasks.swiss_cheese import evaluated_words, spelled, spelling_documents
 from pocketgpt.data.tasks.tools import SNIPPET_SENTENCES, calculator, search
 from pocketgpt.data.world import World, WorldConfig
 from pocketgpt.errors import PocketError
@@ -286,35 +286,22 @@ def test_spell_is_lenient_about_separators():
     assert not t.verify(example, word)  # not spelled out
 
 
-def test_count_letter_cot_counts_along_the_spelling():
+def test_count_letter_cot_spells_then_counts():
     t = task("count_letter")
     example = next(e for e in t.examples("test") if e.meta["count"] >= 2)
-    word, letter, count = example.meta["word"], example.meta["letter"], example.meta["count"]
-    counting, answer = t.cot(example).split("\n")
-    assert answer == f"Answer: {count}" and counting.endswith(f", so {count}.")
-    along = counting.split(": ", 1)[1].rsplit(", so", 1)[0]
-    assert re.sub(r" \(\d+\)", "", along) == spelled(word)  # the spelling, with the running count
-    assert re.findall(r"(\w) \((\d+)\)", along) == [(letter, str(k)) for k in range(1, count + 1)]
-    assert counted("bookkeeper", "e") == "b-o-o-k-k-e (1)-e (2)-p-e (3)-r" and counted("tisdu", "q") == "t-i-s-d-u"
+    assert spelled(example.meta["word"]) in t.cot(example)
 
 
 def test_spelling_drills_spell_right_and_never_an_evaluated_word_or_a_world_name():
-    """Half the lines spell a word, half count a letter along its spelling (count_letter's chain of thought)."""
     docs = list(spelling_documents(n=200, seed=3))
     assert docs == list(spelling_documents(n=200, seed=3)) and docs != list(spelling_documents(n=200, seed=4))
     lines = [line for d in docs for line in d.split("\n")]
     assert len(lines) == 200 * 8
-    words, counting = [], 0
+    words = []
     for line in lines:
-        if line.startswith("Counting"):
-            letter, word = re.fullmatch(r"Counting the (\w)'s in (\w+): .*", line).groups()
-            assert line == counting_line(word, letter)
-            counting += 1
-        else:
-            word, spelling = re.fullmatch(r"The word (\w+) is spelled ([a-z-]+)\.", line).groups()
-            assert spelling == spelled(word)
+        word, spelling = re.fullmatch(r"The word (\w+) is spelled ([a-z-]+)\.", line).groups()
+        assert spelling == spelled(word)
         words.append(word)
-    assert 0.4 < counting / len(lines) < 0.6
     held_out = evaluated_words()
     assert len(held_out) > 500
     assert not set(words) & held_out
@@ -329,7 +316,7 @@ def test_sound_working_wants_every_step_of_the_reference():
     example = next(e for e in t.examples("test") if e.meta["count"] == 1)
     assert t.sound_working(example, t.cot(example))
     assert t.sound_working(example, f"Answer: {example.answer}")  # no steps shown
-    lucky = t.cot(example).replace(counted(example.meta["word"], example.meta["letter"]), "r-e-f-c-e")  # right count, wrong spelling
+    lucky = t.cot(example).replace(spelled(example.meta["word"]), "r-e-f-c-e")  # right count, wrong spelling
     assert t.verify(example, lucky) and not t.sound_working(example, lucky)
     m = task("multihop")
     hop = m.examples("test")[0]

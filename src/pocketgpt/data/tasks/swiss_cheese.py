@@ -5,7 +5,7 @@
 - spell:            "Spell the word strawberry letter by letter." -> "s-t-r-a-w-b-e-r-r-y".
 
 Their chain-of-thought renderings make the hidden steps explicit: align the decimals digit by
-digit; spell the word counting the letter as it comes. Spelling a word the model never saw spelled needs the letters of
+digit; spell the word, then count. Spelling a word the model never saw spelled needs the letters of
 each of its tokens; `spelling_documents` is a pretraining source of spelled words that teaches them.
 """
 
@@ -52,35 +52,12 @@ def evaluated_words() -> set[str]:
             for e in task.examples(split)}
 
 
-def counted(word: str, letter: str) -> str:
-    """The word spelled with a running count of one letter: ("shasger", "s") -> "s (1)-h-a-s (2)-g-e-r"."""
-    steps, seen = [], 0
-    for c in word.lower():
-        seen += c == letter
-        steps.append(f"{c} ({seen})" if c == letter else c)
-    return "-".join(steps)
-
-
-def counting_line(word: str, letter: str) -> str:
-    """"Counting the s's in shasger: s (1)-h-a-s (2)-g-e-r, so 2.": each step needs only the letter it
-    spells, the letter asked for and the last count, where numbering the matches' positions would ask
-    the model to count along the spelling, which it cannot."""
-    return f"Counting the {letter}'s in {word}: {counted(word, letter)}, so {word.lower().count(letter)}."
-
-
-def _letter_to_count(word: str, rng: random.Random) -> str:
-    """Mostly a letter the word has; sometimes one it lacks (the answer 0 is a trap too)."""
-    return rng.choice(word) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-
-
 def spelling_documents(n: int = 3000, words_per_doc: int = 8, seed: int = 0) -> Iterator[str]:
-    """Pretraining drills, a word per line: "The word dolphin is spelled d-o-l-p-h-i-n." or, for half the
-    words, a letter counted along the spelling (`counting_line`), the format count_letter's chain of
-    thought writes: a small model spells in the format it was drilled in and loses the letters in any
-    other. Half the words are English (from Python's own documentation), half invented like the world's
-    names. None is a word the spelling tasks evaluate on, nor one of the world's names (an unseen entity
-    stays unseen). Seeing many words spelled that share a token is how the model learns that token's
-    letters, and so how to spell words it has never seen spelled."""
+    """Pretraining drills, a word per line: "The word dolphin is spelled d-o-l-p-h-i-n." Half the words
+    are English (from Python's own documentation), half invented like the world's names. None is a word
+    the spelling tasks evaluate on, nor one of the world's names (an unseen entity stays unseen). Seeing
+    many words spelled that share a token is how the model learns that token's letters, and so how to
+    spell words it has never seen spelled."""
     from pydoc_data.topics import topics
 
     from . import default_world
@@ -91,8 +68,7 @@ def spelling_documents(n: int = 3000, words_per_doc: int = 8, seed: int = 0) -> 
     invented = [w for w in (name.lower() for name in make_names(rng, n * words_per_doc // 2)) if w not in held_out]
     for _ in range(n):
         words = [rng.choice(english) if rng.random() < 0.5 else rng.choice(invented) for _ in range(words_per_doc)]
-        yield "\n".join(counting_line(w, _letter_to_count(w, rng)) if rng.random() < 0.5
-                         else f"The word {w} is spelled {spelled(w)}." for w in words)
+        yield "\n".join(f"The word {w} is spelled {spelled(w)}." for w in words)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +147,8 @@ class CountLetter(Task):
     def generate(self, rng: random.Random) -> Iterator[Example]:
         while True:
             word = _word(rng)
-            letter = _letter_to_count(word, rng)
+            # Mostly letters the word has; sometimes one it lacks (the answer 0 is a trap too).
+            letter = rng.choice(word) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
             count = word.count(letter)
             question = rng.choice(self.QUESTIONS).format(l=letter, w=word)
             yield Example(question, str(count), {"word": word, "letter": letter, "count": count})
@@ -187,8 +164,16 @@ class CountLetter(Task):
         return last_number(output)
 
     def cot(self, example: Example) -> str:
-        meta = example.meta
-        return f"{counting_line(meta['word'], meta['letter'])}\nAnswer: {meta['count']}"
+        word, letter, count = example.meta["word"], example.meta["letter"], example.meta["count"]
+        positions = [str(i + 1) for i, c in enumerate(word) if c == letter]
+        lines = [f"Spell the word: {spelled(word)}."]
+        if positions:
+            plural = "s" if count > 1 else ""
+            lines.append(f"The letter {letter} is at position{plural} {', '.join(positions)}.")
+        else:
+            lines.append(f"The letter {letter} does not appear.")
+        lines.append(f"Answer: {count}")
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
