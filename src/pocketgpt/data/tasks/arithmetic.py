@@ -128,7 +128,7 @@ def columns_read(reply: str, reference: str) -> tuple[int, int]:
     Reading a column means finding one digit of each operand earlier in the context, by its place:
     in-context retrieval, which a small model without induction heads does not do. Our 5.9M model
     fails here, and a tokenizer that gives every digit its own token does not fix it (DEVELOPERS.md:
-    "Why chain of thought does not help our model's arithmetic")."""
+    "Why chain of thought barely helps our model's arithmetic")."""
     want = dict(_column_lines(reference))
     lines = _column_lines(reply)
     return sum(want.get(place) == reading for place, reading in lines), len(lines)
