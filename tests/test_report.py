@@ -18,19 +18,28 @@ def test_stage_rows_show_speed_and_mfu(tmp_path):
     assert rows["base"][5] == "loss 1.150"
 
 
-def test_publish_copies_the_card_its_images_and_timings(tmp_path):
-    """A published card is self-contained: every image it shows and the speedrun's timings sit beside it."""
+def test_publish_copies_the_card_its_images_timings_and_matrices(tmp_path):
+    """A published card is self-contained: every image it shows, the speedrun's timings and its strategy
+    matrices sit beside it."""
     run, dest = tmp_path / "run", tmp_path / "reports" / "speedrun"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "pretrain", "step": s, "loss": 5.0 / s}) + "\n"
                                                for s in (1, 2, 3)))
     (run / "speedrun.json").write_text(json.dumps({"stage_seconds": {"pretrain": 60.0}, "total_seconds": 60.0}))
+    matrices = {}
+    for stage in ("sft", "grpo"):
+        (run / stage / "matrix").mkdir(parents=True)
+        matrices[stage] = json.dumps({"split": "test", "cells": [], "comparisons": [], "model": stage})
+        (run / stage / "matrix" / "matrix.json").write_text(matrices[stage])
     card = publish_report(run, dest)
     text = card.read_text()
     assert "Speedrun wall time: **1.0 min**" in text
     assert "![loss](plots/loss.png)" in text
     assert (dest / "plots" / "loss.png").read_bytes() == (run / "plots" / "loss.png").read_bytes()
     assert json.loads((dest / "speedrun.json").read_text())["total_seconds"] == 60.0
+    assert "## Reasoning strategies: SFT (test split)" in text
+    assert (dest / "matrix.json").read_text() == matrices["sft"]
+    assert (dest / "matrix-grpo.json").read_text() == matrices["grpo"]
 
 
 def test_card_says_what_the_model_is_and_what_came_before_the_mixture(tmp_path):

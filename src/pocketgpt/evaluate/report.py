@@ -313,8 +313,10 @@ def write_report(run: str | Path) -> Path:
 
 
 def publish_report(run: str | Path, dest: str | Path) -> Path:
-    """Write the run's report card, then copy it with the images it shows and the speedrun's timings into
-    `dest`: a folder that can be committed and quoted (the README's figures come from one such card)."""
+    """Write the run's report card, then copy it with the images it shows, the speedrun's timings and the
+    strategy matrices it quotes (the SFT model's as matrix.json, another stage's as matrix-STAGE.json: their
+    paired comparisons and where they were measured) into `dest`: a folder that can be committed and quoted
+    (the README's figures come from one such card)."""
     run, dest = Path(run), Path(dest)
     card = write_report(run)
     text = card.read_text()
@@ -322,5 +324,9 @@ def publish_report(run: str | Path, dest: str | Path) -> Path:
         atomic_write_bytes(dest / rel, (run / rel).read_bytes())
     if (run / "speedrun.json").exists():
         atomic_write_bytes(dest / "speedrun.json", (run / "speedrun.json").read_bytes())
+    for stage, _ in CHECKPOINTS:
+        matrix = run / stage / "matrix" / "matrix.json"
+        if matrix.exists():
+            atomic_write_bytes(dest / ("matrix.json" if stage == "sft" else f"matrix-{stage}.json"), matrix.read_bytes())
     atomic_write_text(dest / "report.md", text)
     return dest / "report.md"
