@@ -1,8 +1,10 @@
-"""The training loop's configuration: when it evaluates, and which optimizer a name gives."""
+"""The training loop: when it evaluates, which optimizer a name gives, what a NaN loss tells the user."""
 
+import pytest
 import torch
 
-from pocketgpt.train.loop import TrainConfig, make_optimizer, use_deterministic_kernels
+from pocketgpt.common import PocketError
+from pocketgpt.train.loop import TrainConfig, Trainer, make_optimizer, use_deterministic_kernels
 
 
 def test_log_spaced_evaluation_thins_out_by_decade():
@@ -43,3 +45,25 @@ def test_each_stage_sets_the_deterministic_mode_either_way():
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         use_deterministic_kernels(was)
+
+
+class _NaNLoss:
+    """An objective whose loss is NaN from the first step."""
+
+    def loss(self, model):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    def tokens_per_micro_step(self):
+        return 1
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_nan_loss_stops_the_stage_with_what_to_try(tmp_path, compile):
+    """Lowering the learning rate is the usual cure; when the step is compiled, training without the
+    compiler is the other thing to try (a compiled bf16 step went NaN where eager did not)."""
+    cfg = TrainConfig(steps=2, compile=compile, device="cpu")
+    trainer = Trainer(torch.nn.Linear(2, 2), _NaNLoss(), cfg, tmp_path, "pretrain", tmp_path / "metrics.jsonl",
+                      torch.device("cpu"))
+    with pytest.raises(PocketError, match="loss became nan at step 0; lower the learning rate") as error:
+        trainer.train_step()
+    assert ("train.compile = false" in str(error.value)) == compile

@@ -276,7 +276,9 @@ class Trainer:
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
         if not math.isfinite(total):
-            raise PocketError(f"{self.stage}: loss became {total} at step {self.step}; lower the learning rate")
+            # A compiled step can go NaN where the eager one does not (DEVELOPERS.md, "Known issues").
+            compiled = ", or train without torch.compile (train.compile = false)" if self.wrapped is not self.model else ""
+            raise PocketError(f"{self.stage}: loss became {total} at step {self.step}; lower the learning rate{compiled}")
         average_gradients(self.model, self.dist)
         if self.grad_filter:  # after the all-reduce: every rank filters the same averaged gradient
             self.grad_filter()
