@@ -1,6 +1,6 @@
 import json
 
-from pocketgpt.evaluate.report import publish_report, stage_rows, write_report
+from pocketgpt.evaluate.report import diversity_reading, publish_report, stage_rows, write_report
 
 
 def test_stage_rows_show_speed_and_mfu(tmp_path):
@@ -57,3 +57,18 @@ def test_card_says_what_the_model_is_and_what_came_before_the_mixture(tmp_path):
         {"model": {**model, "smear_keys": False}, "meta": {"preset": "small", "summary": {"params": 5_870_000}}}))
     text = write_report(tmp_path).read_text()
     assert "smeared" not in text and "Before the mixture" not in text
+
+
+def test_the_diversity_section_says_what_its_own_table_shows():
+    base = {"entropy": 2.848, "distinct_names": 0.75, "names_per_answer": 1.4375}
+    sft = {"entropy": 2.876, "distinct_names": 0.988, "names_per_answer": 4.2}
+    ppo = {"entropy": 2.870, "distinct_names": 0.987, "names_per_answer": 4.1}
+    grpo = {"entropy": 2.842, "distinct_names": 0.996, "names_per_answer": 4.3}
+    text = diversity_reading({"base": base, "sft": sft, "ppo": ppo, "grpo": grpo})
+    assert "token entropy 2.848 in the base model, PPO 2.870 (higher), GRPO 2.842 (lower)." in text
+    assert "The base model writes 1.4 names an answer against SFT's 4.2" in text
+    # A base model that writes as many names as SFT: its distinct-name share needs no caveat.
+    text = diversity_reading({"base": {**base, "names_per_answer": 4.0}, "sft": sft, "ppo": ppo})
+    assert "PPO 2.870 (higher)." in text and "names an answer" not in text and "GRPO" not in text
+    # Nothing after RL to compare: the claim and where to measure it, no reading.
+    assert "In this run" not in diversity_reading({"base": base, "sft": sft})

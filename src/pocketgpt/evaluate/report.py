@@ -241,14 +241,15 @@ def write_report(run: str | Path) -> Path:
                                     [[label, f"{h['hallucination_rate']:.1%}", f"{h['false_refusal_rate']:.1%}",
                                       f"{h['head_accuracy']:.1%}", f"{h['well_formed']:.1%}"]
                                      for label, h in halluc]) + "\n")
-    div = [(label, (_load(run / stage / "eval" / "results.json") or {}).get("diversity")) for stage, label in CHECKPOINTS]
-    div = [(label, d) for label, d in div if d]
+    div = [(stage, label, (_load(run / stage / "eval" / "results.json") or {}).get("diversity"))
+           for stage, label in CHECKPOINTS]
+    div = [(stage, label, d) for stage, label, d in div if d]
     if div:
         parts.append("## Diversity (\"invent five more names\", temperature 1)\n")
-        parts.append("RLHF is known to trade diversity for reward: base models stay more varied.\n")
+        parts.append(diversity_reading({stage: d for stage, _, d in div}) + "\n")
         parts.append(markdown_table(["checkpoint", "token entropy (nats)", "distinct names"],
                                     [[label, f"{d['entropy']:.3f}", f"{d['distinct_names']:.1%}"]
-                                     for label, d in div]) + "\n")
+                                     for _, label, d in div]) + "\n")
     lab_diversity = run / "lab" / "diversity" / "card.md"  # the lab writes its section of the card
     if lab_diversity.exists():
         parts.append(lab_diversity.read_text())
@@ -310,6 +311,24 @@ def write_report(run: str | Path) -> Path:
     path = run / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def diversity_reading(div: dict[str, dict]) -> str:
+    """The seeds' claim, then what this run's table says of it, in words computed from the table: one draw
+    per checkpoint, so a direction, not a verdict (the lab's diversity experiment has seeds and intervals)."""
+    text = "The seeds say RLHF trades diversity for reward: base models stay more varied."
+    base = div.get("base")
+    tuned = [(stage, d) for stage, d in div.items() if stage in ("ppo", "grpo")]
+    if base and tuned:
+        against = ", ".join(f"{stage.upper()} {d['entropy']:.3f} ({'lower' if d['entropy'] < base['entropy'] else 'higher'})"
+                            for stage, d in tuned)
+        text += f" In this run, one draw each: token entropy {base['entropy']:.3f} in the base model, {against}."
+        sft = div.get("sft")
+        if sft and base["names_per_answer"] < sft["names_per_answer"] / 2:
+            text += (f" The base model writes {base['names_per_answer']:.1f} names an answer against SFT's "
+                     f"{sft['names_per_answer']:.1f}: few-shot it often stops after one, so its share of distinct "
+                     "names counts fewer names.")
+    return text + " Over seeds, with intervals: `pocketgpt lab diversity RUN`."
 
 
 def publish_report(run: str | Path, dest: str | Path) -> Path:
