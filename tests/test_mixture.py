@@ -404,3 +404,16 @@ def test_hf_dataset_without_the_datasets_package_says_what_to_install(tmp_path, 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(PocketError, match="needs the Hugging Face `datasets` package: pip install datasets"):
         read_documents(SourceSpec("d", "hf", path=str(tmp_path)))
+
+
+def test_the_chat_source_renders_a_task_again_in_each_style_it_also_names():
+    def spec(entry) -> SourceSpec:
+        return SourceSpec("chat", "chat", options={"tasks": {"multihop": entry}})
+
+    worked = read_documents(spec("cot"))
+    both = read_documents(spec({"style": "cot", "also": ["tool"]}))
+    assert both[:len(worked)] == worked and len(both) == 2 * len(worked)
+    assert not any(m["role"] == "tool" for c in worked for m in c)
+    assert all(any(m["role"] == "tool" for m in c) for c in both[len(worked):])
+    with pytest.raises(PocketError, match="'multihop' takes a style or"):
+        read_documents(spec({"styles": "cot"}))

@@ -237,15 +237,24 @@ DEFAULT_CHAT_TASKS = {"factqa": "sentence", "arithmetic": ["cot", "tool"], "comp
 
 
 def _chat(spec: SourceSpec) -> Iterator[list[dict]]:
-    """Task conversations from the train splits. Only head facts: tail facts stay rare, unseen ones unseen."""
+    """Task conversations from the train splits. Only head facts: tail facts stay rare, unseen ones unseen.
+
+    A task's entry is a style (or a list that takes turns), or `{style = ..., also = [...]}`: the same
+    examples rendered once more in each style of `also` (multi-hop worked out and, again, with its tools)."""
     from .tasks import get_task
 
-    for name, style in spec.options.get("tasks", DEFAULT_CHAT_TASKS).items():
+    for name, entry in spec.options.get("tasks", DEFAULT_CHAT_TASKS).items():
         task = get_task(name)
         examples = [e for e in task.examples("train") if e.meta.get("tier", "head") == "head"]
         if hasattr(task, "phrasings"):
             examples = [p for e in examples for p in task.phrasings(e)]
-        yield from task.render_each(examples, style)
+        rendering = entry if isinstance(entry, dict) else {"style": entry}
+        unknown = set(rendering) - {"style", "also"}
+        if unknown or "style" not in rendering:
+            raise PocketError(f"data source {spec.name!r}: task {name!r} takes a style or "
+                              f"{{style = ..., also = [...]}}, not {entry!r}")
+        for style in [rendering["style"], *rendering.get("also", [])]:
+            yield from task.render_each(examples, style)
 
 
 def _existing(spec: SourceSpec) -> Path:
