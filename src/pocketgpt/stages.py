@@ -15,6 +15,7 @@ class Stage:
     label: str  # how the report card names it
     writes_text: bool = True  # a policy that generates (the reward model scores text instead)
     ablation: bool = False  # a comparison beside the pipeline, never a run's default model
+    reinforced: bool = False  # trained by RL: what "RLHF loses diversity" compares with the base model
 
 
 STAGES = (
@@ -22,10 +23,12 @@ STAGES = (
     Stage("sft", "SFT"),
     Stage("sft_naive", "SFT, no mitigation", ablation=True),
     Stage("rm", "reward model", writes_text=False),
-    Stage("ppo", "PPO"),
-    Stage("grpo", "GRPO"),
+    Stage("ppo", "PPO", reinforced=True),
+    Stage("grpo", "GRPO", reinforced=True),
 )
 # The stages that generate text: evaluated on the tasks, served, compared.
 POLICIES = tuple(s for s in STAGES if s.writes_text)
+# The policies trained by RL.
+RL_STAGES = tuple(s for s in POLICIES if s.reinforced)
 # The model a run directory stands for: its most post-trained policy.
 DEFAULT_ORDER = tuple(s.name for s in reversed(POLICIES) if not s.ablation)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..common import atomic_write_bytes, atomic_write_text, human, markdown_table, provenance_line, read_jsonl
 from ..data.tasks.base import is_refusal
 from ..data.world import read_run_world
-from ..stages import POLICIES, STAGES
+from ..stages import POLICIES, RL_STAGES, STAGES
 
 # The checkpoints that answer, in the order a run makes them, with the card's names for them.
 CHECKPOINTS = [(s.name, s.label) for s in POLICIES]
@@ -318,10 +318,10 @@ def diversity_reading(div: dict[str, dict]) -> str:
     per checkpoint, so a direction, not a verdict (the lab's diversity experiment has seeds and intervals)."""
     text = "The seeds say RLHF trades diversity for reward: base models stay more varied."
     base = div.get("base")
-    tuned = [(stage, d) for stage, d in div.items() if stage in ("ppo", "grpo")]
+    tuned = [(stage.label, div[stage.name]) for stage in RL_STAGES if stage.name in div]
     if base and tuned:
-        against = ", ".join(f"{stage.upper()} {d['entropy']:.3f} ({'lower' if d['entropy'] < base['entropy'] else 'higher'})"
-                            for stage, d in tuned)
+        against = ", ".join(f"{label} {d['entropy']:.3f} ({'lower' if d['entropy'] < base['entropy'] else 'higher'})"
+                            for label, d in tuned)
         text += f" In this run, one draw each: token entropy {base['entropy']:.3f} in the base model, {against}."
         sft = div.get("sft")
         if sft and base["names_per_answer"] < sft["names_per_answer"] / 2:

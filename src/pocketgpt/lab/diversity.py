@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..common import markdown_table, provenance_line
 from ..errors import PocketError
-from ..stages import POLICIES
+from ..stages import POLICIES, RL_STAGES
 
 # metric -> (column label, what it measures); the order of the table and the plot
 METRICS = {
@@ -243,7 +243,7 @@ def verdicts(results: dict) -> list[str]:
         return []
     base = stages["base"]["metrics"]
     lines = []
-    for name in ("ppo", "grpo"):
+    for name in (stage.name for stage in RL_STAGES):
         if name not in stages:
             continue
         lower, higher, same = [], [], []
