@@ -1,5 +1,5 @@
-"""A chain of thought on the Game of 24 with a calculator: its own logic on scripted models that pick
-moves the way a model would, stopping at "=" as a backend does (the strategies also run on both real
+"""A chain of thought on the Game of 24 that searches with a calculator: its own logic on scripted models
+that pick moves and judge tables the way a model would, stopping at "=" as a backend does (the strategies also run on both real
 backends: tests/test_strategies.py)."""
 
 import re
@@ -7,8 +7,18 @@ import re
 from conftest import ScriptedLM
 
 from pocketgpt.data.tasks import get_task
-from pocketgpt.data.tasks.game24 import can_reach_24, move_openings, moves, parse_proposals, uses_and_makes_24
-from pocketgpt.reason.chain import calculator_chains
+from pocketgpt.data.tasks.game24 import (
+    BACK,
+    IMPOSSIBLE,
+    SURE,
+    can_reach_24,
+    kept_moves,
+    move_openings,
+    moves,
+    parse_proposals,
+    uses_and_makes_24,
+)
+from pocketgpt.reason.chain import MAX_MOVES, calculator_chains
 from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.strategies import Settings, ask
 
@@ -17,11 +27,35 @@ EXAMPLES = TASK.examples("test")[:4]
 
 
 def table(messages) -> list[int]:
-    """The numbers on the table: the question's, or those the calculator's last line left."""
-    left = re.findall(r"\(left: ([\d ]+)\)", messages[-1]["content"])
-    if left:
-        return [int(x) for x in left[-1].split()]
-    return [int(x) for x in re.findall(r"\d+", messages[-2]["content"].split(" and ")[0])]
+    """The numbers on the table: the question's, or those the last move kept (or gone back to) left."""
+    reply = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+    state = [int(x) for x in re.findall(r"\d+", messages[-2]["content"].split(" and ")[0])]
+    stack = [state]
+    for line in reply.splitlines():
+        if line.endswith(" sure"):
+            stack.append([int(x) for x in re.search(r"\(left: ([\d ]+)\)", line)[1].split()])
+        elif line.startswith("back to "):
+            stack.pop()
+    return stack[-1]
+
+
+def asks_verdict(request) -> bool:
+    return request.choices is not None and len(request.choices) == 2 and request.choices[0].endswith(SURE)
+
+
+def last_table(messages) -> list[int]:
+    """The numbers the move awaiting its verdict left."""
+    return [int(x) for x in re.findall(r"\(left: ([\d ]+)\)", messages[-1]["content"])[-1].split()]
+
+
+def verdict_or(move):
+    """A model that judges the table its last move left as the solver does, and else moves by `move`."""
+    def reply(messages, request):
+        if asks_verdict(request):
+            sure, impossible = request.choices
+            return [Generation(sure if can_reach_24(last_table(messages)) else impossible, "stop")]
+        return move(messages, request)
+    return reply
 
 
 def good_mover(messages, request):
@@ -30,20 +64,77 @@ def good_mover(messages, request):
     return [Generation(f"{a} {op} {b} ", "stop")]
 
 
-def test_the_calculator_writes_each_result_and_the_model_continues_its_own_reply():
-    lm = ScriptedLM(good_mover)
+def first_open_move(messages, request):
+    """Writes the first move it may (the guided choice's first), good or bad."""
+    return [Generation(request.choices[0], "stop")]
+
+
+def test_the_calculator_writes_each_result_and_the_model_judges_it():
+    lm = ScriptedLM(verdict_or(good_mover))
     chains = calculator_chains(lm, TASK, EXAMPLES, n=1, temperature=0.0)
     for example, [text] in zip(EXAMPLES, chains):
-        assert text.count("(left: ") == 3 and "(left: 24)" in text
+        assert text.count("(left: ") == 3 and text.count(" sure") == 3 and "(left: 24) 24 = 24, sure" in text
         assert uses_and_makes_24(text.split("Answer: ")[1], example.meta["numbers"]), text
-    assert len(lm.requests) == 3 * len(EXAMPLES)
-    assert all(r.continue_final and r.stop == ("=",) and r.messages[-1]["role"] == "assistant" for r in lm.requests)
+    assert len(lm.requests) == 6 * len(EXAMPLES)  # a move and a verdict, three times
+    assert all(r.continue_final and r.messages[-1]["role"] == "assistant" for r in lm.requests)
+    assert all(r.stop == ("=",) for r in lm.requests[:len(EXAMPLES)])  # the first round: every chain's move
     # each move is held to those on the table: the first to the puzzle's
     assert [set(r.choices) for r in lm.requests[:len(EXAMPLES)]] == [set(move_openings(e.meta["numbers"]))
                                                                    for e in EXAMPLES]
-    # the reply so far is the calculator's lines: the second move continues after the first line
-    second = lm.requests[len(EXAMPLES)].messages[-1]["content"]
-    assert second.endswith(")\n") and second.count("(left: ") == 1
+    # the verdict comes after the calculator's line, held to the two words (worked at a single number)
+    first_verdict = lm.requests[len(EXAMPLES)]
+    assert first_verdict.choices == (SURE, IMPOSSIBLE) and first_verdict.messages[-1]["content"].endswith(")")
+    last_verdict = lm.requests[5 * len(EXAMPLES)]
+    number = last_table(last_verdict.messages)[0]
+    assert last_verdict.choices == (f" {number} = 24, sure", f" {number} is not 24, impossible")
+
+
+def opens_badly(example) -> bool:
+    """Whether the first move a chain may make on the puzzle can no longer reach 24."""
+    numbers = example.meta["numbers"]
+    [(_, left)] = parse_proposals(move_openings(numbers)[0] + "= 0", numbers, "calculator")
+    return not can_reach_24(left)
+
+
+def test_a_move_judged_impossible_is_taken_back_and_not_tried_again():
+    examples = [e for e in TASK.examples("test") if opens_badly(e)][:4]
+    lm = ScriptedLM(verdict_or(first_open_move))
+    chains = calculator_chains(lm, TASK, examples, n=1, temperature=0.0)
+    for example, [text] in zip(examples, chains):
+        lines = text.splitlines()
+        tried = [line for line in lines if line.endswith(IMPOSSIBLE)]
+        assert tried and len(set(tried)) == len(tried)  # each move taken back once
+        assert all(not can_reach_24([int(x) for x in re.search(r"\(left: ([\d ]+)\)", t)[1].split()]) for t in tried)
+        kept = kept_moves(lines)
+        assert all(line.endswith(SURE) for line in kept)
+        if not text.endswith("Answer: none"):  # it found a path within its budget
+            assert len(kept) == 3 and uses_and_makes_24(text.split("Answer: ")[1], example.meta["numbers"])
+        else:  # out of moves: no answer, which does not vote
+            assert sum(line.endswith((SURE, IMPOSSIBLE)) for line in lines) == MAX_MOVES
+            assert TASK.answer_key(example, text) == ""
+    # a move taken back is not offered again on the same table
+    first, second = lm.requests[0], lm.requests[2 * len(examples)]
+    assert set(second.choices) < set(first.choices) and first.choices[0] not in second.choices
+
+
+def test_a_table_with_no_move_left_takes_back_the_move_that_made_it():
+    """A model that keeps every move ("sure") but a last one, so that no move is left at two numbers."""
+    def reply(messages, request):
+        if asks_verdict(request):
+            sure, impossible = request.choices
+            return [Generation(impossible if len(last_table(messages)) == 1 else sure, "stop")]
+        return [Generation(request.choices[0], "stop")]
+
+    [[text]] = calculator_chains(ScriptedLM(reply), TASK, EXAMPLES[:1], n=1, temperature=0.0)
+    lines = text.splitlines()
+    back = next(i for i, line in enumerate(lines) if line.startswith(BACK))
+    first, second, *last_moves = lines[:back]
+    two = sorted(int(x) for x in re.search(r"\(left: ([\d ]+)\)", second)[1].split())
+    # every last move the two numbers have (one per result) was tried and taken back ...
+    assert len(last_moves) == len({m[4] for m in moves(two)}) and all(m.endswith(IMPOSSIBLE) for m in last_moves)
+    # ... and the chain went back to the table before them
+    assert lines[back] == BACK + re.search(r"\(left: ([\d ]+)\)", first)[1]
+    assert kept_moves(lines[:back + 1]) == [first] and text.endswith("Answer: none")
 
 
 def test_the_moves_a_chain_may_pick_are_every_move_the_calculator_takes():
@@ -60,18 +151,18 @@ def test_a_move_off_the_table_ends_the_chain_with_the_models_own_words():
             return [Generation("99 + 1 ", "stop")]
         return good_mover(messages, request)
 
-    lm = ScriptedLM(stray)
+    lm = ScriptedLM(verdict_or(stray))
     chains = calculator_chains(lm, TASK, EXAMPLES, n=1, temperature=0.0)
     assert [text.count("(left: ") for [text] in chains] == [1] * len(EXAMPLES)
-    assert all(text.endswith("\n99 + 1") and not TASK.check(e, text) for e, [text] in zip(EXAMPLES, chains))
-    assert len(lm.requests) == 2 * len(EXAMPLES)  # an ended chain asks no more
+    assert all(text.endswith(" sure\n99 + 1") and not TASK.check(e, text) for e, [text] in zip(EXAMPLES, chains))
+    assert len(lm.requests) == 3 * len(EXAMPLES)  # an ended chain asks no more
 
 
 def test_self_consistency_samples_chains_with_their_own_seeds_and_votes():
-    answers = ask(ScriptedLM(good_mover), TASK, EXAMPLES, "self_consistency", Settings(k=3))
+    answers = ask(ScriptedLM(verdict_or(good_mover)), TASK, EXAMPLES, "self_consistency", Settings(k=3))
     assert all(a.voted and len(a.samples) == 3 and sum(a.votes.values()) == 3 for a in answers)
     assert all(TASK.check(e, a.text) for e, a in zip(EXAMPLES, answers))
-    lm = ScriptedLM(good_mover)
+    lm = ScriptedLM(verdict_or(good_mover))
     ask(lm, TASK, EXAMPLES[:1], "self_consistency", Settings(k=3, seed=5))
     assert [r.seed for r in lm.requests[:3]] == [5, 6, 7] and all(r.temperature == 0.7 for r in lm.requests)
 

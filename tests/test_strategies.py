@@ -1,10 +1,13 @@
 """Strategies: the vote's arithmetic, and every strategy run against both LM backends."""
 
+import re
+
 import pytest
 from test_lm import lm, run, served  # noqa: F401  (the two backends, as fixtures)
 
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
+from pocketgpt.data.tasks.game24 import BACK, kept_moves
 from pocketgpt.reason import LM
 from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.strategies import STRATEGIES, Settings, ask, evaluate_strategy
@@ -44,7 +47,11 @@ def test_game24_chains_with_a_calculator_on_both_backends(lm, strategy):  # noqa
     assert len(answers) == 2 and lm.usage.calls > before
     chains = [t for a in answers for t in (a.samples or [a.text])]
     assert len(chains) == (4 if strategy == "self_consistency" else 2)
-    assert all(t.count("(left: ") == 3 and "\nAnswer: " in t for t in chains), chains
+    for chain in chains:  # moves on the table, each with the model's verdict, then the answer (or "none")
+        *lines, answer = chain.splitlines()
+        assert lines and answer.startswith("Answer: "), chain
+        assert all(line.startswith(BACK) or re.search(r"\(left: [\d ]+\) .*(sure|impossible)$", line) for line in lines)
+        assert len(kept_moves(lines)) == 3 or answer == "Answer: none", chain
 
 
 def test_constrained_json_is_always_schema_valid(lm):  # noqa: F811

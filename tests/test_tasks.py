@@ -353,7 +353,26 @@ def test_game24_verifier():
     assert not uses_and_makes_24("__import__('os')", [3, 3, 8, 8])
     assert not uses_and_makes_24("3**3-8+8", [3, 3, 8, 8])
     cot = t.cot(example)
-    assert "(left: " in cot and cot.endswith(f"Answer: {example.answer}")
+    assert "(left: " in cot and t.verify(example, cot)
+
+
+def test_game24_worked_chain_searches_with_the_solvers_verdicts():
+    from pocketgpt.data.tasks.game24 import can_reach_24, kept_moves, verdict
+    from pocketgpt.reason.chain import MAX_MOVES
+
+    t = task("game24")
+    tried = 0
+    for example in [e for e in t.examples("train") if can_reach_24(e.meta["numbers"])][:200]:
+        cot = t.cot(example)
+        *lines, answer = cot.splitlines()
+        assert t.check(example, cot) and answer.startswith("Answer: ")
+        left = [[int(x) for x in re.search(r"\(left: ([\d ]+)\)", line)[1].split()] for line in lines]
+        # every verdict is the solver's, the kept moves are the three of a game, and a chain fits its budget
+        assert all(line.endswith(verdict(table, can_reach_24(table))) for line, table in zip(lines, left))
+        assert len(kept_moves(lines)) == 3 and len(lines) <= MAX_MOVES
+        tried += len(lines) - 3
+    assert 1.5 < tried / 200 < 3.5  # moves taken back: up to 4 a puzzle, 2.6 on average
+    assert t.cot(t.examples("train")[0]) == t.cot(t.examples("train")[0])  # drawn per puzzle, the same each time
 
 
 def test_game24_propose_and_value_renderings_are_true_to_the_solver():

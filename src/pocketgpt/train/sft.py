@@ -37,7 +37,8 @@ from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 # its own world ("rag") and, as practice, about worlds nothing memorised can answer (tasks/practice.py),
 # where the passages are the only way to the answer. A list of styles takes turns:
 # arithmetic is shown both worked out and with the calculator, and RL finds out which one pays; the
-# Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions), and "check"
+# Game of 24 also teaches Tree of Thoughts' two roles (propose moves, value positions) beside its searching
+# chains (400 more of them, drawn again: the chain's verdicts are what self-consistency needs), and "check"
 # teaches the self-check that reflection asks (reason/).
 DEFAULT_SFT_TASKS: dict[str, dict] = {
     "factqa": {"style": "sentence", "n": 0, "also": {"rag": 600}, "practice": 1200},
@@ -45,7 +46,7 @@ DEFAULT_SFT_TASKS: dict[str, dict] = {
     "compare_decimals": {"style": ["cot", "cot", "check"], "n": 300},
     "count_letter": {"style": "cot", "n": 200},
     "spell": {"style": "direct", "n": 200},
-    "game24": {"style": ["cot", "propose", "value", "value"], "n": 0},
+    "game24": {"style": ["cot", "propose", "value", "value"], "n": 0, "also": {"cot": 400}},
     "multihop": {"style": ["cot", "tool", "tool"], "n": 600},
     "structured": {"style": "direct", "n": 200},
     "names": {"style": "direct", "n": 100},

@@ -171,6 +171,60 @@ def move_line(a: int, op: str, b: int, result: int, left: Sequence[int]) -> str:
     return f"{a} {op} {b} = {result} (left: {show_state(left)})"
 
 
+SURE, IMPOSSIBLE = " sure", " impossible"  # a searching chain's verdict on the table a move leaves
+BACK = "back to "  # a chain that finds no move left on a table takes back the move that made it
+
+
+def verdict(table: Sequence[int], sure: bool) -> str:
+    """What a searching chain writes after a move's "(left: ...)": " sure" or " impossible", and at a
+    single number the value step's working first (" 48 is not 24, impossible", " 24 = 24, sure"), so
+    that the verdict follows from reading the number rather than from where the line stands."""
+    word = SURE if sure else IMPOSSIBLE
+    if len(table) == 1:
+        return f" {table[0]} {'=' if sure else 'is not'} {TARGET},{word}"
+    return word
+
+
+def search_chain(numbers: Sequence[int], rng: random.Random, misses: int = 4) -> list[str]:
+    """A worked chain that searches, as a person plays: at each table it may try a move or two that can
+    no longer reach 24, judges each "impossible" and takes it back (the next move is made on the same
+    table), then makes one that can, judged "sure":
+
+        13 + 9 = 22 (left: 4 6 22) impossible
+        13 - 9 = 4 (left: 4 4 6) sure
+        ...
+
+    The verdicts are the value step's labels (`can_reach_24`), so the chain teaches the model to judge
+    each table it makes and to back up, which is what Tree of Thoughts' search does around the model.
+    Up to `misses` moves are taken back in all, spread over the three tables at random, so that how
+    many came before tells nothing of the next verdict: only the table does."""
+    state, lines = tuple(sorted(numbers)), []
+    tries = [0, 0, rng.randint(0, misses // 2)]
+    for _ in range(rng.randint(0, misses - tries[2])):
+        tries[rng.randrange(2)] += 1
+    for count in tries:
+        options = moves(state)
+        good = [m for m in options if can_reach_24(m[4])]
+        bad = [m for m in options if not can_reach_24(m[4])]
+        for a, op, b, result, left in rng.sample(bad, min(len(bad), count)):
+            lines.append(move_line(a, op, b, result, left) + verdict(left, False))
+        a, op, b, result, state = rng.choice(good)
+        lines.append(move_line(a, op, b, result, state) + verdict(state, True))
+    return lines
+
+
+def kept_moves(lines: Sequence[str]) -> list[str]:
+    """The move lines a chain stands on: a move judged impossible is taken back, and a bare "back to"
+    line (a table with no move left) takes back the move before it."""
+    kept = []
+    for line in lines:
+        if line.startswith(BACK):
+            kept = kept[:-1]
+        elif PROPOSAL.match(line) and IMPOSSIBLE not in line:
+            kept.append(line)
+    return kept
+
+
 def propose_prompt(state: Sequence[int]) -> str:
     return f"Input: {show_state(state)}\nPossible next steps:"
 
@@ -314,14 +368,21 @@ class Game24(Task):
         return "".join(answer_expression(output).translate(SYMBOLS).split())
 
     def cot(self, example: Example) -> str:
-        return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])
+        """The search's chain (`search_chain`), drawn per puzzle and draw; a puzzle that needs a fraction
+        (3 3 8 8) has no whole-number moves to search and shows the solver's path."""
+        numbers = example.meta["numbers"]
+        if not can_reach_24(numbers):
+            return "\n".join([*example.meta["steps"], f"Answer: {example.answer}"])
+        rng = random.Random(f"{example.question}:cot:{example.meta.get('draw', 0)}")
+        lines = search_chain(numbers, rng)
+        return "\n".join([*lines, f"Answer: {compose(numbers, kept_moves(lines))}"])
 
     def scores(self, example: Example, output: str) -> dict[str, float]:
-        """Whether a reply's first three moves ("13 - 9 = 4 ...") make a whole game on the table (each takes
-        two numbers that are there, the result as stated goes back; a reply without moves makes none), and
-        where it writes moves, the share of their results that are true: where a chain fails, in its choice
-        of numbers or in its sums."""
-        lines = [m for m in map(PROPOSAL.match, output.splitlines()) if m]
+        """Whether the first three moves a reply keeps ("13 - 9 = 4 ...", not those it takes back) make a
+        whole game on the table (each takes two numbers that are there, the result as stated goes back; a
+        reply without moves makes none), and the share of their results that are true: where a chain fails,
+        in its choice of numbers or in its sums."""
+        lines = [m for m in map(PROPOSAL.match, kept_moves(output.splitlines())) if m]
         if not lines:
             return {"three_moves_on_the_table": 0.0}
         table, legal = example.meta["numbers"], 0
