@@ -36,8 +36,9 @@ from ..data.tasks.game24 import BACK, compose, kept_moves, move_openings, parse_
 from ..data.tasks.prompts import chat_messages
 from .lm import LM, Request
 
-# Move lines a chain may write, kept or taken back: as many as the SFT chains have (game24.search_chain), which leave room in the
-# `small` model's 256-token context for the question, a "back to" line or two and the answer.
+# Move lines a chain may write, kept or taken back: as many as SFT's chains have (game24.search_chain: three
+# kept, up to four taken back), which leaves room in the `small` model's 256-token context for the question,
+# a "back to" line or two and the answer.
 MAX_MOVES = 7
 PICKED = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*$")  # "13 - 9 ": a move up to its "="
 
