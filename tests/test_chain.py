@@ -107,11 +107,11 @@ def test_a_move_judged_impossible_is_taken_back_and_not_tried_again():
         assert all(not can_reach_24([int(x) for x in re.search(r"\(left: ([\d ]+)\)", t)[1].split()]) for t in tried)
         kept = kept_moves(lines)
         assert all(line.endswith(SURE) for line in kept)
-        if not text.endswith("Answer: none"):  # it found a path within its budget
-            assert len(kept) == 3 and uses_and_makes_24(text.split("Answer: ")[1], example.meta["numbers"])
-        else:  # out of moves: no answer, which does not vote
-            assert sum(line.endswith((SURE, IMPOSSIBLE)) for line in lines) == MAX_MOVES
-            assert TASK.answer_key(example, text) == ""
+        # exactly one of: a path found within the budget, or out of moves with no answer (which does not vote)
+        found = len(kept) == 3 and uses_and_makes_24(text.split("Answer: ")[1], example.meta["numbers"])
+        gave_up = (text.endswith("Answer: none") and TASK.answer_key(example, text) == ""
+                   and sum(line.endswith((SURE, IMPOSSIBLE)) for line in lines) == MAX_MOVES)
+        assert found != gave_up, text
     # a move taken back is not offered again on the same table
     first, second = lm.requests[0], lm.requests[2 * len(examples)]
     assert set(second.choices) < set(first.choices) and first.choices[0] not in second.choices

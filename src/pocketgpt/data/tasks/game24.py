@@ -196,8 +196,9 @@ def search_chain(numbers: Sequence[int], rng: random.Random, misses: int = 4) ->
 
     The verdicts are the value step's labels (`can_reach_24`), so the chain teaches the model to judge
     each table it makes and to back up, which is what Tree of Thoughts' search does around the model.
-    Up to `misses` moves are taken back in all, spread over the three tables at random, so that how
-    many came before tells nothing of the next verdict: only the table does."""
+    Up to `misses` moves are taken back in all: up to half of them at the last table (where a wrong
+    number must be read as not 24), the rest spread over the first two at random, so that how many came
+    before tells little of the next verdict: the table does."""
     state, lines = tuple(sorted(numbers)), []
     tries = [0, 0, rng.randint(0, misses // 2)]
     for _ in range(rng.randint(0, misses - tries[2])):
