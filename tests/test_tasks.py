@@ -431,7 +431,8 @@ def test_game24_move_parsing_and_composition():
     assert compose([4, 4, 6, 8], ["4 + 8 = 12", "6 - 4 = 2", "12 * 2 = 24"]) == "(4+8)*(6-4)"
     assert compose([4, 4, 6, 8], ["5 + 8 = 13"]) is None and compose([4, 4, 6, 8], ["4 + 8 = 12"]) is None
     assert parse_value("6 * 4 = 24\nsure") == 20 and parse_value("likely") == 1 and parse_value("??") == 0
-    assert value_reply([4, 6]) == "6 + 4 = 10\n6 - 4 = 2\n6 * 4 = 24\nsure" and value_reply([15]) == "15 is not 24\nimpossible"
+    assert value_reply([4, 6]) == "6 + 4 = 10, 10 is not 24\n6 - 4 = 2, 2 is not 24\n6 * 4 = 24, 24 = 24\nsure"
+    assert value_reply([15]) == "15 is not 24\nimpossible"
     assert not can_reach_24([3, 3, 8, 8]) and can_reach_24([4, 4, 6, 8])  # 8/(3-8/3) needs a fraction
 
 

@@ -28,11 +28,10 @@ the task's verifier judges.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from ..data.tasks import Example, Task
-from ..data.tasks.game24 import BACK, compose, kept_moves, move_openings, parse_proposals, show_state, verdict
+from ..data.tasks.game24 import BACK, compose, kept_moves, move_openings, picked_move, show_state, verdict
 from ..data.tasks.prompts import chat_messages
 from .lm import LM, Request
 
@@ -40,7 +39,6 @@ from .lm import LM, Request
 # kept, up to four taken back), which leaves room in the `small` model's 256-token context for the question,
 # a "back to" line or two and the answer.
 MAX_MOVES = 7
-PICKED = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*$")  # "13 - 9 ": a move up to its "="
 
 
 @dataclass
@@ -72,12 +70,8 @@ class Chain:
 
     def open_moves(self) -> dict[str, tuple[int, ...]]:
         """The moves on the current table ("13 - 9 ") that do not lead where a move taken back led."""
-        out = {}
-        for opening in move_openings(self.path[-1]):
-            [(_, table)] = parse_proposals(f"{opening}= 0", self.path[-1], "calculator")
-            if table not in self.taken_back[-1]:
-                out[opening] = table
-        return out
+        return {opening: table for opening, (_, table) in move_openings(self.path[-1]).items()
+                if table not in self.taken_back[-1]}
 
     def back_up(self) -> None:
         """Off a table with no move left: take back the move that made it (at the puzzle's table: give up)."""
@@ -101,11 +95,8 @@ class Chain:
     def advance(self, written: str) -> None:
         """Take the model's move (the calculator finishes its line) or its verdict on the last one."""
         if self.move is None:
-            m = PICKED.match(written)
-            moved = parse_proposals(f"{m[1]} {m[2]} {m[3]} = 0", self.path[-1], "calculator") if m else []
-            if moved:
-                self.move = moved[0]
-            else:
+            self.move = picked_move(written, self.path[-1])
+            if self.move is None:
                 self.ended = written.strip()
             return
         (line, table), self.move = self.move, None

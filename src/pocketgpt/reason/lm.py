@@ -92,10 +92,13 @@ class LM(ABC):
         return self.chat_batch([Request(messages, **options)])[0]
 
     @staticmethod
-    def load(path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32",
-             compile: bool = False) -> LocalLM:
-        """`compile`: the engine's compiled decode step (several times faster decoding, after a one-off compile)."""
-        return LocalLM(path, device, max_batch, prefill_dtype, compile)
+    def load(path: str | Path, device: str = "auto", max_batch: int = 64, prefill_dtype: str = "float32",
+             compile: bool = False, prefix_cache_mb: float = 2048) -> LocalLM:
+        """`compile`: the engine's compiled decode step (several times faster decoding, after a one-off compile).
+        `prefix_cache_mb`: prompt beginnings' keys and values kept for reuse (engine.py). Strategies send one
+        conversation again and again, a little longer each time (a chain continues its own reply step by step,
+        a proposal move by move): with the cache each request prefills only what is new."""
+        return LocalLM(path, device, max_batch, prefill_dtype, compile, prefix_cache_mb)
 
     @staticmethod
     def openai(base_url: str, api_key: str = "none", model: str | None = None, concurrency: int = 8) -> OpenAILM:
@@ -106,8 +109,8 @@ class LocalLM(LM):
     """A run or model directory, decoded by our continuous-batching engine: a batch of requests is one
     running batch, and n samples of a request share their prompt's prefill."""
 
-    def __init__(self, path: str | Path, device: str = "auto", max_batch: int = 32, prefill_dtype: str = "float32",
-                 compile: bool = False):
+    def __init__(self, path: str | Path, device: str = "auto", max_batch: int = 64, prefill_dtype: str = "float32",
+                 compile: bool = False, prefix_cache_mb: float = 2048):
         from ..checkpoint import load_model, resolve_model_dir
         from ..common import pick_device
         from ..engine import Engine
@@ -115,7 +118,7 @@ class LocalLM(LM):
         directory = resolve_model_dir(path)
         self.model, self.chat_template, self.config = load_model(directory, pick_device(device), blocks=True)
         self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype,
-                             compile=compile)
+                             compile=compile, prefix_cache_mb=prefix_cache_mb)
         self.name, self.usage = str(directory), Usage()
         self._constraints = None
 

@@ -26,10 +26,22 @@ how much better the search would be with a perfect judge, never the headline fig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..data.tasks import get_task
-from ..data.tasks.game24 import can_reach_24, compose, parse_proposals, parse_value, propose_prompt, value_prompt
+from ..data.tasks.game24 import (
+    PROPOSED,
+    can_reach_24,
+    compose,
+    move_openings,
+    number_check,
+    number_value,
+    parse_proposals,
+    parse_value,
+    picked_move,
+    propose_prompt,
+    value_prompt,
+)
 from ..data.tasks.prompts import demos
 from .lm import LM, Request
 from .vote import Answer
@@ -43,6 +55,89 @@ class Node:
     state: tuple[int, ...]  # the numbers on the table
     lines: tuple[str, ...] = ()  # the moves that led here
     value: float = 0.0
+
+
+@dataclass
+class Proposal:
+    """One proposal for a position, written move by move with a calculator: the model picks each move
+    (held to the moves on the table it has not listed yet; decoding stops at "="), the calculator writes
+    its result and the numbers left, until it lists PROPOSED moves or the table has no other."""
+    messages: list[dict]  # the propose prompt (after any solved examples)
+    state: tuple[int, ...]
+    seed: int | None
+    lines: list[str] = field(default_factory=list)
+    stopped: bool = False  # the model wrote something that is not a move on the table
+
+    def open_moves(self) -> list[str]:
+        listed = {left for _, left in parse_proposals("\n".join(self.lines), self.state, "claimed")}
+        return [opening for opening, (_, left) in move_openings(self.state).items() if left not in listed]
+
+    def writing(self) -> bool:
+        return not self.stopped and len(self.lines) < PROPOSED and bool(self.open_moves())
+
+    def request(self, temperature: float) -> Request:
+        so_far = "".join(line + "\n" for line in self.lines)
+        return Request([*self.messages, {"role": "assistant", "content": so_far}], temperature=temperature,
+                       seed=self.seed, max_tokens=24, stop=("=",), continue_final=True, choices=tuple(self.open_moves()))
+
+    def advance(self, written: str) -> None:
+        move = picked_move(written, self.state)
+        if move is None:  # a backend that ignores the constraint wrote something else: the list ends there
+            self.stopped = True
+        else:
+            self.lines.append(move[0])
+
+
+@dataclass
+class Judgement:
+    """One vote on a position, the value step's reply (`value_reply`) written with a calculator: at two
+    numbers the model tries moves (held to those on the table it has not tried), the calculator writes
+    each result, and the model says whether it is 24 and tries on or gives its verdict; at one number it
+    says whether that is 24; at three or four it gives the verdict alone. Every choice is the model's,
+    held to the forms SFT taught."""
+    messages: list[dict]  # the value prompt (after any solved examples)
+    state: tuple[int, ...]
+    seed: int | None
+    lines: list[str] = field(default_factory=list)  # "6 + 4 = 10, 10 is not 24", one per move tried
+    pending: tuple[str, int] | None = None  # the try the calculator just finished ("6 * 4 = 24") and its result
+    weight: float | None = None  # the verdict's weight (VALUE_WEIGHTS) once given
+
+    def untried(self) -> list[str]:
+        tried = {line.split(" = ")[1].split(",")[0] for line in self.lines}
+        if self.pending:
+            tried.add(str(self.pending[1]))
+        return [opening for opening, (_, left) in move_openings(self.state).items() if str(left[0]) not in tried]
+
+    def choices(self) -> tuple[str, ...]:
+        """What the model may write next: the whole reply at one number; the first try at two, then after
+        each try its check, followed by the next try or the verdict; the verdict alone at three or four."""
+        if len(self.state) == 1:
+            return tuple(number_value(self.state[0], sure) for sure in (True, False))
+        if len(self.state) > 2:
+            return "sure", "impossible"
+        if self.pending is None:
+            return tuple(self.untried())
+        result = self.pending[1]
+        no = number_check(result, False) + "\n"
+        return (number_check(result, True) + "\nsure", no + "impossible", *(no + o for o in self.untried()))
+
+    def request(self, temperature: float) -> Request:
+        so_far = "".join(line + "\n" for line in self.lines) + (self.pending[0] if self.pending else "")
+        choices = self.choices()
+        longest = max(len(c.encode()) for c in choices)  # a token holds at least one byte
+        return Request([*self.messages, {"role": "assistant", "content": so_far}], temperature=temperature,
+                       seed=self.seed, max_tokens=longest + 1, continue_final=True, choices=choices)
+
+    def advance(self, written: str) -> None:
+        if self.pending is not None:
+            check, _, written = written.partition("\n")
+            self.lines.append(self.pending[0] + check)
+            self.pending = None
+        move = picked_move(written, self.state) if len(self.state) == 2 else None
+        if move is not None:
+            self.pending = f"{written.strip()} = {move[1][0]}", move[1][0]
+        else:  # a verdict (or, from a backend that ignores the constraint, whatever it names)
+            self.weight = parse_value(written)
 
 
 class Searcher:
@@ -65,20 +160,40 @@ class Searcher:
         """Each node's proposed moves, in the order the model listed them. With several proposals (sampled
         at the search's temperature, as the paper's proposer is) their moves are merged, each once."""
         sampled = self.proposals > 1
-        requests = [Request([*self.demos["propose"], {"role": "user", "content": propose_prompt(n.state)}],
-                            n=self.proposals, temperature=self.temperature if sampled else 0.0,
-                            seed=self.seed + i if sampled else None, max_tokens=self.max_tokens)
-                    for i, n in enumerate(nodes)]
-        replies = self.lm.chat_batch(requests) if requests else []
-        return [[Node(left, (*node.lines, line))
-                 for line, left in parse_proposals("\n".join(g.text for g in gens), node.state, self.arithmetic)]
-                for node, gens in zip(nodes, replies)]
+        drafts = [Proposal([*self.demos["propose"], {"role": "user", "content": propose_prompt(n.state)}], n.state,
+                           self.seed + i * self.proposals + k if sampled else None)
+                  for i, n in enumerate(nodes) for k in range(self.proposals)]
+        temperature = self.temperature if sampled else 0.0
+        if self.arithmetic == "calculator":
+            while todo := [d for d in drafts if d.writing()]:
+                for d, gens in zip(todo, self.lm.chat_batch([d.request(temperature) for d in todo])):
+                    d.advance(gens[0].text)
+        else:
+            requests = [Request(d.messages, temperature=temperature, seed=d.seed, max_tokens=self.max_tokens)
+                        for d in drafts]
+            for d, gens in zip(drafts, self.lm.chat_batch(requests) if requests else []):
+                d.lines = [line for line, _ in parse_proposals(gens[0].text, d.state, self.arithmetic)]
+        out = []
+        for i, node in enumerate(nodes):
+            mine = drafts[i * self.proposals:(i + 1) * self.proposals]
+            text = "\n".join(line for d in mine for line in d.lines)
+            out.append([Node(left, (*node.lines, line)) for line, left in parse_proposals(text, node.state, "claimed")])
+        return out
 
     def valued(self, nodes: list[Node]) -> list[Node]:
         """The nodes with their positions' values (asked once per position)."""
         new = sorted({n.state for n in nodes} - self.values.keys())
         if self.oracle:
             self.values.update({s: 20.0 if can_reach_24(s) else 0.001 for s in new})
+        elif new and self.arithmetic == "calculator":
+            votes = [Judgement([*self.demos["value"], {"role": "user", "content": value_prompt(s)}], s,
+                               self.seed + i * self.value_samples + k)
+                     for i, s in enumerate(new) for k in range(self.value_samples)]
+            while todo := [v for v in votes if v.weight is None]:
+                for v, gens in zip(todo, self.lm.chat_batch([v.request(self.temperature) for v in todo])):
+                    v.advance(gens[0].text)
+            for i, s in enumerate(new):
+                self.values[s] = sum(v.weight for v in votes[i * self.value_samples:(i + 1) * self.value_samples])
         elif new:
             requests = [Request([*self.demos["value"], {"role": "user", "content": value_prompt(s)}],
                                 n=self.value_samples,

@@ -139,15 +139,28 @@ def moves(state: Sequence[int]) -> list[tuple[int, str, int, int, tuple[int, ...
     return out
 
 
-def move_openings(state: Sequence[int]) -> list[str]:
-    """Every move the calculator takes on a table (parse_proposals), as a chain writes it up to its "="
-    ("13 - 9 "), each once: the moves a chain of thought may pick (reason/chain.py)."""
-    out = []
+def move_openings(state: Sequence[int]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every move the calculator takes on a table (parse_proposals), as a chain or a proposal writes it up
+    to its "=" ("13 - 9 "), each once, with the line the calculator finishes it to and the numbers it
+    leaves: the moves the model may pick (reason/chain.py, reason/tot.py)."""
+    out = {}
     for i, j in itertools.permutations(range(len(state)), 2):
         for op in "+-*/":
-            if _calculated(state[i], op, state[j]) is not None:
-                out.append(f"{state[i]} {op} {state[j]} ")
-    return list(dict.fromkeys(out))
+            opening = f"{state[i]} {op} {state[j]} "
+            if opening not in out and _calculated(state[i], op, state[j]) is not None:
+                [out[opening]] = parse_proposals(f"{opening}= 0", state, "calculator")
+    return out
+
+
+PICKED = re.compile(r"^\s*(\d+)\s*([-+*/×÷])\s*(\d+)\s*$")  # "13 - 9 ": a move up to its "="
+
+
+def picked_move(written: str, state: Sequence[int]) -> tuple[str, tuple[int, ...]] | None:
+    """The move a model picked by writing it up to its "=" ("13 - 9 "), finished by the calculator: its
+    line and the numbers it leaves; None when what it wrote is no such move on this table."""
+    m = PICKED.match(written)
+    moved = parse_proposals(f"{m[1]} {m[2]} {m[3]} = 0", state, "calculator") if m else []
+    return moved[0] if moved else None
 
 
 @lru_cache(maxsize=None)
@@ -226,6 +239,9 @@ def kept_moves(lines: Sequence[str]) -> list[str]:
     return kept
 
 
+PROPOSED = 8  # moves a proposal lists (fewer when the table has fewer): SFT's proposals and ToT's proposer
+
+
 def propose_prompt(state: Sequence[int]) -> str:
     return f"Input: {show_state(state)}\nPossible next steps:"
 
@@ -283,17 +299,29 @@ def parse_proposals(text: str, state: Sequence[int], arithmetic: str = "claimed"
 def value_reply(state: Sequence[int]) -> str:
     """The value step's reply, worked where it is short: one number is 24 or not; two numbers try
     their moves until one makes 24 (the paper's value prompt works so); three or four get the verdict."""
-    verdict = "sure" if can_reach_24(state) else "impossible"
     if len(state) == 1:
-        return f"{state[0]} {'=' if state[0] == TARGET else 'is not'} 24\n{verdict}"
+        return number_value(state[0], state[0] == TARGET)
+    verdict = "sure" if can_reach_24(state) else "impossible"
     if len(state) == 2:
         tries = []
         for a, op, b, result, _ in moves(state):
-            tries.append(f"{a} {op} {b} = {result}")
+            tries.append(f"{a} {op} {b} = {result}{number_check(result)}")
             if result == TARGET:
                 break
         return "\n".join([*tries, verdict])
     return verdict
+
+
+def number_check(x: int, is_24: bool | None = None) -> str:
+    """What a value reply writes after a try's result: ", 24 = 24" or ", 46 is not 24". Read next to the
+    number, as the chain's verdict is, it carries the verdict the reply ends with (a 5.9M-parameter model
+    that wrote bare tries said "impossible" after "8 * 3 = 24")."""
+    return f", {x} = 24" if (x == TARGET if is_24 is None else is_24) else f", {x} is not 24"
+
+
+def number_value(x: int, sure: bool) -> str:
+    """The value step's reply at one number, worked: "24 = 24\nsure", or "46 is not 24\nimpossible"."""
+    return f"{x} = 24\nsure" if sure else f"{x} is not 24\nimpossible"
 
 
 def _move(line: re.Match) -> tuple[int, str, int, int]:
@@ -426,7 +454,7 @@ class Game24(Task):
         return state
 
     @staticmethod
-    def proposal(state: Sequence[int], rng: random.Random, count: int = 8) -> str:
+    def proposal(state: Sequence[int], rng: random.Random, count: int = PROPOSED) -> str:
         """Up to `count` distinct moves in random order, one that still reaches 24 among them if any does."""
         options = moves(state)
         rng.shuffle(options)
