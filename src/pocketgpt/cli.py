@@ -333,7 +333,10 @@ def cmd_eval_strategy(args) -> None:
         from .checkpoint import resolve_model_dir
 
         model_dir = resolve_model_dir(args.model)
-        lm = LM.load(model_dir, args.device)
+        compile = args.matrix if args.compile is None else args.compile
+        lm = LM.load(model_dir, args.device, compile=compile)
+        if compile:
+            console.print(f"decode step compiled in {lm.engine.warmup():.0f}s")
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
                         move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps,
@@ -784,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", type=int, default=1, help="react: sampled trajectories per question, their answers "
                                                         "voted on (default 1: one greedy trajectory)")
     p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--strategy / --matrix on a local run: compile the decode step first (default: on with "
+                        "--matrix, whose thousands of batched steps repay a compile of about a minute)")
     p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")

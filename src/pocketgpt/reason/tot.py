@@ -1,10 +1,10 @@
 """Tree of Thoughts on the Game of 24 (Yao et al. 2023): search over partial solutions instead of
 writing one left to right, with the model itself proposing moves and judging positions.
 
-    propose  "Input: 4 4 6 8\nPossible next steps:" -> "4 + 8 = 12 (left: 4 6 12)\n..."  (one greedy call, or
-             `proposals` samples whose moves are merged)
-    value    "Evaluate if 4 6 12 can reach 24 (sure/likely/impossible)" -> votes of `value_samples`
-             samples, weighted sure 20 / likely 1 / impossible 0.001 and summed, as in the paper
+    propose  "Input: 4 4 6 8\nPossible next steps:" -> "4 + 8 = 12 (left: 4 6 12)\n..."  (one greedy
+             proposal, or `proposals` samples whose moves are merged)
+    value    "Evaluate if 4 6 can reach 24 (sure/likely/impossible)" -> "6 + 4 = 10, 10 is not 24\n...\nsure",
+             `value_samples` votes weighted sure 20 / likely 1 / impossible 0.001 and summed, as in the paper
 
 Breadth-first search keeps the `beam` best positions after each of the three moves; depth-first
 search follows the best child first, drops positions valued below "likely" and backs up, within a
@@ -13,12 +13,16 @@ round's value questions, go to the model as one batch, and a position's value is
 remembered (the paper's value cache).
 
 Each proposed line is a claim, "a op b = c", and a small model slips in its arithmetic ("13 - 9 = 2",
-"12 * 9 = 24"): of its first eight lines, one or two hold. By default (`arithmetic="calculator"`)
-the model picks the two numbers and the operation and a calculator writes the result, as the
-arithmetic task's tool rendering does; the model still chooses every move and values every
-position. `"checked"` keeps the model's own arithmetic and drops a false claim, as a calculator
-would show it; `"claimed"` takes every claim as written (an unchecked slip that lands on 24 looks
-like a win to any judge). The matrix shows all three.
+"12 * 9 = 24"); written freely, its list also repeats moves and names numbers that are not on the
+table (of its first eight lines, three or four were moves). By default (`arithmetic="calculator"`)
+the search gives the model the chain of thought's tools (chain.py): a proposal is written move by
+move, the model picking each one among the moves on the table it has not listed (`Proposal`), the
+calculator writing its result and the numbers left, up to PROPOSED moves; a value reply at two
+numbers is written try by try, the model picking each try and, once the calculator has written its
+result, saying whether that is 24 and trying on or giving its verdict (`Judgement`). The model still
+chooses every move, every try and every verdict. `"checked"` keeps the model's own arithmetic and
+free text and drops a false claim, as a calculator would show it; `"claimed"` takes every claim as
+written (an unchecked slip that lands on 24 looks like a win to any judge).
 
 `oracle=True` replaces the model's values by the exact solver's verdict: an ablation that shows
 how much better the search would be with a perfect judge, never the headline figure.
