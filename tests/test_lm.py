@@ -9,6 +9,7 @@ from test_serve import KEY, start_server
 
 from pocketgpt.checkpoint import save_model
 from pocketgpt.model import GPT, preset
+from pocketgpt.prefix_cache import BLOCK
 from pocketgpt.reason import LM, Request
 
 
@@ -100,3 +101,18 @@ def test_completions_continue_documents_on_both_backends(run, served):
     near, far = local.complete_batch(prompts, max_tokens=6), remote.complete_batch(prompts, max_tokens=6)
     assert [g.text for g in near] == [g.text for g in far] and all(g.completion_tokens > 0 for g in near)
     assert local.usage.calls == 2 and remote.usage.completion_tokens > 0
+
+
+def test_a_local_lm_prefills_only_what_a_continued_reply_adds(run):
+    """A strategy that continues its own reply step by step (a searching chain, a proposal written move by
+    move) sends the conversation again, a little longer each time: the local backend's prefix cache supplies
+    what it has seen, with the same replies as without it."""
+    reply = "4 + 8 = 12 (left: 4 6 12)\n" * 4
+    steps = [[*HELLO, {"role": "assistant", "content": reply[:cut]}] for cut in (0, 26, 52, 104)]
+    cached, plain = LM.load(run, device="cpu"), LM.load(run, device="cpu", prefix_cache_mb=0)
+    texts = {name: [lm.chat(messages, max_tokens=8, continue_final=True)[0].text for messages in steps]
+             for name, lm in (("cached", cached), ("plain", plain))}
+    cache = cached.engine.prefix_cache
+    assert plain.engine.prefix_cache is None
+    assert cache.hit_tokens >= 3 * BLOCK  # the later steps start with blocks the earlier ones prefilled
+    assert texts["cached"] == texts["plain"]

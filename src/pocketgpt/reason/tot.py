@@ -104,13 +104,11 @@ class Judgement:
     seed: int | None
     lines: list[str] = field(default_factory=list)  # "6 + 4 = 10, 10 is not 24", one per move tried
     pending: tuple[str, int] | None = None  # the try the calculator just finished ("6 * 4 = 24") and its result
+    tried: set[int] = field(default_factory=set)  # the results of the moves tried, each move once
     weight: float | None = None  # the verdict's weight (VALUE_WEIGHTS) once given
 
     def untried(self) -> list[str]:
-        tried = {line.split(" = ")[1].split(",")[0] for line in self.lines}
-        if self.pending:
-            tried.add(str(self.pending[1]))
-        return [opening for opening, (_, left) in move_openings(self.state).items() if str(left[0]) not in tried]
+        return [opening for opening, (_, left) in move_openings(self.state).items() if left[0] not in self.tried]
 
     def choices(self) -> tuple[str, ...]:
         """What the model may write next: the whole reply at one number; the first try at two, then after
@@ -139,7 +137,9 @@ class Judgement:
             self.pending = None
         move = picked_move(written, self.state) if len(self.state) == 2 else None
         if move is not None:
-            self.pending = f"{written.strip()} = {move[1][0]}", move[1][0]
+            result = move[1][0]
+            self.pending = f"{written.strip()} = {result}", result
+            self.tried.add(result)
         else:  # a verdict (or, from a backend that ignores the constraint, whatever it names)
             self.weight = parse_value(written)
 
