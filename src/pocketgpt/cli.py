@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import config as configlib
 from .common import PocketError, human, shutdown_distributed
+from .reason.lm import CONCURRENCY
 from .stages import STAGES
 
 console = Console()
@@ -794,8 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")
     p.add_argument("--api-key", help="API key for --server")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="--server: requests in flight at once (the server batches them; default 8)")
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help=f"--server: requests in flight at once (the server batches them; default {CONCURRENCY}, "
+                        "the rows `pocketgpt serve` decodes together)")
     p.add_argument("--bpb", metavar="KINDS", help="also bits per byte on sources, e.g. world,docs")
     p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")
