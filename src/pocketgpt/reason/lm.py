@@ -23,7 +23,7 @@ from ..common import PocketError
 
 # Requests an OpenAI-compatible backend keeps in flight: as many as `pocketgpt serve` decodes together
 # (`--max-batch`, 32), since fewer leave its rows idle. Tree of Thoughts (b=1) on 8 puzzles through
-# SmolLM2 took 148-170 s with 8 in flight, 96-101 s with 32 and 88 s with 64 (the same answers).
+# SmolLM2 took 148-170 s with 8 in flight, 89-101 s with 32 and 88 s with 64 (the same answers).
 CONCURRENCY = 32
 
 
