@@ -104,7 +104,7 @@ class Judgement:
     seed: int | None
     lines: list[str] = field(default_factory=list)  # "6 + 4 = 10, 10 is not 24", one per move tried
     pending: tuple[str, int] | None = None  # the try the calculator just finished ("6 * 4 = 24") and its result
-    tried: set[int] = field(default_factory=set)  # the results of the moves tried, each move once
+    tried: set[int] = field(default_factory=set)  # the results tried: a move whose result is here is not offered
     weight: float | None = None  # the verdict's weight (VALUE_WEIGHTS) once given
 
     def untried(self) -> list[str]:
