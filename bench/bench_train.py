@@ -11,8 +11,10 @@ and Hugging Face's (attending with its default, PyTorch's SDPA), each eager and 
 refill the caches the others emptied), so a load that comes and goes on a shared machine hits all
 of them alike; the figures are medians over the rounds, and the ratios medians of the per-round
 ratios. MFU is against the matmul peak in that dtype of the model's own shapes, measured in every round too
-(the peak under the load that round saw). Compilation starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR),
-as on a new machine: its time is the first step's.
+(the peak under the load that round saw). The process keeps the memory a step frees, as the training stages do
+(`keep_freed_memory`; `--return-freed-memory` measures glibc's default instead), for every contestant alike.
+Compilation starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR), as on a new machine: its time is the
+first step's.
 
 Targets (issue 14): ours >= 2x HF eager, ours compiled >= 1.2x HF compiled, MFU >= 25%.
 Writes bench/out/train.json; the load average before and after each thread count is in it.
@@ -29,7 +31,7 @@ import time
 import torch
 from rich.table import Table
 
-from pocketgpt.common import atomic_write_json, autocast, compute_dtype, console, provenance
+from pocketgpt.common import atomic_write_json, autocast, compute_dtype, console, keep_freed_memory, provenance
 from pocketgpt.interop.hf import to_hf_config
 from pocketgpt.model import GPT, preset
 from pocketgpt.train.loop import TrainConfig, make_optimizer
@@ -168,15 +170,20 @@ def main():
     p.add_argument("--steps-per-turn", type=int, default=2, help="steps per contestant per round; the last is timed")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                    help="autocast dtype of every contestant (auto: bf16 where the CPU multiplies it in hardware)")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="leave glibc's malloc at its defaults (freed blocks go back to the kernel: a page fault per page "
+                        "a step writes again)")
     p.add_argument("--out", default="bench/out/train.json")
     args = p.parse_args()
+    freed_memory_kept = not args.return_freed_memory and keep_freed_memory()
     args.dtype = compute_dtype(args.dtype, torch.device("cpu"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
     import transformers
 
     report = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "vocab": args.vocab,
-              "transformers": transformers.__version__, "measured": provenance(), "results": []}
+              "transformers": transformers.__version__, "freed_memory_kept": freed_memory_kept, "measured": provenance(),
+              "results": []}
     for threads in (int(t) for t in args.threads.split(",")):
         result = contest(args, threads)
         result["targets_met"] = targets(result)

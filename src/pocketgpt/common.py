@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import math
 import os
+import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,29 @@ def set_threads(threads: int | None) -> None:
     """Intra-op threads for CPU work. Under load from another process, fewer threads can be faster."""
     if threads:
         torch.set_num_threads(threads)
+
+
+# glibc's mallopt() parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Have the C library's malloc keep the memory a training step frees, for the next step to reuse.
+
+    A step allocates and frees the same activations every time. By default glibc serves a large block with
+    a fresh mmap() and unmaps it when freed (above a threshold that adapts between 128 KiB and 32 MiB), and
+    gives free memory at the top of its heap back to the kernel, so the next step writes to new pages,
+    each one a page fault. Measured on the `small` model's compiled bf16 step (16 x 256 tokens, 2 threads,
+    this VM): ~50,000 page faults a step, the step's matrix products taking 1.5-2x their time on warm
+    buffers, 352 ms a step. Served from the heap and kept (blocks up to 32 MiB, glibc's largest threshold;
+    up to 1 GiB of free memory kept before any goes back), the same step took 285 ms, with no page faults.
+    Peak memory is unchanged: what a process has used stays resident instead of being handed back. Returns
+    whether the settings took (glibc; with another C library this does nothing)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    settings = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+    return all([mallopt(parameter, value) == 1 for parameter, value in settings])
 
 
 def bf16_is_native(device: torch.device) -> bool:

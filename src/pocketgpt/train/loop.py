@@ -44,6 +44,7 @@ from ..common import (
     console,
     human,
     init_distributed,
+    keep_freed_memory,
     local_device,
     pick_device,
     read_jsonl,
@@ -155,8 +156,10 @@ class DrawCounter:
 
 
 def stage_setup(tc: TrainConfig, run_dir: str | Path, name: str, resume: bool) -> tuple[torch.device, DistInfo, Path]:
-    """Threads, device (one per torchrun process) and the stage's output directory, refusing to clobber a run."""
+    """Threads, memory reuse, device (one per torchrun process) and the stage's output directory, refusing to
+    clobber a run."""
     set_threads(tc.threads)
+    keep_freed_memory()
     device = pick_device(tc.device)
     info = init_distributed(device)
     device = local_device(device, info)
