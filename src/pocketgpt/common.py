@@ -63,7 +63,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     settings = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
-    return all([mallopt(parameter, value) == 1 for parameter, value in settings])
+    return all([mallopt(parameter, value) == 1 for parameter, value in settings])  # a list: every setting is made
 
 
 def bf16_is_native(device: torch.device) -> bool:
