@@ -51,8 +51,10 @@ if kill_at:
 sys.exit(main(sys.argv[1:]))
 """
 
+# The compiled sampler (tested in test_rl_stages.py) would compile in every process: sampling stays eager.
 CONFIG = """
 [rm]
+compile_sampling = false
 tasks = ["count_letter"]
 prompts_per_task = 8
 val_prompts_per_task = 6
@@ -71,6 +73,7 @@ dtype = "float32"
 threads = 1
 
 [ppo]
+compile_sampling = false
 tasks = ["count_letter"]
 prompts_per_task = 24
 ppo_epochs = 2
@@ -86,6 +89,7 @@ dtype = "float32"
 threads = 1
 
 [grpo]
+compile_sampling = false
 tasks = ["count_letter"]
 prompts_per_task = 24
 group_size = 4

@@ -47,8 +47,8 @@ def answer_alone(model, chat, task, example, mode: str) -> tuple[str, list]:
     return transcript.text.strip(), transcript.calls
 
 
-@pytest.mark.parametrize("mode", ["fewshot", "chat"])
-def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, chat, tmp_path, mode):
+@pytest.mark.parametrize("mode,compile", [("fewshot", False), ("chat", False), ("chat", True)])
+def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, chat, tmp_path, mode, compile):
     torch.manual_seed(0)
     with torch.no_grad():  # large random weights: a model whose answers depend on the question
         for p in tiny_model.parameters():
@@ -56,11 +56,12 @@ def test_evaluate_task_writes_consistent_verdicts(tiny_model, tokenizer, chat, t
     task = get_task("compare_decimals")
     out = tmp_path / "rows.jsonl"
     result = evaluate_task(tiny_model, chat, task, "test", n=12, shots=2, mode=mode, batch_size=5,
-                           max_tokens=8, out_path=out, show_progress=False)
+                           max_tokens=8, out_path=out, show_progress=False, compile=compile)
     rows = read_jsonl(out)
     assert result.n == len(rows) == 12
     examples = task.examples("test")[:12]
-    # Batched by length and put back in order, each row holds the answer to its own question.
+    # Batched by length and put back in order, each row holds the answer to its own question (compiled
+    # or not: the one-at-a-time answers are eager).
     assert len({r["output"] for r in rows}) > 1  # (different answers: a row given another's would show)
     for row, example in zip(rows, examples):
         assert row["question"] == example.question

@@ -163,3 +163,27 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     assert grpo_records[0]["loss"] == 0.0  # and at the first step the policy is the reference: no KL either
     # Each finished stage keeps its final model only.
     assert not any((tmp_path / stage / "checkpoints").exists() for stage in ("rm", "ppo", "grpo"))
+
+
+def test_compiled_sampling_follows_the_weights_as_they_train(tiny_model, chat):
+    """RL samples with a compiled decode step that reads the weights as inputs: after an update it answers
+    as the eager model with the new weights does, without compiling again."""
+    from torch._dynamo.utils import counters
+
+    from pocketgpt.train.rollout import chat_params, sample, task_prompts
+
+    prompts = task_prompts(chat, ["compare_decimals"], "train", 6)
+    params = chat_params(chat, 12, temperature=0.0)
+
+    def answers(compile: bool) -> list[list[int]]:
+        return [c.tokens for c in sample(tiny_model, chat, prompts, params, dtype="float32", compile=compile)]
+
+    before = answers(compile=True)
+    assert before == answers(compile=False)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # an update's worth of change
+        for p in tiny_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = answers(compile=True)
+    assert after == answers(compile=False) and after != before
+    assert counters["stats"]["unique_graphs"] == graphs  # the update compiled nothing new

@@ -410,7 +410,7 @@ def cmd_eval(args) -> None:
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
     evaluate_suite(model, chat, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
-                   log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                   log=lambda line: console.print(line, highlight=False, soft_wrap=True), compile=bool(args.compile))
     if args.bpb:
         summary = json.loads((out_dir / "results.json").read_text())
         for kind in args.bpb.split(","):
@@ -789,8 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "voted on (default 1: one greedy trajectory)")
     p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="--strategy / --matrix on a local run: compile the decode step first (default: on with "
-                        "--matrix, whose thousands of batched steps repay a compile of about a minute)")
+                   help="compile the decode step first (default: on with --matrix, whose thousands of batched steps "
+                        "repay a compile of about a minute; off for a task or --strategy)")
     p.add_argument("--server", metavar="URL", help="evaluate a model behind an OpenAI-compatible server "
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")

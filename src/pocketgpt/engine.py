@@ -230,7 +230,8 @@ WHOLE_STEP_MAX_LAYERS = 8
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, prefill_chunk: int = 512,
-                 prefill_dtype: str = "float32", compile: bool = False, prefix_cache_mb: float = 0):
+                 prefill_dtype: str = "float32", compile: bool = False, prefix_cache_mb: float = 0,
+                 fold_weights: bool = True):
         """`prefill_dtype="bfloat16"`: prompts go through bf16 matmuls (AMX, tensor cores) while decoding
         stays in the weights' dtype. A prompt is many tokens at once, so its matmuls are large enough for
         bf16 units to pay (SmolLM2's 600-token prefill 2.4x faster here: reports/bench/interop.json).
@@ -241,10 +242,15 @@ class Engine:
         `generate` at batch 1 (bench/bench_foundation.py). Each kind of batch (one row, a few, many)
         compiles at its first step, or all at once in `warmup`: 5-20 s each for the `small` model, 20-30 s
         for all three of SmolLM2's (less once inductor's on-disk cache holds them). Worth it for a
-        server or a long evaluation, not for a quick sample. A model of up to WHOLE_STEP_MAX_LAYERS
-        layers is compiled with its weights folded in: the engine decodes with the weights it had when it
-        compiled, so a model whose weights will change (training) needs an engine without compile. A deeper
-        model's bf16 or fp32 weights are packed for oneDNN at the first many-row step (model.packed_linear),
+        server or a long evaluation, not for a quick sample.
+
+        `fold_weights` (with compile): a model of up to WHOLE_STEP_MAX_LAYERS layers is compiled as one
+        graph with its weights folded in as constants, the fastest step, but the engine then decodes with
+        the weights it had when it compiled, and every other model compiles anew. With
+        `fold_weights=False` (a deeper model always) the step is one compiled graph per block, shared by all
+        blocks, which reads the weights as inputs: a model trained between two calls (RL's sampling) or
+        another checkpoint of the same shape (an evaluation of several) reuses it without compiling again.
+        Their bf16 or fp32 weights are packed for oneDNN at the first many-row step (model.packed_linear),
         which costs a second copy of them.
 
         `prefix_cache_mb > 0`: the keys and values of prompt beginnings seen before (a system prompt, the
@@ -257,12 +263,13 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prefill_dtype = prefill_dtype
         self.compiled, self._compiled_kinds = compile, set()
+        self.fold_weights = fold_weights and model.cfg.n_layer <= WHOLE_STEP_MAX_LAYERS
         self._decode_step = model.decode_step
         if compile:
             # Every size dynamic (one graph serves all lengths and capacities); each model and kind of
             # batch (1 row, a few, many: see model.ROW_LINEAR_MAX_ROWS) is one entry of the cache.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            if model.cfg.n_layer <= WHOLE_STEP_MAX_LAYERS:
+            if self.fold_weights:
                 self._decode_step = torch.compile(model.decode_step, dynamic=True)
             else:
                 self._block = torch.compile(decode_block, dynamic=True)
@@ -315,8 +322,8 @@ class Engine:
         # block-by-block graph of a deep model is shared by its blocks: their weights are inputs).
         import torch._inductor.config as inductor_config
 
-        freeze = self.model.cfg.n_layer <= WHOLE_STEP_MAX_LAYERS
-        with torch.fx.experimental._config.patch(use_duck_shape=False), inductor_config.patch(freezing=freeze):
+        with torch.fx.experimental._config.patch(use_duck_shape=False), \
+                inductor_config.patch(freezing=self.fold_weights):
             cache = self.model.make_cache(kind + 3, 64)
             cache.lengths += 4
             ids = torch.zeros(kind, dtype=torch.long, device=self.device)

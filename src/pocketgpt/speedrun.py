@@ -45,6 +45,7 @@ class TokenizerConfig:
 class EvalConfig:
     n: int = 100  # test examples per task (0 = the whole test split)
     batch_size: int = 32
+    compile: bool = True  # one compiled decode step for every checkpoint (harness.evaluate_task)
 
 
 @dataclass
@@ -86,7 +87,9 @@ def quick(cfg: RunConfig) -> RunConfig:
                                  sample_every=10**9, save_every=2, log_every=1, seq_len=256,
                                  threads=cfg.grpo.train.threads)
     cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.grpo.max_tokens, cfg.grpo.eval_n = 2, 4, 48, 10
-    cfg.eval = EvalConfig(n=10)
+    # A compile (~30 s) would take longer than the quick run's sampling and evaluation.
+    cfg.eval = EvalConfig(n=10, compile=False)
+    cfg.rm.compile_sampling = cfg.ppo.compile_sampling = cfg.grpo.compile_sampling = False
     return cfg
 
 
@@ -135,7 +138,7 @@ def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[s
         torch.set_num_threads(threads)
     console.print(f"[bold]eval[/] {stage} ({mode})")
     results = evaluate_suite(model, chat, run_dir / stage / "eval", tasks, mode, n=cfg.eval.n or None,
-                             batch_size=cfg.eval.batch_size,
+                             batch_size=cfg.eval.batch_size, compile=cfg.eval.compile,
                              log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     results["diversity"] = diversity(model, chat, mode)
     results["copying"] = copying(model, chat)

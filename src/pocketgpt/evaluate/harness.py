@@ -65,15 +65,17 @@ def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams)
 def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test", n: int | None = None,
                   shots: int = 3, mode: str = "fewshot", style: str = "direct", batch_size: int = 32,
                   max_tokens: int | None = None, out_path: str | Path | None = None,
-                  show_progress: bool = True) -> EvalResult:
-    """Greedy-decode every example, verify, and (optionally) write one JSON line per example."""
+                  show_progress: bool = True, compile: bool = False) -> EvalResult:
+    """Greedy-decode every example, verify, and (optionally) write one JSON line per example.
+    `compile`: with the compiled decode step that reads the weights as inputs (Engine's `fold_weights=False`),
+    compiled once per process for every checkpoint of the same shape and dtype."""
     if mode not in ("fewshot", "chat"):
         raise PocketError(f"unknown eval mode {mode!r}; use fewshot (base models) or chat (assistants)")
     task.check_style(style)
     examples = task.examples(split)[:n] if n else task.examples(split)
     if not examples:
         raise PocketError(f"task {task.name!r} has no {split} examples")
-    engine = Engine(model, chat.tokenizer, max_batch=batch_size)
+    engine = Engine(model, chat.tokenizer, max_batch=batch_size, compile=compile, fold_weights=False)
     if mode == "fewshot":
         prompts = [chat.document(fewshot_text(task, e, shots)) for e in examples]
         params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=chat.document_stops,
@@ -144,7 +146,7 @@ SUITE: dict[str, str] = {
 
 def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: dict[str, str],
                    mode: str, split: str = "test", n: int | None = None, shots: int | None = None,
-                   batch_size: int = 32, log=print) -> dict:
+                   batch_size: int = 32, log=print, compile: bool = False) -> dict:
     """Evaluate several tasks; per-example JSONL + a results.json (merged with earlier results) in out_dir."""
     from dataclasses import asdict
 
@@ -158,7 +160,7 @@ def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: d
         task = get_task(name)
         style = style if style in task.styles else "direct"
         result = evaluate_task(model, chat, task, split, n, shots, mode, style, batch_size,
-                               out_path=out_dir / f"{name}_{split}.jsonl")
+                               out_path=out_dir / f"{name}_{split}.jsonl", compile=compile)
         log(result.line())
         summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
     summary["measured"] = provenance(next(model.parameters()).device)  # where and when this (last) run measured

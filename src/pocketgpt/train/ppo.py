@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
-from ..common import DistInfo, PocketError, atomic_write_json, console
+from ..common import DistInfo, PocketError, atomic_write_json, autocast, console
 from ..data.mixture import MixtureLoader, load_streams
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean, sum_over_processes
@@ -51,6 +51,7 @@ class PPOConfig:
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_tokens: int = 128
+    compile_sampling: bool = True  # a compiled decode step (rollout.sample): faster after a one-time compile
     beta: float = 0.05  # KL penalty per token
     # Weight of the pretraining loss in each update (0: plain PPO). Without it, PPO here gave up 3-5
     # points of head-fact or letter-counting accuracy for reward, whatever beta (0.05 to 0.3).
@@ -130,7 +131,8 @@ class PPOObjective:
         mine = share(len(everyone), info)
         prompts = everyone[mine.start:mine.stop]
         params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=cfg.seed + self.rollouts_done)
-        outs = sample(pv.policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start)
+        outs = sample(pv.policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start,
+                      compile=cfg.compile_sampling)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, self.device,
                             [c.action_mask for c in outs])
@@ -196,12 +198,15 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: P
     sums = [0.0] * 6  # reward, kl, entropy x tokens, tokens, right answers, answers
     if prompts:
         params = chat_params(chat, cfg.max_tokens, cfg.temperature, seed=12345)
-        outs = sample(policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start)
+        outs = sample(policy, chat, prompts, params, dtype=cfg.train.dtype, first_index=mine.start,
+                      compile=cfg.compile_sampling)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
-        lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
-        kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
-        sums = [score(rm, seqs, chat, device).sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
+        with autocast(device, cfg.train.dtype):  # scored as the rollouts are, in the training's dtype
+            lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+            kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
+            rewards = score(rm, seqs, chat, device)
+        sums = [rewards.sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
                 mask.sum().item(), sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)), len(outs)]
     reward, kl, entropy, tokens, right, n = count_totals(sums, info, device)
     return {"heldout_reward": reward / n, "heldout_kl": kl / n, "heldout_entropy": entropy / max(tokens, 1),
@@ -249,7 +254,8 @@ def ppo(cfg: PPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
         trainer.resume()
     pv.train()
     summary = trainer.run()
-    after = evaluate(pv)
+    # The loop evaluates at the last step: the same weights and prompts, so the same figures.
+    after = {k: summary[k] for k in before} if before.keys() <= summary.keys() else evaluate(pv)
     summary.update(before={k: v for k, v in before.items()}, after=after,
                    kl_within_bound=after["heldout_kl"] < cfg.kl_bound, reward=after["heldout_reward"],
                    kl=after["heldout_kl"])

@@ -47,6 +47,7 @@ class RewardConfig:
     k: int = 8  # completions per prompt (InstructGPT used 4 to 9)
     temperature: float = 1.0
     max_tokens: int = 128
+    compile_sampling: bool = True  # a compiled decode step (rollout.sample): faster after a one-time compile
     noise: float = 0.05  # chance that a labeler swaps two neighbouring ranks
     data: list = field(default_factory=list)  # user comparisons (JSONL), used instead of sampling when given
     seed: int = 0
@@ -92,7 +93,8 @@ def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split
     prompts = task_prompts(chat, cfg.tasks, split, per_task, cfg.seed)
     mine = share(len(prompts), info)
     params = chat_params(chat, cfg.max_tokens, cfg.temperature, n=cfg.k, seed=cfg.seed)
-    outs = sample(model, chat, prompts[mine.start:mine.stop], params, dtype=cfg.train.dtype, first_index=mine.start)
+    outs = sample(model, chat, prompts[mine.start:mine.stop], params, dtype=cfg.train.dtype, first_index=mine.start,
+                  compile=cfg.compile_sampling)
     comparisons = []
     for j, i in enumerate(mine):
         p, group = prompts[i], outs[j * cfg.k:(j + 1) * cfg.k]

@@ -60,7 +60,8 @@ def chat_params(chat: ChatTemplate, max_tokens: int, temperature: float, n: int 
 
 @torch.no_grad()
 def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: SamplingParams,
-           batch_size: int = 32, dtype: str = "float32", first_index: int = 0) -> list[Transcript]:
+           batch_size: int = 64, dtype: str = "float32", first_index: int = 0,
+           compile: bool = False) -> list[Transcript]:
     """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
     As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
     action_mask tells the tokens the model chose from those the tools wrote.
@@ -71,13 +72,17 @@ def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: Sampli
     With a reduced `dtype` the answers are decoded by a copy of the weights in that precision
     (bfloat16 decodes ~1.6x faster on a CPU with AMX; "auto" picks it only where it is native), as RL
     systems decode with an inference engine; the losses still score the sampled tokens with the
-    full-precision model."""
+    full-precision model.
+
+    `compile`: decode with the compiled step that reads the weights as inputs (Engine's
+    `fold_weights=False`), so the stage compiles once and every later call, after any number of
+    updates, reuses it (the `small` model's sampling here: ~2,300 tokens/s against ~1,400 eager)."""
     was_training = model.training
     dtype = compute_dtype(dtype, next(model.parameters()).device)
     decoder = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
     # All prompts go to the engine at once: it keeps `batch_size` rows decoding and starts the next
     # prompt as soon as a row finishes, where fixed chunks would wait for their longest answer.
-    engine = Engine(decoder, chat.tokenizer, max_batch=batch_size)
+    engine = Engine(decoder, chat.tokenizer, max_batch=batch_size, compile=compile, fold_weights=False)
     outs = generate_with_tools(engine, chat, [p.ids for p in prompts], params, task_tools(default_world()),
                                first_index=first_index)
     model.train(was_training)
