@@ -1,11 +1,14 @@
 """Foundation benchmarks: ours vs a peer, same machine, same run, reported as ratios.
 
-    python bench/bench_foundation.py [--threads 2] [--preset small] [--only train,decode,tokenizer]
+    python bench/bench_foundation.py [--threads 2] [--preset small] [--only train,decode,sampling,tokenizer]
 
 - training tokens/s: our GPT vs Hugging Face `LlamaForCausalLM` of the same shape, bf16 autocast,
   forward + backward + AdamW step, same batch, same threads;
 - decode tokens/s at batch 1 (200 new tokens, greedy): our Engine, eager and compiled, vs HF `generate`
   on identical weights;
+- batched sampling tokens/s (RL's and the reward model's: many rows at temperature 1, the weights changing
+  between calls): our Engine eager, compiled with the weights folded in, and compiled reading them as inputs
+  (`fold_weights=False`, what the RL stages use), vs HF `generate` of the same batch;
 - tokenizer: BPE training time, rustbpe (ours) vs HF tokenizers; encode MB/s, tiktoken (ours) vs HF.
 
 Needs `pip install -e '.[bench]'`. Run it on an idle machine: the numbers are only comparable within one run.
@@ -122,6 +125,48 @@ def bench_decode(args, tok: Tokenizer) -> dict:
     return results
 
 
+def bench_sampling(args, tok: Tokenizer) -> dict:
+    """`--rows` sequences of `--new-tokens` sampled at temperature 1 from prompts of 40 tokens, all at once, the
+    same weights in bf16 (where the hardware has it: what RL samples with) or fp32: our engine eager at 32 rows
+    (the RL stages' sampler before it compiled) and at `--rows`, compiled both ways (the compile, a one-off, is
+    reported apart), and transformers' `generate` of the whole batch. Every sequence runs to its length."""
+    from pocketgpt.common import bf16_is_native
+
+    ours, hf = make_pair(args.preset, tok.vocab_size, 512)
+    ours.eval(), hf.eval()
+    dtype = getattr(torch, "bfloat16" if bf16_is_native(torch.device("cpu")) else "float32")
+    ours, hf = ours.to(dtype), hf.to(dtype)
+    n, rows = args.new_tokens, args.rows
+    prompts = torch.randint(0, tok.vocab_size, (rows, 40), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=n, temperature=1.0, seed=0)
+    engines = {"eager_32_rows": Engine(ours, tok, max_batch=32), "eager": Engine(ours, tok, max_batch=rows),
+               "compiled_folded": Engine(ours, tok, max_batch=rows, compile=True),
+               "compiled_weights_as_inputs": Engine(ours, tok, max_batch=rows, compile=True, fold_weights=False)}
+
+    def run_ours(engine):
+        outs = engine.generate(prompts.tolist(), params)
+        assert all(len(o.tokens) == n for o in outs)
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0, pad_token_id=0)
+        assert out.shape == (rows, 40 + n)
+
+    result = {"dtype": str(dtype).removeprefix("torch."), "rows": rows, "new_tokens": n}
+    for name, engine in engines.items():
+        if engine.compiled:
+            result[f"compile_seconds_{name}"] = engine.warmup()
+    run_hf()  # warm-up
+    t_hf = timed(run_hf, args.repeat)
+    result["tokens_per_s_hf"] = rows * n / t_hf
+    for name, engine in engines.items():
+        run_ours(engine)
+        t = timed(lambda e=engine: run_ours(e), args.repeat)
+        result[f"tokens_per_s_{name}"] = rows * n / t
+        result[f"speedup_{name}"] = t_hf / t
+    return result
+
+
 def bench_tokenizer(args, texts: list[str]) -> dict:
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
@@ -163,9 +208,10 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--rows", type=int, default=64, help="sampling: sequences sampled at once")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--corpus-mb", type=float, default=8.0)
-    p.add_argument("--only", default="train,decode,tokenizer")
+    p.add_argument("--only", default="train,decode,sampling,tokenizer")
     p.add_argument("--out", default="bench/out/foundation.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,10 +226,13 @@ def main():
     if "train" in only:
         report["train"] = bench_train(args)
         print("train", json.dumps(report["train"], indent=1))
+    tok = BPETokenizer.train(texts[:200], args.vocab) if only & {"decode", "sampling"} else None
     if "decode" in only:
-        tok = BPETokenizer.train(texts[:200], args.vocab)
         report["decode"] = bench_decode(args, tok)
         print("decode", json.dumps(report["decode"], indent=1))
+    if "sampling" in only:
+        report["sampling"] = bench_sampling(args, tok)
+        print("sampling", json.dumps(report["sampling"], indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report["measured"] = provenance()
     Path(args.out).write_text(json.dumps(report, indent=2))

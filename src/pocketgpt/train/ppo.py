@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
-from ..common import DistInfo, PocketError, atomic_write_json, autocast, console
+from ..common import DistInfo, PocketError, atomic_write_json, console
 from ..data.mixture import MixtureLoader, load_streams
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean, sum_over_processes
@@ -202,11 +202,9 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: P
                       compile=cfg.compile_sampling)
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
-        with autocast(device, cfg.train.dtype):  # scored as the rollouts are, in the training's dtype
-            lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
-            kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
-            rewards = score(rm, seqs, chat, device)
-        sums = [rewards.sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
+        lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+        kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
+        sums = [score(rm, seqs, chat, device).sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
                 mask.sum().item(), sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)), len(outs)]
     reward, kl, entropy, tokens, right, n = count_totals(sums, info, device)
     return {"heldout_reward": reward / n, "heldout_kl": kl / n, "heldout_entropy": entropy / max(tokens, 1),
