@@ -250,7 +250,7 @@ class Engine:
         `fold_weights=False` (a deeper model always) the step is one compiled graph per block, shared by all
         blocks, which reads the weights as inputs: a model trained between two calls (RL's sampling) or
         another checkpoint of the same shape (an evaluation of several) reuses it without compiling again.
-        Their bf16 or fp32 weights are packed for oneDNN at the first many-row step (model.packed_linear),
+        That graph packs bf16 or fp32 weights for oneDNN at the first many-row step (model.packed_linear),
         which costs a second copy of them.
 
         `prefix_cache_mb > 0`: the keys and values of prompt beginnings seen before (a system prompt, the
