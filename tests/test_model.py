@@ -195,6 +195,24 @@ def test_plain_causal_attention_equals_sdpa(n_kv_head):
     torch.testing.assert_close(causal_attention(q, k, v, stored), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_plain_causal_attention_has_sdpas_gradients_and_hands_dk_on_in_ks_layout(n_kv_head):
+    """The backward of the scores (KeyScores) computes dk itself: the same gradients as SDPA's, with dk
+    contiguous as k is (autograd's own rule hands on a transposed view, which compiled kernels read slowly)."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 4, 50, 16), torch.randn(2, n_kv_head, 50, 16), torch.randn(2, n_kv_head, 50, 16)]
+    grad_out = torch.randn(2, 4, 50, 16)
+    ours = [x.clone().requires_grad_() for x in inputs]
+    theirs = [x.clone().requires_grad_() for x in inputs]
+    dk_layout = []
+    ours[1].register_hook(lambda g: dk_layout.append(g.is_contiguous()))
+    causal_attention(*ours).backward(grad_out)
+    F.scaled_dot_product_attention(*theirs, is_causal=True, enable_gqa=n_kv_head != 4).backward(grad_out)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert dk_layout == [True]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_projections_stack_their_weights_and_agree(bias):
     """In a compiled graph the projections that read one input become one matmul (one for the input's
