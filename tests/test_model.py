@@ -108,8 +108,8 @@ def test_extending_the_context_keeps_the_first_positions_and_reads_longer_sequen
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_chunked_loss_and_gradients_equal_plain_cross_entropy(reduction):
-    """The LM head's chunked cross-entropy (4,096 tokens: 4 chunks of 256 rows, some targets ignored)
-    gives the plain cross-entropy's loss and gradients, to fp32 rounding."""
+    """The LM head's chunked cross-entropy (900 rows, vocab 4,096: chunks of 512 rows, some targets
+    ignored) gives the plain cross-entropy's loss and gradients, to fp32 rounding."""
     torch.manual_seed(0)
     x = torch.randn(900, 32, requires_grad=True)
     weight = (torch.randn(4096, 32) * 0.3).requires_grad_()
@@ -127,8 +127,8 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(reduction):
 
 def test_chunked_loss_under_bf16_autocast_is_as_close_as_plain(tiny_model):
     """Under bf16 autocast both ways round; the chunked loss's gradients are no further from fp32's than
-    the plain loss's are (a few tenths of a percent). 40 x 64 tokens make two chunks of 2,048 rows."""
-    x = torch.randint(0, 512, (40, 65))
+    the plain loss's are (a few tenths of a percent). 80 x 64 tokens make two chunks (of up to 4,096 rows)."""
+    x = torch.randint(0, 512, (80, 65))
     params = [p for p in tiny_model.parameters()]
 
     def grads(loss_fn, bf16):

@@ -230,9 +230,11 @@ class CacheView:
 
 
 def _chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk of the LM head: about a million logits (4 MB in fp32), which stay in cache, yet at
-    least 64 rows, so that a chunk's matmuls stay efficient with a large vocabulary."""
-    return max(64, (1 << 20) // vocab_size)
+    """Rows per chunk of the LM head: about two million logits (8 MB in fp32), yet at least 64 rows, so
+    that a chunk's matmuls stay efficient with a large vocabulary. The `small` model's compiled step
+    (vocab 4,096, 16 x 256 tokens, bf16, 2 threads) took ~249 ms with chunks of 256 rows (a million
+    logits) and ~235 with 512, 768 or 1,024, runs taking turns: fewer, larger matmuls."""
+    return max(64, (1 << 21) // vocab_size)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
