@@ -338,3 +338,17 @@ def test_compiled_bf16_gradients_are_the_eager_ones():
     for name, g in eager.items():
         assert torch.isfinite(compiled[name]).all(), name
         assert (compiled[name] - g).norm() <= 0.03 * g.norm(), name
+
+
+def test_the_scalar_head_scores_in_fp32_under_bf16_autocast():
+    """A reward rounded to bf16 ties pairs that fp32 tells apart: the head itself stays in fp32."""
+    torch.manual_seed(0)
+    rm = GPT(preset("tiny", vocab_size=512)).with_score_head()
+    torch.nn.init.normal_(rm.score.weight)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = rm.scores(ids)
+        hidden = rm.hidden_states(ids)
+    expected = F.linear(hidden.float(), rm.score.weight, rm.score.bias).squeeze(-1)
+    assert scores.dtype == torch.float32 and torch.equal(scores, expected)
+    assert not torch.equal(scores, expected.bfloat16().float())

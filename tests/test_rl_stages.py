@@ -87,6 +87,29 @@ def test_comparison_batches_read_the_reward_token(tokenizer):
     assert ids[torch.arange(2), last].tolist() == [9, 9] and rank.tolist() == [0, 1]
 
 
+def test_comparison_batches_group_alike_lengths_and_visit_each_group_once_an_epoch():
+    from pocketgpt.train.reward import Comparison
+
+    lengths = list(range(2, 66))
+    random.Random(0).shuffle(lengths)
+    comps = [Comparison([[1] * (n - 1) + [9], [2, 9]], [0, 1]) for n in lengths]
+    batches = ComparisonBatches(comps, 4, 128, pad_id=0)  # 64 groups: one pool of 16 batches
+    steps = [[max(len(s) for s in c.sequences) for c in batches.next_groups()] for _ in range(16)]
+    assert sorted(n for step in steps for n in step) == list(range(2, 66))  # every group once
+    assert all(max(step) - min(step) == 3 for step in steps)  # four neighbours in length
+    assert [min(step) for step in steps] != sorted(min(step) for step in steps)  # in random order
+    assert batches.epoch == 0 and batches.next_groups() and batches.epoch == 1
+
+
+def test_the_reward_models_step_counts_the_tokens_it_scored_not_the_padding(tiny_model):
+    from pocketgpt.train.reward import Comparison, PairwiseRanking
+
+    comps = [Comparison([[1] * 30 + [9], [1] * 5 + [9]], [0, 1]), Comparison([[4] * 10 + [9], [4, 9]], [1, 0])]
+    objective = PairwiseRanking(ComparisonBatches(comps, 2, 64, pad_id=0), "cpu")
+    _, metrics = objective.loss(tiny_model.with_score_head())
+    assert metrics["tokens"] == 31 + 6 + 11 + 2  # of 4 rows padded to 31: 124
+
+
 def test_a_sequence_that_fills_the_context_still_gets_its_reward_read_out(chat):
     full = list(range(10, 74))  # a conversation that filled a 64-token context
     scored = scored_sequence(chat, full, 64)
@@ -151,6 +174,10 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     assert ppo_records[0]["clipfrac"] == 0.0
     # PPO-ptx's pretraining loss is a per-token mean in nats: about log(vocab) for an untrained model.
     assert ppo_records[0]["ptx_loss"] == pytest.approx(math.log(chat.tokenizer.vocab_size), rel=0.05)
+    # A step trains on its minibatch's 2 rows, prompt and reply without padding, and PPO-ptx's 2 x 32 tokens.
+    prompt_lens = [len(chat.prompt([{"role": "user", "content": e.question}]))
+                   for e in get_task("compare_decimals").examples("train")[:8]]
+    assert all(64 + 2 * min(prompt_lens) < r["tokens"] <= 64 + 2 * (max(prompt_lens) + 10) for r in ppo_records)
 
     grpo_cfg = GRPOConfig(train=tiny_train(2, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
                           prompts_per_task=6, prompts_per_step=2, group_size=3, max_tokens=10, eval_n=4, beta=0.1)
@@ -161,6 +188,9 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     # No answer of the untrained model is right: every group ties, no advantage, nothing to reinforce.
     assert [r["reward"] for r in grpo_records] == [0.0, 0.0]
     assert grpo_records[0]["loss"] == 0.0  # and at the first step the policy is the reference: no KL either
+    # Trained on 2 prompts x 3 replies; forward only: sampling them, then the old and the reference log-probs.
+    assert all(6 * min(prompt_lens) < r["tokens"] <= 6 * (max(prompt_lens) + 10) for r in grpo_records)
+    assert all(2 * r["tokens"] < r["forward_tokens"] < 3 * r["tokens"] for r in grpo_records)
     # Each finished stage keeps its final model only.
     assert not any((tmp_path / stage / "checkpoints").exists() for stage in ("rm", "ppo", "grpo"))
 

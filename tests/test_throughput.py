@@ -32,6 +32,13 @@ def test_a_lora_model_is_measured_by_its_frozen_base_and_its_adapters():
     assert model.flops_per_token(64) == 4 * weights + 6 * adapters + attention
 
 
+def test_a_reward_model_never_computes_the_logits():
+    model = GPT(preset("tiny", vocab_size=512))
+    rm = model.with_score_head()
+    d, vocab = model.cfg.d_model, model.cfg.vocab_size
+    assert rm.flops_per_token(64) == model.flops_per_token(64) - 6 * vocab * d + 6 * d  # no LM head; the score head
+
+
 def test_measured_peak_is_cached_per_process(monkeypatch):
     model = GPT(preset("tiny", vocab_size=512))
     monkeypatch.setattr(throughput, "_best_peaks", {})  # this test's peaks stay its own
@@ -84,7 +91,30 @@ def test_trainer_reports_tokens_per_second_and_mfu(tmp_path):
     assert summary["peak_flops"] >= first and summary["peak_flops"] == measured_peak(
         model, 128, torch.device("cpu"), trainer.dtype)
     # the summary's speed is the median step's (compilation and evaluation do not count), and its MFU follows
-    median_step_s = statistics.median(128 / r["tokens_per_s"] for r in steps)
-    assert summary["tokens_per_s"] == pytest.approx(128 / median_step_s, rel=1e-9)
+    assert summary["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in steps)
+    assert summary["tokens"] == 4 * 128 and all(r["tokens"] == 128 for r in steps)
     expected = mfu(model.flops_per_token(32), summary["tokens_per_s"], summary["peak_flops"])
     assert summary["mfu"] == pytest.approx(expected, rel=1e-12)
+
+
+class PaddedAndSampled(RandomTokens):
+    """Rows of which 100 tokens are real (the rest padding), and 60 more tokens sampled, per micro-step."""
+
+    def loss(self, model):
+        loss, _ = super().loss(model)
+        return loss, {"tokens": 100.0, "forward_tokens": 60.0}
+
+
+def test_tokens_per_second_and_mfu_count_what_the_objective_says_it_did(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=512))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, save_every=100, grad_accum=2)
+    trainer = Trainer(model, PaddedAndSampled(), cfg, tmp_path / "out", "rm", tmp_path / "metrics.jsonl",
+                      torch.device("cpu"))
+    peak = measured_peak(model, 128, torch.device("cpu"), trainer.dtype)  # the steps' (the end measures again)
+    summary = trainer.run()
+    steps = [r for r in trainer.history if "loss" in r]
+    assert summary["tokens"] == 3 * 200 and all(r["tokens"] == 200 and r["forward_tokens"] == 120 for r in steps)
+    for r in steps:  # a sampled token is a third of a trained one's FLOPs
+        seconds = 200 / r["tokens_per_s"]
+        assert r["mfu"] == pytest.approx(mfu(model.flops_per_token(32), (200 + 120 / 3) / seconds, peak), rel=1e-6)

@@ -88,7 +88,11 @@ class GRPOObjective:
         loss, stats = grpo_loss(lp, old_lp, advantages, mask, cfg.clip, ref_lp, cfg.beta)
         loss = loss * share_of_global_mean(mask.sum(), self.info)  # every token of the step counts the same
         self.step += 1
-        return loss, {**stats, "reward": rewards.mean().item(), "entropy": masked_mean(entropy.detach(), mask).item(),
+        trained = sum(len(s) for s in seqs)
+        # forward only: the prompts' prefill and the completions while sampling, the old and reference log-probs
+        forward = sum(len(p.ids) for p in batch) + sum(len(c.tokens) for c in outs) + trained * (1 + (ref_lp is not None))
+        return loss, {**stats, "tokens": float(trained), "forward_tokens": float(forward),
+                      "reward": rewards.mean().item(), "entropy": masked_mean(entropy.detach(), mask).item(),
                       "response_tokens": mask.sum(1).mean().item(),
                       # a share, not a count: the loop averages what it logs over processes
                       "solved_share": float(sum(rewards[groups == g].max() > 0 for g in groups.unique())) / len(batch)}

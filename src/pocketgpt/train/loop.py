@@ -13,6 +13,11 @@ An objective (pretraining, SFT, reward modelling, ...) provides `loss(model)` an
 a position, `state()` / `load_state()`; the loop saves that position with each checkpoint, so a run
 killed at any moment resumes exactly where its last checkpoint stood (`resume=True`).
 
+Tokens/s and MFU count what a step did. A packed batch is `tokens_per_micro_step()` tokens; an objective
+whose rows are padded, or that also samples and scores (RLHF), says in its metrics how many tokens it
+trained on ("tokens", padding left out) and how many only went forward through a model of that size
+("forward_tokens": sampled, scored by a frozen model; a third of a trained token's FLOPs).
+
 Under torchrun every process runs this loop on its share of the global batch; the gradients are
 averaged by one all-reduce after the backward passes (data_parallel.py), not by DDP's hooks, so an
 objective may call the model, or parts of it (PPO's policy and value model), as often as it needs.
@@ -115,8 +120,8 @@ class TrainConfig:
 
 
 class Objective(Protocol):
-    def loss(self, model: torch.nn.Module) -> tuple[torch.Tensor, dict]: ...
-    def tokens_per_micro_step(self) -> int: ...
+    def loss(self, model: torch.nn.Module) -> tuple[torch.Tensor, dict]: ...  # metrics may count "tokens"
+    def tokens_per_micro_step(self) -> int: ...  # the most a micro-step trains on: the matmul peak's rows
     def state(self) -> dict: ...
     def load_state(self, state: dict) -> None: ...
 
@@ -270,12 +275,14 @@ class Trainer:
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total, extras = 0.0, {}
+        total, extras, tokens = 0.0, {}, {"tokens": 0.0, "forward_tokens": 0.0}
         for _ in range(cfg.grad_accum):
             with autocast(self.device, self.dtype):
                 loss, metrics = self.objective.loss(self.wrapped)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
+            tokens["tokens"] += metrics.pop("tokens", self.objective.tokens_per_micro_step())
+            tokens["forward_tokens"] += metrics.pop("forward_tokens", 0)
             for k, v in metrics.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
         if not math.isfinite(total):
@@ -288,20 +295,24 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Logs show the mean over processes, as the gradients were (every process logs the same keys).
-        averaged = mean_over_processes({"loss": total, **extras}, self.dist, self.device)
+        # Logs show the mean over processes, as the gradients were (every process logs the same keys);
+        # token counts are the step's, all processes together.
+        averaged = mean_over_processes({"loss": total, **extras, **tokens}, self.dist, self.device)
+        for k in tokens:
+            averaged[k] *= self.dist.world_size
         return {**averaged, "lr": lr, "grad_norm": float(norm)}
 
     def run(self) -> dict:
         cfg = self.cfg
-        tokens_per_step = self.objective.tokens_per_micro_step() * cfg.grad_accum * self.dist.world_size
         # MFU against this machine's matmul peak in the training's dtype, measured now (once per process),
         # for a GPT's known FLOPs.
         flops = self.model.flops_per_token(cfg.seq_len) if isinstance(self.model, GPT) else 0
         micro_tokens = self.objective.tokens_per_micro_step()
         peak = measured_peak(self.model, micro_tokens, self.device, self.dtype) if flops else 0.0
         step_seconds: list[float] = []
-        start_step, t0 = self.step, time.time()
+        rates: list[tuple[float, float]] = []  # each step's (trained tokens/s, FLOP-weighted tokens/s)
+        trained = 0.0
+        t0 = time.time()
         progress = _progress(self.dist.is_main)
         plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
         task = progress.add_task(self.stage, total=cfg.steps, completed=self.step, info="")
@@ -313,11 +324,13 @@ class Trainer:
                     t_step = time.time()
                     metrics = self.train_step()
                     self.step += 1
-                    dt = time.time() - t_step
+                    dt = max(time.time() - t_step, 1e-9)
                     step_seconds.append(dt)
-                    metrics["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+                    trained += metrics["tokens"]
+                    rates.append((metrics["tokens"] / dt, (metrics["tokens"] + metrics["forward_tokens"] / 3) / dt))
+                    metrics["tokens_per_s"] = rates[-1][0]
                     if peak:
-                        metrics["mfu"] = mfu(flops, metrics["tokens_per_s"], peak, self.dist)
+                        metrics["mfu"] = mfu(flops, rates[-1][1], peak, self.dist)
                     last = metrics
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         self.log(metrics)
@@ -346,16 +359,16 @@ class Trainer:
                 interrupted = True
         self.save(finished=not interrupted)
         # Speed is the median step's: neither compilation (in the first step) nor evaluation counts.
-        step_s = statistics.median(step_seconds) if step_seconds else math.inf
-        speed = {"tokens_per_s": tokens_per_step / step_s}
+        speed = {"tokens_per_s": statistics.median(r[0] for r in rates) if rates else 0.0}
         if peak:  # measured again at the end, the higher kept (see measured_peak)
             peak = measured_peak(self.model, micro_tokens, self.device, self.dtype, again=True)
-            speed.update(mfu=mfu(flops, speed["tokens_per_s"], peak, self.dist), peak_flops=peak)
+            speed.update(mfu=mfu(flops, statistics.median(r[1] for r in rates) if rates else 0.0, peak, self.dist),
+                         peak_flops=peak)
         if cfg.compile and step_seconds:
-            speed["compile_s"] = step_seconds[0] - step_s
+            speed["compile_s"] = step_seconds[0] - statistics.median(step_seconds)
+        logged = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("tokens", "forward_tokens")}
         return {"stage": self.stage, "steps": self.step, "interrupted": interrupted, "dtype": self.dtype,
-                "time_s": time.time() - t0, "tokens": (self.step - start_step) * tokens_per_step,
-                **{k: v for k, v in last.items() if isinstance(v, (int, float))}, **speed}
+                "time_s": time.time() - t0, "tokens": trained, **logged, **speed}
 
 
 def _json_line(r: dict) -> str:

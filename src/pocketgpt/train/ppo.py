@@ -83,6 +83,7 @@ class Rollout:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    lengths: torch.Tensor  # each row's tokens before its padding
 
 
 @torch.no_grad()
@@ -144,7 +145,7 @@ class PPOObjective:
         advantages, returns = gae(rewards, values, mask, 1.0, cfg.lam)
         # Whitened over the whole rollout: its mean and variance summed over processes.
         advantages = masked_whiten(advantages, mask, total=lambda t: sum_over_processes(t, info))
-        ro = Rollout(ids, mask, old_lp, values, advantages, returns)
+        ro = Rollout(ids, mask, old_lp, values, advantages, returns, torch.tensor([len(q) for q in seqs]))
         for epoch in range(cfg.ppo_epochs):
             for idx in minibatches(len(seqs), cfg.train.batch_size, mine.start,
                                    f"{cfg.seed}:{self.rollouts_done}:{epoch}"):
@@ -166,11 +167,12 @@ class PPOObjective:
         vl, vstats = ppo_value_loss(values, ro.old_values[idx], ro.returns[idx], mask, self.cfg.value_clip)
         # Both are token means: over the minibatch's tokens on all processes, not this one's alone.
         loss = (pl + self.cfg.vf_coef * vl) * share_of_global_mean(mask.sum(), self.info)
-        stats = {"policy_loss": pl.item(), "value_loss": vl.item()}
+        stats = {"policy_loss": pl.item(), "value_loss": vl.item(), "tokens": float(ro.lengths[idx].sum())}
         if self.pretraining is not None:
             x, y = self.pretraining.next_batch()
             ptx = pv.policy(x.to(self.device), targets=y.to(self.device))
             loss, stats["ptx_loss"] = loss + self.cfg.ptx_coef * ptx, ptx.item()
+            stats["tokens"] += x.numel()
         return loss, {**pstats, **vstats, **stats, **self.stats}
 
     def tokens_per_micro_step(self) -> int:

@@ -60,7 +60,7 @@ def chat_params(chat: ChatTemplate, max_tokens: int, temperature: float, n: int 
 
 @torch.no_grad()
 def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: SamplingParams,
-           batch_size: int = 64, dtype: str = "float32", first_index: int = 0,
+           batch_size: int = 128, dtype: str = "float32", first_index: int = 0,
            compile: bool = False) -> list[Transcript]:
     """params.n answers per prompt, row = prompt_index * n + k; the model is left in its previous mode.
     As in evaluation, the assistant's tool calls are executed (toolloop.py); each Transcript's
@@ -81,7 +81,9 @@ def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: Sampli
     dtype = compute_dtype(dtype, next(model.parameters()).device)
     decoder = model if dtype == "float32" else copy.deepcopy(model).to(getattr(torch, dtype))
     # All prompts go to the engine at once: it keeps `batch_size` rows decoding and starts the next
-    # prompt as soon as a row finishes, where fixed chunks would wait for their longest answer.
+    # prompt as soon as a row finishes, where fixed chunks would wait for their longest answer. The
+    # reward model's prompts (120 x 8 completions, compiled, bf16) sampled at 4,251 tokens/s in 64 rows,
+    # 4,546 in 128 and 4,801 in 256; 128 keeps the KV cache of a larger model in bounds.
     engine = Engine(decoder, chat.tokenizer, max_batch=batch_size, compile=compile, fold_weights=False)
     outs = generate_with_tools(engine, chat, [p.ids for p in prompts], params, task_tools(default_world()),
                                first_index=first_index)
