@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: few-shot for base checkpoints, chat for post-trained ones")
     p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
                                    "(default: the one each task is trained in)")
-    p.add_argument("--batch-size", type=int, default=32, help="questions decoded together")
+    p.add_argument("--batch-size", type=int, default=128, help="questions decoded together")
     p.add_argument("--strategy", choices=tuple(STRATEGIES),
                    help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens; "
                         "see reason/strategies.py)")
