@@ -23,7 +23,7 @@ from pocketgpt.train.reward import (
     reward_model,
     rubric_key,
 )
-from pocketgpt.train.rollout import collate, scored_sequence
+from pocketgpt.train.rollout import collate, scored_sequence, task_prompts
 
 
 def tiny_train(steps, **kw):
@@ -175,8 +175,7 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     # PPO-ptx's pretraining loss is a per-token mean in nats: about log(vocab) for an untrained model.
     assert ppo_records[0]["ptx_loss"] == pytest.approx(math.log(chat.tokenizer.vocab_size), rel=0.05)
     # A step trains on its minibatch's 2 rows, prompt and reply without padding, and PPO-ptx's 2 x 32 tokens.
-    prompt_lens = [len(chat.prompt([{"role": "user", "content": e.question}]))
-                   for e in get_task("compare_decimals").examples("train")[:8]]
+    prompt_lens = [len(p.ids) for p in task_prompts(chat, ppo_cfg.tasks, "train", 8, ppo_cfg.seed)]
     assert all(64 + 2 * min(prompt_lens) < r["tokens"] <= 64 + 2 * (max(prompt_lens) + 10) for r in ppo_records)
 
     grpo_cfg = GRPOConfig(train=tiny_train(2, lr=1e-4, schedule="constant"), tasks=["compare_decimals"],
@@ -189,6 +188,7 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     assert [r["reward"] for r in grpo_records] == [0.0, 0.0]
     assert grpo_records[0]["loss"] == 0.0  # and at the first step the policy is the reference: no KL either
     # Trained on 2 prompts x 3 replies; forward only: sampling them, then the old and the reference log-probs.
+    prompt_lens = [len(p.ids) for p in task_prompts(chat, grpo_cfg.tasks, "train", 6, grpo_cfg.seed)]
     assert all(6 * min(prompt_lens) < r["tokens"] <= 6 * (max(prompt_lens) + 10) for r in grpo_records)
     assert all(2 * r["tokens"] < r["forward_tokens"] < 3 * r["tokens"] for r in grpo_records)
     # Each finished stage keeps its final model only.
