@@ -1,6 +1,6 @@
 """The README's measured figures come from reports the code wrote and that are committed beside it.
 
-A block of the README that quotes a report opens with `<!-- figures: reports/PATH [reports/PATH ...] -->`
+The same holds for reports/README.md, the history of the speedrun's cards. A block of either that quotes a report opens with `<!-- figures: reports/PATH [reports/PATH ...] -->`
 and ends with `<!-- /figures -->`. Every figure in it — a percentage, a decimal, a number with thousands
 separators — must be in one of those reports, exactly or rounded from a figure there with more digits
 (a JSON report's fractions count as percentages too, and a large number may be quoted in thousands,
@@ -21,8 +21,12 @@ FIGURE = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+\.\d+|\d+(?=%))(%?)(?!\d|
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def blocks() -> list[tuple[list[str], str]]:
-    return [(paths.split(), body) for paths, body in BLOCK.findall((ROOT / "README.md").read_text())]
+DOCUMENTS = ("README.md", "reports/README.md")
+
+
+def blocks() -> list[tuple[str, list[str], str]]:
+    """(document, the reports a block quotes, the block's text) for every block of every document."""
+    return [(doc, paths.split(), body) for doc in DOCUMENTS for paths, body in BLOCK.findall((ROOT / doc).read_text())]
 
 
 def report_values(path: Path) -> set[float]:
@@ -49,16 +53,16 @@ def quoted(figure: str, values: set[float]) -> bool:
 def test_the_readme_quotes_committed_reports():
     found = blocks()
     assert len(found) >= 3, "the README's measured sections are marked with <!-- figures: ... -->"
-    for paths, _ in found:
+    for doc, paths, _ in found:
         for p in " ".join(paths).partition("cited:")[0].split():
-            assert (ROOT / p).is_file(), f"the README quotes {p}, which is not committed"
+            assert (ROOT / p).is_file(), f"{doc} quotes {p}, which is not committed"
 
 
-@pytest.mark.parametrize("paths,body", blocks(), ids=lambda x: x[0] if isinstance(x, list) else "")
-def test_every_figure_is_in_its_report(paths, body):
+@pytest.mark.parametrize("doc,paths,body", blocks(), ids=[f"{doc}:{paths[0]}" for doc, paths, _ in blocks()])
+def test_every_figure_is_in_its_report(doc, paths, body):
     values = block_values(paths)
     missing = [m.group(0) for m in FIGURE.finditer(body) if not quoted(m.group(1), values)]
-    assert not missing, f"figures in the README that {', '.join(paths)} do not hold: {missing}"
+    assert not missing, f"figures in {doc} that {', '.join(paths)} do not hold: {missing}"
 
 
 def test_the_checker_catches_a_figure_typed_by_hand(tmp_path):

@@ -59,7 +59,8 @@ class PretrainConfig:
     # Compiled and in bf16 on a CPU with AMX, the speedrun affords 3,000 steps (12.3M tokens; 25.4 minutes in
     # all) in its 30 minutes where eager steps afforded 1,000: 2,400 gained arithmetic, decimals, multi-hop,
     # JSON and spelling on 1,500, and 3,000 gained head facts, arithmetic and letter counts on 2,400 while
-    # multi-hop and JSON fell back a little (README, "What a speedrun gives"; reports/speedrun-amx-3000/).
+    # multi-hop and JSON fell back a little; 3,600 gained no validation loss, the synthetic world read 51
+    # times instead of 43 (README, "Why 3,000 pretraining steps"; reports/speedrun-amx-3600/).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=16, seq_len=256,
                                                                    compile=True))
     sources: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
