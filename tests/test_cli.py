@@ -121,6 +121,22 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
 
 
+def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, tiny_model, chat, capsys):
+    from pocketgpt.cli import bpb_source
+
+    meta = {"sources": {"world": {"kind": "world", "weight": 3.0, "seed": 7, "n_cities": 12},
+                        "code": {"kind": "code", "max_bytes": 4_000_000}, "short": {"kind": "docs", "max_bytes": 1000}}}
+    world = bpb_source("world", meta)  # the run's own world, not the built-in one
+    assert (world.kind, world.options["seed"], world.options["n_cities"], world.max_bytes) == ("world", 7, 12, 500_000)
+    assert bpb_source("short", meta).max_bytes == 1000 and bpb_source("code", meta).max_bytes == 500_000
+    assert bpb_source("docs", {}).kind == "docs"  # an imported model: the built-in source of that kind
+    # a misspelt source is one line, before any task is evaluated
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
+    assert main(["eval", str(tmp_path), "--task", "spell", "--n", "2", "--bpb", "docs,wrold"]) == 2
+    out, err = capsys.readouterr()
+    assert "unknown kind 'wrold'" in err and err.count("\n") == 1 and "spell" not in out
+
+
 def test_tasks_list_and_export(tmp_path, capsys):
     import json
 

@@ -380,6 +380,16 @@ def cmd_eval_strategy(args) -> None:
                               json.dumps(result.to_dict(), indent=2) + "\n")
 
 
+def bpb_source(name: str, meta: dict, max_bytes: int = 500_000):
+    """The source `eval --bpb NAME` reads: the one the model was pretrained on under that name (a run's
+    world has its own seed and size), else the built-in source of that kind; at most `max_bytes` of it."""
+    from .data.sources import SourceSpec
+
+    spec = dict(meta.get("sources", {}).get(name) or {"kind": name})
+    spec["max_bytes"] = min(spec.get("max_bytes") or max_bytes, max_bytes)
+    return SourceSpec.from_dict(name, spec)
+
+
 def cmd_eval(args) -> None:
     import torch
 
@@ -391,7 +401,7 @@ def cmd_eval(args) -> None:
 
     from .checkpoint import load_model, resolve_model_dir
     from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_emulated
-    from .data.sources import SourceSpec, read_documents
+    from .data.sources import read_documents
     from .data.tasks import TASKS
     from .evaluate.harness import SUITE, bits_per_byte, evaluate_suite, model_mode
 
@@ -402,6 +412,9 @@ def cmd_eval(args) -> None:
         warn_if_bf16_is_emulated(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
     mode = model_mode(cfg) if args.mode == "auto" else args.mode
+    # checked before the tasks run, so that a misspelt source fails in a second, not after the evaluation
+    bpb_names = [name.strip() for name in (args.bpb or "").split(",") if name.strip()]
+    bpb_sources = [bpb_source(name, cfg.get("meta", {})) for name in bpb_names]
     if args.task == "all":
         tasks = {name: args.style or SUITE.get(name, "direct") for name in TASKS}
     else:
@@ -411,12 +424,12 @@ def cmd_eval(args) -> None:
     console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
     evaluate_suite(model, chat, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
                    log=lambda line: console.print(line, highlight=False, soft_wrap=True), compile=bool(args.compile))
-    if args.bpb:
+    if bpb_sources:
         summary = json.loads((out_dir / "results.json").read_text())
-        for kind in args.bpb.split(","):
-            bpb = bits_per_byte(model, chat, read_documents(SourceSpec(kind, kind, max_bytes=500_000)))
-            console.print(f"{kind:>18} bits/byte {bpb:.4f}", highlight=False)
-            summary[f"bpb/{kind}"] = bpb
+        for spec in bpb_sources:
+            bpb = bits_per_byte(model, chat, read_documents(spec))
+            console.print(f"{spec.name:>18} bits/byte {bpb:.4f}", highlight=False)
+            summary[f"bpb/{spec.name}"] = bpb
         atomic_write_json(out_dir / "results.json", summary)
     console.print(f"per-example verdicts and results.json in {out_dir}")
 
@@ -798,7 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=CONCURRENCY,
                    help=f"--server: requests in flight at once (the server batches them; default {CONCURRENCY}, "
                         "the rows `pocketgpt serve` decodes together)")
-    p.add_argument("--bpb", metavar="KINDS", help="also bits per byte on sources, e.g. world,docs")
+    p.add_argument("--bpb", metavar="SOURCES",
+                   help="also bits per byte on data sources, e.g. world,docs: the sources a base model was "
+                        "pretrained on by that name (its world's seed and size), else the built-in ones; "
+                        "the first 500 KB of each, so training text, not its held-out part")
     p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_text, console, provenance, wilson_interval
+from ..data.shards import encode_documents
 from ..data.tasks import Task, default_world
 from ..data.tasks.prompts import chat_messages, fewshot_text
 from ..data.tasks.tools import task_tools
@@ -124,13 +125,14 @@ def model_mode(meta: dict) -> str:
 
 
 @torch.no_grad()
-def bits_per_byte(model: GPT, chat: ChatTemplate, texts: list[str], seq_len: int = 256,
+def bits_per_byte(model: GPT, chat: ChatTemplate, docs: list[str | list[dict]], seq_len: int = 256,
                   batch_size: int = 8, max_batches: int = 50) -> float:
-    """Bits per byte of `texts` (packed as whole documents): comparable across tokenizers."""
+    """Bits per byte of `docs` (texts, and conversations as lists of messages, which the world's and the
+    chat source's documents include), packed as pretraining packs them: comparable across tokenizers."""
     from ..data.mixture import MixtureLoader
     from ..train.pretrain import evaluate_lm
 
-    stream = np.fromiter((t for ids in chat.documents(texts) for t in ids), dtype=np.int64)
+    stream = np.fromiter((t for ids in encode_documents(chat, docs) for t in ids), dtype=np.int64)
     seq_len = min(seq_len, model.cfg.max_seq_len, len(stream) - 1)
     loader = MixtureLoader({"text": stream}, {"text": 1.0}, batch_size, seq_len)
     batches = max(1, min(max_batches, (len(stream) - 1) // (seq_len * batch_size)))
