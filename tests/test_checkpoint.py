@@ -55,6 +55,31 @@ def test_shape_mismatch_says_what_differs(tiny_model, tokenizer, chat, tmp_path)
         load_model(tmp_path)
 
 
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(obj)))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").unlink(), r"model.safetensors is missing"),
+    (lambda d: _edit_json(d / "config.json", lambda c: {**c, "model": {**c["model"], "n_layer": "six"}}),
+     r"config.json: model config n_layer must be int, got 'six'"),
+    (lambda d: _edit_json(d / "config.json", lambda c: {k: v for k, v in c.items() if k != "model"}),
+     r"config.json: no model table"),
+    (lambda d: _edit_json(d / "config.json", lambda c: [1, 2]), r"unknown checkpoint format 'list'"),
+    (lambda d: _edit_json(d / "tokenizer.json", lambda t: {**t, "pattern": "(["}),
+     r"tokenizer.json: not a valid tokenizer file \(ValueError"),
+    (lambda d: _edit_json(d / "tokenizer.json", lambda t: {k: v for k, v in t.items() if k != "ranks"}),
+     r"tokenizer.json: not a valid tokenizer file \(KeyError"),
+])
+def test_a_damaged_model_directory_says_what_is_wrong(tiny_model, chat, tmp_path, damage, message):
+    """What a hand edit or a half copy leaves: one PocketError naming the file (tracebacks before)."""
+    save_model(tiny_model, tmp_path, chat)
+    damage(tmp_path)
+    with pytest.raises(PocketError, match=message):
+        load_model(tmp_path)
+
+
 def test_tokenizer_mismatch(tiny_model, tokenizer, chat, tmp_path):
     save_model(tiny_model, tmp_path, chat)
     BPETokenizer.train(["something else entirely " * 50], vocab_size=300).save(tmp_path / "tokenizer.json")

@@ -137,6 +137,31 @@ def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, t
     assert "unknown kind 'wrold'" in err and err.count("\n") == 1 and "spell" not in out
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "RUN", "--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),  # it hung
+    (["eval", "RUN", "--n", "0"], "argument --n: must be at least 1, not 0"),  # it meant the whole split
+    (["eval", "RUN", "--shots", "-1"], "argument --shots: must be at least 0, not -1"),
+    (["eval", "RUN", "--strategy", "tot", "--beam", "0"], "argument --beam: must be at least 1"),
+    (["pretrain", "RUN", "--steps", "-5"], "argument --steps: must be at least 1, not -5"),
+    (["serve", "RUN", "--port", "99999"], "argument --port: must be between 1 and 65535, not 99999"),
+    (["serve", "RUN", "--max-batch", "0"], "argument --max-batch: must be at least 1"),
+    (["chat", "RUN", "--temperature", "-2"], "argument --temperature: must be a number >= 0, not -2"),
+    (["sample", "RUN", "--threads", "x"], "argument --threads: invalid integer value: 'x'"),
+])
+def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,message", [("pretrain.train.steps=-5", "train.steps must be at least 1, not -5"),
+                                             ("pretrain.train.schedule=bogus", "unknown schedule 'bogus'")])
+def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, message):
+    """Not steps later: -5 steps trained nothing and wrote the model, a bad schedule failed after warmup."""
+    assert main(["pretrain", str(tmp_path), "--quick", "--set", setting]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "base").exists()
+
+
 def test_tasks_list_and_export(tmp_path, capsys):
     import json
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pocketgpt.common import PocketError
-from pocketgpt.engine import Engine, SamplingParams, sample_next
+from pocketgpt.engine import Engine, SamplingParams, sample_next, sample_seed
 
 
 @pytest.fixture(params=["tiny_model", "smeared_model"])
@@ -88,6 +88,23 @@ def test_n_samples_share_prefill_and_are_reproducible(tiny_model, tokenizer):
     assert [c.tokens for c in a] == [c.tokens for c in b]
     assert len({tuple(c.tokens) for c in a}) > 1
     assert all(c.prompt_index == 0 for c in a)
+
+
+def test_any_integer_seed_is_a_reproducible_stream(tiny_model, tokenizer):
+    """OpenAI clients may send any integer as the seed: 2**53 made torch.Generator overflow (a 500)."""
+    engine = Engine(tiny_model, tokenizer)
+    prompt = [tokenizer.encode("hello")]
+    runs = {seed: engine.generate(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=seed))
+            for seed in (2 ** 53, -2 ** 70, 2 ** 70)}
+    for seed, first in runs.items():
+        again = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=seed))
+        assert [c.tokens for c in again] == [c.tokens for c in first]
+    assert sample_seed(7, 1) == 7 * 1_000_003 + 1  # small seeds keep the streams they always had
+
+
+def test_an_engine_without_room_for_a_row_is_refused(tiny_model, tokenizer):
+    with pytest.raises(PocketError, match="at least 1"):  # it would wait for a free row forever
+        Engine(tiny_model, tokenizer, max_batch=0)
 
 
 def test_stop_token_and_string(tiny_model, tokenizer):

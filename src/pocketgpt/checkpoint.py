@@ -107,8 +107,11 @@ def read_config(directory: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise PocketError(f"{path}: corrupt config ({e.msg} at line {e.lineno})") from None
-    if cfg.get("format") != FORMAT:
-        raise PocketError(f"{path}: unknown checkpoint format {cfg.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        found = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise PocketError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT!r}")
+    if not isinstance(cfg.get("model"), dict):
+        raise PocketError(f"{path}: no model table (the model's shape) in the config")
     return cfg
 
 
@@ -134,6 +137,8 @@ def file_sha256(path: Path) -> str:
 
 def read_safetensors(path: Path, expected_sha: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read from the memory-mapped file one at a time."""
+    if not path.is_file():
+        raise PocketError(f"{path} is missing: the model directory is incomplete")
     if expected_sha and file_sha256(path) != expected_sha:
         raise PocketError(f"{path}: weights do not match the hash in config.json (corrupt or half-written)")
     try:
@@ -202,7 +207,10 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
     tokenizer = Tokenizer.load(directory / "tokenizer.json")
     check_tokenizer(tokenizer, cfg, directory)
     chat = ChatTemplate.from_spec(tokenizer, cfg.get("chat_template"))
-    model_cfg = GPTConfig.from_dict(cfg["model"])
+    try:
+        model_cfg = GPTConfig.from_dict(cfg["model"])
+    except PocketError as e:
+        raise PocketError(f"{directory / 'config.json'}: {e}") from None
     weights = read_safetensors(directory / "model.safetensors", cfg.get("weights_sha256"))
     check_state_dict(model_cfg, weights, str(directory / "model.safetensors"))
     for name in weights if dtype is not None else ():  # one tensor at a time: never two copies of the model

@@ -32,11 +32,35 @@ and --set key=value overrides, e.g. --set pretrain.train.lr=1e-3 --set pretrain.
 """
 
 
+def integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum], refused where it is parsed (a batch of 0 rows
+    would wait forever, `--n 0` would mean the whole split, `--steps -5` an untrained model)."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError reads "invalid integer value: 'x'"
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def non_negative(text: str) -> float:
+    """An argparse type for temperatures: a finite float >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
+non_negative.__name__ = "number"
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file with [tokenizer] / [pretrain] tables")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. pretrain.train.steps=200 (repeatable)")
-    p.add_argument("--threads", type=int, help="CPU threads (fewer can be faster when the machine is busy)")
+    p.add_argument("--threads", type=integer(1), help="CPU threads (fewer can be faster when the machine is busy)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep a stage's training state (optimizer included) when it finishes, to train it further "
                         "later; by default only its final model stays")
@@ -641,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trains on its share of the batch).")
     p.add_argument("run", help="run directory (must hold a trained tokenizer)")
     p.add_argument("--preset", help="model size: tiny, small (CPU speedrun), medium, gpt2, d20, d26")
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--steps", type=integer(1), help="optimizer steps")
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN/base")
     p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
@@ -658,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra conversations, one {"messages": [...]} per line (repeatable)')
     p.add_argument("--no-mitigation", action="store_true", help="train true answers even where the model "
                                                                 "does not know them (the naive recipe)")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=integer(1))
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
     add_config_args(p)
@@ -678,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = sub.add_parser(name, help=help_text, description=description)
         p.add_argument("run", help="run directory")
-        p.add_argument("--steps", type=int, help="optimizer steps")
+        p.add_argument("--steps", type=integer(1), help="optimizer steps")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
         p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
         add_config_args(p)
@@ -693,17 +717,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", help="two or more run or stage directories (base few-shot, sft, ppo, grpo, "
                                              "an imported model...)")
     p.add_argument("--votes", metavar="DB", help="rate the votes in this SQLite file (pocketgpt serve --arena-db)")
-    p.add_argument("--n", type=int, default=30, help="prompts per task (default 30)")
+    p.add_argument("--n", type=integer(1), default=30, help="prompts per task (default 30)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the fact tiers, arithmetic, compare_decimals, "
                                    "multihop)")
     p.add_argument("--judge", metavar="URL", help="an OpenAI-compatible server whose model judges instead of the rubric")
     p.add_argument("--judge-model", help="model id on --judge")
     p.add_argument("--api-key", help="API key for --judge")
-    p.add_argument("--rounds", type=int, default=100, help="bootstrap rounds (default 100)")
+    p.add_argument("--rounds", type=integer(1), default=100, help="bootstrap rounds (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="where to write battles and the leaderboard (default: RUN/arena)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=integer(1))
     p.set_defaults(func=cmd_arena)
 
     p = sub.add_parser("rag", help="retrieval: index a folder of documents, answer questions from it")
@@ -715,8 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--world", action="store_true",
                    help="index the built-in world's encyclopedia instead (its passages of three sentences)")
     r.add_argument("--out", required=True, help="the index directory")
-    r.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default 128)")
-    r.add_argument("--overlap", type=int, default=32, help="tokens shared by neighbouring chunks (default 32)")
+    r.add_argument("--chunk-size", type=integer(1), default=128, help="tokens per chunk (default 128)")
+    r.add_argument("--overlap", type=integer(0), default=32, help="tokens shared by neighbouring chunks (default 32)")
     r.set_defaults(func=cmd_rag)
     r = rsub.add_parser("ask", help="answer a question from an index's passages")
     r.add_argument("index")
@@ -725,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server", metavar="URL", help="or a model behind an OpenAI-compatible server")
     r.add_argument("--server-model")
     r.add_argument("--api-key")
-    r.add_argument("--k", type=int, default=3, help="passages in the prompt (default 3)")
+    r.add_argument("--k", type=integer(1), default=3, help="passages in the prompt (default 3)")
     r.add_argument("--retriever", choices=("bm25", "dense", "hybrid"), default="hybrid")
     r.add_argument("--quote", action="store_true",
                    help="answer with one sentence of the passages, verbatim, citing its chunk (a small model "
@@ -745,14 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The ", help="text to continue, or the user's message with --chat")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user turn of a conversation; "
                                                            "the assistant's tool calls are run (calculator, search)")
-    p.add_argument("--n", type=int, default=1, help="number of samples (share one prefill)")
-    p.add_argument("--max-tokens", type=int, help="tokens to generate (default: 128, or what the context leaves)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--n", type=integer(1), default=1, help="number of samples (share one prefill)")
+    p.add_argument("--max-tokens", type=integer(1), help="tokens to generate (default: 128, or what the context leaves)")
+    p.add_argument("--temperature", type=non_negative, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=integer(0), default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, help="for reproducible samples")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=integer(1))
     p.add_argument("--bf16", action="store_true", help="bf16 weights: half the memory and the bytes each "
                    "decoding step reads")
     p.set_defaults(func=cmd_sample)
@@ -766,14 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="factqa_head,factqa_tail,factqa_unseen",
                    help="comma-separated task names, or 'all' (default: the three fact tiers)")
     p.add_argument("--split", default="test", help="train, validation or test (default)")
-    p.add_argument("--n", type=int, help="only the first N examples")
-    p.add_argument("--shots", type=int, help="solved examples shown before each question "
+    p.add_argument("--n", type=integer(1), help="only the first N examples")
+    p.add_argument("--shots", type=integer(0), help="solved examples shown before each question "
                                              "(default: 3 few-shot, 0 chat)")
     p.add_argument("--mode", default="auto", choices=("auto", "fewshot", "chat"),
                    help="auto: few-shot for base checkpoints, chat for post-trained ones")
     p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
                                    "(default: the one each task is trained in)")
-    p.add_argument("--batch-size", type=int, default=128, help="questions decoded together")
+    p.add_argument("--batch-size", type=integer(1), default=128, help="questions decoded together")
     p.add_argument("--strategy", choices=tuple(STRATEGIES),
                    help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens; "
                         "see reason/strategies.py)")
@@ -782,23 +806,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the report card")
     p.add_argument("--cells", help="--matrix: only the cells whose 'task: strategy' contains one of these "
                                    "comma-separated words (e.g. 'arithmetic,game24: IO')")
-    p.add_argument("--k", type=int, default=5, help="self_consistency: samples per question (default 5)")
-    p.add_argument("--temperature", type=float, default=0.7, help="temperature of sampled answers and votes")
+    p.add_argument("--k", type=integer(1), default=5, help="self_consistency: samples per question (default 5)")
+    p.add_argument("--temperature", type=non_negative, default=0.7, help="temperature of sampled answers and votes")
     p.add_argument("--think", action="store_true", help="cot: add 'Let's think step by step.' to the question")
-    p.add_argument("--beam", type=int, default=5, help="tot: positions kept after each move (default 5)")
+    p.add_argument("--beam", type=integer(1), default=5, help="tot: positions kept after each move (default 5)")
     p.add_argument("--search", choices=("bfs", "dfs"), default="bfs", help="tot: breadth- or depth-first")
     p.add_argument("--oracle", action="store_true", help="tot: the exact solver judges positions (an ablation)")
-    p.add_argument("--proposals", type=int, default=1, help="tot: proposals per position, sampled at --temperature "
+    p.add_argument("--proposals", type=integer(1), default=1, help="tot: proposals per position, sampled at --temperature "
                                                             "and their moves merged (default 1: one greedy proposal)")
     p.add_argument("--move-arithmetic", choices=MOVE_ARITHMETIC, default="calculator",
                    help="Game of 24 (tot, cot, self_consistency): the result of a move 'a op b = c': the "
                         "calculator writes it (default; the model picks the numbers and the operation), "
                         "'checked' drops a false claim (tot), 'claimed' takes it as written (cot: the chain in "
                         "one go)")
-    p.add_argument("--rounds", type=int, default=2, help="reflection: retries after a self-check says no")
-    p.add_argument("--max-steps", type=int, default=4, help="react: tool calls before falling back to a vote")
+    p.add_argument("--rounds", type=integer(0), default=2, help="reflection: retries after a self-check says no")
+    p.add_argument("--max-steps", type=integer(1), default=4, help="react: tool calls before falling back to a vote")
     p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")
-    p.add_argument("--paths", type=int, default=1, help="react: sampled trajectories per question, their answers "
+    p.add_argument("--paths", type=integer(1), default=1, help="react: sampled trajectories per question, their answers "
                                                         "voted on (default 1: one greedy trajectory)")
     p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -808,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")
     p.add_argument("--api-key", help="API key for --server")
-    p.add_argument("--concurrency", type=int, default=CONCURRENCY,
+    p.add_argument("--concurrency", type=integer(1), default=CONCURRENCY,
                    help=f"--server: requests in flight at once (the server batches them; default {CONCURRENCY}, "
                         "the rows `pocketgpt serve` decodes together)")
     p.add_argument("--bpb", metavar="SOURCES",
@@ -817,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first 500 KB of each, so training text, not its held-out part")
     p.add_argument("--out", help="where to write results (default: MODEL_DIR/eval)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=integer(1))
     p.add_argument("--bf16", action="store_true", help="bf16 weights (half the memory)")
     p.set_defaults(func=cmd_eval)
 
@@ -861,18 +885,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batched engine per model.")
     p.add_argument("run", help="a run directory (every stage is served) or a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=integer(1, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--arena-db", metavar="FILE", help="keep the chat page's arena votes in this SQLite file "
                                                        "(rate them with `pocketgpt arena --votes FILE`)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per model")
-    p.add_argument("--max-queued", type=int, default=256, help="waiting sequences before answering 503")
-    p.add_argument("--prefix-cache", type=float, default=256, metavar="MB",
+    p.add_argument("--max-batch", type=integer(1), default=32, help="sequences decoded together per model")
+    p.add_argument("--max-queued", type=integer(1), default=256, help="waiting sequences before answering 503")
+    p.add_argument("--prefix-cache", type=non_negative, default=256, metavar="MB",
                    help="keep the keys and values of prompt beginnings (a system prompt, a conversation's earlier "
                         "turns) up to MB megabytes per model and reuse them instead of prefilling again "
                         "(default 256; 0 turns it off). Usage reports the reused tokens as cached_tokens")
-    p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for")
-    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-n", type=integer(1), default=8, help="largest n a request may ask for")
+    p.add_argument("--max-tokens", type=integer(1), default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 weights: half the memory; with the compiled decode step, faster decoding of a model "
                         "whose weights dominate a step (SmolLM2) and of many clients at once, but a little slower "
@@ -885,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster decoding; the start takes ~20-50 s, less once inductor's on-disk cache holds the "
                         "compiled code)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=integer(1))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal",
@@ -893,10 +917,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/temp T, /quit.")
     p.add_argument("model", help="a run directory (its most post-trained stage) or a model directory")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=non_negative, default=0.7)
+    p.add_argument("--max-tokens", type=integer(1), default=512)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=integer(1))
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("lab", help="the seeds' science, reproduced: grokking, scaling, recall, diversity, induction")

@@ -46,6 +46,8 @@ def update(obj: T, values: dict, where: str = "") -> T:
             setattr(obj, key, deep_merge(current, value))
         else:
             setattr(obj, key, _coerce(current, value, f"{where}{key}"))
+    if hasattr(obj, "check_values"):  # a config that knows its bounds says so now, not steps later
+        obj.check_values()
     return obj
 
 

@@ -119,6 +119,12 @@ class Sequence:
         return c
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of one sample's random stream: a request's seed and the sample's index, apart for every
+    index, folded into the 63 bits a torch.Generator takes (an OpenAI client may send any integer)."""
+    return (seed * 1_000_003 + index) % 2 ** 63
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids, with one setting and one random generator for every row."""
     return sample_rows(logits, [params] * len(logits), [generator] * len(logits))
@@ -258,6 +264,8 @@ class Engine:
         prefilled again (prefix_cache.py)."""
         if prefill_dtype not in ("float32", "bfloat16"):
             raise PocketError(f"prefill_dtype must be float32 or bfloat16, got {prefill_dtype!r}")
+        if max_batch < 1 or prefill_chunk < 1:  # no room for a row would wait for one forever
+            raise PocketError(f"max_batch and prefill_chunk must be at least 1, got {max_batch} and {prefill_chunk}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
@@ -350,7 +358,7 @@ class Engine:
             procs = [*processors, processor_factory()] if processor_factory else processors
             seq = Sequence(prompt, params, procs, prompt_index * params.n + k, prompt_index, keep)
             if params.seed is not None and params.temperature > 0:  # one stream per sample, none shared
-                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed * 1_000_003 + seq.index)
+                seq.generator = torch.Generator(device=self.device).manual_seed(sample_seed(params.seed, seq.index))
             seq.leader = seqs[0] if seqs else None
             seqs.append(seq)
         return seqs

@@ -67,6 +67,18 @@ class GPTConfig:
         unknown = set(d) - known
         if unknown:
             raise PocketError(f"unknown model config keys: {sorted(unknown)}")
+        for f in fields(cls):  # a hand-edited "six" layers says so, not a TypeError deep in the model
+            value = d.get(f.name, f.default)
+            if isinstance(f.default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(f.default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(f.default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:  # rope_scaling: a table or nothing, checked by __post_init__
+                ok = True
+            if not ok:
+                raise PocketError(f"model config {f.name} must be {type(f.default).__name__}, got {value!r}")
         return cls(**d)
 
 

@@ -17,6 +17,7 @@ name. Which special tokens a model uses, and what they mean, only the chat templ
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -111,7 +112,10 @@ class Tokenizer(ABC):
         except json.JSONDecodeError as e:
             raise PocketError(f"{path}: not a valid tokenizer file ({e.msg} at line {e.lineno})") from None
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
-            return BPETokenizer.from_json(obj)
+            try:
+                return BPETokenizer.from_json(obj)
+            except (KeyError, TypeError, ValueError, binascii.Error) as e:  # a field missing, a bad pattern
+                raise PocketError(f"{path}: not a valid tokenizer file ({type(e).__name__}: {e})") from None
         if isinstance(obj, dict) and "model" in obj and "added_tokens" in obj:
             return HFTokenizer.from_str(text, str(path))
         raise PocketError(f"{path}: unknown tokenizer format {obj.get('format') if isinstance(obj, dict) else None!r}, "

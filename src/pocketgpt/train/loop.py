@@ -60,6 +60,8 @@ from .data_parallel import average_gradients, mean_over_processes
 from .grad_filter import make_grad_filter
 from .throughput import measured_peak, mfu
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
 
 @dataclass
 class TrainConfig:
@@ -93,6 +95,22 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Refuse what could only train nothing or fail later (`config.update` calls it after --set): -5 steps
+        trained an untrained model with a NaN loss, an unknown schedule failed once warmup ended."""
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "log_every",
+                     "sample_every"):
+            if getattr(self, name) < 1:
+                raise PocketError(f"train.{name} must be at least 1, not {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_frac <= 1 or not 0 <= self.lr < math.inf:
+            raise PocketError(f"train: warmup_steps must be >= 0, min_lr_frac in [0, 1] and lr >= 0; got "
+                              f"{self.warmup_steps}, {self.min_lr_frac} and {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise PocketError(f"unknown schedule {self.schedule!r}: {', '.join(SCHEDULES)}")
+
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
@@ -107,7 +125,7 @@ class TrainConfig:
             if progress < decay_start:
                 return self.lr
             return self.lr - (self.lr - floor) * (progress - decay_start) / (1 - decay_start)
-        raise PocketError(f"unknown schedule {self.schedule!r}: cosine, wsd or constant")
+        raise PocketError(f"unknown schedule {self.schedule!r}: {', '.join(SCHEDULES)}")
 
     def evaluates_at(self, step: int) -> bool:
         """Whether the run evaluates after `step`: every `eval_every` steps and at the last one; log-spaced,
