@@ -162,6 +162,22 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     assert message in capsys.readouterr().err and not (tmp_path / "base").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--task", "spell,nosuch"], "unknown task 'nosuch'"),
+    (["--task", "spell", "--style", "nonsense"], "task 'spell' has no style 'nonsense'; its styles: direct"),
+    (["--task", "spell", "--bpb", "text"], "--bpb text: a text source reads files"),
+    (["--task", "spell", "--out", "FILE"], "is a file; give a directory"),
+])
+def test_eval_refuses_bad_arguments_before_evaluating_anything(tmp_path, tiny_model, chat, capsys, args, message):
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    assert main(["eval", str(tmp_path), "--n", "2", *args]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and err.count("\n") == 1 and "spell" not in out.replace("evaluating", "")
+    assert not (tmp_path / "base" / "eval").exists()
+
+
 def test_tasks_list_and_export(tmp_path, capsys):
     import json
 

@@ -1,5 +1,8 @@
 import json
 
+import pytest
+
+from pocketgpt.common import PocketError
 from pocketgpt.evaluate.report import diversity_reading, publish_report, stage_rows, write_report
 
 
@@ -72,3 +75,19 @@ def test_the_diversity_section_says_what_its_own_table_shows():
     assert "PPO 2.870 (higher)." in text and "names an answer" not in text and "GRPO" not in text
     # Nothing after RL to compare: the claim and where to measure it, no reading.
     assert "In this run" not in diversity_reading({"base": base, "sft": sft})
+
+
+def test_a_card_is_written_only_for_a_run(tmp_path, tiny_model, chat):
+    """A misspelt run made an empty card in a new directory; a model directory got an empty card beside its weights."""
+    from pocketgpt.checkpoint import save_model
+
+    with pytest.raises(PocketError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+    save_model(tiny_model, tmp_path / "run" / "base", chat, {"stage": "base"})
+    with pytest.raises(PocketError, match="is a model directory"):
+        write_report(tmp_path / "run" / "base")
+    with pytest.raises(PocketError, match="is not a run directory"):
+        write_report(tmp_path)
+    assert not (tmp_path / "run" / "base" / "report.md").exists()
+    assert write_report(tmp_path / "run").exists()

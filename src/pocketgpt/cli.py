@@ -407,11 +407,15 @@ def cmd_eval_strategy(args) -> None:
 def bpb_source(name: str, meta: dict, max_bytes: int = 500_000):
     """The source `eval --bpb NAME` reads: the one the model was pretrained on under that name (a run's
     world has its own seed and size), else the built-in source of that kind; at most `max_bytes` of it."""
-    from .data.sources import SourceSpec
+    from .data.sources import FILE_KINDS, SourceSpec
 
     spec = dict(meta.get("sources", {}).get(name) or {"kind": name})
     spec["max_bytes"] = min(spec.get("max_bytes") or max_bytes, max_bytes)
-    return SourceSpec.from_dict(name, spec)
+    source = SourceSpec.from_dict(name, spec)
+    if source.kind in FILE_KINDS and not source.path:
+        raise PocketError(f"--bpb {name}: a {source.kind} source reads files; name a source the model was "
+                          f"pretrained on, or a built-in one (world, docs, code, ...)")
+    return source
 
 
 def cmd_eval(args) -> None:
@@ -426,7 +430,7 @@ def cmd_eval(args) -> None:
     from .checkpoint import load_model, resolve_model_dir
     from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_emulated
     from .data.sources import read_documents
-    from .data.tasks import TASKS
+    from .data.tasks import TASKS, get_task
     from .evaluate.harness import SUITE, bits_per_byte, evaluate_suite, model_mode
 
     set_threads(args.threads)
@@ -444,7 +448,15 @@ def cmd_eval(args) -> None:
     else:
         names = [t.strip() for t in args.task.split(",") if t.strip()]
         tasks = {name: args.style or SUITE.get(name, "direct") for name in names}
+    # unknown tasks and styles fail now, not after the tasks named before them have run ("all" lets the
+    # tasks without the style answer directly)
+    styles = {name: get_task(name).styles for name in tasks}
+    lacking = [name for name in tasks if args.style and args.style not in styles[name]]
+    if lacking and (args.task != "all" or len(lacking) == len(tasks)):
+        raise PocketError(f"task {lacking[0]!r} has no style {args.style!r}; its styles: {', '.join(styles[lacking[0]])}")
     out_dir = Path(args.out) if args.out else model_dir / "eval"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PocketError(f"--out {out_dir} is a file; give a directory for the verdicts and results.json")
     console.print(f"evaluating {model_dir} ({mode}) on {args.split}")
     evaluate_suite(model, chat, out_dir, tasks, mode, args.split, args.n, args.shots, args.batch_size,
                    log=lambda line: console.print(line, highlight=False, soft_wrap=True), compile=bool(args.compile))

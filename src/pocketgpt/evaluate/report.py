@@ -14,7 +14,15 @@ import json
 import re
 from pathlib import Path
 
-from ..common import atomic_write_bytes, atomic_write_text, human, markdown_table, provenance_line, read_jsonl
+from ..common import (
+    PocketError,
+    atomic_write_bytes,
+    atomic_write_text,
+    human,
+    markdown_table,
+    provenance_line,
+    read_jsonl,
+)
 from ..data.tasks.base import is_refusal
 from ..data.world import read_run_world
 from ..stages import POLICIES, RL_STAGES, STAGES
@@ -199,6 +207,13 @@ def model_line(base: dict) -> str:
 
 def write_report(run: str | Path) -> Path:
     run = Path(run)
+    if not run.is_dir():
+        raise PocketError(f"{run} does not exist")
+    if (run / "config.json").exists():
+        raise PocketError(f"{run} is a model directory; a report card covers a whole run: give {run.parent}")
+    if not any((run / name).exists() for name in ("speedrun.json", "metrics.jsonl", *(s for s, _ in CHECKPOINTS))):
+        raise PocketError(f"{run} is not a run directory: it holds no metrics.jsonl, speedrun.json or stage "
+                          f"({', '.join(stage for stage, _ in CHECKPOINTS)})")
     parts = [f"# pocketgpt report card: `{run}`\n"]
     timing = _load(run / "speedrun.json")
     if timing:
