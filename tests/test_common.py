@@ -9,6 +9,8 @@ import torch
 
 from pocketgpt import common
 from pocketgpt.common import (
+    PocketError,
+    atomic_write_text,
     autocast,
     compute_dtype,
     human,
@@ -114,3 +116,11 @@ def test_freed_memory_is_kept_for_the_next_step():
     assert int(returned) > written / 10  # glibc's default hands them back and faults them in again (all of them here)
     # kept: a few thousand faults (2,049-4,097 measured), not one a page
     assert int(after) < written / 20
+
+
+def test_an_atomic_write_to_a_directory_says_so_and_leaves_nothing(tmp_path):
+    """`tasks export --out DIR/` ended in IsADirectoryError and left a stray temp file beside DIR."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PocketError, match="is a directory; give the name of the file"):
+        atomic_write_text(tmp_path / "out", "x")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]

@@ -154,6 +154,8 @@ def local_device(device: torch.device, info: DistInfo) -> torch.device:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
+    if path.is_dir():
+        raise PocketError(f"{path} is a directory; give the name of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -21,7 +21,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 from ...errors import PocketError
 
@@ -231,15 +230,12 @@ def corrupt_number(text: str, rng: random.Random) -> str:
 
 def export_jsonl(task: Task, split: str, style: str, path: str | os.PathLike) -> int:
     """Write `{"messages": [...]}` per example, atomically (temp file, then rename); returns the count."""
+    from ...common import atomic_write_text  # here: the tasks import no torch, which common does
+
     task.check_style(style)
     examples = task.examples(split)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps({"messages": task.render(example, style)}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps({"messages": task.render(example, style)}, ensure_ascii=False) + "\n"
+                                    for example in examples))
     return len(examples)
 
 
