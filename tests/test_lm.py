@@ -116,3 +116,14 @@ def test_a_local_lm_prefills_only_what_a_continued_reply_adds(run):
     assert plain.engine.prefix_cache is None
     assert cache.hit_tokens >= 3 * BLOCK  # the later steps start with blocks the earlier ones prefilled
     assert texts["cached"] == texts["plain"]
+
+
+def test_a_server_that_is_not_there_is_one_error():
+    """`eval --server` with a wrong URL ended in the openai client's APIConnectionError traceback."""
+    from pocketgpt.common import PocketError
+
+    with pytest.raises(PocketError, match="no OpenAI-compatible server answers there"):
+        LM.openai("http://127.0.0.1:9/v1")
+    silent = LM.openai("http://127.0.0.1:9/v1", model="sft")  # named: the first request finds out
+    with pytest.raises(PocketError, match="the server stopped answering"):
+        silent.chat([{"role": "user", "content": "hi"}], max_tokens=2)

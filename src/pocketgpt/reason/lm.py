@@ -216,7 +216,10 @@ class OpenAILM(LM):
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=600)
         if model is None:
-            models = [m.id for m in self.client.models.list().data]
+            try:
+                models = [m.id for m in self.client.models.list().data]
+            except (openai.APIConnectionError, openai.APIStatusError) as e:  # nothing there, or not an API
+                raise PocketError(f"{base_url}: no OpenAI-compatible server answers there ({e})") from None
             if not models:
                 raise PocketError(f"{base_url} serves no model")
             model = models[-1]
@@ -232,6 +235,8 @@ class OpenAILM(LM):
             resp = endpoint(**request)
         except openai.BadRequestError as e:
             raise PocketError(f"{self.name} refused a request: {e.message}") from None
+        except openai.APIConnectionError as e:
+            raise PocketError(f"{self.name}: the server stopped answering ({e})") from None
         usage = resp.usage
         self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
         return resp
