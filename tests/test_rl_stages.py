@@ -75,6 +75,9 @@ def test_user_comparisons_file(tokenizer, chat, tmp_path):
     path.write_text(json.dumps({"prompt": "x", "completions": ["a"], "ranking": [3]}) + "\n")
     with pytest.raises(PocketError, match=r"prefs.jsonl:1: 'ranking' must be a permutation"):
         file_comparisons(str(path), chat)
+    path.write_text("\n" + json.dumps(["not", "a", "record"]) + "\n")  # the file's line, blank lines counted
+    with pytest.raises(PocketError, match=r"prefs.jsonl:2: expected a string 'prompt'"):
+        file_comparisons(str(path), chat)
 
 
 def test_comparison_batches_read_the_reward_token(tokenizer):

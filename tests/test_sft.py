@@ -123,6 +123,29 @@ def test_build_conversations_counts(chat, tmp_path):
     assert sum(len(c) for c in convs) == 2 * total and len(convs) < total  # some were joined into two exchanges
 
 
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+
+
+@pytest.mark.parametrize("lines,message", [
+    (None, "extra.jsonl does not exist"),
+    ([GOOD, "", '{"messages": [{"role": "usr", "content": "hi"}]}'], r"extra.jsonl:3: message 0: unknown role 'usr'"),
+    ([GOOD, '{"messages": [{"role": "user", "content": 5}]}'], r"extra.jsonl:2: message 0: content must be a string"),
+    (['{"messages": []}'], r"extra.jsonl:1: no assistant reply, so nothing to learn"),
+    (['{"messages": [{"role": "user", "content": "hi"}]}'], r"extra.jsonl:1: no assistant reply"),
+    (['{"text": "hi"}'], r"extra.jsonl:1: no 'messages' list"),
+    ([""], r"extra.jsonl holds no conversations"),
+])
+def test_extra_conversations_that_teach_nothing_or_cannot_render_name_their_line(chat, tmp_path, lines, message):
+    """`sft --data`: each bad record named by file and line (before: a record count, a traceback for a missing
+    file, and empty conversations taken silently)."""
+    extra = tmp_path / "extra.jsonl"
+    if lines is not None:
+        extra.write_text("\n".join(lines) + "\n")
+    cfg = SFTConfig(tasks={"spell": {"style": "direct", "n": 2}}, data=[str(extra)], mitigate_hallucination=False)
+    with pytest.raises(PocketError, match=message):
+        build_conversations(cfg, None, chat)
+
+
 def test_more_renderings_than_examples_are_new_draws():
     """Asking for more retrieval conversations than there are facts draws the facts again with other
     passages: the extra conversations differ from the first ones, and each still answers its own fact."""

@@ -48,8 +48,11 @@ def tool_call_text(call: dict) -> str:
     return json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
 
 
-def _check(messages: list[dict]) -> None:
+def check_messages(messages: list[dict]) -> None:
+    """Each message a {"role", "content"} the templates render: one error naming the first that is not."""
     for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise PocketError(f"message {i}: expected an object with a role and content, got {msg!r:.60}")
         if msg.get("role") not in ROLES:
             raise PocketError(f"message {i}: unknown role {msg.get('role')!r}; expected one of {ROLES}")
         if not isinstance(msg.get("content") or "", str):
@@ -208,7 +211,7 @@ class PocketTemplate(ChatTemplate):
     reward_suffix = property(lambda self: [self.reward])
 
     def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        _check(messages)
+        check_messages(messages)
         ids, mask = [self.bos], [0]
 
         def add(tokens: list[int], trained: int) -> None:
@@ -283,7 +286,7 @@ class ChatMLTemplate(ChatTemplate):
         return [self.im_start, *self.tokenizer.encode("assistant\n")]
 
     def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        _check(messages)
+        check_messages(messages)
         if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.default_system}, *messages]
         ids: list[int] = []

@@ -10,8 +10,10 @@ import math
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -186,18 +188,24 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read JSON lines; a malformed line is reported with its file and line number."""
-    records = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line; a missing file or a malformed line is one error
+    naming the file (and the line)."""
+    if not Path(path).is_file():
+        raise PocketError(f"{path} does not exist" if not Path(path).exists() else f"{path} is not a file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    return records
+
+
+def read_jsonl(path: str | Path) -> list:
+    """Every record of a JSON-lines file (see iter_jsonl)."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
-from ..common import DistInfo, PocketError, atomic_write_json, console, read_jsonl
+from ..common import DistInfo, PocketError, atomic_write_json, console, iter_jsonl
 from ..data.tasks.base import truthfulness
 from ..model import GPT
 from .data_parallel import barrier, count_totals, gather, share
@@ -108,8 +108,8 @@ def sampled_comparisons(model: GPT, chat: ChatTemplate, cfg: RewardConfig, split
 def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
     """{"prompt","chosen","rejected"} or {"prompt","completions","ranking"} (ranking: best first, indices)."""
     out = []
-    for lineno, r in enumerate(read_jsonl(path), 1):
-        prompt = r.get("prompt")
+    for lineno, r in iter_jsonl(path):
+        prompt = r.get("prompt") if isinstance(r, dict) else None
         if not isinstance(prompt, str):
             raise PocketError(f"{path}:{lineno}: expected a string 'prompt'")
         if "chosen" in r and "rejected" in r:

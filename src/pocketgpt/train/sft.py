@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..chat import ChatTemplate
+from ..chat import ChatTemplate, check_messages
 from ..checkpoint import load_model, save_model
-from ..common import DistInfo, PocketError, atomic_write_json, console, human, read_jsonl
+from ..common import DistInfo, PocketError, atomic_write_json, console, human, iter_jsonl
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
 from ..data.tasks.practice import practice_conversations
@@ -136,12 +136,20 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
             convs += practice_conversations(task, spec["practice"], cfg.seed)
             stats["per_task"][f"{name} (practice worlds)"] = spec["practice"]
     for path in cfg.data:
-        records = read_jsonl(path)
-        for lineno, r in enumerate(records, 1):
+        given = len(convs)
+        for lineno, r in iter_jsonl(path):
             if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
-                raise PocketError(f"{path}: record {lineno} has no 'messages' list")
+                raise PocketError(f"{path}:{lineno}: no 'messages' list")
+            try:
+                check_messages(r["messages"])
+            except PocketError as e:
+                raise PocketError(f"{path}:{lineno}: {e}") from None
+            if not any(m["role"] == "assistant" and (m.get("content") or m.get("tool_calls")) for m in r["messages"]):
+                raise PocketError(f"{path}:{lineno}: no assistant reply, so nothing to learn")
             convs.append(r["messages"])
-        stats["per_task"][str(path)] = len(records)
+        if len(convs) == given:
+            raise PocketError(f"{path} holds no conversations")
+        stats["per_task"][str(path)] = len(convs) - given
     rng.shuffle(convs)
     # Some two-exchange conversations, so the assistant also learns to answer after earlier turns.
     n_multi = int(len(convs) * cfg.multi_turn_fraction) // 2
