@@ -124,3 +124,17 @@ def test_an_atomic_write_to_a_directory_says_so_and_leaves_nothing(tmp_path):
     with pytest.raises(PocketError, match="is a directory; give the name of the file"):
         atomic_write_text(tmp_path / "out", "x")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_a_device_this_machine_lacks_is_one_error(kind):
+    """`--device bogus` and `--device cuda` on a CPU-only build ended in PyTorch's RuntimeError and AssertionError."""
+    from pocketgpt.common import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(PocketError, match="unknown device 'bogus'"):
+        pick_device("bogus")
+    if {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]:
+        pytest.skip(f"this machine has {kind}")
+    with pytest.raises(PocketError, match=f"device '{kind}' is not available here"):
+        pick_device(kind)

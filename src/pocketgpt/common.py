@@ -29,9 +29,17 @@ console = Console(stderr=True)
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU; anything else is passed to torch.device."""
+    """'auto' picks CUDA, then MPS, then CPU; anything else is passed to torch.device, if this machine and
+    this build of PyTorch have it."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise PocketError(f"unknown device {name!r}: auto, cpu, cuda, cuda:N or mps") from None
+        present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not present.get(device.type, True):
+            raise PocketError(f"device {name!r} is not available here (this PyTorch sees no {device.type.upper()})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
