@@ -85,6 +85,9 @@ def test_models(server):
     client, _, model, kind = server
     ids = [m.id for m in client.models.list().data]
     assert model in ids and (ids == ["base", "sft"] if kind == "tiny" else ids == ["base"])
+    assert client.models.retrieve(model).id == model  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
 
 
 def test_chat_non_streaming_and_n(server):
@@ -287,6 +290,9 @@ def test_malformed_json_unknown_model_and_bad_key(server):
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers=auth)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] is None  # not the character offset where the JSON broke
+    r = httpx.put(url + "/v1/chat/completions", json={}, headers=auth)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(url + "/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
                    headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -136,8 +136,12 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            error = first.get("ctx", {}).get("error")
+            return JSONResponse(APIError(400, "the body is not valid JSON" + (f" ({error})" if error else "")).body(),
+                                status_code=400)
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        what = "the body is not valid JSON" if first.get("type") == "json_invalid" else first.get("msg", "invalid")
+        what = first.get("msg", "invalid")
         return JSONResponse(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{what}",
                                      ".".join(loc) or None).body(), status_code=400)
 
@@ -182,12 +186,19 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     async def health():
         return {"status": "ok", "models": list(workers)}
 
+    def model_card(name: str) -> dict:
+        w = workers[name]
+        return {"id": name, "object": "model", "created": now(), "owned_by": "pocketgpt",
+                "max_model_len": w.model.cfg.max_seq_len, "stage": w.meta.get("meta", {}).get("stage")}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": now(), "owned_by": "pocketgpt",
-             "max_model_len": w.model.cfg.max_seq_len, "stage": w.meta.get("meta", {}).get("stage")}
-            for name, w in workers.items()]}
+        return {"object": "list", "data": [model_card(name) for name in workers]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):  # the openai client's models.retrieve
+        worker_for(name)  # a model not served: 404 in OpenAI's shape
+        return model_card(name)
 
     @app.get("/metrics")
     async def metrics():

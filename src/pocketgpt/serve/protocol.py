@@ -21,8 +21,8 @@ class APIError(Exception):
                  code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 503: "unavailable_error"}.get(status, "server_error")
+        self.type = type_ or {401: "authentication_error", 404: "not_found_error", 503: "unavailable_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
