@@ -27,7 +27,8 @@ def test_chat_keeps_the_conversation_until_reset(tmp_path, chat, monkeypatch):
         return real_submit(self, prompt, params, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "submit", recording_submit)
-    lines = iter(["hello", "/temp 0", "again", "/system be brief", "/reset", "fresh", "/bogus", "/quit", "never read"])
+    # "/temp -1" is refused where it is typed (taken, it ended the session at the next message)
+    lines = iter(["hello", "/temp 0", "/temp -1", "again", "/system be brief", "/reset", "fresh", "/bogus", "/quit", "never read"])
     out = io.StringIO()
     args = SimpleNamespace(model=str(tmp_path), system=None, temperature=0.7, max_tokens=8, device="cpu", threads=1)
     chat_loop(args, read=lambda _: next(lines), out=out)

@@ -119,6 +119,8 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["pretrain", str(tmp_path), "--set", "pretrain.train.nope=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+    assert main(["arena", "--votes", str(tmp_path / "votes.db")]) == 2  # a misspelt file: not a new, empty one
+    assert "votes.db does not exist" in capsys.readouterr().err and not (tmp_path / "votes.db").exists()
 
 
 def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, tiny_model, chat, capsys):

@@ -9,6 +9,7 @@ run's world): each call is shown, dimmed, with its result, and the reply goes on
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from rich.console import Console
@@ -53,9 +54,13 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
             continue
         if line.startswith("/temp"):
             try:
-                temperature = float(line.split()[1])
+                value = float(line.split()[1])
             except (IndexError, ValueError):
-                console.print("usage: /temp 0.7")
+                value = -1.0
+            if 0 <= value < math.inf:
+                temperature = value
+            else:  # refused here: taken, it ended the session at the next message
+                console.print("usage: /temp 0.7 (a number >= 0; 0 is greedy)")
             continue
         if line.startswith("/"):
             console.print(f"unknown command; {HELP}")

@@ -189,6 +189,8 @@ def cmd_arena(args) -> None:
     if args.votes:
         if args.models:
             raise PocketError("give checkpoints to battle, or --votes DB to rate people's votes; not both")
+        if not Path(args.votes).is_file():  # VoteStore would create it
+            raise PocketError(f"{args.votes} does not exist (pocketgpt serve --arena-db FILE collects votes)")
         battles = VoteStore(args.votes).battles()
         if not battles:
             raise PocketError(f"{args.votes} holds no votes yet")
@@ -724,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every pair of checkpoints answers the same held-out prompts with the sides drawn "
                                    "at random; the tasks' verifiers and the labelers' rubric (or a judge model, asked "
                                    "in both orders) pick the winner. Ratings by Bradley-Terry maximum likelihood "
-                                   "with bootstrap 95%% intervals, beside online Elo and a length-controlled fit. "
+                                   "with bootstrap 95% intervals, beside online Elo and a length-controlled fit. "
                                    "With --votes DB: the same ratings from the votes cast on the chat page.")
     p.add_argument("models", nargs="*", help="two or more run or stage directories (base few-shot, sft, ppo, grpo, "
                                              "an imported model...)")
