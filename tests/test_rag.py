@@ -66,6 +66,14 @@ def test_a_second_build_does_no_work_and_a_change_redoes_one_document(tmp_path, 
     assert np.array_equal(reloaded.embeddings, index.embeddings) and len(reloaded.chunks) == len(index.chunks)
 
 
+def test_an_index_that_is_not_a_directory_is_one_error(tmp_path):
+    (tmp_path / "garbage.db").write_text("x")  # `rag ask garbage.db` ended in NotADirectoryError
+    with pytest.raises(PocketError, match="garbage.db is not an index directory"):
+        load_index(tmp_path / "garbage.db")
+    with pytest.raises(PocketError, match="nope does not exist"):
+        load_index(tmp_path / "nope")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "manifest", "missing"])
 def test_a_corrupt_index_is_one_clear_error(tmp_path, world_docs, embedder, damage):
     build_index(dict(list(world_docs.items())[:3]), tmp_path / "i", embedder=embedder)

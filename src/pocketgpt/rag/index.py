@@ -250,6 +250,8 @@ def load_index(path: str | Path, embedder: Embedder | None = None) -> Index:
     def corrupt(why: str) -> PocketError:
         return PocketError(f"{path} is not a usable index ({why}); rebuild it with `pocketgpt rag index`")
 
+    if not path.is_dir():
+        raise PocketError(f"{path} is not an index directory" if path.exists() else f"{path} does not exist")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
