@@ -101,6 +101,8 @@ def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
     import_model(tmp_path / "src", tmp_path / "run")
     with pytest.raises(PocketError, match="already exists"):
         import_model(tmp_path / "src", tmp_path / "run")
+    with pytest.raises(PocketError, match="is already a pocketgpt model directory"):  # "architecture None" before
+        import_model(tmp_path / "run" / "base", tmp_path / "other")
 
 
 # ----------------------------------------------------------------------------- the real model: SmolLM2

@@ -99,6 +99,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     return sha
 
 
+def is_model_dir(directory: Path) -> bool:
+    """Whether `directory` holds one of our models (a Hugging Face folder has a config.json too)."""
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+
+
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():

@@ -24,7 +24,7 @@ import torch
 
 from ..blocks import BlockWeight
 from ..chat import ChatMLTemplate, ChatTemplate
-from ..checkpoint import check_state_dict, check_tokenizer, save_model
+from ..checkpoint import check_state_dict, check_tokenizer, is_model_dir, save_model
 from ..common import PocketError, console
 from ..model import GPT, GPTConfig
 from ..tokenizer import HFTokenizer
@@ -110,6 +110,9 @@ def read_source(src: str | Path) -> Source:
     if not src.exists():
         raise PocketError(f"{src} does not exist (give a Hugging Face folder or a .gguf file; nothing is downloaded)")
     if src.is_dir():
+        if is_model_dir(src):
+            raise PocketError(f"{src} is already a pocketgpt model directory: serve, sample or fine-tune it as it is "
+                              f"(`pocketgpt export` writes a Hugging Face folder from it)")
         return read_hf_folder(src)
     with open(src, "rb") as f:
         magic = f.read(4)
