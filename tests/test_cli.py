@@ -67,6 +67,12 @@ def test_info_counts_parameters_in_the_weights_and_bytes_on_disk(tmp_path, tiny_
     assert f"rm   │ 2 layers, d=64, {human(n + 64)} params (with a score head); 2 steps" in out
     size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
     assert f"disk │ {human_bytes(size)}" in out and "BB" not in out
+    # one stage's directory tells about its model (it showed the disk alone); a folder that is neither says so
+    assert main(["info", str(tmp_path / "rm")]) == 0
+    assert f"rm   │ 2 layers, d=64, {human(n + 64)} params (with a score head); 2 steps" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    assert "is neither a run directory nor a model directory" in capsys.readouterr().err
 
 
 def chat_model_that_calls_the_calculator(tiny_model, chat):

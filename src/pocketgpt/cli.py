@@ -489,13 +489,44 @@ def cmd_tasks(args) -> None:
     console.print(f"{count} conversations ({args.name}, {args.split}, {args.style}) -> {args.out}")
 
 
+def _model_line(directory: Path) -> str:
+    """What `info` says of one model directory: its shape, parameters, and how it was made."""
+    from .checkpoint import read_config, stored_params
+
+    cfg = read_config(directory)
+    m, s = cfg["model"], cfg.get("meta", {}).get("summary", {})
+    # Counted from the weights: RL stages' summaries do not record it, and a reward model has a score head.
+    what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(stored_params(directory))} params"
+            + (", smeared keys" if m.get("smear_keys") else "")
+            + (" (with a score head)" if m.get("score_head") else ""))
+    if "steps" in s:
+        what += f"; {s['steps']} steps, {human(s.get('tokens', 0))} tokens"
+    elif "source" in s:
+        what += f"; imported from {Path(s['source']).name}" + _blocks_kept(s)
+    if "val_loss" in s:
+        what += f", val loss {s['val_loss']:.3f} ({s.get('val_bpb', 0):.3f} bpb)"
+    return what
+
+
 def cmd_info(args) -> None:
-    from .checkpoint import stored_params
+    from .checkpoint import is_model_dir
     from .common import human_bytes
 
     run = Path(args.run)
     if not run.exists():
         raise PocketError(f"{run} does not exist")
+    if is_model_dir(run):  # one stage of a run, or an imported model
+        table = Table(title=f"model {run}")
+        for col in ("part", "what"):
+            table.add_column(col)
+        table.add_row(run.name, _model_line(run))
+        table.add_row("disk", human_bytes(sum(p.stat().st_size for p in run.rglob("*") if p.is_file())))
+        console.print(table)
+        return
+    parts = ("tokenizer", "metrics.jsonl", *(s.name for s in STAGES))
+    if not any((run / part).exists() for part in parts):
+        raise PocketError(f"{run} is neither a run directory nor a model directory (it holds none of "
+                          f"{', '.join(parts)}, and no model's config.json)")
     table = Table(title=f"run {run}")
     for col in ("part", "what"):
         table.add_column(col)
@@ -504,22 +535,9 @@ def cmd_info(args) -> None:
         r = json.loads(tok_report.read_text())
         table.add_row("tokenizer", f"vocab {r['vocab_size']}, trained on {human(r['train_chars'])} chars")
     for stage in (s.name for s in STAGES):
-        cfg_path = run / stage / "config.json"
         ckpts = sorted((run / stage / "checkpoints").glob("step_*"))
-        if cfg_path.exists():
-            cfg = json.loads(cfg_path.read_text())
-            m, s = cfg["model"], cfg.get("meta", {}).get("summary", {})
-            # Counted from the weights: RL stages' summaries do not record it, and a reward model has a score head.
-            what = (f"{m['n_layer']} layers, d={m['d_model']}, {human(stored_params(run / stage))} params"
-                    + (", smeared keys" if m.get("smear_keys") else "")
-                    + (" (with a score head)" if m.get("score_head") else ""))
-            if "steps" in s:
-                what += f"; {s['steps']} steps, {human(s.get('tokens', 0))} tokens"
-            elif "source" in s:
-                what += f"; imported from {Path(s['source']).name}" + _blocks_kept(s)
-            if "val_loss" in s:
-                what += f", val loss {s['val_loss']:.3f} ({s.get('val_bpb', 0):.3f} bpb)"
-            table.add_row(stage, what)
+        if (run / stage / "config.json").exists():
+            table.add_row(stage, _model_line(run / stage))
         if ckpts:
             size = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
             table.add_row(f"{stage} checkpoints", f"{', '.join(c.name for c in ckpts)} ({human_bytes(size)})")
