@@ -175,6 +175,8 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     (["--task", "spell", "--style", "nonsense"], "task 'spell' has no style 'nonsense'; its styles: direct"),
     (["--task", "spell", "--bpb", "text"], "--bpb text: a text source reads files"),
     (["--task", "spell", "--out", "FILE"], "is a file; give a directory"),
+    (["--matrix", "--cells", "zzzz"], "no matrix cell matches --cells 'zzzz'"),  # after a minute's compile before
+    (["--task", "spell", "--strategy", "cot", "--bpb", "docs"], "--bpb measures a local model's bits per byte"),
 ])
 def test_eval_refuses_bad_arguments_before_evaluating_anything(tmp_path, tiny_model, chat, capsys, args, message):
     save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})

@@ -353,6 +353,13 @@ def cmd_eval_strategy(args) -> None:
     from .reason.strategies import Settings, evaluate_strategy
 
     set_threads(args.threads)
+    if args.matrix:  # before a compile of a minute or a server's first request
+        from .reason.matrix import MATRIX
+
+        wanted = [w.strip().lower() for w in (args.cells or "").split(",") if w.strip()]
+        cells = [c for c in MATRIX if not wanted or any(w in f"{c.task}: {c.label}".lower() for w in wanted)]
+        if not cells:
+            raise PocketError(f"no matrix cell matches --cells {args.cells!r}")
     model_dir = None
     if args.server:
         lm = LM.openai(args.server, args.api_key or "none", args.server_model, args.concurrency)
@@ -378,12 +385,6 @@ def cmd_eval_strategy(args) -> None:
             raise PocketError("--matrix against a server needs --out DIR")
         console.print(f"strategy matrix of {lm.name} on {args.split} -> {out_dir}")
         start = time.perf_counter()
-        from .reason.matrix import MATRIX
-
-        wanted = [w.strip().lower() for w in (args.cells or "").split(",") if w.strip()]
-        cells = [c for c in MATRIX if not wanted or any(w in f"{c.task}: {c.label}".lower() for w in wanted)]
-        if not cells:
-            raise PocketError(f"no matrix cell matches --cells {args.cells!r}")
         run_matrix(lm, out_dir, settings, args.n, cells, split=args.split)
         console.print(f"matrix done in {(time.perf_counter() - start) / 60:.1f} min; {lm.usage.calls} model calls, "
                       f"{lm.usage.prompt_tokens + lm.usage.completion_tokens} tokens; cells in {out_dir}")
@@ -424,6 +425,9 @@ def cmd_eval(args) -> None:
     import torch
 
     if args.strategy or args.server or args.matrix:
+        if args.bpb:
+            raise PocketError("--bpb measures a local model's bits per byte; give it without --strategy, --matrix "
+                              "and --server")
         args.strategy = args.strategy or "direct"
         return cmd_eval_strategy(args)
     if not args.model:

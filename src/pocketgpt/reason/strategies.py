@@ -124,7 +124,7 @@ def act(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
         available["python"], specs["python"] = python_tool, SPEC
     unknown = [t for t in s.tools if t not in available]
     if unknown:
-        raise PocketError(f"unknown tool {unknown[0]!r}; available: {', '.join(available)}")
+        raise PocketError(f"unknown tool {unknown[0]!r}; available: {', '.join(sorted({*available, 'python'}))}")
     return react(lm, task, examples, {t: available[t] for t in s.tools}, [specs[t] for t in s.tools],
                  s.max_steps, s.shots, fallback_k=s.k, temperature=s.temperature, seed=s.seed, paths=s.paths)
 
