@@ -421,6 +421,21 @@ def bpb_source(name: str, meta: dict, max_bytes: int = 500_000):
     return source
 
 
+def suite_tasks(names: str, style: str | None) -> dict[str, str]:
+    """`eval --task A,B --style S`: each task and the rendering it is scored in (its trained one by default).
+    An unknown task or a style it lacks fails here, not after the tasks before it have run; with "all", the
+    tasks without the style answer directly."""
+    from .data.tasks import TASKS, get_task
+    from .evaluate.harness import SUITE
+
+    chosen = list(TASKS) if names == "all" else [t.strip() for t in names.split(",") if t.strip()]
+    styles = {name: get_task(name).styles for name in chosen}
+    lacking = [name for name in chosen if style and style not in styles[name]]
+    if lacking and (names != "all" or len(lacking) == len(chosen)):
+        raise PocketError(f"task {lacking[0]!r} has no style {style!r}; its styles: {', '.join(styles[lacking[0]])}")
+    return {name: style or SUITE.get(name, "direct") for name in chosen}
+
+
 def cmd_eval(args) -> None:
     import torch
 
@@ -436,8 +451,7 @@ def cmd_eval(args) -> None:
     from .checkpoint import load_model, resolve_model_dir
     from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_emulated
     from .data.sources import read_documents
-    from .data.tasks import TASKS, get_task
-    from .evaluate.harness import SUITE, bits_per_byte, evaluate_suite, model_mode
+    from .evaluate.harness import bits_per_byte, evaluate_suite, model_mode
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
@@ -449,17 +463,7 @@ def cmd_eval(args) -> None:
     # checked before the tasks run, so that a misspelt source fails in a second, not after the evaluation
     bpb_names = [name.strip() for name in (args.bpb or "").split(",") if name.strip()]
     bpb_sources = [bpb_source(name, cfg.get("meta", {})) for name in bpb_names]
-    if args.task == "all":
-        tasks = {name: args.style or SUITE.get(name, "direct") for name in TASKS}
-    else:
-        names = [t.strip() for t in args.task.split(",") if t.strip()]
-        tasks = {name: args.style or SUITE.get(name, "direct") for name in names}
-    # unknown tasks and styles fail now, not after the tasks named before them have run ("all" lets the
-    # tasks without the style answer directly)
-    styles = {name: get_task(name).styles for name in tasks}
-    lacking = [name for name in tasks if args.style and args.style not in styles[name]]
-    if lacking and (args.task != "all" or len(lacking) == len(tasks)):
-        raise PocketError(f"task {lacking[0]!r} has no style {args.style!r}; its styles: {', '.join(styles[lacking[0]])}")
+    tasks = suite_tasks(args.task, args.style)
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     if out_dir.exists() and not out_dir.is_dir():
         raise PocketError(f"--out {out_dir} is a file; give a directory for the verdicts and results.json")
