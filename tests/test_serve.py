@@ -252,6 +252,8 @@ BAD_REQUESTS = [
      400, "guided_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": ""}, 400, "guided_regex"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9"}, 400, None),
+    # a pattern no text matches: it answered "" with 200
+    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[^\\x00-\\U0010FFFF]"}, 400, None),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9]+", "guided_choice": ["1"]}, 400,
      "guided_regex"),
     ({"messages": [{"role": "user", "content": "x"}], "continue_final_message": True, "add_generation_prompt": False},

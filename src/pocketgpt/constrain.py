@@ -57,10 +57,16 @@ class Constraints:
 
     def _compile_uncached(self, grammar: str):
         import llguidance
+        import llguidance.torch as llt
 
         matcher = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
-        if matcher.is_error():
-            raise PocketError(f"invalid constraint: {matcher.get_error()}")
+        # A grammar that admits no text at all ([^\x00-\U0010FFFF]) compiles, and fails at its first mask:
+        # found here, it is a bad request, not an empty reply.
+        probe = matcher.deep_copy()
+        if not probe.is_error():
+            llt.fill_next_token_bitmask(probe, llt.allocate_token_bitmask(1, self.vocab_size), 0)
+        if probe.is_error():
+            raise PocketError(f"invalid constraint: {probe.get_error()}")
         return matcher
 
     def grammar(self, grammar: str) -> Constraint:
