@@ -127,14 +127,14 @@ def bench_decode(args, tok: Tokenizer) -> dict:
 
 def bench_sampling(args, tok: Tokenizer) -> dict:
     """`--rows` sequences of `--new-tokens` sampled at temperature 1 from prompts of 40 tokens, all at once, the
-    same weights in bf16 (where the hardware has it: what RL samples with) or fp32: our engine eager at 32 rows
+    same weights in bf16 (where the hardware makes it faster: what RL samples with) or fp32: our engine eager at 32 rows
     (the RL stages' sampler before it compiled) and at `--rows`, compiled both ways (the compile, a one-off, is
     reported apart), and transformers' `generate` of the whole batch. Every sequence runs to its length."""
-    from pocketgpt.common import bf16_is_native
+    from pocketgpt.common import bf16_is_faster
 
     ours, hf = make_pair(args.preset, tok.vocab_size, 512)
     ours.eval(), hf.eval()
-    dtype = getattr(torch, "bfloat16" if bf16_is_native(torch.device("cpu")) else "float32")
+    dtype = getattr(torch, "bfloat16" if bf16_is_faster(torch.device("cpu")) else "float32")
     ours, hf = ours.to(dtype), hf.to(dtype)
     n, rows = args.new_tokens, args.rows
     prompts = torch.randint(0, tok.vocab_size, (rows, 40), generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from pocketgpt.common import PocketError
-from pocketgpt.engine import Engine, SamplingParams, sample_next, sample_seed
+from pocketgpt.engine import Engine, SamplingParams, Sequence, penalize, sample_next, sample_seed
 
 
 @pytest.fixture(params=["tiny_model", "smeared_model"])
@@ -239,6 +241,44 @@ def test_banned_tokens_are_never_sampled_in_their_own_rows_only(tiny_model, chat
     assert chat.tool_call_token == chat.tool_call_markers[0] and isinstance(chat.tool_call_token, int)
 
 
+def test_logit_bias_and_penalties_follow_openais_formula():
+    """logit + bias - frequency x count - presence x (count > 0), per row, other tokens and rows untouched."""
+    logits = torch.randn(3, 10)
+    penalized = Sequence([1], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((7, 3.0), (2, -1.0))),
+                         [], 0, 0, False)
+    penalized.counts = {2: 3, 4: 1}
+    plain = Sequence([1], SamplingParams(), [], 1, 0, False)
+    plain.counts = {2: 5}
+    biased = Sequence([1], SamplingParams(logit_bias=((0, -100.0),)), [], 2, 0, False)
+    out = penalize(logits, [penalized, plain, biased])
+    expected = logits.clone()
+    expected[0, 2] += -1.0 - 0.25 * 3 - 0.5
+    expected[0, 4] += -0.25 - 0.5
+    expected[0, 7] += 3.0
+    expected[2, 0] -= 100
+    assert torch.allclose(out, expected)
+    assert penalize(logits, [plain]) is logits  # nothing asked: no copy
+
+
+def test_logit_bias_bans_and_forces_and_a_presence_penalty_stops_repeats(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    free = engine.generate([[1, 2, 3]], greedy)[0].tokens
+    assert len(set(free)) < len(free)  # the untrained model repeats itself greedily: what the penalty must undo
+    banned = engine.generate([[1, 2, 3]], replace(greedy, logit_bias=((free[0], -100.0),)))[0].tokens
+    assert free[0] not in banned
+    forced = engine.generate([[1, 2, 3]], replace(greedy, max_tokens=5, logit_bias=((42, 100.0),)))[0].tokens
+    assert forced == [42] * 5
+    fresh = engine.generate([[1, 2, 3]], replace(greedy, presence_penalty=2.0))[0].tokens
+    assert len(set(fresh)) == len(fresh) == 24  # its logits span less than 2: no token is picked twice
+    # sampled: the penalty comes before the temperature divides the logits, as in OpenAI's and vLLM's samplers
+    cool = SamplingParams(max_tokens=24, temperature=0.2, seed=0, n=4)
+    repeats = [len(c.tokens) - len(set(c.tokens)) for c in engine.generate([[1, 2, 3]], cool)]
+    penalized = [len(c.tokens) - len(set(c.tokens))
+                 for c in engine.generate([[1, 2, 3]], replace(cool, frequency_penalty=2.0))]
+    assert min(repeats) > 0 and penalized == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("prompt, params, message", [
     ([], SamplingParams(), "the prompt is empty"),
     ([1] * 128, SamplingParams(), "the prompt has 128 tokens; the model's context is 128"),
@@ -250,6 +290,10 @@ def test_banned_tokens_are_never_sampled_in_their_own_rows_only(tiny_model, chat
     ([1], SamplingParams(top_k=-1), "top_k must be at least 0"),
     ([1], SamplingParams(top_p=0.0), "top_p must be above 0"),
     ([1], SamplingParams(logprobs=-2), "logprobs must be at least 0"),
+    ([1], SamplingParams(presence_penalty=2.5), "presence_penalty must be from -2 to 2"),
+    ([1], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty must be from -2 to 2"),
+    ([1], SamplingParams(logit_bias=((512, 1.0),)), "logit_bias names token id 512, outside the vocabulary"),
+    ([1], SamplingParams(logit_bias=((5, -101.0),)), "logit_bias must be from -100 to 100"),
 ])
 def test_bad_input_is_a_one_line_pocket_error(tiny_model, tokenizer, prompt, params, message):
     engine = Engine(tiny_model, tokenizer)

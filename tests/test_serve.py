@@ -182,6 +182,42 @@ def test_json_schema_output_always_validates(server):
         assert obj["unit"] in ("m", "kg", "s")
 
 
+def test_guided_json_output_validates(server):
+    """vLLM's guided_json, as an object and as a JSON string: the same constraint as a json_schema format."""
+    client, _, model, _ = server
+    for schema in (SCHEMA, json.dumps(SCHEMA)):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "How far? In JSON."}],
+                                           max_tokens=40, temperature=1.0, n=4, seed=1, extra_body={"guided_json": schema})
+        for c in r.choices:
+            obj = json.loads(c.message.content)
+            assert set(obj) == {"answer", "unit"} and obj["unit"] in ("m", "kg", "s")
+
+
+def test_logit_bias_and_penalties(server):
+    """OpenAI's logit_bias forces (+100) a token, also at temperature 0 (the engine's tests ban with -100); the
+    presence and frequency penalties change a greedy reply that repeats itself."""
+    client, url, model, _ = server
+    messages = [{"role": "user", "content": "Write the word yes ten times."}]
+
+    def reply(max_tokens=12, **settings):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                           logprobs=True, **settings)
+        return r.choices[0].message.content, [t.token for t in r.choices[0].logprobs.content]
+
+    def call(path: str, body: dict) -> dict:
+        return httpx.post(url + path, json={"model": model, **body}, headers={"Authorization": f"Bearer {KEY}"}).json()
+
+    free, pieces = reply()
+    assert len(set(pieces)) < len(pieces)  # the greedy reply repeats a token: what the penalties must change
+    forced = call("/tokenize", {"prompt": " yes"})["tokens"][-1]
+    piece = call("/detokenize", {"tokens": [forced]})["prompt"]
+    assert reply(logit_bias={str(forced): 100}, max_tokens=3)[0] == piece * 3
+    assert reply(presence_penalty=2.0, frequency_penalty=2.0)[0] != free
+    completion = client.completions.create(model=model, prompt="The", max_tokens=3, temperature=0,
+                                           logit_bias={str(forced): 100})
+    assert completion.choices[0].text == piece * 3
+
+
 def test_tool_call_round_trip(server):
     client, _, model, _ = server
     messages = [{"role": "user", "content": "What is 12 * 34? Use the calculator."}]
@@ -272,6 +308,21 @@ BAD_REQUESTS = [
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
         "name": "a", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"comma": 5}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 250}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {str(i): 1 for i in range(2000)}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    # what other servers take and this one does not do: refused, not ignored
+    ({"messages": [{"role": "user", "content": "x"}], "min_p": 0.1}, 400, "min_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}, 400, "max_tokens"),  # OpenAI's too
+    ({"messages": [{"role": "user", "content": "x"}], "stream": 1}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1.3}, 400, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": "{not json"}, 400, "guided_json"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": [1, 2]}, 400, "guided_json"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": SCHEMA, "guided_regex": "[0-9]+"}, 400,
+     "guided_json"),
 ]
 
 
@@ -283,8 +334,20 @@ def test_bad_requests_get_a_4xx_in_openai_shape(server, body, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param:
-        assert err["param"] == param
+    assert param is None or err["param"] == param
+
+
+@pytest.mark.parametrize("body,param", [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+                                        ({"guided_regex": "[0-9]+"}, "guided_regex"), ({"min_tokens": 4}, "min_tokens"),
+                                        ({"logit_bias": {"1": -101}}, "logit_bias")])
+def test_completions_refuse_what_they_do_not_do(server, body, param):
+    _, url, model, _ = server
+    r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "The", **body},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    neutral = {"model": model, "prompt": "The", "max_tokens": 2, "best_of": 1, "suffix": None, "user": "u", "min_p": 0}
+    assert httpx.post(url + "/v1/completions", json=neutral, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60).status_code == 200  # the settings that change nothing, and unknown fields
 
 
 def test_malformed_json_unknown_model_and_bad_key(server):

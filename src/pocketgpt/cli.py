@@ -289,13 +289,13 @@ def cmd_sample(args) -> None:
     import torch
 
     from .checkpoint import load_model
-    from .common import pick_device, set_threads, warn_if_bf16_is_emulated
+    from .common import pick_device, set_threads, warn_if_bf16_is_slow
     from .engine import Engine, SamplingParams
 
     set_threads(args.threads)
     model, chat, _ = load_model(args.model, pick_device(args.device), blocks=True)
     if args.bf16:
-        warn_if_bf16_is_emulated(model.lm_head.weight.device)
+        warn_if_bf16_is_slow(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
     engine = Engine(model, chat.tokenizer)
     if args.chat:
@@ -449,7 +449,7 @@ def cmd_eval(args) -> None:
         raise PocketError("give a run or model directory (or --server URL)")
 
     from .checkpoint import load_model, resolve_model_dir
-    from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_emulated
+    from .common import atomic_write_json, pick_device, set_threads, warn_if_bf16_is_slow
     from .data.sources import read_documents
     from .evaluate.harness import bits_per_byte, evaluate_suite, model_mode
 
@@ -457,7 +457,7 @@ def cmd_eval(args) -> None:
     model_dir = resolve_model_dir(args.model)
     model, chat, cfg = load_model(model_dir, pick_device(args.device), blocks=True)
     if args.bf16:
-        warn_if_bf16_is_emulated(model.lm_head.weight.device)
+        warn_if_bf16_is_slow(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
     mode = model_mode(cfg) if args.mode == "auto" else args.mode
     # checked before the tasks run, so that a misspelt source fails in a second, not after the evaluation
@@ -604,7 +604,7 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
-    from .common import pick_device, set_threads, warn_if_bf16_is_emulated
+    from .common import pick_device, set_threads, warn_if_bf16_is_slow
     from .serve.api import create_app, load_workers
     from .serve.protocol import Limits
     from .serve.worker import run_engines
@@ -615,7 +615,7 @@ def cmd_serve(args) -> None:
     # 1.4x the tokens/s of one client here (bench/bench_serve.py).
     sys.setswitchinterval(0.0005)
     if args.bf16 or args.bf16_prefill:
-        warn_if_bf16_is_emulated(pick_device(args.device))
+        warn_if_bf16_is_slow(pick_device(args.device))
     workers = load_workers(args.run, pick_device(args.device), args.max_batch, "bfloat16" if args.bf16 else "float32",
                            "bfloat16" if args.bf16_prefill else "float32", compile=args.compile,
                            prefix_cache_mb=args.prefix_cache)

@@ -52,6 +52,10 @@ class SamplingParams:
     # Never sampled (a tool call where no tool is offered): one masked write for the whole batch, where a
     # logits processor would cost a Python call per row and step.
     banned_tokens: tuple[int, ...] = ()
+    # OpenAI's: subtracted from a token's logit once it has been sampled (presence) and per time (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit) pairs: -100 bans, 100 forces
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Sequence:
         self.tokens: list[int] = []  # everything after the prompt, sampled or written by the runtime
         self.sampled: list[int] = []  # 1 where tokens[i] was sampled, 0 where the runtime wrote it
         self.turn: list[int] = []  # tokens sampled since the last submit/extend (stops and max_tokens look here)
+        self.counts: dict[int, int] = {}  # how often each token was sampled (presence and frequency penalties)
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.pending: list[int] = list(prompt)  # to feed into the cache before the next sample
@@ -184,6 +189,24 @@ def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if bool(impossible.any()):
         picked = torch.where(impossible, x.argmax(dim=-1), picked)
     return picked
+
+
+def penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The rows' logit biases and presence and frequency penalties, as OpenAI defines them: each token's logit
+    plus its bias, minus frequency_penalty x the times the sequence sampled it and presence_penalty if it did.
+    One scattered add for the whole batch; `logits` itself is returned when no row asks for any."""
+    rows, tokens, values = [], [], []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        for token, bias in p.logit_bias:
+            rows.append(i), tokens.append(token), values.append(bias)
+        if p.presence_penalty or p.frequency_penalty:
+            for token, count in seq.counts.items():
+                rows.append(i), tokens.append(token), values.append(-p.frequency_penalty * count - p.presence_penalty)
+    if not rows:
+        return logits
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+    return logits.index_put(index, torch.tensor(values, device=logits.device, dtype=logits.dtype), accumulate=True)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
@@ -381,9 +404,16 @@ class Engine:
                                ("temperature", params.temperature >= 0, "at least 0 (0 is greedy)"),
                                ("top_k", params.top_k >= 0, "at least 0 (0 is off)"),
                                ("top_p", 0 < params.top_p <= 1, "above 0 and at most 1 (1 is off)"),
-                               ("logprobs", params.logprobs is None or params.logprobs >= 0, "at least 0")):
+                               ("logprobs", params.logprobs is None or params.logprobs >= 0, "at least 0"),
+                               ("presence_penalty", -2 <= params.presence_penalty <= 2, "from -2 to 2"),
+                               ("frequency_penalty", -2 <= params.frequency_penalty <= 2, "from -2 to 2")):
             if not ok:
                 raise PocketError(f"{name} must be {rule}, not {getattr(params, name)}")
+        for token, bias in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise PocketError(f"logit_bias names token id {token}, outside the vocabulary (0 to {vocab - 1})")
+            if not -100 <= bias <= 100:
+                raise PocketError(f"logit_bias must be from -100 to 100, not {bias} (token {token})")
 
     def enqueue(self, seqs: list[Sequence]) -> None:
         """Hand sequences to the engine (thread-safe: the engine picks them up at its next step)."""
@@ -540,9 +570,9 @@ class Engine:
         if not ready:
             return []
         raw = torch.stack([s.logits for s in ready]).float()
-        logits = raw
+        logits = penalize(raw, ready)  # a new tensor where it changes anything: logprobs come from the raw ones
         bans = [(i, t) for i, seq in enumerate(ready) for t in seq.params.banned_tokens]
-        if bans or any(s.processors for s in ready):
+        if (bans or any(s.processors for s in ready)) and logits is raw:
             logits = raw.clone()
         if bans:
             rows, tokens = zip(*bans)
@@ -565,6 +595,7 @@ class Engine:
                 seq.top_logprobs.append(top or [])
             seq.tokens.append(token)
             seq.sampled.append(1)
+            seq.counts[token] = seq.counts.get(token, 0) + 1
             seq.turn.append(token)
             reason = self._stop_reason(seq, token)
             if reason is None:

@@ -52,7 +52,7 @@ def stage_rows(run: Path) -> list[list[str]]:
                                                        "val_pair_accuracy", "reward", "kl")
                            if isinstance(s.get(k), (int, float)))
         speed = f"{human(s['tokens_per_s'])} tok/s" if s.get("tokens_per_s") else ""
-        if speed and s.get("dtype"):  # "auto" settled per machine: bf16 where native, else fp32
+        if speed and s.get("dtype"):  # "auto" settled per machine: bf16 where faster, else fp32
             speed += f" in {s['dtype']}"
         if s.get("mfu"):
             speed += f", MFU {s['mfu']:.0%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s"

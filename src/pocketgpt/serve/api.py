@@ -3,8 +3,9 @@ to a pocketgpt run as they would to OpenAI, vLLM or llama.cpp's server.
 
     GET  /v1/models                a run directory serves each stage as a model id (base, sft, ppo, grpo...)
     POST /v1/chat/completions      messages -> the chat template's prompt -> the engine; streaming (SSE),
-                                   n, logprobs, response_format (constrained decoding), tools,
-                                   guided_choice (vLLM's: one of given strings), guided_regex,
+                                   n, logprobs, logit_bias, presence and frequency penalties,
+                                   response_format (constrained decoding), tools, guided_choice
+                                   (vLLM's: one of given strings), guided_regex, guided_json,
                                    continue_final_message (vLLM's: go on from a prefilled reply)
     POST /v1/completions           plain text continuation, for base models
     POST /tokenize, /detokenize    the tokenizer, as vLLM exposes it (+ each token's text, for the page)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -121,6 +123,16 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
+# What pydantic adds to an error's location for the member of a union it tried ("str", "dict[str,any]",
+# "function-after[...]"): not a field's name, so the param an error names leaves it out.
+UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\-]")
+
+
+def field_path(loc) -> list[str]:
+    """The request field a validation error's location names, as a list of parts (messages, 0, role)."""
+    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and UNION_MEMBER.search(x))]
+
+
 def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, api_key: str | None = None,
                votes: VoteStore | None = None) -> FastAPI:
     """The app; `votes` is where the arena tab's votes go (none: the arena endpoints answer 404)."""
@@ -140,7 +152,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             error = first.get("ctx", {}).get("error")
             return JSONResponse(APIError(400, "the body is not valid JSON" + (f" ({error})" if error else "")).body(),
                                 status_code=400)
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        loc = field_path(first.get("loc", []))
         what = first.get("msg", "invalid")
         return JSONResponse(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{what}",
                                      ".".join(loc) or None).body(), status_code=400)
@@ -330,8 +342,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                          "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]
 
     def constrained(req: ChatCompletionRequest) -> bool:
-        return (req.forced_tool is not None or req.guided_choice is not None or req.guided_regex is not None
-                or (req.response_format is not None and req.response_format.type != "text"))
+        return bool(req.constraints())
 
     def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
         """The constraint a `constrained` request asks for, compiled once per schema (llguidance), one
@@ -343,6 +354,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             return w.constraints.choice(req.guided_choice).processor
         if req.guided_regex is not None:
             return w.constraints.regex(req.guided_regex).processor
+        if req.guided_json is not None:
+            return w.constraints.json_schema(req.guided_schema()).processor
         fmt = req.response_format
         if fmt.type == "json_object":
             return w.constraints.json_object().processor
@@ -359,7 +372,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         opener = w.chat.tool_call_token
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                 n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.stop_ids,
-                                stop_strings=req.stops(), logprobs=k,
+                                stop_strings=req.stops(), logprobs=k, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, logit_bias=req.biases(w.model.cfg.vocab_size),
                                 # no tool on offer: the model may not open a call
                                 banned_tokens=(opener,) if not use_tools and opener is not None else ())
         # llguidance builds off the event loop; a request without a constraint skips the hop to a thread
@@ -457,8 +471,9 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         max_tokens = budget(w, prompt, req.max_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                 n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.document_stops,
-                                stop_strings=req.stops(),
-                                logprobs=req.logprobs)
+                                stop_strings=req.stops(), logprobs=req.logprobs,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                logit_bias=req.biases(w.model.cfg.vocab_size))
         admit(w, req.n)
         seqs, events = w.submit(prompt, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", now()

@@ -4,12 +4,15 @@ Every rule that fails raises `APIError`, which the app turns into the OpenAI err
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "top_logprobs", "code": null}}
 
-with a 4xx status. Unknown fields are accepted and ignored, as OpenAI's own clients send some
-(user, metadata, ...) that change nothing here.
+with a 4xx status. A value of the wrong JSON type is refused, not converted ("max_tokens": "10"), as
+OpenAI refuses it. Unknown fields are accepted and ignored, as OpenAI's own clients send some (user,
+metadata, ...) that change nothing here; a field another server takes that would change the reply and
+this one does not implement (`UNSUPPORTED`) is refused with a 400 naming it, rather than ignored.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,11 +41,24 @@ class Limits:
     max_n: int = 8
     max_top_logprobs: int = 20
     max_choices: int = 256  # guided_choice's strings
+    max_logit_bias: int = 1024  # logit_bias's tokens
     max_queued: int = 256  # sequences waiting for a cache row, per model
 
 
+# Fields OpenAI's or vLLM's server takes that would change the reply, with the setting that changes nothing
+# (null and empty values change nothing either): any other value is refused, since a request with min_p 0.1
+# answered as if it had none would be a silent lie. The constraints are declared by chat completions' request
+# and so are not among its unknown fields; the legacy completions endpoint takes none.
+UNSUPPORTED: dict[str, Any] = {"best_of": 1, "suffix": None, "repetition_penalty": 1, "min_p": 0, "min_tokens": 0,
+                               "use_beam_search": False, "guided_grammar": None, "guided_json": None,
+                               "guided_regex": None, "guided_choice": None, "response_format": None,
+                               "prediction": None, "logits_processors": None}
+
+
 class Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a value of the wrong JSON type is refused, as OpenAI refuses it ("max_tokens": "10" is a 400),
+    # not converted; unknown fields are kept (model_extra), for the check of UNSUPPORTED ones
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class FunctionDef(Open):
@@ -92,6 +108,9 @@ class SamplingFields(Open):
     stream_options: StreamOptions | None = None
     # vLLM's and llama.cpp's extension for benchmarks: go on past the end-of-turn token up to max_tokens.
     ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> -100 to 100
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -99,7 +118,24 @@ class SamplingFields(Open):
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
         return tuple(stops)
 
+    def biases(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as the engine takes it: (token, bias) pairs, each checked."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab_size - 1}, not {key!r}",
+                               "logit_bias")
+            if not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias values are from -100 to 100, not {bias} (token {key})", "logit_bias")
+            pairs.append((int(key), bias))
+        return tuple(pairs)
+
     def check_common(self, limits: Limits) -> None:
+        for name, neutral in UNSUPPORTED.items():
+            if (self.model_extra or {}).get(name) not in (None, neutral, {}, [], ""):
+                raise APIError(400, f"{name} is not supported by this server", name)
+        if len(self.logit_bias or {}) > limits.max_logit_bias:
+            raise APIError(400, f"logit_bias takes at most {limits.max_logit_bias} tokens", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
         if self.n > limits.max_n:
@@ -117,6 +153,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extension: the reply is exactly one of these strings (quoting a passage, a label, yes/no)
     guided_choice: list[str] | None = None
     guided_regex: str | None = None  # vLLM's too: the reply matches this regular expression
+    guided_json: dict[str, Any] | str | None = None  # vLLM's too: the reply is JSON that this schema admits
     # vLLM's too: the last message is the reply so far, and the model goes on from it (a prefilled reply)
     continue_final_message: bool = False
     add_generation_prompt: bool = True  # vLLM's: must be false with continue_final_message
@@ -172,16 +209,36 @@ class ChatCompletionRequest(SamplingFields):
                 raise APIError(400, f"guided_choice takes at most {limits.max_choices} strings", "guided_choice")
             if sum(map(len, self.guided_choice)) > limits.max_total_chars:
                 raise APIError(400, f"guided_choice holds more than {limits.max_total_chars} characters", "guided_choice")
-            if (fmt is not None and fmt.type != "text") or self.forced_tool is not None:
-                raise APIError(400, "guided_choice cannot be combined with response_format or a required tool call",
-                               "guided_choice")
-        if self.guided_regex is not None:
-            if not self.guided_regex or len(self.guided_regex) > limits.max_message_chars:
-                raise APIError(400, f"guided_regex takes a pattern of 1 to {limits.max_message_chars} characters",
-                               "guided_regex")
-            if (fmt is not None and fmt.type != "text") or self.forced_tool is not None or self.guided_choice is not None:
-                raise APIError(400, "guided_regex cannot be combined with response_format, guided_choice or a "
-                               "required tool call", "guided_regex")
+        if self.guided_regex is not None and (not self.guided_regex or len(self.guided_regex) > limits.max_message_chars):
+            raise APIError(400, f"guided_regex takes a pattern of 1 to {limits.max_message_chars} characters",
+                           "guided_regex")
+        if self.guided_json is not None:
+            self.guided_schema()
+        constraints = self.constraints()
+        if len(constraints) > 1:
+            raise APIError(400, f"{constraints[1]} cannot be combined with {constraints[0]}: a reply takes one "
+                           "constraint", constraints[1])
+
+    def constraints(self) -> list[str]:
+        """The fields that constrain this request's reply (a forced tool call is one too)."""
+        fmt = self.response_format
+        return [name for name, on in (("response_format", fmt is not None and fmt.type != "text"),
+                                      ("tool_choice", self.forced_tool is not None),
+                                      ("guided_choice", self.guided_choice is not None),
+                                      ("guided_regex", self.guided_regex is not None),
+                                      ("guided_json", self.guided_json is not None)) if on]
+
+    def guided_schema(self) -> dict[str, Any]:
+        """guided_json's schema (vLLM takes it as an object or as a JSON string)."""
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"guided_json is not JSON: {e.msg} at character {e.pos}", "guided_json") from None
+        if not isinstance(schema, dict):
+            raise APIError(400, "guided_json must be a JSON schema (an object)", "guided_json")
+        return schema
 
     @staticmethod
     def text_of(m: Message, i: int) -> str:

@@ -81,7 +81,7 @@ class TrainConfig:
     grad_filter: str = "none"  # none | grokfast (train/grad_filter.py)
     grokfast_alpha: float = 0.98
     grokfast_lambda: float = 2.0
-    dtype: str = "auto"  # auto | bfloat16 | float32: autocast dtype for forward/backward (auto: bf16 where native)
+    dtype: str = "auto"  # auto | bfloat16 | float32: autocast dtype for forward/backward (auto: bf16 where faster)
     compile: bool = False  # torch.compile the training step: pays on fixed shapes (pretraining, SFT) after ~1 min
     deterministic: bool = True  # the same seed trains the same model on the same machine (use_deterministic_kernels)
     threads: int = 0  # CPU threads; 0 = PyTorch's default

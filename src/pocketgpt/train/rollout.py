@@ -70,7 +70,7 @@ def sample(model: GPT, chat: ChatTemplate, prompts: list[Prompt], params: Sampli
     here), so under torchrun a process sampling its share gets the answers one process would.
 
     With a reduced `dtype` the answers are decoded by a copy of the weights in that precision
-    (bfloat16 decodes ~1.6x faster on a CPU with AMX; "auto" picks it only where it is native), as RL
+    (bfloat16 decodes ~1.6x faster on a CPU with AMX; "auto" picks it only where it is faster), as RL
     systems decode with an inference engine; the losses still score the sampled tokens with the
     full-precision model.
 
