@@ -279,6 +279,9 @@ BAD_REQUESTS = [
       "tool_choice": {"type": "function", "function": {"name": "search"}}}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
+    # a tool whose parameters are no schema, offered without forcing a call: it was accepted
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}]}, 400, None),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
      400, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_choice": []}, 400, "guided_choice"),

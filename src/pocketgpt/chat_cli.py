@@ -9,12 +9,13 @@ run's world): each call is shown, dimmed, with its result, and the reply goes on
 from __future__ import annotations
 
 import json
-import math
 import sys
+from argparse import ArgumentTypeError
 
 from rich.console import Console
 
 from .checkpoint import load_model
+from .cli import non_negative
 from .common import pick_device, set_threads
 from .data.tasks import default_world
 from .data.tasks.tools import task_tools
@@ -53,13 +54,9 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
             console.print(f"(system prompt: {system!r})")
             continue
         if line.startswith("/temp"):
-            try:
-                value = float(line.split()[1])
-            except (IndexError, ValueError):
-                value = -1.0
-            if 0 <= value < math.inf:
-                temperature = value
-            else:  # refused here: taken, it ended the session at the next message
+            try:  # the rule of --temperature; refused here: taken, -1 ended the session at the next message
+                temperature = non_negative(line.split()[1])
+            except (IndexError, ValueError, ArgumentTypeError):
                 console.print("usage: /temp 0.7 (a number >= 0; 0 is greedy)")
             continue
         if line.startswith("/"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,12 @@ class EvalResult:
     accuracy: float
     ci_low: float
     ci_high: float
+    fewer_shots: int = 0  # prompts that fit the context only with fewer solved examples than `shots`
 
     def line(self) -> str:
         return (f"{self.task:>18} {self.split:>10}  {self.accuracy:6.1%}  "
-                f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  ({self.mode}, {self.shots}-shot, {self.style})")
+                f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  ({self.mode}, {self.shots}-shot, {self.style})"
+                + (f"  {self.fewer_shots} with fewer shots to fit" if self.fewer_shots else ""))
 
 
 def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -61,6 +64,27 @@ def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams)
     params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
     room = T - params.max_tokens
     return [p[-room:] for p in prompts]
+
+
+def fit_shots_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams,
+                         build: Callable[[int, int], list[int]], shots: int) -> tuple[list[list[int]], int, int]:
+    """fit_to_context for prompts with solved examples: a prompt too long for its room holds the most
+    examples that fit (build(i, k): prompt i with k of them, found by bisection), and is cut from the left
+    only if the question alone is too long, since a prompt cut from the left starts mid-example, without
+    the chat template's opening. Returns the prompts, how many hold fewer examples, and the fewest any holds."""
+    T = model.cfg.max_seq_len
+    params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
+    room = T - params.max_tokens
+    fewer, fewest = 0, shots
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room:
+            lo, hi = 0, shots - 1  # the most examples that fit lies in [lo, hi]; lo = 0 may not fit either
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if len(build(i, mid)) <= room else (lo, mid - 1)
+            prompt, fewer, fewest = build(i, lo)[-room:], fewer + 1, min(fewest, lo)
+        prompts[i] = prompt
+    return prompts, fewer, fewest
 
 
 def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test", n: int | None = None,
@@ -81,15 +105,23 @@ def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test
     if not examples:
         raise PocketError(f"task {task.name!r} has no {split} examples")
     engine = Engine(model, chat.tokenizer, max_batch=batch_size, compile=compile, fold_weights=False)
+    pool = len(task.examples("train"))
+    if shots > pool:
+        console.print(f"[yellow]{task.name}: {shots} shots asked, its train split holds {pool}: {pool} shots[/]")
+        shots = pool
     if mode == "fewshot":
-        prompts = [chat.document(fewshot_text(task, e, shots)) for e in examples]
+        build = lambda i, k: chat.document(fewshot_text(task, examples[i], k))  # noqa: E731
         params = SamplingParams(max_tokens=max_tokens or 64, temperature=0, stop_tokens=chat.document_stops,
                                 stop_strings=("\n\n", "\nQ:"))
     else:
-        prompts = [chat.prompt(chat_messages(task, e, shots, style)) for e in examples]
+        build = lambda i, k: chat.prompt(chat_messages(task, examples[i], k, style))  # noqa: E731
         params = SamplingParams(max_tokens=max_tokens or (256 if style == "cot" else 64), temperature=0,
                                 stop_tokens=chat.stop_ids)
-    prompts = fit_to_context(model, prompts, params)
+    prompts, fewer, fewest = fit_shots_to_context(model, [build(i, shots) for i in range(len(examples))], params,
+                                                  build, shots)
+    if fewer:
+        console.print(f"[yellow]{task.name}: {fewer} of {len(examples)} prompts fit the model's "
+                      f"{model.cfg.max_seq_len}-token context only with fewer shots (as few as {fewest} of {shots})[/]")
     tools = task_tools(getattr(task, "world", None) or default_world())
 
     rows = []
@@ -113,7 +145,8 @@ def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test
         rows.append({"index": i, "question": e.question, "answer": e.answer, "output": text, "tool_calls": calls,
                      "correct": ok, "finish_reason": finish, "meta": e.meta})
     lo, hi = wilson_interval(correct, len(examples))
-    result = EvalResult(task.name, split, mode, style, shots, len(examples), correct, correct / len(examples), lo, hi)
+    result = EvalResult(task.name, split, mode, style, shots, len(examples), correct, correct / len(examples), lo, hi,
+                        fewer)
     if out_path:
         atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
     return result

@@ -344,12 +344,15 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     def constrained(req: ChatCompletionRequest) -> bool:
         return bool(req.constraints())
 
+    def tool_constraint(w: ModelWorker, tools):
+        """A call to one of `tools`, its arguments held to the tool's schema (compiled once per set of tools)."""
+        return w.constraints.tool_call([(t.function.name, t.function.parameters or {"type": "object"}) for t in tools])
+
     def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
         """The constraint a `constrained` request asks for, compiled once per schema (llguidance), one
         processor per sample."""
         if req.forced_tool is not None:
-            tools = [t.function for t in req.tools if req.forced_tool in ("*", t.function.name)]
-            return w.constraints.tool_call([(t.name, t.parameters or {"type": "object"}) for t in tools]).processor
+            return tool_constraint(w, [t for t in req.tools if req.forced_tool in ("*", t.function.name)]).processor
         if req.guided_choice is not None:
             return w.constraints.choice(req.guided_choice).processor
         if req.guided_regex is not None:
@@ -378,6 +381,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                                 banned_tokens=(opener,) if not use_tools and opener is not None else ())
         # llguidance builds off the event loop; a request without a constraint skips the hop to a thread
         factory = await asyncio.to_thread(processor_factory, w, req) if constrained(req) else None
+        if req.tools and req.forced_tool is None:  # tools on offer, no call forced: their schemas are checked all the same
+            await asyncio.to_thread(tool_constraint, w, req.tools)
         admit(w, req.n)
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
