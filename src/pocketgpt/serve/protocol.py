@@ -122,7 +122,8 @@ class SamplingFields(Open):
         """logit_bias as the engine takes it: (token, bias) pairs, each checked."""
         pairs = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            # ASCII digits, and few: "²".isdigit() is true and int() refuses it, as it refuses 5,000 digits
+            if not (key.isascii() and key.isdigit() and len(key) <= 9 and int(key) < vocab_size):
                 raise APIError(400, f"logit_bias keys are token ids from 0 to {vocab_size - 1}, not {key!r}",
                                "logit_bias")
             if not -100 <= bias <= 100:
