@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from pocketgpt.checkpoint import latest_training_state
 from pocketgpt.common import PocketError
+from pocketgpt.errors import Interrupted
 from pocketgpt.train.loop import TrainConfig, Trainer, make_optimizer, use_deterministic_kernels
 
 
@@ -67,3 +69,39 @@ def test_a_nan_loss_stops_the_stage_with_what_to_try(tmp_path, compile):
     with pytest.raises(PocketError, match="loss became nan at step 0; lower the learning rate") as error:
         trainer.train_step()
     assert ("train.compile = false" in str(error.value)) == compile
+
+
+class _CtrlC:
+    """A linear model's loss, until the user presses Ctrl-C during the micro-step numbered `at`."""
+
+    def __init__(self, at: int):
+        self.calls, self.at = 0, at
+
+    def loss(self, model):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return model(torch.ones(1, 2)).square().sum(), {}
+
+    def tokens_per_micro_step(self):
+        return 1
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+
+def test_ctrl_c_saves_the_state_and_ends_the_stage_instead_of_finishing_it(tmp_path):
+    """An interrupted stage returned as if finished: the speedrun went on to SFT on a half-trained base."""
+    cfg = TrainConfig(steps=10, eval_every=1000, device="cpu")
+    trainer = Trainer(torch.nn.Linear(2, 2), _CtrlC(at=4), cfg, tmp_path, "pretrain", tmp_path / "metrics.jsonl",
+                      torch.device("cpu"))
+    with pytest.raises(Interrupted, match="pretrain interrupted at step 3 of 10; its checkpoint is in") as e:
+        trainer.run()
+    assert isinstance(e.value, PocketError) and latest_training_state(tmp_path).name == "step_0000003"
+    again = Trainer(torch.nn.Linear(2, 2), _CtrlC(at=0), cfg, tmp_path, "pretrain", tmp_path / "metrics.jsonl",
+                    torch.device("cpu"))
+    assert again.resume() and again.step == 3
+    assert again.run()["steps"] == 10

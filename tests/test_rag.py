@@ -91,6 +91,24 @@ def test_a_corrupt_index_is_one_clear_error(tmp_path, world_docs, embedder, dama
     assert len(load_index(tmp_path / "i").chunks) == len(index.chunks)
 
 
+def test_an_index_is_never_built_over_a_folder_of_other_files(tmp_path, world_docs, embedder, capsys):
+    """`rag index docs --out docs` replaced the documents with the index (a rebuild renames the old folder
+    away and deletes it); so did --out on any folder of the user's, or on a document."""
+    docs = dict(list(world_docs.items())[:2])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "a.txt").write_text("keep me too")
+    for out, what in ((tmp_path / "mine", "it holds notes.txt"), (tmp_path / "a.txt", "a file")):
+        with pytest.raises(PocketError, match=f"is not an index \\({what}\\)"):
+            build_index(docs, out, embedder=embedder)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (tmp_path / "a.txt").read_text() == "keep me too"
+    assert main(["rag", "index", str(tmp_path / "mine"), "--out", str(tmp_path / "mine" / "idx")]) != 0
+    assert "lies inside the documents' folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert build_index(docs, tmp_path / "empty", embedder=embedder)[1]["embedded"] == 2  # an empty folder may hold it
+
+
 def test_passages_prompt_names_each_chunk():
     prompt = passages_prompt("When was Lisin founded?", [("city/lisin#0", "Lisin was founded in 1610.")])
     assert "[city/lisin#0] Lisin was founded in 1610." in prompt and prompt.endswith("Question: When was Lisin founded?")

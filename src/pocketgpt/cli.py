@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import config as configlib
 from .common import PocketError, human, shutdown_distributed
+from .errors import Interrupted
 from .reason.lm import CONCURRENCY
 from .stages import STAGES
 
@@ -149,8 +150,6 @@ def cmd_pretrain(args) -> None:
         for name, m in summary["realised_mixture"].items():
             mix.add_row(name, f"{m['weight']:.2f}", f"{m['share']:.2f}", human(m["tokens"]), f"{m['epochs']:.2f}")
         console.print(mix)
-        if summary.get("interrupted"):
-            console.print("[yellow]interrupted: checkpoint saved; continue with --resume[/]")
 
 
 def cmd_sft(args) -> None:
@@ -249,6 +248,9 @@ def cmd_rag(args) -> None:
 
             docs = {p["id"]: p["text"] for p in default_world().passages()}  # as the matrix's index (rag/world.py)
         elif args.folder:
+            folder, out = Path(args.folder).resolve(), Path(args.out).resolve()
+            if out == folder or folder in out.parents:  # the index would replace the documents, or join them
+                raise PocketError(f"--out {args.out} lies inside the documents' folder {args.folder}: put the index elsewhere")
             docs = read_folder(args.folder)
         else:
             raise PocketError("give a folder of documents, or --world for the built-in world's encyclopedia")
@@ -1009,6 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_run_world(args)
         args.func(args)
+    except Interrupted as e:
+        Console(stderr=True).print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+        return 130  # as a shell reports a command Ctrl-C ended
     except PocketError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2

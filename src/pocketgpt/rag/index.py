@@ -168,6 +168,9 @@ class Index:
         return [Hit(self.chunks[i], s) for i, s in ranked[:k]]
 
 
+INDEX_FILES = ("manifest.json", "chunks.jsonl", "embeddings.npy")  # all an index folder holds
+
+
 def build_index(documents: dict[str, str], out: str | Path, size: int = 128, overlap: int = 32,
                 embedder: Embedder | None = None) -> tuple[Index, dict]:
     """Chunk and embed the documents into `out`, reusing what an earlier index there already holds for
@@ -179,6 +182,10 @@ def build_index(documents: dict[str, str], out: str | Path, size: int = 128, ove
     out = Path(out)
     old, damaged = None, None
     if out.exists():
+        foreign = [] if not out.is_dir() else sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES)
+        if not out.is_dir() or foreign:  # rebuilding replaces the whole folder: never one that holds anything else
+            raise PocketError(f"{out} is not an index ({'a file' if not out.is_dir() else 'it holds ' + foreign[0]}): "
+                              "give a new folder, or an index's, as the index's place")
         try:
             old = load_index(out, embedder)
         except PocketError as e:  # a damaged index is rebuilt from the documents, and the build says so

@@ -55,6 +55,7 @@ from ..common import (
     read_jsonl,
     set_threads,
 )
+from ..errors import Interrupted
 from ..model import GPT
 from .data_parallel import average_gradients, mean_over_processes
 from .grad_filter import make_grad_filter
@@ -334,7 +335,7 @@ class Trainer:
         progress = _progress(self.dist.is_main)
         plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
         task = progress.add_task(self.stage, total=cfg.steps, completed=self.step, info="")
-        interrupted = False
+        interrupted = False  # by Ctrl-C: the state is saved, then the run raises Interrupted
         last: dict = {}
         with progress:
             try:
@@ -376,6 +377,9 @@ class Trainer:
             except KeyboardInterrupt:
                 interrupted = True
         self.save(finished=not interrupted)
+        if interrupted:
+            raise Interrupted(f"{self.stage} interrupted at step {self.step} of {cfg.steps}; its checkpoint is in "
+                              f"{self.out_dir}: the same command with --resume continues it (a speedrun by itself)")
         # Speed is the median step's: neither compilation (in the first step) nor evaluation counts.
         speed = {"tokens_per_s": statistics.median(r[0] for r in rates) if rates else 0.0}
         if peak:  # measured again at the end, the higher kept (see measured_peak)
@@ -385,7 +389,7 @@ class Trainer:
         if cfg.compile and step_seconds:
             speed["compile_s"] = step_seconds[0] - statistics.median(step_seconds)
         logged = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("tokens", "forward_tokens")}
-        return {"stage": self.stage, "steps": self.step, "interrupted": interrupted, "dtype": self.dtype,
+        return {"stage": self.stage, "steps": self.step, "dtype": self.dtype,
                 "time_s": time.time() - t0, "tokens": trained, **logged, **speed}
 
 
