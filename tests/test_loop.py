@@ -105,3 +105,18 @@ def test_ctrl_c_saves_the_state_and_ends_the_stage_instead_of_finishing_it(tmp_p
                     torch.device("cpu"))
     assert again.resume() and again.step == 3
     assert again.run()["steps"] == 10
+
+
+def test_a_resume_whose_tokenizer_changed_is_refused(tmp_path):
+    """Retraining a run's tokenizer, then `pretrain --resume`, continued the old weights on other token ids."""
+    def trainer(fingerprint: str, at: int) -> Trainer:
+        t = Trainer(torch.nn.Linear(2, 2), _CtrlC(at), TrainConfig(steps=10, eval_every=1000, device="cpu"), tmp_path,
+                    "pretrain", tmp_path / "metrics.jsonl", torch.device("cpu"))
+        t.identity = {"tokenizer": fingerprint}
+        return t
+
+    with pytest.raises(Interrupted):
+        trainer("abc", at=3).run()
+    with pytest.raises(PocketError, match=r"with another tokenizer \(abc; the run's is now xyz\): restore it, or delete"):
+        trainer("xyz", at=0).resume()
+    assert trainer("abc", at=0).resume()

@@ -43,6 +43,9 @@ def test_publish_copies_the_card_its_images_timings_and_matrices(tmp_path):
     assert "## Reasoning strategies: SFT (test split)" in text
     assert (dest / "matrix.json").read_text() == matrices["sft"]
     assert (dest / "matrix-grpo.json").read_text() == matrices["grpo"]
+    (tmp_path / "afile").write_text("x")  # a NotADirectoryError traceback, after writing the run's card
+    with pytest.raises(PocketError, match="afile is a file: --publish takes a folder"):
+        publish_report(run, tmp_path / "afile")
 
 
 def test_card_says_what_the_model_is_and_what_came_before_the_mixture(tmp_path):

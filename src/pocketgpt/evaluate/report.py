@@ -352,6 +352,8 @@ def publish_report(run: str | Path, dest: str | Path) -> Path:
     paired comparisons and where they were measured) into `dest`: a folder that can be committed and quoted
     (the README's figures come from one such card)."""
     run, dest = Path(run), Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise PocketError(f"{dest} is a file: --publish takes a folder to copy the card into")
     card = write_report(run)
     text = card.read_text()
     for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):

@@ -249,6 +249,9 @@ class Trainer:
         self.dtype = compute_dtype(cfg.dtype, device)  # "auto" settles here: a resumed run may pick differently
         self.evaluate, self.sample = evaluate, sample
         self.optimizer = make_optimizer(model, cfg)
+        # What the run's inputs were (the tokenizer's fingerprint, say), saved with each state: a resume
+        # whose inputs changed since is refused rather than continued on other data.
+        self.identity: dict[str, str] = {}
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
         use_deterministic_kernels(cfg.deterministic)
@@ -264,6 +267,10 @@ class Trainer:
         if path is None:
             return False
         state = load_training_state(path, self.model, self.optimizer)
+        for key, value in state.get("identity", {}).items():
+            if self.identity.get(key, value) != value:
+                raise PocketError(f"{path} was trained with another {key} ({value}; the run's is now "
+                                  f"{self.identity[key]}): restore it, or delete {path.parent} to start over")
         self.step = state["step"]
         self.objective.load_state(state["objective"])
         if self.dist.is_main and self.metrics_path.exists():
@@ -278,7 +285,7 @@ class Trainer:
         """A finished run's state is replaced by the stage's final model, unless the config keeps it."""
         if self.dist.is_main:
             save_training_state(self.out_dir, self.step, self.model, self.optimizer,
-                                {"objective": self.objective.state(), "stage": self.stage,
+                                {"objective": self.objective.state(), "stage": self.stage, "identity": self.identity,
                                  "replaced_by_model": finished and not self.cfg.keep_checkpoints})
 
     # ------------------------------------------------------------------ the loop
