@@ -163,7 +163,14 @@ def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, c
 
 
 @pytest.mark.parametrize("setting,message", [("pretrain.train.steps=-5", "train.steps must be at least 1, not -5"),
-                                             ("pretrain.train.schedule=bogus", "unknown schedule 'bogus'")])
+                                             ("pretrain.train.schedule=bogus", "unknown train.schedule 'bogus'"),
+                                             ("pretrain.train.optimizer=lion", "unknown train.optimizer 'lion'"),
+                                             ("pretrain.train.dtype=int8", "unknown train.dtype 'int8'"),
+                                             ("pretrain.train.eval_batches=0", "train.eval_batches must be at least 1"),
+                                             ("pretrain.train.beta1=5", "beta1 and beta2 must be in [0, 1)"),
+                                             ("pretrain.preset=huge", "unknown pretrain.preset 'huge'"),
+                                             ("pretrain.model.bogus=1", "unknown pretrain.model setting 'bogus'"),
+                                             ("pretrain.val_fraction=2", "val_fraction must be in (0, 1)")])
 def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, message):
     """Not steps later: -5 steps trained nothing and wrote the model, a bad schedule failed after warmup."""
     assert main(["pretrain", str(tmp_path), "--quick", "--set", setting]) == 2

@@ -150,3 +150,9 @@ def test_a_device_this_machine_lacks_is_one_error(kind):
         pytest.skip(f"this machine has {kind}")
     with pytest.raises(PocketError, match=f"device '{kind}' is not available here"):
         pick_device(kind)
+
+
+def test_a_negative_thread_count_is_one_line():
+    """`lab grokking --threads -1` and `train.threads = -3` ended in torch's RuntimeError."""
+    with pytest.raises(PocketError, match="threads must be at least 1"):
+        common.set_threads(-1)

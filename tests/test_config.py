@@ -32,6 +32,11 @@ def test_errors_name_the_problem(tmp_path):
     bad.write_text("[pretrain\n")
     with pytest.raises(PocketError, match="bad.toml"):
         configlib.load(RunConfig(), bad)
+    bad.write_bytes(b"[pretrain]\npreset = '\xff'\n")  # a UnicodeDecodeError traceback
+    with pytest.raises(PocketError, match="bad.toml is not UTF-8 text"):
+        configlib.load(RunConfig(), bad)
+    with pytest.raises(PocketError, match="is a directory"):  # an IsADirectoryError traceback
+        configlib.load(RunConfig(), tmp_path)
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "gpu-d20.toml"

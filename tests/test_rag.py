@@ -105,6 +105,8 @@ def test_an_index_is_never_built_over_a_folder_of_other_files(tmp_path, world_do
     assert main(["rag", "index", str(tmp_path / "mine"), "--out", str(tmp_path / "mine" / "idx")]) != 0
     assert "lies inside the documents' folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    with pytest.raises(PocketError, match="the 2 documents hold no text"):  # it built, then `rag ask` crashed
+        build_index({"a.txt": " \n", "b.md": ""}, tmp_path / "blank", embedder=embedder)
     (tmp_path / "empty").mkdir()
     assert build_index(docs, tmp_path / "empty", embedder=embedder)[1]["embedded"] == 2  # an empty folder may hold it
 

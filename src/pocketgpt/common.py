@@ -48,7 +48,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
-    """Intra-op threads for CPU work. Under load from another process, fewer threads can be faster."""
+    """Intra-op threads for CPU work (0 or None: PyTorch's default). Under load from another process, fewer
+    threads can be faster."""
+    if threads is not None and threads < 0:  # torch's own error is a RuntimeError traceback
+        raise PocketError(f"threads must be at least 1 (0 leaves PyTorch's default), not {threads}")
     if threads:
         torch.set_num_threads(threads)
 

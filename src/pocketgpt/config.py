@@ -81,12 +81,14 @@ def load(obj: T, path: str | Path | None = None, overrides: list[str] = ()) -> T
     """Fill `obj` from a TOML file, then from 'a.b=value' overrides (later wins)."""
     if path:
         path = Path(path)
-        if not path.exists():
-            raise PocketError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise PocketError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
         try:
             update(obj, tomllib.loads(path.read_text(encoding="utf-8")))
         except tomllib.TOMLDecodeError as e:
             raise PocketError(f"{path}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise PocketError(f"{path} is not UTF-8 text (byte {e.start}), as a TOML file must be") from None
     for item in overrides:
         if "=" not in item:
             raise PocketError(f"--set expects key=value, got {item!r}")

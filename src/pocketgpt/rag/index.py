@@ -180,6 +180,8 @@ def build_index(documents: dict[str, str], out: str | Path, size: int = 128, ove
     from ..common import console
 
     out = Path(out)
+    if not any(text.strip() for text in documents.values()):  # an index of no chunks fails every question later
+        raise PocketError(f"the {len(documents)} documents hold no text: nothing to index")
     old, damaged = None, None
     if out.exists():
         foreign = [] if not out.is_dir() else sorted(p.name for p in out.iterdir() if p.name not in INDEX_FILES)

@@ -58,10 +58,12 @@ from ..common import (
 from ..errors import Interrupted
 from ..model import GPT
 from .data_parallel import average_gradients, mean_over_processes
-from .grad_filter import make_grad_filter
+from .grad_filter import GRAD_FILTERS, make_grad_filter
 from .throughput import measured_peak, mfu
 
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass
@@ -103,14 +105,19 @@ class TrainConfig:
         """Refuse what could only train nothing or fail later (`config.update` calls it after --set): -5 steps
         trained an untrained model with a NaN loss, an unknown schedule failed once warmup ended."""
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "log_every",
-                     "sample_every"):
+                     "sample_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise PocketError(f"train.{name} must be at least 1, not {getattr(self, name)}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_frac <= 1 or not 0 <= self.lr < math.inf:
             raise PocketError(f"train: warmup_steps must be >= 0, min_lr_frac in [0, 1] and lr >= 0; got "
                               f"{self.warmup_steps}, {self.min_lr_frac} and {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise PocketError(f"unknown schedule {self.schedule!r}: {', '.join(SCHEDULES)}")
+        for name, known in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("grad_filter", GRAD_FILTERS),
+                            ("dtype", DTYPES)):
+            if getattr(self, name) not in known:  # else found only once the data is ready, or at the first step
+                raise PocketError(f"unknown train.{name} {getattr(self, name)!r}: {', '.join(known)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.threads < 0:
+            raise PocketError(f"train: beta1 and beta2 must be in [0, 1) and threads >= 0; got {self.beta1}, "
+                              f"{self.beta2} and {self.threads}")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -231,7 +238,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    raise PocketError(f"unknown optimizer {cfg.optimizer!r}: adamw, adam or sgd")
+    raise PocketError(f"unknown optimizer {cfg.optimizer!r}: {', '.join(OPTIMIZERS)}")
 
 
 class Trainer:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from ..data.repeats import repeated_token_rows
 from ..data.shards import DEFAULT_SHARD_TOKENS
 from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
-from ..model import GPT, preset
+from ..model import GPT, PRESETS, GPTConfig, preset
 from ..tokenizer import Tokenizer
 from .data_parallel import barrier
 from .loop import DrawCounter, LoaderObjective, TrainConfig, Trainer, stage_setup
@@ -70,6 +70,20 @@ class PretrainConfig:
     # Steps of repeated random token segments before the mixture (part of train.steps, so the mixture gets
     # that many fewer). With model.smear_keys, 300 copied 98.5% of held-out repeats and cost the tasks.
     copy_warmup: int = 0
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Refuse a setting that would fail only once the data is tokenized (`config.update` calls it after --set)."""
+        if self.preset not in PRESETS:
+            raise PocketError(f"unknown pretrain.preset {self.preset!r}: {', '.join(PRESETS)}")
+        unknown = sorted(set(self.model) - {f.name for f in fields(GPTConfig)})
+        if unknown:
+            raise PocketError(f"unknown pretrain.model setting {unknown[0]!r}: one of {', '.join(f.name for f in fields(GPTConfig))}")
+        if not 0 < self.val_fraction < 1 or self.copy_warmup < 0 or self.shard_tokens < 1:
+            raise PocketError(f"pretrain: val_fraction must be in (0, 1), copy_warmup >= 0 and shard_tokens >= 1; got "
+                              f"{self.val_fraction}, {self.copy_warmup} and {self.shard_tokens}")
 
     def source_specs(self) -> list[SourceSpec]:
         specs = [SourceSpec.from_dict(name, d) for name, d in self.sources.items()]
