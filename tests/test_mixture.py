@@ -59,6 +59,17 @@ def test_bad_sources_say_where(tmp_path):
         read_documents(SourceSpec("m", "text", path=str(tmp_path / "missing")))
     with pytest.raises(PocketError, match="unknown kind"):
         SourceSpec.from_dict("x", {"kind": "tweets"})
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1: a UnicodeDecodeError traceback
+    with pytest.raises(PocketError, match=r"bad.jsonl:2: not UTF-8 text \(byte 13 of the line\)"):
+        read_documents(SourceSpec("b", "jsonl", path=str(bad)))
+    # tracebacks, or a typo kept and never read, before
+    for setting, message in (({"weight": "abc"}, "weight must be a number >= 0"), ({"weight": float("inf")}, "weight"),
+                             ({"max_docs": "abc"}, "max_docs must be a whole number >= 0"),
+                             ({"path": 5}, "path must be a string"),
+                             ({"wieght": 2}, "unknown setting 'wieght' \\(a text source takes field, kind, max_bytes")):
+        with pytest.raises(PocketError, match=message):
+            SourceSpec.from_dict("d", {"kind": "text", "path": "x", **setting})
+    assert SourceSpec.from_dict("h", {"kind": "hf", "path": "x", "split": "test"}).options == {"split": "test"}
 
 
 def test_prepare_packs_documents_with_bos(user_sources, chat, tmp_path):

@@ -24,12 +24,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..common import PocketError
+
+# The settings beyond the common ones that each file-reading kind takes; the generated kinds (world, math,
+# ...) take their generator's own settings, which the generator checks.
+PLAIN_OPTIONS = {"docs": (), "code": (), "text": (), "jsonl": (), "parquet": (), "hf": ("split",)}
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
 
@@ -54,8 +59,21 @@ class SourceSpec:
             raise PocketError(f"data source {name!r} has no 'kind' (one of {', '.join(KINDS)})")
         if d["kind"] not in KINDS:
             raise PocketError(f"data source {name!r}: unknown kind {d['kind']!r}; known: {', '.join(KINDS)}")
-        if float(d.get("weight", 1.0)) < 0:
-            raise PocketError(f"data source {name!r}: weight must be >= 0 (0 leaves the source out)")
+        weight = d.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise PocketError(f"data source {name!r}: weight must be a number >= 0 (0 leaves the source out), "
+                              f"not {weight!r}")
+        for key, kind, rule in (("max_docs", int, "a whole number >= 0"), ("max_bytes", int, "a whole number >= 0"),
+                                ("path", str, "a string"), ("field", str, "a string")):
+            value = d.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                      or (kind is int and value < 0)):
+                raise PocketError(f"data source {name!r}: {key} must be {rule}, not {value!r}")
+        takes = PLAIN_OPTIONS.get(d["kind"])
+        stray = sorted(set(options) - set(takes)) if takes is not None else []
+        if stray:  # a misspelt setting ("wieght") would otherwise be kept and never read
+            raise PocketError(f"data source {name!r}: unknown setting {stray[0]!r} (a {d['kind']} source takes "
+                              f"{', '.join(sorted(known | set(takes)))})")
         return cls(name=name, options=options, **d)
 
 
@@ -142,8 +160,12 @@ def _jsonl(spec: SourceSpec) -> Iterator[str]:
     """A JSONL file, or a folder of them (sorted by name), read line by line."""
     path = _existing(spec)
     for p in [path] if path.is_file() else sorted(path.glob("*.jsonl")):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise PocketError(f"{p}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
