@@ -72,6 +72,31 @@ def test_bad_sources_say_where(tmp_path):
     assert SourceSpec.from_dict("h", {"kind": "hf", "path": "x", "split": "test"}).options == {"split": "test"}
 
 
+@pytest.mark.parametrize("damage", ["truncated shard", "deleted shard", "source.json", "mixture.json", "train.npy",
+                                    "val.npy"])
+def test_damaged_prepared_data_is_prepared_again(user_sources, chat, tmp_path, damage):
+    """Each of these ended in a traceback (IndexError, FileNotFoundError, JSONDecodeError, ValueError) or in an
+    error that told the user to run the stage again, which failed the same way every time."""
+    prepare_mixture(user_sources, chat, tmp_path / "data", val_fraction=0.2)
+    before = {name: stream[:].copy() for name, stream in load_streams(tmp_path / "data", "train")[0].items()}
+    source = tmp_path / "data" / "records"
+    if damage == "truncated shard":
+        (source / "shard_00000.bin").write_bytes((source / "shard_00000.bin").read_bytes()[:10])
+    elif damage == "deleted shard":
+        (source / "shard_00000.bin").unlink()
+    elif damage == "source.json":
+        (source / "source.json").write_text("{not json")
+    elif damage == "mixture.json":
+        (tmp_path / "data" / "mixture.json").write_text("[")
+    elif damage == "train.npy":
+        (source / "train.npy").write_bytes(b"junk")
+    else:
+        (source / "val.npy").unlink()
+    prepare_mixture(user_sources, chat, tmp_path / "data", val_fraction=0.2)
+    after = {name: stream[:] for name, stream in load_streams(tmp_path / "data", "train")[0].items()}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+
+
 def test_prepare_packs_documents_with_bos(user_sources, chat, tmp_path):
     manifest = prepare_mixture(user_sources, chat, tmp_path / "data", val_fraction=0.2)
     streams, weights = load_streams(tmp_path / "data", "train")

@@ -28,7 +28,17 @@ import torch
 
 from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_bytes, atomic_write_json
-from .shards import DEFAULT_SHARD_TOKENS, TokenStream, document_sizes, source_identity, token_dtype, tokenize_source
+from .shards import (
+    DEFAULT_SHARD_TOKENS,
+    SOURCE_MANIFEST,
+    TokenStream,
+    document_sizes,
+    read_manifest,
+    shard_damage,
+    source_identity,
+    token_dtype,
+    tokenize_source,
+)
 from .sources import SourceSpec
 
 MANIFEST = "mixture.json"
@@ -49,10 +59,9 @@ def prepare_mixture(specs: list[SourceSpec], chat: ChatTemplate, out_dir: str | 
     blob = json.dumps([FORMAT, identities, weights, val_fraction, seed], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key:
-            return manifest
+    manifest = read_manifest(manifest_path)
+    if manifest.get("key") == key and intact(out_dir, specs):
+        return manifest
     for unsharded in out_dir.glob("*.bin"):  # what format 1 wrote: superseded by the shards
         unsharded.unlink()
     manifest = {"format": FORMAT, "key": key, "dtype": token_dtype(chat.tokenizer.vocab_size).name,
@@ -70,6 +79,21 @@ def prepare_mixture(specs: list[SourceSpec], chat: ChatTemplate, out_dir: str | 
             "shards": len(source["shards"]), "source_hash": source["source_hash"]}
     atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def intact(out_dir: Path, specs: list[SourceSpec]) -> bool:
+    """Whether every source's shards and split tables are whole (a damaged one is prepared again)."""
+    for spec in specs:
+        directory = out_dir / spec.name
+        manifest = read_manifest(directory / SOURCE_MANIFEST)
+        if not manifest.get("complete") or shard_damage(directory, manifest) is not None:
+            return False
+        for split in ("train", "val"):
+            try:
+                np.load(directory / f"{split}.npy", allow_pickle=False)
+            except (OSError, ValueError):
+                return False
+    return True
 
 
 def split_documents(lengths: np.ndarray, val_fraction: float, seed: str) -> dict[str, np.ndarray]:

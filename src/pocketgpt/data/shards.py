@@ -204,6 +204,28 @@ def finished_shards(directory: Path, dtype: np.dtype) -> list[np.ndarray]:
     return tables
 
 
+def read_manifest(path: Path) -> dict:
+    """A JSON manifest, or {} where there is none or it cannot be read (a damaged one is rebuilt, not trusted)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def shard_damage(directory: Path, manifest: dict) -> str | None:
+    """What is wrong with a complete source's shards on disk, or None: every shard its manifest lists must be
+    there at the size its tokens take, with its table of documents (a file cut short read past its end)."""
+    itemsize = np.dtype(manifest.get("dtype", "uint16")).itemsize
+    for shard in manifest.get("shards", []):
+        path = directory / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+            return f"{path} is missing or not {shard['tokens']:,} tokens long"
+        if not path.with_name(path.name.replace(".bin", ".docs.npy")).is_file():
+            return f"the table of documents of {path} is missing"
+    return None
+
+
 def tokenize_source(spec: SourceSpec, chat: ChatTemplate, directory: str | Path,
                     shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1) -> dict:
     """Shard one source into `directory` (or carry on where a killed run stopped); its manifest.
@@ -213,10 +235,14 @@ def tokenize_source(spec: SourceSpec, chat: ChatTemplate, directory: str | Path,
     directory = Path(directory)
     identity = source_identity(spec, chat, shard_tokens)
     manifest_path = directory / SOURCE_MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = read_manifest(manifest_path)
     same_source = {k: manifest.get(k) for k in identity} == identity
     if same_source and manifest.get("complete"):
-        return manifest
+        damage = shard_damage(directory, manifest)
+        if damage is None:
+            return manifest
+        console.print(f"[yellow]tokenizing {spec.name} again: {damage}[/]")
+        same_source = False
     if not same_source and directory.exists():  # another source or tokenizer: nothing here can be reused
         for old in directory.iterdir():
             old.unlink()
@@ -261,11 +287,11 @@ def document_sizes(directory: str | Path) -> np.ndarray:
 
 
 def read_source_manifest(directory: Path) -> dict:
-    path = directory / SOURCE_MANIFEST
-    if not path.exists() or not json.loads(path.read_text()).get("complete"):
+    manifest = read_manifest(directory / SOURCE_MANIFEST)
+    if not manifest.get("complete"):
         raise PocketError(f"{directory} holds no complete shards: prepared data is incomplete, "
                           f"run the stage again (or delete {directory.parent}) to redo it")
-    return json.loads(path.read_text())
+    return manifest
 
 
 # ----------------------------------------------------------------------------- reading
