@@ -170,7 +170,8 @@ def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, c
                                              ("pretrain.train.beta1=5", "beta1 and beta2 must be in [0, 1)"),
                                              ("pretrain.preset=huge", "unknown pretrain.preset 'huge'"),
                                              ("pretrain.model.bogus=1", "unknown pretrain.model setting 'bogus'"),
-                                             ("pretrain.val_fraction=2", "val_fraction must be in (0, 1)")])
+                                             ("pretrain.val_fraction=2", "val_fraction must be in (0, 1)"),
+                                             ("tokenizer.max_chars=0", "max_chars at least 1")])
 def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, message):
     """Not steps later: -5 steps trained nothing and wrote the model, a bad schedule failed after warmup."""
     assert main(["pretrain", str(tmp_path), "--quick", "--set", setting]) == 2

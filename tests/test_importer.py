@@ -84,6 +84,8 @@ def test_bad_sources_are_refused_and_nothing_is_written(tmp_path, hf_tokenizer):
     refused(r"hidden_act='gelu' is not supported")
     (src / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 64}))
     refused(r"sliding_window=64 is not supported")
+    (src / "config.json").write_text("[1]")  # an AttributeError traceback
+    refused(r"config.json: expected a JSON object, found list")
     (src / "config.json").write_text(json.dumps(config))
     shard = sorted(src.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated

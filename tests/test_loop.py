@@ -120,3 +120,15 @@ def test_a_resume_whose_tokenizer_changed_is_refused(tmp_path):
     with pytest.raises(PocketError, match=r"with another tokenizer \(abc; the run's is now xyz\): restore it, or delete"):
         trainer("xyz", at=0).resume()
     assert trainer("abc", at=0).resume()
+
+
+def test_a_resume_past_the_steps_asked_is_refused(tmp_path):
+    """`--resume --steps 4` on a step-6 state saved a 6-step model labelled 4 steps and deleted the state."""
+    def trainer(steps: int, at: int) -> Trainer:
+        return Trainer(torch.nn.Linear(2, 2), _CtrlC(at), TrainConfig(steps=steps, eval_every=1000, device="cpu"),
+                       tmp_path, "pretrain", tmp_path / "metrics.jsonl", torch.device("cpu"))
+
+    with pytest.raises(Interrupted):
+        trainer(10, at=7).run()
+    with pytest.raises(PocketError, match="is at step 6, past train.steps = 4: ask for at least 6 steps"):
+        trainer(4, at=0).resume()

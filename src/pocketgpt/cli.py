@@ -98,11 +98,13 @@ def cmd_speedrun(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
+    from dataclasses import replace
+
     from .speedrun import run_tokenizer
 
     cfg = load_run_config(args)
-    if args.vocab_size:
-        cfg.tokenizer.vocab_size = args.vocab_size
+    if args.vocab_size is not None:
+        cfg.tokenizer = replace(cfg.tokenizer, vocab_size=args.vocab_size)  # checked as a --set would be
     report = run_tokenizer(cfg, Path(args.run))
     console.print(f"tokenizer: vocab {report['vocab_size']}, {human(report['train_chars'])} chars in "
                   f"{report['train_seconds']:.1f}s -> {Path(args.run) / 'tokenizer' / 'tokenizer.json'}")
@@ -692,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Trains byte-level BPE (rustbpe) on a sample of the mixture's sources and "
                                     "writes RUN/tokenizer/tokenizer.json.")
     t.add_argument("run", help="run directory")
-    t.add_argument("--vocab-size", type=int, help="vocabulary size including special tokens (default 4096)")
+    t.add_argument("--vocab-size", type=integer(1), help="vocabulary size including special tokens (default 4096)")
     t.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
     add_config_args(t)
     t.set_defaults(func=cmd_tokenizer_train)

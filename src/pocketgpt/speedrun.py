@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import load_model
-from .common import atomic_write_json, console, init_distributed, pick_device, provenance
+from .common import PocketError, atomic_write_json, console, init_distributed, pick_device, provenance
 from .data.tasks import use_world
 from .data.world import WorldConfig, read_run_world, record_run_world
 from .evaluate.harness import SUITE, copying, diversity, evaluate_suite
+from .tokenizer import PATTERNS, SPECIAL_TOKENS
 from .train.bpe import train_tokenizer
 from .train.data_parallel import barrier
 from .train.grpo import GRPOConfig, grpo
@@ -39,6 +40,17 @@ class TokenizerConfig:
     vocab_size: int = 4096
     max_chars: int = 10_000_000
     pattern: str = "gpt4"  # gpt4 (numbers in chunks of up to 3 digits) | gpt4-digits (one token per digit)
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Refused when set: 0 characters trained a tokenizer of bytes alone, with exit code 0."""
+        smallest = 256 + len(SPECIAL_TOKENS)
+        if self.vocab_size < smallest or self.max_chars < 1 or self.pattern not in PATTERNS:
+            raise PocketError(f"tokenizer: vocab_size must be at least {smallest} (256 bytes and the specials), "
+                              f"max_chars at least 1 and pattern one of {', '.join(PATTERNS)}; got {self.vocab_size}, "
+                              f"{self.max_chars} and {self.pattern!r}")
 
 
 @dataclass

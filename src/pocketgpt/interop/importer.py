@@ -49,11 +49,14 @@ class Source:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PocketError(f"{path} is missing") from None
     except json.JSONDecodeError as e:
         raise PocketError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):  # read as one with .get() below: an AttributeError traceback
+        raise PocketError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

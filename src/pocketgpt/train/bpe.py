@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..common import PocketError, atomic_write_json
+from ..common import PocketError, atomic_write_json, console
 from ..data.sources import SourceSpec, document_text, iter_documents
 from ..tokenizer import PATTERNS, BPETokenizer
 
@@ -28,6 +28,9 @@ def train_tokenizer(specs: list[SourceSpec], out_dir: str | Path, vocab_size: in
     if pattern not in PATTERNS:
         raise PocketError(f"unknown split pattern {pattern!r}; known: {', '.join(PATTERNS)}")
     tok = BPETokenizer.train((d for docs in samples.values() for d in docs), vocab_size, PATTERNS[pattern])
+    if tok.vocab_size < vocab_size:  # the sample ran out of pairs to merge
+        console.print(f"[yellow]the tokenizer has {tok.vocab_size} tokens, not the {vocab_size} asked: its sample "
+                      "has no more pairs to merge (more text: tokenizer.max_chars)[/]")
     seconds = time.time() - t0
     out_dir = Path(out_dir)
     tok.save(out_dir / "tokenizer.json")

@@ -274,6 +274,9 @@ class Trainer:
         if path is None:
             return False
         state = load_training_state(path, self.model, self.optimizer)
+        if state["step"] > self.cfg.steps:  # it saved a model of state["step"] steps labelled with fewer
+            raise PocketError(f"{path} is at step {state['step']}, past train.steps = {self.cfg.steps}: "
+                              f"ask for at least {state['step']} steps to continue it")
         for key, value in state.get("identity", {}).items():
             if self.identity.get(key, value) != value:
                 raise PocketError(f"{path} was trained with another {key} ({value}; the run's is now "
