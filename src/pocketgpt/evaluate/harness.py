@@ -60,10 +60,16 @@ class EvalResult:
 def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Leave room to answer: what the longest prompt leaves, and at least half the context, where
     long prompts are cut from the left (the question stays; the oldest demos go)."""
+    room = prompt_room(model, prompts, params)
+    return [p[-room:] for p in prompts]
+
+
+def prompt_room(model: GPT, prompts: list[list[int]], params: SamplingParams) -> int:
+    """The tokens a prompt may take: params.max_tokens is lowered to what the longest prompt leaves, but not
+    below half the context (set in place), and the rest of the context is the prompts'."""
     T = model.cfg.max_seq_len
     params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
-    room = T - params.max_tokens
-    return [p[-room:] for p in prompts]
+    return T - params.max_tokens
 
 
 def fit_shots_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams,
@@ -72,9 +78,7 @@ def fit_shots_to_context(model: GPT, prompts: list[list[int]], params: SamplingP
     examples that fit (build(i, k): prompt i with k of them, found by bisection), and is cut from the left
     only if the question alone is too long, since a prompt cut from the left starts mid-example, without
     the chat template's opening. Returns the prompts, how many hold fewer examples, and the fewest any holds."""
-    T = model.cfg.max_seq_len
-    params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
-    room = T - params.max_tokens
+    room = prompt_room(model, prompts, params)
     fewer, fewest = 0, shots
     for i, prompt in enumerate(prompts):
         if len(prompt) > room:
