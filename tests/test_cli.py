@@ -22,9 +22,10 @@ def test_every_command_has_help(capsys):
     assert "resume" in out and "temperature" in out
 
 
-def test_speedrun_takes_its_run_directory_like_every_command(monkeypatch, capsys):
+def test_speedrun_takes_its_run_directory_like_every_command(monkeypatch, capsys, tmp_path):
     from pocketgpt import speedrun as speedrun_module
 
+    monkeypatch.chdir(tmp_path)  # the command records the run's world in the directories it is given
     ran = []
     monkeypatch.setattr(speedrun_module, "speedrun", lambda cfg, run_dir: ran.append(str(run_dir)))
     for argv in (["speedrun", "runs/a"], ["speedrun", "--out", "runs/b"], ["speedrun"], ["speedrun", "runs/c", "--out", "runs/c"]):
@@ -245,3 +246,18 @@ def test_quick_speedrun_runs_every_stage_and_resumes(tmp_path):
     retimed = json.loads((tmp_path / "speedrun.json").read_text())["stage_seconds"]
     for stage in ("tokenizer", "pretrain", "sft", "rm", "ppo", "grpo"):
         assert retimed[stage] == timing["stage_seconds"][stage]
+
+
+def test_a_runs_tokenizer_is_not_retrained_under_its_models(tmp_path, capsys):
+    """`tokenizer train` on a run with models replaced their tokenizer without a word: every later stage
+    read other token ids."""
+    run = tmp_path / "run"
+    small = ["--vocab-size", "300", "--set", "tokenizer.max_chars=20000"]
+    assert main(["tokenizer", "train", str(run), *small]) == 0
+    assert main(["tokenizer", "train", str(run), *small]) == 0  # no models yet: trained again
+    trained = (run / "tokenizer" / "tokenizer.json").read_bytes()
+    (run / "base" / "checkpoints").mkdir(parents=True)  # pretraining has begun
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(run), *small]) == 2
+    assert "run/tokenizer is the tokenizer of" in capsys.readouterr().err
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == trained

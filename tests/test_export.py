@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from pocketgpt.checkpoint import save_model
+from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.common import PocketError
 from pocketgpt.engine import Engine, SamplingParams
 from pocketgpt.interop import export
@@ -273,3 +273,20 @@ def test_failure_leaves_nothing_behind(tiny_model, smeared_model, chat, tmp_path
     with pytest.raises(PocketError, match="smears its keys"):
         export_hf(tmp_path / "smeared", tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["rm", "smeared"])
+
+
+def test_an_export_imports_back_as_the_same_model(exported, tmp_path):
+    """Our own format was refused on import ("not supported (no <|im_start|>/<|im_end|> tokens)"), with a
+    message that claimed it was."""
+    from pocketgpt.interop.importer import import_model
+
+    model, chat, folder = exported
+    import_model(folder, tmp_path / "back")
+    back, back_chat, _ = load_model(tmp_path / "back")
+    assert back_chat.spec() == chat.spec()
+    for messages in CONVERSATIONS.values():
+        assert back_chat.render(messages) == chat.render(messages)
+        assert back_chat.prompt(messages) == chat.prompt(messages)
+    ids = torch.tensor([chat.render(CONVERSATIONS["tools"])[0][:model.cfg.max_seq_len]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=1e-5, atol=1e-5)

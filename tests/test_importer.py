@@ -105,6 +105,10 @@ def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
         import_model(tmp_path / "src", tmp_path / "run")
     with pytest.raises(PocketError, match="is already a pocketgpt model directory"):  # "architecture None" before
         import_model(tmp_path / "run" / "base", tmp_path / "other")
+    (tmp_path / "ours" / "tokenizer").mkdir(parents=True)  # a run that trained a tokenizer of its own
+    with pytest.raises(PocketError, match="holds a tokenizer of its own .* which the imported model would not use"):
+        import_model(tmp_path / "src", tmp_path / "ours")
+    assert not (tmp_path / "ours" / "base").exists()
 
 
 # ----------------------------------------------------------------------------- the real model: SmolLM2
@@ -260,3 +264,31 @@ def test_an_imported_model_goes_through_the_stages(tmp_path, hf_tokenizer):
     grpo(GRPOConfig(train=train(1), tasks=["compare_decimals"], prompts_per_task=4, prompts_per_step=2, group_size=2,
                     max_tokens=8, eval_n=2), tmp_path)
     assert load_model(tmp_path)[2]["meta"]["stage"] == "grpo"
+
+
+def test_the_speedrun_of_an_imported_run_post_trains_the_imported_model(tmp_path, hf_tokenizer, capsys):
+    """It trained a tokenizer of its own into the run, then stopped at pretraining ("delete RUN/base")."""
+    from pocketgpt.cli import main
+
+    torch.manual_seed(0)
+    save_hf_model(tmp_path / "src", hf_tokenizer, "qwen2")
+    run = tmp_path / "run"
+    import_model(tmp_path / "src", run)
+    imported = (run / "base" / "model.safetensors").read_bytes()
+    shrink = ["sft_ablation=false", "sft.train.steps=2", "sft.train.batch_size=2", "sft.train.seq_len=128",
+              "sft.probe_samples=1", "rm.train.steps=1", "rm.train.batch_size=2", "rm.prompts_per_task=1",
+              "rm.val_prompts_per_task=1", "rm.k=2", "rm.max_tokens=4", "ppo.train.steps=1", "ppo.rollout_size=2",
+              "ppo.train.batch_size=2", "ppo.max_tokens=4", "ppo.eval_prompts_per_task=1", "ppo.ptx_batch_size=1",
+              "ppo.ptx_seq_len=32", "grpo.train.steps=1", "grpo.prompts_per_step=1", "grpo.group_size=2",
+              "grpo.max_tokens=4", "grpo.eval_n=1", "eval.n=1"]
+    shrink += [f"sft.tasks.{task}.n=2" for task in ("factqa", "arithmetic", "compare_decimals", "count_letter",
+                                                     "spell", "game24", "multihop", "structured", "names")]
+    assert main(["speedrun", "--quick", str(run), *(a for s in shrink for a in ("--set", s))]) == 0
+    out = capsys.readouterr().err
+    assert "the imported model's own, skipped" in out and "base: imported, skipped" in out
+    assert not (run / "tokenizer").exists() and (run / "base" / "model.safetensors").read_bytes() == imported
+    for stage in ("sft", "rm", "ppo", "grpo"):
+        assert load_model(run / stage)[1].name == "chatml", stage  # the imported template all the way
+    assert "| arithmetic |" in (run / "report.md").read_text()
+    assert main(["tokenizer", "train", str(run)]) == 2  # a tokenizer of its own would not be the model's
+    assert "was imported (from" in capsys.readouterr().err and not (run / "tokenizer").exists()

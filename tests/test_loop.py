@@ -132,3 +132,24 @@ def test_a_resume_past_the_steps_asked_is_refused(tmp_path):
         trainer(10, at=7).run()
     with pytest.raises(PocketError, match="is at step 6, past train.steps = 4: ask for at least 6 steps"):
         trainer(4, at=0).resume()
+
+
+def test_a_resume_on_another_optimizer_or_a_damaged_state_is_one_line(tmp_path):
+    """A changed train.optimizer, or an optimizer.pt cut short, ended the resume in a torch traceback."""
+    def trainer(optimizer: str = "adamw", at: int = 0) -> Trainer:
+        return Trainer(torch.nn.Linear(2, 2), _CtrlC(at), TrainConfig(steps=10, eval_every=1000, device="cpu",
+                                                                       optimizer=optimizer),
+                       tmp_path, "pretrain", tmp_path / "metrics.jsonl", torch.device("cpu"))
+
+    with pytest.raises(Interrupted):
+        trainer(at=3).run()
+    with pytest.raises(PocketError, match=r"with another optimizer \(adamw; the run's is now sgd\)"):
+        trainer("sgd").resume()
+    state = latest_training_state(tmp_path)
+    blob = (state / "optimizer.pt").read_bytes()
+    (state / "optimizer.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(PocketError, match=r"optimizer.pt cannot be loaded \(.*\): delete .* to train the stage from"):
+        trainer().resume()
+    (state / "state.json").write_text("{not json")
+    with pytest.raises(PocketError, match=r"state.json is unreadable .*: delete"):
+        trainer().resume()

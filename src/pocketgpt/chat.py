@@ -31,7 +31,7 @@ import re
 from abc import ABC, abstractmethod
 
 from .common import PocketError
-from .tokenizer import Tokenizer
+from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -193,6 +193,7 @@ class PocketTemplate(ChatTemplate):
     """Our format: every role boundary is a special token; one <|bos|> per conversation."""
 
     name = "pocketgpt"
+    SPECIALS = tuple(t for t in SPECIAL_TOKENS if not t.startswith("<|reserved_"))  # the ones it uses
 
     def __init__(self, tokenizer: Tokenizer):
         super().__init__(tokenizer)

@@ -78,7 +78,7 @@ def save_model(model: GPT, directory: str | Path, chat: ChatTemplate | None = No
     })
     # The model is complete: a training state the trainer marked as replaced by it has no use left.
     latest = latest_training_state(directory)
-    if latest is not None and json.loads((latest / "state.json").read_text()).get("replaced_by_model"):
+    if latest is not None and read_training_state(latest).get("replaced_by_model"):
         delete_training_states(directory)
     return directory
 
@@ -122,6 +122,15 @@ def read_config(directory: Path) -> dict:
     if not isinstance(cfg.get("model"), dict):
         raise PocketError(f"{path}: no model table (the model's shape) in the config")
     return cfg
+
+
+def imported_source(directory: Path) -> str | None:
+    """Where the model in `directory` was imported from (`pocketgpt import`), or None for one we trained
+    or no model at all."""
+    if not is_model_dir(directory):
+        return None
+    meta = read_config(directory).get("meta", {})
+    return meta.get("summary", {}).get("source") if meta.get("stage") == "imported" else None
 
 
 def stored_params(directory: Path) -> int:
@@ -300,12 +309,32 @@ def latest_training_state(directory: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def read_training_state(path: Path) -> dict:
+    """A training checkpoint's state.json (its step, the objective's state, what it was trained with), read
+    before anything is loaded so that a resume can be refused while the model is untouched."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PocketError(f"{path / 'state.json'} is unreadable ({e}): {_start_over(path)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise PocketError(f"{path / 'state.json'} holds no training step: {_start_over(path)}")
+    return state
+
+
+def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's weights, optimizer state and random streams into `model` and `optimizer`."""
     load_weights(model, path / "model.safetensors")
-    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    set_rng_state(blob["rng"])
-    return json.loads((path / "state.json").read_text())
+    try:
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"])
+    except Exception as e:  # cut short, not a torch file, or another optimizer's state
+        raise PocketError(f"{path / 'optimizer.pt'} cannot be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'damaged'}): {_start_over(path)}") from None
+
+
+def _start_over(checkpoint: Path) -> str:
+    return f"delete {checkpoint.parent.parent} to train the stage from the start"
 
 
 def rng_state() -> dict:

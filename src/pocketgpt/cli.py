@@ -105,11 +105,27 @@ def cmd_tokenizer_train(args) -> None:
     cfg = load_run_config(args)
     if args.vocab_size is not None:
         cfg.tokenizer = replace(cfg.tokenizer, vocab_size=args.vocab_size)  # checked as a --set would be
+    refuse_to_retokenize(Path(args.run))
     report = run_tokenizer(cfg, Path(args.run))
     console.print(f"tokenizer: vocab {report['vocab_size']}, {human(report['train_chars'])} chars in "
                   f"{report['train_seconds']:.1f}s -> {Path(args.run) / 'tokenizer' / 'tokenizer.json'}")
     for name, bpt in report["bytes_per_token"].items():
         console.print(f"  {name:>10}: {bpt:.2f} bytes/token")
+
+
+def refuse_to_retokenize(run: Path) -> None:
+    """A run's models read the token ids of the tokenizer they were trained with: a new one in their run
+    would have every later stage (and every resume) read other ids."""
+    from .checkpoint import imported_source
+    from .stages import STAGES
+
+    if source := imported_source(run / "base"):
+        raise PocketError(f"{run}/base was imported (from {source}) with its own tokenizer, which every stage "
+                          f"of {run} uses: train a tokenizer in a new run directory")
+    trained = [s.name for s in STAGES if (run / s.name).exists()]
+    if trained and (run / "tokenizer" / "tokenizer.json").exists():
+        raise PocketError(f"{run}/tokenizer is the tokenizer of {run}'s {', '.join(trained)}, which would read other "
+                          f"token ids after a new one: train it in a new run directory")
 
 
 def cmd_tokenizer_encode(args) -> None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import load_model
+from .checkpoint import imported_source, load_model
 from .common import PocketError, atomic_write_json, console, init_distributed, pick_device, provenance
 from .data.tasks import use_world
 from .data.world import WorldConfig, read_run_world, record_run_world
@@ -190,8 +190,12 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
             console.rule(f"[bold]{title}")
         clock.start(name)
 
+    # A run directory `pocketgpt import` made: its model is the base, with the tokenizer it came with.
+    imported = imported_source(run_dir / "base")
     stage("tokenizer", "1. tokenizer")
-    if (run_dir / "tokenizer" / "tokenizer.json").exists():
+    if imported:
+        say(f"the imported model's own, skipped (base imported from {imported})")
+    elif (run_dir / "tokenizer" / "tokenizer.json").exists():
         say("already trained, skipped")
     else:
         clock.worked()
@@ -209,7 +213,10 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
             run()
 
     stage("pretrain", "2. pretrain")
-    once("base", cfg.pretrain.train.steps, lambda: pretrain(cfg.pretrain, run_dir, resume=True))
+    if imported:
+        say("base: imported, skipped")
+    else:
+        once("base", cfg.pretrain.train.steps, lambda: pretrain(cfg.pretrain, run_dir, resume=True))
     stage("sft", "3. supervised fine-tuning (+ the ablation without hallucination mitigation)")
     once("sft", cfg.sft.train.steps, lambda: sft(cfg.sft, run_dir, "sft", resume=True))
     if cfg.sft_ablation:

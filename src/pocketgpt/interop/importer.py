@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..blocks import BlockWeight
-from ..chat import ChatMLTemplate, ChatTemplate
+from ..chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from ..checkpoint import check_state_dict, check_tokenizer, is_model_dir, save_model
 from ..common import PocketError, console
 from ..model import GPT, GPTConfig
@@ -151,11 +151,14 @@ def default_system_prompt(jinja: str, bos: str | None, eos: str | None) -> str |
 
 
 def chat_template_for(tokenizer: HFTokenizer, tokenizer_config: dict, where: str) -> ChatTemplate:
-    """ChatML when the tokenizer has its tokens (SmolLM2, Qwen2); other formats are refused by name."""
+    """Ours when the tokenizer has every one of our role tokens (a model `pocketgpt export` wrote), ChatML
+    when it has ChatML's (SmolLM2, Qwen2); other formats are refused by name."""
     jinja = tokenizer_config.get("chat_template") or ""
     if isinstance(jinja, list):  # several named templates: the default one is the chat format
         jinja = next((t["template"] for t in jinja if t.get("name") == "default"), "")
     specials = tokenizer.special_ids
+    if set(PocketTemplate.SPECIALS) <= set(specials):
+        return PocketTemplate(tokenizer)
     if not {"<|im_start|>", "<|im_end|>"} <= set(specials):
         raise PocketError(f"{where}: the chat format is not supported (no <|im_start|>/<|im_end|> tokens); "
                           "supported: ChatML (SmolLM2, Qwen2) and pocketgpt's own")
@@ -189,6 +192,9 @@ def import_model(src: str | Path, run_dir: str | Path, dtype: str | None = None)
     target = run_dir / STAGE
     if target.exists():
         raise PocketError(f"{target} already exists: import into a new run directory")
+    if (run_dir / "tokenizer").exists():  # the run's own, which an imported model (with its own) would not read
+        raise PocketError(f"{run_dir} holds a tokenizer of its own ({run_dir / 'tokenizer'}), which the imported "
+                          "model would not use: import into a new run directory")
     source = read_source(src)
     cfg = gpt_config_from_hf(source.hf_config, source.where + " (config)")
     tokenizer = HFTokenizer.from_str(source.tokenizer_json, source.where + " (tokenizer)")

@@ -38,7 +38,7 @@ from typing import Protocol
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checkpoint import latest_training_state, load_training_state, save_training_state
+from ..checkpoint import latest_training_state, load_training_state, read_training_state, save_training_state
 from ..common import (
     DistInfo,
     PocketError,
@@ -258,7 +258,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         # What the run's inputs were (the tokenizer's fingerprint, say), saved with each state: a resume
         # whose inputs changed since is refused rather than continued on other data.
-        self.identity: dict[str, str] = {}
+        self.identity: dict[str, str] = {"optimizer": cfg.optimizer}
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
         use_deterministic_kernels(cfg.deterministic)
@@ -273,7 +273,7 @@ class Trainer:
         path = latest_training_state(self.out_dir)
         if path is None:
             return False
-        state = load_training_state(path, self.model, self.optimizer)
+        state = read_training_state(path)
         if state["step"] > self.cfg.steps:  # it saved a model of state["step"] steps labelled with fewer
             raise PocketError(f"{path} is at step {state['step']}, past train.steps = {self.cfg.steps}: "
                               f"ask for at least {state['step']} steps to continue it")
@@ -281,6 +281,7 @@ class Trainer:
             if self.identity.get(key, value) != value:
                 raise PocketError(f"{path} was trained with another {key} ({value}; the run's is now "
                                   f"{self.identity[key]}): restore it, or delete {path.parent} to start over")
+        load_training_state(path, self.model, self.optimizer)
         self.step = state["step"]
         self.objective.load_state(state["objective"])
         if self.dist.is_main and self.metrics_path.exists():

@@ -231,7 +231,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
             "copy_warmup": cfg.copy_warmup}
     trainer = Trainer(model, LanguageModeling(loader, device, warmup), tc, out_dir, "pretrain",
                       run_dir / "metrics.jsonl", device, info, evaluate, sample)
-    trainer.identity = {"tokenizer": tokenizer.fingerprint()}
+    trainer.identity["tokenizer"] = tokenizer.fingerprint()
     if resume:
         trainer.resume()
     model.train()
