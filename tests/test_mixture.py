@@ -70,6 +70,12 @@ def test_bad_sources_say_where(tmp_path):
         with pytest.raises(PocketError, match=message):
             SourceSpec.from_dict("d", {"kind": "text", "path": "x", **setting})
     assert SourceSpec.from_dict("h", {"kind": "hf", "path": "x", "split": "test"}).options == {"split": "test"}
+    # A generated kind takes its generator's settings: `math.bogus` was a TypeError when the data was prepared.
+    for kind, takes in (("math", "n, path, seed"), ("world", "n_cities"), ("spelling", "words_per_doc"),
+                        ("chat", "tasks")):
+        with pytest.raises(PocketError, match=f"unknown setting 'bogus' \\(a {kind} source takes .*{takes}"):
+            SourceSpec.from_dict("g", {"kind": kind, "bogus": 1})
+    assert SourceSpec.from_dict("m", {"kind": "repeats", "episodes": 2}).options == {"episodes": 2}
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "deleted shard", "source.json", "mixture.json", "train.npy",
@@ -427,7 +433,13 @@ def test_hf_dataset_from_disk_and_from_a_folder_of_files(chat, tmp_path):
     assert read_documents(saved)[:2] == ["saved row 0", "saved row 1"]
     assert read_documents(SourceSpec.from_dict("t", {"kind": "hf", "path": str(tmp_path / "saved"),
                                                      "field": "body", "split": "test"})) == ["held"]
-    assert read_documents(files) == read_documents(SourceSpec("j", "jsonl", path=str(tmp_path / "files" / "part0.jsonl")))
+    one_file = str(tmp_path / "files" / "part0.jsonl")
+    assert read_documents(files) == read_documents(SourceSpec("j", "jsonl", path=one_file))
+    # One file is read by its format's builder: as a bare path, `datasets` took it for a Hub name (26 s of retries).
+    assert read_documents(SourceSpec.from_dict("f", {"kind": "hf", "path": one_file})) == read_documents(files)
+    (tmp_path / "notes.docx").write_text("x")
+    with pytest.raises(PocketError, match="a file `datasets` cannot read by its suffix"):
+        read_documents(SourceSpec.from_dict("f", {"kind": "hf", "path": str(tmp_path / "notes.docx")}))
     manifest = prepare_mixture([saved, files], chat, tmp_path / "data")
     assert manifest["sources"]["saved"]["documents"] == 30 and manifest["sources"]["files"]["documents"] == 20
     with pytest.raises(PocketError, match="no split 'validation'"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import sysconfig
@@ -33,7 +34,7 @@ from pathlib import Path
 from ..common import PocketError
 
 # The settings beyond the common ones that each file-reading kind takes; the generated kinds (world, math,
-# ...) take their generator's own settings, which the generator checks.
+# ...) take their generator's own (`generator_settings`).
 PLAIN_OPTIONS = {"docs": (), "code": (), "text": (), "jsonl": (), "parquet": (), "hf": ("split",)}
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".html", ".tex")
@@ -69,12 +70,28 @@ class SourceSpec:
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
                                       or (kind is int and value < 0)):
                 raise PocketError(f"data source {name!r}: {key} must be {rule}, not {value!r}")
-        takes = PLAIN_OPTIONS.get(d["kind"])
-        stray = sorted(set(options) - set(takes)) if takes is not None else []
+        takes = PLAIN_OPTIONS[d["kind"]] if d["kind"] in PLAIN_OPTIONS else generator_settings(d["kind"])
+        stray = sorted(set(options) - set(takes))
         if stray:  # a misspelt setting ("wieght") would otherwise be kept and never read
             raise PocketError(f"data source {name!r}: unknown setting {stray[0]!r} (a {d['kind']} source takes "
                               f"{', '.join(sorted(known | set(takes)))})")
         return cls(name=name, options=options, **d)
+
+
+def generator_settings(kind: str) -> tuple[str, ...]:
+    """The settings a generated kind takes: its generator's keyword arguments (the world's: its config)."""
+    from .mathtext import fact_documents, math_documents
+    from .repeats import repeat_documents
+    from .tasks.swiss_cheese import spelling_documents
+    from .world import WorldConfig
+
+    if kind == "world":
+        return tuple(f.name for f in dataclasses.fields(WorldConfig))
+    if kind == "chat":
+        return ("tasks",)
+    generator = {"math": math_documents, "facts": fact_documents, "repeats": repeat_documents,
+                 "spelling": spelling_documents}[kind]
+    return tuple(inspect.signature(generator).parameters)
 
 
 def document_text(doc: str | list[dict]) -> str:
@@ -195,6 +212,11 @@ def _parquet(spec: SourceSpec) -> Iterator[str]:
                     yield value
 
 
+# The `datasets` builder that reads one data file, by its suffix.
+HF_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+                    ".arrow": "arrow"}
+
+
 def _hf_dataset(spec: SourceSpec) -> Iterator[str]:
     """A Hugging Face dataset on disk, never downloaded: a folder `save_to_disk` wrote (its Arrow files
     are memory-mapped), or a folder of data files `load_dataset` recognises (streamed from the files)."""
@@ -206,9 +228,18 @@ def _hf_dataset(spec: SourceSpec) -> Iterator[str]:
     path = _existing(spec)
     split = spec.options.get("split", "train")
     saved = any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    if path.is_file():  # one data file: read by its format's builder (a bare file path would be a Hub name)
+        builder = HF_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise PocketError(f"data source {spec.name!r}: {path} is a file `datasets` cannot read by its suffix "
+                              f"({', '.join(HF_FILE_BUILDERS)}); give the folder a dataset was saved to")
     try:
-        ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split,
-                                                                                      streaming=True)
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_file():
+            ds = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=True)
+        else:
+            ds = datasets.load_dataset(str(path), split=split, streaming=True)
     except (ValueError, FileNotFoundError) as e:
         raise PocketError(f"{path}: not a Hugging Face dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
