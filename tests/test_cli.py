@@ -261,3 +261,16 @@ def test_a_runs_tokenizer_is_not_retrained_under_its_models(tmp_path, capsys):
     assert main(["tokenizer", "train", str(run), *small]) == 2
     assert "run/tokenizer is the tokenizer of" in capsys.readouterr().err
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == trained
+
+
+def test_a_stage_refused_for_a_missing_run_leaves_nothing_behind(tmp_path, capsys):
+    """`pretrain RUN` without a tokenizer, `sft RUN` without a base: refused, but RUN/world.json was written
+    (and a later run there with another world was refused for it)."""
+    for command, missing in ((["pretrain"], "no tokenizer at"), (["sft"], "base does not exist"),
+                             (["rm"], "sft does not exist")):
+        assert main([*command, str(tmp_path / "run")]) == 2
+        assert missing in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+    assert main(["tokenizer", "train", str(tmp_path / "run"), "--vocab-size", "300", "--set", "tokenizer.max_chars=20000",
+                 "--set", "world.seed=5"]) == 0  # the first command of a run records its world
+    assert json.loads((tmp_path / "run" / "world.json").read_text())["seed"] == 5

@@ -109,6 +109,12 @@ def test_an_index_is_never_built_over_a_folder_of_other_files(tmp_path, world_do
         build_index({"a.txt": " \n", "b.md": ""}, tmp_path / "blank", embedder=embedder)
     (tmp_path / "empty").mkdir()
     assert build_index(docs, tmp_path / "empty", embedder=embedder)[1]["embedded"] == 2  # an empty folder may hold it
+    for sibling in ("empty.tmp", "empty.old"):  # the user's, beside the index: a rebuild deleted them
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "notes.txt").write_text("keep me")
+    build_index(dict(list(world_docs.items())[:3]), tmp_path / "empty", embedder=embedder)
+    assert all((tmp_path / sibling / "notes.txt").exists() for sibling in ("empty.tmp", "empty.old"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing of the build left
 
 
 def test_passages_prompt_names_each_chunk():

@@ -67,8 +67,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                         "later; by default only its final model stays")
 
 
-def load_run_config(args) -> "RunConfig":  # noqa: F821
-    """The configuration a stage command runs with: defaults, --quick, --config, --set, and the run's world."""
+def load_run_config(args, starts_run: bool = False) -> "RunConfig":  # noqa: F821
+    """The configuration a stage command runs with: defaults, --quick, --config, --set, and the run's world.
+    The world is recorded in a run directory that exists, or that this command starts (`starts_run`): a
+    stage refused for a run that is not there leaves nothing behind."""
     from .speedrun import RunConfig, quick, settle_world
 
     cfg = RunConfig()
@@ -77,7 +79,7 @@ def load_run_config(args) -> "RunConfig":  # noqa: F821
     configlib.load(cfg, args.config, args.overrides)
     run = getattr(args, "run", None) or getattr(args, "out", None)
     if run:
-        settle_world(cfg, Path(run))
+        settle_world(cfg, Path(run), record=starts_run or Path(run).is_dir())
     for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
         if args.threads:
             stage.train.threads = args.threads
@@ -94,7 +96,7 @@ def cmd_speedrun(args) -> None:
 
     if args.run and args.out and args.run != args.out:
         raise PocketError(f"two run directories given: {args.run} and --out {args.out}")
-    speedrun(load_run_config(args), args.run or args.out or "runs/speedrun")
+    speedrun(load_run_config(args, starts_run=True), args.run or args.out or "runs/speedrun")
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -102,7 +104,7 @@ def cmd_tokenizer_train(args) -> None:
 
     from .speedrun import run_tokenizer
 
-    cfg = load_run_config(args)
+    cfg = load_run_config(args, starts_run=True)
     if args.vocab_size is not None:
         cfg.tokenizer = replace(cfg.tokenizer, vocab_size=args.vocab_size)  # checked as a --set would be
     refuse_to_retokenize(Path(args.run))

@@ -105,14 +105,15 @@ def quick(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def settle_world(cfg: RunConfig, run_dir: Path) -> WorldConfig:
-    """The run's one world: the first command on a run records it (RUN/world.json), later ones read it back
-    (asking for another is refused); the pretraining world source and every task of this process use it."""
+def settle_world(cfg: RunConfig, run_dir: Path, record: bool = True) -> WorldConfig:
+    """The run's one world: the first command on a run records it (RUN/world.json; not if `record` is
+    False), later ones read it back (asking for another is refused); the pretraining world source and every
+    task of this process use it."""
     recorded = read_run_world(run_dir)
     if recorded is not None and cfg.world != WorldConfig():
         record_run_world(run_dir, cfg.world)  # refuses a world other than the recorded one
     world = recorded or cfg.world
-    if recorded is None and os.environ.get("RANK", "0") == "0":  # one process writes it (torchrun)
+    if recorded is None and record and os.environ.get("RANK", "0") == "0":  # one process writes it (torchrun)
         run_dir.mkdir(parents=True, exist_ok=True)
         record_run_world(run_dir, world)
     cfg.world = world

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,10 +231,13 @@ def build_index(documents: dict[str, str], out: str | Path, size: int = 128, ove
 
 
 def _write(out: Path, manifest: dict, chunks: list[Chunk], embeddings: np.ndarray) -> None:
-    """Into a temporary sibling directory, then renamed over `out`: a reader sees the old index or the new."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Into a temporary sibling directory, then renamed over `out`: a reader sees the old index or the new.
+    The temporary names are hidden and made for this build (a user's own `out.tmp` or `out.old` beside it
+    was deleted); what a killed build left behind is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.building_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building_"))
     chunk_bytes = "".join(json.dumps({"id": c.id, "document": c.document, "text": c.text}, ensure_ascii=False) + "\n"
                           for c in chunks).encode("utf-8")
     (tmp / "chunks.jsonl").write_bytes(chunk_bytes)
@@ -244,10 +248,11 @@ def _write(out: Path, manifest: dict, chunks: list[Chunk], embeddings: np.ndarra
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building_old_"))
+    os.replace(out, old)  # over the empty directory just made
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
