@@ -156,6 +156,16 @@ def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, t
     (["chat", "RUN", "--temperature", "-2"], "argument --temperature: must be a number >= 0, not -2"),
     (["sample", "RUN", "--threads", "x"], "argument --threads: invalid integer value: 'x'"),
     (["sample", "RUN", "--max-tokens", "0"], "argument --max-tokens: must be at least 1, not 0"),
+    # the lab: `grokking --runs ,` trained nothing and overwrote a report with an empty one, `scaling --n 0`
+    # failed after training every rung, `diversity --shots -1` ran
+    (["lab", "grokking", "OUT", "--runs", ","], "argument --runs: none given: choose from weight_decay"),
+    (["lab", "grokking", "OUT", "--runs", "grokfast,bogus"], "argument --runs: unknown bogus"),
+    (["lab", "grokking", "OUT", "--train-frac", "1.5"], "argument --train-frac: must be between 0 and 1"),
+    (["lab", "grokking", "OUT", "--lr", "0"], "argument --lr: must be a number > 0"),
+    (["lab", "induction", "OUT", "--runs", ","], "argument --runs: none given: choose from plain, smeared"),
+    (["lab", "scaling", "RUN", "--n", "0"], "argument --n: must be at least 1, not 0"),
+    (["lab", "recall", "RUN", "--window", "-1"], "argument --window: must be at least 0"),
+    (["lab", "diversity", "RUN", "--shots", "-1"], "argument --shots: must be at least 0, not -1"),
 ])
 def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -274,3 +284,4 @@ def test_a_stage_refused_for_a_missing_run_leaves_nothing_behind(tmp_path, capsy
     assert main(["tokenizer", "train", str(tmp_path / "run"), "--vocab-size", "300", "--set", "tokenizer.max_chars=20000",
                  "--set", "world.seed=5"]) == 0  # the first command of a run records its world
     assert json.loads((tmp_path / "run" / "world.json").read_text())["seed"] == 5
+

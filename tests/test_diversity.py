@@ -129,7 +129,8 @@ def test_bad_arguments_are_refused(tmp_path):
     add_arguments(parser)
     with pytest.raises(PocketError, match="not a run directory"):
         main(parser.parse_args([str(tmp_path / "nowhere")]))
-    with pytest.raises(PocketError, match="at least 2"):
-        main(parser.parse_args([str(tmp_path), "--seeds", "1"]))
+    for flags in (["--seeds", "1"], ["--shots", "-1"], ["--temperature", "0"], ["--stages", ","], ["--stages", "sft,rl"]):
+        with pytest.raises(SystemExit):  # argparse's usage error: `--shots -1` ran, `--stages ,` said nothing
+            parser.parse_args([str(tmp_path), *flags])
     with pytest.raises(PocketError, match="none of the stages"):
         main(parser.parse_args([str(tmp_path)]))

@@ -14,8 +14,8 @@ from argparse import ArgumentTypeError
 
 from rich.console import Console
 
+from .argtypes import non_negative
 from .checkpoint import load_model
-from .cli import non_negative
 from .common import pick_device, set_threads
 from .data.tasks import default_world
 from .data.tasks.tools import task_tools

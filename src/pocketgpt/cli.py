@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as configlib
+from .argtypes import integer, non_negative
 from .common import PocketError, human, shutdown_distributed
 from .errors import Interrupted
 from .reason.lm import CONCURRENCY
@@ -31,30 +32,6 @@ Typical run (each step writes into the run directory):
 Configuration: --config FILE.toml with [tokenizer] and [pretrain] tables (see `pocketgpt config`),
 and --set key=value overrides, e.g. --set pretrain.train.lr=1e-3 --set pretrain.model.n_layer=4.
 """
-
-
-def integer(minimum: int, maximum: int | None = None):
-    """An argparse type: an integer in [minimum, maximum], refused where it is parsed (a batch of 0 rows
-    would wait forever, `--n 0` would mean the whole split, `--steps -5` an untrained model)."""
-    def parse(text: str) -> int:
-        value = int(text)  # a ValueError reads "invalid integer value: 'x'"
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def non_negative(text: str) -> float:
-    """An argparse type for temperatures: a finite float >= 0."""
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
-    return value
-
-
-non_negative.__name__ = "number"
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

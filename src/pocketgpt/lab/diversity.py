@@ -39,6 +39,7 @@ import random
 import re
 from pathlib import Path
 
+from ..argtypes import integer, names, positive
 from ..common import markdown_table, provenance_line
 from ..errors import PocketError
 from ..stages import POLICIES, RL_STAGES
@@ -330,16 +331,16 @@ def card_markdown(results: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory with stage folders (base, sft, ppo, grpo, ...)")
-    p.add_argument("--stages", default=",".join(s.name for s in POLICIES if not s.ablation), help="comma-separated stages; missing ones are skipped")
-    p.add_argument("--prompts", type=int, default=20, help="test prompts per seed")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (at least 2: the intervals are over seeds)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--shots", type=int, default=3, help="solved examples in the base model's few-shot document")
+    p.add_argument("--stages", type=names(s.name for s in POLICIES), default=[s.name for s in POLICIES if not s.ablation], help="comma-separated stages; missing ones are skipped")
+    p.add_argument("--prompts", type=integer(1), default=20, help="test prompts per seed")
+    p.add_argument("--samples", type=integer(2), default=8, help="samples per prompt")
+    p.add_argument("--seeds", type=integer(2), default=3, help="seeds 0..N-1 (at least 2: the intervals are over seeds)")
+    p.add_argument("--temperature", type=positive, default=1.0, help="above 0: greedy decoding has no diversity to measure")
+    p.add_argument("--max-tokens", type=integer(1), default=48)
+    p.add_argument("--shots", type=integer(0), default=3, help="solved examples in the base model's few-shot document")
     p.add_argument("--out", help="output directory (default: RUN/lab/diversity)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=integer(0), default=0)
 
 
 def main(args) -> None:
@@ -353,14 +354,8 @@ def main(args) -> None:
     run = Path(args.run)
     if not run.is_dir():
         raise PocketError(f"{run} is not a run directory")
-    if args.seeds < 2:
-        raise PocketError(f"--seeds {args.seeds}: the intervals are over seeds, so at least 2 are needed")
-    if args.prompts < 1 or args.samples < 2:
-        raise PocketError("--prompts must be at least 1 and --samples at least 2 (unique samples compares them)")
-    if args.temperature <= 0:
-        raise PocketError(f"--temperature {args.temperature}: greedy decoding has no diversity to measure")
     set_threads(args.threads)
-    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    wanted = args.stages
     present = [s for s in wanted if (run / s / "config.json").exists()]
     skipped = {s: f"no checkpoint at {run / s}" for s in wanted if s not in present}
     for stage, reason in skipped.items():

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..argtypes import integer, names, positive
 from ..common import PocketError, provenance_line
 from ..train.loop import DrawCounter
 from . import finished_run, publish
@@ -168,18 +169,18 @@ def summary_markdown(results: list[dict], s: Settings, measured: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Settings()
     p.add_argument("out", help="output directory (one folder per run, plus induction.json/.png and summary.md)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated runs (default: {','.join(RUNS)})")
+    p.add_argument("--runs", type=names(RUNS), default=list(RUNS), help=f"comma-separated runs (default: {','.join(RUNS)})")
     p.add_argument("--preset", default=d.preset, help="model preset (default: the speedrun's `small`)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="random tokens are drawn from this many")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--steps", type=int, default=d.steps, help="steps per run")
-    p.add_argument("--min-segment", type=int, default=d.min_segment, help="shortest repeated segment (tokens)")
-    p.add_argument("--max-segment", type=int, default=d.max_segment, help="longest repeated segment (tokens)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--vocab-size", type=integer(2), default=d.vocab_size, help="random tokens are drawn from this many")
+    p.add_argument("--batch-size", type=integer(1), default=d.batch_size)
+    p.add_argument("--seq-len", type=integer(2), default=d.seq_len)
+    p.add_argument("--lr", type=positive, default=d.lr)
+    p.add_argument("--steps", type=integer(1), default=d.steps, help="steps per run")
+    p.add_argument("--min-segment", type=integer(1), default=d.min_segment, help="shortest repeated segment (tokens)")
+    p.add_argument("--max-segment", type=integer(1), default=d.max_segment, help="longest repeated segment (tokens)")
+    p.add_argument("--eval-every", type=integer(1), default=d.eval_every)
+    p.add_argument("--seed", type=integer(0), default=d.seed)
+    p.add_argument("--threads", type=integer(0), default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
@@ -193,12 +194,8 @@ def main(args) -> None:
                  lr=args.lr, steps=args.steps, min_segment=args.min_segment, max_segment=args.max_segment,
                  eval_every=args.eval_every, seed=args.seed)
     repeated_rows(s, 1, 0)  # bad segment lengths fail before any training
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise PocketError(f"unknown runs {unknown}: {', '.join(RUNS)}")
     out = Path(args.out)
-    results = [train_run(n, s, out, compile=args.compile) for n in names]
+    results = [train_run(n, s, out, compile=args.compile) for n in args.runs]
     publish(out, "induction", {"settings": asdict(s), "runs": results}, lambda path: plot(results, s, path),
             lambda measured: summary_markdown(results, s, measured))
     table = Table(title=f"induction: {out}")

@@ -26,6 +26,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..argtypes import integer
+
 # Real-world facts a small model may know: (prompt, subject, answer). The subject is where the
 # knockout cuts; the answer's first token, encoded after the prompt, is what the lens looks for.
 REAL_FACTS: tuple[tuple[str, str, str], ...] = (
@@ -340,13 +342,13 @@ def summary_table(stats: dict, n_layer: int):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run directory (ours, or an imported model's)")
     parser.add_argument("--stage", default="base", help="which stage of the run to probe (default: base)")
-    parser.add_argument("--n", type=int, default=60, help="facts per tier (real-world facts: at most this many)")
-    parser.add_argument("--window", type=int, default=0,
+    parser.add_argument("--n", type=integer(1), default=60, help="facts per tier (real-world facts: at most this many)")
+    parser.add_argument("--window", type=integer(0), default=0,
                         help="blocks knocked out around each block (default: a sixth of the blocks, at least 1)")
     parser.add_argument("--out", help="output directory (default: RUN/lab/recall)")
-    parser.add_argument("--seed", type=int, default=0, help="which facts are drawn from each tier")
+    parser.add_argument("--seed", type=integer(0), default=0, help="which facts are drawn from each tier")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=integer(1))
 
 
 def run_world(run: Path):

@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from ..argtypes import integer
 from ..common import PocketError, provenance_line
 
 # d_model x n_layer, smallest to the speedrun's `small` preset (256 x 6)
@@ -196,12 +197,12 @@ def summary_markdown(rungs: list[dict], fits: dict, measured: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory with tokenizer/ and data/ (e.g. the speedrun's)")
     p.add_argument("--ladder", default=DEFAULT_LADDER, help=f"sizes as WIDTHxLAYERS (default {DEFAULT_LADDER})")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--steps", type=integer(1),
                    help="pretraining steps of every rung (the budget rule: the same tokens for every size); "
                         "default: the run's own, so the top rung of the default ladder is the run's base model")
-    p.add_argument("--n", type=int, default=100, help="test examples per few-shot task")
+    p.add_argument("--n", type=integer(1), default=100, help="test examples per few-shot task")
     p.add_argument("--out", help="output directory (default RUN/lab/scaling)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=integer(0), default=0)
 
 
 def main(args) -> None:
