@@ -4,6 +4,8 @@ import torch
 from pocketgpt.checkpoint import load_model, save_model
 from pocketgpt.common import PocketError
 from pocketgpt.data.tasks import get_task
+from pocketgpt.data.tasks.prompts import fewshot_text
+from pocketgpt.model import GPT, preset
 from pocketgpt.train.loop import TrainConfig
 from pocketgpt.train.sft import (
     ConversationLoader,
@@ -108,6 +110,20 @@ def test_mitigation_replaces_unknown_facts_with_refusals(tiny_model, chat):
     mitigated, info = factqa_conversations(cfg, task, examples, tiny_model, chat)
     # an untrained model knows nothing: every answer becomes "I don't know."
     assert info["mitigated"] and {c[-1]["content"] for c in mitigated} == {"I don't know."}
+
+
+def test_the_knowledge_probe_fits_its_prompts_to_a_short_context(tokenizer, chat):
+    """A 3-shot fact prompt is longer than a 64-token context: the probe failed ("the prompt has N tokens;
+    the model's context is 64"), where it now asks with fewer solved examples and counts those prompts."""
+    from pocketgpt.train.sft import probe_knowledge
+
+    torch.manual_seed(0)
+    short = GPT(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    task = get_task("factqa")
+    examples = task.examples("train")[:4]
+    assert min(len(chat.document(fewshot_text(task, e, 3))) for e in examples) > 64 - 24
+    scores, fewer = probe_knowledge(short, chat, task, examples, samples=2, temperature=0.7)
+    assert len(scores) == 4 and fewer == 4
 
 
 def test_build_conversations_counts(chat, tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..chat import ChatTemplate
 from ..common import PocketError, atomic_write_text, console, provenance, wilson_interval
+from ..context import fit_shots_to_context, fit_to_context
 from ..data.shards import encode_documents
 from ..data.tasks import Task, default_world
 from ..data.tasks.prompts import chat_messages, fewshot_text
@@ -55,40 +55,6 @@ class EvalResult:
         return (f"{self.task:>18} {self.split:>10}  {self.accuracy:6.1%}  "
                 f"[{self.ci_low:.1%}, {self.ci_high:.1%}]  n={self.n}  ({self.mode}, {self.shots}-shot, {self.style})"
                 + (f"  {self.fewer_shots} with fewer shots to fit" if self.fewer_shots else ""))
-
-
-def fit_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Leave room to answer: what the longest prompt leaves, and at least half the context, where
-    long prompts are cut from the left (the question stays; the oldest demos go)."""
-    room = prompt_room(model, prompts, params)
-    return [p[-room:] for p in prompts]
-
-
-def prompt_room(model: GPT, prompts: list[list[int]], params: SamplingParams) -> int:
-    """The tokens a prompt may take: params.max_tokens is lowered to what the longest prompt leaves, but not
-    below half the context (set in place), and the rest of the context is the prompts'."""
-    T = model.cfg.max_seq_len
-    params.max_tokens = min(params.max_tokens, max(T // 2, T - max(len(p) for p in prompts)))
-    return T - params.max_tokens
-
-
-def fit_shots_to_context(model: GPT, prompts: list[list[int]], params: SamplingParams,
-                         build: Callable[[int, int], list[int]], shots: int) -> tuple[list[list[int]], int, int]:
-    """fit_to_context for prompts with solved examples: a prompt too long for its room holds the most
-    examples that fit (build(i, k): prompt i with k of them, found by bisection), and is cut from the left
-    only if the question alone is too long, since a prompt cut from the left starts mid-example, without
-    the chat template's opening. Returns the prompts, how many hold fewer examples, and the fewest any holds."""
-    room = prompt_room(model, prompts, params)
-    fewer, fewest = 0, shots
-    for i, prompt in enumerate(prompts):
-        if len(prompt) > room:
-            lo, hi = 0, shots - 1  # the most examples that fit lies in [lo, hi]; lo = 0 may not fit either
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if len(build(i, mid)) <= room else (lo, mid - 1)
-            prompt, fewer, fewest = build(i, lo)[-room:], fewer + 1, min(fewest, lo)
-        prompts[i] = prompt
-    return prompts, fewer, fewest
 
 
 def evaluate_task(model: GPT, chat: ChatTemplate, task: Task, split: str = "test", n: int | None = None,

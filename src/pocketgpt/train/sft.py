@@ -23,6 +23,7 @@ import torch
 from ..chat import ChatTemplate, check_messages
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, human, iter_jsonl
+from ..context import fit_shots_to_context
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
 from ..data.tasks.practice import practice_conversations
@@ -81,15 +82,19 @@ class SFTConfig:
 
 @torch.no_grad()
 def probe_knowledge(model: GPT, chat: ChatTemplate, task, examples, samples: int, temperature: float,
-                    seed: int = 0, batch_size: int = 64, dist_info: DistInfo = DistInfo()) -> list[float]:
-    """For each fact question, the share of sampled few-shot answers that are right.
+                    seed: int = 0, batch_size: int = 64, dist_info: DistInfo = DistInfo(),
+                    shots: int = 3) -> tuple[list[float], int]:
+    """For each fact question, the share of sampled few-shot answers that are right; and how many prompts
+    held fewer than `shots` solved examples to fit the model's context.
 
     The questions go in chunks, each sampled with a seed of its own (seed + where it starts); under
     torchrun the chunks are dealt out to the processes and the scores gathered: the same scores."""
     engine = Engine(model, chat.tokenizer)
-    prompts = [chat.document(fewshot_text(task, e, shots=3)) for e in examples]
+    build = lambda i, k: chat.document(fewshot_text(task, examples[i], shots=k))  # noqa: E731
     params = SamplingParams(max_tokens=24, temperature=temperature, n=samples,
                             stop_tokens=chat.document_stops, stop_strings=("\n",))
+    prompts, fewer, _ = fit_shots_to_context(model, [build(i, shots) for i in range(len(examples))], params,
+                                             build, shots)
     per_chunk = max(1, batch_size // samples)
     starts = range(0, len(prompts), per_chunk)
     mine = share(len(starts), dist_info)
@@ -103,7 +108,7 @@ def probe_knowledge(model: GPT, chat: ChatTemplate, task, examples, samples: int
             right = sum(task.verify(type(e)(e.question, e.answer, truth), c.text.strip())
                         for c in outs[i * samples:(i + 1) * samples])
             scores.append(right / samples)
-    return gather(scores, dist_info)
+    return gather(scores, dist_info), fewer
 
 
 # ----------------------------------------------------------------------------- the conversations
@@ -179,11 +184,12 @@ def factqa_conversations(cfg: SFTConfig, task, examples, base: GPT | None, chat:
         knows = [True] * len(examples)
         info: dict = {"mitigated": False}
     else:
-        scores = probe_knowledge(base, chat, task, examples, cfg.probe_samples, cfg.probe_temperature,
-                                 cfg.seed, dist_info=dist_info)
+        scores, fewer = probe_knowledge(base, chat, task, examples, cfg.probe_samples, cfg.probe_temperature,
+                                        cfg.seed, dist_info=dist_info)
         knows = [score >= cfg.probe_threshold for score in scores]
         share = {t: [k for e, k in zip(examples, knows) if e.meta["tier"] == t] for t in ("head", "tail", "unseen")}
-        info = {"mitigated": True, "known_share": {t: sum(v) / max(1, len(v)) for t, v in share.items()}}
+        info = {"mitigated": True, "known_share": {t: sum(v) / max(1, len(v)) for t, v in share.items()},
+                "fewer_shots": fewer, "questions": len(examples)}
     convs = []
     for e, known in zip(examples, knows):
         # "head" renders the true sentence even for a tail/unseen fact; a refusal where the model does not know.
@@ -309,8 +315,13 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
                       + f"; {stats['shortened']} cut after the last exchange that fits a row, "
                       f"{stats['too_long']} longer than a row even so left out")
         if "probe" in stats and stats["probe"].get("mitigated"):
+            probe = stats["probe"]
             console.print("knowledge probe (share of facts the base model knows): " + ", ".join(
-                f"{t} {s:.0%}" for t, s in stats["probe"]["known_share"].items()))
+                f"{t} {s:.0%}" for t, s in probe["known_share"].items()))
+            if probe["fewer_shots"]:
+                console.print(f"[yellow]knowledge probe: {probe['fewer_shots']} of {probe['questions']} questions fit "
+                              f"the base model's {model.cfg.max_seq_len}-token context only with fewer than 3 "
+                              "solved examples[/]")
     loader = ConversationLoader(encoded, tc.batch_size, tc.seq_len, chat.pad_id, cfg.seed,
                                 info.rank, info.world_size)
     if cfg.lora.r:
