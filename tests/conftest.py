@@ -20,6 +20,17 @@ def small_corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)][:40] + ["你好，世界！小明有3个苹果。 🙂 emoji and ünïcödé"] * 20
 
 
+@pytest.fixture(autouse=True)
+def the_default_world_after_each_test():
+    """The tasks' world is process-wide (`use_world`, which the CLI calls for a run's world): a test that
+    runs a command on a run of another world leaves the default for the tests after it."""
+    from pocketgpt.data.tasks import use_world
+    from pocketgpt.data.world import WorldConfig
+
+    yield
+    use_world(WorldConfig())
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return BPETokenizer.train(small_corpus(), vocab_size=512)

@@ -285,3 +285,18 @@ def test_a_stage_refused_for_a_missing_run_leaves_nothing_behind(tmp_path, capsy
                  "--set", "world.seed=5"]) == 0  # the first command of a run records its world
     assert json.loads((tmp_path / "run" / "world.json").read_text())["seed"] == 5
 
+
+
+def test_eval_of_a_stage_asks_about_its_runs_world(tmp_path, tiny_model, chat):
+    """`eval RUN/sft` asked about the default world's entities whatever the run's world (RUN/world.json),
+    and wrote those verdicts over the run's own in RUN/sft/eval."""
+    from pocketgpt.data.world import World, WorldConfig, record_run_world
+
+    record_run_world(tmp_path, WorldConfig(seed=7))
+    save_model(tiny_model, tmp_path / "sft", chat, {"stage": "sft"})
+    assert main(["eval", str(tmp_path / "sft"), "--task", "factqa_head", "--n", "3", "--no-compile"]) == 0
+    seed7 = {e.name for e in World.generate(WorldConfig(seed=7)).entities()}
+    seed0 = {e.name for e in World.generate(WorldConfig()).entities()}
+    questions = [json.loads(line)["question"] for line in
+                 (tmp_path / "sft" / "eval" / "factqa_head_test.jsonl").read_text().splitlines()]
+    assert len(questions) == 3 and all(any(name in q for name in seed7 - seed0) for q in questions)

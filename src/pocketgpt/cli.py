@@ -995,7 +995,7 @@ def use_run_world(args) -> None:
     from .data.tasks import use_world
     from .data.world import read_run_world
 
-    runs = [getattr(args, "run", None), *(getattr(args, "models", None) or [])]
+    runs = [getattr(args, "run", None), getattr(args, "model", None), *(getattr(args, "models", None) or [])]
     worlds = [w for w in (read_run_world(Path(run)) for run in runs if run) if w is not None]
     if any(w != worlds[0] for w in worlds):
         raise PocketError("these runs were trained on different worlds; compare runs of one world")
