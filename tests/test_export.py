@@ -252,6 +252,18 @@ def test_refuses_non_empty_destination(tiny_model, chat, tmp_path):
     assert (export_hf(tmp_path / "model", tmp_path / "empty") / "model.safetensors").exists()
 
 
+def test_a_tiktoken_export_never_replaces_the_users_files(tokenizer, tmp_path):
+    """`export --to tiktoken notes` replaced notes and notes.json without a word (a model's tokenizer.json
+    too); an earlier export at the same path is still replaced (the test above)."""
+    for mine in ("notes", "tok.json"):  # the rank file, or the JSON beside it
+        (tmp_path / mine).write_text("mine")
+    for path, existing in (("notes", "notes"), ("tok", "tok.json")):
+        with pytest.raises(PocketError, match=f"{existing} already exists and is not an earlier tiktoken export"):
+            export_tiktoken(tokenizer, tmp_path / path)
+    assert (tmp_path / "notes").read_text() == "mine" and (tmp_path / "tok.json").read_text() == "mine"
+    assert not (tmp_path / "tok").exists() and not (tmp_path / "notes.json").exists()
+
+
 def test_failure_leaves_nothing_behind(tiny_model, smeared_model, chat, tmp_path, monkeypatch):
     save_model(tiny_model, tmp_path / "model", chat)
     before = sorted(os.listdir(tmp_path))

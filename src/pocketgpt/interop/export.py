@@ -288,12 +288,26 @@ def export_tiktoken(tokenizer: BPETokenizer, path: str | Path) -> Path:
     if not isinstance(tokenizer, BPETokenizer):
         raise PocketError(f"only our BPE tokenizer has a tiktoken form, not a {type(tokenizer).__name__}")
     path = Path(path)
+    meta = Path(f"{path}.json")
+    for existing in (path, meta):
+        if (existing.exists() or existing.is_symlink()) and not _earlier_tiktoken_export(path):
+            raise PocketError(f"{existing} already exists and is not an earlier tiktoken export: choose a new path")
     by_rank = sorted(tokenizer.ranks.items(), key=lambda kv: kv[1])
     text = "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n" for b, r in by_rank)
     atomic_write_text(path, text)
-    atomic_write_json(Path(f"{path}.json"), {
+    atomic_write_json(meta, {
         "pattern": tokenizer.pattern,
         "special_tokens": dict(tokenizer.special_ids),
         "sha256": hashlib.sha256(text.encode("ascii")).hexdigest(),
     })
     return path
+
+
+def _earlier_tiktoken_export(path: Path) -> bool:
+    """Whether `path` and `path.json` are what export_tiktoken wrote (the rank file's hash is the one its
+    JSON records): such a pair is replaced by exporting again, anything else is the user's and kept."""
+    try:
+        meta = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
+        return isinstance(meta, dict) and meta.get("sha256") == hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return False
