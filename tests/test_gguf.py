@@ -522,3 +522,19 @@ def test_blocks_are_the_dense_tensors_as_stored(tmp_path):
                                      "model.layers.1.mlp.up_proj.weight"])
     for name, w in blocks.items():
         assert torch.equal(w.dequantize(), dense[name]), name
+
+
+def test_a_gguf_imported_in_16_bits_keeps_no_blocks_that_its_weights_no_longer_equal(tmp_path):
+    """`import --dtype bfloat16` of a Q4_1 file kept its blocks, and every later load for decoding failed:
+    "blocks do not give the model's weight back (the file is corrupt ...)"."""
+    from pocketgpt.checkpoint import load_model
+    from pocketgpt.interop.importer import import_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny(path, hidden=64, ffn=128, types={"blk.0.attn_q.weight": Q.Q4_1, "blk.1.ffn_up.weight": Q.Q8_0})
+    kept = import_model(path, tmp_path / "as_stored")
+    rounded = import_model(path, tmp_path / "bf16", dtype="bfloat16")
+    assert kept["block_weights"] == {"4-bit": 1, "8-bit": 1} and rounded["block_weights"] == {"4-bit": 0, "8-bit": 0}
+    for run in ("as_stored", "bf16"):
+        model, chat, _ = load_model(tmp_path / run, blocks=True)  # for decoding: refused before
+        assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.cfg.vocab_size)

@@ -207,6 +207,12 @@ def import_model(src: str | Path, run_dir: str | Path, dtype: str | None = None)
     if cfg.tie_embeddings:
         linear.add("model.embed_tokens.weight")
     blocks = {name: w for name, w in source.blocks if name in linear}
+    if blocks and dtype not in (None, "float32"):
+        # The blocks are the file's exact values, which weights rounded to 16 bits no longer equal: a model
+        # decoding from them would not be the model its prefill and training compute.
+        console.print(f"[yellow]--dtype {dtype} rounds the weights: the file's 4- and 8-bit weights are not kept "
+                      "for decoding (import without --dtype to keep them)[/]")
+        blocks = {}
     summary = {"source": str(Path(src).resolve()), "family": source.hf_config.get("model_type"),
                "params": model.num_params(), "dtype": str(next(iter(weights.values())).dtype).replace("torch.", ""),
                "chat_template": chat.spec(),
