@@ -10,6 +10,7 @@ from pocketgpt.data.tasks import get_task
 from pocketgpt.evaluate.report import write_report
 from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.matrix import MATRIX, WORKED, Cell, run_matrix
+from pocketgpt.reason.strategies import Settings
 
 
 def knows_arithmetic(messages, request):
@@ -38,7 +39,8 @@ def test_matrix_writes_every_cell_and_the_report_shows_them(tmp_path):
 
 def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):
     """Cells measured for the same model, split, settings and n are kept (an interrupted matrix continues,
-    cells asked for in several runs gather); a different n starts over."""
+    cells asked for in several runs gather); a different n or setting is refused: it dropped every cell
+    measured before from matrix.json and the report card, without a word."""
     calls = []
 
     def counting(messages, request):
@@ -62,9 +64,14 @@ def test_a_matrix_run_again_keeps_the_cells_it_measured(tmp_path):
     (out / "matrix.json").write_text(json.dumps(saved))
     run_matrix(ScriptedLM(counting), out, n=4, cells=[cot, direct], log=lambda *a, **k: None)
     assert len(calls) == 8  # a setting added since counts as its default: nothing measured again
-    run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
-    assert len(calls) == 11  # another n: measured again
-    assert [c["n"] for c in json.loads((out / "matrix.json").read_text())["cells"]] == [3]
+    before = (out / "matrix.json").read_text()
+    with pytest.raises(PocketError, match=r"holds 2 cells measured otherwise \(n 4, now 3\): give another --out"):
+        run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)
+    with pytest.raises(PocketError, match=r"\(settings.quote False, now True\)"):
+        run_matrix(ScriptedLM(counting), out, Settings(quote=True), n=4, cells=[direct], log=lambda *a, **k: None)
+    assert len(calls) == 8 and (out / "matrix.json").read_text() == before
+    run_matrix(ScriptedLM(counting), tmp_path / "n3", n=3, cells=[direct], log=lambda *a, **k: None)
+    assert len(calls) == 11 and [c["n"] for c in json.loads((tmp_path / "n3" / "matrix.json").read_text())["cells"]] == [3]
     (out / "matrix.json").write_text("{")
     with pytest.raises(PocketError, match="matrix.json is not valid JSON"):
         run_matrix(ScriptedLM(counting), out, n=3, cells=[direct], log=lambda *a, **k: None)

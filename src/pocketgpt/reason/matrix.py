@@ -100,7 +100,8 @@ def run_matrix(lm: LM, out_dir: str | Path, settings: Settings = Settings(), n: 
 
     A matrix run again into the same directory, for the same model, split, settings and n, keeps the
     cells already measured there: an interrupted matrix continues where it stopped, and cells asked for
-    in several runs (`--cells`) gather in one matrix.json. Anything else measured there is started over."""
+    in several runs (`--cells`) gather in one matrix.json. A matrix measured there otherwise is refused
+    (its cells would be dropped), not started over."""
     out_dir = Path(out_dir)
     results = {"model": lm.name, "split": split, "settings": asdict(settings), "n": n, "cells": [],
                "measured": provenance()}  # where and when this (last) run measured
@@ -187,8 +188,9 @@ def comparisons(out_dir: Path, cells: list[dict]) -> list[dict]:
 
 def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
     """The finished cells of an earlier matrix.json made like `results` (same model, split, settings, n),
-    by (task, label); none if there is no such file or it was made otherwise. Each keeps where and when it
-    was measured (a file from before cells recorded it: its run's record)."""
+    by (task, label); none if there is no such file; a PocketError naming what differs if it was made
+    otherwise. Each keeps where and when it was measured (a file from before cells recorded it: its run's
+    record)."""
     if not path.exists():
         return {}
     try:
@@ -199,11 +201,24 @@ def _measured_cells(path: Path, results: dict) -> dict[tuple[str, str], dict]:
     defaults = json.loads(json.dumps(asdict(Settings()), default=str))
     if isinstance(earlier.get("settings"), dict):
         earlier["settings"] = {**defaults, **earlier["settings"]}
-    if any(earlier.get(key) != json.loads(json.dumps(results[key], default=str))
-           for key in ("model", "split", "settings", "n")):
-        return {}
+    now = json.loads(json.dumps({key: results[key] for key in ("model", "split", "settings", "n")}, default=str))
+    differ = [key for key in now if earlier.get(key) != now[key]]
+    if "settings" in differ and isinstance(earlier.get("settings"), dict):
+        differ.remove("settings")
+        differ += [f"settings.{k}" for k in now["settings"] if earlier["settings"].get(k) != now["settings"][k]]
+    cells = [c for c in earlier.get("cells", []) if "error" not in c]
+    if differ and cells:  # its cells would be dropped from the file and the report card without a word
+        was = ", ".join(f"{key} {_setting(earlier, key)!r}, now {_setting(now, key)!r}" for key in differ)
+        raise PocketError(f"{path} holds {len(cells)} cells measured otherwise ({was}): give another --out, "
+                          f"or delete {path} to measure the matrix again")
     run = {"measured": earlier["measured"]} if "measured" in earlier else {}
-    return {(c["task"], c["label"]): {**run, **c} for c in earlier.get("cells", []) if "error" not in c}
+    return {(c["task"], c["label"]): {**run, **c} for c in cells}
+
+
+def _setting(record: dict, key: str):
+    """record["settings"]["k"] for "settings.k", else record[key]."""
+    group, _, name = key.partition(".")
+    return record.get(group, {}).get(name) if name else record.get(key)
 
 
 def _write(out_dir: Path, results: dict, measured: dict) -> dict:
