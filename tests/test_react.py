@@ -8,6 +8,7 @@ from pocketgpt.data.tasks import get_task
 from pocketgpt.data.tasks.tools import SPECS, calculator, task_tools
 from pocketgpt.reason.lm import Generation
 from pocketgpt.reason.react import react
+from pocketgpt.toolloop import run_tool
 
 
 def calls(*pairs):
@@ -53,18 +54,21 @@ def test_an_agent_that_searches_and_computes_answers_multihop():
 def test_tool_errors_are_observations_and_observations_are_cut():
     task = get_task("arithmetic")
     replies = iter([calls(("calculator", {"expression": "1/0"})), calls(("nope", {})),
-                    calls(("calculator", {"expression": "*" * 900}))])
+                    calls(("traceback", {}))])
 
     def agent(messages, request):
         nxt = next(replies, None)
         return [Generation("", "tool_calls", 0, nxt) if nxt else Generation("Answer: 3", "stop")]
 
-    tools = {"calculator": calculator, "echo": lambda text: text * 1000}
+    tools = {"calculator": calculator, "traceback": lambda: "Traceback:" + " line" * 200 + "\nZeroDivisionError"}
     [answer] = react(ScriptedLM(agent), task, task.examples("test")[:1], tools, [SPECS["calculator"]],
                      max_observation_chars=50)
     observations = [s["observation"] for s in answer.trace]
-    assert observations[0].startswith("error:") and "unknown tool 'nope'" in observations[1]
-    assert all(len(o) <= 50 for o in observations) and answer.text == "Answer: 3"
+    assert observations[0].startswith("error:") and observations[1].startswith("error: unknown tool 'nope")
+    # a long one keeps its beginning and its end (the end of a traceback was dropped), and says what it left out
+    full = run_tool(tools, "traceback", {})
+    assert observations[2].startswith(full[:25]) and observations[2].endswith(" line\nZeroDivisionError")
+    assert f"truncated {len(full) - 50} characters" in observations[2] and answer.text == "Answer: 3"
 
 
 def test_out_of_steps_falls_back_to_self_consistency():

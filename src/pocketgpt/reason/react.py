@@ -8,7 +8,8 @@ The loop speaks OpenAI function calling through the `LM` protocol, so it runs un
 engine and any server. Every conversation of a batch advances one step per round (one batched model
 call), up to `max_steps` actions. As in the paper, a question that runs out of steps (or of
 context) without an answer backs off to self-consistency: k chain-of-thought samples and a vote.
-Observations are cut to `max_observation_chars`, as the paper's search keeps the first sentences.
+Observations are cut to about `max_observation_chars`: their beginning (as the paper's search keeps the
+first sentences) and their end (where a traceback says what went wrong).
 
 With `paths` > 1 every question is worked along that many trajectories, sampled at `temperature`, and
 their answers are voted on: self-consistency on top of acting. It pays where slips (a miscopied
@@ -25,6 +26,7 @@ from ..common import PocketError
 from ..data.tasks import Example, Task
 from ..data.tasks.prompts import chat_messages
 from ..toolloop import run_tool
+from ..tools import clip
 from .lm import LM, Request, tool_call_messages
 from .vote import Answer, vote
 
@@ -74,7 +76,7 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
                 continue
             if step == max_steps:
                 continue  # the budget is spent: the fallback answers
-            results = [run_tool(tools, c["name"], c["arguments"])[:max_observation_chars] for c in g.tool_calls]
+            results = [clip(run_tool(tools, c["name"], c["arguments"]), max_observation_chars) for c in g.tool_calls]
             traces[i] += [{"thought": g.text, "action": c, "observation": r} for c, r in zip(g.tool_calls, results)]
             conversations[i] = conversations[i] + tool_call_messages(g, results, step)
             still.append(i)

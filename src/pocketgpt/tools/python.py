@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PocketError
+from . import clip
 
 
 @dataclass(frozen=True)  # frozen: one instance is the shared default of run_python, nobody may change it
@@ -147,7 +148,9 @@ def _run(code: str, limits: SandboxLimits, uid: int, workdir: str) -> str:
         setup = _ChildSetup(code, limits, uid, workdir, report_w)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "main.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                # -u: what the code prints reaches the file at once, so a run killed at its time limit
+                # keeps what it printed before (block-buffered, up to 8 KB of it was lost)
+                [sys.executable, "-I", "-S", "-u", "main.py"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"},
                 start_new_session=True, umask=0o022, preexec_fn=setup)
         except subprocess.SubprocessError:  # raised in the child by _ChildSetup, which wrote why
@@ -172,7 +175,7 @@ def _run(code: str, limits: SandboxLimits, uid: int, workdir: str) -> str:
         stdout, stderr = _read(out), _read(err)
 
     limit = limits.max_output_chars
-    return _lines(_clip(stdout, limit), _clip(stderr, limit), _verdict(limits, proc.returncode, timed_out, stderr))
+    return _lines(clip(stdout, limit), clip(stderr, limit), _verdict(limits, proc.returncode, timed_out, stderr))
 
 
 class _ChildSetup:
@@ -304,13 +307,6 @@ def _lines(*parts: str) -> str:
     for part in filter(None, parts):
         text += ("\n" if text and not text.endswith("\n") else "") + part
     return text
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    head = limit // 2
-    return f"{text[:head]}\n... (truncated {len(text) - limit} characters) ...\n{text[head - limit:]}"
 
 
 def _read(fd: int) -> str:
