@@ -12,7 +12,7 @@ from pocketgpt.lab.scaling import fit_power_law, parse_ladder
 
 def test_ladder_parses_sorted_by_size_and_rejects_bad_entries():
     assert parse_ladder("256x6, 64x2,128x3") == [(64, 2), (128, 3), (256, 6)]
-    for bad in ("64", "100x2", "64x2", "64x0,128x1"):
+    for bad in ("64", "100x2", "64x2", "64x0,128x1", "64x1,64x1"):  # one size twice: a power law through one point
         with pytest.raises(PocketError, match="ladder"):
             parse_ladder(bad)
 

@@ -40,9 +40,10 @@ def parse_ladder(text: str) -> list[tuple[int, int]]:
         if width % 64 or width < 64 or layers < 1:
             raise PocketError(f"--ladder entry {part!r}: width must be a positive multiple of 64 (64-wide heads)")
         rungs.append((width, layers))
-    if len(rungs) < 2:
-        raise PocketError("--ladder needs at least two sizes")
-    return sorted(set(rungs), key=lambda r: r[0] ** 2 * r[1])
+    rungs = sorted(set(rungs), key=lambda r: r[0] ** 2 * r[1])
+    if len(rungs) < 2:  # a power law through one point fits anything (it reported R² 1.000)
+        raise PocketError("--ladder needs at least two different sizes")
+    return rungs
 
 
 def fit_power_law(xs: list[float], ys: list[float]) -> dict:
