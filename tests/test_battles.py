@@ -46,6 +46,13 @@ def test_arena_command_rates_checkpoints_and_votes(tmp_path, chat, capsys):
     assert board["measured"]["date"] and board["measured"]["cpu_isa"]
     assert len((run / "arena" / "battles.jsonl").read_text().splitlines()) == 6
     assert (run / "arena" / "leaderboard.png").stat().st_size > 0
+    # run directories, of two runs: written into the first's run (it was their parent folder), named by run
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=512)), tmp_path / "other" / "sft",
+               chat, {"stage": "sft"})
+    assert main(["arena", str(run), str(tmp_path / "other"), "--n", "1", "--tasks", "arithmetic", "--rounds", "10",
+                 "--device", "cpu"]) == 0
+    board = json.loads((run / "arena" / "leaderboard.json").read_text())
+    assert {r["model"] for r in board["rows"]} == {"run/ppo", "other/sft"} and not (tmp_path / "arena").exists()
 
     votes = tmp_path / "votes.db"
     store = VoteStore(votes)

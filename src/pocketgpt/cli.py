@@ -199,9 +199,9 @@ def cmd_arena(args) -> None:
     from .evaluate.harness import model_mode
     from .reason import LM
 
-    dirs = [resolve_model_dir(path) for path in args.models]
+    dirs = [resolve_model_dir(path).resolve() for path in args.models]
     names = [d.name for d in dirs]
-    if len(set(names)) < len(names):  # the same stage of different runs: name them by run too
+    if len({d.parent for d in dirs}) > 1:  # stages of different runs: named by run too
         names = [f"{d.parent.name}/{d.name}" for d in dirs]
     contestants = []
     for name, d in zip(names, dirs):
@@ -213,7 +213,7 @@ def cmd_arena(args) -> None:
                   f"judged by {'the ' + args.judge if judge else 'the verifiers and the rubric'}")
     battles, records = play(contestants, tasks, args.n, args.seed, judge)
     rows = leaderboard(battles, args.rounds, args.seed)
-    out = Path(args.out) if args.out else Path(args.models[0]).resolve().parent / "arena"
+    out = Path(args.out) if args.out else dirs[0].parent / "arena"  # the first contestant's run
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out / "leaderboard.json", {"battles": len(battles), "judge": args.judge or "rubric",
                                                  "rows": rows, "measured": provenance()})
@@ -764,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="API key for --judge")
     p.add_argument("--rounds", type=integer(1), default=100, help="bootstrap rounds (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="where to write battles and the leaderboard (default: RUN/arena)")
+    p.add_argument("--out", help="where to write battles and the leaderboard (default: RUN/arena of the first "
+                                 "contestant's run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=integer(1))
     p.set_defaults(func=cmd_arena)
