@@ -53,6 +53,19 @@ def test_batch_keeps_request_order(lm):
     assert [b[0].text for b in batch] == singles  # greedy: batching changes nothing
 
 
+def test_a_request_that_outgrows_the_context_is_refused_alone(lm):
+    """Both backends refuse a conversation longer than the context as `Refused`; `ask_each` gives it no
+    generations and the rest of the batch their replies (a strategy's own long prompt ended the evaluation)."""
+    from pocketgpt.reason.lm import Refused, ask_each
+
+    long = Request([{"role": "user", "content": "word " * 3000}], max_tokens=4)
+    short = Request(HELLO, max_tokens=4)
+    with pytest.raises(Refused):
+        lm.chat_batch([short, long])
+    replies = ask_each(lm, [short, long, short])
+    assert replies[1] == [] and replies[0][0].text == replies[2][0].text == lm.chat(HELLO, max_tokens=4)[0].text
+
+
 def test_json_schema_is_held(lm):
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["a"], "additionalProperties": False}

@@ -40,3 +40,24 @@ def test_when_nothing_is_accepted_the_majority_wins():
     lm = ScriptedLM(model(["Answer: 5", "Answer: 7", "Answer: 7"], ["no", "no", "no"]))
     [answer] = reflection(lm, task, [example], rounds=2)
     assert answer.text == "Answer: 7" and answer.votes == {"5": 1, "7": 2} and len(answer.trace) == 3
+
+
+def test_a_check_that_outgrows_the_context_accepts_nothing_instead_of_ending_the_evaluation():
+    """The check quotes the reply: a long reply made its prompt too long for the model, and the whole
+    evaluation stopped ("request 0: the prompt has 1437 tokens; the context is 128")."""
+    from pocketgpt.reason.lm import Refused
+
+    task = get_task("arithmetic")
+    examples = task.examples("test")[:2]
+    attempts = iter(["Answer: 0 " + "and so on " * 200, f"Answer: {examples[1].answer}", f"Answer: {examples[0].answer}"])
+
+    def reply(messages, request):
+        if "Is the proposed answer right?" not in messages[-1]["content"]:
+            return [Generation(next(attempts), "stop")]
+        if "and so on" in messages[-1]["content"]:
+            raise Refused("request 0: the prompt has 1437 tokens; the context is 128")
+        return [Generation("yes", "stop")]
+
+    long_one, short_one = reflection(ScriptedLM(reply), task, examples, rounds=2)
+    assert [(t["check"], t["accepted"]) for t in long_one.trace] == [("", False), ("yes", True)]
+    assert task.verify(examples[0], long_one.text) and task.verify(examples[1], short_one.text)

@@ -77,6 +77,28 @@ def tool_call_messages(generation: Generation, results: list[str], step: int = 0
               for call, result in zip(calls, results))]
 
 
+class Refused(PocketError):
+    """The model cannot take one request (its conversation outgrew the context, or the server answered 400),
+    where the model itself is fine: a strategy may count that question unanswered and go on."""
+
+
+def ask_each(lm: LM, requests: list[Request]) -> list[list[Generation]]:
+    """lm.chat_batch, where a request the model refuses gets no generations ([]) instead of failing the whole
+    batch: a strategy's own prompts (a self-check that quotes a long reply, a conversation grown by tool
+    results) outgrow the context on some questions, and those questions go unanswered."""
+    try:
+        return lm.chat_batch(requests)
+    except Refused:
+        pass
+    out = []
+    for r in requests:
+        try:
+            out.append(lm.chat_batch([r])[0])
+        except Refused:
+            out.append([])
+    return out
+
+
 class LM(ABC):
     """A model to talk to. Subclasses implement `chat_batch` and `complete_batch`."""
 
@@ -157,7 +179,7 @@ class LocalLM(LM):
                 raise PocketError(f"request {i} has no messages")
             prompt = chat.prompt(r.messages, r.continue_final)
             if len(prompt) >= context:
-                raise PocketError(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
+                raise Refused(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
             # No tools offered: the model may not call one (a tool-trained model otherwise would).
             opener = chat.tool_call_token
             params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
@@ -234,7 +256,7 @@ class OpenAILM(LM):
         try:
             resp = endpoint(**request)
         except openai.BadRequestError as e:
-            raise PocketError(f"{self.name} refused a request: {e.message}") from None
+            raise Refused(f"{self.name} refused a request: {e.message}") from None
         except openai.APIConnectionError as e:
             raise PocketError(f"{self.name}: the server stopped answering ({e})") from None
         usage = resp.usage

@@ -27,7 +27,7 @@ from ..data.tasks import Example, Task
 from ..data.tasks.prompts import chat_messages
 from ..toolloop import run_tool
 from ..tools import clip
-from .lm import LM, Request, tool_call_messages
+from .lm import LM, Request, ask_each, tool_call_messages
 from .vote import Answer, vote
 
 Tool = Callable[..., str]
@@ -63,7 +63,7 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
     for step in range(max_steps + 1):  # max_steps actions, then one last turn to answer
         if not active:
             break
-        replies = _ask(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs,
+        replies = ask_each(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs,
                                     temperature=temperature if sampled else 0.0,
                                     seed=seed + step * len(examples) + i if sampled else None) for i in active])
         still = []
@@ -92,19 +92,3 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
     for i, answer in answers.items():  # where the trajectory went wrong, beside whether its answer is right
         answer.scores = {**answer.scores, **task.trace_scores(examples[i], traces[i], answer.text)}
     return [answers[i] for i in range(len(examples))]
-
-
-def _ask(lm: LM, requests: list[Request]) -> list[list]:
-    """The batch's replies; a request the model cannot take (its conversation outgrew the context)
-    gets no reply instead of failing the batch."""
-    try:
-        return lm.chat_batch(requests)
-    except PocketError:
-        pass
-    out = []
-    for r in requests:
-        try:
-            out.append(lm.chat_batch([r])[0])
-        except PocketError:
-            out.append([])
-    return out

@@ -16,7 +16,7 @@ from functools import partial
 from ..data.tasks import Example, Task
 from ..data.tasks.base import check_prompt
 from ..data.tasks.prompts import chat_messages
-from .lm import LM, Request
+from .lm import LM, Request, ask_each
 from .vote import Answer, vote
 
 
@@ -39,14 +39,17 @@ def reflection(lm: LM, task: Task, examples: list[Example], rounds: int = 2, sho
         temp = 0.0 if r == 0 else temperature
         requests = [Request(chat_messages(task, examples[i], shots, style), temperature=temp, max_tokens=max_tokens,
                             seed=None if temp == 0 else seed + 1000 * r + i) for i in pending]
-        replies = [gens[0].text for gens in lm.chat_batch(requests)]
-        checks = lm.chat_batch([Request([{"role": "user", "content": check_prompt(examples[i].question, text)}],
-                                        max_tokens=4) for i, text in zip(pending, replies)])
+        # A reply or a check the model cannot take (the check quotes the reply: it may outgrow the context) is
+        # empty: a check that did not fit accepts nothing, and the question goes to the next round or the vote.
+        replies = [gens[0].text if gens else "" for gens in ask_each(lm, requests)]
+        checks = ask_each(lm, [Request([{"role": "user", "content": check_prompt(examples[i].question, text)}],
+                                       max_tokens=4) for i, text in zip(pending, replies)])
         still = []
         for i, text, verdict in zip(pending, replies, checks):
-            ok = accepts(verdict[0].text)
+            said = verdict[0].text if verdict else ""
+            ok = accepts(said)
             attempts[i].append(text)
-            traces[i].append({"round": r, "reply": text, "check": verdict[0].text, "accepted": ok})
+            traces[i].append({"round": r, "reply": text, "check": said, "accepted": ok})
             if ok:
                 answers[i] = Answer(text, attempts[i], {}, traces[i])
             else:
