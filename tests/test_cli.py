@@ -195,7 +195,12 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     (["--task", "spell", "--bpb", "text"], "--bpb text: a text source reads files"),
     (["--task", "spell", "--out", "FILE"], "is a file; give a directory"),
     (["--matrix", "--cells", "zzzz"], "no matrix cell matches --cells 'zzzz'"),  # after a minute's compile before
-    (["--task", "spell", "--strategy", "cot", "--bpb", "docs"], "--bpb measures a local model's bits per byte"),
+    (["--task", "spell", "--strategy", "cot", "--bpb", "docs"], "--bpb: settings of the plain evaluation"),
+    # accepted and ignored before
+    (["--task", "spell", "--strategy", "cot", "--style", "cot", "--bf16"], "--style, --bf16: settings of the plain"),
+    (["--task", "spell", "--strategy", "cot", "--mode", "fewshot", "--batch-size", "1"], "--mode, --batch-size: "),
+    (["--matrix", "--task", "spell"], "--matrix evaluates its cells, not --task: choose them with --cells"),
+    (["--task", "spell", "--strategy", "react", "--tools", ","], "--tools: ReAct needs at least one tool"),
 ])
 def test_eval_refuses_bad_arguments_before_evaluating_anything(tmp_path, tiny_model, chat, capsys, args, message):
     save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})

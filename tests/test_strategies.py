@@ -164,6 +164,9 @@ def test_eval_cli_with_a_strategy(run, tmp_path, capsys):  # noqa: F811
     assert "calls=3" in capsys.readouterr().out
     saved = (tmp_path / "compare_decimals_test_self_consistency.json").read_text()
     assert '"strategy": "self_consistency"' in saved
+    # without --out, beside the plain evaluation's files as --help says (nothing was written anywhere)
+    assert main(["eval", str(run), "--task", "spell", "--n", "2", "--strategy", "direct", "--device", "cpu"]) == 0
+    assert '"strategy": "direct"' in (run / "sft" / "eval" / "spell_test_direct.json").read_text()
 
 
 def test_eval_cli_matrix_writes_every_cell(tmp_path, chat, capsys):

@@ -342,6 +342,9 @@ def _sample_chat(engine, chat, prompt: list[int], params) -> None:
             console.print(f"(ended by {t.finish_reason})", style="dim", highlight=False)
 
 
+FACT_TIERS = "factqa_head,factqa_tail,factqa_unseen"  # what `eval` scores without --task
+
+
 def cmd_eval_strategy(args) -> None:
     """`eval --strategy` / `eval --matrix`: reasoning strategies through the LM protocol, on a local run or
     a server."""
@@ -370,11 +373,13 @@ def cmd_eval_strategy(args) -> None:
         lm = LM.load(model_dir, args.device, compile=compile)
         if compile:
             console.print(f"decode step compiled in {lm.engine.warmup():.0f}s")
+    tools = tuple(dict.fromkeys(t.strip() for t in args.tools.split(",") if t.strip()))  # each once
+    if args.strategy == "react" and not tools:
+        raise PocketError("--tools: ReAct needs at least one tool (calculator, search, python)")
     settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
                         beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
                         move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps,
-                        paths=args.paths, quote=args.quote,
-                        tools=tuple(t.strip() for t in args.tools.split(",") if t.strip()))
+                        paths=args.paths, quote=args.quote, tools=tools)
     if args.matrix:
         if args.out:
             out_dir = Path(args.out)
@@ -393,8 +398,11 @@ def cmd_eval_strategy(args) -> None:
 
             console.print(f"report card: {write_report(run)}")
         return
-    names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
-    out_dir = Path(args.out) if args.out else None
+    task = args.task or FACT_TIERS
+    names = list(TASKS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
+    out_dir = Path(args.out) if args.out else model_dir / "eval" if model_dir else None
+    if out_dir is None:
+        console.print("[yellow]the answers are not written: give --out DIR to keep them[/]")
     console.print(f"evaluating {lm.name} with {args.strategy} on {args.split}")
     for name in names:
         result, rows = evaluate_strategy(lm, get_task(name), args.strategy, args.split, args.n, settings)
@@ -439,9 +447,14 @@ def cmd_eval(args) -> None:
     import torch
 
     if args.strategy or args.server or args.matrix:
-        if args.bpb:
-            raise PocketError("--bpb measures a local model's bits per byte; give it without --strategy, --matrix "
-                              "and --server")
+        # Settings of the plain evaluation, which the LM protocol's strategies do not read: refused, not ignored.
+        plain = [flag for flag, given in (("--bpb", args.bpb), ("--style", args.style), ("--mode", args.mode != "auto"),
+                                          ("--batch-size", args.batch_size != 128), ("--bf16", args.bf16)) if given]
+        if plain:
+            raise PocketError(f"{', '.join(plain)}: settings of the plain evaluation; --strategy, --matrix and "
+                              "--server ask through the LM protocol, which does not read them")
+        if args.matrix and args.task:
+            raise PocketError("--matrix evaluates its cells, not --task: choose them with --cells")
         args.strategy = args.strategy or "direct"
         return cmd_eval_strategy(args)
     if not args.model:
@@ -462,7 +475,7 @@ def cmd_eval(args) -> None:
     # checked before the tasks run, so that a misspelt source fails in a second, not after the evaluation
     bpb_names = [name.strip() for name in (args.bpb or "").split(",") if name.strip()]
     bpb_sources = [bpb_source(name, cfg.get("meta", {})) for name in bpb_names]
-    tasks = suite_tasks(args.task, args.style)
+    tasks = suite_tasks(args.task or FACT_TIERS, args.style)
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     if out_dir.exists() and not out_dir.is_dir():
         raise PocketError(f"--out {out_dir} is a file; give a directory for the verdicts and results.json")
@@ -827,8 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one JSON line per example (question, output, verdict) and results.json.")
     p.add_argument("model", nargs="?", help="a run directory (its most post-trained stage) or a model directory "
                                            "(not needed with --server)")
-    p.add_argument("--task", default="factqa_head,factqa_tail,factqa_unseen",
-                   help="comma-separated task names, or 'all' (default: the three fact tiers)")
+    p.add_argument("--task", help="comma-separated task names, or 'all' (default: the three fact tiers)")
     p.add_argument("--split", default="test", help="train, validation or test (default)")
     p.add_argument("--n", type=integer(1), help="only the first N examples")
     p.add_argument("--shots", type=integer(0), help="solved examples shown before each question "
