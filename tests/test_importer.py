@@ -86,6 +86,15 @@ def test_bad_sources_are_refused_and_nothing_is_written(tmp_path, hf_tokenizer):
     refused(r"sliding_window=64 is not supported")
     (src / "config.json").write_text("[1]")  # an AttributeError traceback
     refused(r"config.json: expected a JSON object, found list")
+    # KeyError tracebacks before
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_attention_heads"}))
+    refused(r"\(config\): no num_attention_heads \(the model's shape\)")
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "llama3"}, "rope_parameters": None}))
+    refused(r"\(config\): rope_scaling of type 'llama3' needs factor \(a number > 0\), not None")
+    (src / "config.json").write_text(json.dumps(config))
+    (tmp_path / "afile").write_text("mine")  # a FileExistsError once the whole source had been read
+    with pytest.raises(PocketError, match="afile is a file: import into a new run directory"):
+        import_model(src, tmp_path / "afile")
     (src / "config.json").write_text(json.dumps(config))
     shard = sorted(src.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated

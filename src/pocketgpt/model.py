@@ -57,6 +57,10 @@ class GPTConfig:
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
             raise PocketError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        for name in ROPE_FIELDS[kind]:
+            value = self.rope_scaling.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise PocketError(f"rope_scaling of type {kind!r} needs {name} (a number > 0), not {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +106,9 @@ def preset(name: str, **overrides) -> GPTConfig:
 # ----------------------------------------------------------------------------- rotary embeddings
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# What each kind of RoPE scaling reads from its table (rope_frequencies)
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 def rope_frequencies(cfg: GPTConfig, device=None) -> torch.Tensor:

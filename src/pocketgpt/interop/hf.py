@@ -11,6 +11,8 @@ from ..common import PocketError
 from ..model import ROPE_TYPES, GPTConfig
 
 FAMILIES = ("llama", "mistral", "qwen2")
+# The config.json keys without which the model's shape is unknown
+REQUIRED = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
 
 
 def gpt_config_from_hf(hf: dict, where: str) -> GPTConfig:
@@ -42,16 +44,22 @@ def gpt_config_from_hf(hf: dict, where: str) -> GPTConfig:
     if rope["rope_type"] not in ROPE_TYPES:
         refuse("rope_scaling.rope_type", rope["rope_type"], f"supported: {', '.join(ROPE_TYPES)}")
     scaling = None if rope["rope_type"] == "default" else rope
+    missing = [key for key in REQUIRED if key not in hf]
+    if missing:
+        raise PocketError(f"{where}: no {', '.join(missing)} (the model's shape)")
     heads = hf["num_attention_heads"]
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
-        n_kv_head=hf.get("num_key_value_heads") or heads, d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling, attention_bias=kind == "qwen2",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        # transformers' default differs by family: Qwen2's tie_word_embeddings is read as given, Llama's is False
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+            n_kv_head=hf.get("num_key_value_heads") or heads, d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling, attention_bias=kind == "qwen2",
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            # transformers' default differs by family: Qwen2's tie_word_embeddings is read as given, Llama's is False
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except PocketError as e:  # a shape GPTConfig refuses, a rope_scaling table without what its kind reads
+        raise PocketError(f"{where}: {e}") from None
 
 
 def hf_config_dict(cfg: GPTConfig) -> dict:

@@ -190,6 +190,8 @@ def import_model(src: str | Path, run_dir: str | Path, dtype: str | None = None)
     t0 = time.time()
     run_dir = Path(run_dir)
     target = run_dir / STAGE
+    if run_dir.exists() and not run_dir.is_dir():  # found when writing, after the whole source was read
+        raise PocketError(f"{run_dir} is a file: import into a new run directory")
     if target.exists():
         raise PocketError(f"{target} already exists: import into a new run directory")
     if (run_dir / "tokenizer").exists():  # the run's own, which an imported model (with its own) would not read
