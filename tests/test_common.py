@@ -156,3 +156,23 @@ def test_a_negative_thread_count_is_one_line():
     """`lab grokking --threads -1` and `train.threads = -3` ended in torch's RuntimeError."""
     with pytest.raises(PocketError, match="threads must be at least 1"):
         common.set_threads(-1)
+
+
+def test_written_files_and_folders_have_the_usual_permissions(tmp_path, tiny_model, chat):
+    """Files were written through private temporaries (0600) and models built in private folders (0700), so
+    an export or an imported model stayed unreadable to another user or a container serving it."""
+    import stat
+
+    from pocketgpt.checkpoint import save_model
+    from pocketgpt.common import UMASK, atomic_write_json, temp_dir
+    from pocketgpt.interop.export import export_hf
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    atomic_write_json(tmp_path / "a.json", {})
+    assert mode(tmp_path / "a.json") == 0o666 & ~UMASK and mode(temp_dir(tmp_path, ".t_")) == 0o777 & ~UMASK
+    save_model(tiny_model, tmp_path / "run" / "sft", chat, {"stage": "sft"})
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    assert mode(out) == 0o777 & ~UMASK and {mode(f) for f in out.iterdir()} == {0o666 & ~UMASK}
+    assert {mode(f) for f in (tmp_path / "run" / "sft").iterdir()} == {0o666 & ~UMASK}  # safetensors wrote 0600

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from .blocks import BlockWeight, attach, from_tensors, to_tensors
 from .chat import ChatTemplate
-from .common import PocketError, atomic_write_json
+from .common import PocketError, atomic_write_json, temp_dir, usual_file_mode
 from .model import GPT, GPTConfig
 from .stages import DEFAULT_ORDER
 from .tokenizer import Tokenizer
@@ -91,6 +90,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, tmp)
+        usual_file_mode(tmp)
         sha = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -271,7 +271,7 @@ def save_training_state(directory: Path, step: int, model: torch.nn.Module, opti
     for stale in root.glob(".tmp_*"):  # what a kill during an earlier save or delete left behind
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
+    tmp = temp_dir(root, ".tmp_")
     try:
         write_safetensors(state_dict_for_saving(model), tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")

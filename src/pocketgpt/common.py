@@ -178,6 +178,31 @@ def local_device(device: torch.device, info: DistInfo) -> torch.device:
 # ----------------------------------------------------------------------------- files
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The permissions a file or folder is created with here (0o644 and 0o755 under the usual umask 022): the
+# temporary ones files are built in are private (0o600, 0o700), and a model or run renamed into place from
+# them would stay unreadable to anyone else (another user, a container serving it).
+UMASK = _umask()
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new hidden directory in `parent` to build something in before it is renamed into place, with
+    the permissions of a directory made the usual way."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    tmp.chmod(0o777 & ~UMASK)
+    return tmp
+
+
+def usual_file_mode(path: Path) -> None:
+    """Give a file the permissions of one made the usual way (safetensors writes its files 0o600)."""
+    path.chmod(0o666 & ~UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -186,6 +211,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -27,14 +27,13 @@ import base64
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ..chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from ..checkpoint import load_model, state_dict_for_saving
-from ..common import PocketError, atomic_write_json, atomic_write_text
+from ..common import PocketError, atomic_write_json, atomic_write_text, temp_dir, usual_file_mode
 from ..model import GPT
 from ..tokenizer import BPETokenizer, HFTokenizer, Tokenizer, bytes_to_unicode
 from .hf import hf_config_dict
@@ -50,7 +49,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise PocketError("export of reward models is not supported (transformers has no causal LM with a "
                           "scalar head; export the SFT model it was trained from)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp_"))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp_")
     try:
         _write_folder(tmp, model, chat)
         if out_dir.exists():  # empty, checked above: rename cannot replace a directory on every OS
@@ -72,6 +71,7 @@ def _write_folder(folder: Path, model: GPT, chat: ChatTemplate) -> None:
     config["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
     atomic_write_json(folder / "config.json", config)
     save_file(state_dict_for_saving(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    usual_file_mode(folder / "model.safetensors")
     atomic_write_json(folder / "generation_config.json", {**ids, "eos_token_id": list(chat.stop_ids)})
 
     if isinstance(tok, HFTokenizer):

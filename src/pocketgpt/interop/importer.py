@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 from ..blocks import BlockWeight
 from ..chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from ..checkpoint import check_state_dict, check_tokenizer, is_model_dir, save_model
-from ..common import PocketError, console
+from ..common import PocketError, console, temp_dir
 from ..model import GPT, GPTConfig
 from ..tokenizer import HFTokenizer
 from .hf import gpt_config_from_hf
@@ -221,7 +220,7 @@ def import_model(src: str | Path, run_dir: str | Path, dtype: str | None = None)
                "block_weights": {f"{bits}-bit": sum(w.bits == bits for w in blocks.values()) for bits in (4, 8)}}
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".import_"))
+    tmp = temp_dir(run_dir, ".import_")
     try:
         save_model(model, tmp, chat, {"stage": "imported", "summary": summary,
                                       "hf_config": source.hf_config}, blocks=blocks)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import PocketError
+from ..common import PocketError, temp_dir
 
 FORMAT = "pocketgpt-rag-v1"
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack et al. 2009)
@@ -237,7 +237,7 @@ def _write(out: Path, manifest: dict, chunks: list[Chunk], embeddings: np.ndarra
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.building_*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building_"))
+    tmp = temp_dir(out.parent, f".{out.name}.building_")
     chunk_bytes = "".join(json.dumps({"id": c.id, "document": c.document, "text": c.text}, ensure_ascii=False) + "\n"
                           for c in chunks).encode("utf-8")
     (tmp / "chunks.jsonl").write_bytes(chunk_bytes)
