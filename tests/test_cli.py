@@ -127,6 +127,14 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert main(["arena", "--votes", str(tmp_path / "votes.db")]) == 2  # a misspelt file: not a new, empty one
     assert "votes.db does not exist" in capsys.readouterr().err and not (tmp_path / "votes.db").exists()
+    # "does not exist" for what does: a folder given as the votes, a file as the run of a report card
+    (tmp_path / "afile").write_text("mine")
+    for argv, said in ((["arena", "--votes", str(tmp_path)], "is a directory, not a votes database"),
+                       (["report", str(tmp_path / "afile")], "afile is a file, not a run directory"),
+                       (["rag", "index", str(tmp_path), "--world", "--out", str(tmp_path / "idx")],
+                        "give a folder of documents or --world, not both")):  # the folder was ignored
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, tiny_model, chat, capsys):
@@ -164,7 +172,7 @@ def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, t
     (["lab", "grokking", "OUT", "--lr", "0"], "argument --lr: must be a number > 0"),
     (["lab", "induction", "OUT", "--runs", ","], "argument --runs: none given: choose from plain, smeared"),
     (["lab", "scaling", "RUN", "--n", "0"], "argument --n: must be at least 1, not 0"),
-    (["lab", "recall", "RUN", "--window", "-1"], "argument --window: must be at least 0"),
+    (["lab", "recall", "RUN", "--window", "0"], "argument --window: must be at least 1, not 0"),  # 0 was the default
     (["lab", "diversity", "RUN", "--shots", "-1"], "argument --shots: must be at least 0, not -1"),
 ])
 def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, capsys):

@@ -186,7 +186,8 @@ def cmd_arena(args) -> None:
         if args.models:
             raise PocketError("give checkpoints to battle, or --votes DB to rate people's votes; not both")
         if not Path(args.votes).is_file():  # VoteStore would create it
-            raise PocketError(f"{args.votes} does not exist (pocketgpt serve --arena-db FILE collects votes)")
+            what = "is a directory, not a votes database" if Path(args.votes).is_dir() else "does not exist"
+            raise PocketError(f"{args.votes} {what} (pocketgpt serve --arena-db FILE collects votes)")
         battles = VoteStore(args.votes).battles()
         if not battles:
             raise PocketError(f"{args.votes} holds no votes yet")
@@ -240,6 +241,8 @@ def cmd_rag(args) -> None:
     from .rag.index import build_index, load_index, read_folder
 
     if args.rag_command == "index":
+        if args.world and args.folder:  # the folder was ignored
+            raise PocketError("give a folder of documents or --world, not both")
         if args.world:
             from .data.tasks import default_world
 

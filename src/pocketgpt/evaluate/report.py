@@ -208,7 +208,7 @@ def model_line(base: dict) -> str:
 def write_report(run: str | Path) -> Path:
     run = Path(run)
     if not run.is_dir():
-        raise PocketError(f"{run} does not exist")
+        raise PocketError(f"{run} is a file, not a run directory" if run.exists() else f"{run} does not exist")
     if (run / "config.json").exists():
         raise PocketError(f"{run} is a model directory; a report card covers a whole run: give {run.parent}")
     if not any((run / name).exists() for name in ("speedrun.json", "metrics.jsonl", *(s for s, _ in CHECKPOINTS))):

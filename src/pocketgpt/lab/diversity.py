@@ -406,4 +406,6 @@ def main(args) -> None:
     console.print(table)
     for line in verdicts(results):
         console.print(line)
-    console.print(f"plot: {out / 'diversity.png'}; report card: pocketgpt report {run}")
+    # the report card reads RUN/lab/diversity only
+    card = f"; report card: pocketgpt report {run}" if out.resolve() == (run / "lab" / "diversity").resolve() else ""
+    console.print(f"plot: {out / 'diversity.png'}{card}")

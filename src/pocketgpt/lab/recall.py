@@ -343,7 +343,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="a run directory (ours, or an imported model's)")
     parser.add_argument("--stage", default="base", help="which stage of the run to probe (default: base)")
     parser.add_argument("--n", type=integer(1), default=60, help="facts per tier (real-world facts: at most this many)")
-    parser.add_argument("--window", type=integer(0), default=0,
+    parser.add_argument("--window", type=integer(1),
                         help="blocks knocked out around each block (default: a sixth of the blocks, at least 1)")
     parser.add_argument("--out", help="output directory (default: RUN/lab/recall)")
     parser.add_argument("--seed", type=integer(0), default=0, help="which facts are drawn from each tier")
