@@ -298,6 +298,8 @@ def test_the_speedrun_of_an_imported_run_post_trains_the_imported_model(tmp_path
     assert not (run / "tokenizer").exists() and (run / "base" / "model.safetensors").read_bytes() == imported
     for stage in ("sft", "rm", "ppo", "grpo"):
         assert load_model(run / stage)[1].name == "chatml", stage  # the imported template all the way
-    assert "| arithmetic |" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "| arithmetic |" in report and "Model: imported qwen2 (`src`)" in report
+    assert "| base |  |  |  |  | imported from src |" in report  # it said 0s and 0 tokens of training
     assert main(["tokenizer", "train", str(run)]) == 2  # a tokenizer of its own would not be the model's
     assert "was imported (from" in capsys.readouterr().err and not (run / "tokenizer").exists()

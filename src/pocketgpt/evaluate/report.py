@@ -48,6 +48,9 @@ def stage_rows(run: Path) -> list[list[str]]:
         if not cfg:
             continue
         s = cfg.get("meta", {}).get("summary", {})
+        if cfg.get("meta", {}).get("stage") == "imported":  # not trained here: where it came from instead
+            rows.append([stage, "", "", "", "", f"imported from {Path(s.get('source', '?')).name}"])
+            continue
         result = ", ".join(f"{k} {s[k]:.3f}" for k in ("loss", "val_loss", "val_bpb", "pair_accuracy",
                                                        "val_pair_accuracy", "reward", "kl")
                            if isinstance(s.get(k), (int, float)))
@@ -201,7 +204,10 @@ def model_line(base: dict) -> str:
     params = meta.get("summary", {}).get("params")
     size = f", {human(params)} parameters" if params else ""
     extras = "; smeared keys (`model.smear_keys`)" if m.get("smear_keys") else ""
-    return (f"Model: `{meta.get('preset', 'custom')}`{size} ({m['n_layer']} layers, d_model {m['d_model']}, "
+    summary = meta.get("summary", {})
+    name = (f"imported {summary.get('family')} (`{Path(summary.get('source', '?')).name}`)"
+            if meta.get("stage") == "imported" else f"`{meta.get('preset', 'custom')}`")
+    return (f"Model: {name}{size} ({m['n_layer']} layers, d_model {m['d_model']}, "
             f"{m['n_head']} heads, vocab {m['vocab_size']}){extras}.")
 
 
