@@ -81,10 +81,10 @@ def cmd_tokenizer_train(args) -> None:
 
     from .speedrun import run_tokenizer
 
+    refuse_to_retokenize(Path(args.run))
     cfg = load_run_config(args, starts_run=True)
     if args.vocab_size is not None:
         cfg.tokenizer = replace(cfg.tokenizer, vocab_size=args.vocab_size)  # checked as a --set would be
-    refuse_to_retokenize(Path(args.run))
     report = run_tokenizer(cfg, Path(args.run))
     console.print(f"tokenizer: vocab {report['vocab_size']}, {human(report['train_chars'])} chars in "
                   f"{report['train_seconds']:.1f}s -> {Path(args.run) / 'tokenizer' / 'tokenizer.json'}")
