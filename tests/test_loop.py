@@ -1,5 +1,8 @@
 """The training loop: when it evaluates, which optimizer a name gives, what a NaN loss tells the user."""
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -105,6 +108,51 @@ def test_ctrl_c_saves_the_state_and_ends_the_stage_instead_of_finishing_it(tmp_p
                     torch.device("cpu"))
     assert again.resume() and again.step == 3
     assert again.run()["steps"] == 10
+
+
+class _Batches:
+    """A loss over a stream of batches whose position is the objective's state; `signal_at`: a real Ctrl-C
+    (SIGINT to this process) arrives while that batch is being trained on."""
+
+    def __init__(self, signal_at: int = 0):
+        self.position, self.signal_at = 0, signal_at
+
+    def loss(self, model):
+        self.position += 1
+        x = torch.tensor([[float(self.position), 1.0]])
+        if self.position == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return (model(x) - self.position % 3).square().sum(), {}
+
+    def tokens_per_micro_step(self):
+        return 1
+
+    def state(self):
+        return {"position": self.position}
+
+    def load_state(self, state):
+        self.position = state["position"]
+
+
+def test_a_ctrl_c_mid_step_resumes_to_the_same_model(tmp_path):
+    """Caught mid-step, the loader had handed out that step's batch and the saved state skipped it: the
+    resumed run trained another model. The first Ctrl-C now stops after the step it lands in."""
+    cfg = TrainConfig(steps=8, eval_every=1000, device="cpu", lr=0.01, warmup_steps=0)
+
+    def trainer(objective, out):
+        torch.manual_seed(0)
+        return Trainer(torch.nn.Linear(2, 1), objective, cfg, out, "sft", out / "metrics.jsonl", torch.device("cpu"))
+
+    whole = trainer(_Batches(), tmp_path / "whole")
+    whole.run()
+    cut = trainer(_Batches(signal_at=4), tmp_path / "cut")
+    with pytest.raises(Interrupted, match="interrupted at step 4 of 8"):
+        cut.run()
+    again = trainer(_Batches(), tmp_path / "cut")
+    assert again.resume() and again.step == 4
+    again.run()
+    for a, b in zip(whole.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_resume_whose_tokenizer_changed_is_refused(tmp_path):

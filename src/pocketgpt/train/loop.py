@@ -25,10 +25,13 @@ objective may call the model, or parts of it (PPO's policy and value model), as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -301,6 +304,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    @contextlib.contextmanager
+    def _ctrl_c_between_steps(self):
+        """A first Ctrl-C stops the run after the step it lands in, a second one at once. Caught mid-step,
+        the loader had handed out a batch the saved state then skipped: the resumed run trained another
+        model. One process only: under torchrun the processes could stop at different steps, one of them
+        then waiting for the others' gradients, so there the first Ctrl-C stops at once."""
+        asked = []
+        if self.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield lambda: False
+            return
+
+        def on_ctrl_c(signum, frame):
+            if asked:  # the second: as Python would
+                raise KeyboardInterrupt
+            asked.append(True)
+            console.print(f"[yellow]{self.stage}: stopping after this step (Ctrl-C again to stop at once)[/]")
+
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield lambda: bool(asked)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def log(self, record: dict) -> None:
         record = {"stage": self.stage, "step": self.step, **record}
         self.history.append(record)
@@ -355,9 +381,11 @@ class Trainer:
         task = progress.add_task(self.stage, total=cfg.steps, completed=self.step, info="")
         interrupted = False  # by Ctrl-C: the state is saved, then the run raises Interrupted
         last: dict = {}
-        with progress:
+        with progress, self._ctrl_c_between_steps() as stop_asked:
             try:
                 while self.step < cfg.steps:
+                    if stop_asked():  # after a whole step: the saved state resumes exactly
+                        raise KeyboardInterrupt
                     t_step = time.time()
                     metrics = self.train_step()
                     self.step += 1
