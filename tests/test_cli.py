@@ -174,6 +174,11 @@ def test_bits_per_byte_reads_the_sources_the_model_was_pretrained_on(tmp_path, t
     (["lab", "scaling", "RUN", "--n", "0"], "argument --n: must be at least 1, not 0"),
     (["lab", "recall", "RUN", "--window", "0"], "argument --window: must be at least 1, not 0"),  # 0 was the default
     (["lab", "diversity", "RUN", "--shots", "-1"], "argument --shots: must be at least 0, not -1"),
+    # `sft --name ""` wrote into the run folder itself, `--name rm` over the reward model, `../x` outside the run
+    (["sft", "RUN", "--name", ""], "argument --name: '' is not a folder name"),
+    (["sft", "RUN", "--name", "../x"], "argument --name: '../x' is not a folder name"),
+    (["sft", "RUN", "--name", "rm"], "argument --name: 'rm' is a folder of the run's own"),
+    (["sft", "RUN", "--name", "tokenizer"], "argument --name: 'tokenizer' is a folder of the run's own"),
 ])
 def test_numbers_out_of_range_are_refused_where_they_are_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -4,6 +4,7 @@ commands (cli.py) and the lab's experiments share them."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterable
 
 
@@ -66,4 +67,20 @@ def names(known: Iterable[str]):
             raise argparse.ArgumentTypeError(f"{what}: choose from {', '.join(known)}")
         return chosen
     parse.__name__ = "list"
+    return parse
+
+
+def folder_name(taken: Iterable[str]):
+    """The name of a new folder inside a run: letters, digits, "_", "-" or "." (not first), and not one of
+    `taken` (`sft --name ""` wrote the model into the run folder itself, `--name rm` over the reward model,
+    `--name ../x` outside the run)."""
+    taken = tuple(taken)
+
+    def parse(text: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a folder name (letters, digits, _ - .)")
+        if text in taken:
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder of the run's own: {', '.join(taken)}")
+        return text
+    parse.__name__ = "name"
     return parse

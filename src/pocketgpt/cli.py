@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import config as configlib
-from .argtypes import integer, non_negative
+from .argtypes import folder_name, integer, non_negative
 from .common import PocketError, human, shutdown_distributed
 from .errors import Interrupted
 from .reason.lm import CONCURRENCY
-from .stages import STAGES
+from .stages import OTHER_FOLDERS, STAGES
 
 console = Console()
 
@@ -732,7 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "task suite's renderings, fact QA with the hallucination mitigation (probe what "
                                    "the base model knows, teach 'I don't know' elsewhere), and --data files.")
     p.add_argument("run", help="run directory holding base/")
-    p.add_argument("--name", default="sft", help="output stage directory (default: sft)")
+    p.add_argument("--name", type=folder_name([s.name for s in STAGES if not s.name.startswith("sft")] + list(OTHER_FOLDERS)),
+                   default="sft", help="output stage directory in the run (default: sft)")
     p.add_argument("--data", action="append", default=[], metavar="JSONL",
                    help='extra conversations, one {"messages": [...]} per line (repeatable)')
     p.add_argument("--no-mitigation", action="store_true", help="train true answers even where the model "

@@ -32,3 +32,5 @@ POLICIES = tuple(s for s in STAGES if s.writes_text)
 RL_STAGES = tuple(s for s in POLICIES if s.reinforced)
 # The model a run directory stands for: its most post-trained policy.
 DEFAULT_ORDER = tuple(s.name for s in reversed(POLICIES) if not s.ablation)
+# The run's folders that are not stages: no stage may be written into one of them.
+OTHER_FOLDERS = ("tokenizer", "data", "plots", "lab", "arena")
