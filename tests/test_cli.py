@@ -318,3 +318,14 @@ def test_eval_of_a_stage_asks_about_its_runs_world(tmp_path, tiny_model, chat):
     questions = [json.loads(line)["question"] for line in
                  (tmp_path / "sft" / "eval" / "factqa_head_test.jsonl").read_text().splitlines()]
     assert len(questions) == 3 and all(any(name in q for name in seed7 - seed0) for q in questions)
+
+
+def test_a_speedrun_run_again_with_other_steps_names_them(tmp_path, tiny_model, chat, capsys):
+    """A --quick run run again without --quick was told to delete its pretrained model ("holds a finished
+    model and no training state ... delete RUN/base to train it again")."""
+    save_model(tiny_model, tmp_path / "base", chat, {"stage": "base", "summary": {"steps": 60}})
+    assert main(["speedrun", str(tmp_path), "--set", "tokenizer.vocab_size=300",
+                 "--set", "tokenizer.max_chars=20000"]) == 2
+    err = capsys.readouterr().err
+    assert "base holds a model trained for 60 steps, where this configuration asks for 3000" in err
+    assert "delete" not in err and (tmp_path / "base" / "model.safetensors").exists()

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import imported_source, load_model
+from .checkpoint import imported_source, latest_training_state, load_model
 from .common import PocketError, atomic_write_json, console, init_distributed, pick_device, provenance
 from .data.tasks import use_world
 from .data.world import WorldConfig, read_run_world, record_run_world
@@ -132,6 +132,14 @@ def stage_done(model_dir: Path, steps: int) -> bool:
     return summary.get("steps") == steps and not summary.get("interrupted")
 
 
+def finished_steps(model_dir: Path) -> int | None:
+    """How many steps the finished model in `model_dir` was trained for; None if there is none (or only a
+    training state, which a resume continues)."""
+    if latest_training_state(model_dir) is not None or not (model_dir / "config.json").exists():
+        return None
+    return json.loads((model_dir / "config.json").read_text()).get("meta", {}).get("summary", {}).get("steps")
+
+
 def finished_summary(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())["meta"]["summary"]
 
@@ -209,6 +217,10 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
         """Run a training stage unless its model is complete; a half-finished one resumes."""
         if stage_done(run_dir / stage_dir, steps):
             say(f"{stage_dir}: already finished, skipped")
+        elif (trained := finished_steps(run_dir / stage_dir)) not in (None, steps):  # the stage: "delete it"
+            raise PocketError(f"{run_dir / stage_dir} holds a model trained for {trained} steps, where this "
+                              f"configuration asks for {steps} (a --quick run, run again without --quick?): give "
+                              "the settings it was made with, or another run directory")
         else:
             clock.worked()
             run()
