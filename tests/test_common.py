@@ -176,3 +176,22 @@ def test_written_files_and_folders_have_the_usual_permissions(tmp_path, tiny_mod
     out = export_hf(tmp_path / "run", tmp_path / "hf")
     assert mode(out) == 0o777 & ~UMASK and {mode(f) for f in out.iterdir()} == {0o666 & ~UMASK}
     assert {mode(f) for f in (tmp_path / "run" / "sft").iterdir()} == {0o666 & ~UMASK}  # safetensors wrote 0600
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped_and_the_next_one_starts_afresh(tmp_path):
+    """A torn last line (a kill while writing) stopped both `--resume` and `report` ("malformed JSON"), and
+    the next record was glued onto it; user files keep their one-line errors, and bytes that are not UTF-8
+    are one too (a UnicodeDecodeError traceback before)."""
+    from pocketgpt.common import append_jsonl, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"stage": "sft", "st')  # killed here
+    append_jsonl(path, {"step": 2})
+    assert read_jsonl(path, torn_lines=True) == [{"step": 1}, {"step": 2}]
+    with pytest.raises(PocketError, match=r"metrics.jsonl:2: malformed JSON"):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(PocketError, match=r"metrics.jsonl:2: not UTF-8 text \(byte 8 of the line\)"):
+        read_jsonl(path, torn_lines=True)

@@ -235,28 +235,43 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Metrics are append-only JSON lines: a crash loses at most the line being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():  # a line a kill cut short gets its own line, not the start of this one
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for each non-blank line; a missing file or a malformed line is one error
-    naming the file (and the line)."""
+def iter_jsonl(path: str | Path, torn_lines: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line; a missing file, a line that is not UTF-8 or not
+    JSON is one error naming the file and the line. `torn_lines`: a file this package appends to (metrics),
+    where a line that is not JSON is what a kill while writing left: skipped, and said once."""
     if not Path(path).is_file():
         raise PocketError(f"{path} does not exist" if not Path(path).exists() else f"{path} is not a file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    torn = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PocketError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not torn_lines:
+                    raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                torn += 1
+    if torn:
+        console.print(f"[yellow]{path}: {torn} line(s) cut short by an interrupted write, skipped[/]")
 
 
-def read_jsonl(path: str | Path) -> list:
+def read_jsonl(path: str | Path, torn_lines: bool = False) -> list:
     """Every record of a JSON-lines file (see iter_jsonl)."""
-    return [record for _, record in iter_jsonl(path)]
+    return [record for _, record in iter_jsonl(path, torn_lines)]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -174,7 +174,7 @@ def plot_metrics(run: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(metrics_path)
+    records = read_jsonl(metrics_path, torn_lines=True)
     stages = sorted({r["stage"] for r in records}, key=[r["stage"] for r in records].index)
     out = []
     for key, title in [("loss", "training loss"), ("val_loss", "validation loss"), ("reward", "reward"),

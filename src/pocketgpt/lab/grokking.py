@@ -196,7 +196,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
         trainer.resume()
     t0 = time.time()
     trainer.run()
-    curve = [r for r in read_jsonl(metrics_path) if "val_acc" in r]
+    curve = [r for r in read_jsonl(metrics_path, torn_lines=True) if "val_acc" in r]
     result = {"run": name, "description": RUNS[name], "settings": asdict(s), "weight_decay": s.weight_decay,
               "steps": trainer.step, "time_s": round(time.time() - t0, 1),
             "steps_to_train_99": first_step(curve, "train_acc", 0.99),

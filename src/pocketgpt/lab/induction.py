@@ -105,7 +105,7 @@ def train_run(name: str, s: Settings, out: Path, compile: bool = False) -> dict:
     t0 = time.time()
     trainer.run()
     curve = [{"step": r["step"], "copy_acc": r["copy_acc"], "copy_loss": r["copy_loss"]}
-             for r in read_jsonl(metrics_path) if "copy_acc" in r]
+             for r in read_jsonl(metrics_path, torn_lines=True) if "copy_acc" in r]
     result = {"run": name, "description": RUNS[name], "settings": asdict(s), "steps": trainer.step,
               "time_s": round(time.time() - t0, 1), "steps_to_copy_50": first_step(curve, 0.5),
               "steps_to_copy_90": first_step(curve, 0.9), "final_copy_acc": curve[-1]["copy_acc"],

@@ -288,7 +288,7 @@ class Trainer:
         self.step = state["step"]
         self.objective.load_state(state["objective"])
         if self.dist.is_main and self.metrics_path.exists():
-            kept = [r for r in read_jsonl(self.metrics_path)
+            kept = [r for r in read_jsonl(self.metrics_path, torn_lines=True)
                     if r.get("stage") != self.stage or r.get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
         if self.dist.is_main:
