@@ -34,3 +34,16 @@ def test_stage_clock_keeps_the_stages_an_interrupted_run_finished(tmp_path):
     assert list(timing["stage_seconds"]) == ["tokenizer", "pretrain", "sft"]
     assert timing["total_seconds"] == 601.0 + timing["stage_seconds"]["sft"] > 601.0
     assert "measured" in timing
+
+
+def test_a_damaged_timings_file_is_said_and_set_aside(tmp_path, capsys):
+    """`report` and the speedrun ended in a JSONDecodeError (or a KeyError) on an edited speedrun.json."""
+    from pocketgpt.speedrun import read_timings
+
+    path = tmp_path / "speedrun.json"
+    for damaged in ("garbage", '{"stage_seconds": 5}', '{"stage_seconds": {"sft": "x"}, "total_seconds": 1}'):
+        path.write_text(damaged)
+        assert read_timings(path) is None and StageClock(path, None).stage_seconds == {}
+        assert "speedrun.json is damaged" in capsys.readouterr().err
+    path.write_text(json.dumps({"stage_seconds": {"sft": 2.0}, "total_seconds": 2.0}))
+    assert StageClock(path, None).stage_seconds == {"sft": 2.0}

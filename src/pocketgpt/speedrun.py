@@ -260,6 +260,24 @@ def speedrun(cfg: RunConfig, run_dir: str | Path) -> dict:
     return {"stage_seconds": clock.stage_seconds, "report": str(report_path)}
 
 
+def read_timings(path: Path) -> dict | None:
+    """RUN/speedrun.json as StageClock writes it, or None: missing, or damaged (said; only timings are lost,
+    and the next speedrun invocation writes them anew)."""
+    if not path.exists():
+        return None
+    try:
+        timing = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(timing, dict) and isinstance(timing.get("stage_seconds"), dict)
+              and isinstance(timing.get("total_seconds"), (int, float))
+              and all(isinstance(v, (int, float)) for v in timing["stage_seconds"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        console.print(f"[yellow]{path} is damaged: the stages' timings in it are not used[/]")
+        return None
+    return timing
+
+
 class StageClock:
     """The seconds each stage of the pipeline took, in RUN/speedrun.json, written as each stage ends: an
     interrupted run keeps what its finished stages took, and a resumed run counts a stage it skips at
@@ -268,7 +286,7 @@ class StageClock:
 
     def __init__(self, path: Path, device, write: bool = True):
         self.path, self.device, self.write = path, device, write
-        self.previous: dict[str, float] = json.loads(path.read_text())["stage_seconds"] if path.exists() else {}
+        self.previous: dict[str, float] = (read_timings(path) or {}).get("stage_seconds", {})
         self.seconds: dict[str, float] = {}
         self.current: str | None = None
         self.started = 0.0

@@ -221,7 +221,9 @@ def write_report(run: str | Path) -> Path:
         raise PocketError(f"{run} is not a run directory: it holds no metrics.jsonl, speedrun.json or stage "
                           f"({', '.join(stage for stage, _ in CHECKPOINTS)})")
     parts = [f"# pocketgpt report card: `{run}`\n"]
-    timing = _load(run / "speedrun.json")
+    from ..speedrun import read_timings
+
+    timing = read_timings(run / "speedrun.json")
     if timing:
         parts.append(f"Speedrun wall time: **{timing['total_seconds'] / 60:.1f} min** "
                      f"({', '.join(f'{k} {v:.0f}s' for k, v in timing['stage_seconds'].items())}).\n")
