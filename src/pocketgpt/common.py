@@ -266,7 +266,7 @@ def iter_jsonl(path: str | Path, torn_lines: bool = False) -> Iterator[tuple[int
                     raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
                 torn += 1
     if torn:
-        console.print(f"[yellow]{path}: {torn} line(s) cut short by an interrupted write, skipped[/]")
+        console.print(f"[yellow]{path}: {torn} line(s) cut short by an interrupted write, skipped[/]", soft_wrap=True)
 
 
 def read_jsonl(path: str | Path, torn_lines: bool = False) -> list:

@@ -273,7 +273,7 @@ def read_timings(path: Path) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
-        console.print(f"[yellow]{path} is damaged: the stages' timings in it are not used[/]")
+        console.print(f"[yellow]{path} is damaged: the stages' timings in it are not used[/]", soft_wrap=True)
         return None
     return timing
 
