@@ -202,6 +202,25 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     assert message in capsys.readouterr().err and not (tmp_path / "base").exists()
 
 
+@pytest.mark.parametrize("stage,setting,message", [
+    # tracebacks once the stage ran
+    ("ppo", "ppo.rollout_size=0", "ppo.rollout_size must be at least 1, not 0"),
+    ("ppo", "ppo.ppo_epochs=0", "ppo.ppo_epochs must be at least 1"),
+    ("ppo", "ppo.tasks=[]", "ppo.tasks must be at least one task"),
+    ("grpo", "grpo.eval_n=0", "grpo.eval_n must be at least 1"),
+    # trained without a word
+    ("ppo", "ppo.lam=2", "ppo.lam must be in [0, 1], not 2.0"),
+    ("grpo", "grpo.group_size=1", "grpo.group_size must be at least 2 (advantages are within a group)"),
+    ("grpo", "grpo.clip=-1", "grpo.clip must be a number > 0"),
+    ("rm", "rm.noise=5", "rm.noise must be a probability, in [0, 1], not 5.0"),
+    ("sft", "sft.lora.alpha=0", "lora.alpha must be a number > 0, not 0.0"),  # adapters scaled by 0
+    ("sft", "sft.lora.targets=[]", "lora.targets must be at least one layer name"),
+])
+def test_post_training_settings_are_checked_when_set(tmp_path, capsys, stage, setting, message):
+    assert main([stage, str(tmp_path), "--quick", "--set", setting, *(["--set", "sft.lora.r=4"] * (stage == "sft"))]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / stage).exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "spell,nosuch"], "unknown task 'nosuch'"),
     (["--task", "spell", "--style", "nonsense"], "task 'spell' has no style 'nonsense'; its styles: direct"),

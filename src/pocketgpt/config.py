@@ -51,6 +51,14 @@ def update(obj: T, values: dict, where: str = "") -> T:
     return obj
 
 
+def require(section: str, rules: dict[str, tuple[Any, bool, str]]) -> None:
+    """A stage config's `check_values`: refuse the first setting whose check failed, {name: (value, ok, what it
+    must be)}, when it is set (`update` calls check_values after --set) rather than as a traceback steps later."""
+    for name, (value, ok, rule) in rules.items():
+        if not ok:
+            raise PocketError(f"{section}.{name} must be {rule}, not {value!r}")
+
+
 def _coerce(current: Any, value: Any, name: str) -> Any:
     if isinstance(current, bool) and not isinstance(value, bool):
         raise PocketError(f"config key {name} expects true/false, got {value!r}")

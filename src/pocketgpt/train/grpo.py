@@ -15,6 +15,7 @@ processes (`share_of_global_mean`).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console
+from ..config import require
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean
 from .loop import TrainConfig, Trainer, stage_setup
@@ -52,6 +54,22 @@ class GRPOConfig:
     eval_n: int = 200  # held-out (validation split) problems per task for before/after accuracy
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
     seed: int = 0
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """prompts_per_step 0 or eval_n 0 ended in tracebacks; a group of one answer (or of greedy ones, all
+        the same) has no advantage to learn from, and trained on at a loss of 0."""
+        require("grpo", {
+            "tasks": (self.tasks, bool(self.tasks), "at least one task"),
+            **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
+               for name in ("prompts_per_task", "prompts_per_step", "max_tokens", "eval_n")},
+            "group_size": (self.group_size, self.group_size >= 2, "at least 2 (advantages are within a group)"),
+            "temperature": (self.temperature, 0 < self.temperature < math.inf, "a number > 0 (a group samples)"),
+            "clip": (self.clip, 0 < self.clip < math.inf, "a number > 0"),
+            "beta": (self.beta, 0 <= self.beta < math.inf, "a number >= 0"),
+        })
 
 
 class GRPOObjective:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..common import PocketError
+from ..config import require
 from ..model import GPT
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,6 +42,22 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     base_dtype: str = "float32"  # float32 | bfloat16 | int8: how the frozen base weights are stored
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """alpha 0 trained adapters scaled by 0 (the model came out equal to its base), no targets failed with
+        a RuntimeError about gradients."""
+        on = self.r > 0
+        require("lora", {
+            "r": (self.r, self.r >= 0, "at least 0 (0 is off)"),
+            "alpha": (self.alpha, not on or 0 < self.alpha < math.inf, "a number > 0"),
+            "dropout": (self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
+            "targets": (self.targets, not on or bool(self.targets), "at least one layer name"),
+            "base_dtype": (self.base_dtype, self.base_dtype in ("float32", "bfloat16", "int8"),
+                           "float32, bfloat16 or int8"),
+        })
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ policy and value losses are means over all the minibatch's tokens, not over one 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console
+from ..config import require
 from ..data.mixture import MixtureLoader, load_streams
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean, sum_over_processes
@@ -65,6 +67,25 @@ class PPOConfig:
     lam: float = 0.95
     eval_prompts_per_task: int = 20
     seed: int = 0
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """rollout_size 0, ppo_epochs 0, ptx_batch_size 0, eval_prompts_per_task 0 or no tasks ended in
+        tracebacks; clip -1 or lam 2 trained without a word."""
+        require("ppo", {
+            "tasks": (self.tasks, bool(self.tasks), "at least one task"),
+            **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
+               for name in ("prompts_per_task", "rollout_size", "ppo_epochs", "max_tokens", "ptx_batch_size",
+                            "eval_prompts_per_task")},
+            "ptx_seq_len": (self.ptx_seq_len, self.ptx_seq_len >= 2, "at least 2"),
+            **{name: (getattr(self, name), 0 <= getattr(self, name) < math.inf, "a number >= 0")
+               for name in ("temperature", "beta", "ptx_coef", "vf_coef")},
+            **{name: (getattr(self, name), 0 < getattr(self, name) < math.inf, "a number > 0")
+               for name in ("kl_bound", "clip", "value_clip")},
+            "lam": (self.lam, 0 <= self.lam <= 1, "in [0, 1]"),
+        })
 
 
 class PolicyAndValue(nn.Module):

@@ -14,6 +14,7 @@ Users can bring their own comparisons instead: JSONL with {"prompt", "chosen", "
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, iter_jsonl
+from ..config import require
 from ..data.tasks.base import truthfulness
 from ..model import GPT
 from .data_parallel import barrier, count_totals, gather, share
@@ -51,6 +53,22 @@ class RewardConfig:
     noise: float = 0.05  # chance that a labeler swaps two neighbouring ranks
     data: list = field(default_factory=list)  # user comparisons (JSONL), used instead of sampling when given
     seed: int = 0
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Checked when set: val_prompts_per_task 0 reported an accuracy of nan%, a noise of 5 (a probability)
+        was taken, and the rest failed only after the model was loaded."""
+        require("rm", {
+            "tasks": (self.tasks, bool(self.tasks) or bool(self.data), "at least one task (or data files)"),
+            "data": (self.data, all(isinstance(p, str) for p in self.data), "a list of file names"),
+            **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
+               for name in ("prompts_per_task", "val_prompts_per_task", "max_tokens")},
+            "k": (self.k, self.k >= 2, "at least 2 (completions are ranked against each other)"),
+            "temperature": (self.temperature, 0 < self.temperature < math.inf, "a number > 0 (k samples differ)"),
+            "noise": (self.noise, 0 <= self.noise <= 1, "a probability, in [0, 1]"),
+        })
 
 
 @dataclass
