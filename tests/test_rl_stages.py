@@ -78,6 +78,17 @@ def test_user_comparisons_file(tokenizer, chat, tmp_path):
     path.write_text("\n" + json.dumps(["not", "a", "record"]) + "\n")  # the file's line, blank lines counted
     with pytest.raises(PocketError, match=r"prefs.jsonl:2: expected a string 'prompt'"):
         file_comparisons(str(path), chat)
+    # TypeError tracebacks, or a string ranked character by character, before
+    for record, message in (({"chosen": 5, "rejected": "x"}, "every completion must be a string"),
+                            ({"completions": ["a", None], "ranking": [1, 0]}, "every completion must be a string"),
+                            ({"completions": ["a", "b"], "ranking": 1}, "'ranking' must be a permutation"),
+                            ({"completions": "abc", "ranking": [2, 0, 1]}, "'completions' must be a list")):
+        path.write_text(json.dumps({"prompt": "x", **record}) + "\n")
+        with pytest.raises(PocketError, match=f"prefs.jsonl:1: {message}"):
+            file_comparisons(str(path), chat)
+    ten = [f"answer {i}" for i in range(12)]  # two-digit indices are ranked as numbers
+    path.write_text(json.dumps({"prompt": "x", "completions": ten, "ranking": list(range(11, -1, -1))}) + "\n")
+    assert file_comparisons(str(path), chat)[0].ranks == list(range(11, -1, -1))
 
 
 def test_comparison_batches_read_the_reward_token(tokenizer):

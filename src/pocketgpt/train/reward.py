@@ -134,11 +134,16 @@ def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
             completions, ranks = [r["chosen"], r["rejected"]], [0, 1]
         elif "completions" in r and "ranking" in r:
             completions, order = r["completions"], r["ranking"]
-            if sorted(order) != list(range(len(completions))):
+            if not isinstance(completions, list):  # a string was ranked character by character
+                raise PocketError(f"{path}:{lineno}: 'completions' must be a list of strings")
+            if (not isinstance(order, list) or not all(type(i) is int for i in order)
+                    or sorted(order) != list(range(len(completions)))):
                 raise PocketError(f"{path}:{lineno}: 'ranking' must be a permutation of the completion indices")
             ranks = [order.index(i) for i in range(len(completions))]
         else:
             raise PocketError(f"{path}:{lineno}: expected 'chosen'/'rejected' or 'completions'/'ranking'")
+        if not all(isinstance(c, str) for c in completions):  # a TypeError when it was tokenized
+            raise PocketError(f"{path}:{lineno}: every completion must be a string")
         ids = chat.prompt([{"role": "user", "content": prompt}])
         out.append(Comparison([ids + chat.reply(c) + chat.reward_suffix for c in completions], ranks))
     return out
