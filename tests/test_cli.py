@@ -215,6 +215,9 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     ("rm", "rm.noise=5", "rm.noise must be a probability, in [0, 1], not 5.0"),
     ("sft", "sft.lora.alpha=0", "lora.alpha must be a number > 0, not 0.0"),  # adapters scaled by 0
     ("sft", "sft.lora.targets=[]", "lora.targets must be at least one layer name"),
+    ("sft", "sft.tasks.arithmetic=5", "sft.tasks must be tables like"),  # an AttributeError
+    ("sft", "sft.tasks.arithmetic={n=-5}", "sft.tasks must be tables like"),  # all but the last 5 examples
+    ("sft", "sft.data=[1]", "sft.data must be a list of file names"),  # a TypeError
 ])
 def test_post_training_settings_are_checked_when_set(tmp_path, capsys, stage, setting, message):
     assert main([stage, str(tmp_path), "--quick", "--set", setting, *(["--set", "sft.lora.r=4"] * (stage == "sft"))]) == 2

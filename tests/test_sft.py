@@ -147,6 +147,11 @@ GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
     ([GOOD, "", '{"messages": [{"role": "usr", "content": "hi"}]}'], r"extra.jsonl:3: message 0: unknown role 'usr'"),
     ([GOOD, '{"messages": [{"role": "user", "content": 5}]}'], r"extra.jsonl:2: message 0: content must be a string"),
     (['{"messages": []}'], r"extra.jsonl:1: no assistant reply, so nothing to learn"),
+    # an AttributeError traceback, and an error without its file and line, when the set was rendered
+    (['{"messages": [{"role": "assistant", "content": "x", "tool_calls": "x"}]}'],
+     r"extra.jsonl:1: message 0: tool_calls must be a list of objects"),
+    (['{"messages": [{"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{bad"}]}]}'],
+     r"extra.jsonl:1: message 0: tool call arguments are not valid JSON"),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], r"extra.jsonl:1: no assistant reply"),
     (['{"text": "hi"}'], r"extra.jsonl:1: no 'messages' list"),
     ([""], r"extra.jsonl holds no conversations"),

@@ -57,6 +57,14 @@ def check_messages(messages: list[dict]) -> None:
             raise PocketError(f"message {i}: unknown role {msg.get('role')!r}; expected one of {ROLES}")
         if not isinstance(msg.get("content") or "", str):
             raise PocketError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
+        calls = msg.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):  # an AttributeError later
+            raise PocketError(f"message {i}: tool_calls must be a list of objects, got {calls!r:.60}")
+        for call in calls:
+            try:
+                tool_call_text(call)  # arguments that are not JSON: said here, where the message is known
+            except PocketError as e:
+                raise PocketError(f"message {i}: {e}") from None
 
 
 class ChatTemplate(ABC):

@@ -23,6 +23,7 @@ import torch
 from ..chat import ChatTemplate, check_messages
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, human, iter_jsonl
+from ..config import require
 from ..context import fit_shots_to_context
 from ..data.tasks import Example, get_task
 from ..data.tasks.factqa import REFUSAL
@@ -75,6 +76,22 @@ class SFTConfig:
     multi_turn_fraction: float = 0.2  # share of conversations made of two exchanges
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
     seed: int = 0
+
+    def __post_init__(self):
+        self.check_values()
+
+    def check_values(self) -> None:
+        """A task's entry that is not a table (an AttributeError when the set was built), a negative n (all
+        but the last n examples), data that are not file names (a TypeError): refused when set."""
+        bad = next(((name, spec) for name, spec in self.tasks.items()
+                    if not isinstance(spec, dict) or type(spec.get("n", 0)) is not int or spec.get("n", 0) < 0), None)
+        require("sft", {
+            "tasks": (bad, bad is None, 'tables like {style = "cot", n = 100} (n >= 0)'),
+            "data": (self.data, all(isinstance(p, str) for p in self.data), "a list of file names"),
+            "probe_samples": (self.probe_samples, self.probe_samples >= 1, "at least 1"),
+            "probe_threshold": (self.probe_threshold, 0 <= self.probe_threshold <= 1, "in [0, 1]"),
+            "multi_turn_fraction": (self.multi_turn_fraction, 0 <= self.multi_turn_fraction <= 1, "in [0, 1]"),
+        })
 
 
 # ----------------------------------------------------------------------------- knowledge probe
