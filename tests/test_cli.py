@@ -351,3 +351,13 @@ def test_a_speedrun_run_again_with_other_steps_names_them(tmp_path, tiny_model, 
     err = capsys.readouterr().err
     assert "base holds a model trained for 60 steps, where this configuration asks for 3000" in err
     assert "delete" not in err and (tmp_path / "base" / "model.safetensors").exists()
+
+
+def test_a_reward_model_is_not_taken_for_a_model_that_writes(tmp_path, tiny_model, chat, capsys):
+    """`serve` refused it, but `chat`, `sample` and `eval` talked with its LM head, and GRPO trained from it."""
+    save_model(tiny_model.with_score_head(), tmp_path / "rm", chat, {"stage": "rm"})
+    for argv in (["sample", str(tmp_path / "rm"), "--prompt", "hi"], ["eval", str(tmp_path / "rm"), "--n", "1"],
+                 ["eval", str(tmp_path / "rm"), "--strategy", "direct", "--n", "1"], ["chat", str(tmp_path / "rm")],
+                 ["grpo", str(tmp_path), "--quick", "--set", "grpo.start=rm"]):
+        assert main(argv) == 2, argv
+        assert "rm is a reward model: it scores text, it does not write it" in capsys.readouterr().err

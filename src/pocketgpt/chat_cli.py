@@ -28,7 +28,7 @@ HELP = "/reset  /system TEXT  /temp T  /quit"
 def chat_loop(args, read=input, out=sys.stdout) -> None:
     console = Console(stderr=True)
     set_threads(args.threads)
-    model, chat, _ = load_model(args.model, pick_device(args.device), blocks=True)
+    model, chat, _ = load_model(args.model, pick_device(args.device), blocks=True, policy=True)
     # Each turn's prompt is the conversation so far: the prefix cache keeps it, so a turn prefills only
     # the new message instead of everything again.
     engine = Engine(model, chat.tokenizer, prefix_cache_mb=64)

@@ -213,13 +213,14 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise PocketError(f"{path} holds no model: expected config.json or one of the stages {DEFAULT_ORDER}")
 
 
-def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32, blocks: bool = False
-               ) -> tuple[GPT, ChatTemplate, dict]:
+def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch.float32, blocks: bool = False,
+               policy: bool = False) -> tuple[GPT, ChatTemplate, dict]:
     """Load a model directory (or the best stage of a run directory): model, chat template (which
     holds the tokenizer), config. Weights are cast to `dtype` (None: as stored).
     `blocks`: for inference only, give the layers the block-quantized weights the directory keeps (an
     imported GGUF's), which the decode step then reads (blocks.py); a model that is trained must not
-    have them, since they would not follow its weights."""
+    have them, since they would not follow its weights. `policy`: the model must write text (a reward model
+    is refused)."""
     directory = resolve_model_dir(path)
     cfg = read_config(directory)
     tokenizer = Tokenizer.load(directory / "tokenizer.json")
@@ -229,6 +230,8 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = torch
         model_cfg = GPTConfig.from_dict(cfg["model"])
     except PocketError as e:
         raise PocketError(f"{directory / 'config.json'}: {e}") from None
+    if policy and model_cfg.score_head:  # chat, sample, eval and GRPO took one, and talked with its LM head
+        raise PocketError(f"{directory} is a reward model: it scores text, it does not write it")
     weights = read_safetensors(directory / "model.safetensors", cfg.get("weights_sha256"))
     check_state_dict(model_cfg, weights, str(directory / "model.safetensors"))
     for name in weights if dtype is not None else ():  # one tensor at a time: never two copies of the model

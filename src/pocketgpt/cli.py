@@ -295,7 +295,7 @@ def cmd_sample(args) -> None:
     from .engine import Engine, SamplingParams
 
     set_threads(args.threads)
-    model, chat, _ = load_model(args.model, pick_device(args.device), blocks=True)
+    model, chat, _ = load_model(args.model, pick_device(args.device), blocks=True, policy=True)
     if args.bf16:
         warn_if_bf16_is_slow(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)
@@ -470,7 +470,7 @@ def cmd_eval(args) -> None:
 
     set_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
-    model, chat, cfg = load_model(model_dir, pick_device(args.device), blocks=True)
+    model, chat, cfg = load_model(model_dir, pick_device(args.device), blocks=True, policy=True)
     if args.bf16:
         warn_if_bf16_is_slow(model.lm_head.weight.device)
         model = model.to(torch.bfloat16)

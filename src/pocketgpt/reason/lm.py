@@ -144,7 +144,7 @@ class LocalLM(LM):
         from ..engine import Engine
 
         directory = resolve_model_dir(path)
-        self.model, self.chat_template, self.config = load_model(directory, pick_device(device), blocks=True)
+        self.model, self.chat_template, self.config = load_model(directory, pick_device(device), blocks=True, policy=True)
         self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype,
                              compile=compile, prefix_cache_mb=prefix_cache_mb)
         self.name, self.usage = str(directory), Usage()

@@ -74,9 +74,7 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
         raise PocketError(f"{path} holds no model to serve: expected config.json or one of {', '.join(SERVABLE)}")
     workers = {}
     for d in dirs:
-        model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype), blocks=True)
-        if model.cfg.score_head:
-            raise PocketError(f"{d} is a reward model: it scores text, it does not write it")
+        model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype), blocks=True, policy=True)
         workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype, compile, prefix_cache_mb)
     return workers
 

@@ -150,7 +150,7 @@ def grpo(cfg: GRPOConfig, run_dir: str | Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
     device, info, out_dir = stage_setup(tc, run_dir, "grpo", resume)
-    policy, chat, _ = load_model(run_dir / cfg.start, device)
+    policy, chat, _ = load_model(run_dir / cfg.start, device, policy=True)
     ref = None
     if cfg.beta > 0:
         ref, _, _ = load_model(run_dir / cfg.start, device)
