@@ -144,15 +144,17 @@ def test_a_ctrl_c_mid_step_resumes_to_the_same_model(tmp_path):
         return Trainer(torch.nn.Linear(2, 1), objective, cfg, out, "sft", out / "metrics.jsonl", torch.device("cpu"))
 
     whole = trainer(_Batches(), tmp_path / "whole")
-    whole.run()
+    whole_summary = whole.run()
     cut = trainer(_Batches(signal_at=4), tmp_path / "cut")
     with pytest.raises(Interrupted, match="interrupted at step 4 of 8"):
         cut.run()
     again = trainer(_Batches(), tmp_path / "cut")
     assert again.resume() and again.step == 4
-    again.run()
+    summary = again.run()
     for a, b in zip(whole.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)
+    # the stage's tokens and time over both invocations (the summary and the report card counted the last)
+    assert summary["tokens"] == whole_summary["tokens"] == 8 and summary["time_s"] > again.seconds_before > 0
 
 
 def test_a_resume_whose_tokenizer_changed_is_refused(tmp_path):

@@ -264,6 +264,9 @@ class Trainer:
         self.identity: dict[str, str] = {"optimizer": cfg.optimizer}
         self.grad_filter = make_grad_filter(cfg.grad_filter, self.optimizer, cfg.grokfast_alpha, cfg.grokfast_lambda)
         self.step = 0
+        # What the stage has trained and taken so far, over every invocation: a resumed stage's summary (and the
+        # report card) counted only its last part.
+        self.tokens_trained, self.seconds_before, self.started = 0.0, 0.0, time.time()
         use_deterministic_kernels(cfg.deterministic)
         # Inductor's MPS backend is still partial: Apple GPUs train eagerly.
         self.wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and device.type != "mps" else model
@@ -286,6 +289,7 @@ class Trainer:
                                   f"{self.identity[key]}): restore it, or delete {path.parent} to start over")
         load_training_state(path, self.model, self.optimizer)
         self.step = state["step"]
+        self.tokens_trained, self.seconds_before = state.get("tokens", 0.0), state.get("time_s", 0.0)
         self.objective.load_state(state["objective"])
         if self.dist.is_main and self.metrics_path.exists():
             kept = [r for r in read_jsonl(self.metrics_path, torn_lines=True)
@@ -300,7 +304,12 @@ class Trainer:
         if self.dist.is_main:
             save_training_state(self.out_dir, self.step, self.model, self.optimizer,
                                 {"objective": self.objective.state(), "stage": self.stage, "identity": self.identity,
+                                 "tokens": self.tokens_trained, "time_s": self.seconds(),
                                  "replaced_by_model": finished and not self.cfg.keep_checkpoints})
+
+    def seconds(self) -> float:
+        """The stage's time so far, the invocations before a resume included."""
+        return self.seconds_before + time.time() - self.started
 
     # ------------------------------------------------------------------ the loop
 
@@ -374,8 +383,7 @@ class Trainer:
         peak = measured_peak(self.model, micro_tokens, self.device, self.dtype) if flops else 0.0
         step_seconds: list[float] = []
         rates: list[tuple[float, float]] = []  # each step's (trained tokens/s, FLOP-weighted tokens/s)
-        trained = 0.0
-        t0 = time.time()
+        self.started = time.time()
         progress = _progress(self.dist.is_main)
         plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
         task = progress.add_task(self.stage, total=cfg.steps, completed=self.step, info="")
@@ -391,7 +399,7 @@ class Trainer:
                     self.step += 1
                     dt = max(time.time() - t_step, 1e-9)
                     step_seconds.append(dt)
-                    trained += metrics["tokens"]
+                    self.tokens_trained += metrics["tokens"]
                     rates.append((metrics["tokens"] / dt, (metrics["tokens"] + metrics["forward_tokens"] / 3) / dt))
                     metrics["tokens_per_s"] = rates[-1][0]
                     if peak:
@@ -436,7 +444,7 @@ class Trainer:
             speed["compile_s"] = step_seconds[0] - statistics.median(step_seconds)
         logged = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("tokens", "forward_tokens")}
         return {"stage": self.stage, "steps": self.step, "dtype": self.dtype,
-                "time_s": time.time() - t0, "tokens": trained, **logged, **speed}
+                "time_s": self.seconds(), "tokens": self.tokens_trained, **logged, **speed}
 
 
 def _json_line(r: dict) -> str:
