@@ -60,7 +60,7 @@ def test_bad_sources_say_where(tmp_path):
     with pytest.raises(PocketError, match="unknown kind"):
         SourceSpec.from_dict("x", {"kind": "tweets"})
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1: a UnicodeDecodeError traceback
-    with pytest.raises(PocketError, match=r"bad.jsonl:2: not UTF-8 text \(byte 13 of the line\)"):
+    with pytest.raises(PocketError, match=r"bad.jsonl:2: not UTF-8 text \(byte 14 of the line\)"):
         read_documents(SourceSpec("b", "jsonl", path=str(bad)))
     # tracebacks, or a typo kept and never read, before
     for setting, message in (({"weight": "abc"}, "weight must be a number >= 0"), ({"weight": float("inf")}, "weight"),

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..common import PocketError
+from ..common import PocketError, iter_jsonl
 
 # The settings beyond the common ones that each file-reading kind takes; the generated kinds (world, math,
 # ...) take their generator's own (`generator_settings`).
@@ -177,21 +177,10 @@ def _jsonl(spec: SourceSpec) -> Iterator[str]:
     """A JSONL file, or a folder of them (sorted by name), read line by line."""
     path = _existing(spec)
     for p in [path] if path.is_file() else sorted(path.glob("*.jsonl")):
-        with open(p, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise PocketError(f"{p}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PocketError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
-                    raise PocketError(f"{p}:{lineno}: expected an object with a string field {spec.field!r}")
-                yield record[spec.field]
+        for lineno, record in iter_jsonl(p):
+            if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
+                raise PocketError(f"{p}:{lineno}: expected an object with a string field {spec.field!r}")
+            yield record[spec.field]
 
 
 def _parquet(spec: SourceSpec) -> Iterator[str]:
