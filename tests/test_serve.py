@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pocketgpt.checkpoint import save_model
+from pocketgpt.common import PocketError
 from pocketgpt.model import GPT, preset
 from pocketgpt.serve.api import by_sequence, drain
 
@@ -520,3 +521,20 @@ def test_events_waiting_for_a_stream_leave_as_one_chunk_per_sample():
     first, second = asyncio.run(go())
     assert by_sequence(first) == [(a, ["a1", "a2"]), (b, ["b1"])]
     assert by_sequence(second) == [(b, ["b2"])]
+
+
+def test_a_damaged_stage_is_left_out_and_the_others_served(tmp_path, tiny_model, chat, capsys):
+    """One stage's damaged weights kept every stage of the run from being served."""
+    from pocketgpt.serve.api import load_workers
+
+    for stage in ("sft", "ppo"):
+        save_model(tiny_model, tmp_path / stage, chat, {"stage": stage})
+    weights = tmp_path / "ppo" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert list(load_workers(tmp_path)) == ["sft"]
+    assert "not serving ppo: " in capsys.readouterr().err
+    with pytest.raises(PocketError, match="model.safetensors"):  # a model directory alone: its own error
+        load_workers(tmp_path / "ppo")
+    (tmp_path / "sft" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PocketError, match=r"none of its stages \(.*\) can be served"):
+        load_workers(tmp_path)

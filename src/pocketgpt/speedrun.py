@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import imported_source, latest_training_state, load_model
+from .checkpoint import imported_source, latest_training_state, load_model, read_config
 from .common import PocketError, atomic_write_json, console, init_distributed, pick_device, provenance
 from .data.tasks import use_world
 from .data.world import WorldConfig, read_run_world, record_run_world
@@ -137,7 +137,7 @@ def finished_steps(model_dir: Path) -> int | None:
     training state, which a resume continues)."""
     if latest_training_state(model_dir) is not None or not (model_dir / "config.json").exists():
         return None
-    return json.loads((model_dir / "config.json").read_text()).get("meta", {}).get("summary", {}).get("steps")
+    return read_config(model_dir).get("meta", {}).get("summary", {}).get("steps")  # a corrupt one: one line
 
 
 def finished_summary(model_dir: Path) -> dict:

@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import load_model
-from ..common import PocketError
+from ..common import PocketError, console
 from ..engine import SamplingParams, TextStream
 from ..evaluate.arena import Battle, VoteStore, leaderboard
 from ..stages import POLICIES
@@ -74,8 +74,17 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
         raise PocketError(f"{path} holds no model to serve: expected config.json or one of {', '.join(SERVABLE)}")
     workers = {}
     for d in dirs:
-        model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype), blocks=True, policy=True)
+        try:
+            model, chat, cfg = load_model(d, device, dtype=getattr(torch, dtype), blocks=True, policy=True)
+        except PocketError as e:
+            if len(dirs) == 1:
+                raise
+            # One damaged stage of a run kept the others from being served: it is left out, and said.
+            console.print(f"[yellow]not serving {d.name}: {e}[/]", highlight=False, soft_wrap=True)
+            continue
         workers[d.name] = ModelWorker(d.name, model, chat, cfg, max_batch, prefill_dtype, compile, prefix_cache_mb)
+    if not workers:
+        raise PocketError(f"{path}: none of its stages ({', '.join(d.name for d in dirs)}) can be served (said above)")
     return workers
 
 
