@@ -206,7 +206,8 @@ def test_training_settings_are_checked_when_set(tmp_path, capsys, setting, messa
     # tracebacks once the stage ran
     ("ppo", "ppo.rollout_size=0", "ppo.rollout_size must be at least 1, not 0"),
     ("ppo", "ppo.ppo_epochs=0", "ppo.ppo_epochs must be at least 1"),
-    ("ppo", "ppo.tasks=[]", "ppo.tasks must be at least one task"),
+    ("ppo", "ppo.tasks=[]", "ppo.tasks must be a list of at least one task of factqa"),
+    ("rm", 'rm.tasks=["nope"]', "rm.tasks must be a list of tasks of factqa"),  # after the model's sampling
     ("grpo", "grpo.eval_n=0", "grpo.eval_n must be at least 1"),
     # trained without a word
     ("ppo", "ppo.lam=2", "ppo.lam must be in [0, 1], not 2.0"),

@@ -25,6 +25,7 @@ import torch
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console
 from ..config import require
+from ..data.tasks import TASKS
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean
 from .loop import TrainConfig, Trainer, stage_setup
@@ -62,7 +63,8 @@ class GRPOConfig:
         """prompts_per_step 0 or eval_n 0 ended in tracebacks; a group of one answer (or of greedy ones, all
         the same) has no advantage to learn from, and trained on at a loss of 0."""
         require("grpo", {
-            "tasks": (self.tasks, bool(self.tasks), "at least one task"),
+            "tasks": (self.tasks, bool(self.tasks) and all(t in TASKS for t in self.tasks),
+                      f"a list of at least one task of {', '.join(TASKS)}"),
             **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
                for name in ("prompts_per_task", "prompts_per_step", "max_tokens", "eval_n")},
             "group_size": (self.group_size, self.group_size >= 2, "at least 2 (advantages are within a group)"),

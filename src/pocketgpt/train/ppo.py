@@ -33,6 +33,7 @@ from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console
 from ..config import require
 from ..data.mixture import MixtureLoader, load_streams
+from ..data.tasks import TASKS
 from ..model import GPT
 from .data_parallel import barrier, count_totals, share, share_of_global_mean, sum_over_processes
 from .loop import TrainConfig, Trainer, stage_setup
@@ -75,7 +76,8 @@ class PPOConfig:
         """rollout_size 0, ppo_epochs 0, ptx_batch_size 0, eval_prompts_per_task 0 or no tasks ended in
         tracebacks; clip -1 or lam 2 trained without a word."""
         require("ppo", {
-            "tasks": (self.tasks, bool(self.tasks), "at least one task"),
+            "tasks": (self.tasks, bool(self.tasks) and all(t in TASKS for t in self.tasks),
+                      f"a list of at least one task of {', '.join(TASKS)}"),
             **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
                for name in ("prompts_per_task", "rollout_size", "ppo_epochs", "max_tokens", "ptx_batch_size",
                             "eval_prompts_per_task")},

@@ -25,6 +25,7 @@ from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..common import DistInfo, PocketError, atomic_write_json, console, iter_jsonl
 from ..config import require
+from ..data.tasks import TASKS
 from ..data.tasks.base import truthfulness
 from ..model import GPT
 from .data_parallel import barrier, count_totals, gather, share
@@ -61,7 +62,8 @@ class RewardConfig:
         """Checked when set: val_prompts_per_task 0 reported an accuracy of nan%, a noise of 5 (a probability)
         was taken, and the rest failed only after the model was loaded."""
         require("rm", {
-            "tasks": (self.tasks, bool(self.tasks) or bool(self.data), "at least one task (or data files)"),
+            "tasks": (self.tasks, (bool(self.tasks) or bool(self.data)) and all(t in TASKS for t in self.tasks),
+                      f"a list of tasks of {', '.join(TASKS)} (or data files)"),
             "data": (self.data, all(isinstance(p, str) for p in self.data), "a list of file names"),
             **{name: (getattr(self, name), getattr(self, name) >= 1, "at least 1")
                for name in ("prompts_per_task", "val_prompts_per_task", "max_tokens")},
