@@ -243,6 +243,29 @@ def test_completions(server):
     assert len(r.choices[0].logprobs.tokens) == len(r.choices[0].logprobs.token_logprobs) >= 1
 
 
+def test_a_completions_prompt_in_each_of_openais_forms(server):
+    _, url, model, _ = server
+
+    def complete(prompt):
+        return httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 4,
+                                                          "temperature": 0}, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60)
+
+    ids = httpx.post(url + "/tokenize", json={"model": model, "prompt": "The capital of France is"},
+                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()["tokens"]
+    replies = [complete(p) for p in ("The capital of France is", ["The capital of France is"], ids, [ids])]
+    assert [r.status_code for r in replies] == [200] * 4, [r.text for r in replies]
+    assert len({r.json()["choices"][0]["text"] for r in replies}) == 1  # the same prompt, however it is sent
+    for bad in ([ids, ids], ["a", "b"]):
+        r = complete(bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "one prompt per request, and this one holds 2" in r.json()["error"]["message"]
+    # a value no form takes is named where it goes wrong, not as "prompt: not a string"
+    for bad, param in (([[1, "a"]], "prompt.0.1"), ([{"a": 1}], "prompt.0"), ([[-1]], "prompt")):
+        r = complete(bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
 def test_a_repeated_beginning_comes_from_the_prefix_cache(server):
     """The second request with the same system prompt reports the reused tokens as cached_tokens (vLLM's
     usage field) and greedy decoding answers as it did when the whole prompt was prefilled."""

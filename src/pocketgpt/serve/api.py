@@ -154,11 +154,14 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            error = first.get("ctx", {}).get("error")
+        errors = e.errors() or [{}]
+        if errors[0].get("type") == "json_invalid":  # its loc is a character offset, not a field
+            error = errors[0].get("ctx", {}).get("error")
             return JSONResponse(APIError(400, "the body is not valid JSON" + (f" ({error})" if error else "")).body(),
                                 status_code=400)
+        # a value no member of a union takes fails once per member: the member that went deepest into it says
+        # best what is wrong ([[1, "a"]] as a prompt: "prompt.0.1: not an integer", not "prompt: not a string")
+        first = max(errors, key=lambda error: len(field_path(error.get("loc", []))))
         loc = field_path(first.get("loc", []))
         what = first.get("msg", "invalid")
         return JSONResponse(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{what}",
@@ -471,13 +474,13 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     async def completions(req: CompletionRequest, request: Request):
         w = worker_for(req.model)
         req.check(limits)
-        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-            prompt = list(req.prompt)
+        given = req.the_prompt()
+        if isinstance(given, str):
+            prompt = w.chat.document(given)
+        else:
+            prompt = list(given)
             if any(not 0 <= t < w.model.cfg.vocab_size for t in prompt):
                 raise APIError(400, "prompt token ids out of range", "prompt")
-        else:
-            text = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if req.prompt else "")
-            prompt = w.chat.document(text)
         if not prompt:
             raise APIError(400, "the prompt is empty", "prompt")
         max_tokens = budget(w, prompt, req.max_tokens)

@@ -278,22 +278,31 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # OpenAI's forms; the lists must hold one prompt
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
 
     def check(self, limits: Limits) -> None:
         self.check_common(limits)
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-            raise APIError(400, "one prompt per request (send a list of one string, or a string)", "prompt")
+        self.the_prompt()
         if (self.logprobs or 0) > limits.max_top_logprobs:
             raise APIError(400, f"logprobs must be at most {limits.max_top_logprobs}", "logprobs")
         if self.echo:
             raise APIError(400, "echo is not supported", "echo")
-        text = self.prompt if isinstance(self.prompt, str) else ""
-        if len(text) > limits.max_total_chars:
+        text = self.the_prompt()
+        if isinstance(text, str) and len(text) > limits.max_total_chars:
             raise APIError(400, f"the prompt has {len(text)} characters; at most {limits.max_total_chars}", "prompt")
+
+    def the_prompt(self) -> str | list[int]:
+        """The request's one prompt, text or token ids; OpenAI's batch forms (a list of strings, a list of token
+        lists) are taken with one prompt in them, as the reply's one choice per sample answers one prompt."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise APIError(400, f"one prompt per request, and this one holds {len(self.prompt)} (send a string, "
+                               "token ids, or a list of one of them)", "prompt")
+            return self.prompt[0]
+        return self.prompt
 
 
 class TokenizeRequest(Open):
