@@ -138,6 +138,11 @@ def test_bad_arguments(tiny_model):
         apply_lora(tiny_model, targets=["lm_head"])
     with pytest.raises(PocketError, match="base_dtype"):
         apply_lora(tiny_model, base_dtype="int4")
+    smallest = min(min(m.in_features, m.out_features) for name, m in tiny_model.named_modules()
+                   if name.endswith(DEFAULT_TARGETS))
+    with pytest.raises(PocketError, match=rf"rank r = {smallest + 1} is above .* at most {smallest}"):
+        apply_lora(tiny_model, r=smallest + 1)
+    assert not lora_layers(tiny_model)  # nothing wrapped by a refused call
     apply_lora(tiny_model)
     with pytest.raises(PocketError, match="already has LoRA"):
         apply_lora(tiny_model)
