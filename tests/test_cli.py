@@ -322,6 +322,16 @@ def test_a_stage_refused_for_a_missing_run_leaves_nothing_behind(tmp_path, capsy
         assert main([*command, str(tmp_path / "run")]) == 2
         assert missing in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+    # a tokenizer that fails on its data (a file that is not Parquet) starts no run either
+    (tmp_path / "bad.parquet").write_text("hello")
+    assert main(["tokenizer", "train", str(tmp_path / "run"), "--set",
+                 f'pretrain.sources.p={{kind="parquet", path="{tmp_path / "bad.parquet"}"}}']) == 2
+    assert "bad.parquet: not a Parquet file" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "world.json").exists()
+    # a world source is the run's world: its own seed was replaced by it without a word
+    assert main(["tokenizer", "train", str(tmp_path / "run"), "--set",
+                 'pretrain.sources.w2={kind="world", weight=1.0, seed=9}']) == 2
+    assert "pretrain.sources.w2 sets seed = 9: a world source is the run's one world" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(tmp_path / "run"), "--vocab-size", "300", "--set", "tokenizer.max_chars=20000",
                  "--set", "world.seed=5"]) == 0  # the first command of a run records its world
     assert json.loads((tmp_path / "run" / "world.json").read_text())["seed"] == 5

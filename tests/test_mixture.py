@@ -39,9 +39,31 @@ def test_parquet_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"body": ["one doc", "two doc"]}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"body": ["one doc", None, "two doc"]}), tmp_path / "d.parquet")
     assert read_documents(SourceSpec("p", "parquet", path=str(tmp_path / "d.parquet"), field="body")) == \
-        ["one doc", "two doc"]
+        ["one doc", "two doc"]  # a missing value is no document
+
+
+def test_bad_files_in_a_folder_source_are_named_in_one_line(tmp_path):
+    """Tracebacks before (ArrowInvalid, IsADirectoryError), or an int column read as "no documents"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": ["a doc"]}), folder / "a.parquet")
+    (folder / "spark.parquet").mkdir()  # a folder named like a file is not one of the folder's files
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("a text")
+    (tmp_path / "txt" / "notes.md").mkdir()
+    assert read_documents(SourceSpec("p", "parquet", path=str(folder))) == ["a doc"]
+    assert read_documents(SourceSpec("t", "text", path=str(tmp_path / "txt"))) == ["a text"]
+    (folder / "b.parquet").write_text("hello")
+    with pytest.raises(PocketError, match=r"b.parquet: not a Parquet file"):
+        read_documents(SourceSpec("p", "parquet", path=str(folder)))
+    pq.write_table(pa.table({"text": [1, 2]}), folder / "b.parquet")
+    with pytest.raises(PocketError, match=r"b.parquet: column 'text' holds int values, not text \(e.g. '1'\)"):
+        read_documents(SourceSpec("p", "parquet", path=str(folder)))
 
 
 def test_bad_sources_say_where(tmp_path):
@@ -446,6 +468,14 @@ def test_hf_dataset_from_disk_and_from_a_folder_of_files(chat, tmp_path):
         read_documents(dataclasses.replace(saved, options={"split": "validation"}))
     with pytest.raises(PocketError, match="no column 'text'"):
         read_documents(dataclasses.replace(saved, field="text"))
+    # one saved Dataset is one split: another one asked of it was read as the whole
+    datasets.Dataset.from_dict({"body": ["only"], "n": [1]}, split="train").save_to_disk(tmp_path / "one")
+    one = SourceSpec.from_dict("one", {"kind": "hf", "path": str(tmp_path / "one"), "field": "body"})
+    assert read_documents(one) == read_documents(dataclasses.replace(one, options={"split": "train"})) == ["only"]
+    with pytest.raises(PocketError, match="a saved dataset of one split \\(train\\), not 'test'"):
+        read_documents(dataclasses.replace(one, options={"split": "test"}))
+    with pytest.raises(PocketError, match="column 'n' holds int values, not text"):
+        read_documents(dataclasses.replace(one, field="n"))
 
 
 def test_hf_dataset_without_the_datasets_package_says_what_to_install(tmp_path, monkeypatch):

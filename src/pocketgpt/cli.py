@@ -79,13 +79,16 @@ def cmd_speedrun(args) -> None:
 def cmd_tokenizer_train(args) -> None:
     from dataclasses import replace
 
+    from .data.world import read_run_world, record_run_world
     from .speedrun import run_tokenizer
 
     refuse_to_retokenize(Path(args.run))
-    cfg = load_run_config(args, starts_run=True)
+    cfg = load_run_config(args)  # a new run's world is recorded with its tokenizer: a failed start leaves nothing
     if args.vocab_size is not None:
         cfg.tokenizer = replace(cfg.tokenizer, vocab_size=args.vocab_size)  # checked as a --set would be
     report = run_tokenizer(cfg, Path(args.run))
+    if read_run_world(Path(args.run)) is None:
+        record_run_world(Path(args.run), cfg.world)
     console.print(f"tokenizer: vocab {report['vocab_size']}, {human(report['train_chars'])} chars in "
                   f"{report['train_seconds']:.1f}s -> {Path(args.run) / 'tokenizer' / 'tokenizer.json'}")
     for name, bpt in report["bytes_per_token"].items():

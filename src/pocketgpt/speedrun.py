@@ -113,13 +113,22 @@ def settle_world(cfg: RunConfig, run_dir: Path, record: bool = True) -> WorldCon
     if recorded is not None and cfg.world != WorldConfig():
         record_run_world(run_dir, cfg.world)  # refuses a world other than the recorded one
     world = recorded or cfg.world
+    settings = asdict(world)
+    for name, source in cfg.pretrain.sources.items():
+        if source.get("kind") == "world":
+            # the tasks ask about the run's one world, so a world source is that world: its own setting would
+            # have been replaced without a word (a second source of seed 9 was the same world again)
+            other = {key: value for key, value in source.items() if key in settings and value != settings[key]}
+            if other:
+                raise PocketError(
+                    f"pretrain.sources.{name} sets {', '.join(f'{k} = {v!r}' for k, v in other.items())}: a world "
+                    "source is the run's one world, which every task asks about; set it for the run with "
+                    + " ".join(f"--set world.{k}={v!r}" for k, v in other.items()))
+            source.update(settings)
     if recorded is None and record and os.environ.get("RANK", "0") == "0":  # one process writes it (torchrun)
         run_dir.mkdir(parents=True, exist_ok=True)
         record_run_world(run_dir, world)
     cfg.world = world
-    for source in cfg.pretrain.sources.values():
-        if source.get("kind") == "world":
-            source.update(asdict(world))
     use_world(world)
     return world
 

@@ -165,7 +165,7 @@ def _python_code(spec: SourceSpec) -> Iterator[str]:
 
 def _text_files(spec: SourceSpec) -> Iterator[str]:
     path = _existing(spec)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
     for p in files:
         try:
             yield p.read_text(encoding="utf-8")
@@ -190,15 +190,17 @@ def _parquet(spec: SourceSpec) -> Iterator[str]:
     except ImportError:
         raise PocketError("Parquet sources need pyarrow: pip install 'pocketgpt[parquet]'") from None
     path = _existing(spec)
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    # a folder Spark wrote (part files in a folder named like a file) is not one file of this folder
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*.parquet") if p.is_file())
     for p in files:
-        parquet = pq.ParquetFile(p)
+        try:
+            parquet = pq.ParquetFile(p)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise PocketError(f"{p}: not a Parquet file ({e})") from None
         if spec.field not in parquet.schema_arrow.names:
             raise PocketError(f"{p}: no column {spec.field!r} (columns: {parquet.schema_arrow.names})")
         for batch in parquet.iter_batches(batch_size=1024, columns=[spec.field]):
-            for value in batch.column(0).to_pylist():
-                if isinstance(value, str):
-                    yield value
+            yield from _texts(batch.column(0).to_pylist(), f"{p}: column {spec.field!r}")
 
 
 # The `datasets` builder that reads one data file, by its suffix.
@@ -235,12 +237,24 @@ def _hf_dataset(spec: SourceSpec) -> Iterator[str]:
         if split not in ds:
             raise PocketError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split]
+    elif saved and "split" in spec.options and str(ds.split) != split:
+        # one saved Dataset is one split: another split asked of it was read as the whole
+        raise PocketError(f"{path}: a saved dataset of one split ({ds.split or 'unnamed'}), not {split!r}: "
+                          "leave `split` out to read it")
     if ds.column_names is not None and spec.field not in ds.column_names:
         raise PocketError(f"{path}: no column {spec.field!r} (columns: {ds.column_names})")
     for batch in ds.select_columns([spec.field]).iter(batch_size=1024):
-        for value in batch[spec.field]:
-            if isinstance(value, str):
-                yield value
+        yield from _texts(batch[spec.field], f"{path}: column {spec.field!r}")
+
+
+def _texts(values: list, where: str) -> Iterator[str]:
+    """A column's documents; a missing value (null) is no document, a value of another type is an error
+    (an int column was read as "no documents")."""
+    for value in values:
+        if isinstance(value, str):
+            yield value
+        elif value is not None:
+            raise PocketError(f"{where} holds {type(value).__name__} values, not text (e.g. {str(value)[:40]!r})")
 
 
 def _world(spec: SourceSpec) -> Iterator[str]:
