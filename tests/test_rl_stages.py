@@ -82,7 +82,13 @@ def test_user_comparisons_file(tokenizer, chat, tmp_path):
     for record, message in (({"chosen": 5, "rejected": "x"}, "every completion must be a string"),
                             ({"completions": ["a", None], "ranking": [1, 0]}, "every completion must be a string"),
                             ({"completions": ["a", "b"], "ranking": 1}, "'ranking' must be a permutation"),
-                            ({"completions": "abc", "ranking": [2, 0, 1]}, "'completions' must be a list")):
+                            ({"completions": "abc", "ranking": [2, 0, 1]}, "'completions' must be a list"),
+                            # nothing to compare: a held-out accuracy of nan%
+                            ({"completions": [], "ranking": []}, "0 completion\\(s\\): a ranking needs at least two"),
+                            ({"completions": ["a"], "ranking": [0]}, "1 completion"),
+                            # one of the two forms was read and the other ignored
+                            ({"chosen": "a", "rejected": "b", "completions": ["b", "a"], "ranking": [1, 0]},
+                             "give 'chosen'/'rejected' or 'completions'/'ranking', not both")):
         path.write_text(json.dumps({"prompt": "x", **record}) + "\n")
         with pytest.raises(PocketError, match=f"prefs.jsonl:1: {message}"):
             file_comparisons(str(path), chat)
@@ -147,6 +153,10 @@ def test_a_reward_model_learns_the_preferences_it_is_given(tiny_model, chat, tmp
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": f"Question {i}: shall we?", "chosen": "Yes, gladly.",
                                          "rejected": "No."}) + "\n" for i in range(20)))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "shall we?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    with pytest.raises(PocketError, match="one.jsonl: 1 comparison\\(s\\); at least two are needed"):
+        reward_model(RewardConfig(train=tiny_train(8), data=[str(one)]), tmp_path)  # "no comparison has two ranks"
     cfg = RewardConfig(train=tiny_train(8), data=[str(prefs)])
     summary = reward_model(cfg, tmp_path)
     assert summary["data"] == {"train_groups": 18, "train_groups_with_pairs": 18, "val_groups": 2}

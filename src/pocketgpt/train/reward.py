@@ -132,6 +132,8 @@ def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
         prompt = r.get("prompt") if isinstance(r, dict) else None
         if not isinstance(prompt, str):
             raise PocketError(f"{path}:{lineno}: expected a string 'prompt'")
+        if {"chosen", "rejected"} & r.keys() and {"completions", "ranking"} & r.keys():
+            raise PocketError(f"{path}:{lineno}: give 'chosen'/'rejected' or 'completions'/'ranking', not both")
         if "chosen" in r and "rejected" in r:
             completions, ranks = [r["chosen"], r["rejected"]], [0, 1]
         elif "completions" in r and "ranking" in r:
@@ -146,6 +148,8 @@ def file_comparisons(path: str, chat: ChatTemplate) -> list[Comparison]:
             raise PocketError(f"{path}:{lineno}: expected 'chosen'/'rejected' or 'completions'/'ranking'")
         if not all(isinstance(c, str) for c in completions):  # a TypeError when it was tokenized
             raise PocketError(f"{path}:{lineno}: every completion must be a string")
+        if len(completions) < 2:  # nothing to compare: such groups made the held-out accuracy nan
+            raise PocketError(f"{path}:{lineno}: {len(completions)} completion(s): a ranking needs at least two")
         ids = chat.prompt([{"role": "user", "content": prompt}])
         out.append(Comparison([ids + chat.reply(c) + chat.reward_suffix for c in completions], ranks))
     return out
@@ -272,6 +276,9 @@ def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -
     if cfg.data:
         train = [c for path in cfg.data for c in file_comparisons(path, chat)]
         random.Random(cfg.seed).shuffle(train)
+        if len(train) < 2:  # the one comparison held out left "no comparison has two different ranks"
+            raise PocketError(f"{', '.join(cfg.data)}: {len(train)} comparison(s); at least two are needed, as one "
+                              "in ten (at least one) is held out to measure the reward model")
         n_val = max(1, len(train) // 10)
         train, val = train[n_val:], train[:n_val]
     else:
