@@ -45,7 +45,9 @@ CONVERSATIONS = {
         {"role": "tool", "content": "{\"temp\": 21}"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"name": "calc", "arguments": {"expr": "12*7", "exact": True, "digits": [1, 2]}},
-            {"function": {"name": "calc", "arguments": json.dumps({"expr": "84/2"}, ensure_ascii=False)}}]},
+            # OpenAI's form, a JSON string, in another spacing than json.dumps's: written as it is by both
+            {"function": {"name": "calc", "arguments": json.dumps({"expr": "84/2", "y": "é"}, ensure_ascii=False,
+                                                                  separators=(",", ":"))}}]},
         {"role": "tool", "content": "84"},
         {"role": "tool", "content": "42"},
         {"role": "assistant", "content": "21 °C; 84."},

@@ -37,26 +37,51 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def tool_call_text(call: dict) -> str:
-    """An OpenAI tool call rendered as the JSON the model writes: {"name": ..., "arguments": {...}}."""
+    """An OpenAI tool call rendered as the JSON the model writes: {"name": ..., "arguments": {...}}.
+    Arguments given as a JSON string (OpenAI's form) are written as they are, after checking that they are
+    an object: a model's own call comes back as it wrote it, and an exported Jinja template, which cannot
+    parse JSON, renders the same ids."""
     fn = call.get("function", call)
-    args = fn.get("arguments", {})
+    name, args = fn.get("name"), fn.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise PocketError(f"a tool call needs the function's name as a string, got {name!r:.60}")
+    if isinstance(args, str) and not args.strip():
+        args = {}
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise PocketError(f"tool call arguments are not valid JSON: {args!r}") from None
-    return json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+            parsed = json.loads(args, parse_constant=_not_json)
+        except (json.JSONDecodeError, ValueError):
+            raise PocketError(f"tool call arguments are not valid JSON: {args!r:.80}") from None
+        if not isinstance(parsed, dict):
+            raise PocketError(f"tool call arguments must be a JSON object, got {args!r:.80}")
+        return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + args + "}"
+    if not isinstance(args, dict):
+        raise PocketError(f"tool call arguments must be an object (or a JSON string of one), got {args!r:.80}")
+    try:
+        return json.dumps({"name": name, "arguments": args}, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise PocketError(f"tool call arguments are not JSON: {e}") from None
+
+
+def _not_json(constant: str):
+    """NaN and Infinity, which Python's json reads and JSON does not have."""
+    raise ValueError(constant)
 
 
 def check_messages(messages: list[dict]) -> None:
-    """Each message a {"role", "content"} the templates render: one error naming the first that is not."""
+    """Each message a {"role", "content"} the templates render: one error naming the first that is not.
+    An assistant message may carry OpenAI's fine-tuning `weight`: 0 leaves it out of the loss."""
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise PocketError(f"message {i}: expected an object with a role and content, got {msg!r:.60}")
         if msg.get("role") not in ROLES:
             raise PocketError(f"message {i}: unknown role {msg.get('role')!r}; expected one of {ROLES}")
-        if not isinstance(msg.get("content") or "", str):
+        if not isinstance(msg.get("content", ""), str | None):  # 0 was read as empty
             raise PocketError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
+        if "weight" in msg and (msg["role"] != "assistant" or msg["weight"] not in (0, 1)
+                                or isinstance(msg["weight"], bool)):
+            raise PocketError(f"message {i}: weight is 0 or 1, on an assistant message (0: not trained on), "
+                              f"got {msg['weight']!r:.20} on a {msg['role']} message")
         calls = msg.get("tool_calls") or []
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):  # an AttributeError later
             raise PocketError(f"message {i}: tool_calls must be a list of objects, got {calls!r:.60}")
@@ -113,15 +138,16 @@ class ChatTemplate(ABC):
         """OpenAI-style messages -> (ids, mask); mask[i] is 1 where ids[i] is written by the assistant."""
 
     def prompt(self, messages: list[dict], continue_final: bool = False) -> list[int]:
-        """The prompt for the assistant's next turn (a trailing assistant message is dropped). With
-        `continue_final` the trailing assistant message is the turn so far, which the model continues
-        (vLLM's continue_final_message; a prefilled reply): its text goes in as ordinary text, unclosed."""
+        """The prompt for the assistant's next turn, after every message (a trailing assistant message is a
+        finished turn, as OpenAI and vLLM take it). With `continue_final` the trailing assistant message is
+        the turn so far, which the model continues (vLLM's continue_final_message; a prefilled reply): its
+        text goes in as ordinary text, unclosed."""
         ends_with_reply = bool(messages) and messages[-1].get("role") == "assistant"
         if continue_final and not ends_with_reply:
             raise PocketError("continue_final needs the last message to be the assistant's reply so far")
         if continue_final and messages[-1].get("tool_calls"):
             raise PocketError("continue_final continues a reply's text; the last message holds tool calls")
-        head = self.render(messages[:-1] if ends_with_reply else messages)[0] + self.assistant_header
+        head = self.render(messages[:-1] if continue_final else messages)[0] + self.assistant_header
         return head + self.tokenizer.encode(messages[-1].get("content") or "") if continue_final else head
 
     @property
@@ -232,11 +258,12 @@ class PocketTemplate(ChatTemplate):
             start, end = self.role_ids[msg["role"]]
             content = msg.get("content") or ""
             if msg["role"] == "assistant":
+                trained = msg.get("weight", 1)
                 add([start], 0)
-                add(enc(content), 1)
+                add(enc(content), trained)
                 for call in msg.get("tool_calls") or []:
-                    add([self.call[0], *enc(tool_call_text(call)), self.call[1]], 1)
-                add([end], 1)
+                    add([self.call[0], *enc(tool_call_text(call)), self.call[1]], trained)
+                add([end], trained)
             else:
                 add([start, *enc(content), end], 0)
         return ids, mask
@@ -308,7 +335,7 @@ class ChatMLTemplate(ChatTemplate):
                 body = "\n".join(([content] if content else []) + calls)
                 head_ids, body_ids = self._encode_split("assistant\n", body)
                 ids += [self.im_start, *head_ids, *body_ids, self.im_end, *newline]
-                mask += [0] * (1 + len(head_ids)) + [1] * (len(body_ids) + 1) + [0] * len(newline)
+                mask += [0] * (1 + len(head_ids)) + [msg.get("weight", 1)] * (len(body_ids) + 1) + [0] * len(newline)
                 continue
             if role == "tool":
                 role, content = "user", f"<tool_response>\n{content}\n</tool_response>"

@@ -166,9 +166,8 @@ def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
 # ----------------------------------------------------------------------------- chat templates as Jinja
 
 # A tool call as chat.tool_call_text writes it: json.dumps({"name": ..., "arguments": ...}) with the
-# default separators and ensure_ascii=False (transformers' tojson filter is that json.dumps). Arguments
-# given as a JSON string are parsed and re-dumped by ours; Jinja cannot parse JSON, so the string is
-# written as it is, which matches whenever it is already in json.dumps form.
+# default separators and ensure_ascii=False (transformers' tojson filter is that json.dumps); arguments
+# given as a JSON string are written as they are, by both.
 _TOOL_CALL_MACRO = r"""
 {%- macro tool_call_json(tool_call) -%}
   {%- set fn = tool_call.function if tool_call.function is defined else tool_call -%}

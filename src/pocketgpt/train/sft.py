@@ -166,8 +166,9 @@ def build_conversations(cfg: SFTConfig, base: GPT | None, chat: ChatTemplate,
                 check_messages(r["messages"])
             except PocketError as e:
                 raise PocketError(f"{path}:{lineno}: {e}") from None
-            if not any(m["role"] == "assistant" and (m.get("content") or m.get("tool_calls")) for m in r["messages"]):
-                raise PocketError(f"{path}:{lineno}: no assistant reply, so nothing to learn")
+            if not any(m["role"] == "assistant" and (m.get("content") or m.get("tool_calls")) and m.get("weight", 1)
+                       for m in r["messages"]):
+                raise PocketError(f"{path}:{lineno}: no assistant reply (of weight 1), so nothing to learn")
             convs.append(r["messages"])
         if len(convs) == given:
             raise PocketError(f"{path} holds no conversations")
