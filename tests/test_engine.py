@@ -124,6 +124,25 @@ def test_stop_token_and_string(tiny_model, tokenizer):
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(needle)]
 
 
+def test_special_tokens_written_by_the_model_are_not_text(tiny_model, tokenizer):
+    """A model that goes on past its end of turn (ignore_eos, or a small model) wrote "<|assistant_end|>"
+    into replies as text, which a client then sends back as user text imitating a special token."""
+    from pocketgpt.engine import TextStream, TokenEvent, visible_text
+
+    special = tokenizer.special("<|assistant_end|>")
+    tokens = [*tokenizer.encode("yes"), special, *tokenizer.encode(" and"), special, special]
+    params = SamplingParams(max_tokens=20)
+    assert visible_text(tokenizer, tokens, params) == "yes and"
+    stream = TextStream(tokenizer, params)
+    pieces = [stream.push(TokenEvent(0, t, i == len(tokens) - 1, "length" if i == len(tokens) - 1 else None))
+              for i, t in enumerate(tokens)]
+    assert "".join(pieces) == "yes and"
+    # forced by a logit bias, the engine's reply holds the special token and its text does not
+    out = Engine(tiny_model, tokenizer).generate([tokenizer.encode("The")], SamplingParams(
+        max_tokens=4, temperature=0, logit_bias=((special, 100.0),)))[0]
+    assert out.tokens == [special] * 4 and out.text == ""
+
+
 def test_stream_concatenates_to_generate(tiny_model, tokenizer):
     engine = Engine(tiny_model, tokenizer)
     params = SamplingParams(max_tokens=15, temperature=0.8, seed=3)

@@ -691,20 +691,27 @@ class Engine:
 
 
 class TextStream:
-    """Turns token events into text pieces: never half a UTF-8 character, never the start of a stop string."""
+    """Turns token events into text pieces: never half a UTF-8 character, never the start of a stop string,
+    never a special token; nothing from `hide_from` (a token: the display of a turn whose tool call is run
+    instead of shown) on."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
-        self.tokenizer, self.params = tokenizer, params
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, hide_from: int | None = None):
+        self.tokenizer, self.params, self.hide_from = tokenizer, params, hide_from
         # A token's bytes by lookup, not through tiktoken's decode: that call releases the GIL, and a server's
         # event loop then waited for the engine's thread to hand it back, token after token (py-spy, 32
         # streaming clients: 118 of the loop thread's 426 samples in here, ~35 us a call against 0.4 us
         # alone; 16 samples with the lookup).
-        self.token_bytes = tokenizer.token_bytes()
+        self.token_bytes = tokenizer.visible_token_bytes
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.tokens: list[int] = []
         self.text, self.emitted = "", ""
+        self.hidden = False
 
     def push(self, ev: TokenEvent) -> str:
+        if self.hide_from is not None and ev.token == self.hide_from:
+            self.hidden = True
+        if self.hidden:
+            return ""
         if ev.token >= 0:
             self.tokens.append(ev.token)
         if ev.done and ev.finish_reason == "stop":
@@ -720,10 +727,12 @@ class TextStream:
 
 
 def visible_text(tokenizer: Tokenizer, tokens: list[int], params: SamplingParams) -> str:
-    """Decoded text without the stop token and without anything from the first stop string on."""
+    """Decoded text without the stop token, without special tokens (a model that goes on past its end of
+    turn writes them as text otherwise) and without anything from the first stop string on."""
     if tokens and tokens[-1] in params.stop_tokens:
         tokens = tokens[:-1]
-    text = tokenizer.decode(tokens)
+    specials = set(tokenizer.special_ids.values())
+    text = tokenizer.decode([t for t in tokens if t not in specials])
     for s in params.stop_strings:
         if s in text:
             text = text[:text.index(s)]

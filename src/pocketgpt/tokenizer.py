@@ -93,6 +93,13 @@ class Tokenizer(ABC):
         except KeyError:
             raise PocketError(f"unknown special token {name!r}; known: {sorted(self.special_ids)}") from None
 
+    @cached_property
+    def visible_token_bytes(self) -> list[bytes]:
+        """token_bytes with every special token's bytes empty: what a reply shows of it (vLLM's
+        skip_special_tokens), so that text sent back never imitates a special token."""
+        specials = set(self.special_ids.values())
+        return [b"" if i in specials else b for i, b in enumerate(self.token_bytes())]
+
     def byte_lengths(self) -> list[int]:
         """Bytes per id, 0 for specials: turns a loss in nats/token into bits/byte."""
         specials = set(self.special_ids.values())

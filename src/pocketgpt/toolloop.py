@@ -113,11 +113,12 @@ def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], par
     params = replace(params, n=1, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
     before_result, after_result = chat.tool_result_delimiters
     opener = chat.tool_call_markers[0]
-    opener_text = opener if isinstance(opener, str) else engine.tokenizer.decode([opener])
-    shown = replace(params, stop_strings=(*params.stop_strings, opener_text.strip()))
+    # a special token is no text to stop the display at (the reply's text leaves specials out): its id is
+    hide_from = opener if isinstance(opener, int) else None
+    shown = params if hide_from is not None else replace(params, stop_strings=(*params.stop_strings, opener.strip()))
     (seq,) = engine.submit(prompt, params, processors, keep=True)
     t = Transcript()
-    text = TextStream(engine.tokenizer, shown)
+    text = TextStream(engine.tokenizer, shown, hide_from)
     try:
         for _, ev in engine.run([seq]):
             piece = text.push(ev)
@@ -128,7 +129,7 @@ def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], par
                 _turn_ended(engine, chat, seq, t, tools, max_calls, before_result, after_result)
                 if len(t.calls) > calls:
                     yield t.calls[-1]
-                    text = TextStream(engine.tokenizer, shown)  # the next turn
+                    text = TextStream(engine.tokenizer, shown, hide_from)  # the next turn
     finally:
         engine.release(seq)
 
