@@ -27,13 +27,13 @@ if not (CHROMIUM and DRIVER):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, chat):
     run = tmp_path_factory.mktemp("page") / "run"
-    torch.manual_seed(0)
-    # a long context, so that a reply takes seconds to write and can be watched (and stopped) mid-way
-    model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192))
-    save_model(model, run / "sft", chat, {"stage": "sft"})
-    torch.manual_seed(1)  # a second model, for the arena tab's battles
-    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192)), run / "ppo", chat,
-               {"stage": "ppo"})
+    for seed, stage in ((0, "sft"), (1, "ppo")):  # a second model, for the arena tab's battles
+        torch.manual_seed(seed)
+        # a long context, so that a reply takes seconds to write and can be watched (and stopped) mid-way
+        model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192))
+        with torch.no_grad():  # a random model writes special tokens, which a reply's text leaves out: not these
+            model.lm_head.weight[list(chat.tokenizer.special_ids.values())] = 0
+        save_model(model, run / stage, chat, {"stage": stage})
     proc, url = start_server(run, "--arena-db", str(run / "votes.db"))
     driver = None
     try:  # whatever fails while setting up, the server and the browser do not outlive the test
@@ -129,6 +129,23 @@ def test_continue_a_reply_cut_short(page):
     stored = driver.execute_script("return JSON.parse(localStorage.getItem('pocketgpt.conversations'))[0].messages")
     assert len(stored) == 2 and stored[1]["content"].startswith(cut[1]["content"])
     assert stored[1]["usage"]["prompt_tokens"] > cut[1]["usage"]["prompt_tokens"]  # the reply so far was sent
+
+
+def test_a_max_tokens_setting_beyond_the_context_left_is_capped(page, chat):
+    """The page asked for its Max tokens setting whatever the prompt left of the context: a 128-token model
+    at the default 256, or a long conversation, failed every message ("max_tokens ... exceed the context")."""
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    set_value(driver, "max-tokens", "4096")
+    text = "many words " * 800
+    assert 4096 < len(chat.tokenizer.encode(text)) < 8192 - 64  # the 8,192-token context leaves < 4,096
+    set_value(driver, "input", text)
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: assistant_text(d) or d.find_elements(By.CSS_SELECTOR, ".msg.assistant .error"))
+    driver.execute_script("document.getElementById('stop').click()")
+    wait.until(lambda d: not sending(d))
+    assert not driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")
+    assert assistant_text(driver)
 
 
 def test_tokenizer_view(page, chat):

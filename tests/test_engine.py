@@ -102,6 +102,10 @@ def test_any_integer_seed_is_a_reproducible_stream(tiny_model, tokenizer):
         again = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=seed))
         assert [c.tokens for c in again] == [c.tokens for c in first]
     assert sample_seed(7, 1) == 7 * 1_000_003 + 1  # small seeds keep the streams they always had
+    # a CPU generator keeps a seed's low 32 bits: seeds apart by 2**32 drew the same samples
+    params = SamplingParams(max_tokens=8, temperature=1.0, n=2)
+    apart = [engine.generate(prompt, replace(params, seed=seed)) for seed in (42, 42 + 2 ** 32)]
+    assert [c.tokens for c in apart[0]] != [c.tokens for c in apart[1]]
 
 
 def test_an_engine_without_room_for_a_row_is_refused(tiny_model, tokenizer):

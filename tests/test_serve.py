@@ -2,6 +2,7 @@
 of ours and the imported SmolLM2. Then every validation rule: the right 4xx, in OpenAI's shape."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -314,9 +315,9 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "guided_choice": ["yes"], "response_format": {"type": "json_object"}},
      400, "guided_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": ""}, 400, "guided_regex"),
-    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9"}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9"}, 400, "guided_regex"),
     # a pattern no text matches: it answered "" with 200
-    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[^\\x00-\\U0010FFFF]"}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[^\\x00-\\U0010FFFF]"}, 400, "guided_regex"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[0-9]+", "guided_choice": ["1"]}, 400,
      "guided_regex"),
     ({"messages": [{"role": "user", "content": "x"}], "continue_final_message": True, "add_generation_prompt": False},
@@ -327,6 +328,18 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "max_tokens"),
+    # the field the request set, not max_tokens
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000}, 400, "max_completion_tokens"),
+    # an AttributeError, a 500
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": "f"}}, 400, "tool_choice"),
+    # constraints that do not compile name the field that asked for them (param null before)
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": {"type": "nonsense"}}, 400, "guided_json"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}]}, 400, "tools"),
+    # a tool call without a function's name: it was rendered as {"name": null}
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "tool_calls": [{"bogus": 1}]},
+                   {"role": "user", "content": "yo"}]}, 400, None),
     ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}] * 600}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
@@ -398,6 +411,64 @@ def test_malformed_json_unknown_model_and_bad_key(server):
     assert httpx.get(url + "/health").status_code == 200  # liveness needs no key
 
 
+def test_text_that_is_not_unicode_is_a_400(server):
+    """JSON's \\ud800 escape decodes to a lone surrogate, which no tokenizer takes: a 500 before."""
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for path, body, param in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}, "messages.0.content"),
+            ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+            ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "guided_choice": ["\ud800"]},
+             "guided_choice.0")):
+        r = httpx.post(url + path, content=json.dumps({"model": model, **body}), headers=auth, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+        assert "not Unicode text" in r.json()["error"]["message"]
+
+
+def test_requests_that_name_their_fields_wrongly_or_not_at_all(server):
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "x " * 10_000}, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text  # it said "messages"
+    r = httpx.post(url + "/v1/chat/completions", headers=auth, timeout=60)
+    assert r.status_code == 400 and "no body" in r.json()["error"]["message"], r.text  # "Field required"
+    r = httpx.post(url + "/tokenize", json={"model": model}, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text  # 200, no tokens
+    r = httpx.post(url + "/tokenize", json={"model": model, "prompt": "x" * 200_000}, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text  # no limit
+
+
+def test_streamed_completions_give_logprobs_and_usage_as_unstreamed_ones_do(server):
+    """`stream: true` on /v1/completions sent logprobs null and no usage; chat with tools, no logprobs."""
+    _, url, model, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 5, "logprobs": 2, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=60).json()
+    chunks = []
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True, "stream_options": {
+            "include_usage": True}}, headers=auth, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    expected = whole["choices"][0]["logprobs"]
+    assert [t for lp in streamed for t in lp["tokens"]] == expected["tokens"]
+    assert [t for lp in streamed for t in lp["token_logprobs"]] == pytest.approx(expected["token_logprobs"])
+    assert [t for lp in streamed for t in lp["text_offset"]] == expected["text_offset"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chat = {"model": model, "messages": [{"role": "user", "content": "Say hi"}], "tools": tools, "logprobs": True,
+            "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=chat, headers=auth, timeout=60) as r:
+        entries = [e for line in r.iter_lines() if line.startswith("data: {")
+                   for choice in json.loads(line[6:])["choices"] if choice["logprobs"]
+                   for e in choice["logprobs"]["content"]]
+    assert len(entries) >= 1
+
+
 def test_a_client_that_goes_away_frees_its_rows(server):
     _, url, model, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -407,15 +478,25 @@ def test_a_client_that_goes_away_frees_its_rows(server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
                 break  # hang up mid-stream
-    running = "?"
+    assert rows_freed(url, model)
+    # a client waiting for a whole reply that hangs up: it decoded on to max_tokens (SmolLM2: a minute), as
+    # tokens kept coming (the tiny model may finish its reply before the client gives up)
+    with contextlib.suppress(httpx.TimeoutException):
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "ignore_eos": True}, headers=auth,
+                   timeout=2)
+    assert rows_freed(url, model)
+
+
+def rows_freed(url: str, model: str) -> bool:
+    """Whether the server's running batch is empty within 10 s."""
     for _ in range(100):
         metrics = httpx.get(url + "/metrics").text
         running = next(line.split()[-1] for line in metrics.splitlines()
                        if line.startswith(f'pocketgpt_requests_running{{model="{model}"}}'))
         if running == "0":
-            break
+            return True
         time.sleep(0.1)
-    assert running == "0"
+    return False
 
 
 def fuzzed_bodies():

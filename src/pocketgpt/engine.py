@@ -20,6 +20,7 @@ receives each step's events from `step()`.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import itertools
 import queue
 import time
@@ -125,9 +126,14 @@ class Sequence:
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """The seed of one sample's random stream: a request's seed and the sample's index, apart for every
-    index, folded into the 63 bits a torch.Generator takes (an OpenAI client may send any integer)."""
-    return (seed * 1_000_003 + index) % 2 ** 63
+    """The seed of one sample's random stream, from a request's seed and the sample's index. A CPU
+    torch.Generator keeps only a seed's low 32 bits (seeds 42 and 42 + 2**32 drew the same samples), so a
+    value beyond them (an OpenAI client may send any integer) is hashed into them; small seeds keep the
+    streams they always had."""
+    value = seed * 1_000_003 + index
+    if 0 <= value < 2 ** 32:
+        return value
+    return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=4).digest(), "little")
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

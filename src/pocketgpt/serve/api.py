@@ -163,6 +163,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         # best what is wrong ([[1, "a"]] as a prompt: "prompt.0.1: not an integer", not "prompt: not a string")
         first = max(errors, key=lambda error: len(field_path(error.get("loc", []))))
         loc = field_path(first.get("loc", []))
+        if not loc and first.get("type") == "missing":  # no body at all: "Field required", naming nothing
+            return JSONResponse(APIError(400, "the request has no body: send a JSON object").body(), status_code=400)
         what = first.get("msg", "invalid")
         return JSONResponse(APIError(400, f"{'.'.join(loc) + ': ' if loc else ''}{what}",
                                      ".".join(loc) or None).body(), status_code=400)
@@ -189,17 +191,20 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             raise APIError(503, "the server is busy: too many requests are waiting; retry shortly",
                            headers={"Retry-After": "1"})
 
-    def budget(worker: ModelWorker, prompt: list[int], asked: int | None) -> int:
+    def budget(worker: ModelWorker, prompt: list[int], asked: int | None, prompt_field: str = "messages",
+               tokens_field: str = "max_tokens") -> int:
+        """The tokens a reply may have; errors name the request's fields (`tokens_field`:
+        max_completion_tokens when that is what the request set)."""
         context = worker.model.cfg.max_seq_len
         room = context - len(prompt)
         if room <= 0:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context}",
-                           "messages", code="context_length_exceeded")
+                           prompt_field, code="context_length_exceeded")
         if asked is not None and asked > limits.max_tokens:
-            raise APIError(400, f"max_tokens must be at most {limits.max_tokens}", "max_tokens")
+            raise APIError(400, f"{tokens_field} must be at most {limits.max_tokens}", tokens_field)
         if asked is not None and asked > room:
-            raise APIError(400, f"max_tokens {asked} + the prompt's {len(prompt)} tokens exceed the context "
-                                f"of {context}", "max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{tokens_field} {asked} + the prompt's {len(prompt)} tokens exceed the context "
+                                f"of {context}", tokens_field, code="context_length_exceeded")
         return min(asked or limits.max_tokens, room)
 
     # ------------------------------------------------------------------ the small endpoints
@@ -277,11 +282,18 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         w = worker_for(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either a prompt or messages to tokenize", "prompt")
         if req.messages is not None:
-            msgs = ChatCompletionRequest(model=req.model, messages=req.messages).plain_messages()
+            chat_request = ChatCompletionRequest(model=req.model, messages=req.messages)
+            chat_request.check(limits)  # the same limits as a chat request's
+            msgs = chat_request.plain_messages()
             ids = w.chat.prompt(msgs) if req.add_generation_prompt else w.chat.render(msgs)[0]
         else:
-            ids = w.chat.tokenizer.encode(req.prompt or "")
+            if len(req.prompt) > limits.max_total_chars:
+                raise APIError(400, f"the prompt has {len(req.prompt)} characters; at most {limits.max_total_chars}",
+                               "prompt")
+            ids = w.chat.tokenizer.encode(req.prompt)
         tok = w.chat.tokenizer
         return {"tokens": ids, "count": len(ids), "max_model_len": w.model.cfg.max_seq_len,
                 "token_strs": [tok.token_bytes()[i].decode("utf-8", errors="replace") for i in ids],
@@ -310,14 +322,19 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     # ------------------------------------------------------------------ generation
 
     async def collect(request: Request, seqs, events) -> None:
-        """Wait until every sequence is done; a client that goes away cancels them."""
+        """Wait until every sequence is done; a client that goes away cancels them (looked at twice a second,
+        whether tokens are coming or not: while they came, a client that had hung up was never noticed)."""
+        looked = time.monotonic()
         try:
             while not all(s.done for s in seqs):
                 try:
                     await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - looked >= 0.5:
+                    looked = time.monotonic()
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                        raise asyncio.CancelledError
         finally:
             for s in seqs:
                 if not s.done:
@@ -360,26 +377,36 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
 
     def processor_factory(w: ModelWorker, req: ChatCompletionRequest):
         """The constraint a `constrained` request asks for, compiled once per schema (llguidance), one
-        processor per sample."""
-        if req.forced_tool is not None:
-            return tool_constraint(w, [t for t in req.tools if req.forced_tool in ("*", t.function.name)]).processor
-        if req.guided_choice is not None:
-            return w.constraints.choice(req.guided_choice).processor
-        if req.guided_regex is not None:
-            return w.constraints.regex(req.guided_regex).processor
-        if req.guided_json is not None:
-            return w.constraints.json_schema(req.guided_schema()).processor
+        processor per sample; one that does not compile is a 400 naming the field that asked for it."""
         fmt = req.response_format
-        if fmt.type == "json_object":
-            return w.constraints.json_object().processor
-        return w.constraints.json_schema(fmt.json_schema.schema_).processor
+        if req.forced_tool is not None:
+            chosen = [t for t in req.tools if req.forced_tool in ("*", t.function.name)]
+            field, build = "tools", lambda: tool_constraint(w, chosen)
+        elif req.guided_choice is not None:
+            field, build = "guided_choice", lambda: w.constraints.choice(req.guided_choice)
+        elif req.guided_regex is not None:
+            field, build = "guided_regex", lambda: w.constraints.regex(req.guided_regex)
+        elif req.guided_json is not None:
+            field, build = "guided_json", lambda: w.constraints.json_schema(req.guided_schema())
+        elif fmt.type == "json_object":
+            field, build = "response_format", w.constraints.json_object
+        else:
+            field, build = "response_format", lambda: w.constraints.json_schema(fmt.json_schema.schema_)
+        return compiled(field, build).processor
+
+    def compiled(field: str, build):
+        try:
+            return build()
+        except PocketError as e:
+            raise APIError(400, str(e), field) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         w = worker_for(req.model)
         req.check(limits)
         prompt = w.chat.prompt(req.plain_messages(), req.continue_final_message)
-        max_tokens = budget(w, prompt, req.token_limit)
+        max_tokens = budget(w, prompt, req.token_limit,
+                            tokens_field="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         k = (req.top_logprobs or 0) if req.logprobs else None
         use_tools = bool(req.tools) and req.tool_choice != "none"
         opener = w.chat.tool_call_token
@@ -392,7 +419,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         # llguidance builds off the event loop; a request without a constraint skips the hop to a thread
         factory = await asyncio.to_thread(processor_factory, w, req) if constrained(req) else None
         if req.tools and req.forced_tool is None:  # tools on offer, no call forced: their schemas are checked all the same
-            await asyncio.to_thread(tool_constraint, w, req.tools)
+            await asyncio.to_thread(compiled, "tools", lambda: tool_constraint(w, req.tools))
         admit(w, req.n)
         seqs, events = w.submit(prompt, params, factory)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
@@ -452,7 +479,9 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                                 delta = ({"content": found[0] or None,
                                           "tool_calls": [{**c, "index": 0} for c in found[1]]}
                                          if found else {"content": text})
-                                yield chunk(seq.index, delta, finish(seq, found))
+                                lp = ({"content": logprob_entries(w, seq, content_tokens(w, seq))}
+                                      if k is not None else None)
+                                yield chunk(seq.index, delta, finish(seq, found), lp)
                             continue
                         lp = token_logprobs(seq, evs)
                         if piece or lp:
@@ -483,7 +512,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                 raise APIError(400, "prompt token ids out of range", "prompt")
         if not prompt:
             raise APIError(400, "the prompt is empty", "prompt")
-        max_tokens = budget(w, prompt, req.max_tokens)
+        max_tokens = budget(w, prompt, req.max_tokens, prompt_field="prompt")
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                 n=req.n, seed=req.seed, stop_tokens=() if req.ignore_eos else w.chat.document_stops,
                                 stop_strings=req.stops(), logprobs=req.logprobs,
@@ -492,16 +521,21 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
         admit(w, req.n)
         seqs, events = w.submit(prompt, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", now()
+        offsets = {s.index: 0 for s in seqs}  # characters of each sample's logprob tokens streamed so far
 
-        def logprobs_of(seq, tokens):
+        def legacy_logprobs(tokens: list[int], logprobs: list[float], tops: list, offset: int = 0) -> dict | None:
+            """The completions endpoint's logprobs shape; `offset`: characters of the text before these tokens."""
             if req.logprobs is None:
                 return None
             table = w.chat.tokenizer.token_bytes()
             strs = [table[t].decode("utf-8", errors="replace") for t in tokens]
-            return {"tokens": strs, "token_logprobs": seq.logprobs[:len(tokens)],
-                    "top_logprobs": [{table[a].decode("utf-8", errors="replace"): v for a, v in top}
-                                     for top in seq.top_logprobs[:len(tokens)]],
-                    "text_offset": [sum(len(x) for x in strs[:i]) for i in range(len(strs))]}
+            starts = [offset + sum(len(x) for x in strs[:i]) for i in range(len(strs))]
+            return {"tokens": strs, "token_logprobs": logprobs,
+                    "top_logprobs": [{table[a].decode("utf-8", errors="replace"): v for a, v in top or []}
+                                     for top in tops], "text_offset": starts}
+
+        def logprobs_of(seq, tokens):
+            return legacy_logprobs(tokens, seq.logprobs[:len(tokens)], seq.top_logprobs[:len(tokens)])
 
         if not req.stream:
             await collect(request, seqs, events)
@@ -510,6 +544,16 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                                  "logprobs": logprobs_of(s, content_tokens(w, s)), "finish_reason": s.finish_reason}
                                 for s in seqs],
                     "usage": usage_of(prompt, seqs)}
+
+        def streamed_logprobs(seq, evs) -> dict | None:
+            """The chunk's logprobs: its sampled tokens (a stop token is not text), offset by what came before."""
+            kept = [ev for ev in evs if ev.token >= 0 and not (
+                ev.done and seq.finish_reason == "stop" and ev.token in params.stop_tokens)]
+            lp = legacy_logprobs([ev.token for ev in kept], [ev.logprob for ev in kept], [ev.top for ev in kept],
+                                 offsets[seq.index])
+            if lp is not None:
+                offsets[seq.index] += sum(map(len, lp["tokens"]))
+            return lp
 
         async def stream():
             streams = {s.index: TextStream(w.chat.tokenizer, params) for s in seqs}
@@ -520,11 +564,15 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                         done = evs[-1].done
                         finished += done
                         piece = "".join(streams[seq.index].push(ev) for ev in evs)
-                        if piece or done:
+                        lp = streamed_logprobs(seq, evs)
+                        if piece or done or (lp and lp["tokens"]):
                             yield sse({"id": rid, "object": "text_completion", "created": created,
                                        "model": req.model,
-                                       "choices": [{"index": seq.index, "text": piece, "logprobs": None,
+                                       "choices": [{"index": seq.index, "text": piece, "logprobs": lp,
                                                     "finish_reason": seq.finish_reason if done else None}]})
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                               "choices": [], "usage": usage_of(prompt, seqs)})
                 yield sse("[DONE]")
             finally:
                 for s in seqs:

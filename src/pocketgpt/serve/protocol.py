@@ -13,10 +13,11 @@ this one does not implement (`UNSUPPORTED`) is refused with a 400 naming it, rat
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class APIError(Exception):
@@ -61,6 +62,37 @@ class Open(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+# JSON's "\ud800" escapes decode to a lone surrogate, which no tokenizer takes ("TextInputSequence must be str")
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_at(value, path: tuple = ()) -> tuple | None:
+    """Where in a request body a string holds a lone surrogate (a path of keys and indices), or None."""
+    if isinstance(value, str):
+        return path if SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = surrogate_at(key, (*path, key)) if isinstance(key, str) else None
+        found = found or surrogate_at(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+class Body(Open):
+    """A whole request body: its text must be Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def unicode_only(cls, data):
+        path = surrogate_at(data)
+        if path is not None:
+            param = ".".join(map(str, path)) or None
+            raise APIError(400, f"{param or 'the body'}: not Unicode text (a lone surrogate, as JSON's \\ud800 "
+                           "escape gives)", param)
+        return data
+
+
 class FunctionDef(Open):
     name: str
     description: str | None = None
@@ -95,7 +127,7 @@ class Message(Open):
     tool_call_id: str | None = None
 
 
-class SamplingFields(Open):
+class SamplingFields(Body):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -189,7 +221,11 @@ class ChatCompletionRequest(SamplingFields):
             if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
                 raise APIError(400, "tool_choice is none, auto, required or a named function", "tool_choice")
             if isinstance(self.tool_choice, dict):
-                name = (self.tool_choice.get("function") or {}).get("name")
+                function = self.tool_choice.get("function")
+                name = function.get("name") if isinstance(function, dict) else None
+                if not isinstance(name, str):  # {"function": "f"} was an AttributeError, a 500
+                    raise APIError(400, 'a named tool_choice is {"type": "function", "function": {"name": "..."}}',
+                                   "tool_choice")
                 if name not in {t.function.name for t in self.tools}:
                     raise APIError(400, f"tool_choice names a tool that is not given: {name!r}", "tool_choice")
         if self.continue_final_message:
@@ -305,19 +341,19 @@ class CompletionRequest(SamplingFields):
         return self.prompt
 
 
-class TokenizeRequest(Open):
+class TokenizeRequest(Body):
     model: str
     prompt: str | None = None
     messages: list[Message] | None = None
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(Open):
+class DetokenizeRequest(Body):
     model: str
     tokens: list[int]
 
 
-class VoteRequest(Open):
+class VoteRequest(Body):
     """A vote cast in the chat page's arena tab."""
     model_a: str
     model_b: str

@@ -8,6 +8,7 @@ const SETTINGS = ["model", "system", "temperature", "top-p", "max-tokens", "api-
 let conversations = JSON.parse(localStorage.getItem(STORE) || "[]");
 let current = null; // the open conversation
 let controller = null; // aborts the streaming request (Stop)
+const contexts = {}; // model id -> its context in tokens (max_model_len)
 
 // ------------------------------------------------------------------ storage and settings
 
@@ -130,6 +131,7 @@ async function complete(continued = false) {
   const messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value.trim() });
   for (const m of current.messages) {
+    if (m.role === "assistant" && m.error && !m.content && !m.tool_calls) continue; // a reply that failed: no turn
     const out = { role: m.role, content: m.content || "" };
     if (m.tool_calls) out.tool_calls = m.tool_calls;
     messages.push(out);
@@ -137,7 +139,7 @@ async function complete(continued = false) {
   const body = {
     model: $("model").value, messages, stream: true, stream_options: { include_usage: true },
     temperature: parseFloat($("temperature").value), top_p: parseFloat($("top-p").value),
-    max_tokens: parseInt($("max-tokens").value, 10),
+    max_tokens: await replyRoom($("model").value, messages, !continued),
   };
   if ($("json-mode").checked) {
     try {
@@ -225,6 +227,19 @@ function newConversation() {
   save(); renderList(); renderMessages();
 }
 
+// Max tokens is what a reply may take at most: the context left after the prompt caps it (a setting of 256 on a
+// 128-token model failed every message). A prompt too long on its own is the server's to say.
+async function replyRoom(model, messages, addGenerationPrompt = true) {
+  const wanted = parseInt($("max-tokens").value, 10) || 256;
+  const context = contexts[model];
+  if (!context || !messages.length) return wanted;
+  const resp = await fetch("/tokenize", { method: "POST", headers: headers(),
+    body: JSON.stringify({ model, messages, add_generation_prompt: addGenerationPrompt }) });
+  if (!resp.ok) return wanted;
+  const room = context - (await resp.json()).count;
+  return room > 0 ? Math.min(wanted, room) : wanted;
+}
+
 // ------------------------------------------------------------------ tokenizer view (as Tiktokenizer shows it)
 
 const COLORS = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1e6", "#e8e8e4", "#f0efeb", "#cddafd", "#fad2e1"];
@@ -245,8 +260,8 @@ async function tokenizeNow() {
 let battle = null; // {a, b, prompt, answers: {a, b}} while a vote is open
 
 async function arenaAsk(model, prompt) {
-  const body = { model, messages: [{ role: "user", content: prompt }], max_tokens: Number($("max-tokens").value) || 256,
-                 temperature: Number($("temperature").value) };
+  const messages = [{ role: "user", content: prompt }];
+  const body = { model, messages, max_tokens: await replyRoom(model, messages), temperature: Number($("temperature").value) };
   const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   const out = await resp.json();
   if (!resp.ok) throw new Error(out.error ? out.error.message : resp.statusText);
@@ -303,6 +318,7 @@ async function arenaBoard() {
 async function loadModels() {
   const resp = await fetch("/v1/models", { headers: headers() });
   const models = resp.ok ? (await resp.json()).data : [];
+  for (const m of models) contexts[m.id] = m.max_model_len;
   $("status").textContent = resp.status === 401 ? "This server needs an API key: enter it in Settings." :
     resp.ok ? "" : `Cannot list the models: ${resp.status} ${resp.statusText}`;
   const wanted = JSON.parse(localStorage.getItem("pocketgpt.settings") || "{}").model;
