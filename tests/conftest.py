@@ -98,7 +98,7 @@ class ScriptedLM:
     also run against both real backends (test_strategies.py)."""
 
     def __new__(cls, reply):
-        from pocketgpt.reason.lm import LM, Usage
+        from pocketgpt.reason.lm import LM, Refused, Usage
 
         class _Scripted(LM):
             def __init__(self):
@@ -108,6 +108,15 @@ class ScriptedLM:
                 self.requests += requests
                 self.usage.add(0, 0, calls=len(requests))
                 return [reply(r.messages, r) for r in requests]
+
+            def chat_each(self, requests):  # a reply that raises Refused refuses its request alone
+                out = []
+                for r in requests:
+                    try:
+                        out.append(self.chat_batch([r])[0])
+                    except Refused:
+                        out.append([])
+                return out
 
             def complete_batch(self, prompts, **options):
                 return [reply([{"role": "user", "content": p}], None)[0] for p in prompts]

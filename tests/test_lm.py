@@ -54,16 +54,35 @@ def test_batch_keeps_request_order(lm):
 
 
 def test_a_request_that_outgrows_the_context_is_refused_alone(lm):
-    """Both backends refuse a conversation longer than the context as `Refused`; `ask_each` gives it no
-    generations and the rest of the batch their replies (a strategy's own long prompt ended the evaluation)."""
-    from pocketgpt.reason.lm import Refused, ask_each
+    """Both backends refuse a conversation longer than the context as `Refused`; `chat_each` gives it no
+    generations and the rest of the batch their replies (a strategy's own long prompt ended the evaluation),
+    each asked and counted once (through a server, the batch was sent again one by one: twice the calls)."""
+    from pocketgpt.reason.lm import Refused
 
     long = Request([{"role": "user", "content": "word " * 3000}], max_tokens=4)
     short = Request(HELLO, max_tokens=4)
     with pytest.raises(Refused):
         lm.chat_batch([short, long])
-    replies = ask_each(lm, [short, long, short])
+    before = lm.usage.calls
+    replies = lm.chat_each([short, long, short])
+    assert lm.usage.calls == before + 2
     assert replies[1] == [] and replies[0][0].text == replies[2][0].text == lm.chat(HELLO, max_tokens=4)[0].text
+
+
+def test_a_reply_gets_what_the_context_leaves(lm):
+    """A strategy asks for 256 tokens whatever the model: the local model fitted that to its context, and a
+    server answered 400 (`max_tokens 256 + the prompt's 12 tokens exceed the context of 128`)."""
+    gens = lm.chat([{"role": "user", "content": "word " * 100}], max_tokens=1024, temperature=0)  # the context
+    assert gens and gens[0].completion_tokens >= 1
+
+
+def test_a_requests_samples_do_not_depend_on_its_place_in_the_batch(lm):
+    """Locally, a seeded request drew other samples as the second request of a batch than alone (the seed
+    followed the batch position); a server's do not, and results then differed between the two backends."""
+    a = Request([{"role": "user", "content": "Question one"}], n=2, temperature=1.0, max_tokens=8, seed=7)
+    b = Request(HELLO, n=2, temperature=1.0, max_tokens=8, seed=7)
+    alone = [g.text for g in lm.chat_batch([b])[0]]
+    assert [g.text for g in lm.chat_batch([a, b])[1]] == alone
 
 
 def test_json_schema_is_held(lm):
@@ -140,3 +159,15 @@ def test_a_server_that_is_not_there_is_one_error():
     silent = LM.openai("http://127.0.0.1:9/v1", model="sft")  # named: the first request finds out
     with pytest.raises(PocketError, match="the server stopped answering"):
         silent.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_a_refused_batch_leaves_nothing_decoding(run):
+    """The local model queued a batch's requests one by one and was refused at a later one: the earlier ones
+    went on decoding in the engine for nobody, slowing every later request."""
+    from pocketgpt.reason.lm import Refused
+
+    lm = LM.load(run, device="cpu")
+    short = Request(HELLO, n=4, max_tokens=50)
+    with pytest.raises(Refused):
+        lm.chat_batch([short, short, Request([{"role": "user", "content": "word " * 3000}])])
+    assert not lm.engine.busy

@@ -82,21 +82,8 @@ class Refused(PocketError):
     where the model itself is fine: a strategy may count that question unanswered and go on."""
 
 
-def ask_each(lm: LM, requests: list[Request]) -> list[list[Generation]]:
-    """lm.chat_batch, where a request the model refuses gets no generations ([]) instead of failing the whole
-    batch: a strategy's own prompts (a self-check that quotes a long reply, a conversation grown by tool
-    results) outgrow the context on some questions, and those questions go unanswered."""
-    try:
-        return lm.chat_batch(requests)
-    except Refused:
-        pass
-    out = []
-    for r in requests:
-        try:
-            out.append(lm.chat_batch([r])[0])
-        except Refused:
-            out.append([])
-    return out
+class ReplyTooLong(Refused):
+    """A server's 400 for a reply's max_tokens beyond what its context leaves after the prompt."""
 
 
 class LM(ABC):
@@ -107,7 +94,13 @@ class LM(ABC):
 
     @abstractmethod
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
-        """Each request's n generations, in request order."""
+        """Each request's n generations, in request order; a request the model refuses fails the batch."""
+
+    @abstractmethod
+    def chat_each(self, requests: list[Request]) -> list[list[Generation]]:
+        """chat_batch, where a request the model refuses (`Refused`) gets no generations ([]) and the others
+        theirs: a strategy's own prompts (a self-check that quotes a long reply, a conversation grown by tool
+        results) outgrow the context on some questions, and those questions go unanswered."""
 
     @abstractmethod
     def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
@@ -170,27 +163,45 @@ class LocalLM(LM):
         return self._constraints.json_schema(r.json_schema).processor
 
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        return self._chat(requests, refuse=True)
+
+    def chat_each(self, requests: list[Request]) -> list[list[Generation]]:
+        return self._chat(requests, refuse=False)
+
+    def _chat(self, requests: list[Request], refuse: bool) -> list[list[Generation]]:
+        """One running batch of every request the model can take. All are checked before any is queued (a
+        request refused after others were queued left those decoding for nobody), and a request's samples
+        draw from its seed alone, whatever its place in the batch, as a server's do."""
         from ..engine import SamplingParams
 
         chat, context = self.chat_template, self.model.cfg.max_seq_len
-        submitted = []
+        planned = []
         for i, r in enumerate(requests):
             if not r.messages:
                 raise PocketError(f"request {i} has no messages")
             prompt = chat.prompt(r.messages, r.continue_final)
             if len(prompt) >= context:
-                raise Refused(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
+                if refuse:
+                    raise Refused(f"request {i}: the prompt has {len(prompt)} tokens; the context is {context}")
+                planned.append(None)
+                continue
             # No tools offered: the model may not call one (a tool-trained model otherwise would).
             opener = chat.tool_call_token
             params = SamplingParams(max_tokens=min(r.max_tokens, context - len(prompt)), temperature=r.temperature,
                                     n=r.n, seed=r.seed, stop_tokens=chat.stop_ids, stop_strings=r.stop,
                                     banned_tokens=(opener,) if not r.tools and opener is not None else ())
-            seqs = self.engine.submit(prompt, params, prompt_index=i, processor_factory=self._processor_factory(r))
-            submitted.append((prompt, params, seqs))
-        for _ in self.engine.run([s for _, _, seqs in submitted for s in seqs]):
+            planned.append((prompt, params, self.engine.sequences(prompt, params,
+                                                                  processor_factory=self._processor_factory(r))))
+        running = [s for plan in planned if plan is not None for s in plan[2]]
+        self.engine.enqueue(running)
+        for _ in self.engine.run(running):
             pass
         out = []
-        for r, (prompt, params, seqs) in zip(requests, submitted):
+        for r, plan in zip(requests, planned):
+            if plan is None:
+                out.append([])
+                continue
+            prompt, params, seqs = plan
             gens = [self._generation(s, params, bool(r.tools)) for s in seqs]
             self.usage.add(len(prompt), sum(g.completion_tokens for g in gens))
             out.append(gens)
@@ -256,9 +267,12 @@ class OpenAILM(LM):
         try:
             resp = endpoint(**request)
         except openai.BadRequestError as e:
-            raise Refused(f"{self.name} refused a request: {e.message}") from None
+            too_long = e.code == "context_length_exceeded" and e.param in ("max_tokens", "max_completion_tokens")
+            raise (ReplyTooLong if too_long else Refused)(f"{self.name} refused a request: {e.message}") from None
         except openai.APIConnectionError as e:
             raise PocketError(f"{self.name}: the server stopped answering ({e})") from None
+        except openai.APIStatusError as e:  # no such model, a wrong key, a server still busy after retries
+            raise PocketError(f"{self.name}: {e.status_code} {e.message}") from None
         usage = resp.usage
         self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
         return resp
@@ -277,18 +291,51 @@ class OpenAILM(LM):
             extra.update(continue_final_message=True, add_generation_prompt=False)
         if any(v is not None for v in extra.values()):
             kwargs["extra_body"] = {k: v for k, v in extra.items() if v is not None}
-        resp = self._send(self.client.chat.completions.create, model=self.model, messages=r.messages, n=r.n,
-                          temperature=r.temperature, max_tokens=r.max_tokens, stop=list(r.stop) or None,
-                          seed=r.seed, **kwargs)
+        request = dict(model=self.model, messages=r.messages, n=r.n, temperature=r.temperature,
+                       max_tokens=r.max_tokens, stop=list(r.stop) or None, seed=r.seed, **kwargs)
+        try:
+            resp = self._send(self.client.chat.completions.create, **request)
+        except ReplyTooLong:
+            # as the local model does, a reply gets what the context leaves after the prompt (a strategy asks
+            # for 256 tokens whatever the model): the server's /tokenize tells it, where it has one
+            room = self._room(r)
+            if room is None or room < 1:
+                raise
+            resp = self._send(self.client.chat.completions.create, **{**request, "max_tokens": min(r.max_tokens, room)})
         choices = sorted(resp.choices, key=lambda c: c.index)
         usage = resp.usage
         per_choice = (usage.completion_tokens // max(1, len(choices))) if usage else 0
         return [Generation(c.message.content or "", c.finish_reason or "stop", per_choice, _calls(c.message))
                 for c in choices]
 
+    def _room(self, r: Request) -> int | None:
+        """What the server's context leaves a reply after r's prompt, by its /tokenize (ours and vLLM's give the
+        prompt's count and the context, max_model_len); None from a server that has none."""
+        import httpx
+
+        root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
+        try:
+            resp = httpx.post(root + "/tokenize", json={"model": self.model, "messages": r.messages,
+                                                        "add_generation_prompt": not r.continue_final},
+                              headers={"Authorization": f"Bearer {self.client.api_key}"}, timeout=60)
+            counted = resp.json()
+            return int(counted["max_model_len"]) - int(counted["count"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self._one, requests))
+
+    def chat_each(self, requests: list[Request]) -> list[list[Generation]]:
+        def one(r: Request) -> list[Generation]:
+            try:
+                return self._one(r)
+            except Refused:  # this request alone: the others are answered (and counted) once
+                return []
+
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, requests))
 
     def complete_batch(self, prompts: list[str], max_tokens: int = 64, temperature: float = 0.0,
                        stop: tuple[str, ...] = (), seed: int | None = None) -> list[Generation]:

@@ -27,7 +27,7 @@ from ..data.tasks import Example, Task
 from ..data.tasks.prompts import chat_messages
 from ..toolloop import run_tool
 from ..tools import clip
-from .lm import LM, Request, ask_each, tool_call_messages
+from .lm import LM, Request, tool_call_messages
 from .vote import Answer, vote
 
 Tool = Callable[..., str]
@@ -63,7 +63,7 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
     for step in range(max_steps + 1):  # max_steps actions, then one last turn to answer
         if not active:
             break
-        replies = ask_each(lm, [Request(conversations[i], max_tokens=max_tokens, tools=specs,
+        replies = lm.chat_each([Request(conversations[i], max_tokens=max_tokens, tools=specs,
                                     temperature=temperature if sampled else 0.0,
                                     seed=seed + step * len(examples) + i if sampled else None) for i in active])
         still = []
@@ -86,7 +86,7 @@ def _trajectories(lm: LM, task: Task, examples: list[Example], tools: dict[str, 
         cot = "cot" if "cot" in task.styles else "direct"
         requests = [Request(chat_messages(task, examples[i], 0, cot), n=fallback_k, temperature=temperature,
                             max_tokens=256, seed=seed + i) for i in unanswered]
-        for i, gens in zip(unanswered, lm.chat_batch(requests)):
+        for i, gens in zip(unanswered, lm.chat_each(requests)):  # a question too long even so: no answer
             answers[i] = vote([g.text for g in gens], [*traces[i], {"fallback": "self_consistency"}],
                               partial(task.answer_key, examples[i]))
     for i, answer in answers.items():  # where the trajectory went wrong, beside whether its answer is right

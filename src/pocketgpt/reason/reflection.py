@@ -16,7 +16,7 @@ from functools import partial
 from ..data.tasks import Example, Task
 from ..data.tasks.base import check_prompt
 from ..data.tasks.prompts import chat_messages
-from .lm import LM, Request, ask_each
+from .lm import LM, Request
 from .vote import Answer, vote
 
 
@@ -41,8 +41,8 @@ def reflection(lm: LM, task: Task, examples: list[Example], rounds: int = 2, sho
                             seed=None if temp == 0 else seed + 1000 * r + i) for i in pending]
         # A reply or a check the model cannot take (the check quotes the reply: it may outgrow the context) is
         # empty: a check that did not fit accepts nothing, and the question goes to the next round or the vote.
-        replies = [gens[0].text if gens else "" for gens in ask_each(lm, requests)]
-        checks = ask_each(lm, [Request([{"role": "user", "content": check_prompt(examples[i].question, text)}],
+        replies = [gens[0].text if gens else "" for gens in lm.chat_each(requests)]
+        checks = lm.chat_each([Request([{"role": "user", "content": check_prompt(examples[i].question, text)}],
                                        max_tokens=4) for i, text in zip(pending, replies)])
         still = []
         for i, text, verdict in zip(pending, replies, checks):

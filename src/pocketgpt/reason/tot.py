@@ -47,7 +47,7 @@ from ..data.tasks.game24 import (
     value_prompt,
 )
 from ..data.tasks.prompts import demos
-from .lm import LM, Request, ask_each
+from .lm import LM, Request
 from .vote import Answer
 
 MOVES = 3  # four numbers, three moves
@@ -170,12 +170,12 @@ class Searcher:
         temperature = self.temperature if sampled else 0.0
         if self.arithmetic == "calculator":
             while todo := [d for d in drafts if d.writing()]:
-                for d, gens in zip(todo, ask_each(self.lm, [d.request(temperature) for d in todo])):
+                for d, gens in zip(todo, self.lm.chat_each([d.request(temperature) for d in todo])):
                     d.advance(gens[0].text if gens else "")  # nothing, where it outgrew the context: the list ends
         else:
             requests = [Request(d.messages, temperature=temperature, seed=d.seed, max_tokens=self.max_tokens)
                         for d in drafts]
-            for d, gens in zip(drafts, ask_each(self.lm, requests) if requests else []):
+            for d, gens in zip(drafts, self.lm.chat_each(requests) if requests else []):
                 d.lines = [line for line, _ in parse_proposals(gens[0].text, d.state, self.arithmetic)] if gens else []
         out = []
         for i, node in enumerate(nodes):
@@ -194,7 +194,7 @@ class Searcher:
                                self.seed + i * self.value_samples + k)
                      for i, s in enumerate(new) for k in range(self.value_samples)]
             while todo := [v for v in votes if v.weight is None]:
-                for v, gens in zip(todo, ask_each(self.lm, [v.request(self.temperature) for v in todo])):
+                for v, gens in zip(todo, self.lm.chat_each([v.request(self.temperature) for v in todo])):
                     v.advance(gens[0].text if gens else "")  # nothing: no verdict, the least weight
             for i, s in enumerate(new):
                 self.values[s] = sum(v.weight for v in votes[i * self.value_samples:(i + 1) * self.value_samples])
@@ -203,7 +203,7 @@ class Searcher:
                                 n=self.value_samples,
                                 temperature=self.temperature, max_tokens=48, seed=self.seed + i)
                         for i, s in enumerate(new)]
-            for s, gens in zip(new, ask_each(self.lm, requests)):
+            for s, gens in zip(new, self.lm.chat_each(requests)):
                 self.values[s] = sum(parse_value(g.text) for g in gens)
         return [Node(n.state, n.lines, self.values[n.state]) for n in nodes]
 
