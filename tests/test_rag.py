@@ -40,6 +40,16 @@ def test_chunks_are_overlapping_token_windows_of_the_text(embedder):
     assert chunks[1].text.split()[:2] != chunks[0].text.split()[:2] and tail_of_first[-1] in chunks[1].text
     with pytest.raises(PocketError, match="must exceed the overlap"):
         embedder.chunks("doc", text, size=10, overlap=10)
+    # MiniLM embeds a chunk's first 254 tokens: a fact beyond them could never be found
+    with pytest.raises(PocketError, match="chunk size 1000 is above the 254 tokens the embedder reads"):
+        embedder.chunks("doc", text, size=1000, overlap=10)
+
+
+def test_a_document_with_unicode_line_separators_indexes_and_loads(tmp_path, embedder):
+    """U+2028 and U+0085 in a chunk's text split chunks.jsonl's lines when it was read back: every later
+    `rag ask` and rebuild failed with a JSONDecodeError traceback."""
+    index, _ = build_index({"a.txt": "first\u2028second\u0085third line"}, tmp_path / "i", embedder=embedder)
+    assert load_index(tmp_path / "i").chunks[0].text == "first\u2028second\u0085third line"
 
 
 @pytest.mark.parametrize("retriever", ["bm25", "dense", "hybrid"])

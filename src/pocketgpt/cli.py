@@ -279,7 +279,7 @@ def cmd_rag(args) -> None:
     for h in answer.hits:
         console.print(f"[{h.chunk.id}] {h.chunk.text[:160]}", style="dim", markup=False, highlight=False)
     console.print(answer.text, markup=False)
-    console.print(f"cites: {', '.join(answer.cited)}")
+    console.print(f"cites: {', '.join(answer.cited)}" if answer.cited else "cites no passage")
 
 
 def cmd_report(args) -> None:

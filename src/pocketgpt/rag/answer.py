@@ -34,7 +34,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
 @dataclass
 class RAGAnswer:
     text: str
-    cited: list[str]  # the chunk ids the answer names ([id] marks) or quotes, else every passage shown
+    cited: list[str]  # the chunk ids the answer names ([id] marks) or quotes; none if it does neither
     hits: list[Hit]
 
 
@@ -64,4 +64,4 @@ def ask(lm: LM, index: Index, question: str, k: int = 3, retriever: str = "hybri
         named = [h.chunk.id for h in hits if text in sentences(h.chunk.text)]
     else:
         named = [cid for cid in re.findall(r"\[([^\]]+)\]", text) if cid in shown]
-    return RAGAnswer(text, named or shown, hits)
+    return RAGAnswer(text, named, hits)

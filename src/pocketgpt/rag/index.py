@@ -77,6 +77,9 @@ class Embedder:
         """Windows of `size` tokens, `overlap` shared, as slices of the original text."""
         if size <= overlap or overlap < 0:
             raise PocketError(f"chunk size ({size}) must exceed the overlap ({overlap}), which is >= 0")
+        limit = self.model.max_seq_length - 2  # the model's window, less its [CLS] and [SEP]
+        if size > limit:  # what lies beyond is cut before embedding: a fact there could never be found
+            raise PocketError(f"chunk size {size} is above the {limit} tokens the embedder reads of a chunk")
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         out, start = [], 0
         while start < len(offsets):
@@ -280,7 +283,12 @@ def load_index(path: str | Path, embedder: Embedder | None = None) -> Index:
             raise corrupt(f"{name} is missing")
         if _hash(f.read_bytes()) != manifest.get("hashes", {}).get(name):
             raise corrupt(f"{name} does not match its hash in manifest.json")
-    chunks = [Chunk(**json.loads(line)) for line in (path / "chunks.jsonl").read_text(encoding="utf-8").splitlines()]
+    # lines split at "\n" alone: str.splitlines also splits at U+2028 and U+0085, which a chunk's text may hold
+    lines = (path / "chunks.jsonl").read_text(encoding="utf-8").split("\n")
+    try:
+        chunks = [Chunk(**json.loads(line)) for line in lines if line]
+    except (ValueError, TypeError):
+        raise corrupt("chunks.jsonl holds a line that is not a chunk") from None
     embeddings = np.load(path / "embeddings.npy")
     if len(chunks) != manifest["n_chunks"] or embeddings.shape[0] != len(chunks):
         raise corrupt(f"{len(chunks)} chunks, {embeddings.shape[0]} embeddings, {manifest['n_chunks']} expected")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 from ..data.tasks import default_world
 from .index import Index, build_index
@@ -16,5 +17,8 @@ CHUNK, OVERLAP = 96, 8  # embedding tokens: more than a passage holds, so each p
 
 @lru_cache(maxsize=1)
 def world_index() -> Index:
+    """Built in a temporary folder that is gone when the process ends (one per process was left in /tmp);
+    the index keeps its chunks and embeddings in memory."""
     documents = {p["id"]: p["text"] for p in default_world().passages()}
-    return build_index(documents, tempfile.mkdtemp(prefix="pocketgpt-world-") + "/index", CHUNK, OVERLAP)[0]
+    with tempfile.TemporaryDirectory(prefix="pocketgpt-world-") as folder:
+        return build_index(documents, Path(folder) / "index", CHUNK, OVERLAP)[0]
