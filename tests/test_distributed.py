@@ -6,7 +6,7 @@ batch of 2B, once under `torch.distributed.run --nproc_per_node 2` (gloo) with B
 Same seeds, float32, no dropout: the per-step losses and gradient norms must agree, and the final
 weights must differ by less than WEIGHT_TOL of how far training moved them. Sampling, whitening, minibatches and
 token means are defined over the global batch, so the only differences left are the order of float
-additions. Pretraining and SFT under torchrun are tested in test_pretrain.py.
+additions. Pretraining under torchrun is tested in test_pretrain.py.
 """
 
 import json
@@ -53,6 +53,26 @@ sys.exit(main(sys.argv[1:]))
 
 # The compiled sampler (tested in test_rl_stages.py) would compile in every process: sampling stays eager.
 CONFIG = """
+[sft]
+mitigate_hallucination = false
+multi_turn_fraction = 0.0
+[sft.tasks]
+count_letter = {style = "direct", n = 64}
+spell = {style = "direct", n = 64}
+[sft.train]
+steps = 4
+seq_len = 48
+lr = 1e-3
+warmup_steps = 0
+schedule = "constant"
+save_every = 100
+eval_every = 100
+sample_every = 100
+log_every = 1
+dtype = "float32"
+compile = false
+threads = 1
+
 [rm]
 compile_sampling = false
 tasks = ["count_letter"]
@@ -107,6 +127,7 @@ threads = 1
 
 # What each process takes per step: one process gets twice as much.
 PER_PROCESS = {
+    "sft": {"sft.train.batch_size": 4},
     "rm": {"rm.train.batch_size": 2},
     "ppo": {"ppo.rollout_size": 4, "ppo.train.batch_size": 2, "ppo.ptx_batch_size": 2},
     "grpo": {"grpo.prompts_per_step": 2},
@@ -164,6 +185,7 @@ def start(tmp_path_factory, chat) -> Path:
         optimizer.step()
         optimizer.zero_grad()
     save_model(model.eval(), run / "sft", chat, {"stage": "sft"})
+    save_model(model, run / "base", chat, {"stage": "base"})  # what SFT starts from
     rm = model.with_score_head()
     torch.nn.init.normal_(rm.score.weight, std=0.5)
     save_model(rm, run / "rm", chat, {"stage": "rm"})
@@ -208,6 +230,14 @@ def assert_same_training(one: Path, two: Path, stage: str, model_dir: str, start
     moved, differ = distance(wa, w0), distance(wa, wb)
     assert moved > 1e-2, f"{stage}: training hardly moved the weights ({moved:.2e}): nothing was compared"
     assert differ < WEIGHT_TOL * moved, (stage, differ, moved)
+
+
+def test_sft_two_processes_match_one(start, tmp_path):
+    """Rows hold different numbers of trained (assistant) tokens: each process averaged over its own before,
+    so two processes weighed tokens unlike one process on the whole batch (loss 4.3254 against 4.2913)."""
+    run_stage(start, tmp_path / "one", "sft", processes=1)
+    run_stage(start, tmp_path / "two", "sft", processes=2)
+    assert_same_training(tmp_path / "one", tmp_path / "two", "sft", "sft", start / "base", steps=4)
 
 
 def test_reward_model_two_processes_match_one(start, rm_one_process, tmp_path):

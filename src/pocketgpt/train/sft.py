@@ -31,7 +31,7 @@ from ..data.tasks.practice import practice_conversations
 from ..data.tasks.prompts import fewshot_text
 from ..engine import Engine, SamplingParams
 from ..model import GPT
-from .data_parallel import barrier, gather, share
+from .data_parallel import barrier, gather, share, share_of_global_mean
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_summary
 
@@ -282,13 +282,19 @@ class ConversationLoader:
 
 
 class MaskedLanguageModeling(LoaderObjective):
-    """SFT's objective: cross-entropy on assistant tokens only; an all-masked batch gives 0, not NaN."""
+    """SFT's objective: cross-entropy on assistant tokens only; an all-masked batch gives 0, not NaN. Under
+    torchrun every trained token of the global batch counts the same: processes whose rows hold different
+    numbers of them averaged their own means before, unlike one process on the whole batch."""
+
+    def __init__(self, loader, device: torch.device, info: DistInfo = DistInfo()):
+        super().__init__(loader, device)
+        self.info = info
 
     def loss(self, model):
         x, y = self.loader.next_batch()
         x, y = x.to(self.device), y.to(self.device)
         n = (y != -1).sum()
-        loss = model(x, targets=y, reduction="sum") / n.clamp(min=1)
+        loss = model(x, targets=y, reduction="sum") / n.clamp(min=1) * share_of_global_mean(n, self.info)
         return loss, {"trained_tokens": float(n)}
 
 
@@ -345,7 +351,7 @@ def sft(cfg: SFTConfig, run_dir: str | Path, out_name: str = "sft", resume: bool
     if cfg.lora.r:
         apply_lora(model, **asdict(cfg.lora))
     model.train()
-    trainer = Trainer(model, MaskedLanguageModeling(loader, device), tc, out_dir, out_name,
+    trainer = Trainer(model, MaskedLanguageModeling(loader, device, info), tc, out_dir, out_name,
                       run_dir / "metrics.jsonl", device, info, sample=lambda m: chat_sample(m, chat))
     if resume:
         trainer.resume()
