@@ -13,6 +13,7 @@ from pocketgpt.evaluate.harness import (
     chat_messages,
     copy_probes,
     copying,
+    evaluate_suite,
     evaluate_task,
     fewshot_text,
     model_mode,
@@ -115,6 +116,28 @@ def test_eval_cli(tiny_model, tokenizer, chat, tmp_path, capsys):
     # include conversations (its chat logs), packed through the chat template as pretraining packs them
     for kind in ("docs", "world"):
         assert 1 < results[f"bpb/{kind}"] < 2 * math.log2(tokenizer.vocab_size)
+
+
+def test_a_suites_results_are_one_measurement_per_task_read_where_they_lie(tiny_model, chat, tmp_path):
+    """An evaluation on another split into the same folder replaced the test figures (and the card called
+    them test-split ones); a run moved, or copied, read its answers from the old place (or the other run)."""
+    import shutil
+
+    from pocketgpt.evaluate.report import hallucination
+
+    tasks = {"factqa_head": "direct", "factqa_unseen": "direct"}
+    evaluate_suite(tiny_model, chat, tmp_path / "run" / "sft" / "eval", tasks, "chat", n=4, log=lambda _: None)
+    before = (tmp_path / "run" / "sft" / "eval" / "results.json").read_text()
+    with pytest.raises(PocketError, match="holds factqa_head measured with .*'test'.* this evaluation asks for "
+                                          ".*'validation'.* give another --out"):
+        evaluate_suite(tiny_model, chat, tmp_path / "run" / "sft" / "eval", tasks, "chat", split="validation", n=4)
+    assert (tmp_path / "run" / "sft" / "eval" / "results.json").read_text() == before
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    rows = [{**r, "output": "I don't know."} for r in read_jsonl(tmp_path / "copy" / "sft" / "eval" / "factqa_unseen_test.jsonl")]
+    (tmp_path / "copy" / "sft" / "eval" / "factqa_unseen_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert hallucination(tmp_path / "copy", "sft")["hallucination_rate"] == 0  # its own answers, all refusals
+    assert hallucination(tmp_path / "moved", "sft")["hallucination_rate"] == 1  # a random model never refuses
 
 
 @pytest.mark.parametrize("mode", ["fewshot", "chat"])

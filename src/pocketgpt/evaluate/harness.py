@@ -156,7 +156,11 @@ SUITE: dict[str, str] = {
 def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: dict[str, str],
                    mode: str, split: str = "test", n: int | None = None, shots: int | None = None,
                    batch_size: int = 128, log=print, compile: bool = False) -> dict:
-    """Evaluate several tasks; per-example JSONL + a results.json (merged with earlier results) in out_dir."""
+    """Evaluate several tasks; per-example JSONL + a results.json (merged with earlier results) in out_dir.
+    results.json holds one measurement per task, which the report card reads: a task measured there on
+    another split, mode, style or number of shots is refused (it was replaced, and the card went on calling
+    the figure a test-split one). Each entry names its answers' file within out_dir, so a run moved or
+    copied, or evaluated from another working directory, still reads its own."""
     from dataclasses import asdict
 
     from ..data.tasks import get_task
@@ -165,13 +169,20 @@ def evaluate_suite(model: GPT, chat: ChatTemplate, out_dir: str | Path, tasks: d
     summary_path = out_dir / "results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     shots = (3 if mode == "fewshot" else 0) if shots is None else shots
-    for name, style in tasks.items():
-        task = get_task(name)
-        style = style if style in task.styles else "direct"
-        result = evaluate_task(model, chat, task, split, n, shots, mode, style, batch_size,
-                               out_path=out_dir / f"{name}_{split}.jsonl", compile=compile)
+    styles = {name: style if style in get_task(name).styles else "direct" for name, style in tasks.items()}
+    for name, style in styles.items():
+        asked = {"split": split, "mode": mode, "style": style, "shots": shots}
+        earlier = summary.get(name)
+        held = {key: earlier.get(key) for key in asked} if isinstance(earlier, dict) else asked
+        if held != asked:
+            raise PocketError(f"{summary_path} holds {name} measured with {held}, where this evaluation asks for "
+                              f"{asked}: the report card reads one measurement per task; give another --out")
+    for name, style in styles.items():
+        rows = f"{name}_{split}.jsonl"
+        result = evaluate_task(model, chat, get_task(name), split, n, shots, mode, style, batch_size,
+                               out_path=out_dir / rows, compile=compile)
         log(result.line())
-        summary[name] = {**asdict(result), "rows": str(out_dir / f"{name}_{split}.jsonl")}
+        summary[name] = {**asdict(result), "rows": rows}
     summary["measured"] = provenance(next(model.parameters()).device)  # where and when this (last) run measured
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary

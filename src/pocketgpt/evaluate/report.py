@@ -64,12 +64,18 @@ def stage_rows(run: Path) -> list[list[str]]:
     return rows
 
 
+def test_results(path: Path) -> dict:
+    """A results.json's task entries measured on the test split, the only ones the card shows as such."""
+    res = _load(path) or {}
+    return {t: r for t, r in res.items() if isinstance(r, dict) and "accuracy" in r and r.get("split") == "test"}
+
+
 def accuracy_table(run: Path) -> tuple[list[str], list[list[str]]]:
-    columns = [(stage, label, _load(run / stage / "eval" / "results.json")) for stage, label in CHECKPOINTS]
+    columns = [(stage, label, test_results(run / stage / "eval" / "results.json")) for stage, label in CHECKPOINTS]
     columns = [c for c in columns if c[2]]
     tasks = []
     for _, _, res in columns:
-        tasks += [t for t in res if t not in tasks and isinstance(res[t], dict) and "accuracy" in res[t]]
+        tasks += [t for t in res if t not in tasks]
     header = ["task"] + [label for _, label, _ in columns]
     rows = []
     for t in tasks:
@@ -83,13 +89,16 @@ def accuracy_table(run: Path) -> tuple[list[str], list[list[str]]]:
 
 def hallucination(run: Path, stage: str) -> dict | None:
     """Closed-book fact QA: how often the assistant invents an answer it cannot know, or refuses one it knows."""
-    res = _load(run / stage / "eval" / "results.json")
-    if not res or "factqa_unseen" not in res or "factqa_head" not in res:
+    res = test_results(run / stage / "eval" / "results.json")
+    if "factqa_unseen" not in res or "factqa_head" not in res:
         return None
-    unseen = read_jsonl(res["factqa_unseen"]["rows"])
-    head = read_jsonl(res["factqa_head"]["rows"])
-    chat_rows = [r for name in res if isinstance(res[name], dict) and "rows" in res[name]
-                 for r in read_jsonl(res[name]["rows"])]
+    def answers(entry: dict) -> list[dict]:
+        """The entry's answers, in the results' own folder (earlier results named them by a path that breaks
+        when the run moves, or that names another run's files when it was copied)."""
+        return read_jsonl(run / stage / "eval" / Path(entry["rows"]).name)
+
+    unseen, head = answers(res["factqa_unseen"]), answers(res["factqa_head"])
+    chat_rows = [r for name in res if isinstance(res[name], dict) and "rows" in res[name] for r in answers(res[name])]
     return {
         "hallucination_rate": sum(not is_refusal(r["output"]) for r in unseen) / max(1, len(unseen)),
         "false_refusal_rate": sum(is_refusal(r["output"]) for r in head) / max(1, len(head)),
