@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pocketgpt.checkpoint import latest_training_state
-from pocketgpt.common import PocketError
+from pocketgpt.common import PocketError, read_jsonl
 from pocketgpt.errors import Interrupted
 from pocketgpt.train.loop import TrainConfig, Trainer, make_optimizer, use_deterministic_kernels
 
@@ -155,6 +155,22 @@ def test_a_ctrl_c_mid_step_resumes_to_the_same_model(tmp_path):
         assert torch.equal(a, b)
     # the stage's tokens and time over both invocations (the summary and the report card counted the last)
     assert summary["tokens"] == whole_summary["tokens"] == 8 and summary["time_s"] > again.seconds_before > 0
+
+
+def test_a_stage_trained_again_keeps_only_its_new_metrics(tmp_path):
+    """"Delete RUN/sft to train it again": the new training's records were appended to the old ones, and the
+    curves drew both as one line that jumped back to step 1. Other stages' records stay."""
+    import shutil
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"stage": "pretrain", "step": 1, "loss": 9.0}\n')
+    cfg = TrainConfig(steps=3, eval_every=1000, log_every=1, device="cpu", lr=0.01, warmup_steps=0)
+    for _ in range(2):
+        shutil.rmtree(tmp_path / "sft", ignore_errors=True)
+        Trainer(torch.nn.Linear(2, 1), _Batches(), cfg, tmp_path / "sft", "sft", metrics, torch.device("cpu")).run()
+    records = read_jsonl(metrics)
+    assert [r["step"] for r in records if r["stage"] == "sft" and "loss" in r] == [1, 2, 3]
+    assert records[0] == {"stage": "pretrain", "step": 1, "loss": 9.0}
 
 
 def test_a_resume_whose_tokenizer_changed_is_refused(tmp_path):

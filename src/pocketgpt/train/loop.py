@@ -275,7 +275,7 @@ class Trainer:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in out_dir, if any; metrics after it are dropped."""
+        """Continue from the newest checkpoint in out_dir, if any; `run` drops the metrics logged after it."""
         path = latest_training_state(self.out_dir)
         if path is None:
             return False
@@ -291,13 +291,17 @@ class Trainer:
         self.step = state["step"]
         self.tokens_trained, self.seconds_before = state.get("tokens", 0.0), state.get("time_s", 0.0)
         self.objective.load_state(state["objective"])
+        if self.dist.is_main:
+            console.print(f"[bold]resumed[/] {self.stage} from {path} (step {self.step})")
+        return True
+
+    def _forget_metrics_past_the_step(self) -> None:
+        """The stage's records logged after the step it starts from: a resumed run's past its checkpoint, a
+        fresh run's all (a stage trained again drew both trainings as one curve that jumped back to step 1)."""
         if self.dist.is_main and self.metrics_path.exists():
             kept = [r for r in read_jsonl(self.metrics_path, torn_lines=True)
                     if r.get("stage") != self.stage or r.get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
-        if self.dist.is_main:
-            console.print(f"[bold]resumed[/] {self.stage} from {path} (step {self.step})")
-        return True
 
     def save(self, finished: bool = False) -> None:
         """A finished run's state is replaced by the stage's final model, unless the config keeps it."""
@@ -383,6 +387,7 @@ class Trainer:
         peak = measured_peak(self.model, micro_tokens, self.device, self.dtype) if flops else 0.0
         step_seconds: list[float] = []
         rates: list[tuple[float, float]] = []  # each step's (trained tokens/s, FLOP-weighted tokens/s)
+        self._forget_metrics_past_the_step()
         self.started = time.time()
         progress = _progress(self.dist.is_main)
         plain_log = self.dist.is_main and progress.disable  # no live bar (not a terminal): print lines
@@ -404,6 +409,9 @@ class Trainer:
                     metrics["tokens_per_s"] = rates[-1][0]
                     if peak:
                         metrics["mfu"] = mfu(flops, rates[-1][1], peak, self.dist)
+                        if metrics["mfu"] > 1:  # impossible: the start's measurement caught a slow moment (323%)
+                            peak = measured_peak(self.model, micro_tokens, self.device, self.dtype, again=True)
+                            metrics["mfu"] = mfu(flops, rates[-1][1], peak, self.dist)
                     last = metrics
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         self.log(metrics)
