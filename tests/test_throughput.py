@@ -3,7 +3,7 @@ import statistics
 import pytest
 import torch
 
-from pocketgpt.common import DistInfo
+from pocketgpt.common import DistInfo, read_jsonl
 from pocketgpt.model import GPT, preset
 from pocketgpt.train import throughput
 from pocketgpt.train.loop import TrainConfig, Trainer
@@ -95,6 +95,20 @@ def test_trainer_reports_tokens_per_second_and_mfu(tmp_path):
     assert summary["tokens"] == 4 * 128 and all(r["tokens"] == 128 for r in steps)
     expected = mfu(model.flops_per_token(32), summary["tokens_per_s"], summary["peak_flops"])
     assert summary["mfu"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_steps_mfu_above_one_measures_the_peak_again(tmp_path, monkeypatch):
+    """A peak measured in a slow second at the start put every step's MFU at 323%; only the summary, measured
+    again at the end, said otherwise."""
+    model = GPT(preset("tiny", vocab_size=512))
+    monkeypatch.setattr(throughput, "_best_peaks", {})
+    peaks = iter([1.0, 1e15])  # FLOP/s: the start's absurdly slow moment, then any real machine's at most
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a: next(peaks, 1e15))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, warmup_steps=1, log_every=1, save_every=100)
+    Trainer(model, RandomTokens(), cfg, tmp_path / "out", "pretrain", tmp_path / "metrics.jsonl",
+            torch.device("cpu")).run()
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 3 and all(0 < r["mfu"] < 1 for r in steps)
 
 
 class PaddedAndSampled(RandomTokens):
