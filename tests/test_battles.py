@@ -54,9 +54,18 @@ def test_arena_command_rates_checkpoints_and_votes(tmp_path, chat, capsys):
     board = json.loads((run / "arena" / "leaderboard.json").read_text())
     assert {r["model"] for r in board["rows"]} == {"run/ppo", "other/sft"} and not (tmp_path / "arena").exists()
 
+    # a base model of a 128-token context: the answers' 128 tokens left no room for its few-shot prompt
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=128)), tmp_path / "short" / "base",
+               chat, {"stage": "base"})
+    assert main(["arena", str(tmp_path / "short" / "base"), str(run / "sft"), "--n", "1", "--tasks", "arithmetic",
+                 "--rounds", "10", "--device", "cpu"]) == 0
+
     votes = tmp_path / "votes.db"
     store = VoteStore(votes)
     for winner in ("a", "a", "b", "tie"):
         store.add(Battle("sft", "ppo", winner))
-    assert main(["arena", "--votes", str(votes), "--rounds", "10"]) == 0
+    assert main(["arena", "--votes", str(votes), "--rounds", "10", "--out", str(tmp_path / "people")]) == 0
     assert "4 votes" in capsys.readouterr().out
+    assert json.loads((tmp_path / "people" / "leaderboard.json").read_text())["votes"] == 4  # --out was ignored
+    assert main(["arena", "--votes", str(votes), "--n", "5", "--tasks", "arithmetic"]) == 2
+    assert "--n, --tasks set up battles to play" in capsys.readouterr().err

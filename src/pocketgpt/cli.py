@@ -191,10 +191,23 @@ def cmd_arena(args) -> None:
         if not Path(args.votes).is_file():  # VoteStore would create it
             what = "is a directory, not a votes database" if Path(args.votes).is_dir() else "does not exist"
             raise PocketError(f"{args.votes} {what} (pocketgpt serve --arena-db FILE collects votes)")
+        playing = [flag for flag, value in (("--n", args.n), ("--tasks", args.tasks), ("--judge", args.judge),
+                                            ("--judge-model", args.judge_model), ("--api-key", args.api_key))
+                   if value is not None]
+        if playing:  # they were ignored without a word
+            raise PocketError(f"{', '.join(playing)} set up battles to play; --votes rates the votes people cast")
         battles = VoteStore(args.votes).battles()
         if not battles:
             raise PocketError(f"{args.votes} holds no votes yet")
-        _print_leaderboard(leaderboard(battles, args.rounds, args.seed), f"arena: {len(battles)} votes in {args.votes}")
+        rows = leaderboard(battles, args.rounds, args.seed)
+        _print_leaderboard(rows, f"arena: {len(battles)} votes in {args.votes}")
+        if args.out:
+            from .evaluate.report import plot_leaderboard
+
+            atomic_write_json(Path(args.out) / "leaderboard.json", {"votes": len(battles), "judge": "people",
+                                                                     "rows": rows, "measured": provenance()})
+            plot_leaderboard(rows, Path(args.out) / "leaderboard.png")
+            console.print(f"written to {args.out}")
         return
     if len(args.models) < 2:
         raise PocketError("an arena needs at least two checkpoints (or --votes DB)")
@@ -213,9 +226,10 @@ def cmd_arena(args) -> None:
         contestants.append(Contestant(name, lm, model_mode(lm.config)))
     judge = LM.openai(args.judge, args.api_key or "none", args.judge_model) if args.judge else None
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else ARENA_TASKS
-    console.print(f"arena: {', '.join(c.name for c in contestants)} on {len(tasks)} tasks x {args.n} prompts, "
+    n = args.n or 30
+    console.print(f"arena: {', '.join(c.name for c in contestants)} on {len(tasks)} tasks x {n} prompts, "
                   f"judged by {'the ' + args.judge if judge else 'the verifiers and the rubric'}")
-    battles, records = play(contestants, tasks, args.n, args.seed, judge)
+    battles, records = play(contestants, tasks, n, args.seed, judge)
     rows = leaderboard(battles, args.rounds, args.seed)
     out = Path(args.out) if args.out else dirs[0].parent / "arena"  # the first contestant's run
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -776,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", help="two or more run or stage directories (base few-shot, sft, ppo, grpo, "
                                              "an imported model...)")
     p.add_argument("--votes", metavar="DB", help="rate the votes in this SQLite file (pocketgpt serve --arena-db)")
-    p.add_argument("--n", type=integer(1), default=30, help="prompts per task (default 30)")
+    p.add_argument("--n", type=integer(1), help="prompts per task (default 30)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the fact tiers, arithmetic, compare_decimals, "
                                    "multihop)")
     p.add_argument("--judge", metavar="URL", help="an OpenAI-compatible server whose model judges instead of the rubric")

@@ -31,6 +31,8 @@ class Contestant:
 
 
 def answers(c: Contestant, task: Task, examples: list[Example], max_tokens: int = 128) -> list[str]:
+    if c.lm.context:  # a reply may take half the context at most: a 128-token model had no room for a prompt
+        max_tokens = min(max_tokens, c.lm.context // 2)
     if c.mode == "fewshot":
         gens = c.lm.complete_batch([fewshot_text(task, e, 3) for e in examples], max_tokens=max_tokens,
                                    stop=("\n\n", "\nQ:"))

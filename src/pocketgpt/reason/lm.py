@@ -91,6 +91,7 @@ class LM(ABC):
 
     name: str
     usage: Usage
+    context: int | None = None  # the model's context in tokens, where known (a local model's)
 
     @abstractmethod
     def chat_batch(self, requests: list[Request]) -> list[list[Generation]]:
@@ -141,6 +142,7 @@ class LocalLM(LM):
         self.engine = Engine(self.model, self.chat_template.tokenizer, max_batch=max_batch, prefill_dtype=prefill_dtype,
                              compile=compile, prefix_cache_mb=prefix_cache_mb)
         self.name, self.usage = str(directory), Usage()
+        self.context = self.model.cfg.max_seq_len
         self._constraints = None
 
     def _processor_factory(self, r: Request):
