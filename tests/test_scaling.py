@@ -65,3 +65,8 @@ def test_tiny_ladder_end_to_end(tmp_path, tokenizer):
     assert "Pretraining d64x1, d128x1 took " in (out / "summary.md").read_text()
     assert "(d64x2: the run's own base model, reused)" in (out / "summary.md").read_text()
     assert sorted(p.name for p in (run / "data").iterdir()) == data_before  # the shared data was not rewritten
+    # the same ladder with another budget: the rungs trained for 4 steps were reused, their figures recorded
+    # as the new budget's (and the compute law fitted on them)
+    assert main(["lab", "scaling", str(run), "--ladder", "64x1,128x1", "--steps", "6", "--n", "4",
+                 "--out", str(out), "--threads", "1"]) == 2
+    assert json.loads((out / "scaling.json").read_text()) == report

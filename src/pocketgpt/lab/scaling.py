@@ -15,6 +15,7 @@ rule: compute grows with size only), then measures:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -104,7 +105,12 @@ def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, thread
         cfg = PretrainConfig(preset="small", sources=config["meta"]["sources"], model=shape,
                              train=replace(train, steps=steps, threads=threads or train.threads,
                                            sample_every=10 ** 9, eval_every=steps, save_every=max(100, steps // 4)))
-        if not (model_dir / "config.json").exists():  # not trained yet, or interrupted: continue it
+        if (model_dir / "config.json").exists():  # trained by an earlier ladder: reused only for the same budget
+            trained = json.loads((model_dir / "config.json").read_text())["meta"]["summary"].get("steps")
+            if trained != steps:  # its figures were recorded as this budget's (the compute law fitted on them)
+                raise PocketError(f"{model_dir} was trained for {trained} steps, where this ladder asks for {steps}: "
+                                  "give another --out, or delete it to train it again")
+        else:  # not trained yet, or interrupted: continue it
             pretrain(cfg, rung_dir, resume=(model_dir / "checkpoints").exists())
     model, _, meta = load_model(model_dir)
     summary = meta["meta"]["summary"]
