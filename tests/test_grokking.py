@@ -61,6 +61,11 @@ def test_a_short_run_writes_curves_plot_and_summary(tmp_path):
     assert json.loads((out / "grokking.json").read_text())["runs"] == report["runs"]
     assert main(["lab", "grokking", str(out), "--operation", "add", "--prime", "5", "--train-frac", "0.5",
                  "--runs", "grokfast", "--steps", "60", "--eval-every", "10", "--lr", "0.01"]) == 2
+    # one run again: the folder's other finished run stays in its report (it was rewritten without it)
+    assert main(["lab", "grokking", str(out), "--operation", "add", "--prime", "5", "--train-frac", "0.5",
+                 "--runs", "grokfast", "--steps", "60", "--eval-every", "10"]) == 0
+    assert json.loads((out / "grokking.json").read_text())["runs"] == report["runs"]
+    assert "| weight_decay | adamw 1 | - |" in (out / "summary.md").read_text()
 
 
 def test_summary_states_the_delay_and_the_speedups():

@@ -286,7 +286,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prime", type=integer(3), default=d.prime)
     p.add_argument("--train-frac", type=fraction, default=d.train_frac, help="share of the table used for training")
     p.add_argument("--weight-decay", type=non_negative, default=d.weight_decay, help="of the weight_decay run")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "adam", "sgd"])
+    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "adam", "sgd"],
+                   help="of the weight_decay and no_weight_decay runs (grokfast and l2_only train with Adam and an "
+                        "L2 term, as Grokfast's reference runs do, unless --grokfast-l2 is 0)")
     p.add_argument("--lr", type=positive, default=d.lr)
     p.add_argument("--steps", type=integer(1), default=d.steps, help="step budget per run")
     p.add_argument("--stop-at", type=float, default=d.stop_at, help="stop a run once validation accuracy reaches this")
@@ -313,6 +315,10 @@ def main(args) -> None:
                  grokfast_alpha=args.grokfast_alpha, grokfast_lambda=args.grokfast_lambda, grokfast_l2=args.grokfast_l2)
     out = Path(args.out)
     results = [train_run(n, s, out, compile=args.compile) for n in args.runs]
+    # the folder's other runs, finished earlier with these settings, stay in its summary (a rerun of one run
+    # rewrote grokking.json, the plot and summary.md without them)
+    results += [r for n in RUNS if n not in args.runs and (r := finished_run(out, n, asdict(run_settings(n, s))))]
+    results.sort(key=lambda r: list(RUNS).index(r["run"]))
     text = publish(out, "grokking", {"settings": asdict(s), "runs": results}, lambda path: plot(results, s, path),
                    lambda measured: summary_markdown(results, s, measured))
     table_ = Table(title=f"grokking: {out}")
