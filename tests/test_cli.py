@@ -372,3 +372,11 @@ def test_a_reward_model_is_not_taken_for_a_model_that_writes(tmp_path, tiny_mode
                  ["grpo", str(tmp_path), "--quick", "--set", "grpo.start=rm"]):
         assert main(argv) == 2, argv
         assert "rm is a reward model: it scores text, it does not write it" in capsys.readouterr().err
+
+
+def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
+    """`torchrun ... eval RUN/sft`: every process ran the whole evaluation, printed every line and wrote the
+    same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", str(tmp_path / "run" / "sft")]) == 2
+    assert "`pocketgpt eval` runs in one process: run it without torchrun" in capsys.readouterr().err

@@ -1037,9 +1037,21 @@ def use_run_world(args) -> None:
         use_world(worlds[0])
 
 
+def refuse_extra_processes(args) -> None:
+    """Under torchrun, the commands that split their work over processes (the training stages, the lab's
+    training runs) run; any other ran whole in every process, printing and writing everything N times."""
+    import os
+
+    distributed = (cmd_speedrun, cmd_pretrain, cmd_sft, cmd_rl_stage)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.func not in distributed and args.command != "lab":
+        raise PocketError(f"`pocketgpt {args.command}` runs in one process: run it without torchrun (torchrun "
+                          "runs the training stages: speedrun, pretrain, sft, rm, ppo, grpo, and the lab)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_extra_processes(args)
         use_run_world(args)
         args.func(args)
     except Interrupted as e:
