@@ -1055,7 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         use_run_world(args)
         args.func(args)
     except Interrupted as e:
-        Console(stderr=True).print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
+        if _is_main():  # under torchrun, once
+            Console(stderr=True).print(f"[yellow]{e}[/]", highlight=False, soft_wrap=True)
         return 130  # as a shell reports a command Ctrl-C ended
     except PocketError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
