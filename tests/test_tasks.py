@@ -155,6 +155,16 @@ def test_vote_keys_keep_signs_operators_and_the_named_number():
     larger = pair.meta["larger"]
     assert decimals.answer_key(pair, f"Answer: {larger}") == decimals.answer_key(pair, f"{larger}0 is larger") == larger
     assert decimals.answer_key(pair, "Answer: 123.456") == ""  # names neither number: no vote
+    # keys read the reply as the verifier does: lowercased words made these one vote, one right and one wrong
+    names, structured = task("names"), task("structured")
+    ask = names.examples("test")[0]
+    right = "Answer: " + ", ".join(["Zunvel", "Fenthus", "Quorra", "Bexlin", "Tamsor", "Vireth"][:ask.meta["count"]])
+    assert names.verify(ask, right) and not names.verify(ask, right.lower())
+    assert names.answer_key(ask, right) != names.answer_key(ask, right.lower())
+    form = structured.examples("test")[0]
+    good = json.dumps(form.meta["values"])
+    assert structured.answer_key(form, good) == structured.answer_key(form, "Here it is: " + good)
+    assert structured.answer_key(form, good.replace('"', "")) == ""  # no object: no vote
 
 
 @pytest.mark.parametrize("name", NAMES)

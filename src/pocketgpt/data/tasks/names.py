@@ -59,5 +59,13 @@ class Names(Task):
 
     def check(self, example: Example, output: str) -> bool:
         """At least five distinct name-like words that are not in the prompt."""
+        return len(self._new_names(example, output)) >= example.meta["count"]
+
+    def answer_key(self, example: Example, output: str) -> str:
+        """The names as `check` reads them (lowercased words made "zunvel, fenthus", no names, and
+        "Zunvel, Fenthus" the same vote)."""
+        return " ".join(sorted(self._new_names(example, output)))
+
+    def _new_names(self, example: Example, output: str) -> set[str]:
         prompt_words = frozenset(w.lower() for w in re.findall(r"\w+", example.question))
-        return len({n.lower() for n in extract_names(output, prompt_words)}) >= example.meta["count"]
+        return {n.lower() for n in extract_names(output, prompt_words)}

@@ -83,6 +83,15 @@ class Structured(Task):
     def check(self, example: Example, output: str) -> bool:
         return self.scores(example, output)["field_accuracy"] == 1.0
 
+    def answer_key(self, example: Example, output: str) -> str:
+        """The reply's object as `check` reads it (text fields stripped and lowercased), "" when it holds none
+        that fits the schema: lowercased words made a valid reply and a broken one, or one with another
+        answer line after it, the same vote."""
+        value = extract_json(output)
+        if not validate(value, example.meta["schema"]):
+            return ""
+        return json.dumps({k: v.strip().lower() if isinstance(v, str) else v for k, v in value.items()}, sort_keys=True)
+
     def scores(self, example: Example, output: str) -> dict[str, float]:
         """Whether the reply is valid against the schema, and the share of its fields that are right
         (0 for a reply that is not valid)."""
