@@ -237,6 +237,13 @@ def test_post_training_settings_are_checked_when_set(tmp_path, capsys, stage, se
     (["--task", "spell", "--strategy", "cot", "--mode", "fewshot", "--batch-size", "1"], "--mode, --batch-size: "),
     (["--matrix", "--task", "spell"], "--matrix evaluates its cells, not --task: choose them with --cells"),
     (["--task", "spell", "--strategy", "react", "--tools", ","], "--tools: ReAct needs at least one tool"),
+    # a strategy's flag given to another strategy, the server's without one: ignored before
+    (["--task", "spell", "--strategy", "cot", "--k", "3", "--beam", "2"], "--k, --beam: not read by the cot strategy"),
+    (["--task", "spell", "--strategy", "direct", "--temperature", "1"], "--temperature: not read by the direct"),
+    (["--task", "spell", "--strategy", "cot", "--api-key", "x"], "--api-key: settings of --server, which is not given"),
+    # a task the strategy cannot take, after the tasks before it had run
+    (["--task", "spell,game24", "--strategy", "tot"], "tot searches Game of 24 positions; task 'spell'"),
+    (["--task", "spell,nosuch", "--strategy", "direct"], "unknown task 'nosuch'"),
 ])
 def test_eval_refuses_bad_arguments_before_evaluating_anything(tmp_path, tiny_model, chat, capsys, args, message):
     save_model(tiny_model, tmp_path / "base", chat, {"stage": "base"})

@@ -1,5 +1,6 @@
 """Strategies: the vote's arithmetic, and every strategy run against both LM backends."""
 
+import json
 import re
 
 import pytest
@@ -162,8 +163,10 @@ def test_eval_cli_with_a_strategy(run, tmp_path, capsys):  # noqa: F811
     assert main(["eval", str(run), "--task", "compare_decimals", "--n", "3", "--strategy", "self_consistency",
                  "--k", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "calls=3" in capsys.readouterr().out
-    saved = (tmp_path / "compare_decimals_test_self_consistency.json").read_text()
-    assert '"strategy": "self_consistency"' in saved
+    saved = json.loads((tmp_path / "compare_decimals_test_self_consistency.json").read_text())
+    assert saved["strategy"] == "self_consistency"
+    # the settings it was measured with (a later run with other ones replaces the file)
+    assert saved["settings"]["k"] == 2 and saved["model"].endswith("sft") and saved["measured"]["torch"]
     # without --out, beside the plain evaluation's files as --help says (nothing was written anywhere)
     assert main(["eval", str(run), "--task", "spell", "--n", "2", "--strategy", "direct", "--device", "cpu"]) == 0
     assert '"strategy": "direct"' in (run / "sft" / "eval" / "spell_test_direct.json").read_text()

@@ -365,14 +365,43 @@ def _sample_chat(engine, chat, prompt: list[int], params) -> None:
 FACT_TIERS = "factqa_head,factqa_tail,factqa_unseen"  # what `eval` scores without --task
 
 
+# The strategies that read each of eval's strategy flags (a matrix's cells read them all): any other strategy
+# given one is refused, as it was ignored.
+STRATEGY_FLAGS = {
+    "k": ("self_consistency", "react"), "temperature": ("self_consistency", "reflection", "tot", "react"),
+    "think": ("cot", "self_consistency"), "beam": ("tot",), "search": ("tot",), "oracle": ("tot",),
+    "proposals": ("tot",), "move_arithmetic": ("cot", "self_consistency", "tot"), "rounds": ("reflection",),
+    "max_steps": ("react",), "tools": ("react",), "paths": ("react",), "quote": ("rag",),
+}
+
+
+def strategy_settings(args):
+    """The strategies' Settings from eval's flags, refusing a flag the chosen strategy does not read."""
+    from .reason.strategies import Settings
+
+    given = {name: getattr(args, name) for name in STRATEGY_FLAGS if getattr(args, name) not in (None, False)}
+    unread = [name for name in given if not args.matrix and args.strategy not in STRATEGY_FLAGS[name]]
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        raise PocketError(f"{flags}: not read by the {args.strategy} strategy (it would be ignored)")
+    if "tools" in given:
+        given["tools"] = tuple(dict.fromkeys(t.strip() for t in given["tools"].split(",") if t.strip()))  # each once
+    settings = Settings(shots=args.shots or 0, **given)
+    if args.strategy == "react" and not settings.tools:
+        raise PocketError("--tools: ReAct needs at least one tool (calculator, search, python)")
+    return settings
+
+
 def cmd_eval_strategy(args) -> None:
     """`eval --strategy` / `eval --matrix`: reasoning strategies through the LM protocol, on a local run or
     a server."""
-    from .common import atomic_write_text, set_threads
+    from dataclasses import asdict
+
+    from .common import atomic_write_text, provenance, set_threads
     from .data.tasks import TASKS, get_task
     from .reason import LM
     from .reason.matrix import run_matrix
-    from .reason.strategies import Settings, evaluate_strategy
+    from .reason.strategies import check_suited, evaluate_strategy
 
     set_threads(args.threads)
     if args.matrix:  # before a compile of a minute or a server's first request
@@ -382,9 +411,23 @@ def cmd_eval_strategy(args) -> None:
         cells = [c for c in MATRIX if not wanted or any(w in f"{c.task}: {c.label}".lower() for w in wanted)]
         if not cells:
             raise PocketError(f"no matrix cell matches --cells {args.cells!r}")
+    settings = strategy_settings(args)
+    if not args.matrix:  # every task checked before the first one runs (or a model is loaded); "all": those it suits
+        def suited(name: str) -> bool:
+            task = get_task(name)
+            try:
+                check_suited(args.strategy, task, task.examples(args.split)[:args.n or None])
+            except PocketError:
+                if args.task != "all":
+                    raise
+                return False
+            return True
+
+        asked = list(TASKS) if args.task == "all" else [t.strip() for t in (args.task or FACT_TIERS).split(",") if t.strip()]
+        names = [name for name in asked if suited(name)]
     model_dir = None
     if args.server:
-        lm = LM.openai(args.server, args.api_key or "none", args.server_model, args.concurrency)
+        lm = LM.openai(args.server, args.api_key or "none", args.server_model, args.concurrency or CONCURRENCY)
     else:
         from .checkpoint import resolve_model_dir
 
@@ -393,13 +436,6 @@ def cmd_eval_strategy(args) -> None:
         lm = LM.load(model_dir, args.device, compile=compile)
         if compile:
             console.print(f"decode step compiled in {lm.engine.warmup():.0f}s")
-    tools = tuple(dict.fromkeys(t.strip() for t in args.tools.split(",") if t.strip()))  # each once
-    if args.strategy == "react" and not tools:
-        raise PocketError("--tools: ReAct needs at least one tool (calculator, search, python)")
-    settings = Settings(shots=args.shots or 0, k=args.k, temperature=args.temperature, think=args.think,
-                        beam=args.beam, search=args.search, oracle=args.oracle, proposals=args.proposals,
-                        move_arithmetic=args.move_arithmetic, rounds=args.rounds, max_steps=args.max_steps,
-                        paths=args.paths, quote=args.quote, tools=tools)
     if args.matrix:
         if args.out:
             out_dir = Path(args.out)
@@ -418,8 +454,6 @@ def cmd_eval_strategy(args) -> None:
 
             console.print(f"report card: {write_report(run)}")
         return
-    task = args.task or FACT_TIERS
-    names = list(TASKS) if task == "all" else [t.strip() for t in task.split(",") if t.strip()]
     out_dir = Path(args.out) if args.out else model_dir / "eval" if model_dir else None
     if out_dir is None:
         console.print("[yellow]the answers are not written: give --out DIR to keep them[/]")
@@ -430,8 +464,10 @@ def cmd_eval_strategy(args) -> None:
         if out_dir:
             atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-            atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.json",
-                              json.dumps(result.to_dict(), indent=2) + "\n")
+            # what was measured, so that a later run with other settings (which replaces it) is told apart
+            atomic_write_text(out_dir / f"{name}_{args.split}_{args.strategy}.json", json.dumps(
+                {**result.to_dict(), "model": lm.name, "settings": asdict(settings), "measured": provenance()},
+                indent=2) + "\n")
 
 
 def bpb_source(name: str, meta: dict, max_bytes: int = 500_000):
@@ -466,6 +502,10 @@ def suite_tasks(names: str, style: str | None) -> dict[str, str]:
 def cmd_eval(args) -> None:
     import torch
 
+    remote = [flag for flag, given in (("--server-model", args.server_model), ("--api-key", args.api_key),
+                                       ("--concurrency", args.concurrency)) if given is not None]
+    if remote and not args.server:
+        raise PocketError(f"{', '.join(remote)}: settings of --server, which is not given")
     if args.strategy or args.server or args.matrix:
         # Settings of the plain evaluation, which the LM protocol's strategies do not read: refused, not ignored.
         plain = [flag for flag, given in (("--bpb", args.bpb), ("--style", args.style), ("--mode", args.mode != "auto"),
@@ -879,23 +919,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the report card")
     p.add_argument("--cells", help="--matrix: only the cells whose 'task: strategy' contains one of these "
                                    "comma-separated words (e.g. 'arithmetic,game24: IO')")
-    p.add_argument("--k", type=integer(1), default=5, help="self_consistency: samples per question (default 5)")
-    p.add_argument("--temperature", type=non_negative, default=0.7, help="temperature of sampled answers and votes")
+    p.add_argument("--k", type=integer(1), help="self_consistency: samples per question; react: its fallback's (default 5)")
+    p.add_argument("--temperature", type=non_negative,
+                   help="self_consistency, reflection, tot, react: temperature of sampled answers and votes (default 0.7)")
     p.add_argument("--think", action="store_true", help="cot: add 'Let's think step by step.' to the question")
-    p.add_argument("--beam", type=integer(1), default=5, help="tot: positions kept after each move (default 5)")
-    p.add_argument("--search", choices=("bfs", "dfs"), default="bfs", help="tot: breadth- or depth-first")
+    p.add_argument("--beam", type=integer(1), help="tot: positions kept after each move (default 5)")
+    p.add_argument("--search", choices=("bfs", "dfs"), help="tot: breadth- (default) or depth-first")
     p.add_argument("--oracle", action="store_true", help="tot: the exact solver judges positions (an ablation)")
-    p.add_argument("--proposals", type=integer(1), default=1, help="tot: proposals per position, sampled at --temperature "
+    p.add_argument("--proposals", type=integer(1), help="tot: proposals per position, sampled at --temperature "
                                                             "and their moves merged (default 1: one greedy proposal)")
-    p.add_argument("--move-arithmetic", choices=MOVE_ARITHMETIC, default="calculator",
+    p.add_argument("--move-arithmetic", choices=MOVE_ARITHMETIC,
                    help="Game of 24 (tot, cot, self_consistency): the result of a move 'a op b = c': the "
                         "calculator writes it (default; the model picks the numbers and the operation), "
                         "'checked' drops a false claim (tot), 'claimed' takes it as written (cot: the chain in "
                         "one go)")
-    p.add_argument("--rounds", type=integer(0), default=2, help="reflection: retries after a self-check says no")
-    p.add_argument("--max-steps", type=integer(1), default=4, help="react: tool calls before falling back to a vote")
-    p.add_argument("--tools", default="calculator,search", help="react: tools, of calculator, search, python")
-    p.add_argument("--paths", type=integer(1), default=1, help="react: sampled trajectories per question, their answers "
+    p.add_argument("--rounds", type=integer(0), help="reflection: retries after a self-check says no (default 2)")
+    p.add_argument("--max-steps", type=integer(1), help="react: tool calls before falling back to a vote (default 4)")
+    p.add_argument("--tools", help="react: tools, of calculator, search, python (default calculator,search)")
+    p.add_argument("--paths", type=integer(1), help="react: sampled trajectories per question, their answers "
                                                         "voted on (default 1: one greedy trajectory)")
     p.add_argument("--quote", action="store_true", help="rag: answer with one of the passages' sentences, verbatim")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -905,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. http://127.0.0.1:8000/v1) instead of a local run")
     p.add_argument("--server-model", help="model id on --server (default: the last one it lists)")
     p.add_argument("--api-key", help="API key for --server")
-    p.add_argument("--concurrency", type=integer(1), default=CONCURRENCY,
+    p.add_argument("--concurrency", type=integer(1),
                    help=f"--server: requests in flight at once (the server batches them; default {CONCURRENCY}, "
                         "the rows `pocketgpt serve` decodes together)")
     p.add_argument("--bpb", metavar="SOURCES",

@@ -37,7 +37,7 @@ from .reflection import reflection
 from .tot import tree_of_thoughts
 from .vote import Answer, majority, vote, vote_curve
 
-__all__ = ["STRATEGIES", "Answer", "Settings", "StrategyResult", "ask", "evaluate_strategy", "majority"]
+__all__ = ["STRATEGIES", "Answer", "Settings", "StrategyResult", "ask", "check_suited", "evaluate_strategy", "majority"]
 
 
 @dataclass
@@ -108,8 +108,6 @@ def reflect(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[An
 
 
 def tot(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    if task.name != "game24":
-        raise PocketError(f"tot searches Game of 24 positions; task {task.name!r} has no propose/value steps")
     return tree_of_thoughts(lm, [e.meta["numbers"] for e in examples], s.search, s.beam, s.value_samples,
                             s.temperature, s.oracle, s.seed, s.max_expansions, s.shots,
                             s.move_arithmetic, s.proposals)
@@ -130,8 +128,6 @@ def act(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
 
 
 def constrained(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer]:
-    if not all("schema" in e.meta for e in examples):
-        raise PocketError(f"task {task.name!r} has no JSON schema to hold its answers to")
     return [Answer(t[0], t) for t in _sampled(lm, task, examples, s, "direct", 1, 0.0, json_schema=True)]
 
 
@@ -142,8 +138,6 @@ def rag(lm: LM, task: Task, examples: list[Example], s: Settings) -> list[Answer
     from ..rag.answer import rag_request
     from ..rag.world import world_index
 
-    if not all("entity" in e.meta and "value" in e.meta for e in examples):
-        raise PocketError(f"rag answers questions about the world's entities; task {task.name!r} has none")
     index = world_index()
     hits = [index.search(e.question, s.passages, s.retriever) for e in examples]
     requests = [rag_request(e.question, found, s.quote, max_tokens=64) for e, found in zip(examples, hits)]
@@ -162,10 +156,28 @@ STRATEGIES: dict[str, Callable[[LM, Task, list[Example], Settings], list[Answer]
 }
 
 
-def ask(lm: LM, task: Task, examples: list[Example], strategy: str, settings: Settings | None = None) -> list[Answer]:
-    """Answer every example with a strategy; requests go to the model in batches."""
+# What a strategy needs of a task's questions, and what it says of a task without it.
+NEEDS: dict[str, tuple[Callable[[Task, Example], bool], str]] = {
+    "tot": (lambda task, e: task.name == "game24", "tot searches Game of 24 positions; task {!r} has no propose/value steps"),
+    "constrained": (lambda task, e: "schema" in e.meta, "task {!r} has no JSON schema to hold its answers to"),
+    "rag": (lambda task, e: "entity" in e.meta and "value" in e.meta,
+            "rag answers questions about the world's entities; task {!r} has none"),
+}
+
+
+def check_suited(strategy: str, task: Task, examples: list[Example]) -> None:
+    """A PocketError if `strategy` is unknown or cannot answer these questions of `task`: a command checks
+    every task this way before the first one runs."""
     if strategy not in STRATEGIES:
         raise PocketError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    suits, why = NEEDS.get(strategy, (lambda task, e: True, ""))
+    if not all(suits(task, e) for e in examples):
+        raise PocketError(why.format(task.name))
+
+
+def ask(lm: LM, task: Task, examples: list[Example], strategy: str, settings: Settings | None = None) -> list[Answer]:
+    """Answer every example with a strategy; requests go to the model in batches."""
+    check_suited(strategy, task, examples)
     return STRATEGIES[strategy](lm, task, examples, settings or Settings())
 
 
