@@ -43,6 +43,9 @@ processes, read their environment and talk to its agents (ssh-agent, the session
 that short of building a whole private root filesystem. So without root `run_python` refuses, in one line.
 
 Known gaps:
+- RLIMIT_AS is a limit per process: code that forks can hold up to `memory_mb` in each of `max_processes`
+  processes (16 x 256 MB), until the time limit. A memory cgroup for the whole sandbox would close this too
+  (cgroup v1 and v2 differ, and neither is always writable, so it is not done here).
 - RLIMIT_AS bounds the address space, not memory held through file descriptors: memfds (16 MiB each, by RLIMIT_FSIZE),
   SysV shared memory, pipe buffers. Code that sets out to hoard memory that way can hold more than `memory_mb` until
   the time limit; a memory cgroup would close this.
@@ -130,7 +133,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> str:
 
 
 SPEC = {"type": "function", "function": {
-    "name": "python", "description": "Run Python code in a sandbox (no network, 5 s, 256 MB) and read what it printed.",
+    "name": "python", "description": "Run Python code in a sandbox (no network, 5 s, 256 MB a process) and read what it printed.",
     "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}
 
 
