@@ -188,7 +188,7 @@ def test_reward_ppo_grpo_end_to_end(tiny_model, chat, tmp_path):
     summary = ppo(ppo_cfg, tmp_path)
     assert summary["steps"] == 4
     # Before any update the policy is the reference: no KL at all; after, the policy has moved.
-    assert summary["before"]["heldout_kl"] == 0.0 and summary["after"]["heldout_kl"] != 0.0
+    assert summary["before"]["heldout_kl"] == 0.0 and summary["after"]["heldout_kl"] > 0  # k3: never below 0
     policy, _, _ = load_model(tmp_path / "ppo")
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), tiny_model.parameters()))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

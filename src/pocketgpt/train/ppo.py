@@ -228,7 +228,10 @@ def held_out(policy: GPT, ref: GPT, rm: GPT, chat, prompts: list[Prompt], cfg: P
         seqs = [p.ids + c.tokens for p, c in zip(prompts, outs)]
         ids, mask = collate(seqs, [len(p.ids) for p in prompts], chat.pad_id, device, [c.action_mask for c in outs])
         lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
-        kl = ((lp - policy_logprobs(ref, ids)) * mask).sum(1)
+        # KL(policy || reference) per answer, by Schulman's k3 estimator: unbiased like the log-ratio, and never
+        # below 0, which the log-ratio's sample mean was (a held-out KL of -0.057)
+        log_ratio = policy_logprobs(ref, ids) - lp
+        kl = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1)
         sums = [score(rm, seqs, chat, device).sum().item(), kl.sum().item(), (entropy * mask).sum().item(),
                 mask.sum().item(), sum(p.task.verify(p.example, c.text) for p, c in zip(prompts, outs)), len(outs)]
     reward, kl, entropy, tokens, right, n = count_totals(sums, info, device)
