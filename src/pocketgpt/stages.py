@@ -1,6 +1,6 @@
 """The stages of a run, in the order a run makes them; each is a folder of the run directory.
 
-Everything that walks a run reads this one list: the report card, `pocketgpt runs`, the server's model
+Everything that walks a run reads this one list: the report card, `pocketgpt info`, the server's model
 ids, the model `load_model(run_dir)` picks, the diversity lab. A new stage is added here.
 """
 
