@@ -34,8 +34,12 @@ def test_publish_copies_the_card_its_images_timings_and_matrices(tmp_path):
         (run / stage / "matrix").mkdir(parents=True)
         matrices[stage] = json.dumps({"split": "test", "cells": [], "comparisons": [], "model": stage})
         (run / stage / "matrix" / "matrix.json").write_text(matrices[stage])
+    (run / "lab" / "diversity").mkdir(parents=True)  # the lab's section of the card, which points at its definitions
+    (run / "lab" / "diversity" / "card.md").write_text("## Diversity over seeds\n(definitions: lab/diversity/summary.md)\n")
+    (run / "lab" / "diversity" / "summary.md").write_text("# definitions\n")
     card = publish_report(run, dest)
     text = card.read_text()
+    assert (dest / "lab" / "diversity" / "summary.md").read_text() == "# definitions\n"  # linked, never copied
     assert "Speedrun wall time: **1.0 min**" in text
     assert "![loss](plots/loss.png)" in text
     assert (dest / "plots" / "loss.png").read_bytes() == (run / "plots" / "loss.png").read_bytes()

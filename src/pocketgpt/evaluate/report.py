@@ -377,6 +377,8 @@ def publish_report(run: str | Path, dest: str | Path) -> Path:
         atomic_write_bytes(dest / rel, (run / rel).read_bytes())
     if (run / "speedrun.json").exists():
         atomic_write_bytes(dest / "speedrun.json", (run / "speedrun.json").read_bytes())
+    if "lab/diversity/summary.md" in text:  # the lab's section points at its definitions
+        atomic_write_bytes(dest / "lab/diversity/summary.md", (run / "lab/diversity/summary.md").read_bytes())
     for stage, _ in CHECKPOINTS:
         matrix = run / stage / "matrix" / "matrix.json"
         if matrix.exists():
