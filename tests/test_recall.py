@@ -192,6 +192,10 @@ def test_the_experiment_on_a_tiny_run_of_ours(tmp_path, tiny_model, chat):
         run_lab(str(tmp_path / "run"), "--stage", "sft")
     with pytest.raises(PocketError, match="--window"):
         run_lab(str(tmp_path / "run"), "--window", "9")
+    # a reward model's LM head is no model's reading of the layers: the lens ran on it without a word
+    save_model(tiny_model.with_score_head(), tmp_path / "run" / "rm", chat, meta={"stage": "rm"})
+    with pytest.raises(PocketError, match="reward model"):
+        run_lab(str(tmp_path / "run"), "--stage", "rm")
 
 
 def test_an_imported_tokenizer_gets_the_real_world_facts(tmp_path, hf_chat, hf_tokenizer):

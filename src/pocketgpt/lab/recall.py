@@ -386,7 +386,7 @@ def main(args: argparse.Namespace) -> None:
     if not (run / args.stage / "config.json").exists():
         raise PocketError(f"{run} has no stage {args.stage!r} (no {run / args.stage / 'config.json'})")
     set_threads(args.threads)
-    model, chat, _ = load_model(run / args.stage, pick_device(args.device))
+    model, chat, _ = load_model(run / args.stage, pick_device(args.device), policy=True)  # not a reward model
     n_layer = model.cfg.n_layer
     window = args.window or max(1, n_layer // 6)
     if not 1 <= window <= n_layer:
