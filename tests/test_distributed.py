@@ -250,6 +250,10 @@ def test_reward_model_two_processes_match_one(start, rm_one_process, tmp_path):
     summaries = [load_model(run / "rm")[2]["meta"]["summary"] for run in (one_run, tmp_path / "two")]
     assert summaries[1]["val_pair_accuracy"] == pytest.approx(summaries[0]["val_pair_accuracy"], abs=1e-6)
     assert one.stderr.count("held-out pairwise accuracy") == two.stderr.count("held-out pairwise accuracy") == 1
+    # the logged training accuracy pools the global batch's pairs (processes holding different numbers of them
+    # averaged their own shares before)
+    assert losses(tmp_path / "two", "rm", "pair_accuracy") == pytest.approx(losses(one_run, "rm", "pair_accuracy"),
+                                                                              abs=1e-6)
 
 
 def test_ppo_two_processes_match_one(start, tmp_path):

@@ -19,6 +19,10 @@ def test_stage_rows_show_speed_and_mfu(tmp_path):
     assert rows["base"][1:5] == ["300s", "1000", "4.1M", "11.8K tok/s in bfloat16, MFU 54% of 859 GFLOP/s"]
     assert rows["sft"][4] == "7.3K tok/s"
     assert rows["base"][5] == "loss 1.150"
+    # a stage still training was left out of the card without a word
+    (tmp_path / "rm" / "checkpoints" / "step_0000040").mkdir(parents=True)
+    assert {row[0]: row for row in stage_rows(tmp_path)}["rm"][2:] == ["40", "", "", "not finished: a training "
+                                                                       "checkpoint, no model yet"]
 
 
 def test_publish_copies_the_card_its_images_timings_and_matrices(tmp_path):

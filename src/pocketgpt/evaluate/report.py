@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from ..checkpoint import latest_training_state
 from ..common import (
     PocketError,
     atomic_write_bytes,
@@ -46,6 +47,10 @@ def stage_rows(run: Path) -> list[list[str]]:
     for stage in (s.name for s in STAGES):
         cfg = _load(run / stage / "config.json")
         if not cfg:
+            state = latest_training_state(run / stage)
+            if state is not None:  # still training, or stopped: said, not left out without a word
+                rows.append([stage, "", state.name.removeprefix("step_").lstrip("0") or "0", "", "",
+                             "not finished: a training checkpoint, no model yet"])
             continue
         s = cfg.get("meta", {}).get("summary", {})
         if cfg.get("meta", {}).get("stage") == "imported":  # not trained here: where it came from instead

@@ -28,9 +28,9 @@ from ..config import require
 from ..data.tasks import TASKS
 from ..data.tasks.base import truthfulness
 from ..model import GPT
-from .data_parallel import barrier, count_totals, gather, share
+from .data_parallel import barrier, count_totals, gather, share, share_of_global_mean
 from .loop import LoaderObjective, TrainConfig, Trainer, stage_setup
-from .rl_math import pair_accuracy, pairwise_ranking_loss
+from .rl_math import pair_accuracy, pairwise_ranking_loss, ranked_pairs
 from .rollout import chat_params, sample, scored_sequence, task_prompts
 
 RM_TASKS = ["factqa", "arithmetic", "compare_decimals", "count_letter", "multihop", "spell"]
@@ -234,13 +234,21 @@ def rewards_at(model: GPT, ids: torch.Tensor, last: torch.Tensor) -> torch.Tenso
 
 
 class PairwiseRanking(LoaderObjective):
-    """The reward model's objective on batches of ranked groups."""
+    """The reward model's objective on batches of ranked groups. Every process holds the same number of groups,
+    so the loss (a mean over groups) averages over processes as one process's would; the accuracy pools pairs,
+    which processes hold in different numbers, so each one's is weighed by its pairs."""
+
+    def __init__(self, loader, device: torch.device, info: DistInfo = DistInfo()):
+        super().__init__(loader, device)
+        self.info = info
 
     def loss(self, model):
         groups = self.loader.next_groups()
         ids, last, group, rank = self.loader.tensors(groups, self.device)
         r = rewards_at(model, ids, last)
-        return pairwise_ranking_loss(r, group, rank), {"pair_accuracy": float(pair_accuracy(r.detach(), group, rank)),
+        pairs = ranked_pairs(group, rank).sum()
+        accuracy = pair_accuracy(r.detach(), group, rank) * share_of_global_mean(pairs, self.info)
+        return pairwise_ranking_loss(r, group, rank), {"pair_accuracy": float(accuracy),
                                                        "tokens": float((last + 1).sum())}  # padding left out
 
 
@@ -299,7 +307,7 @@ def reward_model(cfg: RewardConfig, run_dir: str | Path, resume: bool = False) -
     def evaluate(m: GPT) -> dict:
         return held_out_accuracy(m, val, tc.seq_len, chat.pad_id, device, info)
 
-    trainer = Trainer(model, PairwiseRanking(batches, device), tc, out_dir, "rm", run_dir / "metrics.jsonl",
+    trainer = Trainer(model, PairwiseRanking(batches, device, info), tc, out_dir, "rm", run_dir / "metrics.jsonl",
                       device, info, evaluate=evaluate)
     if resume:
         trainer.resume()

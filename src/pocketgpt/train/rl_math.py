@@ -78,7 +78,7 @@ def _per_group(x: torch.Tensor, index: torch.Tensor, n_groups: int, reduce: str)
     return x.new_zeros(n_groups).scatter_reduce(0, index, x, reduce, include_self=False)
 
 
-def _ranked_pairs(group: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def ranked_pairs(group: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """(N, N) bool: pairs[i, j] when i and j answer the same prompt and i is ranked better (ties: no pair)."""
     return (group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])
 
@@ -95,7 +95,7 @@ def pairwise_ranking_loss(rewards: torch.Tensor, group: torch.Tensor, rank: torc
     place in that prompt's ranking, 0 = best. Equal ranks form no pair. Chosen/rejected data is
     K=2: rank 0 for chosen, 1 for rejected. A batch without any pair gives a loss of 0.
     """
-    pairs = _ranked_pairs(group, rank)
+    pairs = ranked_pairs(group, rank)
     pair_loss = -F.logsigmoid(rewards[:, None] - rewards[None, :])  # [i, j]: i better than j
     index, n_groups = _group_index(group)
     # Row i holds the pairs where i is the better completion; each row belongs to i's prompt.
@@ -114,7 +114,7 @@ def pair_accuracy(rewards: torch.Tensor, group: torch.Tensor, rank: torch.Tensor
     Pooled over pairs, not averaged per prompt: it answers "how often does the RM agree with the
     labeller on a comparison". NaN if there is no pair.
     """
-    pairs = _ranked_pairs(group, rank)
+    pairs = ranked_pairs(group, rank)
     correct = pairs & (rewards[:, None] > rewards[None, :])
     return correct.sum() / pairs.sum()
 
