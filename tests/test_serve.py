@@ -627,6 +627,19 @@ def test_events_waiting_for_a_stream_leave_as_one_chunk_per_sample():
     assert by_sequence(second) == [(b, ["b2"])]
 
 
+def test_a_stage_trained_under_its_own_name_is_served_and_listed(tmp_path, tiny_model, chat, capsys):
+    """`sft --name sft_lora` made a stage that `serve RUN` and `info RUN` left out (info counted its bytes)."""
+    from pocketgpt.cli import main
+    from pocketgpt.serve.api import load_workers
+
+    for stage in ("sft", "sft_lora"):
+        save_model(tiny_model, tmp_path / stage, chat, {"stage": "sft"})
+    (tmp_path / "plots").mkdir()  # a run's own folder is no stage
+    assert list(load_workers(tmp_path)) == ["sft", "sft_lora"]
+    assert main(["info", str(tmp_path)]) == 0
+    assert "sft_lora" in capsys.readouterr().out
+
+
 def test_a_damaged_stage_is_left_out_and_the_others_served(tmp_path, tiny_model, chat, capsys):
     """One stage's damaged weights kept every stage of the run from being served."""
     from pocketgpt.serve.api import load_workers

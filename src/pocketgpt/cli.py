@@ -16,7 +16,7 @@ from .argtypes import folder_name, integer, non_negative
 from .common import PocketError, human, shutdown_distributed
 from .errors import Interrupted
 from .reason.lm import CONCURRENCY
-from .stages import OTHER_FOLDERS, STAGES
+from .stages import OTHER_FOLDERS, STAGES, named_stages
 
 console = Console()
 
@@ -614,7 +614,7 @@ def cmd_info(args) -> None:
     if tok_report.exists():
         r = json.loads(tok_report.read_text())
         table.add_row("tokenizer", f"vocab {r['vocab_size']}, trained on {human(r['train_chars'])} chars")
-    for stage in (s.name for s in STAGES):
+    for stage in [*(s.name for s in STAGES), *named_stages(run)]:
         ckpts = sorted((run / stage / "checkpoints").glob("step_*"))
         if (run / stage / "config.json").exists():
             table.add_row(stage, _model_line(run / stage))

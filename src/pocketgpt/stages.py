@@ -7,6 +7,7 @@ ids, the model `load_model(run_dir)` picks, the diversity lab. A new stage is ad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,11 @@ RL_STAGES = tuple(s for s in POLICIES if s.reinforced)
 DEFAULT_ORDER = tuple(s.name for s in reversed(POLICIES) if not s.ablation)
 # The run's folders that are not stages: no stage may be written into one of them.
 OTHER_FOLDERS = ("tokenizer", "data", "plots", "lab", "arena")
+
+
+def named_stages(run: Path) -> list[str]:
+    """The run's other model folders, in name order: stages trained under a name of their own (`sft --name`),
+    which every listing of a run shows after its pipeline's stages."""
+    known = {s.name for s in STAGES} | set(OTHER_FOLDERS)
+    return sorted(p.name for p in Path(run).iterdir() if p.is_dir() and p.name not in known
+                  and ((p / "config.json").exists() or (p / "checkpoints").is_dir()))

@@ -34,7 +34,7 @@ from ..checkpoint import load_model
 from ..common import PocketError, console
 from ..engine import SamplingParams, TextStream
 from ..evaluate.arena import Battle, VoteStore, leaderboard
-from ..stages import POLICIES
+from ..stages import POLICIES, named_stages
 from ..toolloop import parse_call
 from .protocol import (
     APIError,
@@ -69,7 +69,8 @@ def load_workers(path: str | Path, device: str = "cpu", max_batch: int = 32, dty
     import torch
 
     path = Path(path)
-    dirs = [path] if (path / "config.json").exists() else [path / s for s in SERVABLE if (path / s / "config.json").exists()]
+    stages = [*SERVABLE, *named_stages(path)] if path.is_dir() else []  # named ones too (`sft --name`)
+    dirs = [path] if (path / "config.json").exists() else [path / s for s in stages if (path / s / "config.json").exists()]
     if not dirs:
         raise PocketError(f"{path} holds no model to serve: expected config.json or one of {', '.join(SERVABLE)}")
     workers = {}
