@@ -15,7 +15,7 @@ from pocketgpt.engine import Engine, SamplingParams
 from pocketgpt.model import GPT, preset
 
 
-def test_chat_keeps_the_conversation_until_reset(tmp_path, chat, monkeypatch):
+def test_chat_keeps_the_conversation_until_reset(tmp_path, chat, monkeypatch, capsys):
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size))
     save_model(model, tmp_path / "sft", chat, {"stage": "sft"})
@@ -47,6 +47,8 @@ def test_chat_keeps_the_conversation_until_reset(tmp_path, chat, monkeypatch):
     assert prompts[1][0] == second  # the first exchange is part of the second prompt
     fresh = chat.prompt([{"role": "system", "content": "be brief"}, {"role": "user", "content": "fresh"}])
     assert prompts[2][0] == fresh  # /reset forgot it; /system applies to what follows
+    # a random model never ends its turn: each reply is cut at --max-tokens, which is said (it was silent)
+    assert capsys.readouterr().err.count("(cut short at 8 tokens: --max-tokens)") == 3
 
 
 def test_a_tool_call_is_run_shown_and_kept_in_the_conversation(tmp_path, chat, tokenizer, monkeypatch, capsys):

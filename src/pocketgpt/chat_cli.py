@@ -20,7 +20,7 @@ from .common import pick_device, set_threads
 from .data.tasks import default_world
 from .data.tasks.tools import task_tools
 from .engine import Engine, SamplingParams
-from .toolloop import describe_call, stream_with_tools
+from .toolloop import Transcript, describe_call, stream_with_tools
 
 HELP = "/reset  /system TEXT  /temp T  /quit"
 
@@ -72,7 +72,8 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
         params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=temperature,
                                 stop_tokens=chat.stop_ids)
         reply: list[str] = []
-        for item in stream_with_tools(engine, chat, prompt, params, tools):
+        transcript = Transcript()
+        for item in stream_with_tools(engine, chat, prompt, params, tools, transcript=transcript):
             if isinstance(item, str):
                 reply.append(item)
                 out.write(item)
@@ -86,4 +87,8 @@ def chat_loop(args, read=input, out=sys.stdout) -> None:
             reply = []
             console.print(describe_call(item), style="dim", markup=False, highlight=False)
         out.write("\n")
+        if transcript.finish_reason == "length":  # it was cut off without a word
+            console.print(f"(cut short at {params.max_tokens} tokens: "
+                          f"{'--max-tokens' if params.max_tokens == args.max_tokens else 'the context is full'})",
+                          style="dim", highlight=False)
         messages.append({"role": "assistant", "content": "".join(reply)})

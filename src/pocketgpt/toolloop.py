@@ -106,10 +106,12 @@ def describe_call(call: dict, limit: int = 160) -> str:
 
 def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], params: SamplingParams,
                       tools: dict[str, Tool], max_calls: int = 3,
-                      processors: list[LogitsProcessor] = ()) -> Iterator[str | dict]:
+                      processors: list[LogitsProcessor] = (), transcript: Transcript | None = None
+                      ) -> Iterator[str | dict]:
     """One reply as it is written, its tool calls answered on the way (the terminal chat): text pieces
     (str), and for each call {"name", "arguments", "result"} once the result is in the live cache.
-    The call's own text is not shown: the display stops at the tool-call opener as at a stop string."""
+    The call's own text is not shown: the display stops at the tool-call opener as at a stop string.
+    `transcript`, when given, holds the whole reply at the end (its finish reason: a reply cut short)."""
     params = replace(params, n=1, stop_tokens=(*params.stop_tokens, *chat.stop_ids))
     before_result, after_result = chat.tool_result_delimiters
     opener = chat.tool_call_markers[0]
@@ -117,7 +119,7 @@ def stream_with_tools(engine: Engine, chat: ChatTemplate, prompt: list[int], par
     hide_from = opener if isinstance(opener, int) else None
     shown = params if hide_from is not None else replace(params, stop_strings=(*params.stop_strings, opener.strip()))
     (seq,) = engine.submit(prompt, params, processors, keep=True)
-    t = Transcript()
+    t = transcript if transcript is not None else Transcript()
     text = TextStream(engine.tokenizer, shown, hide_from)
     try:
         for _, ev in engine.run([seq]):
