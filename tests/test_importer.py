@@ -114,6 +114,8 @@ def test_import_refuses_an_existing_run(tmp_path, hf_tokenizer):
         import_model(tmp_path / "src", tmp_path / "run")
     with pytest.raises(PocketError, match="is already a pocketgpt model directory"):  # "architecture None" before
         import_model(tmp_path / "run" / "base", tmp_path / "other")
+    with pytest.raises(PocketError, match="is a pocketgpt run \\(its base\\)"):  # "has no tokenizer.json" before
+        import_model(tmp_path / "run", tmp_path / "other")
     (tmp_path / "ours" / "tokenizer").mkdir(parents=True)  # a run that trained a tokenizer of its own
     with pytest.raises(PocketError, match="holds a tokenizer of its own .* which the imported model would not use"):
         import_model(tmp_path / "src", tmp_path / "ours")

@@ -26,6 +26,7 @@ from ..chat import ChatMLTemplate, ChatTemplate, PocketTemplate
 from ..checkpoint import check_state_dict, check_tokenizer, is_model_dir, save_model
 from ..common import PocketError, console, temp_dir
 from ..model import GPT, GPTConfig
+from ..stages import STAGES
 from ..tokenizer import HFTokenizer
 from .hf import gpt_config_from_hf
 
@@ -115,6 +116,10 @@ def read_source(src: str | Path) -> Source:
         if is_model_dir(src):
             raise PocketError(f"{src} is already a pocketgpt model directory: serve, sample or fine-tune it as it is "
                               f"(`pocketgpt export` writes a Hugging Face folder from it)")
+        stages = [s.name for s in STAGES if is_model_dir(src / s.name)]
+        if stages:  # "has no tokenizer.json (save one with transformers...)" before
+            raise PocketError(f"{src} is a pocketgpt run (its {', '.join(stages)}): serve, sample or fine-tune it as "
+                              f"it is (`pocketgpt export {src / stages[-1]}` writes a Hugging Face folder)")
         return read_hf_folder(src)
     with open(src, "rb") as f:
         magic = f.read(4)
