@@ -1052,8 +1052,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("config", help="print the configuration (defaults, or with --config/--set applied)")
-    p.add_argument("--quick", action="store_true")
+    p = sub.add_parser("config", help="print the configuration (defaults, or with --config/--set applied)",
+                       description="Print every setting of every stage as JSON: the defaults, or with --quick, "
+                                   "--config and --set applied, to copy into a TOML file of your own.")
+    p.add_argument("--quick", action="store_true", help="the settings of a --quick run (tiny and fast)")
     add_config_args(p)
     p.set_defaults(func=cmd_config)
     return parser

@@ -41,7 +41,9 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    base_dtype: str = "float32"  # float32 | bfloat16 | int8: how the frozen base weights are stored
+    # float32 | bfloat16 | int8: how the frozen base weights are stored. The merged model is that stored base plus
+    # the adapters, the model they were trained on: bfloat16's or int8's rounding stays in every targeted layer.
+    base_dtype: str = "float32"
 
     def __post_init__(self):
         self.check_values()
@@ -111,7 +113,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing W + B A * scaling, in the adapters' (float) dtype."""
+        """A plain nn.Linear computing W + B A * scaling, in the adapters' (float) dtype; W is the base weight as
+        stored (an int8 or bf16 base keeps its rounding: the weight the adapters were trained against)."""
         dtype = self.lora_A.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.lora_A.device, dtype=dtype)
