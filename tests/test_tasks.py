@@ -229,7 +229,9 @@ def test_arithmetic_tool_and_cot():
     call, result, final = t.render(example, "tool")[1:]
     expression = json.loads(call["tool_calls"][0]["function"]["arguments"])["expression"]
     assert expression in example.question  # copied as written, "×" included
-    assert result == {"role": "tool", "name": "calculator", "content": example.answer}
+    # OpenAI's fine-tuning format: the result names the call it answers
+    assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "name": "calculator",
+                      "content": example.answer}
     assert t.render(example, "cot")[-1]["content"].endswith(f"\nAnswer: {example.answer}")
     langs = {e.meta["lang"] for e in t.examples("train") if e.meta["kind"] == "word"}
     assert langs == {"en", "zh"}

@@ -11,6 +11,7 @@ Training data and inference agree on what a tool returns: the tool loop (toolloo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -63,19 +64,18 @@ def task_tools(world: World) -> dict:
     return {"calculator": calculator, "search": lambda query: search(world, query)}
 
 
-def tool_call(name: str, **arguments: str) -> dict:
-    """An assistant message that calls one tool (OpenAI format: arguments as a JSON string)."""
+def tool_use(name: str, result: str, **arguments: str) -> list[dict]:
+    """An assistant message that calls one tool and the tool's message with its result, in OpenAI's chat
+    fine-tuning format: arguments as a JSON string, the call's id tying the result to it."""
     function = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
-    return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]}
-
-
-def tool_result(name: str, content: str) -> dict:
-    return {"role": "tool", "name": name, "content": content}
+    call_id = "call_" + hashlib.sha256(f"{name}:{function['arguments']}".encode()).hexdigest()[:16]
+    return [{"role": "assistant", "content": "", "tool_calls": [{"id": call_id, "type": "function", "function": function}]},
+            {"role": "tool", "tool_call_id": call_id, "name": name, "content": result}]
 
 
 def use_calculator(expression: str) -> list[dict]:
-    return [tool_call("calculator", expression=expression), tool_result("calculator", calculator(expression))]
+    return tool_use("calculator", calculator(expression), expression=expression)
 
 
 def use_search(world: World, query: str) -> list[dict]:
-    return [tool_call("search", query=query), tool_result("search", search(world, query))]
+    return tool_use("search", search(world, query), query=query)
