@@ -236,7 +236,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         trainer.resume()
     model.train()
     if info.is_main:
-        console.print(f"[bold]pretrain[/] {cfg.preset}: {human(model.num_params())} params "
+        shape = f"{model_cfg.d_model} x {model_cfg.n_layer} layers"  # the preset's name alone hid overrides
+        console.print(f"[bold]pretrain[/] {cfg.preset}{' (changed)' if cfg.model else ''}, {shape}: "
+                      f"{human(model.num_params())} params "
                       f"({human(model.num_params(embeddings=False))} without embeddings), "
                       f"{human(model.flops_per_token(tc.seq_len))} FLOPs/token, vocab {tokenizer.vocab_size}, "
                       f"{info.world_size} process(es), device {device}, {torch.get_num_threads()} threads")
