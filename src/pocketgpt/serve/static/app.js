@@ -139,7 +139,6 @@ async function complete(continued = false) {
   const body = {
     model: $("model").value, messages, stream: true, stream_options: { include_usage: true },
     temperature: parseFloat($("temperature").value), top_p: parseFloat($("top-p").value),
-    max_tokens: await replyRoom($("model").value, messages, !continued),
   };
   if ($("json-mode").checked) {
     try {
@@ -158,6 +157,8 @@ async function complete(continued = false) {
   controller = new AbortController();
   $("send").hidden = true; $("stop").hidden = false;
   try {
+    // asked once the message shows and Stop is offered: the page waited on this round trip before showing anything
+    body.max_tokens = await replyRoom(body.model, messages, !continued);
     const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
