@@ -180,6 +180,13 @@ def test_fork_bomb_is_contained(code, verdict):
     assert uid in sandbox._UIDS and live_processes(uid) == 0
 
 
+def test_output_cut_at_the_file_size_limit_says_so():
+    """Unbuffered, Python ignores the short write at the 16 MiB limit: the output was cut without a word."""
+    result = run_python("import sys\nsys.stdout.write('A' * (50 << 20))")
+    skip_if_refused(result)
+    assert result.startswith("AAAA") and result.endswith("\nerror: file size limit of 16 MB exceeded (output included)")
+
+
 def test_background_process_is_killed_when_the_code_ends():
     code = "import os, time\nprint(os.getuid())\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n"
     start = time.monotonic()
@@ -187,6 +194,41 @@ def test_background_process_is_killed_when_the_code_ends():
     skip_if_refused(result)
     assert time.monotonic() - start < 5  # the sleeper does not hold the call until the time limit
     assert live_processes(int(result)) == 0
+
+
+# A daemon that stops every process of its uid started after it, as the code's own uid may: the cleanup once sent its
+# kill from a helper process of that uid in the host's namespaces, which such a daemon stopped, then traced (writing
+# to the host's /tmp, connecting to 127.0.0.1 through it) and let go, living on; or kept stopped, so the call hung.
+STOPPER = """import os, signal, time
+print(os.getuid(), flush=True)
+main = os.getpid()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        mine, last_pid = {main, os.getppid(), os.getpid()}, os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            last = int(os.pread(last_pid, 16, 0))
+            for pid in set(range(last - 2, last + 1)) - mine:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except OSError:
+                    pass
+    os._exit(0)
+"""
+
+
+def test_a_daemon_that_stops_new_processes_of_its_uid_is_killed_too():
+    """The call returns at once with nothing of the code left, run in a process of its own so that a hang fails."""
+    import subprocess
+    import sys
+
+    runner = f"from pocketgpt.tools.python import run_python\nprint(run_python({STOPPER!r}), end='')"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, timeout=60)
+    skip_if_refused(done.stdout)
+    assert time.monotonic() - start < 15 and done.returncode == 0, done.stderr
+    assert live_processes(int(done.stdout)) == 0
 
 
 GARBAGE = bytes(range(256)) * 4

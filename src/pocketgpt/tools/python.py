@@ -28,10 +28,10 @@ and exec, as root, see _ChildSetup):
    it), stdin /dev/null, its own session. The code is written to main.py in the working directory, so that
    tracebacks quote its lines.
 6. The clock and the cleanup. The caller waits `seconds` of wall-clock time, then kills the process group; then,
-   whatever happened, it kills every process of the sandbox's uid with one `kill(-1, SIGKILL)` sent by a process of
-   that uid. That signal reaches all of them at once (the kernel walks the task list under a lock that fork needs
-   too), so neither a fork bomb nor a process that left the group with setsid() escapes, and the call returns only
-   when they are gone.
+   whatever happened, it stops every process of the sandbox's uid until all are stopped, and kills them (`_kill_all`,
+   from the caller, as root), so neither a fork bomb nor a process that left the group with setsid() escapes, and
+   the call returns only when they are gone. No process of the sandbox's uid ever runs outside the namespaces: the
+   code could stop or trace it (same uid) and act through it.
 
 Output goes to two memfds (never a pipe the caller would have to drain while the code runs), read afterwards: stdout,
 then stderr, each cut to `max_output_chars` in the middle (the start of the output and the final traceback line both
@@ -176,9 +176,12 @@ def _run(code: str, limits: SandboxLimits, uid: int, workdir: str) -> str:
                 proc.wait()
             _kill_all(uid)
         stdout, stderr = _read(out), _read(err)
+        # Python ignores the short write at the file-size limit when unbuffered (-u): no error to read, only the size
+        full = any(os.fstat(fd).st_size >= _MAX_FILE_BYTES for fd in (out, err))
 
     limit = limits.max_output_chars
-    return _lines(clip(stdout, limit), clip(stderr, limit), _verdict(limits, proc.returncode, timed_out, stderr))
+    return _lines(clip(stdout, limit), clip(stderr, limit),
+                  _verdict(limits, proc.returncode, timed_out, stderr, full))
 
 
 class _ChildSetup:
@@ -284,8 +287,9 @@ def _exposure(reached: list[str], bound: list[str]) -> tuple[list[str], list[str
     return sorted(hidden), exposed
 
 
-def _verdict(limits: SandboxLimits, returncode: int, timed_out: bool, stderr: str) -> str:
-    """The result's last line: the limit that stopped the code, how it died, or a silent failure's exit status."""
+def _verdict(limits: SandboxLimits, returncode: int, timed_out: bool, stderr: str, output_full: bool) -> str:
+    """The result's last line: the limit that stopped the code, how it died, or a silent failure's exit status.
+    `output_full`: stdout or stderr reached the file-size limit."""
     if timed_out:
         return f"error: time limit of {limits.seconds:g} s exceeded"
     if returncode == -signal.SIGXCPU:
@@ -297,7 +301,7 @@ def _verdict(limits: SandboxLimits, returncode: int, timed_out: bool, stderr: st
         return f"error: memory limit of {limits.memory_mb} MB exceeded"
     if last.startswith("BlockingIOError: [Errno 11]") or last == "RuntimeError: can't start new thread":
         return f"error: process limit of {limits.max_processes} exceeded"
-    if last == "OSError: [Errno 27] File too large":
+    if output_full or last == "OSError: [Errno 27] File too large":
         return f"error: file size limit of {_MAX_FILE_BYTES >> 20} MB exceeded (output included)"
     if returncode > 0 and not stderr:
         return f"error: exit status {returncode}"
@@ -344,12 +348,58 @@ def _live_uids() -> dict[int, int]:
 
 
 def _kill_all(uid: int, grace: float = 2.0) -> None:
-    """Kill every process of `uid` at once, then wait (at most `grace` seconds) until none is left.
+    """Kill every process of `uid`, from here (root), and wait (at most `grace` seconds) until none is left.
 
-    kill(-1) only reaches processes the sender may signal, so it is sent by a process running as `uid`: /bin/sh's
-    builtin kill (sys.executable may sit where that uid cannot enter). It spares the sender itself, which exits."""
-    subprocess.run(["/bin/sh", "-c", "kill -KILL -1"], user=uid, group=uid, extra_groups=[], env={}, cwd="/",
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Freeze, then kill: each process is stopped (SIGSTOP: a stopped process can neither fork nor wake another), again
+    until a look at /proc finds every one stopped, and only then are all killed. Killing them one by one as found
+    would race a fork bomb. No helper process of `uid` does it (as a `kill -KILL -1` of that uid did before): one
+    running in the host's namespaces, as the code's own uid, could be stopped or traced by the code, which then
+    wrote to the host's /tmp through it, reached 127.0.0.1, and outlived the call."""
     deadline = time.monotonic() + grace
-    while uid in _live_uids() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while (running := _running_tasks(uid)) and time.monotonic() < deadline:
+        frozen = all(state in "tT" for states in running.values() for state in states)
+        for pid, states in running.items():
+            if frozen or any(state not in "tT" for state in states):
+                _signal(pid, uid, signal.SIGKILL if frozen else signal.SIGSTOP)
+        time.sleep(0.001)
+
+
+def _running_tasks(uid: int) -> dict[int, list[str]]:
+    """pid -> the states of its threads that have not exited, for each process of `uid` with such a thread. A
+    process whose main thread exited shows as a zombie while its other threads run on: they count."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or _uid_of(entry.name) != uid:
+            continue
+        try:
+            states = [Path(entry.path, "task", task, "stat").read_text().rpartition(")")[2].split()[0]
+                      for task in os.listdir(Path(entry.path, "task"))]
+        except OSError:  # gone meanwhile
+            continue
+        if alive := [state for state in states if state not in "ZX"]:
+            found[int(entry.name)] = alive
+    return found
+
+
+def _uid_of(pid: int | str) -> int | None:
+    try:
+        status = Path("/proc", str(pid), "status").read_text()
+    except OSError:
+        return None
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def _signal(pid: int, uid: int, sig: int) -> None:
+    """Send `sig` to process `pid` if it still belongs to `uid`: through a pidfd, so that a pid freed and reused by
+    another process between the look and the signal is never hit (root may signal anything)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone
+        return
+    try:
+        if _uid_of(pid) == uid:  # the pidfd pins the process the pid names now: is it still the sandbox's?
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:  # it exited meanwhile
+        pass
+    finally:
+        os.close(fd)
