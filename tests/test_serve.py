@@ -392,6 +392,19 @@ def test_completions_refuse_what_they_do_not_do(server, body, param):
                       timeout=60).status_code == 200  # the settings that change nothing, and unknown fields
 
 
+def test_json_nested_thousands_deep_in_a_string_field_is_a_400(server):
+    """Python's json parser raises RecursionError, not a ValueError, on brackets nested thousands deep: tool-call
+    arguments and guided_json (JSON inside a string) answered 500."""
+    _, url, model, _ = server
+    deep = "[" * 100_000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    for extra in ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]},
+                  {"messages": [{"role": "user", "content": "hi"}], "guided_json": deep}):
+        r = httpx.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 2, **extra},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
 def test_malformed_json_unknown_model_and_bad_key(server):
     _, url, model, _ = server
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

@@ -95,7 +95,8 @@ def test_bad_calls_become_error_results_the_model_can_read():
     assert parse_call('{"name": "calculator", "arguments": {"expression": "2+2"}}') == (
         "calculator", {"expression": "2+2"})
     for bad, why in (("not json", "not valid JSON"), ('["calculator"]', "a tool call is"),
-                     ('{"name": "calculator", "arguments": 3}', "must be a JSON object")):
+                     ('{"name": "calculator", "arguments": 3}', "must be a JSON object"),
+                     ("[" * 100_000, "nests too deeply")):  # a RecursionError: a 500 from the server
         with pytest.raises(ValueError, match=why):
             parse_call(bad)
     assert run_tool(TOOLS, "python", {}).startswith("error: unknown tool 'python'")

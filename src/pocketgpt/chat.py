@@ -50,7 +50,7 @@ def tool_call_text(call: dict) -> str:
     if isinstance(args, str):
         try:
             parsed = json.loads(args, parse_constant=_not_json)
-        except (json.JSONDecodeError, ValueError):
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             raise PocketError(f"tool call arguments are not valid JSON: {args!r:.80}") from None
         if not isinstance(parsed, dict):
             raise PocketError(f"tool call arguments must be a JSON object, got {args!r:.80}")

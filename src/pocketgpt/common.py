@@ -261,6 +261,8 @@ def iter_jsonl(path: str | Path, torn_lines: bool = False) -> Iterator[tuple[int
                 continue
             try:
                 yield lineno, json.loads(line)
+            except RecursionError:
+                raise PocketError(f"{path}:{lineno}: JSON nested too deeply") from None
             except json.JSONDecodeError as e:
                 if not torn_lines:
                     raise PocketError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None

@@ -78,7 +78,7 @@ class Constraints:
         try:
             schema = json.loads(schema) if isinstance(schema, str) else schema
             return self.grammar(llguidance.LLMatcher.grammar_from_json_schema(compact(schema)))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise PocketError(f"invalid JSON schema: {e}") from None
 
     def json_object(self) -> Constraint:

@@ -43,6 +43,8 @@ def parse_call(text: str) -> tuple[str, dict]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"the tool call is not valid JSON ({e.msg})") from None
+    except RecursionError:  # brackets nested thousands deep: the server answered 500, the loop crashed
+        raise ValueError("the tool call nests too deeply") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError('a tool call is {"name": ..., "arguments": {...}}')
     args = obj.get("arguments", {})

@@ -358,7 +358,7 @@ def _calls(message) -> list[dict]:
     for call in message.tool_calls or []:
         try:
             arguments = json.loads(call.function.arguments or "{}")
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             arguments = {}
         out.append({"name": call.function.name, "arguments": arguments if isinstance(arguments, dict) else {}})
     return out

@@ -273,6 +273,8 @@ class ChatCompletionRequest(SamplingFields):
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise APIError(400, f"guided_json is not JSON: {e.msg} at character {e.pos}", "guided_json") from None
+            except RecursionError:
+                raise APIError(400, "guided_json nests too deeply", "guided_json") from None
         if not isinstance(schema, dict):
             raise APIError(400, "guided_json must be a JSON schema (an object)", "guided_json")
         return schema
@@ -321,12 +323,11 @@ class CompletionRequest(SamplingFields):
 
     def check(self, limits: Limits) -> None:
         self.check_common(limits)
-        self.the_prompt()
+        text = self.the_prompt()
         if (self.logprobs or 0) > limits.max_top_logprobs:
             raise APIError(400, f"logprobs must be at most {limits.max_top_logprobs}", "logprobs")
         if self.echo:
             raise APIError(400, "echo is not supported", "echo")
-        text = self.the_prompt()
         if isinstance(text, str) and len(text) > limits.max_total_chars:
             raise APIError(400, f"the prompt has {len(text)} characters; at most {limits.max_total_chars}", "prompt")
 
