@@ -147,6 +147,31 @@ def test_special_tokens_written_by_the_model_are_not_text(tiny_model, tokenizer)
     assert out.tokens == [special] * 4 and out.text == ""
 
 
+def test_a_stream_holds_back_the_longest_start_of_any_stop_string(tokenizer):
+    """With stops ("dZ", "led betw"), the stream held back only the "d" that may start "dZ" and sent "le", which
+    the finished reply leaves out with the rest of "led betw"."""
+    from pocketgpt.engine import TextStream, TokenEvent, visible_text
+
+    params = SamplingParams(stop_strings=("dZ", "led betw"))
+    ids = tokenizer.encode(" small town nestled between two")
+    stream, sent = TextStream(tokenizer, params), ""
+    for i, token in enumerate(ids):
+        cut = "led betw" in tokenizer.decode(ids[:i + 1])
+        sent += stream.push(TokenEvent(0, token, cut, "stop" if cut else None))
+        if cut:
+            break
+    assert cut and sent == visible_text(tokenizer, ids[:i + 1], params) == " small town nest"
+
+
+def test_a_tiny_temperature_is_greedy(tiny_model, tokenizer):
+    """Logits divided by 1e-38 overflowed float32, and the draw over the NaNs picked arbitrary tokens."""
+    engine = Engine(tiny_model, tokenizer)
+    prompt = tokenizer.encode("The")
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].tokens
+    for tiny in (1e-38, 1e-45, 1e-6):
+        assert engine.generate([prompt], SamplingParams(max_tokens=8, temperature=tiny, top_p=0.9))[0].tokens == greedy
+
+
 def test_stream_concatenates_to_generate(tiny_model, tokenizer):
     engine = Engine(tiny_model, tokenizer)
     params = SamplingParams(max_tokens=15, temperature=0.8, seed=3)
@@ -312,7 +337,8 @@ def test_logit_bias_bans_and_forces_and_a_presence_penalty_stops_repeats(tiny_mo
     ([1], SamplingParams(temperature=-0.5), "temperature must be at least 0"),
     ([1], SamplingParams(top_k=-1), "top_k must be at least 0"),
     ([1], SamplingParams(top_p=0.0), "top_p must be above 0"),
-    ([1], SamplingParams(logprobs=-2), "logprobs must be at least 0"),
+    ([1], SamplingParams(logprobs=-2), "logprobs must be from 0 to the vocabulary's 512"),
+    ([1], SamplingParams(logprobs=513), "logprobs must be from 0 to the vocabulary's 512"),  # topk failed the batch
     ([1], SamplingParams(presence_penalty=2.5), "presence_penalty must be from -2 to 2"),
     ([1], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty must be from -2 to 2"),
     ([1], SamplingParams(logit_bias=((512, 1.0),)), "logit_bias names token id 512, outside the vocabulary"),

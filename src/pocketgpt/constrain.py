@@ -163,5 +163,5 @@ class GrammarProcessor:
         # One bit per token, little-endian within each 32-bit word (llguidance's layout); unpacking with
         # numpy avoids llguidance.torch's torch.compile'd kernel, which costs seconds on its first call.
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little")[:logits.shape[-1]]
-        allowed = torch.from_numpy(bits.astype(bool))
+        allowed = torch.from_numpy(bits.astype(bool)).to(logits.device)  # masked_fill on CUDA/MPS wants it there
         return logits.float().masked_fill(~allowed, float("-inf"))

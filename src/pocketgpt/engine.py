@@ -215,6 +215,11 @@ def penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits.index_put(index, torch.tensor(values, device=logits.device, dtype=logits.dtype), accumulate=True)
 
 
+# Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS): logits divided by 1e-38 overflow float32, and
+# the draw over the NaNs that follow picked arbitrary tokens.
+GREEDY_BELOW = 1e-5
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids, each row with its own temperature, top-k, top-p and generator.
@@ -226,7 +231,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     uniform draw per token (the Gumbel-max trick we used before) cost more than the decode step's LM head.
     A row with top-k or top-p draws among its sorted candidates only (_nucleus), not over the vocabulary.
     """
-    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    hot = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     greedy = len(hot) < len(params)  # an argmax over the batch only when some row needs it
     tokens = logits.argmax(dim=-1) if greedy else torch.empty(len(params), dtype=torch.long, device=logits.device)
     if not hot:
@@ -410,7 +415,8 @@ class Engine:
                                ("temperature", params.temperature >= 0, "at least 0 (0 is greedy)"),
                                ("top_k", params.top_k >= 0, "at least 0 (0 is off)"),
                                ("top_p", 0 < params.top_p <= 1, "above 0 and at most 1 (1 is off)"),
-                               ("logprobs", params.logprobs is None or params.logprobs >= 0, "at least 0"),
+                               ("logprobs", params.logprobs is None or 0 <= params.logprobs <= vocab,
+                                f"from 0 to the vocabulary's {vocab}"),
                                ("presence_penalty", -2 <= params.presence_penalty <= 2, "from -2 to 2"),
                                ("frequency_penalty", -2 <= params.frequency_penalty <= 2, "from -2 to 2")):
             if not ok:
@@ -576,16 +582,19 @@ class Engine:
         if not ready:
             return []
         raw = torch.stack([s.logits for s in ready]).float()
+        # Constraints (the processors) first: logprobs are those of the distribution they leave, before bias,
+        # penalties and temperature (vLLM's too). A reply held to ["yes", "no"] reported "Yes" and "No" as its
+        # likeliest tokens.
+        for i, seq in enumerate(ready):
+            for proc in seq.processors:
+                raw[i] = proc(seq.turn, raw[i])
         logits = penalize(raw, ready)  # a new tensor where it changes anything: logprobs come from the raw ones
         bans = [(i, t) for i, seq in enumerate(ready) for t in seq.params.banned_tokens]
-        if (bans or any(s.processors for s in ready)) and logits is raw:
+        if bans and logits is raw:
             logits = raw.clone()
         if bans:
             rows, tokens = zip(*bans)
             logits[list(rows), list(tokens)] = float("-inf")
-        for i, seq in enumerate(ready):
-            for proc in seq.processors:
-                logits[i] = proc(seq.turn, logits[i])
         tokens = sample_rows(logits, [s.params for s in ready], [s.generator for s in ready]).tolist()
         events = []
         for i, (seq, token) in enumerate(zip(ready, tokens)):
@@ -594,9 +603,9 @@ class Engine:
             if seq.params.logprobs is not None:
                 logp = F.log_softmax(raw[i], dim=-1)
                 logprob = float(logp[token])
-                if seq.params.logprobs > 0:
+                if seq.params.logprobs > 0:  # at most the tokens a constraint allows (JSON has no -inf)
                     values, ids = torch.topk(logp, seq.params.logprobs)
-                    top = list(zip(ids.tolist(), values.tolist()))
+                    top = [(t, v) for t, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
                 seq.logprobs.append(logprob)
                 seq.top_logprobs.append(top or [])
             seq.tokens.append(token)
@@ -751,9 +760,7 @@ def _before_stop(text: str, stops: tuple[str, ...], partial: bool) -> str:
     for s in stops:
         if s in text:
             text = text[:text.index(s)]
-    if partial:
-        for s in stops:
-            for k in range(len(s) - 1, 0, -1):
-                if text.endswith(s[:k]):
-                    return text[:-k]
+    if partial:  # the longest end that may start any of them ("le" of "led", not "d" of "dZ")
+        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[:len(text) - held]
     return text
