@@ -86,6 +86,13 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_multiplies_it_faster(monkeyp
     assert product.dtype == (torch.bfloat16 if native else torch.float32)
 
 
+def test_mps_computes_and_reports_float32_whatever_is_asked():
+    """This code does not autocast on MPS: "bfloat16" there trained in fp32 while the stage's summary and its
+    MFU peak said bf16."""
+    mps = torch.device("mps")
+    assert compute_dtype("bfloat16", mps) == compute_dtype("auto", mps) == "float32"
+
+
 @pytest.mark.parametrize("amx,avx512_bf16,faster,native", [(True, True, True, True), (False, True, False, True),
                                                              (False, False, False, False)])
 def test_bf16_is_faster_only_with_a_matrix_unit(monkeypatch, amx, avx512_bf16, faster, native):

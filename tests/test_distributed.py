@@ -320,3 +320,12 @@ def test_speedrun_under_torchrun_reaches_its_report_card(tmp_path):
     for evaluated in ("base", "sft", "ppo", "grpo"):  # dealt out to the two processes
         assert "copying" in json.loads((run / evaluated / "eval" / "results.json").read_text())
     assert done.stderr.count("4. reward model") == 1  # one process speaks
+
+
+def test_counts_are_summed_in_float64_where_the_device_has_it():
+    """Every stage's evaluation summed its counts in a float64 tensor on the model's device, which MPS refuses
+    (the first evaluation failed there): they are summed on the CPU unless nccl needs them on the GPU."""
+    from pocketgpt.common import DistInfo
+    from pocketgpt.train.data_parallel import count_totals
+
+    assert count_totals([1.0, 2 ** 24 + 1.0], DistInfo(), torch.device("mps")) == [1.0, 2 ** 24 + 1.0]

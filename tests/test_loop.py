@@ -1,5 +1,6 @@
 """The training loop: when it evaluates, which optimizer a name gives, what a NaN loss tells the user."""
 
+import math
 import os
 import signal
 
@@ -20,6 +21,22 @@ def test_log_spaced_evaluation_thins_out_by_decade():
     assert len(steps) == 99 + 90 + 16  # 10..990, 1000..9900, 10000..25000
     plain = TrainConfig(steps=1_005, eval_every=100)
     assert [s for s in range(1, 1_006) if plain.evaluates_at(s)] == [100 * k for k in range(1, 11)] + [1_005]
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # 2 warm-up steps to lr 1.0, then 10 steps (progress 0.1 a step) down to the floor of 0.1
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)]),
+    ("wsd", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.55]),  # the last 20% decays linearly
+])
+def test_the_learning_rate_follows_its_schedule_and_the_optimizer_trains_at_it(tmp_path, schedule, expected):
+    """No test read the learning rate: the schedules (the speedrun's wsd among them) could be taken out unseen."""
+    cfg = TrainConfig(steps=12, warmup_steps=2, lr=1.0, min_lr_frac=0.1, schedule=schedule, eval_every=1000,
+                      log_every=1, device="cpu")
+    assert [cfg.lr_at(step) for step in range(12)] == pytest.approx(expected)
+    metrics = tmp_path / "metrics.jsonl"
+    Trainer(torch.nn.Linear(2, 1), _Batches(), cfg, tmp_path / "sft", "sft", metrics, torch.device("cpu")).run()
+    assert [r["lr"] for r in read_jsonl(metrics) if "lr" in r] == pytest.approx(expected)
 
 
 def test_adam_adds_weight_decay_to_the_gradient_adamw_apart_from_it():

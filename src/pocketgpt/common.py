@@ -114,7 +114,10 @@ def bf16_is_faster(device: torch.device) -> bool:
 
 def compute_dtype(dtype: str, device: torch.device) -> str:
     """A training dtype setting made concrete: "auto" is bfloat16 where the device multiplies it faster than
-    float32 (`bf16_is_faster`), else float32; anything else is itself."""
+    float32 (`bf16_is_faster`), else float32; anything else is itself, but on MPS, where this code does not
+    autocast (untested there), float32: so that what a stage reports is what it computed."""
+    if device.type == "mps":
+        return "float32"
     if dtype != "auto":
         return dtype
     return "bfloat16" if bf16_is_faster(device) else "float32"
@@ -124,7 +127,7 @@ def autocast(device: torch.device, dtype: str):
     """bf16 autocast on CPU and CUDA (training's matmuls run on bf16 units: AMX, tensor cores); a no-op for fp32.
     `dtype` may be "auto" (`compute_dtype`)."""
     dtype = compute_dtype(dtype, device)
-    if dtype == "float32" or device.type == "mps":
+    if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 

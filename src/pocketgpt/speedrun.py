@@ -149,10 +149,6 @@ def finished_steps(model_dir: Path) -> int | None:
     return read_config(model_dir).get("meta", {}).get("summary", {}).get("steps")  # a corrupt one: one line
 
 
-def finished_summary(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())["meta"]["summary"]
-
-
 def run_tokenizer(cfg: RunConfig, run_dir: Path) -> dict:
     return train_tokenizer(cfg.pretrain.source_specs(), run_dir / "tokenizer", cfg.tokenizer.vocab_size,
                            cfg.tokenizer.max_chars, cfg.tokenizer.pattern)
@@ -160,7 +156,7 @@ def run_tokenizer(cfg: RunConfig, run_dir: Path) -> dict:
 
 def run_eval(cfg: RunConfig, run_dir: Path, stage: str, mode: str, tasks: dict[str, str]) -> dict:
     """Evaluate one checkpoint on the suite; results land in RUN/STAGE/eval/."""
-    model, chat, _ = load_model(run_dir / stage)
+    model, chat, _ = load_model(run_dir / stage, pick_device(cfg.pretrain.train.device))
     threads = cfg.pretrain.train.threads
     if threads:
         import torch

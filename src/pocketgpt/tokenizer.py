@@ -21,7 +21,7 @@ import binascii
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
@@ -291,12 +291,3 @@ class HFTokenizer(Tokenizer):
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
 
-def iter_texts_with_limit(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Stop a (possibly huge) text stream after `max_chars` characters: tokenizer training needs a sample."""
-    seen = 0
-    for t in texts:
-        if seen >= max_chars:
-            return
-        t = t[: max_chars - seen]
-        seen += len(t)
-        yield t

@@ -123,13 +123,15 @@ def train_rung(run: Path, out: Path, width: int, layers: int, steps: int, thread
             "train_time_s": summary.get("time_s")}
 
 
-def fewshot_abilities(model_dir: str, n: int) -> dict:
-    """Few-shot accuracy of a base model on facts (head, tail), arithmetic, and in-context copying."""
+def fewshot_abilities(model_dir: str, n: int, device: str = "auto") -> dict:
+    """Few-shot accuracy of a base model on facts (head, tail), arithmetic, and in-context copying, on the
+    device the run trained on."""
     from ..checkpoint import load_model
+    from ..common import pick_device
     from ..data.tasks import get_task
     from ..evaluate.harness import copying, evaluate_task
 
-    model, chat, _ = load_model(model_dir)
+    model, chat, _ = load_model(model_dir, pick_device(device))
     model.eval()
     scores = {}
     for task in FEWSHOT_TASKS:
@@ -228,7 +230,7 @@ def main(args) -> None:
         console.print(f"[bold]rung d{width}x{layers}[/]")
         rung = train_rung(run, out, width, layers, steps, args.threads)
         t_eval = time.time()
-        rung["abilities"] = fewshot_abilities(rung["dir"], args.n)
+        rung["abilities"] = fewshot_abilities(rung["dir"], args.n, run_settings(run)[1].device)
         rung["eval_time_s"] = round(time.time() - t_eval, 1)
         rungs.append(rung)
     fits = {key: fit_power_law([r[key] for r in rungs], [r["val_loss"] for r in rungs])

@@ -41,8 +41,10 @@ def sum_over_processes(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def count_totals(counts: list[float], info: DistInfo, device) -> list[float]:
-    """Sums of a few counts (right answers, examples, tokens) over all processes, in float64."""
-    return sum_over_processes(torch.tensor(counts, dtype=torch.float64, device=device), info).tolist()
+    """Sums of a few counts (right answers, examples, tokens) over all processes, in float64: on the GPU that
+    nccl reduces on, else on the CPU (gloo's; MPS has no float64)."""
+    where = device if torch.device(device).type == "cuda" else "cpu"
+    return sum_over_processes(torch.tensor(counts, dtype=torch.float64, device=where), info).tolist()
 
 
 def mean_over_processes(metrics: dict[str, float], info: DistInfo, device) -> dict[str, float]:

@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..chat import ChatTemplate
 from ..checkpoint import save_model
-from ..common import PocketError, autocast, console, human
+from ..common import DistInfo, PocketError, autocast, console, human
 from ..data.mixture import MixtureLoader, load_streams, prepare_mixture
 from ..data.repeats import repeated_token_rows
 from ..data.shards import DEFAULT_SHARD_TOKENS
@@ -32,7 +31,7 @@ from ..data.sources import SourceSpec
 from ..engine import Engine, SamplingParams
 from ..model import GPT, PRESETS, GPTConfig, preset
 from ..tokenizer import Tokenizer
-from .data_parallel import barrier
+from .data_parallel import barrier, count_totals
 from .loop import DrawCounter, LoaderObjective, TrainConfig, Trainer, stage_setup
 
 # The default mixture, like LLaMA's table: the synthetic world (what the assistant should know),
@@ -157,22 +156,19 @@ def measure_copying(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> 
 
 @torch.no_grad()
 def evaluate_lm(model: GPT, loader: MixtureLoader, batches: int, token_bytes: torch.Tensor,
-                device: torch.device, dtype: str) -> dict:
+                device: torch.device, dtype: str, info: DistInfo = DistInfo()) -> dict:
     """Mean loss (nats/token) and bits per byte over `batches` batches; summed over processes."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    sums = [0.0, 0.0, 0.0]  # nats, tokens, bytes
     for _ in range(batches):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             nats = model(x, targets=y, reduction="none")
-        totals += torch.stack([nats.sum().double(), torch.tensor(float(y.numel()), device=device).double(),
-                               token_bytes[y].sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+        sums = [sums[0] + nats.sum().item(), sums[1] + y.numel(), sums[2] + token_bytes[y].sum().item()]
+    nats, tokens, nbytes = count_totals(sums, info, device)
     model.train(was_training)
-    nats, tokens, nbytes = totals.tolist()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(nbytes, 1.0)}
 
 
@@ -213,7 +209,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     def evaluate(m: GPT) -> dict:
         val = MixtureLoader(val_streams, weights, tc.batch_size, tc.seq_len, tc.seed + 1,
                             info.rank, info.world_size)
-        metrics = evaluate_lm(m, val, tc.eval_batches, token_bytes, device, tc.dtype)
+        metrics = evaluate_lm(m, val, tc.eval_batches, token_bytes, device, tc.dtype, info)
         if warmup is not None:  # whether the head forms in the warm-up, and whether the mixture keeps it
             with autocast(device, tc.dtype):
                 metrics.update(measure_copying(m, *held_out))
