@@ -148,6 +148,71 @@ def test_a_max_tokens_setting_beyond_the_context_left_is_capped(page, chat):
     assert assistant_text(driver)
 
 
+def test_while_a_reply_streams_it_stays_on_screen_and_nothing_else_is_asked(page):
+    """Opening another conversation and this one again left the reply frozen on screen (written to an element
+    no longer there) until it ended; Edit mid-reply started a second request that Stop could not reach."""
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    set_value(driver, "max-tokens", "4000")
+    driver.find_element(By.ID, "input").send_keys("Write forever")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(assistant_text(d)) > 0)
+    assert driver.find_elements(By.CSS_SELECTOR, "#messages .actions button") == []  # no Edit, no Regenerate
+    driver.find_element(By.ID, "new-chat").click()
+    driver.find_elements(By.CSS_SELECTOR, "#conversations li")[1].click()  # the one still streaming
+    before = len(assistant_text(driver))
+    wait.until(lambda d: len(assistant_text(d)) > before + 20)
+    assert sending(driver)
+    driver.execute_script("document.getElementById('stop').click()")
+    wait.until(lambda d: not sending(d))
+    assert [b.text for b in driver.find_elements(By.CSS_SELECTOR, ".msg.user .actions button")] == ["Edit"]
+
+
+def test_a_conversation_longer_than_the_context_leaves_its_oldest_exchanges_out(page, chat):
+    """Every message failed once a conversation outgrew the context ("the prompt has N tokens; this model's
+    context is 128" from the fourth message on, on the quick model)."""
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    set_value(driver, "max-tokens", "8")
+    text = "many words " * 900
+    assert 4096 < len(chat.tokenizer.encode(text)) < 8192 - 64  # one fits the 8,192-token context, two do not
+    for _ in range(2):
+        set_value(driver, "input", text)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: not sending(d) and assistant_text(d))
+    assert not driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")
+    notes = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .usage")]
+    assert notes[-1] == "2 earlier messages left out: the model's context holds no more"
+
+
+def test_a_bad_setting_keeps_the_message_unsent_and_a_full_storage_is_said(page):
+    """An invalid JSON schema left the message in the conversation without a reply; with the browser's storage
+    full, Send cleared the box and did nothing."""
+    driver, wait = page
+    driver.find_element(By.ID, "new-chat").click()
+    driver.execute_script("document.getElementById('json-mode').click();"
+                          "document.getElementById('json-schema').value = '{not json'")
+    driver.find_element(By.ID, "input").send_keys("Hi")
+    driver.find_element(By.ID, "send").click()
+    alert = wait.until(lambda d: d.switch_to.alert)
+    assert alert.text.startswith("The JSON schema is not valid JSON")
+    alert.accept()
+    assert driver.find_element(By.ID, "input").get_attribute("value") == "Hi"
+    assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+    driver.execute_script("document.getElementById('json-mode').click()")
+    # the browser's storage full: the message is still sent and answered, and the page says why it is not kept
+    driver.execute_script("let s = 'x'.repeat(1 << 20); try { for (let i = 0; ; i++) localStorage.setItem('filler' + i, s) }"
+                          " catch (e) { for (let k = 1 << 19; k >= 1; k >>= 1) try { localStorage.setItem('last' + k, 'x'.repeat(k)) } catch (e) {} }")
+    try:
+        set_value(driver, "max-tokens", "8")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: not sending(d) and assistant_text(d))
+        assert driver.execute_script("return document.querySelector('#messages .msg.user .content').textContent") == "Hi"
+        assert driver.find_element(By.ID, "status").text.startswith("The browser's storage for this page is full")
+    finally:
+        driver.execute_script("for (const k of Object.keys(localStorage)) if (/^(filler|last)/.test(k)) localStorage.removeItem(k)")
+
+
 def test_tokenizer_view(page, chat):
     driver, wait = page
     driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab=tokenizer]").click()
@@ -172,7 +237,8 @@ def test_arena_vote_changes_the_leaderboard(page):
     time.sleep(0.5)  # the first leaderboard fetch
     assert driver.execute_script(board) == 0  # no votes yet
     driver.find_element(By.ID, "arena-input").send_keys("Which is larger, 9.11 or 9.9?")
-    driver.find_element(By.ID, "arena-go").click()
+    # one battle at a time: a second one started meanwhile had its vote recorded with the first one's answers
+    assert driver.execute_script("const b = document.getElementById('arena-go'); b.click(); return b.disabled")
     vote_a = driver.find_element(By.CSS_SELECTOR, "#arena-vote button[data-vote=a]")
     wait.until(lambda d: vote_a.is_enabled())
     names = "return ['a', 'b'].map(s => document.getElementById('arena-name-' + s).textContent)"

@@ -12,7 +12,17 @@ const contexts = {}; // model id -> its context in tokens (max_model_len)
 
 // ------------------------------------------------------------------ storage and settings
 
-function save() { localStorage.setItem(STORE, JSON.stringify(conversations)); }
+const STORAGE_FULL = "The browser's storage for this page is full: conversations are not saved. Delete old ones to make room.";
+
+// A full storage (about 5 MB a site) must not stop the page: it says so and goes on unsaved.
+function save() {
+  try {
+    localStorage.setItem(STORE, JSON.stringify(conversations));
+    if ($("status").textContent === STORAGE_FULL) $("status").textContent = "";
+  } catch (e) {
+    $("status").textContent = STORAGE_FULL;
+  }
+}
 
 function loadSettings() {
   const saved = JSON.parse(localStorage.getItem("pocketgpt.settings") || "{}");
@@ -42,7 +52,8 @@ function escapeHtml(s) {
   return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
-// A small markdown subset, on escaped text: fenced code, inline code, bold, italics, line breaks.
+// A small markdown subset, on escaped text: fenced code, inline code, bold, italics, line breaks. Code is
+// shown as written: asterisks in it are not emphasis.
 function markdown(text) {
   const parts = text.split(/```/);
   return parts.map((part, i) => {
@@ -50,11 +61,12 @@ function markdown(text) {
       const body = part.replace(/^[\w+-]*\n/, "");
       return "<pre><code>" + escapeHtml(body) + "</code></pre>";
     }
-    return escapeHtml(part)
-      .replace(/`([^`\n]+)`/g, "<code>$1</code>")
-      .replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
-      .replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>")
-      .replace(/\n/g, "<br>");
+    return part.split(/(`[^`\n]+`)/).map((piece, j) => j % 2 === 1
+      ? "<code>" + escapeHtml(piece.slice(1, -1)) + "</code>"
+      : escapeHtml(piece)
+        .replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
+        .replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>")
+        .replace(/\n/g, "<br>")).join("");
   }).join("");
 }
 
@@ -94,14 +106,19 @@ function renderMessages() {
       const cached = (m.usage.prompt_tokens_details || {}).cached_tokens || 0;
       html += `<div class="usage">${m.usage.prompt_tokens} prompt tokens (${cached} cached), ${m.usage.completion_tokens} generated</div>`;
     }
+    if (m.left_out) html += `<div class="usage">${m.left_out} earlier messages left out: the model's context holds no more</div>`;
     div.innerHTML = `<div class="content">${html}</div>`;
     const actions = document.createElement("div");
     actions.className = "actions";
-    if (m.role === "user") actions.appendChild(button("Edit", () => editMessage(i)));
-    if (m.role === "assistant" && i === current.messages.length - 1) {
-      actions.appendChild(button("Regenerate", regenerate));
-      // a reply cut short (by max tokens, or by Stop) goes on from where it is: the server's continue_final_message
-      if (m.content && !m.tool_calls && (m.finish_reason === "length" || m.stopped)) actions.appendChild(button("Continue", carryOn));
+    const last = i === current.messages.length - 1;
+    if (!controller) {  // while a reply streams, nothing else is asked
+      if (m.role === "user") actions.appendChild(button("Edit", () => editMessage(i)));
+      // a message left without a reply (a reload mid-reply, a failed request) can still get one
+      if (last) actions.appendChild(button("Regenerate", regenerate));
+      // a reply cut short (by max tokens, by Stop, by a reload) goes on from where it is: continue_final_message
+      if (last && m.role === "assistant" && m.content && !m.tool_calls && (m.finish_reason === "length" || m.stopped || m.partial)) {
+        actions.appendChild(button("Continue", carryOn));
+      }
     }
     div.appendChild(actions);
     box.appendChild(div);
@@ -118,47 +135,70 @@ function button(label, onclick) {
 
 // ------------------------------------------------------------------ talking to the API
 
-async function send(text) {
+// What a request asks besides its messages, read from the settings; null (and the user told why) when a setting
+// is not usable: checked before anything changes, so a bad schema neither leaves a message unanswered nor
+// drops the reply Regenerate was to replace.
+function requestSettings() {
+  const maxTokens = Number($("max-tokens").value);
+  if (!Number.isInteger(maxTokens) || maxTokens < 1) {
+    alert("Max tokens must be a whole number of at least 1.");
+    return null;
+  }
+  const settings = { maxTokens };
+  if ($("json-mode").checked) {
+    try {
+      settings.response_format = { type: "json_schema", json_schema: { name: "page", schema: JSON.parse($("json-schema").value) } };
+    } catch (e) {
+      alert("The JSON schema is not valid JSON: " + e.message);
+      return null;
+    }
+  }
+  return settings;
+}
+
+async function send(text, settings) {
   if (!current) newConversation();
   current.messages.push({ role: "user", content: text });
   if (!current.title) current.title = text.slice(0, 40);
   save(); renderList();
-  await complete();
+  await complete(settings);
 }
 
 // Ask for the next assistant turn, or with `continued` for more of the last one (a reply cut short).
-async function complete(continued = false) {
-  const messages = [];
+async function complete(settings, continued = false) {
+  const conversation = current;
+  let messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value.trim() });
-  for (const m of current.messages) {
-    if (m.role === "assistant" && m.error && !m.content && !m.tool_calls) continue; // a reply that failed: no turn
+  for (const m of conversation.messages) {
+    // a reply that failed or was stopped before its first token: no turn
+    if (m.role === "assistant" && (m.error || m.stopped) && !m.content && !m.tool_calls) continue;
     const out = { role: m.role, content: m.content || "" };
     if (m.tool_calls) out.tool_calls = m.tool_calls;
     messages.push(out);
   }
   const body = {
-    model: $("model").value, messages, stream: true, stream_options: { include_usage: true },
+    model: $("model").value, stream: true, stream_options: { include_usage: true },
     temperature: parseFloat($("temperature").value), top_p: parseFloat($("top-p").value),
   };
-  if ($("json-mode").checked) {
-    try {
-      body.response_format = { type: "json_schema", json_schema: { name: "page", schema: JSON.parse($("json-schema").value) } };
-    } catch (e) {
-      alert("The JSON schema is not valid JSON: " + e.message);
-      return;
-    }
-  }
+  if (settings.response_format) body.response_format = settings.response_format;
   if (continued) Object.assign(body, { continue_final_message: true, add_generation_prompt: false });
-  const reply = continued ? current.messages.at(-1) : { role: "assistant", content: "" };
-  if (!continued) current.messages.push(reply);
-  delete reply.finish_reason; delete reply.stopped; delete reply.error;
-  renderMessages();
-  const contentDiv = $("messages").lastChild.querySelector(".content");
+  const reply = continued ? conversation.messages.at(-1) : { role: "assistant", content: "" };
+  if (!continued) conversation.messages.push(reply);
+  delete reply.finish_reason; delete reply.stopped; delete reply.error; delete reply.left_out;
+  reply.partial = true; // saved so while it streams: a reload finds it cut short, and may continue it
   controller = new AbortController();
   $("send").hidden = true; $("stop").hidden = false;
+  renderMessages();
+  // The reply's element, looked up on each chunk: a re-render (another conversation opened and this one again)
+  // replaces it, and one kept from the start would no longer be on the page.
+  const index = conversation.messages.indexOf(reply);
+  const shown = () => current === conversation ? $("messages").querySelector(`.msg[data-index="${index}"] .content`) : null;
+  let savedAt = Date.now();
   try {
     // asked once the message shows and Stop is offered: the page waited on this round trip before showing anything
-    body.max_tokens = await replyRoom(body.model, messages, !continued);
+    const fit = await fitToContext(body.model, messages, !continued, settings.maxTokens);
+    Object.assign(body, { messages: fit.messages, max_tokens: fit.maxTokens });
+    if (fit.leftOut) reply.left_out = fit.leftOut;
     const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
@@ -186,18 +226,23 @@ async function complete(continued = false) {
           if (choice.finish_reason) reply.finish_reason = choice.finish_reason;
         }
         if (chunk.usage) reply.usage = chunk.usage;
-        contentDiv.innerHTML = markdown(reply.content) +
-          (reply.tool_calls || []).map((c) => `<div class="tool">→ ${escapeHtml(c.function.name)}(${escapeHtml(c.function.arguments)})</div>`).join("");
-        $("messages").scrollTop = $("messages").scrollHeight;
+        const contentDiv = shown();
+        if (contentDiv) {
+          contentDiv.innerHTML = markdown(reply.content) +
+            (reply.tool_calls || []).map((c) => `<div class="tool">→ ${escapeHtml(c.function.name)}(${escapeHtml(c.function.arguments)})</div>`).join("");
+          $("messages").scrollTop = $("messages").scrollHeight;
+        }
+        if (Date.now() - savedAt > 1000) { save(); savedAt = Date.now(); }
       }
     }
   } catch (e) {
     if (e.name === "AbortError") reply.stopped = true;
     else reply.error = e.message;
   } finally {
+    delete reply.partial;
     controller = null;
     $("send").hidden = false; $("stop").hidden = true;
-    save(); renderMessages();
+    save(); renderList(); renderMessages();
   }
 }
 
@@ -205,21 +250,27 @@ function stop() { if (controller) controller.abort(); }
 
 function carryOn() {
   if (!current || controller) return;
-  complete(true);
+  const settings = requestSettings();
+  if (settings) complete(settings, true);
 }
 
 function regenerate() {
   if (!current || controller) return;
+  const settings = requestSettings();
+  if (!settings) return;
   if (current.messages.at(-1).role === "assistant") current.messages.pop();
-  complete();
+  complete(settings);
 }
 
 function editMessage(i) {
+  if (controller) return; // one reply at a time: Stop applies to it, and Send comes back when it ends
   const text = prompt("Edit the message (the conversation continues from here):", current.messages[i].content);
   if (text === null) return;
+  const settings = requestSettings();
+  if (!settings) return;
   current.messages = current.messages.slice(0, i);
   save();
-  send(text);
+  send(text, settings);
 }
 
 function newConversation() {
@@ -228,17 +279,35 @@ function newConversation() {
   save(); renderList(); renderMessages();
 }
 
-// Max tokens is what a reply may take at most: the context left after the prompt caps it (a setting of 256 on a
-// 128-token model failed every message). A prompt too long on its own is the server's to say.
-async function replyRoom(model, messages, addGenerationPrompt = true) {
-  const wanted = parseInt($("max-tokens").value, 10) || 256;
-  const context = contexts[model];
-  if (!context || !messages.length) return wanted;
+// The prompt's tokens, by the server's /tokenize; null if it cannot say.
+async function promptTokens(model, messages, addGenerationPrompt) {
   const resp = await fetch("/tokenize", { method: "POST", headers: headers(),
     body: JSON.stringify({ model, messages, add_generation_prompt: addGenerationPrompt }) });
-  if (!resp.ok) return wanted;
-  const room = context - (await resp.json()).count;
-  return room > 0 ? Math.min(wanted, room) : wanted;
+  return resp.ok ? (await resp.json()).count : null;
+}
+
+// The messages a model's context holds, and the reply's room. Max tokens is what a reply may take at most: the
+// context left after the prompt caps it (a setting of 256 on a 128-token model failed every message). When the
+// prompt leaves less than MIN_ROOM tokens (or what Max tokens asks, if less), the oldest exchanges are left out,
+// never the system prompt or the last exchange, as a chat that goes on must: on a 128-token model every message
+// failed from the fourth on. A last exchange too long on its own is the server's to refuse.
+const MIN_ROOM = 32;
+
+async function fitToContext(model, messages, addGenerationPrompt, wanted) {
+  const context = contexts[model];
+  let leftOut = 0;
+  for (;;) {
+    const count = context && messages.length ? await promptTokens(model, messages, addGenerationPrompt) : null;
+    if (count === null) return { messages, maxTokens: wanted, leftOut };
+    const room = context - count;
+    const first = messages.findIndex((m) => m.role !== "system");
+    const next = messages.findIndex((m, i) => i > first && m.role === "user");
+    if (room >= Math.min(wanted, MIN_ROOM) || first < 0 || next < 0) {
+      return { messages, maxTokens: room > 0 ? Math.min(wanted, room) : wanted, leftOut };
+    }
+    leftOut += next - first;
+    messages = [...messages.slice(0, first), ...messages.slice(next)];
+  }
 }
 
 // ------------------------------------------------------------------ tokenizer view (as Tiktokenizer shows it)
@@ -249,8 +318,13 @@ let tokTimer = null;
 async function tokenizeNow() {
   const resp = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ model: $("model").value, prompt: $("tok-input").value }) });
   const out = await resp.json();
-  if (!resp.ok) { $("tok-count").textContent = out.error ? out.error.message : resp.statusText; return; }
-  $("tok-count").textContent = `${out.count} tokens, ${$("tok-input").value.length} characters`;
+  if (!resp.ok) {  // the last text's tokens would pass for this one's
+    $("tok-count").textContent = out.error ? out.error.message : resp.statusText;
+    $("tok-pieces").innerHTML = ""; $("tok-ids").textContent = "";
+    return;
+  }
+  // characters as a person counts them (code points): "🙂".length is 2 in JavaScript
+  $("tok-count").textContent = `${out.count} tokens, ${[...$("tok-input").value].length} characters`;
   $("tok-pieces").innerHTML = out.token_strs.map((s, i) =>
     `<span title="${out.tokens[i]}" class="${out.special[i] ? "special" : ""}" style="background:${COLORS[i % COLORS.length]};color:#111">${escapeHtml(s)}</span>`).join("");
   $("tok-ids").textContent = out.tokens.join(", ");
@@ -260,9 +334,10 @@ async function tokenizeNow() {
 
 let battle = null; // {a, b, prompt, answers: {a, b}} while a vote is open
 
-async function arenaAsk(model, prompt) {
+async function arenaAsk(model, prompt, maxTokens) {
   const messages = [{ role: "user", content: prompt }];
-  const body = { model, messages, max_tokens: await replyRoom(model, messages), temperature: Number($("temperature").value) };
+  const fit = await fitToContext(model, messages, true, maxTokens);
+  const body = { model, messages, max_tokens: fit.maxTokens, temperature: Number($("temperature").value) };
   const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   const out = await resp.json();
   if (!resp.ok) throw new Error(out.error ? out.error.message : resp.statusText);
@@ -275,18 +350,27 @@ async function arenaBattle(e) {
   const models = [...$("model").options].map((o) => o.value);
   if (!prompt) return;
   if (models.length < 2) { $("arena-status").textContent = "The arena needs a server with at least two models."; return; }
+  const settings = requestSettings();
+  if (!settings) return;
   const i = Math.floor(Math.random() * models.length);
   let j = Math.floor(Math.random() * (models.length - 1)); if (j >= i) j += 1;
-  battle = { a: models[i], b: models[j], prompt, answers: {} };
+  const mine = { a: models[i], b: models[j], prompt, answers: {} };
+  battle = mine;
   for (const side of ["a", "b"]) { $("arena-" + side).textContent = "…"; $("arena-name-" + side).textContent = ""; }
   setVoting(false);
+  $("arena-go").disabled = true; // one battle at a time: a vote names one battle's models, prompt and answers
   $("arena-status").textContent = "";
   try {
-    const [ta, tb] = await Promise.all([arenaAsk(battle.a, prompt), arenaAsk(battle.b, prompt)]);
-    battle.answers = { a: ta, b: tb };
+    const [ta, tb] = await Promise.all([arenaAsk(mine.a, prompt, settings.maxTokens), arenaAsk(mine.b, prompt, settings.maxTokens)]);
+    if (battle !== mine) return;
+    mine.answers = { a: ta, b: tb };
     $("arena-a").innerHTML = markdown(ta); $("arena-b").innerHTML = markdown(tb);
     setVoting(true);
-  } catch (err) { $("arena-status").textContent = String(err.message || err); battle = null; }
+  } catch (err) {
+    if (battle === mine) { $("arena-status").textContent = String(err.message || err); battle = null; }
+  } finally {
+    $("arena-go").disabled = false;
+  }
 }
 
 function setVoting(on) { for (const b of document.querySelectorAll("#arena-vote button")) b.disabled = !on; }
@@ -339,8 +423,10 @@ async function init() {
     e.preventDefault();
     const text = $("input").value.trim();
     if (!text || controller) return;
+    const settings = requestSettings();
+    if (!settings) return; // the text stays in the box
     $("input").value = "";
-    send(text);
+    send(text, settings);
   };
   $("input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
