@@ -150,6 +150,15 @@ def test_a_quoting_answer_is_held_to_the_passages_and_cites_the_one_it_quotes(wo
     assert answer.cited == holders and len(holders) >= 1 and len(answer.hits) == 3
 
 
+def test_a_quote_cut_short_by_the_context_is_refused_not_printed(world_index, scripted):
+    """Passages that fill a 128-token context left room for one token: "The" was printed as the quote."""
+    from pocketgpt.reason.lm import Generation
+
+    model = scripted(lambda messages, request: [Generation("The", "length")])
+    with pytest.raises(PocketError, match="no room to quote a whole sentence of them: ask with a lower --k"):
+        ask(model, world_index, "When was Lisin founded?", k=3, quote=True)
+
+
 def test_with_nothing_retrieved_a_quoting_answer_can_only_say_it_does_not_know():
     assert rag_request("When was Lisin founded?", [], quote=True).choices == (NOT_FOUND,)
 

@@ -29,19 +29,23 @@ Typical run (each step writes into the run directory):
   pocketgpt sample runs/me --prompt "The "
   pocketgpt info runs/me
 
-Configuration: --config FILE.toml with [tokenizer] and [pretrain] tables (see `pocketgpt config`),
-and --set key=value overrides, e.g. --set pretrain.train.lr=1e-3 --set pretrain.model.n_layer=4.
+Configuration: --config FILE.toml with the tables `pocketgpt config` prints ([world], [tokenizer], [pretrain],
+[sft], [sft_ablation], [rm], [ppo], [grpo], [eval]), and --set key=value overrides, e.g.
+--set pretrain.train.lr=1e-3 --set pretrain.model.n_layer=4.
 """
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with [tokenizer] / [pretrain] tables")
+def add_config_args(p: argparse.ArgumentParser, trains: bool = True) -> None:
+    """--config, --set, --threads; and, for a command that trains a stage (`trains`), --keep-checkpoints."""
+    p.add_argument("--config", help="TOML file of configuration tables ([pretrain], [sft], ...: `pocketgpt config` "
+                                    "prints them all with their defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. pretrain.train.steps=200 (repeatable)")
     p.add_argument("--threads", type=integer(1), help="CPU threads (fewer can be faster when the machine is busy)")
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep a stage's training state (optimizer included) when it finishes, to train it further "
-                        "later; by default only its final model stays")
+    if trains:
+        p.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep a stage's training state (optimizer included) when it finishes, to train it further "
+                            "later; by default only its final model stays")
 
 
 def load_run_config(args, starts_run: bool = False) -> "RunConfig":  # noqa: F821
@@ -60,7 +64,7 @@ def load_run_config(args, starts_run: bool = False) -> "RunConfig":  # noqa: F82
     for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo, cfg.grpo):
         if args.threads:
             stage.train.threads = args.threads
-        if args.keep_checkpoints:
+        if getattr(args, "keep_checkpoints", False):
             stage.train.keep_checkpoints = True
     return cfg
 
@@ -764,11 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run", help="run directory")
     t.add_argument("--vocab-size", type=integer(1), help="vocabulary size including special tokens (default 4096)")
     t.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
-    add_config_args(t)
+    add_config_args(t, trains=False)
     t.set_defaults(func=cmd_tokenizer_train)
     t = tsub.add_parser("encode", help="show how a text is split into tokens")
     t.add_argument("run", help="run directory")
-    t.add_argument("text")
+    t.add_argument("text", help="the text to split (special tokens in it stay text, as user text does)")
     t.set_defaults(func=cmd_tokenizer_encode)
 
     p = sub.add_parser("pretrain", help="pretrain a GPT on the data mixture",
@@ -795,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra conversations, one {"messages": [...]} per line (repeatable)')
     p.add_argument("--no-mitigation", action="store_true", help="train true answers even where the model "
                                                                 "does not know them (the naive recipe)")
-    p.add_argument("--steps", type=integer(1))
+    p.add_argument("--steps", type=integer(1), help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--quick", action="store_true", help="use the --quick speedrun settings")
     add_config_args(p)
@@ -908,8 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: 3 few-shot, 0 chat)")
     p.add_argument("--mode", default="auto", choices=("auto", "fewshot", "chat"),
                    help="auto: few-shot for base checkpoints, chat for post-trained ones")
-    p.add_argument("--style", help="direct, cot (step by step) or tool rendering of the shots "
-                                   "(default: the one each task is trained in)")
+    p.add_argument("--style", help="the rendering of the shots: direct, cot (step by step), tool, sentence, check, "
+                                   "or a task's own (factqa: rag; game24: propose, value); default: the one each "
+                                   "task is trained in")
     p.add_argument("--batch-size", type=integer(1), default=128, help="questions decoded together")
     p.add_argument("--strategy", choices=tuple(STRATEGIES),
                    help="ask through the LM protocol with a reasoning strategy (reports model calls and tokens; "
@@ -966,7 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("export", help='write {"messages": [...]} per example, for any tool that reads chat data')
     t.add_argument("name", help="task name (see `pocketgpt tasks list`)")
     t.add_argument("--split", default="train", help="train (default), validation or test")
-    t.add_argument("--style", default="direct", help="direct (default), cot, tool or sentence")
+    t.add_argument("--style", default="direct", help="direct (default), cot, tool, sentence, check, or a task's own "
+                                                     "(factqa: rag; game24: propose, value)")
     t.add_argument("--out", required=True, help="output .jsonl file")
     t.set_defaults(func=cmd_tasks)
 
@@ -1017,7 +1023,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for one client of a model as small as the speedrun's (bench/bench_serve.py measures both)")
     p.add_argument("--bf16-prefill", action="store_true",
                    help="prompts through bf16 matmuls, decoding in float32: a faster time to first token on long "
-                        "prompts (SmolLM2: 2.0x on a 600-token prompt here); logits differ from float32 slightly")
+                        "prompts (SmolLM2, a 600-token prompt: 1.75-2.28x, reports/bench/interop*.json); logits "
+                        "differ from float32 slightly")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decode step with torch.compile before serving (default on: several times "
                         "faster decoding; the start takes ~20-50 s, less once inductor's on-disk cache holds the "

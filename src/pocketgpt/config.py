@@ -1,6 +1,6 @@
 """Configs are dataclasses; a TOML file and `--set key=value` overrides fill them in.
 
-    pocketgpt pretrain --config my.toml --set train.lr=1e-3 --set model.n_layer=4
+    pocketgpt pretrain RUN --config my.toml --set pretrain.train.lr=1e-3 --set pretrain.model.n_layer=4
 
 Nested dataclasses are TOML tables; dict fields (like the data sources) take whole tables.
 Unknown keys are errors that name the known ones, so a typo never passes silently.

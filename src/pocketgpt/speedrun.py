@@ -56,7 +56,7 @@ class TokenizerConfig:
 @dataclass
 class EvalConfig:
     n: int = 100  # test examples per task (0 = the whole test split)
-    batch_size: int = 32
+    batch_size: int = 128  # questions decoded together (the SFT model's suite: 32.7 s against 46-51 s at 32)
     compile: bool = True  # one compiled decode step for every checkpoint (harness.evaluate_task)
 
 

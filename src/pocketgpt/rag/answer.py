@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..common import PocketError
 from ..data.tasks.prompts import passages_prompt
 from ..reason.lm import LM, Request
 from .index import Hit, Index
@@ -58,6 +59,9 @@ def ask(lm: LM, index: Index, question: str, k: int = 3, retriever: str = "hybri
         quote: bool = False) -> RAGAnswer:
     hits = index.search(question, k, retriever)
     [gen] = lm.chat_batch([rag_request(question, hits, quote, max_tokens)])[0]
+    if quote and gen.finish_reason == "length":  # a fragment ("The") would pass for the quote
+        raise PocketError(f"the passages leave {lm.name} no room to quote a whole sentence of them: ask with a "
+                          "lower --k or an index of smaller chunks (--chunk-size)")
     text = gen.text.strip()
     shown = [h.chunk.id for h in hits]
     if quote:

@@ -247,6 +247,9 @@ class OpenAILM(LM):
 
     def __init__(self, base_url: str, api_key: str = "none", model: str | None = None,
                  concurrency: int = CONCURRENCY):
+        # httpx here, whole, before any worker thread: _room's first import of it, in one of 32 threads while
+        # others handled their own refusals, let openai's client meet the module half loaded (AttributeError)
+        import httpx  # noqa: F401
         import openai
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=600)
