@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,8 +135,9 @@ def test_bad_arguments(tiny_model):
         apply_lora(tiny_model, r=0)
     with pytest.raises(PocketError, match=r"qproj.] match no linear module; available: down_proj.*q_proj"):
         apply_lora(tiny_model, targets=["qproj", "v_proj"])
-    with pytest.raises(PocketError, match="tied"):
-        apply_lora(tiny_model, targets=["lm_head"])
+    for tied in (True, False):  # untied, the chunked losses read the head's weight past the adapter: never trained
+        with pytest.raises(PocketError, match="cannot put LoRA on lm_head: the losses read its weight directly"):
+            apply_lora(GPT(replace(tiny_model.cfg, tie_embeddings=tied)), targets=["lm_head"])
     with pytest.raises(PocketError, match="base_dtype"):
         apply_lora(tiny_model, base_dtype="int4")
     smallest = min(min(m.in_features, m.out_features) for name, m in tiny_model.named_modules()
@@ -184,3 +186,21 @@ def test_matches_peft(tiny_model):
     merged, their_merged = merge_lora(ours).state_dict(), theirs.merge_and_unload().state_dict()
     for name, weight in merged.items():
         torch.testing.assert_close(weight, their_merged[name], atol=1e-6, rtol=0)
+
+
+def test_an_adapted_layer_in_a_compiled_decode_of_a_few_rows_is_adapted():
+    """Up to 4 rows, the compiled decode step multiplies by a layer's weight as a reduction, which for an
+    adapted layer is only the frozen base: GRPO with LoRA sampled from the base model and trained on it."""
+    from torch import nn
+
+    from pocketgpt.model import _row_linear
+    from pocketgpt.train.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6, bias=False), r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 8)
+    compiled = torch.compile(lambda rows: _row_linear(rows, layer))(x)
+    base = x @ layer.base_weight(torch.float32).T
+    assert torch.allclose(compiled, layer(x), atol=1e-5) and not torch.allclose(compiled, base, atol=1e-2)

@@ -536,8 +536,9 @@ def _row_linears(x: torch.Tensor, *layers: nn.Linear, packed: bool = False) -> t
 
 def _row_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """layer(x) for a few of the decode step's rows x (B, d_in): inside a compiled graph as a reduction;
-    F.linear otherwise."""
-    if not torch.compiler.is_compiling():
+    F.linear otherwise. An adapted layer (LoRA) is itself: its weight is only the frozen base (a compiled
+    decode of up to 4 rows sampled from the base model, and GRPO with LoRA trained on those samples)."""
+    if not torch.compiler.is_compiling() or type(layer) is not nn.Linear:
         return layer(x)
     if has_blocks(layer):  # a GGUF file's 4- or 8-bit weights, the same values in a quarter of the bytes
         y = block_row_linear(x, layer).to(x.dtype)

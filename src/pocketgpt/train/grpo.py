@@ -9,8 +9,9 @@ task itself. The model can discover its own ways of reasoning, as long as the an
 
 Under torchrun a step's problems are global (prompts_per_step per process), and each process
 answers its share. A group's advantages need only its own answers, which one process holds; the
-loss is a mean over the valid tokens of the whole step, so it is divided by the count summed over
-processes (`share_of_global_mean`).
+loss is a mean over the valid tokens of the whole step's micro-batch on every process, so it is divided
+by the count summed over processes (`share_of_global_mean`; micro-steps of grad_accum weigh the same each,
+see TrainConfig).
 """
 
 from __future__ import annotations
@@ -100,17 +101,21 @@ class GRPOObjective:
             seqs = [p.ids + c.tokens for p, c in zip(prompt_of, outs)]
             ids, mask = collate(seqs, [len(p.ids) for p in prompt_of], chat.pad_id, self.device,
                                 [c.action_mask for c in outs])
-            # One update per batch: the sampling policy is the current one, so old == current (ratio 1)
-            # and the clip only matters if a user raises the updates per batch.
-            old_lp = policy_logprobs(policy, ids)
             ref_lp = policy_logprobs(self.ref, ids) if self.ref is not None and cfg.beta > 0 else None
         lp, entropy = policy_logprobs(policy, ids, with_entropy=True)
+        # One update per batch: the policy that sampled is the one being trained, so the old log-probs are
+        # these (ratio 1, the clip idle; as TRL does). A second forward pass for them cost a third of the
+        # update, and with LoRA dropout drew other masks (ratio 0.988, a KL of 0.019 from nothing).
+        # Samples are drawn at `temperature`, log-probs are the policy's at temperature 1: TRL divides the
+        # logits by the sampling temperature first; not done here (the speedrun's GRPO figures were measured
+        # so, and the change wants a new card).
+        old_lp = lp.detach()
         loss, stats = grpo_loss(lp, old_lp, advantages, mask, cfg.clip, ref_lp, cfg.beta)
         loss = loss * share_of_global_mean(mask.sum(), self.info)  # every token of the step counts the same
         self.step += 1
         trained = sum(len(s) for s in seqs)
-        # forward only: the prompts' prefill and the completions while sampling, the old and reference log-probs
-        forward = sum(len(p.ids) for p in batch) + sum(len(c.tokens) for c in outs) + trained * (1 + (ref_lp is not None))
+        # forward only: the prompts' prefill and the completions while sampling, the reference's log-probs
+        forward = sum(len(p.ids) for p in batch) + sum(len(c.tokens) for c in outs) + trained * (ref_lp is not None)
         return loss, {**stats, "tokens": float(trained), "forward_tokens": float(forward),
                       "reward": rewards.mean().item(), "entropy": masked_mean(entropy.detach(), mask).item(),
                       "response_tokens": mask.sum(1).mean().item(),

@@ -73,6 +73,9 @@ DTYPES = ("auto", "bfloat16", "float32")
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 16  # rows per process per micro-step
+    # micro-steps a step sums (each loss / grad_accum, as nanoGPT): every micro-step's mean weighs the same, so a
+    # masked loss (SFT, PPO, GRPO) weighs tokens equally within a micro-step, not across them as one larger
+    # batch (or more processes under torchrun) would
     grad_accum: int = 1
     seq_len: int = 256
     lr: float = 3e-3

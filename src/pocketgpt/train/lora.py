@@ -153,9 +153,11 @@ def apply_lora(model: GPT, r: int = 8, alpha: float = 16, dropout: float = 0.0,
     unknown = sorted(set(targets) - set(available))
     if unknown:
         raise PocketError(f"LoRA targets {unknown} match no linear module; available: {', '.join(available)}")
-    if "lm_head" in targets and model.cfg.tie_embeddings:
-        # Merging would untie lm_head from the embeddings, and a tied checkpoint stores only the latter.
-        raise PocketError("cannot put LoRA on lm_head: it is tied to the input embeddings (tie_embeddings)")
+    if "lm_head" in targets:
+        # Tied, merging would untie it from the embeddings (a tied checkpoint stores only those); untied, the
+        # losses and log-probs read the head's weight in chunks (ChunkedCrossEntropy), past any adapter: it
+        # would never train.
+        raise PocketError("cannot put LoRA on lm_head: the losses read its weight directly; adapt the blocks' layers")
     # B @ A of rank r above a layer's smaller side can change nothing a rank of that side cannot: it only costs
     # (an adapter of r = 4096 on 256-wide layers trained 13x slower, and merged into the same model)
     full_rank = {name: min(m.in_features, m.out_features) for name, m in linears.items()

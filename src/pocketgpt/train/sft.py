@@ -284,7 +284,8 @@ class ConversationLoader:
 class MaskedLanguageModeling(LoaderObjective):
     """SFT's objective: cross-entropy on assistant tokens only; an all-masked batch gives 0, not NaN. Under
     torchrun every trained token of the global batch counts the same: processes whose rows hold different
-    numbers of them averaged their own means before, unlike one process on the whole batch."""
+    numbers of them averaged their own means before, unlike one process on the whole batch. (Micro-steps of
+    grad_accum weigh the same each, as TrainConfig says.)"""
 
     def __init__(self, loader, device: torch.device, info: DistInfo = DistInfo()):
         super().__init__(loader, device)
