@@ -383,3 +383,26 @@ def test_compiled_decode_step_matches_eager_and_compiles_only_in_warmup(model, t
     assert run(compiled) == run(Engine(model, tokenizer, max_batch=8))
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warmup
     assert Engine(model, tokenizer).warmup() == 0.0
+
+
+def test_an_idle_engine_gives_its_cache_back(tiny_model, tokenizer):
+    """The cache only grew (rows x the longest row): a server held what one burst had made, gigabytes."""
+    engine = Engine(tiny_model, tokenizer, max_batch=8)
+    small = engine.cache.rows * engine.cache.capacity
+    done = engine.generate([tokenizer.encode("The")] * 8, SamplingParams(max_tokens=100, temperature=1.0, seed=0))
+    assert max(len(c.tokens) for c in done) > 64  # the cache grew past its first 64 positions
+    assert engine.cache.rows * engine.cache.capacity == small
+    again = engine.generate([tokenizer.encode("The")], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert again.tokens == engine.generate([tokenizer.encode("The")], SamplingParams(max_tokens=5, temperature=0))[0].tokens
+
+
+def test_a_short_prompt_is_answered_while_a_long_one_prefills(tiny_model, tokenizer):
+    """The step's prefill budget went to the oldest prompt whole: a "hi" behind a 6,759-token prompt waited for
+    all of it (225 s with SmolLM2)."""
+    engine = Engine(tiny_model, tokenizer, prefill_chunk=16)
+    (long,) = engine.submit([1] * 100, SamplingParams(max_tokens=1))
+    engine.step()
+    (short,) = engine.submit([2, 3, 4], SamplingParams(max_tokens=1))
+    while not short.done:
+        engine.step()
+    assert long.pending and not long.done  # still prefilling when the short one had its answer

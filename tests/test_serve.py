@@ -126,7 +126,8 @@ def test_a_prefilled_reply_is_continued(server):
     auth = {"Authorization": f"Bearer {KEY}"}
 
     def tokens(text: str) -> list[int]:
-        return httpx.post(url + "/tokenize", json={"model": model, "prompt": text}, headers=auth).json()["tokens"]
+        return httpx.post(url + "/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False},
+                          headers=auth).json()["tokens"]
 
     def text_of(ids: list[int]) -> str:
         return httpx.post(url + "/detokenize", json={"model": model, "tokens": ids}, headers=auth).json()["prompt"]
@@ -288,8 +289,15 @@ def test_a_repeated_beginning_comes_from_the_prefix_cache(server):
 def test_tokenize_detokenize_metrics(server):
     _, url, model, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
-    out = httpx.post(url + "/tokenize", json={"model": model, "prompt": "Hello <|im_start|> world"}, headers=auth).json()
+    text = "Hello <|im_start|> world"
+    out = httpx.post(url + "/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False},
+                     headers=auth).json()
     assert out["count"] == len(out["tokens"]) == len(out["token_strs"]) and not any(out["special"])
+    # by default a prompt is counted as /v1/completions reads it (our models' <|bos|> first: one short before)
+    counted = httpx.post(url + "/tokenize", json={"model": model, "prompt": text}, headers=auth).json()["count"]
+    used = httpx.post(url + "/v1/completions", json={"model": model, "prompt": text, "max_tokens": 1},
+                      headers=auth, timeout=60).json()["usage"]["prompt_tokens"]
+    assert counted == used
     assert httpx.post(url + "/detokenize", json={"model": model, "tokens": out["tokens"]},
                       headers=auth).json()["prompt"] == "Hello <|im_start|> world"
     metrics = httpx.get(url + "/metrics").text
@@ -304,6 +312,9 @@ BAD_REQUESTS = [
       "tool_choice": {"type": "function", "function": {"name": "search"}}}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [CALCULATOR] * 129}, 400, "tools"),
+    # 4 stop strings of 100,000 characters stalled the whole server for 10 s (each streamed token checked them)
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["x" * 1001]}, 400, "stop"),
     # a tool whose parameters are no schema, offered without forcing a call: it was accepted
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}]}, 400, None),
@@ -668,3 +679,45 @@ def test_a_damaged_stage_is_left_out_and_the_others_served(tmp_path, tiny_model,
     (tmp_path / "sft" / "model.safetensors").write_bytes(b"")
     with pytest.raises(PocketError, match=r"none of its stages \(.*\) can be served"):
         load_workers(tmp_path)
+
+
+def test_a_stopped_server_ends_its_replies_and_logs_no_hung_up_client(tmp_path, chat):
+    """SIGTERM with streams open: clients got nothing for ~10 s, then a cut connection (no finish_reason, no
+    [DONE]). And every non-streaming client that hung up was logged as "Exception in ASGI application"."""
+    import signal
+    import threading
+
+    torch.manual_seed(0)
+    save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=8192)), tmp_path / "run" / "sft",
+               chat, {"stage": "sft"})
+    proc, url = start_server(tmp_path / "run")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "sft", "messages": [{"role": "user", "content": "Write forever."}], "max_tokens": 4000,
+            "ignore_eos": True}
+    try:
+        with contextlib.suppress(httpx.TimeoutException):  # a client that hangs up on a whole reply
+            httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=1)
+        assert rows_freed(url, "sft")
+        lines, streaming = [], threading.Event()
+
+        def read_stream():
+            with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, headers=auth,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    streaming.set()
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert streaming.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive()
+        finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        assert finishes[-1] == "error" and lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert proc.wait(timeout=30) == 0
+        assert "Exception in ASGI application" not in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -703,7 +703,9 @@ def cmd_serve(args) -> None:
     console.print(f"serving {', '.join(workers)} from {args.run} on http://{args.host}:{args.port} "
                   f"(chat page at /, OpenAI API at /v1)")
     # The engines run in this (the main) thread and the HTTP server beside it: serve/worker.py says why.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # a few seconds for the replies ended at a stop to reach their clients (uvicorn waits forever by default)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
     stop = threading.Event()
 
     def serve_http():
@@ -720,6 +722,8 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for w in workers.values():  # in this thread, where the engines step: none is mid-step
+            w.end_all()
         server.should_exit = True
         http.join(timeout=10)
     if not server.started:
@@ -1009,7 +1013,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--arena-db", metavar="FILE", help="keep the chat page's arena votes in this SQLite file "
                                                        "(rate them with `pocketgpt arena --votes FILE`)")
-    p.add_argument("--max-batch", type=integer(1), default=32, help="sequences decoded together per model")
+    p.add_argument("--max-batch", type=integer(1), default=32,
+                   help="sequences decoded together per model (default 32). The key-value cache is dense: while "
+                        "busy it holds this many rows of the longest row's tokens (prompt and reply), and an idle "
+                        "model gives it back; with long prompts on a small machine, lower it")
     p.add_argument("--max-queued", type=integer(1), default=256, help="waiting sequences before answering 503")
     p.add_argument("--prefix-cache", type=non_negative, default=256, metavar="MB",
                    help="keep the keys and values of prompt beginnings (a system prompt, a conversation's earlier "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import load_model
@@ -294,7 +294,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             if len(req.prompt) > limits.max_total_chars:
                 raise APIError(400, f"the prompt has {len(req.prompt)} characters; at most {limits.max_total_chars}",
                                "prompt")
-            ids = w.chat.tokenizer.encode(req.prompt)
+            # as /v1/completions reads it (a document: <|bos|> first on our models), unless asked for the text alone
+            ids = w.chat.document(req.prompt) if req.add_special_tokens else w.chat.tokenizer.encode(req.prompt)
         tok = w.chat.tokenizer
         return {"tokens": ids, "count": len(ids), "max_model_len": w.model.cfg.max_seq_len,
                 "token_strs": [tok.token_bytes()[i].decode("utf-8", errors="replace") for i in ids],
@@ -322,9 +323,10 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
 
     # ------------------------------------------------------------------ generation
 
-    async def collect(request: Request, seqs, events) -> None:
-        """Wait until every sequence is done; a client that goes away cancels them (looked at twice a second,
-        whether tokens are coming or not: while they came, a client that had hung up was never noticed)."""
+    async def collect(request: Request, seqs, events) -> bool:
+        """Wait until every sequence is done, True; False if the client went away, which cancels them (looked at
+        twice a second, whether tokens are coming or not: while they came, a client that had hung up was never
+        noticed). Said by returning, not raising: uvicorn logged a traceback for every client that hung up."""
         looked = time.monotonic()
         try:
             while not all(s.done for s in seqs):
@@ -335,7 +337,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
                 if time.monotonic() - looked >= 0.5:
                     looked = time.monotonic()
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError
+                        return False
+            return True
         finally:
             for s in seqs:
                 if not s.done:
@@ -429,7 +432,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             return "tool_calls" if calls else seq.finish_reason
 
         if not req.stream:
-            await collect(request, seqs, events)
+            if not await collect(request, seqs, events):
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
             choices = []
             for s in seqs:
                 text = w.engine.visible_text(s.turn, params)
@@ -539,7 +543,8 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
             return legacy_logprobs(tokens, seq.logprobs[:len(tokens)], seq.top_logprobs[:len(tokens)])
 
         if not req.stream:
-            await collect(request, seqs, events)
+            if not await collect(request, seqs, events):
+                return Response(status_code=499)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                     "choices": [{"index": s.index, "text": w.engine.visible_text(s.turn, params),
                                  "logprobs": logprobs_of(s, content_tokens(w, s)), "finish_reason": s.finish_reason}

@@ -46,6 +46,11 @@ class Limits:
     max_queued: int = 256  # sequences waiting for a cache row, per model
 
 
+# A stop string's length: a stream holds back any end of its text that may start one, checked at every token in
+# the event loop that serves every client (4 stops of 100,000 characters stalled the server for 10 s).
+MAX_STOP_CHARS = 1_000
+MAX_TOOLS = 128
+
 # Fields OpenAI's or vLLM's server takes that would change the reply, with the setting that changes nothing
 # (null and empty values change nothing either): any other value is refused, since a request with min_p 0.1
 # answered as if it had none would be a silent lie. The constraints are declared by chat completions' request
@@ -146,8 +151,8 @@ class SamplingFields(Body):
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS:,} characters", "stop")
         return tuple(stops)
 
     def biases(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -215,6 +220,9 @@ class ChatCompletionRequest(SamplingFields):
             raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format")
         if self.tools is not None and not self.tools:
             raise APIError(400, "tools must not be empty (leave it out instead)", "tools")
+        if self.tools is not None and len(self.tools) > MAX_TOOLS:  # 3,000 of them answered llguidance's Rust panic
+            raise APIError(400, f"at most {MAX_TOOLS} tools a request, as OpenAI's API takes; this one has "
+                           f"{len(self.tools)}", "tools")
         if self.tool_choice is not None:
             if not self.tools:
                 raise APIError(400, "tool_choice needs tools", "tool_choice")
@@ -347,6 +355,7 @@ class TokenizeRequest(Body):
     prompt: str | None = None
     messages: list[Message] | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # a prompt's: what a completion's prompt starts with (vLLM's default)
 
 
 class DetokenizeRequest(Body):

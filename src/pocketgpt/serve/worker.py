@@ -74,10 +74,18 @@ class ModelWorker:
             console.print(f"[red]engine error, {len(self.engine.running) + len(self.engine.waiting)} "
                           f"requests ended: {e!r}[/]")
             events = self.engine.abort_all()
+        self._hand_over(events)
+        return True
+
+    def end_all(self) -> None:
+        """End every request, finish_reason "error" (the server is stopping): each client gets its end at once,
+        where streams waited for the HTTP server's shutdown to give up on them and were cut."""
+        self._hand_over(self.engine.abort_all())
+
+    def _hand_over(self, events) -> None:
         if events and self._loop_ref is not None:
             # One hand-over per step, not per token: each call wakes the event loop (a syscall).
             self._loop_ref.call_soon_threadsafe(self._dispatch, events)
-        return True
 
     def _dispatch(self, events) -> None:
         """In the event loop: each (sequence, event) to its request's queue; time to first token noted."""

@@ -316,7 +316,7 @@ const COLORS = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1e6", "#e8e8e4", "#f0efeb"
 let tokTimer = null;
 
 async function tokenizeNow() {
-  const resp = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ model: $("model").value, prompt: $("tok-input").value }) });
+  const resp = await fetch("/tokenize", { method: "POST", headers: headers(), body: JSON.stringify({ model: $("model").value, prompt: $("tok-input").value, add_special_tokens: false }) });
   const out = await resp.json();
   if (!resp.ok) {  // the last text's tokens would pass for this one's
     $("tok-count").textContent = out.error ? out.error.message : resp.statusText;
