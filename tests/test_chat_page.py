@@ -94,13 +94,18 @@ def test_send_a_message_and_see_it_stream(page):
     assert re.fullmatch(r"[1-9]\d* prompt tokens \(\d+ cached\), [1-9]\d* generated", usage)
 
 
-def test_stop_a_generation(page):
-    driver, wait = page
+def start_a_long_reply(driver, wait) -> None:
+    """In a new conversation, a reply of up to 4,000 tokens, under way once this returns."""
     driver.find_element(By.ID, "new-chat").click()
     set_value(driver, "max-tokens", "4000")
     driver.find_element(By.ID, "input").send_keys("Write forever")
     driver.find_element(By.ID, "send").click()
     wait.until(lambda d: len(assistant_text(d)) > 0)
+
+
+def test_stop_a_generation(page):
+    driver, wait = page
+    start_a_long_reply(driver, wait)
     assert sending(driver)
     driver.execute_script("document.getElementById('stop').click()")
     wait.until(lambda d: not sending(d))
@@ -152,11 +157,7 @@ def test_while_a_reply_streams_it_stays_on_screen_and_nothing_else_is_asked(page
     """Opening another conversation and this one again left the reply frozen on screen (written to an element
     no longer there) until it ended; Edit mid-reply started a second request that Stop could not reach."""
     driver, wait = page
-    driver.find_element(By.ID, "new-chat").click()
-    set_value(driver, "max-tokens", "4000")
-    driver.find_element(By.ID, "input").send_keys("Write forever")
-    driver.find_element(By.ID, "send").click()
-    wait.until(lambda d: len(assistant_text(d)) > 0)
+    start_a_long_reply(driver, wait)
     assert driver.find_elements(By.CSS_SELECTOR, "#messages .actions button") == []  # no Edit, no Regenerate
     driver.find_element(By.ID, "new-chat").click()
     driver.find_elements(By.CSS_SELECTOR, "#conversations li")[1].click()  # the one still streaming

@@ -767,7 +767,7 @@ def _before_stop(text: str, stops: tuple[str, ...], partial: bool) -> str:
         if s in text:
             text = text[:text.index(s)]
     if partial:  # the longest end that may start any of them ("le" of "led", not "d" of "dZ")
-        held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text[-k] == s[0] and s.startswith(text[-k:])),
-                   default=0)
+        held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1))
+                    if text[-k] == s[0] and s.startswith(text[-k:])), default=0)
         return text[:len(text) - held]
     return text

@@ -51,7 +51,7 @@ class GRPOConfig:
     temperature: float = 0.7
     max_tokens: int = 192
     compile_sampling: bool = True  # a compiled decode step (rollout.sample): faster after a one-time compile
-    clip: float = 0.2
+    clip: float = 0.2  # the ratio's clip (grpo_loss); idle at one update per batch, where the ratio is 1
     beta: float = 0.0  # KL to the reference (k3); 0 = none, as in DAPO / Dr. GRPO
     eval_n: int = 200  # held-out (validation split) problems per task for before/after accuracy
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=0))  # r > 0: train adapters, merge at the end
