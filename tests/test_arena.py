@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pocketgpt.common import PocketError
-from pocketgpt.evaluate.arena import Battle, VoteStore, bootstrap, bradley_terry, leaderboard, online_elo
+from pocketgpt.evaluate.arena import Battle, VoteStore, bootstrap, bradley_terry, leaderboard, online_elo, unsettled
 
 
 def test_bradley_terry_two_models_by_hand():
@@ -74,6 +74,17 @@ def test_leaderboard_ranks_and_counts():
     assert [r["model"] for r in rows][0] == "good" and rows[0]["rank"] == 1
     bad = next(r for r in rows if r["model"] == "bad")
     assert bad["battles"] == 32 and bad["win_rate"] == pytest.approx(2 / 32) and bad["ci_low"] <= bad["rating"] <= bad["ci_high"]
+
+
+def test_votes_that_bound_no_rating_are_said_to():
+    """One vote put 2,357 points and zero-width intervals between two models: a model that never lost (or
+    groups that never met) has no finite maximum-likelihood rating, whatever the numbers shown."""
+    assert unsettled([Battle("a", "b", "a")]).startswith("too few votes to settle the ratings: a never lost")
+    assert "a, b never lost" in unsettled([Battle("a", "b", "tie"), Battle("c", "d", "tie")])  # two groups
+    assert "a never lost" in unsettled([Battle("a", "b", "a")] * 10 + [Battle("b", "c", "b"), Battle("b", "c", "a")])
+    for settled in ([Battle("a", "b", "a"), Battle("a", "b", "b")], [Battle("a", "b", "both_bad")],
+                    [Battle("a", "b", "a"), Battle("b", "c", "a"), Battle("c", "a", "a")]):  # a cycle bounds them
+        assert unsettled(settled) is None
 
 
 def test_bad_battles_are_refused():

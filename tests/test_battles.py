@@ -1,6 +1,7 @@
 """Battles: the rubric's verdicts, a judge model's position bias cancelled, and `pocketgpt arena`."""
 
 import json
+import shutil
 
 import torch
 from conftest import ScriptedLM
@@ -10,6 +11,7 @@ from pocketgpt.cli import main
 from pocketgpt.data.tasks import get_task
 from pocketgpt.evaluate.arena import Battle, VoteStore
 from pocketgpt.evaluate.battles import judge_verdicts, rubric_verdict
+from pocketgpt.evaluate.report import write_report
 from pocketgpt.model import GPT, preset
 from pocketgpt.reason.lm import Generation
 
@@ -53,6 +55,14 @@ def test_arena_command_rates_checkpoints_and_votes(tmp_path, chat, capsys):
                  "--device", "cpu"]) == 0
     board = json.loads((run / "arena" / "leaderboard.json").read_text())
     assert {r["model"] for r in board["rows"]} == {"run/ppo", "other/sft"} and not (tmp_path / "arena").exists()
+    # two runs of one name in different folders: their whole paths (the clash stopped it after every answer)
+    shutil.copytree(tmp_path / "other", tmp_path / "elsewhere" / "other")
+    assert main(["arena", str(tmp_path / "other"), str(tmp_path / "elsewhere" / "other"), "--n", "1", "--tasks",
+                 "arithmetic", "--rounds", "10", "--device", "cpu", "--out", str(tmp_path / "same")]) == 0
+    board = json.loads((tmp_path / "same" / "leaderboard.json").read_text())
+    assert {r["model"] for r in board["rows"]} == {str(tmp_path / "other" / "sft"), str(tmp_path / "elsewhere" / "other" / "sft")}
+    assert main(["arena", str(run / "sft"), str(run / "sft")]) == 2
+    assert "the same checkpoint is given twice" in capsys.readouterr().err
 
     # a base model of a 128-token context: the answers' 128 tokens left no room for its few-shot prompt
     save_model(GPT(preset("tiny", vocab_size=chat.tokenizer.vocab_size, max_seq_len=128)), tmp_path / "short" / "base",
@@ -64,8 +74,13 @@ def test_arena_command_rates_checkpoints_and_votes(tmp_path, chat, capsys):
     store = VoteStore(votes)
     for winner in ("a", "a", "b", "tie"):
         store.add(Battle("sft", "ppo", winner))
-    assert main(["arena", "--votes", str(votes), "--rounds", "10", "--out", str(tmp_path / "people")]) == 0
+    people = tmp_path / "people" / "arena"  # a run's arena folder, as the report card reads it
+    assert main(["arena", "--votes", str(votes), "--rounds", "10", "--out", str(people)]) == 0
     assert "4 votes" in capsys.readouterr().out
-    assert json.loads((tmp_path / "people" / "leaderboard.json").read_text())["votes"] == 4  # --out was ignored
+    board = json.loads((people / "leaderboard.json").read_text())
+    assert board["battles"] == 4 and board["judge"] == "people" and board["unsettled"] is None  # --out was ignored
+    (tmp_path / "people" / "metrics.jsonl").touch()
+    # the card read "battles" where the people's leaderboard wrote "votes": a KeyError
+    assert "## Arena (4 battles, judged by people)" in write_report(tmp_path / "people").read_text()
     assert main(["arena", "--votes", str(votes), "--n", "5", "--tasks", "arithmetic"]) == 2
     assert "--n, --tasks set up battles to play" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def cmd_rl_stage(args) -> None:
 def cmd_arena(args) -> None:
     """`arena`: battles between checkpoints (or the votes people cast on the chat page), rated."""
     from .common import atomic_write_json, atomic_write_text, provenance, set_threads
-    from .evaluate.arena import VoteStore, leaderboard
+    from .evaluate.arena import VoteStore, leaderboard, unsettled
 
     set_threads(args.threads)
     if args.votes:
@@ -204,12 +204,14 @@ def cmd_arena(args) -> None:
         if not battles:
             raise PocketError(f"{args.votes} holds no votes yet")
         rows = leaderboard(battles, args.rounds, args.seed)
-        _print_leaderboard(rows, f"arena: {len(battles)} votes in {args.votes}")
+        _print_leaderboard(rows, f"arena: {len(battles)} votes in {args.votes}", unsettled(battles))
         if args.out:
             from .evaluate.report import plot_leaderboard
 
-            atomic_write_json(Path(args.out) / "leaderboard.json", {"votes": len(battles), "judge": "people",
-                                                                     "rows": rows, "measured": provenance()})
+            # the battles' leaderboard's keys (the report card reads either, from RUN/arena)
+            atomic_write_json(Path(args.out) / "leaderboard.json", {
+                "battles": len(battles), "judge": "people", "rows": rows, "unsettled": unsettled(battles),
+                "measured": provenance()})
             plot_leaderboard(rows, Path(args.out) / "leaderboard.png")
             console.print(f"written to {args.out}")
         return
@@ -221,9 +223,13 @@ def cmd_arena(args) -> None:
     from .reason import LM
 
     dirs = [resolve_model_dir(path).resolve() for path in args.models]
+    if len(set(dirs)) < len(dirs):  # found only after every answer was generated
+        raise PocketError("the same checkpoint is given twice: an arena rates different models")
     names = [d.name for d in dirs]
     if len({d.parent for d in dirs}) > 1:  # stages of different runs: named by run too
         names = [f"{d.parent.name}/{d.name}" for d in dirs]
+    if len(set(names)) < len(names):  # runs of the same name in different folders: their whole paths
+        names = [str(d) for d in dirs]
     contestants = []
     for name, d in zip(names, dirs):
         lm = LM.load(d, args.device)
@@ -238,16 +244,17 @@ def cmd_arena(args) -> None:
     out = Path(args.out) if args.out else dirs[0].parent / "arena"  # the first contestant's run
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out / "leaderboard.json", {"battles": len(battles), "judge": args.judge or "rubric",
-                                                 "rows": rows, "measured": provenance()})
+                                                 "rows": rows, "unsettled": unsettled(battles),
+                                                 "measured": provenance()})
     from .evaluate.report import plot_leaderboard, write_report
 
     plot_leaderboard(rows, out / "leaderboard.png")
-    _print_leaderboard(rows, f"arena: {len(battles)} battles -> {out}")
+    _print_leaderboard(rows, f"arena: {len(battles)} battles -> {out}", unsettled(battles))
     if (out.parent / "base").is_dir():
         console.print(f"report card: {write_report(out.parent)}")
 
 
-def _print_leaderboard(rows: list[dict], title: str) -> None:
+def _print_leaderboard(rows: list[dict], title: str, note: str | None) -> None:
     table = Table(title=title)
     for col in ("rank", "model", "rating (95% CI)", "style-controlled", "online Elo", "battles", "win rate"):
         table.add_column(col)
@@ -255,6 +262,8 @@ def _print_leaderboard(rows: list[dict], title: str) -> None:
         table.add_row(str(r["rank"]), r["model"], f"{r['rating']:.0f} ({r['ci_low']:.0f}-{r['ci_high']:.0f})",
                       f"{r['style_controlled']:.0f}", f"{r['elo']:.0f}", str(r["battles"]), f"{r['win_rate']:.1%}")
     console.print(table)
+    if note:
+        console.print(f"[yellow]{note}[/]")
 
 
 def cmd_rag(args) -> None:

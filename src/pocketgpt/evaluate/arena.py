@@ -129,6 +129,32 @@ def online_elo(battles: list[Battle], k: float = 4.0) -> dict[str, float]:
     return rating
 
 
+def unsettled(battles: list[Battle]) -> str | None:
+    """None when the votes bound every rating; else a sentence saying why they do not. Maximum likelihood gives
+    finite Bradley-Terry ratings only if every model can be reached from every other along "did not lose to"
+    (a win or a tie): a model that never lost (one vote, say) has no finite rating, nor have two groups that
+    never met, and the numbers shown are then set by the fit's tiny ridge (a single vote put 2,357 points and
+    zero-width intervals between two models). FastChat's fit is as unbounded; saying so is ours."""
+    models = sorted({m for b in battles for m in (b.model_a, b.model_b)})
+    index = {m: i for i, m in enumerate(models)}
+    reach = np.eye(len(models), dtype=bool)
+    for b in battles:  # i -> j: i won or tied against j once
+        a, o = index[b.model_a], index[b.model_b]
+        if b.winner != "b":
+            reach[a, o] = True
+        if b.winner != "a":
+            reach[o, a] = True
+    for k in range(len(models)):  # the transitive closure (a handful of models)
+        reach |= reach[:, k:k + 1] & reach[k:k + 1, :]
+    if reach.all():
+        return None
+    # a group the others never beat nor tied: its models reach each other, and nobody outside reaches them
+    top = next(i for i in range(len(models)) if all(reach[i, j] or not reach[j, i] for j in range(len(models))))
+    group = [m for j, m in enumerate(models) if reach[top, j] and reach[j, top]]
+    return (f"too few votes to settle the ratings: {', '.join(group)} never lost to the others nor tied with them, "
+            "so the votes bound no rating between them; the numbers shown are not estimates")
+
+
 def leaderboard(battles: list[Battle], rounds: int = 100, seed: int = 0) -> list[dict]:
     """One row per model, best first: Bradley-Terry rating with its bootstrap interval and rank, the
     style-controlled rating, online Elo, battles played and win rate."""

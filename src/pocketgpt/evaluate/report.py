@@ -337,6 +337,8 @@ def write_report(run: str | Path) -> Path:
                                       f"{r['ci_low']:.0f} - {r['ci_high']:.0f}", f"{r['style_controlled']:.0f}",
                                       f"{r['elo']:.0f}", str(r["battles"]), f"{r['win_rate']:.1%}"]
                                      for r in arena["rows"]]) + "\n")
+        if arena.get("unsettled"):
+            parts.append(f"**Not ratings yet**: {arena['unsettled']}.\n")
         if "measured" in arena:
             parts.append(provenance_line(arena["measured"]) + "\n")
         if (run / "arena" / "leaderboard.png").exists():

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..checkpoint import load_model
 from ..common import PocketError, console
 from ..engine import SamplingParams, TextStream
-from ..evaluate.arena import Battle, VoteStore, leaderboard
+from ..evaluate.arena import Battle, VoteStore, leaderboard, unsettled
 from ..stages import POLICIES, named_stages
 from ..toolloop import parse_call
 from .protocol import (
@@ -278,7 +278,7 @@ def create_app(workers: dict[str, ModelWorker], limits: Limits | None = None, ap
     async def arena_leaderboard():
         battles = await asyncio.to_thread(vote_store().battles)
         rows = await asyncio.to_thread(leaderboard, battles, 100, 0)
-        return {"votes": len(battles), "rows": rows}
+        return {"votes": len(battles), "rows": rows, "unsettled": unsettled(battles) if battles else None}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

@@ -393,6 +393,7 @@ async function arenaBoard() {
   const resp = await fetch("/arena/leaderboard", { headers: headers() });
   const out = await resp.json();
   if (!resp.ok) { $("arena-status").textContent = out.error ? out.error.message : resp.statusText; return; }
+  $("arena-note").textContent = out.unsettled ? "Not ratings yet: " + out.unsettled + "." : "";
   $("arena-board").querySelector("tbody").innerHTML = out.rows.map((r) =>
     `<tr><td>${r.rank}</td><td>${escapeHtml(r.model)}</td><td>${Math.round(r.rating)}</td>` +
     `<td>${Math.round(r.ci_low)} - ${Math.round(r.ci_high)}</td><td>${r.battles}</td></tr>`).join("");
