@@ -329,3 +329,21 @@ def test_counts_are_summed_in_float64_where_the_device_has_it():
     from pocketgpt.train.data_parallel import count_totals
 
     assert count_totals([1.0, 2 ** 24 + 1.0], DistInfo(), torch.device("mps")) == [1.0, 2 ** 24 + 1.0]
+
+
+def test_processes_wait_hours_for_the_first_one_to_tokenize(monkeypatch):
+    """PyTorch's default (30 min on gloo) ended a run whose process 0 was still tokenizing a large corpus while
+    the others waited at the barrier after it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from pocketgpt.common import init_distributed
+
+    joined = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **settings: joined.update(settings))
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert init_distributed(torch.device("cpu")).rank == 1
+    assert joined["backend"] == "gloo" and joined["timeout"] >= datetime.timedelta(hours=12)

@@ -81,6 +81,9 @@ def test_bad_sources_say_where(tmp_path):
         read_documents(SourceSpec("m", "text", path=str(tmp_path / "missing")))
     with pytest.raises(PocketError, match="unknown kind"):
         SourceSpec.from_dict("x", {"kind": "tweets"})
+    for name in ("..", ".", "../../x", "a/b", ""):  # ".." named the run's own folder, whose files were cleared
+        with pytest.raises(PocketError, match="as it names the source's folder in RUN/data"):
+            SourceSpec.from_dict(name, {"kind": "text", "path": "x"})
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1: a UnicodeDecodeError traceback
     with pytest.raises(PocketError, match=r"bad.jsonl:2: not UTF-8 text \(byte 14 of the line\)"):
         read_documents(SourceSpec("b", "jsonl", path=str(bad)))
@@ -225,6 +228,25 @@ def test_shards_hold_whole_documents_and_are_reused(records, chat, tmp_path, cou
     assert count_encoded == []  # weights and splits are not tokenization: the shards are reused
     assert reweighted["sources"]["records"]["weight"] == 5.0
     assert reweighted["sources"]["records"]["val_tokens"] > manifest["sources"]["records"]["val_tokens"]
+
+
+def test_files_a_source_does_not_read_leave_it_as_it_was(chat, tmp_path, count_encoded):
+    """A README, a _SUCCESS marker or an editor's swap file beside the data counted in the source's hash: the
+    whole source was tokenized again."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    write_jsonl(folder / "part.jsonl", 20)
+    spec = SourceSpec("records", "jsonl", path=str(folder))
+    prepare_mixture([spec], chat, tmp_path / "data", shard_tokens=300)
+    count_encoded.clear()
+    for stray in ("_SUCCESS", "README.md", ".part.jsonl.swp", "_tmp/x.crc"):
+        (folder / stray).parent.mkdir(exist_ok=True)
+        (folder / stray).write_text("x")
+    prepare_mixture([spec], chat, tmp_path / "data", shard_tokens=300)
+    assert count_encoded == []
+    write_jsonl(folder / "more.jsonl", 2)  # a file it reads: tokenized again
+    prepare_mixture([spec], chat, tmp_path / "data", shard_tokens=300)
+    assert len(count_encoded) == 22
 
 
 def test_a_changed_source_or_tokenizer_is_tokenized_again(records, chat, hf_chat, tmp_path, count_encoded):

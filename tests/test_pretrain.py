@@ -143,6 +143,14 @@ def test_copy_warmup_must_leave_steps_for_the_mixture(tmp_path, tokenizer):
     assert done.returncode == 2 and "copy_warmup" in done.stderr
 
 
+def test_a_validation_split_shorter_than_a_row_is_refused_before_training(tmp_path, tokenizer):
+    """Its loader was built at the first evaluation: the run failed there and the steps before it were lost."""
+    run, cfg = make_run(tmp_path, tokenizer, "short_val", extra="val_fraction = 0.0001\n")
+    done = run_cli(["pretrain", str(run), "--config", str(cfg)])
+    assert done.returncode == 2 and "the validation split is too short: source" in done.stderr, done.stderr
+    assert "raise pretrain.val_fraction, now 0.0001" in done.stderr and not (run / "metrics.jsonl").exists()
+
+
 def test_ddp_two_processes_match_one(tmp_path, tokenizer):
     single, cfg_1 = make_run(tmp_path, tokenizer, "single", steps=6, batch=8, dtype="float32")
     assert run_cli(["pretrain", str(single), "--config", str(cfg_1)]).returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import json
 import math
 import os
@@ -150,6 +151,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+# How long a process waits in a collective. The default (30 min on gloo, 10 on nccl) ended a run whose first
+# process was still tokenizing a large corpus while the others waited at the barrier after it; a process that
+# dies is caught by torchrun, which ends the others, so a long wait costs nothing there.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -159,8 +166,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return info
+
 
 
 def shutdown_distributed() -> None:

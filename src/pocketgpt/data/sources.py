@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -54,6 +55,10 @@ class SourceSpec:
     @classmethod
     def from_dict(cls, name: str, d: dict) -> SourceSpec:
         d = dict(d)
+        # The name is its shards' folder in RUN/data: ".." named the run itself, whose files were then cleared
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise PocketError(f"data source {name!r}: a name is letters, digits, '_', '-' and '.' (not first), "
+                              "as it names the source's folder in RUN/data")
         known = {"kind", "weight", "path", "field", "max_docs", "max_bytes"}
         options = {k: d.pop(k) for k in list(d) if k not in known}
         if "kind" not in d:
@@ -134,10 +139,17 @@ def source_hash(spec: SourceSpec) -> str:
 
 
 def _source_files(spec: SourceSpec) -> list[Path]:
+    """The files a source reads, which its hash covers: one file whatever its name, or in a folder the ones its
+    kind reads (text: the text suffixes, anywhere below; jsonl and parquet: their own, at the top; a Hugging
+    Face dataset: all). A README, a _SUCCESS marker or an editor's swap file beside the data re-tokenized it all."""
     if spec.kind not in FILE_KINDS:
         return []
     path = _existing(spec)
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        return [path]
+    found = {"text": (p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES), "jsonl": path.glob("*.jsonl"),
+             "parquet": path.glob("*.parquet")}.get(spec.kind, path.rglob("*"))
+    return sorted(p for p in found if p.is_file())  # a folder named like a file (a Spark "x.parquet") is not one
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -164,9 +176,7 @@ def _python_code(spec: SourceSpec) -> Iterator[str]:
 
 
 def _text_files(spec: SourceSpec) -> Iterator[str]:
-    path = _existing(spec)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-    for p in files:
+    for p in _source_files(spec):
         try:
             yield p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -175,8 +185,7 @@ def _text_files(spec: SourceSpec) -> Iterator[str]:
 
 def _jsonl(spec: SourceSpec) -> Iterator[str]:
     """A JSONL file, or a folder of them (sorted by name), read line by line."""
-    path = _existing(spec)
-    for p in [path] if path.is_file() else sorted(path.glob("*.jsonl")):
+    for p in _source_files(spec):
         for lineno, record in iter_jsonl(p):
             if not isinstance(record, dict) or not isinstance(record.get(spec.field), str):
                 raise PocketError(f"{p}:{lineno}: expected an object with a string field {spec.field!r}")
@@ -189,10 +198,7 @@ def _parquet(spec: SourceSpec) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise PocketError("Parquet sources need pyarrow: pip install 'pocketgpt[parquet]'") from None
-    path = _existing(spec)
-    # a folder Spark wrote (part files in a folder named like a file) is not one file of this folder
-    files = [path] if path.is_file() else sorted(p for p in path.glob("*.parquet") if p.is_file())
-    for p in files:
+    for p in _source_files(spec):
         try:
             parquet = pq.ParquetFile(p)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError

@@ -15,6 +15,7 @@ cost more than it bought (SFT's calculator calls lost their first operand, spell
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -183,14 +184,22 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
     data_dir = run_dir / "data"
     if info.is_main:
         t0 = time.time()
-        manifest = prepare_mixture(cfg.source_specs(), chat, data_dir, cfg.val_fraction, tc.seed,
-                                   workers=max(1, torch.get_num_threads()), shard_tokens=cfg.shard_tokens)
+        workers = max(1, torch.get_num_threads())
+        if info.enabled and hasattr(os, "sched_getaffinity"):  # torchrun gives a process one thread: the others wait
+            workers = len(os.sched_getaffinity(0))
+        manifest = prepare_mixture(cfg.source_specs(), chat, data_dir, cfg.val_fraction, tc.seed, workers=workers,
+                                   shard_tokens=cfg.shard_tokens)
         console.print(f"data ready in {time.time() - t0:.1f}s: " + ", ".join(
             f"{n} {human(e['train_tokens'])} tok" for n, e in manifest["sources"].items()))
     barrier(info)
     streams, weights = load_streams(data_dir, "train")
     loader = MixtureLoader(streams, weights, tc.batch_size, tc.seq_len, tc.seed, info.rank, info.world_size)
     val_streams, _ = load_streams(data_dir, "val")
+    try:  # checked now: at the first evaluation, the steps before it were lost with the run
+        MixtureLoader(val_streams, weights, tc.batch_size, tc.seq_len)
+    except PocketError as e:
+        raise PocketError(f"the validation split is too short: {e} (raise pretrain.val_fraction, now "
+                          f"{cfg.val_fraction}, or lower train.seq_len)") from None
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model_cfg = preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size, **cfg.model})
