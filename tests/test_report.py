@@ -102,3 +102,12 @@ def test_a_card_is_written_only_for_a_run(tmp_path, tiny_model, chat):
         write_report(tmp_path)
     assert not (tmp_path / "run" / "base" / "report.md").exists()
     assert write_report(tmp_path / "run").exists()
+
+
+def test_an_accuracy_at_0_or_100_percent_shows_its_one_sided_interval():
+    """The Wilson interval of 0 right of 10 is [0%, 28%]: "0.0% ±14%" halved its reach."""
+    from pocketgpt.evaluate.report import accuracy_cell
+
+    assert accuracy_cell({"accuracy": 0.0, "ci_low": 0.0, "ci_high": 0.2775}) == "0.0% (95%: up to 28%)"
+    assert accuracy_cell({"accuracy": 1.0, "ci_low": 0.7225, "ci_high": 1.0}) == "100.0% (95%: from 72%)"
+    assert accuracy_cell({"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}) == "50.0% ±10%"

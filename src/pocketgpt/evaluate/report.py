@@ -87,9 +87,18 @@ def accuracy_table(run: Path) -> tuple[list[str], list[list[str]]]:
         row = [t]
         for _, _, res in columns:
             r = res.get(t)
-            row.append(f"{r['accuracy']:.1%} ±{(r['ci_high'] - r['ci_low']) / 2:.0%}" if r else "")
+            row.append(accuracy_cell(r) if r else "")
         rows.append(row)
     return header, rows
+
+
+def accuracy_cell(r: dict) -> str:
+    """An accuracy with half its 95% (Wilson) interval; at 0% or 100%, where the interval is one-sided, its
+    bound instead (0 right of 10 is "0.0% (95%: up to 28%)", not "±14%")."""
+    if r["accuracy"] in (0, 1):
+        return f"{r['accuracy']:.1%} (95%: {'up to' if r['accuracy'] == 0 else 'from'} " \
+               f"{r['ci_high'] if r['accuracy'] == 0 else r['ci_low']:.0%})"
+    return f"{r['accuracy']:.1%} ±{(r['ci_high'] - r['ci_low']) / 2:.0%}"
 
 
 def hallucination(run: Path, stage: str) -> dict | None:
@@ -147,8 +156,9 @@ def matrix_table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def comparison_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The matrix's paired comparisons (reason/matrix.py: ORDERINGS): one line per ordering of the talk."""
-    header = ["task", "comparison", "difference", "95% interval (paired)", "only the first right",
-              "only the second right", "n"]
+    # a question's count where the first did better (right where the second was wrong, or a higher chance of one
+    # sample being right): "only the first right" misnamed the one-sample rows
+    header = ["task", "comparison", "difference", "95% interval (paired)", "first better on", "second better on", "n"]
     rows = [[c["task"], f"{c['first']} vs {c['second']}", f"{c['difference']:+.1%}",
              f"{c['ci_low']:+.1%} - {c['ci_high']:+.1%}", str(c["wins"]), str(c["losses"]), str(c["n"])]
             for c in results.get("comparisons", [])]
@@ -265,7 +275,7 @@ def write_report(run: str | Path) -> Path:
                          f"{base['meta']['copy_warmup']}` steps).\n")
     header, rows = accuracy_table(run)
     if rows:
-        parts.append("## Task accuracy (test split, ± half the 95% interval)\n")
+        parts.append("## Task accuracy (test split, ± half the 95% interval; at 0% or 100% its one bound)\n")
         parts.append(markdown_table(header, rows) + "\n")
     halluc = [(label, hallucination(run, stage)) for stage, label in CHECKPOINTS if stage != "base"]
     halluc = [(label, h) for label, h in halluc if h]
