@@ -267,3 +267,12 @@ def test_bad_arguments():
         SandboxLimits(seconds=0)
     with pytest.raises(PocketError, match="memory_mb"):
         SandboxLimits(memory_mb=True)
+
+
+def test_a_fork_bombs_interleaved_tracebacks_still_name_the_process_limit():
+    """Its copies' tracebacks interleave in the one stderr file (a fresh-clone CI run ended on
+    "BlockingIOError: BlockingIOError\\n: [Errno 11] ..."), and the last line alone named no limit."""
+    interleaved = ("Traceback (most recent call last):\n  File \"main.py\", line 4, in <module>\n    os.fork()\n"
+                   "BlockingIOError: BlockingIOError\n: [Errno 11] Resource temporarily unavailable\n")
+    assert sandbox._verdict(SandboxLimits(), 1, False, interleaved, False) == "error: process limit of 16 exceeded"
+    assert sandbox._verdict(SandboxLimits(), 0, False, "", False) == ""

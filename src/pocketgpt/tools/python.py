@@ -299,7 +299,10 @@ def _verdict(limits: SandboxLimits, returncode: int, timed_out: bool, stderr: st
     last = stderr.rstrip().rpartition("\n")[2]
     if last.startswith("MemoryError"):
         return f"error: memory limit of {limits.memory_mb} MB exceeded"
-    if last.startswith("BlockingIOError: [Errno 11]") or last == "RuntimeError: can't start new thread":
+    # A fork bomb's copies write their tracebacks into the same file at once: its last line may be any piece of one
+    # ("BlockingIOError: BlockingIOError\n: [Errno 11] ..."), so a failed run that hit the limit anywhere says so.
+    if last.startswith("BlockingIOError: [Errno 11]") or last == "RuntimeError: can't start new thread" \
+            or (returncode > 0 and "[Errno 11] Resource temporarily unavailable" in stderr):
         return f"error: process limit of {limits.max_processes} exceeded"
     if output_full or last == "OSError: [Errno 27] File too large":
         return f"error: file size limit of {_MAX_FILE_BYTES >> 20} MB exceeded (output included)"
