@@ -203,15 +203,14 @@ def cmd_arena(args) -> None:
         battles = VoteStore(args.votes).battles()
         if not battles:
             raise PocketError(f"{args.votes} holds no votes yet")
-        rows = leaderboard(battles, args.rounds, args.seed)
-        _print_leaderboard(rows, f"arena: {len(battles)} votes in {args.votes}", unsettled(battles))
+        rows, note = leaderboard(battles, args.rounds, args.seed), unsettled(battles)
+        _print_leaderboard(rows, f"arena: {len(battles)} votes in {args.votes}", note)
         if args.out:
             from .evaluate.report import plot_leaderboard
 
-            # the battles' leaderboard's keys (the report card reads either, from RUN/arena)
+            # the battles' leaderboard's keys: the report card reads this file as it reads theirs (RUN/arena)
             atomic_write_json(Path(args.out) / "leaderboard.json", {
-                "battles": len(battles), "judge": "people", "rows": rows, "unsettled": unsettled(battles),
-                "measured": provenance()})
+                "battles": len(battles), "judge": "people", "rows": rows, "unsettled": note, "measured": provenance()})
             plot_leaderboard(rows, Path(args.out) / "leaderboard.png")
             console.print(f"written to {args.out}")
         return
@@ -240,16 +239,15 @@ def cmd_arena(args) -> None:
     console.print(f"arena: {', '.join(c.name for c in contestants)} on {len(tasks)} tasks x {n} prompts, "
                   f"judged by {'the ' + args.judge if judge else 'the verifiers and the rubric'}")
     battles, records = play(contestants, tasks, n, args.seed, judge)
-    rows = leaderboard(battles, args.rounds, args.seed)
+    rows, note = leaderboard(battles, args.rounds, args.seed), unsettled(battles)
     out = Path(args.out) if args.out else dirs[0].parent / "arena"  # the first contestant's run
     atomic_write_text(out / "battles.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out / "leaderboard.json", {"battles": len(battles), "judge": args.judge or "rubric",
-                                                 "rows": rows, "unsettled": unsettled(battles),
-                                                 "measured": provenance()})
+                                                 "rows": rows, "unsettled": note, "measured": provenance()})
     from .evaluate.report import plot_leaderboard, write_report
 
     plot_leaderboard(rows, out / "leaderboard.png")
-    _print_leaderboard(rows, f"arena: {len(battles)} battles -> {out}", unsettled(battles))
+    _print_leaderboard(rows, f"arena: {len(battles)} battles -> {out}", note)
     if (out.parent / "base").is_dir():
         console.print(f"report card: {write_report(out.parent)}")
 
